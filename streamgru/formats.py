@@ -1,0 +1,351 @@
+"""Native files: the model file (``.sgru``) and state snapshots, plus ``load``, the one front door.
+
+Both native files are valid safetensors files (8-byte little-endian header length, a JSON
+header, then raw little-endian tensor data), so any safetensors reader can inspect them. The
+header's ``__metadata__`` says what the file is:
+
+* ``format``: ``"streamgru-model"`` or ``"streamgru-state"``; ``format_version``: ``"1"``;
+* ``checksum``: SHA-256 over the rest of the header (canonical JSON) and the data section, so a
+  truncated or bit-flipped file is refused rather than loaded as garbage;
+* model files: ``config`` (layer configuration JSON), ``fingerprint`` (see
+  ``GRUModel.fingerprint``), ``source``;
+* state files: ``model_fingerprint``, ``key_kind`` (``int``/``str``), ``count``, ``state_size``,
+  ``dtype``. Tensors ``states`` (count, state_size), and ``keys`` (int64) or ``key_bytes``
+  (uint8, UTF-8) + ``key_offsets`` (int64, count + 1).
+
+Files are parsed with explicit limits (header size, tensor extents within the file) before
+anything is allocated, and nothing in them is ever executed: no pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FormatError
+from .model import DenseLayer, GRULayer, GRUModel
+
+__all__ = ["save_model", "load_model", "save_state", "load_state", "load", "write_atomic"]
+
+FORMAT_VERSION = "1"
+MODEL_FORMAT = "streamgru-model"
+STATE_FORMAT = "streamgru-state"
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+
+_DT_TO_ST = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64",
+             np.dtype(np.int64): "I64", np.dtype(np.uint8): "U8"}
+_ST_TO_DT = {v: k for k, v in _DT_TO_ST.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# safetensors container with a checksum
+
+
+def _checksum(header_wo_checksum: dict, data: bytes | memoryview) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(header_wo_checksum, sort_keys=True, separators=(",", ":")).encode())
+    h.update(data)
+    return h.hexdigest()
+
+
+def _encode(tensors: dict, metadata: dict) -> bytes:
+    header, chunks, off = {}, [], 0
+    for name, arr in tensors.items():
+        dt = np.dtype(np.asarray(arr).dtype.name)  # native byte order
+        st = _DT_TO_ST[dt]
+        raw = np.ascontiguousarray(arr, dtype=dt.newbyteorder("<")).tobytes()
+        header[name] = {"dtype": st, "shape": list(arr.shape), "data_offsets": [off, off + len(raw)]}
+        chunks.append(raw)
+        off += len(raw)
+    data = b"".join(chunks)
+    meta = {k: str(v) for k, v in metadata.items()}
+    header["__metadata__"] = meta
+    meta["checksum"] = _checksum({**header, "__metadata__": {k: v for k, v in meta.items()
+                                                           if k != "checksum"}}, data)
+    hbytes = json.dumps(header, separators=(",", ":")).encode()
+    hbytes += b" " * (-len(hbytes) % 8)
+    return struct.pack("<Q", len(hbytes)) + hbytes + data
+
+
+def _decode(buf: bytes, path, expected_format: str):
+    """Parse and verify a native file. Returns (metadata, {name: array})."""
+    where = f"{path}"
+    if len(buf) < 8:
+        raise FormatError(f"{where}: expected a streamgru file, got {len(buf)} bytes (truncated?)")
+    (hlen,) = struct.unpack("<Q", buf[:8])
+    if hlen > MAX_HEADER_BYTES or 8 + hlen > len(buf):
+        raise FormatError(f"{where}: expected a header within the file (at most "
+                          f"{MAX_HEADER_BYTES} bytes), got a header length of {hlen} in a "
+                          f"{len(buf)}-byte file (truncated or not a streamgru file)")
+    try:
+        header = json.loads(bytes(buf[8:8 + hlen]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{where}: expected a JSON header, got unreadable bytes ({exc})") from None
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
+        raise FormatError(f"{where}: expected a safetensors header with __metadata__, got none")
+    meta = header["__metadata__"]
+    fmt = meta.get("format")
+    if fmt != expected_format:
+        raise FormatError(f"{where}: expected a {expected_format} file, got format {fmt!r}")
+    ver = meta.get("format_version")
+    if ver != FORMAT_VERSION:
+        raise FormatError(f"{where}: expected {expected_format} format_version "
+                          f"{FORMAT_VERSION!r}, got {ver!r}; this streamgru cannot read it "
+                          f"(upgrade streamgru, or re-save the file)")
+    data = memoryview(buf)[8 + hlen:]
+    claimed = meta.get("checksum")
+    actual = _checksum({**header, "__metadata__": {k: v for k, v in meta.items()
+                                                  if k != "checksum"}}, data)
+    if claimed != actual:
+        raise FormatError(f"{where}: expected checksum {claimed}, got {actual}: the file is "
+                          f"truncated or corrupted")
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dt = _ST_TO_DT[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            b, e = (int(v) for v in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise FormatError(f"{where}: tensor {name!r}: expected dtype/shape/data_offsets, got "
+                              f"{info!r}") from None
+        if any(s < 0 for s in shape) or not 0 <= b <= e <= len(data) \
+                or (e - b) != int(np.prod(shape, dtype=np.int64)) * dt.itemsize:
+            raise FormatError(f"{where}: tensor {name!r}: expected {shape} {dt} within the data "
+                              f"section, got offsets {b}..{e} of {len(data)} bytes")
+        tensors[name] = np.frombuffer(data[b:e], dtype=dt.newbyteorder("<")).astype(dt) \
+            .reshape(shape)
+    return meta, tensors
+
+
+def write_atomic(path, payload: bytes):
+    """Write ``payload`` to ``path`` so that a crash leaves either the old file or the new one.
+
+    Temp file in the same directory, fsync the file, rename over ``path``, fsync the directory.
+    """
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:
+        dfd = os.open(directory, os.O_RDONLY)
+    except OSError:  # platforms without directory fds
+        return
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _read(path, what):
+    try:
+        return Path(path).read_bytes()
+    except (TypeError, AttributeError):
+        raise TypeError(f"{what}: expected a file path, got {type(path).__name__}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# model files
+
+
+def save_model(model: GRUModel, path):
+    """Write ``model`` to ``path`` (atomically). See the module docstring for the layout."""
+    if not isinstance(model, GRUModel):
+        raise TypeError(f"model: expected a GRUModel, got {type(model).__name__}")
+    meta = {
+        "format": MODEL_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": json.dumps(model.config(), sort_keys=True),
+        "fingerprint": model.fingerprint,
+        "source": model.source or "",
+    }
+    write_atomic(path, _encode(model.named_tensors(), meta))
+
+
+def load_model(path) -> GRUModel:
+    """Read a native model file written by :func:`save_model`, bit-exact."""
+    meta, tensors = _decode(_read(path, "path"), path, MODEL_FORMAT)
+    try:
+        config = json.loads(meta["config"])
+        layers = []
+        for i, cfg in enumerate(config["layers"]):
+            t = {name[len(f"layers.{i}."):]: arr for name, arr in tensors.items()
+                 if name.startswith(f"layers.{i}.")}
+            if cfg["kind"] == "gru":
+                layers.append(GRULayer(cfg["input_size"], cfg["hidden_size"], t["W"], t["R"],
+                                       t["Wb"], t["Rb"],
+                                       linear_before_reset=cfg["linear_before_reset"],
+                                       f=tuple(cfg["f"]), g=tuple(cfg["g"]), clip=cfg["clip"]))
+            elif cfg["kind"] == "dense":
+                layers.append(DenseLayer(cfg["in_features"], cfg["out_features"], t["W"], t["b"],
+                                         tuple(cfg["activation"])))
+            else:
+                raise FormatError(f"{path}: layers[{i}]: expected kind 'gru' or 'dense', got "
+                                  f"{cfg['kind']!r}")
+        model = GRUModel(layers, source=meta.get("source") or None)
+    except FormatError:
+        raise
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{path}: expected a valid streamgru model description, got an "
+                          f"inconsistent file ({type(exc).__name__}: {exc})") from None
+    if model.fingerprint != meta.get("fingerprint"):
+        raise FormatError(f"{path}: expected fingerprint {meta.get('fingerprint')}, got "
+                          f"{model.fingerprint} from the file's contents")
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# state snapshots
+
+
+def save_state(path, keys, states, fingerprint):
+    """Write keys + states atomically. ``keys``: list of all-int or all-str; ``states`` (n, S)."""
+    n = len(keys)
+    kind = "str" if (n and isinstance(keys[0], str)) else "int"
+    tensors = {"states": np.asarray(states)}
+    if kind == "int":
+        tensors["keys"] = np.array(keys, dtype=np.int64).reshape(n)
+    else:
+        encoded = [k.encode("utf-8") for k in keys]
+        offsets = np.zeros(n + 1, np.int64)
+        offsets[1:] = np.cumsum([len(b) for b in encoded])
+        tensors["key_bytes"] = np.frombuffer(b"".join(encoded), np.uint8)
+        tensors["key_offsets"] = offsets
+    meta = {
+        "format": STATE_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_fingerprint": fingerprint,
+        "key_kind": kind,
+        "count": n,
+        "state_size": tensors["states"].shape[1],
+        "dtype": tensors["states"].dtype.name,
+    }
+    write_atomic(path, _encode(tensors, meta))
+
+
+def load_state(path, fingerprint, state_size):
+    """Read a snapshot written by :func:`save_state` for the model with ``fingerprint``.
+
+    Returns (keys, states (n, state_size)).
+    """
+    meta, t = _decode(_read(path, "path"), path, STATE_FORMAT)
+    if meta.get("model_fingerprint") != fingerprint:
+        raise FormatError(f"{path}: expected states saved for model {fingerprint[:16]}..., got "
+                          f"states of model {str(meta.get('model_fingerprint'))[:16]}...; load "
+                          f"them into an engine of the model that saved them")
+    try:
+        n = int(meta["count"])
+        states = t["states"]
+        if states.shape != (n, state_size):
+            raise ValueError(f"states of shape {states.shape}, expected {(n, state_size)}")
+        if meta["key_kind"] == "int":
+            keys = t["keys"].tolist()
+        elif meta["key_kind"] == "str":
+            raw, off = t["key_bytes"].tobytes(), t["key_offsets"]
+            keys = [raw[off[i]:off[i + 1]].decode("utf-8") for i in range(n)]
+        else:
+            raise ValueError(f"key_kind {meta['key_kind']!r}")
+        if len(keys) != n or len(set(keys)) != n:
+            raise ValueError("duplicate or missing keys")
+    except (KeyError, ValueError, IndexError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{path}: expected a consistent state snapshot, got {exc}") from None
+    if not np.isfinite(states).all():
+        raise FormatError(f"{path}: expected finite states, got NaN/inf")
+    return keys, states
+
+
+# ----------------------------------------------------------------------------------------------
+# the front door
+
+_FOREIGN = {
+    ".onnx": "ONNX (converters.from_onnx)",
+    ".pt": "PyTorch state_dict (converters.from_torch)",
+    ".pth": "PyTorch state_dict (converters.from_torch)",
+    ".safetensors": "streamgru model or PyTorch state_dict in safetensors",
+    ".keras": "Keras 3 (converters.from_keras)",
+    ".h5": "Keras HDF5 (converters.from_keras)",
+    ".json": "RTNeural JSON or a state_dict saved as JSON",
+}
+
+
+def _is_native(path):
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return False
+            (hlen,) = struct.unpack("<Q", head)
+            if hlen > MAX_HEADER_BYTES:
+                return False
+            header = json.loads(f.read(hlen).decode("utf-8"))
+        return header.get("__metadata__", {}).get("format") == MODEL_FORMAT
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def load(path, **kwargs) -> GRUModel:
+    """Load a model from any supported file, by type.
+
+    ``.sgru`` (native), ``.onnx``, ``.pt``/``.pth``, ``.safetensors`` (native or a PyTorch
+    state_dict), ``.keras``, ``.h5``, ``.json`` (RTNeural or state-dict JSON, told apart by
+    content). Foreign formats go to the matching function of the ``converters`` package, with
+    ``kwargs`` passed through.
+
+    Examples
+    --------
+    >>> import tempfile, os, streamgru
+    >>> m = streamgru.GRUModel.random(2, 4)
+    >>> p = os.path.join(tempfile.mkdtemp(), "m.sgru")
+    >>> m.save(p)
+    >>> streamgru.load(p).fingerprint == m.fingerprint
+    True
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a file path, got {type(path).__name__}")
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"path: expected an existing file, got {str(p)!r}")
+    ext = p.suffix.lower()
+    if ext == ".sgru" or (ext == ".safetensors" and _is_native(p)):
+        if kwargs:
+            raise TypeError(f"load: a native model takes no options, got {sorted(kwargs)}")
+        return load_model(p)
+    import converters  # lazily: only foreign formats need it
+
+    if ext == ".onnx":
+        return converters.from_onnx(p, **kwargs)
+    if ext in (".pt", ".pth", ".safetensors"):
+        return converters.from_torch(p, **kwargs)
+    if ext in (".keras", ".h5"):
+        return converters.from_keras(p, **kwargs)
+    if ext == ".json":
+        from converters.from_rtneural import is_rtneural_json
+
+        with open(p, encoding="utf-8") as f:
+            try:
+                obj = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise FormatError(f"{p}: expected JSON, got {exc}") from None
+        if is_rtneural_json(obj):
+            return converters.from_rtneural(obj, **kwargs)
+        return converters.from_torch(obj, **kwargs)
+    kinds = ", ".join(f"{k} ({v})" for k, v in {".sgru": "streamgru native", **_FOREIGN}.items())
+    raise ValueError(f"path: expected one of these file types: {kinds}; got {ext or 'no suffix'!r}")

@@ -1,0 +1,122 @@
+"""The state store: stream keys -> slots, and the (capacity, state_size) buffer of states.
+
+Keys are ints (Python or NumPy integers within int64) or strings; one engine holds one kind,
+fixed by the first key it opens (so ``1`` and ``"1"`` can never be two different streams that a
+caller confuses, and snapshots round-trip exactly). ``bool`` and floats are refused: ``True == 1``
+and ``1.0 == 1`` would silently alias another stream.
+
+Slots of closed streams are reused. When no slot is free the buffer grows (doubling): rows are
+copied into the new buffer, so every stream keeps its slot and its state.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["StateStore", "normalize_key"]
+
+_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+
+
+def normalize_key(key, what="key"):
+    """Return the canonical form of one key (a Python int or str), or raise TypeError/ValueError."""
+    if isinstance(key, str):
+        return key
+    if isinstance(key, (bool, np.bool_)):
+        raise TypeError(f"{what}: expected an int or str stream key, got bool {key!r}")
+    if isinstance(key, (int, np.integer)):
+        k = int(key)
+        if not _I64_MIN <= k <= _I64_MAX:
+            raise ValueError(f"{what}: expected an int within int64, got {k}")
+        return k
+    raise TypeError(f"{what}: expected an int or str stream key, got {type(key).__name__} {key!r}")
+
+
+class StateStore:
+    """Key-to-slot map plus the state buffer.
+
+    Attributes
+    ----------
+    states : (capacity, state_size) float32 or float64
+        Row ``slot`` is the state of the stream in that slot; free rows hold garbage.
+    mark : (capacity,) int64
+        All zero between kernel calls (the kernels' duplicate-key scratch).
+    """
+
+    def __init__(self, state_size, dtype, capacity):
+        self.state_size = int(state_size)
+        self.dtype = np.dtype(dtype)
+        self.states = np.zeros((capacity, max(self.state_size, 1)), self.dtype)
+        self.mark = np.zeros(capacity, np.int64)
+        self.slot_of: dict = {}
+        self.key_of: list = [None] * capacity
+        self.free: list = list(range(capacity - 1, -1, -1))  # pop() hands out slot 0 first
+        self.key_kind = None  # int or str, fixed by the first key
+
+    @property
+    def capacity(self):
+        return self.states.shape[0]
+
+    def __len__(self):
+        return len(self.slot_of)
+
+    def check_kind(self, keys, what="keys"):
+        """Refuse keys whose kind (int/str) differs from each other or from the engine's."""
+        kind = self.key_kind
+        for k in keys:
+            t = str if isinstance(k, str) else int
+            if kind is None:
+                kind = t
+            elif t is not kind:
+                raise TypeError(
+                    f"{what}: expected all keys to be {kind.__name__}s (an engine holds one kind "
+                    f"of key), got {t.__name__} {k!r}"
+                )
+
+    def grow(self, needed):
+        cap = self.capacity
+        new_cap = max(2 * cap, cap + needed, 16)
+        states = np.zeros((new_cap, self.states.shape[1]), self.dtype)
+        states[:cap] = self.states
+        self.states = states
+        self.mark = np.zeros(new_cap, np.int64)
+        self.key_of.extend([None] * (new_cap - cap))
+        self.free = list(range(new_cap - 1, cap - 1, -1)) + self.free
+
+    def open(self, key):
+        """Give ``key`` (canonical, not yet open) a zeroed slot and return it."""
+        if not self.free:
+            self.grow(1)
+        slot = self.free.pop()
+        self.states[slot] = 0
+        self.slot_of[key] = slot
+        self.key_of[slot] = key
+        if self.key_kind is None:
+            self.key_kind = str if isinstance(key, str) else int
+        return slot
+
+    def close(self, key):
+        slot = self.slot_of.pop(key)
+        self.key_of[slot] = None
+        self.free.append(slot)
+        if not self.slot_of:
+            self.key_kind = None
+        return slot
+
+    def slots(self, keys):
+        """Slots of canonical ``keys``, opening unknown ones. Returns (slots, newly opened keys)."""
+        slot_of = self.slot_of
+        out = np.empty(len(keys), np.int64)
+        opened = []
+        for i, k in enumerate(keys):
+            s = slot_of.get(k)
+            if s is None:
+                s = self.open(k)
+                opened.append(k)
+            out[i] = s
+        return out, opened
+
+    def rollback(self, opened):
+        """Close keys opened by a call that then failed, so the failed call changes nothing."""
+        for k in opened:
+            self.close(k)

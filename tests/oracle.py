@@ -1,0 +1,98 @@
+"""A slow, obviously correct float64 numpy reference for GRUModel (the ONNX GRU equations).
+
+It reads a model's layers and nothing else from streamgru: no kernel, no engine code. Every
+activation is written straight from the ONNX operator definitions in float64.
+"""
+
+import numpy as np
+
+
+def act(name, alpha, beta, v):
+    v = np.asarray(v, dtype=np.float64)
+    if name == "identity":
+        return v
+    if name == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-v))
+    if name == "tanh":
+        return np.tanh(v)
+    if name == "relu":
+        return np.maximum(v, 0.0)
+    if name == "hardsigmoid":
+        return np.minimum(np.maximum(alpha * v + beta, 0.0), 1.0)
+    if name == "leakyrelu":
+        return np.where(v >= 0, v, alpha * v)
+    if name == "affine":
+        return alpha * v + beta
+    if name == "thresholdedrelu":
+        return np.where(v >= alpha, v, 0.0)
+    if name == "scaledtanh":
+        return alpha * np.tanh(beta * v)
+    if name == "elu":
+        return np.where(v >= 0, v, alpha * (np.exp(np.minimum(v, 0.0)) - 1.0))
+    if name == "softsign":
+        return v / (1.0 + np.abs(v))
+    if name == "softplus":
+        return np.logaddexp(0.0, v)
+    if name == "softmax":
+        e = np.exp(v - v.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+    raise ValueError(name)
+
+
+def gru_cell(layer, x, h):
+    """One GRU step for a batch: x (n, I), h (n, H) -> h' (n, H), all float64."""
+    H = layer.hidden_size
+    W, R = layer.W.astype(np.float64), layer.R.astype(np.float64)
+    Wb, Rb = layer.Wb.astype(np.float64), layer.Rb.astype(np.float64)
+    Wz, Wr, Wn = W[:H], W[H:2 * H], W[2 * H:]
+    Rz, Rr, Rn = R[:H], R[H:2 * H], R[2 * H:]
+    bz, br, bn = Wb[:H], Wb[H:2 * H], Wb[2 * H:]
+    cz, cr, cn = Rb[:H], Rb[H:2 * H], Rb[2 * H:]
+
+    def clip(v):
+        return v if layer.clip is None else np.clip(v, -layer.clip, layer.clip)
+
+    f = lambda v: act(*layer.f, clip(v))  # noqa: E731
+    g = lambda v: act(*layer.g, clip(v))  # noqa: E731
+    z = f(x @ Wz.T + bz + h @ Rz.T + cz)
+    r = f(x @ Wr.T + br + h @ Rr.T + cr)
+    if layer.linear_before_reset:
+        n = g(x @ Wn.T + bn + r * (h @ Rn.T + cn))
+    else:
+        n = g(x @ Wn.T + bn + (r * h) @ Rn.T + cn)
+    return (1.0 - z) * n + z * h
+
+
+def dense(layer, x):
+    return act(*layer.activation, x @ layer.W.astype(np.float64).T + layer.b.astype(np.float64))
+
+
+def step(model, state, x):
+    """Advance a batch of streams one step.
+
+    state: (n, model.state_size), x: (n, input_size) -> (y (n, output_size), new state), float64.
+    """
+    v = np.asarray(x, dtype=np.float64)
+    state = np.array(state, dtype=np.float64)
+    new_state = state.copy()
+    gi = 0
+    for layer in model.layers:
+        if layer.kind == "gru":
+            sl = model.state_slices[gi]
+            v = gru_cell(layer, v, state[:, sl])
+            new_state[:, sl] = v
+            gi += 1
+        else:
+            v = dense(layer, v)
+    return v, new_state
+
+
+def run(model, xs, state=None):
+    """One stream over a sequence: xs (T, input_size) -> (ys (T, output_size), final state)."""
+    xs = np.asarray(xs, dtype=np.float64)
+    s = np.zeros((1, model.state_size)) if state is None else np.array(state, np.float64).reshape(1, -1)
+    ys = []
+    for t in range(xs.shape[0]):
+        y, s = step(model, s, xs[t:t + 1])
+        ys.append(y[0])
+    return np.array(ys).reshape(xs.shape[0], model.output_size), s[0]
