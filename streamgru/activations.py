@@ -12,7 +12,7 @@ relu               max(0, x)                              --
 hardsigmoid        min(max(alpha * x + beta, 0), 1)       (0.2, 0.5)
 leakyrelu          x if x >= 0 else alpha * x             (0.01, --)
 affine             alpha * x + beta                       (1.0, 0.0)
-thresholdedrelu    x if x >= alpha else 0                 (1.0, --)
+thresholdedrelu    x if x > alpha else 0                  (1.0, --)
 scaledtanh         alpha * tanh(beta * x)                 (1.0, 1.0)
 elu                x if x >= 0 else alpha * (exp(x) - 1)  (1.0, --)
 softsign           x / (1 + abs(x))                       --

@@ -122,7 +122,7 @@ def _act(v, lo, hi, kind, alpha, beta, clip, fast):
             v[k] = alpha * v[k] + beta
     elif kind == 7:  # thresholdedrelu
         for k in range(lo, hi):
-            v[k] = v[k] if v[k] >= alpha else zero
+            v[k] = v[k] if v[k] > alpha else zero
     elif kind == 8:  # scaledtanh
         if fast:
             for k in range(lo, hi):

@@ -12,7 +12,7 @@ def act(name, alpha, beta, v):
     if name == "identity":
         return v
     if name == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-v))
+        return np.exp(-np.logaddexp(0.0, -v))
     if name == "tanh":
         return np.tanh(v)
     if name == "relu":
@@ -24,7 +24,7 @@ def act(name, alpha, beta, v):
     if name == "affine":
         return alpha * v + beta
     if name == "thresholdedrelu":
-        return np.where(v >= alpha, v, 0.0)
+        return np.where(v > alpha, v, 0.0)
     if name == "scaledtanh":
         return alpha * np.tanh(beta * v)
     if name == "elu":

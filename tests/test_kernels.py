@@ -1,0 +1,168 @@
+"""Kernels through the engine against the float64 oracle and torch.nn.GRU: every activation,
+clip, both linear_before_reset variants, multi-layer stacks with dense layers, 200 steps."""
+
+import numpy as np
+import oracle
+import pytest
+
+from streamgru import DenseLayer, Engine, GRULayer, GRUModel
+from streamgru import engine as engine_mod
+from streamgru.activations import GRU_ACTIVATIONS
+
+TOL = {"float32": 1e-5, "float64": 1e-9}
+PARAMS = {"hardsigmoid": (0.3, 0.45), "leakyrelu": (0.05, None), "affine": (0.7, 0.1),
+          "thresholdedrelu": (0.2, None), "scaledtanh": (0.9, 1.3), "elu": (0.8, None)}
+
+
+def spec(name):
+    a, b = PARAMS.get(name, (None, None))
+    return (name, a, b) if b is not None else ((name, a) if a is not None else name)
+
+
+def gru(rng, I, H, lbr, f="sigmoid", g="tanh", clip=None, scale=None):
+    s = scale if scale is not None else 1 / np.sqrt(H)
+    return GRULayer(I, H, rng.uniform(-s, s, (3 * H, I)), rng.uniform(-s, s, (3 * H, H)),
+                    rng.uniform(-s, s, 3 * H), rng.uniform(-s, s, 3 * H),
+                    linear_before_reset=lbr, f=spec(f), g=spec(g), clip=clip)
+
+
+def check_against_oracle(model, dtype, steps=200, n=3, seed=0, regime="serial", monkeypatch=None):
+    if regime == "parallel":
+        monkeypatch.setattr(engine_mod, "PARALLEL_MIN_ROWS", 1)
+    rng = np.random.default_rng(seed)
+    eng = Engine(model, dtype=dtype)
+    s0 = rng.normal(size=(n, model.state_size)) * 0.5
+    for i in range(n):
+        eng.set_state(i, s0[i])
+    ref = s0.astype(dtype).astype(np.float64)
+    worst = 0.0
+    for _ in range(steps):
+        x = rng.normal(size=(n, model.input_size)).astype(dtype)
+        y = eng.step(list(range(n)), x)
+        y_ref, ref = oracle.step(model, ref, x)
+        worst = max(worst, np.abs(y - y_ref).max())
+        np.testing.assert_allclose(y, y_ref, atol=TOL[dtype], rtol=0)
+    for i in range(n):
+        np.testing.assert_allclose(eng.state(i), ref[i], atol=TOL[dtype], rtol=0)
+    return worst
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("lbr", [0, 1])
+@pytest.mark.parametrize("regime", ["serial", "parallel"])
+def test_multilayer_with_dense_before_and_after(dtype, lbr, regime, monkeypatch):
+    rng = np.random.default_rng(lbr)
+    model = GRUModel([
+        DenseLayer(5, 12, rng.normal(size=(12, 5)) * 0.4, rng.normal(size=12) * 0.1, "relu"),
+        gru(rng, 12, 16, lbr),
+        gru(rng, 16, 9, lbr),
+        DenseLayer(9, 7, rng.normal(size=(7, 9)) * 0.4, rng.normal(size=7) * 0.1, "tanh"),
+        DenseLayer(7, 3, rng.normal(size=(3, 7)) * 0.4, None, "softmax"),
+    ])
+    check_against_oracle(model, dtype, regime=regime, monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("lbr", [0, 1])
+@pytest.mark.parametrize("act", sorted(GRU_ACTIVATIONS))
+def test_every_activation_as_gate_and_candidate(act, lbr, dtype):
+    rng = np.random.default_rng(sorted(GRU_ACTIVATIONS).index(act))
+    # Unbounded activations (softplus as a gate gives z > 1) can make h grow without bound, and
+    # then float32 rounding, not the engine, decides the error; small weights keep h bounded.
+    layer_f = gru(rng, 4, 8, lbr, f=act, g="tanh", scale=0.15)
+    layer_g = gru(rng, 8, 8, lbr, f="sigmoid", g=act, scale=0.15)
+    check_against_oracle(GRUModel([layer_f, layer_g]), dtype, steps=100)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("lbr", [0, 1])
+def test_clip(dtype, lbr):
+    rng = np.random.default_rng(3)
+    layer = gru(rng, 4, 8, lbr, f="hardsigmoid", g="relu", clip=0.7, scale=2.0)
+    check_against_oracle(GRUModel([layer]), dtype, steps=100)
+
+
+@pytest.mark.parametrize("act", ["identity", "relu", "tanh", "sigmoid", "softmax", "elu",
+                                 "softplus", "leakyrelu", "hardsigmoid"])
+def test_dense_activations(act):
+    rng = np.random.default_rng(4)
+    model = GRUModel([gru(rng, 3, 6, 1),
+                      DenseLayer(6, 5, rng.normal(size=(5, 6)), rng.normal(size=5), spec(act))])
+    check_against_oracle(model, "float64", steps=20)
+    check_against_oracle(model, "float32", steps=20)
+
+
+@pytest.mark.nojit
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_small_model_every_path_nojit_friendly(dtype, monkeypatch):
+    """Small enough to run with NUMBA_DISABLE_JIT=1 (covering the kernel bodies as Python)."""
+    rng = np.random.default_rng(5)
+    model = GRUModel([DenseLayer(3, 4, rng.normal(size=(4, 3)), None, "softmax"),
+                      gru(rng, 4, 5, 0, f="hardsigmoid", g="softsign", clip=1.5),
+                      gru(rng, 5, 3, 1, f=("leakyrelu", 0.1), g=("scaledtanh", 0.9, 1.1)),
+                      DenseLayer(3, 2, rng.normal(size=(2, 3)), None, "elu")])
+    check_against_oracle(model, dtype, steps=6, n=5)
+    check_against_oracle(model, dtype, steps=3, n=5, regime="parallel", monkeypatch=monkeypatch)
+    eng = Engine(model, dtype=dtype)
+    xs = rng.normal(size=(6, 3))
+    ys_ref, s_ref = oracle.run(model, xs.astype(dtype))
+    np.testing.assert_allclose(eng.run("k", xs), ys_ref, atol=TOL[dtype], rtol=0)
+    np.testing.assert_allclose(eng.state("k"), s_ref, atol=TOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("dtype,tdtype", [("float32", "float32"), ("float64", "float64")])
+def test_against_torch_nn_gru(dtype, tdtype):
+    """The PyTorch-equivalent configuration against torch.nn.GRU itself (2 layers, 200 steps)."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    I, H, L, n, T = 7, 24, 2, 4, 200
+    net = torch.nn.GRU(I, H, num_layers=L).to(getattr(torch, tdtype))
+    sd = {k: v.detach().double().numpy() for k, v in net.state_dict().items()}
+
+    def zrn(a):  # torch stores gates (r, z, n); ours are (z, r, n)
+        return np.concatenate([a[H:2 * H], a[:H], a[2 * H:]])
+
+    layers = [GRULayer(I if k == 0 else H, H, zrn(sd[f"weight_ih_l{k}"]),
+                       zrn(sd[f"weight_hh_l{k}"]), zrn(sd[f"bias_ih_l{k}"]),
+                       zrn(sd[f"bias_hh_l{k}"]), linear_before_reset=1) for k in range(L)]
+    model = GRUModel(layers)
+    eng = Engine(model, dtype=dtype)
+    rng = np.random.default_rng(1)
+    h0 = rng.normal(size=(L, n, H)) * 0.5
+    for i in range(n):
+        eng.set_state(i, h0[:, i, :])
+    xs = rng.normal(size=(T, n, I))
+    with torch.no_grad():
+        y_t, h_t = net(torch.tensor(xs, dtype=getattr(torch, tdtype)),
+                       torch.tensor(h0, dtype=getattr(torch, tdtype)))
+    ys = np.stack([eng.step(list(range(n)), xs[t]) for t in range(T)])
+    np.testing.assert_allclose(ys, y_t.double().numpy(), atol=TOL[dtype], rtol=0)
+    for i in range(n):
+        np.testing.assert_allclose(eng.state(i), h_t[:, i, :].double().numpy().ravel(),
+                                   atol=TOL[dtype], rtol=0)
+
+
+def test_float32_tanh_approximation_error():
+    """The float32 tanh the kernels use, over its whole range, against libm in float64."""
+    from streamgru.kernels import _act
+
+    v = np.linspace(-12, 12, 200_001).astype(np.float32)
+    ref = np.tanh(v.astype(np.float64))
+    out = v.copy()
+    _act(out, 0, out.size, 2, np.float32(0), np.float32(0), np.float32(0), True)
+    assert np.abs(out - ref).max() < 5e-7
+    out = v.copy()
+    _act(out, 0, out.size, 1, np.float32(0), np.float32(0), np.float32(0), True)
+    assert np.abs(out - 1 / (1 + np.exp(-v.astype(np.float64)))).max() < 5e-7
+
+
+@pytest.mark.nojit
+def test_nojit_run_really_runs_python_kernels():
+    """Under NUMBA_DISABLE_JIT=1 the kernels must be plain Python (so coverage sees them)."""
+    import os
+
+    from streamgru import kernels
+
+    if os.environ.get("NUMBA_DISABLE_JIT") != "1":
+        pytest.skip("only meaningful in the NUMBA_DISABLE_JIT=1 pass of `make test`")
+    assert not hasattr(kernels.step_serial, "signatures")
