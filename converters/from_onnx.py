@@ -1,0 +1,1164 @@
+"""Import an ONNX graph whose computation is a chain of ``GRU`` nodes, with Dense layers around it.
+
+What is mapped
+--------------
+The converter walks the one data path from the graph's input to its output. On that path:
+
+* ``GRU`` (forward, ``layout`` 0 or 1, any ``linear_before_reset``, ``activations`` with
+  ``activation_alpha``/``activation_beta``, ``clip``) becomes a :class:`streamgru.model.GRULayer`.
+  ONNX and streamgru share one layout (gates z, r, h; ``B = [Wb; Rb]``), so tensors are copied
+  without reordering: ``W[0]``, ``R[0]``, ``B[0][:3H]``, ``B[0][3H:]``.
+* ``MatMul`` with a constant right operand, ``Gemm`` (``transA=0``, any ``transB``/``alpha``/
+  ``beta``), ``Add``/``Sub``/``Mul``/``Div`` by a constant that broadcasts along the features, and
+  the activations ``Relu Tanh Sigmoid LeakyRelu Elu HardSigmoid Softsign Softplus ThresholdedRelu
+  Softmax(last axis)`` become :class:`streamgru.model.DenseLayer` (an activation or bias with no
+  matrix before it becomes a Dense layer with an identity matrix).
+* Value-preserving plumbing is passed over after checking that it keeps the feature axis last and
+  intact and never mixes time with batch: ``Identity``, ``Dropout`` (inference), ``Cast`` to a
+  float type, ``Transpose``, ``Squeeze``, ``Unsqueeze``, ``Reshape`` (constant target or one
+  computed from ``Shape`` chains), ``Flatten`` of the last axis, no-op ``Slice``.
+* Selecting the last time step after the GRU chain (``y[:, -1]`` as ``Gather``/``Slice``, or using
+  ``Y_h``) is accepted: streamgru emits the output of every step, and the graph's output is the one
+  at the final step.
+
+Weights may be initializers, ``Constant`` nodes, or any constant subgraph (the dynamo exporter can
+rebuild ``W``/``R`` from PyTorch-order tensors with Slice/Concat/Unsqueeze): such subgraphs are
+evaluated with ``onnx.reference.ReferenceEvaluator``.
+
+What is refused (:class:`streamgru.UnsupportedModelError`, naming the node and the reason)
+-----------------------------------------------------------------------------------------
+* ``direction`` reverse or bidirectional (a stream cannot see its future), ``sequence_lens``,
+  a non-zero constant ``initial_h`` (every stream starts from zeros, or from the state given to
+  ``engine.open``), any attribute this module does not implement.
+* Any op on the data path that changes values and is not listed above; extra graph outputs that
+  are not hidden states; several GRU nodes that do not form one chain (pass ``node=``).
+
+``initial_h`` policy: absent or all zeros is accepted. An ``initial_h`` that comes from a graph
+input (``torch.onnx.export(gru, (x, h0))``) is the per-stream state: streamgru keeps it in the
+engine, so streams start from zeros unless given a state (``engine.open(key, state=...)``), with
+the layers' hidden vectors concatenated in layer order.
+
+Activation parameters follow onnxruntime (checked against it in the tests): the
+``activation_alpha`` list is consumed in order by the activations that take an alpha, likewise
+``activation_beta``; a missing value takes onnxruntime's default, which is the ONNX operator's
+default for LeakyRelu (0.01), HardSigmoid (0.2, 0.5) and Elu (1.0) but **0** for Affine,
+ScaledTanh and ThresholdedRelu. Values no activation consumes are refused.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from streamgru.errors import UnsupportedModelError
+from streamgru.model import DenseLayer, GRULayer, GRUModel
+
+from ._util import require
+
+__all__ = ["from_onnx"]
+
+_GRU_ATTRS = {"activation_alpha", "activation_beta", "activations", "clip", "direction",
+              "hidden_size", "layout", "linear_before_reset"}
+
+# onnxruntime's (uses alpha, uses beta) and defaults for RNN activations (rnn_helpers.cc).
+_ORT_ACT = {
+    "relu": (False, False, 0.0, 0.0),
+    "tanh": (False, False, 0.0, 0.0),
+    "sigmoid": (False, False, 0.0, 0.0),
+    "affine": (True, True, 0.0, 0.0),
+    "leakyrelu": (True, False, 0.01, 0.0),
+    "thresholdedrelu": (True, False, 0.0, 0.0),
+    "scaledtanh": (True, True, 0.0, 0.0),
+    "hardsigmoid": (True, True, 0.2, 0.5),
+    "elu": (True, False, 1.0, 0.0),
+    "softsign": (False, False, 0.0, 0.0),
+    "softplus": (False, False, 0.0, 0.0),
+}
+
+# Dense-path activation ops: name -> (canonical name, {attribute: default}).
+_DENSE_ACTS = {
+    "Relu": ("relu", {}),
+    "Tanh": ("tanh", {}),
+    "Sigmoid": ("sigmoid", {}),
+    "Softsign": ("softsign", {}),
+    "Softplus": ("softplus", {}),
+    "LeakyRelu": ("leakyrelu", {"alpha": 0.01}),
+    "Elu": ("elu", {"alpha": 1.0}),
+    "ThresholdedRelu": ("thresholdedrelu", {"alpha": 1.0}),
+    "HardSigmoid": ("hardsigmoid", {"alpha": 0.2, "beta": 0.5}),
+}
+
+_PLUMBING = {"Identity", "Dropout", "Cast", "Transpose", "Squeeze", "Unsqueeze", "Reshape",
+             "Flatten", "Slice", "Gather"}
+_AFFINE = {"MatMul", "Gemm", "Add", "Sub", "Mul", "Div"}
+_NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+                     "Multinomial", "Bernoulli"}
+# Ops allowed in a chain that only re-exposes hidden states as an extra graph output.
+_STATE_OPS = {"Identity", "Concat", "Squeeze", "Unsqueeze", "Reshape", "Transpose", "Slice",
+              "Gather", "Cast"}
+_BIG = 2**62
+
+
+def from_onnx(path_or_model, node=None, *, dtype=None) -> GRUModel:
+    """Convert an ONNX model with a forward GRU chain into a :class:`streamgru.GRUModel`.
+
+    Parameters
+    ----------
+    path_or_model : str, os.PathLike or onnx.ModelProto
+        A ``.onnx`` file (external data is read only from files inside the model's directory)
+        or a loaded model.
+    node : str, optional
+        Name of one ``GRU`` node to import alone as a one-layer model. Needed when the graph
+        holds several GRU nodes that do not form one chain; the surrounding graph is not mapped.
+    dtype : {None, "float32", "float64"}, optional
+        Cast every tensor to this dtype. None keeps the model's dtype (float16 becomes float32).
+
+    Returns
+    -------
+    GRUModel
+        GRU layers in chain order with Dense layers before, between and after them;
+        ``source="onnx"``.
+
+    Raises
+    ------
+    UnsupportedModelError
+        For a graph or attribute streamgru cannot run faithfully; the message names the node.
+
+    Examples
+    --------
+    >>> import numpy as np, onnx
+    >>> from onnx import helper, numpy_helper, TensorProto
+    >>> H, I = 2, 3
+    >>> W = numpy_helper.from_array(np.zeros((1, 3 * H, I), np.float32), "W")
+    >>> R = numpy_helper.from_array(np.zeros((1, 3 * H, H), np.float32), "R")
+    >>> gru = helper.make_node("GRU", ["X", "W", "R"], ["Y", "Y_h"], hidden_size=H, name="gru")
+    >>> graph = helper.make_graph(
+    ...     [gru], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["T", "N", I])],
+    ...     [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], [W, R])
+    >>> model = from_onnx(helper.make_model(graph))
+    >>> model.layers
+    (GRULayer(input_size=3, hidden_size=2, linear_before_reset=0, f='sigmoid', g='tanh'),)
+    """
+    onnx = require("onnx", "onnx")
+    if dtype is not None:
+        if str(np.dtype(dtype)) not in ("float32", "float64"):
+            raise ValueError(f"dtype: expected None, 'float32' or 'float64', got {dtype!r}")
+        dtype = np.dtype(dtype)
+    if isinstance(path_or_model, onnx.ModelProto):
+        model = path_or_model
+        if _has_external(model):
+            _load_external(model, None)  # raises: no directory to read from
+    elif isinstance(path_or_model, (str, os.PathLike)):
+        path = os.fspath(path_or_model)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"path_or_model: expected an existing .onnx file, got {path!r}")
+        model = onnx.load(path, load_external_data=False)
+        base = os.path.dirname(os.path.abspath(path))
+        _load_external(model, base)
+    else:
+        raise TypeError(
+            f"path_or_model: expected a path or an onnx.ModelProto, "
+            f"got {type(path_or_model).__name__}"
+        )
+    if node is not None and not isinstance(node, str):
+        raise TypeError(f"node: expected a GRU node name (str) or None, got {node!r}")
+    g = _Graph(model)
+    layers = g.convert(node)
+    if dtype is not None:
+        layers = [_cast_layer(layer, dtype) for layer in layers]
+    return GRUModel(layers, source="onnx")
+
+
+# --------------------------------------------------------------------------- external data
+
+def _has_external(model):
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    return any(uses_external_data(t) for t in _get_all_tensors(model))
+
+
+def _load_external(model, base):
+    """Read external tensors, only from regular files inside ``base`` (no absolute paths, no
+    ``..``, no symlink escaping the directory)."""
+    from onnx import TensorProto
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    for t in _get_all_tensors(model):
+        if not uses_external_data(t):
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        if base is None:
+            raise UnsupportedModelError(
+                f"tensor {t.name!r}: expected its data inside the model, got external data "
+                f"{loc!r}; pass the .onnx path instead of a ModelProto so the data can be read "
+                f"from the model's directory"
+            )
+        parts = loc.replace("\\", "/").split("/")
+        if not loc or os.path.isabs(loc) or loc.startswith(("/", "\\")) or ".." in parts or (
+                len(loc) > 1 and loc[1] == ":"):
+            raise UnsupportedModelError(
+                f"tensor {t.name!r}: expected an external data location relative to the model's "
+                f"directory without '..', got {loc!r}; refusing to read outside the model's folder"
+            )
+        real_base = os.path.realpath(base)
+        full = os.path.realpath(os.path.join(real_base, loc))
+        if os.path.commonpath([real_base, full]) != real_base or not os.path.isfile(full):
+            raise UnsupportedModelError(
+                f"tensor {t.name!r}: expected an external data file inside {base!r}, got {loc!r}"
+            )
+        offset = int(info.get("offset", 0) or 0)
+        length = info.get("length")
+        with open(full, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read() if length is None else fh.read(int(length))
+        if length is not None and len(data) != int(length):
+            raise UnsupportedModelError(
+                f"tensor {t.name!r}: expected {length} bytes of external data in {loc!r}, "
+                f"got {len(data)}"
+            )
+        t.raw_data = data
+        del t.external_data[:]
+        t.data_location = TensorProto.DEFAULT
+
+
+# --------------------------------------------------------------------------- graph helpers
+
+class _Desc:
+    """What is known about a tensor on the data path.
+
+    ``axes``: labels of the leading axes (everything but the last): a str names an axis of the
+    graph input (``"a0"``...) or int 1 for a unit axis; the last axis is always the features,
+    ``width`` wide (None while unknown). ``last_only``: time was reduced to the final step.
+    """
+
+    __slots__ = ("axes", "width", "last_only")
+
+    def __init__(self, axes, width, last_only=False):
+        self.axes = tuple(axes)
+        self.width = width
+        self.last_only = last_only
+
+    @property
+    def rank(self):
+        return len(self.axes) + 1
+
+    def replace(self, **kw):
+        d = _Desc(self.axes, self.width, self.last_only)
+        for k, v in kw.items():
+            setattr(d, k, v)
+        return d
+
+
+class _Dense:
+    """A Dense layer being assembled: y = act(W x + b), W (out, in)."""
+
+    def __init__(self, W, b, act=None):
+        self.W, self.b, self.act = W, b, act
+
+    def layer(self):
+        out, inp = self.W.shape
+        return DenseLayer(inp, out, self.W, self.b, self.act or "identity")
+
+
+def _name(node):
+    return node.name or f"<unnamed {node.op_type} -> {list(node.output)}>"
+
+
+class _Graph:
+    def __init__(self, model):
+        import onnx
+        from onnx import numpy_helper
+
+        self.onnx = onnx
+        self.numpy_helper = numpy_helper
+        self.model = model
+        g = model.graph
+        self.graph = g
+        self.opset = 1
+        for imp in model.opset_import:
+            if imp.domain in ("", "ai.onnx"):
+                self.opset = imp.version
+        self.nodes = list(g.node)
+        self.inits = {t.name: t for t in g.initializer}
+        self.producer = {}
+        for n in self.nodes:
+            for o in n.output:
+                if o:
+                    self.producer[o] = n
+        self.consumers = {}
+        for n in self.nodes:
+            for i in n.input:
+                if i:
+                    self.consumers.setdefault(i, []).append(n)
+        self.inputs = [i for i in g.input if i.name not in self.inits]
+        self.input_names = {i.name for i in self.inputs}
+        self.outputs = [o.name for o in g.output]
+        self._const_cache = {}
+        self._is_const_cache = {}
+        self.used = set()  # ids of nodes accounted for
+        self.labels_size = {}
+        self.value_desc = {}
+
+    # ---------------------------------------------------------------- constants
+    def is_const(self, name):
+        if name in self._is_const_cache:
+            return self._is_const_cache[name]
+        self._is_const_cache[name] = False  # cycle guard
+        if name in self.inits:
+            res = True
+        elif name in self.input_names or name not in self.producer:
+            res = False
+        else:
+            n = self.producer[name]
+            if n.op_type == "Shape" and n.domain in ("", "ai.onnx"):
+                res = self._static_shape_value(n) is not None
+            elif n.domain not in ("", "ai.onnx") or n.op_type in _NONDETERMINISTIC or any(
+                    a.g.ByteSize() or len(a.graphs) for a in n.attribute):
+                res = False
+            else:
+                res = all(self.is_const(i) for i in n.input if i)
+        self._is_const_cache[name] = res
+        return res
+
+    def _static_shape_value(self, n):
+        """The value of a Shape node whose selected dims are declared static, else None."""
+        from onnx import helper
+
+        shape = self.static_shape(n.input[0])
+        if shape is None:
+            return None
+        a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+        dims = shape[slice(a.get("start", 0), a.get("end", None))]
+        if any(d is None for d in dims):
+            return None
+        return np.array(dims, dtype=np.int64)
+
+    def ancestors(self, name, const_only=False):
+        """Nodes that ``name`` depends on, in graph order (``const_only``: stop at Shape nodes
+        that read declared static dims)."""
+        seen, stack = set(), [name]
+        while stack:
+            v = stack.pop()
+            if not v:
+                continue
+            n = self.producer.get(v)
+            if n is None or id(n) in seen:
+                continue
+            seen.add(id(n))
+            if const_only and n.op_type == "Shape":
+                continue
+            stack.extend(n.input)
+        return [n for n in self.nodes if id(n) in seen]
+
+    def const(self, name, what):
+        """The value of a constant tensor (initializer, Constant node or constant subgraph)."""
+        if name in self._const_cache:
+            return self._const_cache[name]
+        if not self.is_const(name):
+            raise UnsupportedModelError(f"{what}: expected a constant tensor, got {name!r} "
+                                        f"which depends on a graph input")
+        nodes = self.ancestors(name, const_only=True)
+        for n in nodes:
+            self.used.add(id(n))
+        if name in self.inits:
+            val = self.numpy_helper.to_array(self.inits[name])
+        elif len(nodes) == 1 and nodes[0].op_type == "Constant":
+            val = self._constant_node(nodes[0])
+        else:
+            from onnx import helper
+            from onnx.reference import ReferenceEvaluator
+
+            need = {i for n in nodes for i in n.input if i in self.inits}
+            nodes = [helper.make_node("Constant", [], list(n.output), value=self.numpy_helper
+                                      .from_array(self._static_shape_value(n)))
+                     if n.op_type == "Shape" else n for n in nodes]
+            graph = helper.make_graph(
+                nodes, "const", [], [helper.make_empty_tensor_value_info(name)],
+                [self.inits[i] for i in sorted(need)])
+            m = helper.make_model(graph, opset_imports=list(self.model.opset_import),
+                                  ir_version=self.model.ir_version or 8)
+            try:
+                val = ReferenceEvaluator(m).run(None, {})[0]
+            except Exception as exc:
+                raise UnsupportedModelError(
+                    f"{what}: could not evaluate the constant subgraph producing {name!r}: {exc}"
+                ) from None
+        val = np.asarray(val)
+        self._const_cache[name] = val
+        return val
+
+    def _constant_node(self, n):
+        from onnx import helper
+
+        for a in n.attribute:
+            if a.name == "value":
+                return self.numpy_helper.to_array(a.t)
+            if a.name in ("value_float", "value_int"):
+                return np.array(helper.get_attribute_value(a))
+            if a.name in ("value_floats", "value_ints"):
+                return np.array(list(helper.get_attribute_value(a)))
+        raise UnsupportedModelError(f"node {_name(n)!r}: unsupported Constant attribute")
+
+    def attrs(self, node, allowed):
+        from onnx import helper
+
+        out = {}
+        for a in node.attribute:
+            if a.name not in allowed:
+                raise UnsupportedModelError(
+                    f"node {_name(node)!r} ({node.op_type}): attribute {a.name!r} is not "
+                    f"implemented by streamgru; refusing rather than ignoring it"
+                )
+            v = helper.get_attribute_value(a)
+            out[a.name] = v.decode() if isinstance(v, bytes) else v
+        return out
+
+    def static_shape(self, name):
+        for vi in list(self.graph.input) + list(self.graph.value_info) + list(self.graph.output):
+            if vi.name == name and vi.type.HasField("tensor_type") and \
+                    vi.type.tensor_type.HasField("shape"):
+                return [d.dim_value if d.HasField("dim_value") else None
+                        for d in vi.type.tensor_type.shape.dim]
+        return None
+
+    # ---------------------------------------------------------------- symbolic shape tensors
+    def shape_items(self, name, what):
+        """A 1-D int tensor as a list of items: int, or an axis label of a data-path tensor."""
+        items, _ = self._shape_items(name, what)
+        return items
+
+    def _shape_items(self, name, what):
+        if self.is_const(name):
+            v = self.const(name, what)
+            if v.dtype.kind not in "iu":
+                raise UnsupportedModelError(f"{what}: expected an integer tensor, got {v.dtype}")
+            return [int(x) for x in v.reshape(-1)], v.ndim == 0
+        n = self.producer.get(name)
+        if n is None:
+            raise UnsupportedModelError(f"{what}: expected a constant or a Shape computation, got "
+                                        f"graph input {name!r}")
+        self.used.add(id(n))
+        op = n.op_type
+        ins = list(n.input)
+        for i in ins[1:]:
+            if i and self.is_const(i):
+                self.const(i, what)  # evaluates and marks its subgraph as accounted for
+        if op == "Shape":
+            d = self.value_desc.get(ins[0])
+            if d is None:
+                raise UnsupportedModelError(
+                    f"node {_name(n)!r}: Shape of {ins[0]!r}, which is not on the data path")
+            a = self.attrs(n, {"start", "end"})
+            full = list(d.axes) + [d.width if d.width is not None else "F?"]
+            full = full[slice(a.get("start", 0), a.get("end", None))]
+            if "F?" in full:
+                raise UnsupportedModelError(f"node {_name(n)!r}: the feature width is unknown")
+            return full, False
+        if op in ("Identity", "Cast"):
+            self.attrs(n, {"to"})
+            return self._shape_items(ins[0], what)
+        if op == "Gather":
+            a = self.attrs(n, {"axis"})
+            items, _ = self._shape_items(ins[0], what)
+            idx = self.const(ins[1], what)
+            if a.get("axis", 0) != 0:
+                raise UnsupportedModelError(f"node {_name(n)!r}: Gather on a shape with axis != 0")
+            picked = [items[int(i)] for i in idx.reshape(-1)]
+            return picked, idx.ndim == 0
+        if op == "Slice":
+            items, _ = self._shape_items(ins[0], what)
+            if self.opset < 10:
+                a = self.attrs(n, {"starts", "ends", "axes"})
+                st, en, steps = a["starts"], a["ends"], [1]
+            else:
+                st = self.const(ins[1], what).tolist()
+                en = self.const(ins[2], what).tolist()
+                if len(ins) > 3 and ins[3] and self.const(ins[3], what).tolist() not in ([0], [-1]):
+                    raise UnsupportedModelError(f"node {_name(n)!r}: Slice of a shape, axis != 0")
+                steps = self.const(ins[4], what).tolist() if len(ins) > 4 and ins[4] else [1]
+            return items[slice(st[0], min(en[0], _BIG), steps[0])], False
+        if op == "Concat":
+            out = []
+            for i in ins:
+                out += self._shape_items(i, what)[0]
+            return out, False
+        if op in ("Unsqueeze", "Squeeze", "Reshape"):
+            items, _ = self._shape_items(ins[0], what)
+            if len(items) != 1 and op != "Reshape":
+                raise UnsupportedModelError(f"node {_name(n)!r}: {op} of a shape tensor")
+            return items, op == "Squeeze"
+        if op == "Mul":
+            a, sa = self._shape_items(ins[0], what)
+            b, sb = self._shape_items(ins[1], what)
+            if len(a) == 1 and len(b) > 1:
+                a = a * len(b)
+            if len(b) == 1 and len(a) > 1:
+                b = b * len(a)
+            out = []
+            for x, y in zip(a, b, strict=True):
+                if isinstance(x, int) and isinstance(y, int):
+                    out.append(x * y)
+                elif x == 1:
+                    out.append(y)
+                elif y == 1:
+                    out.append(x)
+                else:
+                    raise UnsupportedModelError(
+                        f"node {_name(n)!r}: a shape computation merges two axes ({x} * {y})")
+            return out, sa and sb
+        raise UnsupportedModelError(
+            f"node {_name(n)!r} ({op}): not supported in a shape computation feeding {what}")
+
+    # ---------------------------------------------------------------- zeros / state analysis
+    def initial_state_kind(self, name, gru):
+        """'zero', 'input' (comes from a graph input: the per-stream state) or raise."""
+        what = f"node {_name(gru)!r} (GRU) input initial_h"
+        if self.is_const(name):
+            v = self.const(name, what)
+            if np.any(v != 0):
+                raise UnsupportedModelError(
+                    f"{what}: expected no initial_h or all zeros, got a non-zero constant "
+                    f"(max |h0| = {float(np.max(np.abs(v))):g}); streamgru keeps one state per "
+                    f"stream and starts it from zeros: drop the constant from the export and "
+                    f"give each stream its start state with engine.open(key, state=...)"
+                )
+            return "zero"
+        if name in self.input_names:
+            return "input"
+        n = self.producer.get(name)
+        op = n.op_type
+        kinds = None
+        if op == "ConstantOfShape":
+            a = self.attrs(n, {"value"})
+            v = self.numpy_helper.to_array(a["value"]) if "value" in a else np.zeros(1)
+            if np.any(v != 0):
+                raise UnsupportedModelError(f"{what}: expected zeros, got ConstantOfShape "
+                                            f"{_name(n)!r} with value {v.tolist()}")
+            kinds = {"zero"}
+            self._mark_ancestors(n.input[0])
+        elif op == "Expand":
+            kinds = {self.initial_state_kind(n.input[0], gru)}
+            self._mark_ancestors(n.input[1])
+        elif op in ("Identity", "Cast", "Slice", "Squeeze", "Unsqueeze", "Reshape", "Transpose",
+                    "Gather", "Concat"):
+            first = n.input[:1] if op != "Concat" else n.input
+            kinds = {self.initial_state_kind(i, gru) for i in first if i}
+            for i in n.input[len(first):]:
+                if i:
+                    self._mark_ancestors(i)
+        else:
+            raise UnsupportedModelError(
+                f"{what}: computed by {op} node {_name(n)!r}; expected zeros or a graph input "
+                f"(the per-stream state) passed through plumbing ops"
+            )
+        self.used.add(id(n))
+        return "input" if "input" in kinds else "zero"
+
+    def _mark_ancestors(self, name):
+        for n in self.ancestors(name):
+            self.used.add(id(n))
+
+    # ---------------------------------------------------------------- GRU node
+    def gru_layer(self, n):
+        a = self.attrs(n, _GRU_ATTRS)
+        where = f"node {_name(n)!r} (GRU)"
+        direction = a.get("direction", "forward")
+        if direction != "forward":
+            raise UnsupportedModelError(
+                f"{where}: direction={direction!r} is not supported: a stream is advanced one "
+                f"step at a time and cannot see its future; export a forward (unidirectional) GRU"
+            )
+        layout = a.get("layout", 0)
+        if layout not in (0, 1):
+            raise UnsupportedModelError(f"{where}: layout: expected 0 or 1, got {layout}")
+        lbr = a.get("linear_before_reset", 0)
+        if lbr not in (0, 1):
+            raise UnsupportedModelError(f"{where}: linear_before_reset: expected 0 or 1, got {lbr}")
+        ins = list(n.input) + [""] * (6 - len(n.input))
+        W = self.const(ins[1], f"{where} input W")
+        R = self.const(ins[2], f"{where} input R")
+        if W.ndim != 3 or W.shape[0] != 1 or W.shape[1] % 3:
+            raise UnsupportedModelError(f"{where}: W: expected shape (1, 3*hidden_size, "
+                                        f"input_size), got {W.shape}")
+        H = W.shape[1] // 3
+        I = W.shape[2]
+        if "hidden_size" in a and a["hidden_size"] != H:
+            raise UnsupportedModelError(f"{where}: hidden_size: expected {H} (from W), "
+                                        f"got {a['hidden_size']}")
+        if R.shape != (1, 3 * H, H):
+            raise UnsupportedModelError(f"{where}: R: expected shape {(1, 3 * H, H)}, "
+                                        f"got {R.shape}")
+        if ins[3]:
+            B = self.const(ins[3], f"{where} input B")
+            if B.shape != (1, 6 * H):
+                raise UnsupportedModelError(f"{where}: B: expected shape {(1, 6 * H)}, "
+                                            f"got {B.shape}")
+            Wb, Rb = B[0, :3 * H], B[0, 3 * H:]
+        else:
+            Wb = Rb = None
+        if ins[4]:
+            seq = self.const(ins[4], f"{where} input sequence_lens") \
+                if self.is_const(ins[4]) else None
+            if seq is None or seq.size:
+                raise UnsupportedModelError(
+                    f"{where}: sequence_lens is not supported: streamgru advances each stream "
+                    f"one step per call, so a stream's length is the number of steps you feed "
+                    f"it; export without sequence_lens"
+                )
+        if ins[5]:
+            self.initial_state_kind(ins[5], n)
+        for t in (W, R) + ((Wb,) if Wb is not None else ()):
+            if t.dtype.kind != "f":
+                raise UnsupportedModelError(f"{where}: expected float weights, got {t.dtype}")
+        f, g = self._gru_activations(a, where)
+        clip = a.get("clip")
+        try:
+            layer = GRULayer(I, H, W[0], R[0], Wb, Rb, linear_before_reset=lbr, f=f, g=g,
+                             clip=clip)
+        except (TypeError, ValueError) as exc:
+            raise UnsupportedModelError(f"{where}: {exc}") from None
+        return layer, layout
+
+    def _gru_activations(self, a, where):
+        acts = a.get("activations")
+        alphas = list(a.get("activation_alpha", []))
+        betas = list(a.get("activation_beta", []))
+        if acts is None:
+            if alphas or betas:
+                raise UnsupportedModelError(
+                    f"{where}: activation_alpha/activation_beta given without activations; "
+                    f"sigmoid and tanh take no parameters")
+            return "sigmoid", "tanh"
+        acts = [x.decode() if isinstance(x, bytes) else x for x in acts]
+        if len(acts) != 2:
+            raise UnsupportedModelError(
+                f"{where}: activations: expected 2 names (f, g) for a forward GRU, got {acts}")
+        out, ia, ib = [], 0, 0
+        for name in acts:
+            key = name.lower()
+            if key not in _ORT_ACT:
+                raise UnsupportedModelError(
+                    f"{where}: activations: {name!r} is not an ONNX RNN activation; expected one "
+                    f"of {sorted(_ORT_ACT)}")
+            ua, ub, alpha, beta = _ORT_ACT[key]
+            # onnxruntime consumes the lists in order, one value per activation that takes it.
+            if ua and ia < len(alphas):
+                alpha = alphas[ia]
+                ia += 1
+            if ub and ib < len(betas):
+                beta = betas[ib]
+                ib += 1
+            out.append((key, alpha if ua else None, beta if ub else None))
+        if ia < len(alphas) or ib < len(betas):
+            raise UnsupportedModelError(
+                f"{where}: activation_alpha={alphas} / activation_beta={betas} have values that "
+                f"no activation in {acts} consumes (onnxruntime reads them in order, one per "
+                f"activation that takes that parameter); refusing rather than ignoring them")
+        return out[0], out[1]
+
+    # ---------------------------------------------------------------- data path
+    def data_input(self, n):
+        """The one non-constant input of a node on the data path."""
+        op = n.op_type
+        if op in _PLUMBING or op in _DENSE_ACTS or op in ("Softmax", "Gemm", "GRU"):
+            return n.input[0]
+        if op in ("MatMul", "Add", "Sub", "Mul", "Div"):
+            non = [i for i in n.input if not self.is_const(i)]
+            if len(non) != 1:
+                raise UnsupportedModelError(
+                    f"node {_name(n)!r} ({op}): combines two computed tensors "
+                    f"({list(n.input)}); only a constant operand can be mapped to a Dense layer")
+            return non[0]
+        raise UnsupportedModelError(
+            f"node {_name(n)!r} ({op}): this op changes values and has no streamgru equivalent; "
+            f"only GRU, MatMul/Gemm/Add/Sub/Mul/Div by constants, activations and "
+            f"value-preserving plumbing can be mapped")
+
+    def path_to(self, out):
+        """Walk back from a graph output to the graph's data input."""
+        path, v, seen = [], out, set()
+        while v not in self.input_names:
+            n = self.producer.get(v)
+            if n is None or self.is_const(v):
+                raise UnsupportedModelError(f"graph output {out!r}: expected it to be computed "
+                                            f"from a graph input, got constant {v!r}")
+            if id(n) in seen:
+                raise UnsupportedModelError(f"node {_name(n)!r}: graph has a cycle")
+            seen.add(id(n))
+            if n.domain not in ("", "ai.onnx"):
+                raise UnsupportedModelError(f"node {_name(n)!r}: custom domain {n.domain!r} "
+                                            f"op {n.op_type} cannot be mapped")
+            path.append((n, v))
+            v = self.data_input(n)
+        return v, path[::-1]
+
+    def state_output(self, out):
+        """The nodes computing a graph output that only re-exposes GRU hidden states (Y_h) or
+        state inputs, else None."""
+        names = []
+        stack = [out]
+        while stack:
+            v = stack.pop()
+            if v in self.input_names or self.is_const(v):
+                continue
+            n = self.producer.get(v)
+            if n is None:
+                return None
+            if n.op_type == "GRU":
+                if v != (list(n.output) + ["", ""])[1]:
+                    return None
+                continue
+            if n.op_type not in _STATE_OPS:
+                return None
+            names.append(n)
+            stack.append(n.input[0])
+            if n.op_type == "Concat":
+                stack.extend(n.input[1:])
+        return names
+
+    def convert(self, node_name):
+        grus = [n for n in self.nodes if n.op_type == "GRU"]
+        if node_name is not None:
+            pick = [n for n in grus if n.name == node_name]
+            if not pick:
+                raise UnsupportedModelError(
+                    f"node: expected the name of a GRU node, got {node_name!r}; GRU nodes: "
+                    f"{self.describe(grus) or 'none'}")
+            layer, _ = self.gru_layer(pick[0])
+            return [layer]
+        if not grus:
+            raise UnsupportedModelError(self.no_gru_message())
+        for n in grus:
+            self.gru_layer(n)  # attribute refusals (direction, ...) come first
+        try:
+            layers, on_path = self.chain()
+        except UnsupportedModelError as exc:
+            if len(grus) > 1:
+                raise UnsupportedModelError(
+                    f"graph has {len(grus)} GRU nodes that streamgru could not map as one chain "
+                    f"({exc}); GRU nodes: {self.describe(grus)}; pass node='<name>' to import "
+                    f"one of them as a one-layer model") from None
+            raise
+        missing = [n for n in grus if id(n) not in on_path]
+        if missing:
+            raise UnsupportedModelError(
+                f"graph has {len(grus)} GRU nodes that do not form one chain from the input to "
+                f"the output ({self.describe(missing)} off the chain); GRU nodes: "
+                f"{self.describe(grus)}; pass node='<name>' to import one of them as a one-layer "
+                f"model")
+        return layers
+
+    def describe(self, grus):
+        parts = []
+        for n in grus:
+            try:
+                W = self.const(n.input[1], "W")
+                shape = f"input_size={W.shape[-1]}, hidden_size={W.shape[-2] // 3}"
+            except UnsupportedModelError:
+                shape = "W not constant"
+            parts.append(f"{n.name or '<unnamed>'!r} ({shape})")
+        return ", ".join(parts)
+
+    def no_gru_message(self):
+        ops = {}
+        for n in self.nodes:
+            ops[n.op_type] = ops.get(n.op_type, 0) + 1
+        found = ", ".join(f"{k} x{v}" for k, v in sorted(ops.items())) or "no nodes"
+        msg = f"graph has no GRU node (found: {found})"
+        if "LSTM" in ops or "RNN" in ops:
+            msg += "; streamgru runs GRU layers only, not LSTM or simple RNN"
+        elif "Loop" in ops or "Scan" in ops:
+            msg += ("; the recurrence is a Loop/Scan, as tf2onnx emits for Keras 3 recurrent "
+                    "layers: convert the Keras model file with converters.from_keras instead, or "
+                    "export with a converter that emits the ONNX GRU op")
+        elif "Sigmoid" in ops and "Tanh" in ops and ("Gemm" in ops or "MatMul" in ops):
+            msg += ("; this looks like an unrolled GRU cell (torch nn.GRUCell exports as "
+                    "Gemm/Sigmoid/Tanh): use nn.GRU (copy the cell's weight_ih/weight_hh/bias_* "
+                    "into a 1-layer nn.GRU) before exporting, or convert the torch module with "
+                    "converters.from_torch")
+        else:
+            msg += "; export a model that uses the ONNX GRU op"
+        return msg
+
+    def chain(self):
+        """Map the data path from the graph input to the main output into layers."""
+        main = [o for o in self.outputs if self.state_output(o) is None]
+        if not main and len(self.outputs) == 1:
+            main = list(self.outputs)  # the graph returns only Y_h: the last step's output
+        if len(main) != 1:
+            raise UnsupportedModelError(
+                f"graph outputs: expected exactly one output computed through the GRU chain "
+                f"(other outputs may only re-expose hidden states), got {main or 'none'} "
+                f"among {self.outputs}")
+        start, path = self.path_to(main[0])
+        shape = self.static_shape(start)
+        if shape is None or len(shape) < 1:
+            raise UnsupportedModelError(f"graph input {start!r}: expected a known rank")
+        labels = [f"a{i}" for i in range(len(shape) - 1)]
+        for lab, size in zip(labels, shape[:-1], strict=True):
+            self.labels_size[lab] = size
+        desc = _Desc(labels, shape[-1])
+        self.value_desc[start] = desc
+        layers, dense, on_path = [], None, set()
+        self.time = None
+        for n, out in path:
+            self.used.add(id(n))
+            on_path.add(id(n))
+            op = n.op_type
+            if op == "GRU":
+                if dense is not None:
+                    layers.append(dense.layer())
+                    dense = None
+                desc = self.apply_gru(n, out, desc, layers)
+            elif op in _AFFINE or op in _DENSE_ACTS or op == "Softmax":
+                desc, dense, closed = self.apply_dense(n, desc, dense)
+                layers.extend(closed)
+            else:
+                desc = self.apply_plumbing(n, desc)
+            self.value_desc[out] = desc
+        if dense is not None:
+            layers.append(dense.layer())
+        for o in self.outputs:
+            if o != main[0]:
+                for n in self.state_output(o):
+                    self.used.add(id(n))
+                    for i in n.input[1:] if n.op_type != "Concat" else ():
+                        self._mark_ancestors(i)
+        needed = set()
+        for o in self.outputs:
+            needed |= {id(n) for n in self.ancestors(o)}
+        stray = [n for n in self.nodes if id(n) in needed and id(n) not in self.used]
+        if stray:
+            raise UnsupportedModelError(
+                "nodes " + ", ".join(f"{_name(n)!r} ({n.op_type})" for n in stray[:8])
+                + " feed the graph outputs but are not part of the mapped chain; refusing "
+                  "rather than skipping them")
+        return layers, on_path
+
+    # ---------------------------------------------------------------- per-op mapping
+    def apply_gru(self, n, out, desc, layers):
+        layer, layout = self.gru_layer(n)
+        where = f"node {_name(n)!r} (GRU)"
+        if desc.last_only:
+            raise UnsupportedModelError(f"{where}: its input keeps only the last time step of "
+                                        f"the previous layer")
+        if len(desc.axes) != 2:
+            raise UnsupportedModelError(f"{where}: X: expected rank 3, got rank {desc.rank}")
+        t, b = (desc.axes[0], desc.axes[1]) if layout == 0 else (desc.axes[1], desc.axes[0])
+        # A unit time axis is a graph that takes one step per call (state fed back by the user).
+        if not (isinstance(t, str) or t == 1) or (self.time is not None and t != self.time):
+            raise UnsupportedModelError(
+                f"{where}: X: its time axis is not the time axis of the graph input")
+        self.time = t
+        if desc.width is not None and desc.width != layer.input_size:
+            raise UnsupportedModelError(f"{where}: X: expected {layer.input_size} features, "
+                                        f"got {desc.width}")
+        layers.append(layer)
+        outs = list(n.output) + ["", ""]
+        H = layer.hidden_size
+        if out == outs[0]:
+            return _Desc((t, 1, b) if layout == 0 else (b, t, 1), H)
+        return _Desc((1, b) if layout == 0 else (b, 1), H, last_only=True)
+
+    def _unit(self, item):
+        return item == 1 or (isinstance(item, str) and self.labels_size.get(item) == 1)
+
+    def apply_plumbing(self, n, desc):
+        op = n.op_type
+        where = f"node {_name(n)!r} ({op})"
+        rank = desc.rank
+        if op == "Identity":
+            return desc
+        if op == "Dropout":
+            self.attrs(n, {"seed", "ratio", "is_test"})
+            if len(n.output) > 1 and n.output[1] and self.consumers.get(n.output[1]):
+                raise UnsupportedModelError(f"{where}: its mask output is used")
+            if len(n.input) > 2 and n.input[2]:
+                mode = self.const(n.input[2], where)
+                if bool(np.any(mode)):
+                    raise UnsupportedModelError(f"{where}: training_mode is true")
+            if len(n.input) > 1 and n.input[1]:
+                self.const(n.input[1], where)
+            return desc
+        if op == "Cast":
+            a = self.attrs(n, {"to", "saturate", "round_mode"})
+            from onnx import TensorProto as TP
+
+            if a["to"] not in (TP.FLOAT, TP.DOUBLE, TP.FLOAT16, TP.BFLOAT16):
+                raise UnsupportedModelError(f"{where}: casts the data to a non-float type")
+            return desc
+        if op == "Transpose":
+            a = self.attrs(n, {"perm"})
+            perm = list(a.get("perm", range(rank - 1, -1, -1)))
+            if perm[-1] != rank - 1:
+                raise UnsupportedModelError(
+                    f"{where}: perm {perm} moves the feature (last) axis; streamgru applies every "
+                    f"layer to the last axis")
+            return desc.replace(axes=tuple(desc.axes[p] for p in perm[:-1]))
+        if op == "Squeeze":
+            if self.opset < 13:
+                axes = self.attrs(n, {"axes"}).get("axes")
+            else:
+                self.attrs(n, set())
+                axes = self.const(n.input[1], where).tolist() if len(n.input) > 1 and \
+                    n.input[1] else None
+            if axes is None:
+                axes = [i for i, x in enumerate(desc.axes) if self._unit(x)]
+                if any(isinstance(x, str) and self.labels_size.get(x) is None
+                       for x in desc.axes):
+                    raise UnsupportedModelError(f"{where}: Squeeze without axes on a tensor of "
+                                                f"dynamic shape")
+            axes = [int(x) % rank for x in np.atleast_1d(axes)]
+            for ax in axes:
+                if ax == rank - 1 or not self._unit(desc.axes[ax]):
+                    raise UnsupportedModelError(f"{where}: squeezes axis {ax}, which is not a "
+                                                f"unit axis")
+            return desc.replace(axes=tuple(x for i, x in enumerate(desc.axes) if i not in axes))
+        if op == "Unsqueeze":
+            if self.opset < 13:
+                axes = self.attrs(n, {"axes"})["axes"]
+            else:
+                self.attrs(n, set())
+                axes = self.const(n.input[1], where).tolist()
+            axes = sorted(int(x) % (rank + len(np.atleast_1d(axes)))
+                          for x in np.atleast_1d(axes))
+            full = list(desc.axes) + ["F"]
+            for ax in axes:
+                full.insert(ax, 1)
+            if full[-1] != "F":
+                raise UnsupportedModelError(f"{where}: inserts an axis after the features")
+            return desc.replace(axes=tuple(full[:-1]))
+        if op == "Flatten":
+            a = self.attrs(n, {"axis"})
+            axis = a.get("axis", 1) % rank
+            if axis != rank - 1:
+                raise UnsupportedModelError(f"{where}: Flatten(axis={a.get('axis', 1)}) merges "
+                                            f"the features with other axes")
+            nonunit = [x for x in desc.axes if not self._unit(x)]
+            if len(nonunit) > 1:
+                raise UnsupportedModelError(f"{where}: merges axes {nonunit} into one")
+            return desc.replace(axes=(nonunit[0] if nonunit else 1,))
+        if op == "Reshape":
+            return self._reshape(n, desc)
+        if op == "Slice":
+            return self._slice(n, desc)
+        if op == "Gather":
+            a = self.attrs(n, {"axis"})
+            axis = a.get("axis", 0) % rank
+            idx = self.const(n.input[1], where)
+            if axis == rank - 1 or idx.size != 1:
+                raise UnsupportedModelError(f"{where}: selects along axis {axis}; only picking "
+                                            f"the last time step (or a unit axis) is mappable")
+            k = int(idx.reshape(-1)[0])
+            lab = desc.axes[axis]
+            if self._unit(lab) and k in (0, -1):
+                pass
+            elif lab == self.time and self.time is not None and (
+                    k == -1 or (self.labels_size.get(lab) is not None
+                                and k == self.labels_size[lab] - 1)):
+                desc = desc.replace(last_only=True)
+            else:
+                raise UnsupportedModelError(
+                    f"{where}: Gather index {k} on axis {axis}; only the last time step after the "
+                    f"GRU chain (index -1) or a unit axis can be selected")
+            axes = list(desc.axes)
+            if idx.ndim == 0:
+                del axes[axis]
+            else:
+                axes[axis] = 1
+            return desc.replace(axes=tuple(axes))
+        raise UnsupportedModelError(f"{where}: not mappable")
+
+    def _slice(self, n, desc):
+        where = f"node {_name(n)!r} (Slice)"
+        rank = desc.rank
+        if self.opset < 10:
+            a = self.attrs(n, {"starts", "ends", "axes"})
+            starts, ends = list(a["starts"]), list(a["ends"])
+            axes = list(a.get("axes", range(len(starts))))
+            steps = [1] * len(starts)
+        else:
+            self.attrs(n, set())
+            ins = list(n.input) + [""] * 5
+            starts = self.const(ins[1], where).tolist()
+            ends = self.const(ins[2], where).tolist()
+            axes = self.const(ins[3], where).tolist() if ins[3] else list(range(len(starts)))
+            steps = self.const(ins[4], where).tolist() if ins[4] else [1] * len(starts)
+        axes_l = list(desc.axes)
+        last_only = desc.last_only
+        for s, e, ax, st in zip(starts, ends, axes, steps, strict=False):
+            ax = int(ax) % rank
+            if ax == rank - 1:
+                size = desc.width
+            else:
+                lab = axes_l[ax]
+                size = 1 if lab == 1 else self.labels_size.get(lab)
+            full = st == 1 and s in (0, -_BIG) or (s < 0 and size is not None and s <= -size)
+            full = full and (e >= _BIG // 2 or (size is not None and e >= size))
+            if st == 1 and full:
+                continue
+            if ax != rank - 1 and self._unit(axes_l[ax]) and st == 1 and s in (0, -1):
+                continue
+            if ax != rank - 1 and self.time is not None and axes_l[ax] == self.time and \
+                    st == 1 and s == -1 and e >= _BIG // 2:
+                axes_l[ax] = 1
+                last_only = True
+                continue
+            raise UnsupportedModelError(
+                f"{where}: slices axis {ax} [{s}:{e}:{st}]; only no-op slices and the last time "
+                f"step after the GRU chain are mappable")
+        return desc.replace(axes=tuple(axes_l), last_only=last_only)
+
+    def _reshape(self, n, desc):
+        where = f"node {_name(n)!r} (Reshape)"
+        a = self.attrs(n, {"allowzero"})
+        if self.opset < 5:
+            raise UnsupportedModelError(f"{where}: Reshape-1 is not supported")
+        items = self.shape_items(n.input[1], where)
+        full = list(desc.axes) + [desc.width]
+        res = []
+        for i, it in enumerate(items):
+            if it == 0 and not a.get("allowzero", 0):
+                if i >= len(full):
+                    raise UnsupportedModelError(f"{where}: copies a missing dimension")
+                it = full[i]
+            res.append(it)
+        last = res[-1]
+        if not (last == -1 or (desc.width is not None and last == desc.width)):
+            raise UnsupportedModelError(f"{where}: the target shape {items} changes the feature "
+                                        f"axis (width {desc.width})")
+        lead = res[:-1]
+        in_nonunit = [x for x in desc.axes if not self._unit(x)]
+        out = []
+        k = 0
+        for it in lead:
+            if it == 1 or (isinstance(it, str) and self._unit(it)):
+                out.append(1)
+                continue
+            if k >= len(in_nonunit):
+                raise UnsupportedModelError(f"{where}: target shape {items} adds a non-unit axis")
+            lab = in_nonunit[k]
+            if it == -1 and last != -1:
+                out.append(lab)
+            elif it == lab or (isinstance(it, int) and it > 1 and
+                               self.labels_size.get(lab) == it):
+                out.append(lab)
+            else:
+                raise UnsupportedModelError(f"{where}: target shape {items} reorders or merges "
+                                            f"the time/batch axes")
+            k += 1
+        if k != len(in_nonunit):
+            raise UnsupportedModelError(f"{where}: target shape {items} merges axes")
+        return desc.replace(axes=tuple(out))
+
+    def apply_dense(self, n, desc, dense):
+        """Returns (desc, open dense or None, list of finished DenseLayers)."""
+        op = n.op_type
+        where = f"node {_name(n)!r} ({op})"
+        closed = []
+        width = desc.width
+
+        def flush():
+            nonlocal dense
+            if dense is not None:
+                closed.append(dense.layer())
+                dense = None
+
+        if op in ("MatMul", "Gemm"):
+            if op == "MatMul":
+                self.attrs(n, set())
+                if not self.is_const(n.input[1]) or self.is_const(n.input[0]):
+                    raise UnsupportedModelError(f"{where}: expected data @ constant matrix")
+                K = self.const(n.input[1], where)
+                if K.ndim != 2:
+                    raise UnsupportedModelError(f"{where}: expected a 2-D weight, got shape "
+                                                f"{K.shape}")
+                Wt, b = K.T, np.zeros(K.shape[1], K.dtype)
+            else:
+                a = self.attrs(n, {"alpha", "beta", "transA", "transB"})
+                if a.get("transA", 0):
+                    raise UnsupportedModelError(f"{where}: transA=1 transposes the data")
+                if desc.rank != 2:
+                    raise UnsupportedModelError(f"{where}: expected a 2-D input, got rank "
+                                                f"{desc.rank}")
+                Bm = self.const(n.input[1], where)
+                Wt = (Bm if a.get("transB", 0) else Bm.T) * Bm.dtype.type(a.get("alpha", 1.0))
+                b = np.zeros(Wt.shape[0], Bm.dtype)
+                if len(n.input) > 2 and n.input[2]:
+                    C = self.const(n.input[2], where)
+                    b = b + self._bias(C, Wt.shape[0], where) * C.dtype.type(a.get("beta", 1.0))
+            if width is not None and Wt.shape[1] != width:
+                raise UnsupportedModelError(f"{where}: expected a weight for {width} features, "
+                                            f"got {Wt.shape[1]}")
+            flush()
+            dense = _Dense(np.ascontiguousarray(Wt), b)
+            return desc.replace(width=Wt.shape[0]), dense, closed
+        if op in ("Add", "Sub", "Mul", "Div"):
+            self.attrs(n, set())
+            ci = 1 if self.is_const(n.input[1]) else 0
+            c = self.const(n.input[ci], where)
+            if c.ndim > desc.rank:
+                raise UnsupportedModelError(f"{where}: the constant adds axes")
+            if width is None:
+                raise UnsupportedModelError(f"{where}: the feature width is unknown")
+            v = self._bias(c, width, where)
+            if op in ("Sub", "Div") and ci == 0:
+                raise UnsupportedModelError(f"{where}: constant {op.lower()} data is not mapped")
+            if dense is None or dense.act is not None:
+                flush()
+                eye = np.eye(width, dtype=v.dtype)
+                dense = _Dense(eye, np.zeros(width, v.dtype))
+            if op == "Add":
+                dense.b = dense.b + v
+            elif op == "Sub":
+                dense.b = dense.b - v
+            else:
+                s = v if op == "Mul" else 1 / v
+                dense.W = dense.W * s[:, None]
+                dense.b = dense.b * s
+            return desc, dense, closed
+        # activations
+        if op == "Softmax":
+            a = self.attrs(n, {"axis"})
+            axis = a.get("axis", -1 if self.opset >= 13 else 1) % desc.rank
+            if axis != desc.rank - 1:
+                raise UnsupportedModelError(f"{where}: softmax over axis {axis}; only the "
+                                            f"feature (last) axis is mappable")
+            spec = "softmax"
+        else:
+            key, defaults = _DENSE_ACTS[op]
+            a = self.attrs(n, set(defaults))
+            vals = [float(a.get(k, d)) for k, d in defaults.items()]
+            spec = (key, *vals) if vals else key
+        if width is None:
+            raise UnsupportedModelError(f"{where}: the feature width is unknown")
+        if dense is None or dense.act is not None:
+            flush()
+            dense = _Dense(np.eye(width, dtype=np.float32), np.zeros(width, np.float32))
+        dense.act = spec
+        return desc, dense, closed
+
+    @staticmethod
+    def _bias(c, width, where):
+        c = np.asarray(c)
+        if c.dtype.kind != "f":
+            raise UnsupportedModelError(f"{where}: expected a float constant, got {c.dtype}")
+        squeezed = c.reshape(c.shape[-1:] if c.ndim else ()) if all(
+            d == 1 for d in c.shape[:-1]) else None
+        if squeezed is None or squeezed.size not in (1, width):
+            raise UnsupportedModelError(
+                f"{where}: the constant of shape {c.shape} does not broadcast along the "
+                f"{width} features only")
+        return np.broadcast_to(squeezed, (width,)).astype(c.dtype)
+
+
+def _cast_layer(layer, dtype):
+    if isinstance(layer, GRULayer):
+        return GRULayer(layer.input_size, layer.hidden_size, layer.W.astype(dtype),
+                        layer.R.astype(dtype), layer.Wb.astype(dtype), layer.Rb.astype(dtype),
+                        linear_before_reset=layer.linear_before_reset, f=layer.f, g=layer.g,
+                        clip=layer.clip)
+    return DenseLayer(layer.in_features, layer.out_features, layer.W.astype(dtype),
+                      layer.b.astype(dtype), layer.activation)
