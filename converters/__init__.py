@@ -2,4 +2,18 @@
 
 Only this package imports torch / onnx / h5py, and only inside the functions that need them, so
 ``import converters`` is cheap and works without any framework installed.
+
+* :func:`from_torch` -- ``nn.GRU``/``nn.GRUCell``/modules, state_dicts, ``.pt``, ``.safetensors``
+* :func:`from_onnx` -- ``GRU`` nodes from torch's exporters and tf2onnx
+* :func:`from_keras` -- ``.keras`` and legacy ``.h5`` (h5py only, no TensorFlow)
+* :func:`from_rtneural` -- RTNeural's JSON
 """
+
+# Importing the functions (not only the modules) keeps `converters.from_torch` the function:
+# the submodule import would otherwise rebind the package attribute to the module.
+from .from_keras import from_keras
+from .from_onnx import from_onnx
+from .from_rtneural import from_rtneural
+from .from_torch import from_torch
+
+__all__ = ["from_torch", "from_onnx", "from_keras", "from_rtneural"]

@@ -1,0 +1,659 @@
+"""Keras model files (``.keras`` and legacy full-model ``.h5``) -> :class:`streamgru.GRUModel`.
+
+Read with h5py and json only: no TensorFlow or Keras is imported, and nothing in the file is ever
+executed (a ``Lambda`` layer's byte code or a custom object's module is refused, never loaded).
+
+What maps
+---------
+A ``Sequential`` model, or a functional ``Model`` that is a plain chain (one input, one output,
+every layer called once on the previous layer's output), made of:
+
+* ``GRU`` -> :class:`~streamgru.model.GRULayer`. Keras stores ``kernel`` (I, 3H) and
+  ``recurrent_kernel`` (H, 3H) with gates in the order (z, r, h), which is ours: transpose, no
+  reordering. ``reset_after=True`` is ``linear_before_reset=1`` with ``bias`` (2, 3H) =
+  [input bias; recurrent bias]; ``reset_after=False`` is ``linear_before_reset=0`` with ``bias``
+  (3H,) as ``Wb`` and ``Rb = 0``. ``activation`` and ``recurrent_activation`` become ``g`` and
+  ``f``; ``use_bias=False`` gives zero biases.
+* ``Dense`` and ``TimeDistributed(Dense)`` -> :class:`~streamgru.model.DenseLayer` (``kernel``
+  (in, out) is transposed to our (out, in)).
+* ``Activation`` -> folded into the preceding Dense when that one is linear, otherwise an identity
+  Dense layer carrying the activation (exact: ``W = I``, ``b = 0``).
+* ``InputLayer`` and ``Dropout`` -> nothing (Dropout is the identity at inference).
+
+Keras activations: linear, tanh, sigmoid, relu, softmax (Dense only), elu (alpha 1), softplus,
+softsign, leaky_relu (negative slope 0.2) and hard_sigmoid, whose meaning depends on the Keras
+version that wrote the file (see below). Anything else is refused.
+
+``hard_sigmoid``: Keras 3 defines it as ``relu6(x + 3) / 6``, i.e. ``clip(x / 6 + 0.5, 0, 1)``
+(alpha = 1/6, beta = 0.5; keras-team/keras PR #19477, tensorflow/tensorflow issue #65381), while
+Keras 2 and tf.keras up to 2.15 used ``clip(0.2 x + 0.5, 0, 1)`` (alpha = 0.2). The writer's
+version is read from ``metadata.json`` (``.keras``) or the ``keras_version`` attribute (``.h5``);
+a file whose version cannot be read is refused only if it uses hard_sigmoid.
+
+GRU attributes
+--------------
+* ``go_backwards=True``, ``return_state=True``: refused (a stream is read forwards, one output).
+* ``stateful``: accepted and ignored: the engine is always stateful, every stream keeps its state
+  between calls until it is reset.
+* ``return_sequences=False``: accepted. Keras then returns one output per sequence, computed from
+  the last step; the engine's output at step t is exactly what Keras returns for the sequence
+  ``x[0..t]``, so a per-sequence model streams as the same model evaluated on every prefix.
+* ``dropout``, ``recurrent_dropout``: accepted (inference ignores them). ``unroll``,
+  ``implementation``, ``use_cudnn``, ``time_major``, ``zero_output_for_mask`` do not change the
+  arithmetic of a step: accepted. Initializers, regularizers and constraints: training only.
+* Any configuration key not listed here is refused, so a future Keras option is never silently
+  dropped.
+
+Refused with :class:`~streamgru.errors.UnsupportedModelError` naming the layer: ``Bidirectional``,
+``Masking`` (masked steps would have to skip the state update), ``Lambda`` and every custom or
+unknown layer, nested models, branching graphs, layers called with extra arguments (e.g.
+``initial_state``), quantized or LoRA Dense layers, unmappable activations.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import zipfile
+
+import numpy as np
+
+from streamgru.errors import UnsupportedModelError
+from streamgru.model import DenseLayer, GRULayer, GRUModel
+
+from ._util import require
+
+__all__ = ["from_keras"]
+
+_COMMON_KEYS = frozenset({"name", "trainable", "dtype", "batch_input_shape", "batch_shape",
+                          "input_shape", "batch_size"})
+_TRAINING_KEYS = frozenset({
+    "kernel_initializer", "recurrent_initializer", "bias_initializer", "kernel_regularizer",
+    "recurrent_regularizer", "bias_regularizer", "activity_regularizer", "kernel_constraint",
+    "recurrent_constraint", "bias_constraint",
+})
+_GRU_KEYS = _COMMON_KEYS | _TRAINING_KEYS | {
+    "units", "activation", "recurrent_activation", "use_bias", "reset_after", "return_sequences",
+    "return_state", "go_backwards", "stateful", "unroll", "zero_output_for_mask", "time_major",
+    "implementation", "dropout", "recurrent_dropout", "seed", "use_cudnn",
+}
+_DENSE_KEYS = _COMMON_KEYS | _TRAINING_KEYS | {
+    "units", "activation", "use_bias", "quantization_config", "lora_rank", "lora_alpha",
+}
+_TIME_DISTRIBUTED_KEYS = _COMMON_KEYS | {"layer"}
+_ACTIVATION_KEYS = _COMMON_KEYS | {"activation"}
+_DROPOUT_KEYS = _COMMON_KEYS | {"rate", "noise_shape", "seed"}
+_MODEL_CLASSES = ("Sequential", "Functional", "Model")
+# Keyword arguments a functional-graph call may carry without changing a step.
+_CALL_KWARGS = frozenset({"training", "mask"})
+
+
+def from_keras(path, *, dtype=None) -> GRUModel:
+    """Read a Keras GRU model file into a :class:`~streamgru.GRUModel`.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A Keras 3 ``.keras`` archive (config.json + model.weights.h5) or a legacy full-model HDF5
+        file (``model.save("x.h5")`` in Keras 2, tf.keras or Keras 3: a ``model_config``
+        attribute and a ``model_weights`` group). Weights-only files carry no architecture and
+        are refused.
+    dtype : {None, "float32", "float64"}, optional
+        Dtype of the converted weights; None keeps the dtype stored in the file (float32 for a
+        default Keras model; float16 weights are widened to float32).
+
+    Returns
+    -------
+    GRUModel
+        ``source`` is ``"keras <version>"``.
+
+    Raises
+    ------
+    UnsupportedModelError
+        A layer, attribute, activation or graph shape streamgru does not run (see the module
+        docstring); the message names the layer and the reason.
+    ValueError
+        The file is not a Keras model file or is inconsistent (weights of the wrong shape).
+
+    Examples
+    --------
+    >>> model = from_keras("tests/fixtures/keras_seq_reset_after.keras")  # doctest: +SKIP
+    >>> [type(layer).__name__ for layer in model.layers]  # doctest: +SKIP
+    ['DenseLayer', 'GRULayer', 'GRULayer', 'DenseLayer']
+    """
+    h5py = require("h5py", "keras")
+    out_dtype = _check_dtype(dtype)
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"path: expected an existing Keras model file, got {path!r}")
+
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            names = set(z.namelist())
+            for needed in ("config.json", "model.weights.h5"):
+                if needed not in names:
+                    raise ValueError(
+                        f"path: expected a .keras archive holding {needed}, got an archive with "
+                        f"{sorted(names)}"
+                    )
+            config = json.loads(z.read("config.json"))
+            version = None
+            if "metadata.json" in names:
+                version = json.loads(z.read("metadata.json")).get("keras_version")
+            weights_bytes = z.read("model.weights.h5")
+        with h5py.File(io.BytesIO(weights_bytes), "r") as f:
+            store = _ZipWeights(f)
+            return _convert(config, store, version, out_dtype)
+
+    if not h5py.is_hdf5(path):
+        raise ValueError(
+            f"path: expected a .keras archive or a legacy Keras .h5 file, got {path!r} "
+            f"(neither a zip archive nor HDF5)"
+        )
+    with h5py.File(path, "r") as f:
+        if "model_config" not in f.attrs or "model_weights" not in f:
+            raise ValueError(
+                f"path: expected a Keras full-model .h5 file (a model_config attribute and a "
+                f"model_weights group), got an HDF5 file with attributes {sorted(f.attrs)} and "
+                f"groups {sorted(f.keys())}; a weights-only file has no architecture: save the "
+                f"model with model.save(...)"
+            )
+        config = json.loads(_text(f.attrs["model_config"]))
+        version = f.attrs.get("keras_version", f["model_weights"].attrs.get("keras_version"))
+        version = _text(version) if version is not None else None
+        store = _LegacyWeights(f["model_weights"])
+        return _convert(config, store, version, out_dtype)
+
+
+# --- reading weights -----------------------------------------------------------------------------
+
+class _LegacyWeights:
+    """Weights of a legacy .h5 file: ``model_weights/<layer name>`` with a ``weight_names`` list.
+
+    Keras 2 names end in ``:0`` (``gru/gru_cell/kernel:0``), Keras 3 does not
+    (``sequential/gru/gru_cell/kernel``); both end in the variable's own name.
+    """
+
+    def __init__(self, group):
+        self.group = group
+
+    def get(self, entry, names):
+        """The arrays of one layer as ``{short name: array}``, checked against ``names``."""
+        lname = entry["name"]
+        where = _where(entry)
+        if lname not in self.group:
+            raise ValueError(f"{where}: expected weights under model_weights/{lname}, got none")
+        g = self.group[lname]
+        found = {}
+        for wn in g.attrs.get("weight_names", []):
+            wn = _text(wn)
+            short = re.sub(r":\d+$", "", wn.rsplit("/", 1)[-1])
+            if short in found:
+                raise ValueError(f"{where}: expected one weight named {short!r}, got two")
+            found[short] = np.asarray(g[wn])
+        if set(found) != set(names):
+            raise ValueError(
+                f"{where}: expected weights {sorted(names)}, got {sorted(found)}"
+            )
+        return found
+
+
+class _ZipWeights:
+    """Weights of a .keras archive's model.weights.h5.
+
+    Keras 3 stores a model's layers under ``layers/<key>`` where the key is the layer's class name
+    in snake case, suffixed ``_1``, ``_2``... for repeats, in the order of ``model.layers`` (which
+    includes InputLayer for a functional model but not for a Sequential one); a GRU's variables
+    are under ``cell/vars``, a TimeDistributed's under ``layer/vars``, a Dense's under ``vars``,
+    numbered in creation order (kernel, recurrent_kernel, bias). Recent versions also write the
+    layer's own name as the ``name`` attribute of ``<key>/vars``: when present it is used, and
+    checked.
+    """
+
+    def __init__(self, f):
+        self.f = f
+        self.by_name = {}
+        if "layers" in f:
+            for key, g in f["layers"].items():
+                if "vars" in g and "name" in g["vars"].attrs:
+                    self.by_name[_text(g["vars"].attrs["name"])] = key
+        self.keys = {}
+
+    def assign_keys(self, entries):
+        """Compute each layer's storage key from the ``model.layers`` order."""
+        used = {}
+        for entry in entries:
+            base = _snake_case(entry["class_name"])
+            if base in used:
+                used[base] += 1
+                key = f"{base}_{used[base]}"
+            else:
+                used[base] = 0
+                key = base
+            self.keys[id(entry)] = key
+
+    def get(self, entry, names):
+        where = _where(entry)
+        key = self.by_name.get(entry["name"], self.keys.get(id(entry)))
+        sub = {"GRU": "cell/vars", "TimeDistributed": "layer/vars"}.get(entry["class_name"], "vars")
+        path = f"layers/{key}/{sub}"
+        if key is None or path not in self.f:
+            raise ValueError(
+                f"{where}: expected its weights at {path} in model.weights.h5, got none"
+            )
+        g = self.f[path]
+        arrays = [np.asarray(g[k]) for k in sorted(g.keys(), key=int)]
+        if len(arrays) != len(names):
+            raise ValueError(
+                f"{where}: expected {len(names)} weight arrays ({', '.join(names)}), "
+                f"got {len(arrays)}"
+            )
+        return dict(zip(names, arrays, strict=True))
+
+
+# --- the model graph -----------------------------------------------------------------------------
+
+def _convert(config, store, version, out_dtype):
+    major = _major(version)
+    entries, storage_order = _chain(config)
+    if isinstance(store, _ZipWeights):
+        store.assign_keys(storage_order)
+    layers = []
+    for entry in entries:
+        _convert_layer(entry, store, major, version, layers, out_dtype)
+    if not any(isinstance(layer, GRULayer) for layer in layers):
+        raise UnsupportedModelError("model: expected at least one GRU layer, got none")
+    return GRUModel(layers, source=f"keras {version}" if version else "keras")
+
+
+def _chain(config):
+    """The layers of a Sequential or plain-chain functional model, in order of application.
+
+    Returns (chain, storage_order): storage_order is ``model.layers`` as Keras saves them.
+    """
+    if not isinstance(config, dict) or "class_name" not in config:
+        raise ValueError(f"model_config: expected a Keras model config, got {str(config)[:80]!r}")
+    cls = config["class_name"]
+    cfg = config.get("config")
+    _refuse_custom(config, "model")
+    if cls == "Sequential":
+        entries = cfg if isinstance(cfg, list) else cfg.get("layers", [])
+        entries = [_entry(e) for e in entries]
+        storage = [e for e in entries if e["class_name"] != "InputLayer"]
+        return entries, storage
+    if cls not in ("Functional", "Model"):
+        raise UnsupportedModelError(
+            f"model: expected a Sequential or functional Model, got class {cls!r}; a subclassed "
+            f"model is Python code, which streamgru does not run"
+        )
+    entries = [_entry(e) for e in cfg.get("layers", [])]
+    by_name = {e["name"]: e for e in entries}
+    ins = _refs(cfg.get("input_layers"), "input_layers")
+    outs = _refs(cfg.get("output_layers"), "output_layers")
+    if len(ins) != 1 or len(outs) != 1:
+        raise UnsupportedModelError(
+            f"model: expected one input and one output, got inputs {ins} and outputs {outs}"
+        )
+    consumers = {}
+    for e in entries:
+        nodes = e["raw"].get("inbound_nodes") or []
+        if e["class_name"] == "InputLayer":
+            continue
+        if len(nodes) != 1:
+            raise UnsupportedModelError(
+                f"{_where(e)}: expected to be called once, got {len(nodes)} calls (shared layers "
+                f"are not a chain)"
+            )
+        src = _node_source(nodes[0], e)
+        consumers.setdefault(src, []).append(e)
+    chain = [by_name[ins[0]]] if ins[0] in by_name else []
+    cur = ins[0]
+    while cur in consumers:
+        nxt = consumers[cur]
+        if len(nxt) != 1:
+            names = [n["name"] for n in nxt]
+            raise UnsupportedModelError(
+                f"layer {cur!r}: expected one consumer (a plain chain), got {names}"
+            )
+        chain.append(nxt[0])
+        cur = nxt[0]["name"]
+    missing = [e["name"] for e in entries if e not in chain]
+    if cur != outs[0] or missing:
+        raise UnsupportedModelError(
+            f"model: expected a plain chain from {ins[0]!r} to {outs[0]!r}, got a graph ending "
+            f"at {cur!r} with layers off the chain: {missing}"
+        )
+    return chain, entries
+
+
+def _entry(raw):
+    if not isinstance(raw, dict) or "class_name" not in raw:
+        raise ValueError(f"model_config: expected a layer config, got {str(raw)[:80]!r}")
+    cfg = raw.get("config") or {}
+    name = raw.get("name") or (cfg.get("name") if isinstance(cfg, dict) else None)
+    return {"class_name": raw["class_name"], "config": cfg, "name": name, "raw": raw}
+
+
+def _refs(value, what):
+    """``["x", 0, 0]`` or ``[["x", 0, 0], ...]`` -> list of layer names."""
+    if isinstance(value, list) and value and isinstance(value[0], str):
+        return [value[0]]
+    if isinstance(value, list) and all(isinstance(v, list) and v and isinstance(v[0], str)
+                                       for v in value):
+        return [v[0] for v in value]
+    raise UnsupportedModelError(f"model: expected {what} as a list of tensors, got {value!r}")
+
+
+def _node_source(node, entry):
+    """The name of the one layer feeding this call, refusing anything but ``layer(x)``."""
+    where = _where(entry)
+    if isinstance(node, dict):  # Keras 3: {"args": [...], "kwargs": {...}}
+        args, kwargs = node.get("args", []), node.get("kwargs", {}) or {}
+        tensors = [a for a in args if isinstance(a, dict)
+                   and a.get("class_name") == "__keras_tensor__"]
+        if len(args) != 1 or len(tensors) != 1:
+            raise UnsupportedModelError(
+                f"{where}: expected to be called on one tensor, got arguments {str(args)[:120]}"
+            )
+        history = tensors[0].get("config", {}).get("keras_history")
+        src = history[0] if history else None
+    elif isinstance(node, list):  # Keras 2: [[name, node_index, tensor_index, kwargs], ...]
+        if len(node) != 1 or not isinstance(node[0], list) or not node[0]:
+            raise UnsupportedModelError(
+                f"{where}: expected to be called on one tensor, got {str(node)[:120]}"
+            )
+        src = node[0][0]
+        kwargs = node[0][3] if len(node[0]) > 3 and isinstance(node[0][3], dict) else {}
+    else:
+        raise UnsupportedModelError(f"{where}: expected an inbound node, got {str(node)[:120]}")
+    extra = {k: v for k, v in kwargs.items() if k not in _CALL_KWARGS or (k == "mask" and v)}
+    if extra:
+        raise UnsupportedModelError(
+            f"{where}: expected a plain call layer(x), got extra call arguments {sorted(extra)}"
+        )
+    if not isinstance(src, str):
+        raise UnsupportedModelError(f"{where}: expected an input tensor from a layer, got {src!r}")
+    return src
+
+
+# --- layers --------------------------------------------------------------------------------------
+
+def _convert_layer(entry, store, major, version, layers, out_dtype):
+    cls, cfg = entry["class_name"], entry["config"]
+    where = _where(entry)
+    _refuse_custom(entry["raw"], where)
+    if cls == "InputLayer":
+        return
+    if cls == "GRU":
+        layers.append(_gru(entry, store, major, version, out_dtype))
+    elif cls == "Dense":
+        layers.append(_dense(entry, cfg, store, major, version, out_dtype))
+    elif cls == "TimeDistributed":
+        _check_keys(cfg, _TIME_DISTRIBUTED_KEYS, where)
+        inner = cfg.get("layer")
+        if not isinstance(inner, dict) or inner.get("class_name") != "Dense":
+            got = inner.get("class_name") if isinstance(inner, dict) else inner
+            raise UnsupportedModelError(
+                f"{where}: expected TimeDistributed(Dense), got TimeDistributed({got})"
+            )
+        _refuse_custom(inner, where)
+        layers.append(_dense(entry, inner.get("config") or {}, store, major, version, out_dtype))
+    elif cls == "Activation":
+        _check_keys(cfg, _ACTIVATION_KEYS, where)
+        if not layers:
+            raise UnsupportedModelError(
+                f"{where}: expected an Activation after a GRU or Dense layer, got it first"
+            )
+        act = _activation(cfg.get("activation"), major, version, where, "activation", dense=True)
+        append_activation(layers, act, out_dtype)
+    elif cls in ("Dropout",):
+        _check_keys(cfg, _DROPOUT_KEYS, where)
+    elif cls == "Bidirectional":
+        raise UnsupportedModelError(
+            f"{where}: Bidirectional needs the whole sequence (its backward half reads it from "
+            f"the end); a stream is stepped forwards only"
+        )
+    elif cls == "Masking":
+        raise UnsupportedModelError(
+            f"{where}: Masking makes the GRU skip masked steps (state carried unchanged); "
+            f"streamgru updates the state on every step"
+        )
+    elif cls == "Lambda":
+        raise UnsupportedModelError(
+            f"{where}: a Lambda layer is Python code stored in the file; streamgru reads JSON "
+            f"only and never executes model code"
+        )
+    elif cls in _MODEL_CLASSES:
+        raise UnsupportedModelError(
+            f"{where}: a nested model; expected a flat stack of GRU/Dense layers (rebuild the "
+            f"model without nesting)"
+        )
+    else:
+        raise UnsupportedModelError(
+            f"{where}: unsupported layer class {cls!r}; expected GRU, Dense, "
+            f"TimeDistributed(Dense), Activation, Dropout or InputLayer"
+        )
+
+
+def _gru(entry, store, major, version, out_dtype):
+    cfg, where = entry["config"], _where(entry)
+    _check_keys(cfg, _GRU_KEYS, where)
+    if cfg.get("go_backwards", False):
+        raise UnsupportedModelError(
+            f"{where}: go_backwards=True reads the sequence from its end; a stream is stepped "
+            f"forwards only"
+        )
+    if cfg.get("return_state", False):
+        raise UnsupportedModelError(
+            f"{where}: return_state=True gives the layer two outputs; expected a plain chain"
+        )
+    if "reset_after" not in cfg:
+        raise UnsupportedModelError(
+            f"{where}: reset_after is not stated in the config (its default changed between "
+            f"Keras versions); streamgru never guesses linear_before_reset"
+        )
+    reset_after = bool(cfg["reset_after"])
+    use_bias = bool(cfg.get("use_bias", True))
+    H = cfg.get("units")
+    if isinstance(H, bool) or not isinstance(H, int) or H < 1:
+        raise ValueError(f"{where}: expected units to be a positive int, got {H!r}")
+    g = _activation(cfg.get("activation", "tanh"), major, version, where, "activation")
+    f = _activation(cfg.get("recurrent_activation", "sigmoid"), major, version, where,
+                    "recurrent_activation")
+    names = ["kernel", "recurrent_kernel"] + (["bias"] if use_bias else [])
+    w = store.get(entry, names)
+    kernel, recurrent = w["kernel"], w["recurrent_kernel"]
+    if kernel.ndim != 2 or kernel.shape[1] != 3 * H:
+        raise ValueError(
+            f"{where}: expected kernel of shape (input_size, {3 * H}), got {kernel.shape}"
+        )
+    I = kernel.shape[0]
+    if recurrent.shape != (H, 3 * H):
+        raise ValueError(
+            f"{where}: expected recurrent_kernel of shape {(H, 3 * H)}, got {recurrent.shape}"
+        )
+    Wb = Rb = None
+    if use_bias:
+        bias = w["bias"]
+        if reset_after:
+            # reset_after=True: bias (2, 3H) = [input bias; recurrent bias], the recurrent one
+            # inside r * (R h + Rb): ONNX linear_before_reset=1.
+            if bias.shape != (2, 3 * H):
+                raise ValueError(
+                    f"{where}: expected bias of shape {(2, 3 * H)} (reset_after=True), got "
+                    f"{bias.shape}"
+                )
+            Wb, Rb = bias[0], bias[1]
+        else:
+            # reset_after=False: one bias (3H,) added to the input projection; Rb = 0.
+            if bias.shape != (3 * H,):
+                raise ValueError(
+                    f"{where}: expected bias of shape {(3 * H,)} (reset_after=False), got "
+                    f"{bias.shape}"
+                )
+            Wb = bias
+            Rb = np.zeros_like(bias)
+    # Keras kernels are (in, 3H) with gate blocks (z, r, h) along the columns: our (3H, in) rows
+    # in the same order, so a transpose and nothing else.
+    return GRULayer(
+        I, H, _cast(kernel.T, out_dtype), _cast(recurrent.T, out_dtype),
+        None if Wb is None else _cast(Wb, out_dtype), None if Rb is None else _cast(Rb, out_dtype),
+        linear_before_reset=1 if reset_after else 0, f=f, g=g,
+    )
+
+
+def _dense(entry, cfg, store, major, version, out_dtype):
+    where = _where(entry)
+    _check_keys(cfg, _DENSE_KEYS, where)
+    if cfg.get("quantization_config") is not None:
+        raise UnsupportedModelError(
+            f"{where}: a quantized Dense layer (quantization_config set); expected float weights"
+        )
+    if cfg.get("lora_rank"):
+        raise UnsupportedModelError(
+            f"{where}: a LoRA Dense layer (lora_rank={cfg['lora_rank']}); merge the LoRA weights "
+            f"into the kernel before saving"
+        )
+    use_bias = bool(cfg.get("use_bias", True))
+    units = cfg.get("units")
+    act = _activation(cfg.get("activation", "linear"), major, version, where, "activation",
+                      dense=True)
+    w = store.get(entry, ["kernel"] + (["bias"] if use_bias else []))
+    kernel = w["kernel"]
+    if kernel.ndim != 2 or (units is not None and kernel.shape[1] != units):
+        raise ValueError(f"{where}: expected kernel of shape (in, {units}), got {kernel.shape}")
+    b = w.get("bias")
+    if b is not None and b.shape != (kernel.shape[1],):
+        raise ValueError(f"{where}: expected bias of shape {(kernel.shape[1],)}, got {b.shape}")
+    # Keras Dense kernel is (in, out); ours is PyTorch's (out, in).
+    return DenseLayer(kernel.shape[0], kernel.shape[1], _cast(kernel.T, out_dtype),
+                      None if b is None else _cast(b, out_dtype), act)
+
+
+def append_activation(layers, act, out_dtype=None):
+    """Append a standalone activation to a layer list (shared with the RTNeural converter).
+
+    Folded into the last layer when it is a linear Dense; otherwise an identity Dense layer
+    (``W = I``, ``b = 0``: exact in floating point) carries it.
+    """
+    last = layers[-1]
+    if isinstance(last, DenseLayer) and last.activation[0] == "identity":
+        layers[-1] = DenseLayer(last.in_features, last.out_features, last.W, last.b, act)
+        return
+    n = last.output_size
+    dt = out_dtype or np.result_type(*last.tensors().values())
+    layers.append(DenseLayer(n, n, np.eye(n, dtype=dt), np.zeros(n, dt), act))
+
+
+# --- activations ---------------------------------------------------------------------------------
+
+_KERAS_ACTIVATIONS = {
+    "linear": ("identity",),
+    "tanh": ("tanh",),
+    "sigmoid": ("sigmoid",),
+    "relu": ("relu",),
+    "softmax": ("softmax",),
+    "elu": ("elu", 1.0),
+    "softplus": ("softplus",),
+    "softsign": ("softsign",),
+    "leaky_relu": ("leakyrelu", 0.2),
+}
+
+
+def _activation(spec, major, version, where, key, dense=False):
+    """A Keras activation name -> a streamgru ``(name, alpha, beta)`` spec, or refuse."""
+    name = "linear" if spec is None else spec  # Keras reads activation=None as linear
+    if isinstance(spec, dict):
+        # Keras 3 may serialise a built-in as {"module": "keras.activations", "class_name":
+        # "function", "config": "tanh"}; anything else is a custom object.
+        if spec.get("module") == "keras.activations" and isinstance(spec.get("config"), str):
+            name = spec["config"]
+        else:
+            raise UnsupportedModelError(
+                f"{where}: {key} is a custom object {str(spec)[:120]}; streamgru maps built-in "
+                f"activations only and never loads code"
+            )
+    if not isinstance(name, str):
+        raise UnsupportedModelError(f"{where}: {key} expected an activation name, got {spec!r}")
+    if name == "hard_sigmoid":
+        if major is None:
+            raise UnsupportedModelError(
+                f"{where}: {key}='hard_sigmoid' means clip(0.2x+0.5) in Keras 2 and "
+                f"clip(x/6+0.5) in Keras 3, and the file does not say which Keras wrote it "
+                f"(keras_version {version!r})"
+            )
+        return ("hardsigmoid", 1.0 / 6.0, 0.5) if major >= 3 else ("hardsigmoid", 0.2, 0.5)
+    if name not in _KERAS_ACTIVATIONS or (name == "softmax" and not dense):
+        raise UnsupportedModelError(
+            f"{where}: {key}={name!r} has no streamgru equivalent here; supported: "
+            f"{sorted(set(_KERAS_ACTIVATIONS) - ({'softmax'} if not dense else set()))} and "
+            f"hard_sigmoid"
+        )
+    return _KERAS_ACTIVATIONS[name]
+
+
+# --- small helpers -------------------------------------------------------------------------------
+
+def _check_keys(cfg, allowed, where):
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where}: expected a config dict, got {type(cfg).__name__}")
+    extra = sorted(set(cfg) - allowed)
+    if extra:
+        raise UnsupportedModelError(
+            f"{where}: configuration keys {extra} are not implemented by streamgru; refusing "
+            f"rather than ignoring them"
+        )
+
+
+def _refuse_custom(raw, where):
+    """Keras 3 configs name a built-in's module ("keras.layers"); custom classes name their own."""
+    module = raw.get("module")
+    registered = raw.get("registered_name")
+    if (module is not None and module != "keras" and not str(module).startswith("keras.")) or (
+        registered not in (None, raw.get("class_name"))
+    ):
+        raise UnsupportedModelError(
+            f"{where}: a custom class (module {module!r}, registered_name {registered!r}); "
+            f"streamgru reads built-in Keras layers only and never loads custom code"
+        )
+
+
+def _where(entry):
+    return f"layer {entry['name']!r} ({entry['class_name']})"
+
+
+def _snake_case(name):
+    # keras.src.utils.naming.to_snake_case, which names a layer's group in model.weights.h5.
+    name = re.sub(r"\W+", "", name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def _major(version):
+    m = re.match(r"\s*(\d+)\.", version) if isinstance(version, str) else None
+    return int(m.group(1)) if m else None
+
+
+def _text(value):
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _check_dtype(dtype):
+    if dtype is None:
+        return None
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype: expected None, 'float32' or 'float64', got {dtype!r}") from None
+    if dt not in (np.float32, np.float64):
+        raise ValueError(f"dtype: expected None, 'float32' or 'float64', got {dt}")
+    return dt
+
+
+def _cast(arr, out_dtype):
+    arr = np.asarray(arr)
+    return arr.astype(out_dtype) if out_dtype is not None else arr

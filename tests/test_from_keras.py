@@ -1,0 +1,390 @@
+"""converters.from_keras against Keras's own stored outputs (tests/fixtures, made by
+tests/fixtures/make_fixtures.py with Keras 3.15.1); no Keras or TensorFlow needed here."""
+
+import json
+import pathlib
+import shutil
+import zipfile
+
+import numpy as np
+import oracle
+import pytest
+
+from converters.from_keras import from_keras
+from streamgru.errors import UnsupportedModelError
+from streamgru.model import DenseLayer, GRULayer
+
+h5py = pytest.importorskip("h5py")
+
+FIX = pathlib.Path(__file__).parent / "fixtures"
+MODELS = [
+    "keras_seq_reset_after.keras",
+    "keras_func_reset_before.keras",
+    "keras_legacy_hard_sigmoid.h5",
+    "keras_nobias_relu.keras",
+    "keras2_legacy_hard_sigmoid.h5",
+]
+
+
+def _ref(name):
+    return np.load(FIX / (name.rsplit(".", 1)[0] + ".npz"))
+
+
+def _engine_cls():
+    try:
+        from streamgru import Engine
+    except ImportError:
+        pytest.skip("streamgru.Engine is not available yet")
+    return Engine
+
+
+def _oracle_err(model, ref):
+    err = 0.0
+    for b in range(ref["x"].shape[0]):
+        y, _ = oracle.run(model, ref["x"][b])
+        err = max(err, np.abs(y - ref["y"][b]).max())
+        y, _ = oracle.run(model, ref["x"][b], ref["h0"][b])
+        err = max(err, np.abs(y - ref["y_h0"][b]).max())
+    return err
+
+
+# --- conversions against Keras -----------------------------------------------------------------
+
+@pytest.mark.parametrize("name", MODELS)
+def test_oracle_matches_keras_every_step(name):
+    model = from_keras(FIX / name)
+    ref = _ref(name)
+    assert model.input_size == ref["x"].shape[2]
+    assert model.output_size == ref["y"].shape[2]
+    assert model.state_size == ref["h0"].shape[1]
+    assert _oracle_err(model, ref) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", MODELS)
+def test_engine_matches_keras_every_step(name, dtype):
+    Engine = _engine_cls()
+    model = from_keras(FIX / name)
+    ref = _ref(name)
+    x, B, T = ref["x"], ref["x"].shape[0], ref["x"].shape[1]
+    for start, want in (("zero", ref["y"]), ("h0", ref["y_h0"])):
+        eng = Engine(model, dtype=dtype)
+        keys = [f"s{b}" for b in range(B)]
+        for b, key in enumerate(keys):
+            eng.open(key, state=ref["h0"][b] if start == "h0" else None)
+        ys = np.stack([np.asarray(eng.step(keys, x[:, t])) for t in range(T)], axis=1)
+        # Keras ran in float32: both engine dtypes are held to float32 tolerance.
+        np.testing.assert_allclose(ys, want, rtol=0, atol=1e-5, err_msg=f"{start} {dtype}")
+
+
+def test_layer_mapping_reset_after_true():
+    model = from_keras(FIX / "keras_seq_reset_after.keras")
+    kinds = [type(layer) for layer in model.layers]
+    assert kinds == [DenseLayer, GRULayer, GRULayer, DenseLayer]
+    assert model.layers[0].activation[0] == "relu"
+    assert model.layers[3].activation[0] == "softmax"
+    for gru in model.gru_layers:
+        assert gru.linear_before_reset == 1
+        assert gru.f == ("sigmoid", 0.0, 0.0) and gru.g == ("tanh", 0.0, 0.0)
+        assert np.any(gru.Rb != 0)
+    assert model.source == "keras 3.15.1"
+    assert model.dtype == np.float32
+
+
+def test_layer_mapping_reset_after_false():
+    model = from_keras(FIX / "keras_func_reset_before.keras")
+    gru, head = model.layers
+    assert gru.linear_before_reset == 0
+    assert np.all(gru.Rb == 0) and np.any(gru.Wb != 0)
+    assert head.activation[0] == "tanh" and head.out_features == 3
+
+
+def test_hard_sigmoid_keras3_is_x_over_6():
+    model = from_keras(FIX / "keras_legacy_hard_sigmoid.h5")
+    for gru in model.gru_layers:
+        assert gru.f == ("hardsigmoid", pytest.approx(1 / 6), 0.5)
+    assert [g.linear_before_reset for g in model.gru_layers] == [1, 0]
+    assert model.layers[-1].activation == ("elu", 1.0, 0.0)
+
+
+def test_hard_sigmoid_keras2_is_0_2():
+    model = from_keras(FIX / "keras2_legacy_hard_sigmoid.h5")
+    assert model.gru_layers[0].f == ("hardsigmoid", 0.2, 0.5)
+    assert model.source == "keras 2.15.0"
+
+
+def test_hard_sigmoid_follows_the_writer_version(tmp_path):
+    # The same Keras 3 file claiming to come from Keras 2 maps hard_sigmoid to 0.2x+0.5, which
+    # no longer reproduces Keras 3's outputs: the version is really what decides the mapping.
+    dst = tmp_path / "as_keras2.h5"
+    shutil.copy(FIX / "keras_legacy_hard_sigmoid.h5", dst)
+    with h5py.File(dst, "r+") as f:
+        f.attrs["keras_version"] = "2.15.0"
+    model = from_keras(dst)
+    assert model.gru_layers[0].f[1] == 0.2
+    assert _oracle_err(model, _ref("keras_legacy_hard_sigmoid.h5")) > 1e-3
+
+
+def test_hard_sigmoid_without_version_is_refused(tmp_path):
+    dst = tmp_path / "noversion.h5"
+    shutil.copy(FIX / "keras_legacy_hard_sigmoid.h5", dst)
+    with h5py.File(dst, "r+") as f:
+        del f.attrs["keras_version"]
+        del f["model_weights"].attrs["keras_version"]
+    with pytest.raises(UnsupportedModelError,
+                       match=r"layer 'gru_\d+' \(GRU\): recurrent_activation='hard_sigmoid' "
+                             r"means .* does not say which Keras"):
+        from_keras(dst)
+
+
+def test_no_bias_and_relu_candidate():
+    model = from_keras(FIX / "keras_nobias_relu.keras")
+    gru, head = model.layers
+    assert gru.g[0] == "relu"
+    assert not gru.Wb.any() and not gru.Rb.any()
+    assert not head.b.any() and head.activation[0] == "softplus"
+
+
+@pytest.mark.parametrize("dtype", ["float64", np.float64])
+def test_dtype_float64(dtype):
+    model = from_keras(FIX / "keras_seq_reset_after.keras", dtype=dtype)
+    assert model.dtype == np.float64
+    assert _oracle_err(model, _ref("keras_seq_reset_after.keras")) < 1e-5
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="dtype: expected None, 'float32' or 'float64', got int32"):
+        from_keras(FIX / "keras_seq_reset_after.keras", dtype="int32")
+    with pytest.raises(TypeError, match="path: expected a str or os.PathLike, got int"):
+        from_keras(3)
+    with pytest.raises(FileNotFoundError, match="path: expected an existing Keras model file"):
+        from_keras(tmp_path / "missing.keras")
+    txt = tmp_path / "model.txt"
+    txt.write_text("hello")
+    with pytest.raises(ValueError, match="neither a zip archive nor HDF5"):
+        from_keras(txt)
+    weights_only = tmp_path / "w.weights.h5"
+    with h5py.File(weights_only, "w") as f:
+        f.create_dataset("kernel", data=np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="weights-only file has no architecture"):
+        from_keras(weights_only)
+
+
+# --- refusals from real Keras files --------------------------------------------------------------
+
+@pytest.mark.parametrize("name, pattern", [
+    ("keras_bidirectional.keras", r"layer 'bidirectional' \(Bidirectional\): Bidirectional needs "
+                                  r"the whole sequence"),
+    ("keras_lambda.keras", r"layer 'lambda' \(Lambda\): a Lambda layer is Python code.*never "
+                           r"executes"),
+    ("keras_masking.keras", r"layer 'masking' \(Masking\): Masking makes the GRU skip masked"),
+])
+def test_refused_layers(name, pattern):
+    with pytest.raises(UnsupportedModelError, match=pattern):
+        from_keras(FIX / name)
+
+
+# --- refusals and acceptances by editing a real config ------------------------------------------
+
+def _edit_keras(src, dst, edit):
+    """Copy a .keras archive with its config.json passed through ``edit(config)``."""
+    with zipfile.ZipFile(FIX / src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.namelist():
+            data = zin.read(item)
+            if item == "config.json":
+                cfg = json.loads(data)
+                edit(cfg)
+                data = json.dumps(cfg).encode()
+            zout.writestr(item, data)
+    return dst
+
+
+def _edit_h5(src, dst, edit):
+    shutil.copy(FIX / src, dst)
+    with h5py.File(dst, "r+") as f:
+        cfg = json.loads(f.attrs["model_config"])
+        edit(cfg)
+        f.attrs["model_config"] = json.dumps(cfg)
+    return dst
+
+
+def _seq_layer(cfg, class_name, k=0):
+    return [lay for lay in cfg["config"]["layers"] if lay["class_name"] == class_name][k]
+
+
+def _gru_cfg(cfg, k=0):
+    return _seq_layer(cfg, "GRU", k)["config"]
+
+
+def _set(key, value, k=0):
+    def edit(cfg):
+        _gru_cfg(cfg, k)[key] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (_set("go_backwards", True), r"layer 'gru' \(GRU\): go_backwards=True reads the sequence"),
+    (_set("return_state", True), r"layer 'gru' \(GRU\): return_state=True gives the layer two"),
+    (_set("some_future_option", 1), r"layer 'gru' \(GRU\): configuration keys "
+                                    r"\['some_future_option'\] are not implemented"),
+    (_set("activation", "gelu"), r"layer 'gru' \(GRU\): activation='gelu' has no streamgru "
+                                 r"equivalent"),
+    (_set("activation", "softmax"), r"layer 'gru' \(GRU\): activation='softmax' has no"),
+    (_set("recurrent_activation", "selu", 1), r"layer 'gru_1' \(GRU\): "
+                                              r"recurrent_activation='selu' has no"),
+    (_set("activation", {"module": "my_pkg", "class_name": "function", "config": "swoosh",
+                         "registered_name": "swoosh"}),
+     r"layer 'gru' \(GRU\): activation is a custom object"),
+])
+def test_refused_gru_attributes(tmp_path, edit, pattern):
+    path = _edit_keras("keras_seq_reset_after.keras", tmp_path / "m.keras", edit)
+    with pytest.raises(UnsupportedModelError, match=pattern):
+        from_keras(path)
+
+
+def test_reset_after_missing_is_refused(tmp_path):
+    def edit(cfg):
+        del _gru_cfg(cfg)["reset_after"]
+    path = _edit_keras("keras_seq_reset_after.keras", tmp_path / "m.keras", edit)
+    with pytest.raises(UnsupportedModelError, match=r"layer 'gru' \(GRU\): reset_after is not "
+                                                    r"stated.*never guesses"):
+        from_keras(path)
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda c: _seq_layer(c, "Dense")["config"].update(activation="mish"),
+     r"layer 'dense' \(Dense\): activation='mish' has no streamgru equivalent"),
+    (lambda c: _seq_layer(c, "Dense")["config"].update(quantization_config={"mode": "int8"}),
+     r"layer 'dense' \(Dense\): a quantized Dense layer"),
+    (lambda c: _seq_layer(c, "Dense")["config"].update(lora_rank=4),
+     r"layer 'dense' \(Dense\): a LoRA Dense layer"),
+    (lambda c: _seq_layer(c, "Dense").update(module="my_pkg.layers",
+                                             registered_name="my_pkg>Dense"),
+     r"layer 'dense' \(Dense\): a custom class \(module 'my_pkg.layers'"),
+    (lambda c: _seq_layer(c, "Dense").update(class_name="LSTM"),
+     r"layer 'dense' \(LSTM\): unsupported layer class 'LSTM'"),
+    (lambda c: c["config"]["layers"].insert(1, {"module": "keras", "class_name": "Sequential",
+                                                "config": {"name": "inner", "layers": []}}),
+     r"layer 'inner' \(Sequential\): a nested model"),
+    (lambda c: c.update(class_name="MyModel", module="my_pkg"),
+     r"model: a custom class|model: expected a Sequential"),
+])
+def test_refused_layers_by_config(tmp_path, edit, pattern):
+    path = _edit_keras("keras_seq_reset_after.keras", tmp_path / "m.keras", edit)
+    with pytest.raises(UnsupportedModelError, match=pattern):
+        from_keras(path)
+
+
+def test_subclassed_model_is_refused(tmp_path):
+    path = _edit_keras("keras_seq_reset_after.keras", tmp_path / "m.keras",
+                       lambda c: c.update(class_name="MyModel"))
+    with pytest.raises(UnsupportedModelError, match="model: expected a Sequential or functional "
+                                                    "Model, got class 'MyModel'"):
+        from_keras(path)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("stateful", True), ("dropout", 0.5), ("recurrent_dropout", 0.3), ("unroll", True),
+    ("return_sequences", False),
+])
+def test_accepted_gru_attributes_change_nothing(tmp_path, key, value):
+    base = from_keras(FIX / "keras_seq_reset_after.keras")
+    path = _edit_keras("keras_seq_reset_after.keras", tmp_path / "m.keras", _set(key, value, 1))
+    assert from_keras(path).fingerprint == base.fingerprint
+
+
+def test_dropout_layer_is_identity(tmp_path):
+    base = from_keras(FIX / "keras_seq_reset_after.keras")
+
+    def edit(cfg):
+        cfg["config"]["layers"].insert(3, {"module": "keras.layers", "class_name": "Dropout",
+                                           "config": {"name": "drop", "rate": 0.5, "seed": None,
+                                                      "noise_shape": None, "trainable": True,
+                                                      "dtype": "float32"}})
+    path = _edit_keras("keras_seq_reset_after.keras", tmp_path / "m.keras", edit)
+    assert from_keras(path).fingerprint == base.fingerprint
+
+
+def test_activation_layer_folds_into_linear_dense(tmp_path):
+    # Legacy model: TimeDistributed(Dense(2)) is linear, so a following Activation folds into it.
+    def edit(cfg):
+        cfg["config"]["layers"].insert(4, {"class_name": "Activation", "config": {
+            "name": "act", "trainable": True, "dtype": "float32", "activation": "relu"}})
+    base = from_keras(FIX / "keras_legacy_hard_sigmoid.h5")
+    model = from_keras(_edit_h5("keras_legacy_hard_sigmoid.h5", tmp_path / "m.h5", edit))
+    assert len(model.layers) == len(base.layers)
+    assert base.layers[2].activation[0] == "identity"
+    assert model.layers[2].activation[0] == "relu"
+    np.testing.assert_array_equal(model.layers[2].W, base.layers[2].W)
+
+
+def test_activation_layer_after_gru_adds_identity_dense(tmp_path):
+    def edit(cfg):
+        cfg["config"]["layers"].insert(3, {"module": "keras.layers", "class_name": "Activation",
+                                           "config": {"name": "act", "activation": "tanh"}})
+    base = from_keras(FIX / "keras_seq_reset_after.keras")
+    model = from_keras(_edit_keras("keras_seq_reset_after.keras", tmp_path / "m.keras", edit))
+    # config index 3 is after the first GRU (index 0 is the InputLayer)
+    extra = model.layers[2]
+    assert len(model.layers) == len(base.layers) + 1
+    assert isinstance(extra, DenseLayer) and extra.activation[0] == "tanh"
+    np.testing.assert_array_equal(extra.W, np.eye(8))
+    x = _ref("keras_seq_reset_after.keras")["x"][0]
+    # The extra layer is tanh applied to the first GRU's output, checked with the oracle.
+    h1 = oracle.run(type(base)(base.layers[:2]), x)[0]
+    np.testing.assert_allclose(oracle.run(type(model)(model.layers[:3]), x)[0], np.tanh(h1),
+                               rtol=0, atol=1e-12)
+
+
+# --- functional graphs ---------------------------------------------------------------------------
+
+def _func_layer(cfg, name):
+    return [lay for lay in cfg["config"]["layers"] if lay["name"] == name][0]
+
+
+def test_functional_branch_is_refused(tmp_path):
+    def edit(cfg):
+        node = _func_layer(cfg, "head")["inbound_nodes"][0]
+        node["args"][0]["config"]["keras_history"] = ["signal", 0, 0]
+    path = _edit_keras("keras_func_reset_before.keras", tmp_path / "m.keras", edit)
+    with pytest.raises(UnsupportedModelError,
+                       match=r"layer 'signal': expected one consumer \(a plain chain\), got "
+                             r"\['encoder', 'head'\]"):
+        from_keras(path)
+
+
+def test_functional_extra_call_argument_is_refused(tmp_path):
+    def edit(cfg):
+        _func_layer(cfg, "encoder")["inbound_nodes"][0]["kwargs"]["initial_state"] = [1]
+    path = _edit_keras("keras_func_reset_before.keras", tmp_path / "m.keras", edit)
+    with pytest.raises(UnsupportedModelError,
+                       match=r"layer 'encoder' \(GRU\): expected a plain call layer\(x\), got "
+                             r"extra call arguments \['initial_state'\]"):
+        from_keras(path)
+
+
+def test_functional_two_outputs_is_refused(tmp_path):
+    def edit(cfg):
+        cfg["config"]["output_layers"] = [["encoder", 0, 0], ["head", 0, 0]]
+    path = _edit_keras("keras_func_reset_before.keras", tmp_path / "m.keras", edit)
+    with pytest.raises(UnsupportedModelError, match="model: expected one input and one output"):
+        from_keras(path)
+
+
+def test_functional_renamed_layers_still_find_their_weights():
+    # The functional fixture names its layers "encoder"/"head", not the storage keys "gru" /
+    # "time_distributed": the weights are still found (and the shapes check it).
+    model = from_keras(FIX / "keras_func_reset_before.keras")
+    assert model.layers[0].hidden_size == 7
+
+
+def test_legacy_weight_shape_mismatch(tmp_path):
+    dst = tmp_path / "bad.h5"
+    shutil.copy(FIX / "keras2_legacy_hard_sigmoid.h5", dst)
+    with h5py.File(dst, "r+") as f:
+        g = f["model_weights/gru"]
+        del g["gru/gru_cell/bias:0"]
+        g.create_dataset("gru/gru_cell/bias:0", data=np.zeros(15, np.float32))
+    with pytest.raises(ValueError, match=r"layer 'gru' \(GRU\): expected bias of shape \(2, 15\) "
+                                         r"\(reset_after=True\), got \(15,\)"):
+        from_keras(dst)
