@@ -7,6 +7,7 @@ Only this package imports torch / onnx / h5py, and only inside the functions tha
 * :func:`from_onnx` -- ``GRU`` nodes from torch's exporters and tf2onnx
 * :func:`from_keras` -- ``.keras`` and legacy ``.h5`` (h5py only, no TensorFlow)
 * :func:`from_rtneural` -- RTNeural's JSON
+* :func:`verify` -- run the source framework and the engine side by side, compare step by step
 """
 
 # Importing the functions (not only the modules) keeps `converters.from_torch` the function:
@@ -15,5 +16,6 @@ from .from_keras import from_keras
 from .from_onnx import from_onnx
 from .from_rtneural import from_rtneural
 from .from_torch import from_torch
+from .verify import VerifyReport, verify
 
-__all__ = ["from_torch", "from_onnx", "from_keras", "from_rtneural"]
+__all__ = ["from_torch", "from_onnx", "from_keras", "from_rtneural", "verify", "VerifyReport"]

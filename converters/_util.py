@@ -13,6 +13,6 @@ def require(module: str, extra: str):
         return importlib.import_module(module)
     except ImportError as exc:
         raise ImportError(
-            f"{module} is needed for this converter but is not installed; "
+            f"{module} is needed to read or check this model but is not installed; "
             f"install it with: pip install 'streamgru[{extra}]'"
         ) from exc

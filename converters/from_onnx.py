@@ -208,11 +208,22 @@ def _load_external(model, base):
             raise UnsupportedModelError(
                 f"tensor {t.name!r}: expected an external data file inside {base!r}, got {loc!r}"
             )
-        offset = int(info.get("offset", 0) or 0)
-        length = info.get("length")
+        size = os.path.getsize(full)
+        try:
+            offset = int(info.get("offset", 0) or 0)
+            length = None if info.get("length") is None else int(info["length"])
+        except ValueError:
+            offset = length = -1
+        # Checked against the file's real size before reading: a crafted length must not make
+        # us allocate it.
+        if offset < 0 or (length is not None and (length < 0 or offset + length > size)):
+            raise UnsupportedModelError(
+                f"tensor {t.name!r}: expected external data within {loc!r} ({size} bytes), got "
+                f"offset {info.get('offset')!r} and length {info.get('length')!r}"
+            )
         with open(full, "rb") as fh:
             fh.seek(offset)
-            data = fh.read() if length is None else fh.read(int(length))
+            data = fh.read() if length is None else fh.read(length)
         if length is not None and len(data) != int(length):
             raise UnsupportedModelError(
                 f"tensor {t.name!r}: expected {length} bytes of external data in {loc!r}, "
@@ -793,6 +804,7 @@ class _Graph:
                 f"(other outputs may only re-expose hidden states), got {main or 'none'} "
                 f"among {self.outputs}")
         start, path = self.path_to(main[0])
+        self.main, self.start, self.chain_grus = main[0], start, []
         shape = self.static_shape(start)
         if shape is None or len(shape) < 1:
             raise UnsupportedModelError(f"graph input {start!r}: expected a known rank")
@@ -856,6 +868,7 @@ class _Graph:
             raise UnsupportedModelError(f"{where}: X: expected {layer.input_size} features, "
                                         f"got {desc.width}")
         layers.append(layer)
+        self.chain_grus.append((n, layout, layer.hidden_size))
         outs = list(n.output) + ["", ""]
         H = layer.hidden_size
         if out == outs[0]:
@@ -1152,6 +1165,39 @@ class _Graph:
                 f"{where}: the constant of shape {c.shape} does not broadcast along the "
                 f"{width} features only")
         return np.broadcast_to(squeezed, (width,)).astype(c.dtype)
+
+
+def _io_signature(model):
+    """How to run a convertible graph as a reference (for ``converters.verify``).
+
+    Returns a dict: ``input`` (the data input's name), ``time_axis`` and ``batch_axis`` of that
+    input, ``output`` (the main output's name), ``out_time_axis`` (None when the graph returns only
+    the last step), ``out_batch_axis``, ``grus`` [(node, layout, hidden_size)] in chain order
+    and ``other_inputs`` (names of the remaining graph inputs: per-stream states).
+    """
+    g = _Graph(model)
+    g.convert(None)
+    in_axes = g.value_desc[g.start].axes
+    if len(in_axes) != 2 or not isinstance(g.time, str):
+        raise UnsupportedModelError(
+            f"graph input {g.start!r}: expected (time, batch, features) in some order, got axes "
+            f"{in_axes}; a graph that takes one step per call cannot be run as a sequence")
+    batch = next(a for a in in_axes if a != g.time)
+    out = g.value_desc[g.main]
+    out_axes = list(out.axes)
+    if batch not in out_axes or (not out.last_only and g.time not in out_axes):
+        raise UnsupportedModelError(f"graph output {g.main!r}: expected time and batch axes, got "
+                                    f"{tuple(out_axes)}")
+    return {
+        "input": g.start,
+        "time_axis": in_axes.index(g.time),
+        "batch_axis": in_axes.index(batch),
+        "output": g.main,
+        "out_time_axis": None if out.last_only else out_axes.index(g.time),
+        "out_batch_axis": out_axes.index(batch),
+        "grus": list(g.chain_grus),
+        "other_inputs": [i.name for i in g.inputs if i.name != g.start],
+    }
 
 
 def _cast_layer(layer, dtype):

@@ -123,6 +123,11 @@ def from_torch(obj, *, layers=None, dtype=None) -> GRUModel:
     ['gru', 'dense']
     """
     target = _target_dtype(dtype)
+    return _build(_ordered_units(obj, layers), target)
+
+
+def _ordered_units(obj, layers):
+    """The source's GRU/GRUCell/Linear units in execution order (shared with converters.verify)."""
     keyed = True
     if layers is not None:
         if isinstance(layers, str) or not all(isinstance(n, str) for n in layers):
@@ -167,7 +172,7 @@ def from_torch(obj, *, layers=None, dtype=None) -> GRUModel:
         ordered = _order_by_names(layers, blocks, units)
     else:
         ordered = _order_by_shape(blocks, "obj", keyed=keyed)
-    return _build(ordered, target)
+    return ordered
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,14 +219,23 @@ def _load_file(path):
             )
         return _to_arrays(loaded, "state_dict")
     if ext == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
+        from streamgru.errors import FormatError
+
         try:
+            # safetensors checks the header (size, shapes, offsets within the file) before it
+            # allocates anything: a header claiming absurd sizes is refused here.
             loaded = load_file(name)
         except TypeError as exc:  # e.g. bfloat16, which numpy does not have
             raise TypeError(
                 f"path: expected float32/float64/float16 tensors in {name!r}, got {exc}; "
                 f"re-save them as float32"
+            ) from None
+        except SafetensorError as exc:
+            raise FormatError(
+                f"path: expected a valid safetensors file, got {name!r} that is not one ({exc})"
             ) from None
         return _to_arrays(loaded, "state_dict")
     if ext == ".json":

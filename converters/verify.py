@@ -1,0 +1,632 @@
+"""Check a converted model against its source, step by step: ``converters.verify(model, source)``.
+
+What is run as the reference depends on the source:
+
+=========================================  ===================================================
+source                                     reference
+=========================================  ===================================================
+``.onnx`` file or ``onnx.ModelProto``      onnxruntime runs the graph over the whole sequence
+                                           (float32: onnxruntime has no float64 GRU kernel)
+``nn.GRU`` / ``nn.GRUCell``                the module itself, in torch
+other ``nn.Module``                        torch ``nn.GRU``/``nn.GRUCell``/``nn.Linear`` (+ the
+                                           Sequential's activation modules) rebuilt from its
+                                           state_dict in the converter's layer order, and the
+                                           module's own ``forward(x)`` from a zero state when it
+                                           takes one argument
+state_dict, ``.pt``/``.pth``,              the rebuilt torch stack (a state_dict records no
+``.safetensors`` state_dict, ``.json``     activations: its Linear layers run without one)
+state_dict
+``.keras``, ``.h5``, RTNeural ``.json``,   **no framework at run time**: a consistency check,
+native ``.sgru``                           the engine on ``model`` against the engine in float64
+                                           on the model converted afresh from the file; it
+                                           catches a model that is not the file's, not a wrong
+                                           conversion
+=========================================  ===================================================
+
+Inputs are seeded random normals for ``streams`` streams over ``steps`` steps; every stream starts
+from a random nonzero state, fed to the reference as its initial hidden state (a torch ``h_0``,
+an ONNX graph's state input) wherever the source takes one. The engine steps the streams in a
+shuffled, interleaved order, one step per call, and every step's output is compared.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from streamgru.model import GRUModel
+
+from ._util import require
+
+__all__ = ["verify", "VerifyReport"]
+
+# Default tolerances on max |engine - reference|. A float32 reference (onnxruntime, torch float32)
+# sums in another order than the engine: ~1e-6 per step for unit-scale models, grown over the
+# steps and layers; any mapping error (gate order, bias, linear_before_reset) is ~1e-2 or more.
+_TOL = {"float32": 1e-4, "float64": 1e-9}
+
+
+@dataclass
+class VerifyReport:
+    """The outcome of :func:`verify`.
+
+    Attributes
+    ----------
+    ok : bool
+        ``max_abs_diff <= tolerance`` and the shapes agree.
+    max_abs_diff : float
+        Largest absolute difference between engine and reference outputs over every stream and
+        step (``inf`` when the model and the source do not even agree on sizes).
+    tolerance : float
+    reference : str
+        What was run as the reference.
+    framework_check : bool
+        False for a consistency check (no framework at run time: Keras, RTNeural, native files).
+    source, dtype, streams, steps, seed, initial_state : describing the run.
+    notes : list of str
+        Anything the reader should know (mismatched sizes, what was not compared).
+    """
+
+    ok: bool
+    max_abs_diff: float
+    tolerance: float
+    reference: str
+    framework_check: bool
+    source: str
+    dtype: str
+    streams: int
+    steps: int
+    seed: int
+    initial_state: str
+    notes: list = field(default_factory=list)
+
+    def __str__(self):
+        verdict = "OK" if self.ok else "FAILED"
+        rel = "<=" if self.max_abs_diff <= self.tolerance else ">"
+        kind = "framework check" if self.framework_check else \
+            "CONSISTENCY CHECK ONLY (no framework at run time)"
+        lines = [
+            f"verify {verdict}: max |engine - reference| = {self.max_abs_diff:.3g} {rel} "
+            f"tolerance {self.tolerance:.3g}  [{kind}]",
+            f"  source:        {self.source}",
+            f"  reference:     {self.reference}",
+            f"  engine:        streamgru.Engine(dtype={self.dtype!r}), {self.streams} interleaved "
+            f"streams x {self.steps} steps, seed {self.seed}",
+            f"  initial state: {self.initial_state}",
+        ]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def verify(model, source, *, streams=4, steps=20, seed=0, dtype="float32", tolerance=None,
+           **options) -> VerifyReport:
+    """Run ``model`` in the engine and ``source`` in its framework on the same input; compare.
+
+    Parameters
+    ----------
+    model : GRUModel
+        The converted model.
+    source : str, os.PathLike, nn.Module, state_dict mapping, onnx.ModelProto or RTNeural dict
+        What it was converted from (see the module docstring for what runs as the reference).
+    streams, steps : int
+        Number of streams stepped side by side and of steps. An ONNX graph exported with a fixed
+        batch or sequence length overrides them with its own.
+    seed : int
+        Seeds the inputs, the initial states and the interleaving order.
+    dtype : {"float32", "float64"}
+        The engine's dtype; torch references run in it too.
+    tolerance : float, optional
+        Largest accepted ``max_abs_diff``; default 1e-4 against a float32 reference, 1e-9 when
+        engine and reference both run in float64.
+    **options
+        Passed to the converter that reads the source's structure, e.g. ``layers=[...]`` for a
+        torch source whose layer order needs it. ``node=`` is refused: one GRU node taken out of
+        a larger ONNX graph has no runnable reference.
+
+    Returns
+    -------
+    VerifyReport
+        ``report.ok``, ``report.max_abs_diff``; ``print(report)`` for a readable summary.
+
+    Raises
+    ------
+    ImportError
+        The framework needed to run the source is missing; the message names the extra.
+
+    Examples
+    --------
+    >>> import torch, converters
+    >>> _ = torch.manual_seed(0)
+    >>> gru = torch.nn.GRU(3, 8, num_layers=2)
+    >>> report = converters.verify(converters.from_torch(gru), gru, steps=5)
+    >>> report.ok, report.max_abs_diff < 1e-4
+    (True, True)
+    """
+    if not isinstance(model, GRUModel):
+        raise TypeError(f"model: expected a GRUModel, got {type(model).__name__}")
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype: expected 'float32' or 'float64', got {dtype!r}")
+    for name, v in (("streams", streams), ("steps", steps)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    if tolerance is not None:
+        tolerance = float(tolerance)
+        if not tolerance >= 0:
+            raise ValueError(f"tolerance: expected a non-negative float, got {tolerance!r}")
+    if "node" in options:
+        raise TypeError("node: verify runs the whole ONNX graph; a single node taken out of a "
+                        "larger graph has no reference to compare with")
+    run = _Run(model, int(streams), int(steps), int(seed), dtype)
+    kind = _kind(source)
+    if kind == "onnx":
+        res = _onnx(run, source)
+    elif kind == "torch-module":
+        res = _torch_module(run, source, options)
+    elif kind == "torch-state":
+        res = _torch_state(run, source, options)
+    else:
+        res = _consistency(run, source, kind, options)
+    default = _TOL["float64"] if (dtype == "float64" and res.ref_dtype == "float64") \
+        else _TOL["float32"]
+    tol = default if tolerance is None else tolerance
+    diff = max(res.diffs) if res.diffs else float("inf")
+    notes = list(res.notes)
+    if len(res.diffs) > 1:
+        notes.append("max |difference| per comparison: " + ", ".join(
+            f"{label} {d:.3g}" for label, d in zip(res.labels, res.diffs, strict=True)))
+    if not res.diffs and not notes:
+        notes = ["nothing was compared"]
+    return VerifyReport(
+        ok=bool(res.diffs) and res.shapes_ok and diff <= tol, max_abs_diff=float(diff),
+        tolerance=tol, reference=res.reference, framework_check=res.framework,
+        source=_describe(source, kind), dtype=dtype, streams=run.B, steps=run.T, seed=run.seed,
+        initial_state=res.initial_state, notes=notes,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# what the source is
+
+
+def _kind(source):
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"source: expected an existing file, got {path!r}")
+        ext = os.path.splitext(path)[1].lower()
+        if ext == ".onnx":
+            return "onnx"
+        if ext in (".pt", ".pth"):
+            return "torch-state"
+        if ext == ".safetensors":
+            from streamgru.formats import _is_native
+
+            return "native" if _is_native(path) else "torch-state"
+        if ext == ".sgru":
+            return "native"
+        if ext in (".keras", ".h5"):
+            return "keras"
+        if ext == ".json":
+            from .from_rtneural import is_rtneural_json
+
+            with open(path, encoding="utf-8") as fh:
+                doc = json.load(fh)
+            return "rtneural" if is_rtneural_json(doc) else "torch-state"
+        raise ValueError(f"source: expected a .onnx, .pt, .pth, .safetensors, .sgru, .keras, .h5 "
+                         f"or .json file, got {path!r}")
+    mod = type(source).__module__
+    if mod.startswith("onnx") and type(source).__name__ == "ModelProto":
+        return "onnx"
+    if any(c.__name__ == "Module" and c.__module__.startswith("torch.nn")
+           for c in type(source).__mro__):
+        return "torch-module"
+    if isinstance(source, Mapping):
+        from .from_rtneural import is_rtneural_json
+
+        return "rtneural" if is_rtneural_json(source) else "torch-state"
+    raise TypeError(f"source: expected a model file path, an nn.Module, a state_dict, an "
+                    f"onnx.ModelProto or an RTNeural dict, got {type(source).__name__}")
+
+
+def _describe(source, kind):
+    if isinstance(source, (str, os.PathLike)):
+        return f"{os.fspath(source)} ({kind})"
+    return f"{type(source).__name__} object ({kind})"
+
+
+# --------------------------------------------------------------------------------------------
+# the engine side
+
+
+class _Run:
+    """Seeded inputs and states, and the engine's outputs for them."""
+
+    def __init__(self, model, B, T, seed, dtype):
+        self.model, self.B, self.T, self.seed, self.dtype = model, B, T, seed, dtype
+        self.resize(B, T)
+
+    def resize(self, B, T):
+        self.B, self.T = B, T
+        rng = np.random.default_rng(self.seed)
+        self.xs = rng.normal(size=(B, T, self.model.input_size))  # (B, T, I) float64
+        self.states = rng.uniform(-0.8, 0.8, size=(B, self.model.state_size))  # (B, S)
+
+    def engine(self, states, dtype=None, model=None):
+        """Outputs (B, T, O) float64 of the engine stepping every stream from ``states``."""
+        from streamgru.engine import Engine
+
+        model = self.model if model is None else model
+        dt = dtype or self.dtype
+        eng = Engine(model, dtype=dt)
+        keys = [f"stream-{b}" for b in range(self.B)]
+        for b, k in enumerate(keys):
+            eng.open(k, state=np.asarray(states[b], dt))
+        rng = np.random.default_rng(self.seed + 1)
+        ys = np.zeros((self.B, self.T, model.output_size))
+        xs = self.xs.astype(dt)
+        for t in range(self.T):
+            # Shuffled and split in two calls: the streams interleave in every possible way.
+            for group in np.array_split(rng.permutation(self.B), 2):
+                if len(group):
+                    ys[group, t] = eng.step([keys[b] for b in group], xs[group, t])
+        return ys
+
+
+class _Result:
+    def __init__(self, reference, framework, ref_dtype, initial_state):
+        self.reference, self.framework, self.ref_dtype = reference, framework, ref_dtype
+        self.initial_state = initial_state
+        self.diffs, self.labels, self.notes, self.shapes_ok = [], [], [], True
+
+    def compare(self, ys, ref, what=""):
+        if ys.shape != ref.shape:
+            self.shapes_ok = False
+            self.notes.append(f"{what}output shapes differ: engine {ys.shape}, reference "
+                              f"{ref.shape}")
+            return
+        self.diffs.append(float(np.max(np.abs(ys - ref))) if ys.size else 0.0)
+        self.labels.append(what.rstrip(": ") or "engine vs reference")
+
+    def mismatch(self, text):
+        self.shapes_ok = False
+        self.notes.append(text)
+        return self
+
+
+def _sizes_mismatch(res, model, input_size, output_size, state_size, what):
+    """Record a size disagreement between the model and the source; True if there is one."""
+    bad = []
+    for name, a, b in (("input_size", model.input_size, input_size),
+                       ("output_size", model.output_size, output_size),
+                       ("state_size", model.state_size, state_size)):
+        if b is not None and a != b:
+            bad.append(f"{name} {a} vs {b}")
+    if bad:
+        res.mismatch(f"the model is not this {what}: " + ", ".join(bad))
+    return bool(bad)
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX: onnxruntime
+
+
+def _onnx(run, source):
+    onnx = require("onnx", "onnx")
+    ort = require("onnxruntime", "onnx")
+    from onnx import helper
+
+    from .from_onnx import _io_signature
+
+    proto = source if isinstance(source, onnx.ModelProto) else onnx.load(os.fspath(source))
+    sig = _io_signature(proto)
+    res = _Result(f"onnxruntime {ort.__version__} running the ONNX graph over the whole sequence "
+                  f"(float32)", True, "float32", "not run")
+    inputs = {i.name: i for i in proto.graph.input}
+    dims = inputs[sig["input"]].type.tensor_type.shape.dim
+
+    def static(d):
+        return int(d.dim_value) if d.HasField("dim_value") else None
+
+    # A graph exported without dynamic axes runs only its own batch and sequence length.
+    B = static(dims[sig["batch_axis"]]) or run.B
+    T = static(dims[sig["time_axis"]]) or run.T
+    if (B, T) != (run.B, run.T):
+        res.notes.append(f"the graph has a fixed batch and/or sequence length: ran {B} streams x "
+                         f"{T} steps")
+        run.resize(B, T)
+    sizes = [H for _, _, H in sig["grus"]]
+    if _sizes_mismatch(res, run.model, static(dims[-1]), None, sum(sizes), "graph"):
+        return res
+
+    def np_type(name):
+        return helper.tensor_dtype_to_np_dtype(inputs[name].type.tensor_type.elem_type)
+
+    def feed(x_bti, states):
+        # x (B, T, I) -> the graph's order of time and batch, features last.
+        perm = [1 if p == sig["time_axis"] else 0 for p in range(2)] + [2]
+        out = {sig["input"]: np.ascontiguousarray(x_bti.transpose(perm), np_type(sig["input"]))}
+        out.update({k: v.astype(np_type(k)) for k, v in states.items()})
+        return out
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+
+    def session(p):
+        return ort.InferenceSession(p.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+    # Which element of which state input becomes which GRU's initial_h[b, j]: feed the state
+    # inputs their element numbers (+1) and read initial_h back. Exact: the converter accepts
+    # only value-preserving plumbing between a graph input and initial_h.
+    others = sig["other_inputs"]
+    shapes = {k: [static(d) or B for d in inputs[k].type.tensor_type.shape.dim] for k in others}
+    probe, owner, start = {}, {}, 1
+    for k in others:
+        size = int(np.prod(shapes[k]))
+        probe[k] = np.arange(start, start + size, dtype=np.float64).reshape(shapes[k])
+        owner[k] = start
+        start += size
+    h0 = [(list(n.input) + [""] * 6)[5] for n, _, _ in sig["grus"]]
+    inner = list(dict.fromkeys(h for h in h0 if h and h not in inputs))
+    got = {}
+    if others and inner:
+        p = copy.deepcopy(proto)
+        del p.graph.output[:]
+        p.graph.output.extend(helper.make_empty_tensor_value_info(h) for h in inner)
+        got = dict(zip(inner, session(p).run(None, feed(run.xs, probe)), strict=True))
+    targets = {}  # probe id -> (stream, state column)
+    one_to_one = True
+    offs = np.cumsum([0] + sizes)
+    for k, ((_, layout, H), h) in enumerate(zip(sig["grus"], h0, strict=True)):
+        if not h or not others:
+            continue
+        v = np.asarray(probe[h] if h in inputs else got[h], np.float64)
+        ids = np.rint(v[0] if layout == 0 else v[:, 0]).astype(np.int64)  # (B, H)
+        for b in range(B):
+            for j in range(H):
+                if ids[b, j]:
+                    one_to_one &= int(ids[b, j]) not in targets
+                    targets[int(ids[b, j])] = (b, offs[k] + j)
+    states = np.zeros_like(run.states)
+    feeds = {k: np.zeros(shapes[k]) for k in others}
+    if targets and one_to_one:
+        for pid, (b, col) in targets.items():
+            k = max((k for k in others if owner[k] <= pid), key=lambda k: owner[k])
+            feeds[k].reshape(-1)[pid - owner[k]] = states[b, col] = run.states[b, col]
+        res.initial_state = f"random nonzero, fed through graph input(s) {others}"
+        if not np.array_equal(states, run.states):
+            res.initial_state += " (the layers the graph gives no state input start at zero)"
+    elif others:
+        res.initial_state = (f"zeros: the graph's inputs {others} could not be mapped one-to-one "
+                             f"onto the GRUs' initial_h")
+    else:
+        res.initial_state = "zeros (the graph takes no initial state)"
+    sess = session(proto)
+
+    def outputs(x_bti):
+        y = np.asarray(sess.run([sig["output"]], feed(x_bti, feeds))[0], np.float64)
+        # Back to (B, T, O), or (B, O) for a graph returning the last step only.
+        lead = [sig["out_batch_axis"]]
+        if sig["out_time_axis"] is not None:
+            lead.append(sig["out_time_axis"])
+        rest = [a for a in range(y.ndim - 1) if a not in lead]
+        return y.transpose(lead + rest + [y.ndim - 1]).reshape([y.shape[a] for a in lead] + [-1])
+
+    ys = run.engine(states)
+    if sig["out_time_axis"] is not None:
+        res.compare(ys, outputs(run.xs))
+    elif static(dims[sig["time_axis"]]) is None:
+        # One output per sequence: the engine's output at step t is the graph's for x[:, :t+1].
+        res.compare(ys, np.stack([outputs(run.xs[:, :t + 1]) for t in range(T)], axis=1))
+        res.notes.append("the graph returns the last step only: ran it on every prefix of the "
+                         "sequence")
+    else:
+        res.compare(ys[:, -1], outputs(run.xs))
+        res.notes.append("the graph returns the last step only and has a fixed sequence length: "
+                         "compared the final step")
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# torch
+
+
+def _torch_module(run, module, options):
+    torch = require("torch", "torch")
+    nn = torch.nn
+    tdt = torch.float64 if run.dtype == "float64" else torch.float32
+    if isinstance(module, (nn.GRU, nn.GRUCell)):
+        m = copy.deepcopy(module).to(tdt).eval()
+        res = _Result(f"torch {torch.__version__} {type(module).__name__} (the module itself, "
+                      f"{run.dtype})", True, run.dtype, "random nonzero, as h_0")
+        if isinstance(module, nn.GRU):
+            L, H = module.num_layers, module.hidden_size
+            if _sizes_mismatch(res, run.model, module.input_size, H, L * H, "module"):
+                return res
+            x = torch.tensor(run.xs, dtype=tdt)  # (B, T, I)
+            if not module.batch_first:
+                x = x.transpose(0, 1)
+            h0 = torch.tensor(run.states.reshape(run.B, L, H).transpose(1, 0, 2), dtype=tdt)
+            with torch.no_grad():
+                y, _ = m(x, h0)
+            if not module.batch_first:
+                y = y.transpose(0, 1)
+            ref = y.numpy().astype(np.float64)
+        else:
+            if _sizes_mismatch(res, run.model, module.input_size, module.hidden_size,
+                               module.hidden_size, "module"):
+                return res
+            h = torch.tensor(run.states, dtype=tdt)
+            outs = []
+            with torch.no_grad():
+                for t in range(run.T):
+                    h = m(torch.tensor(run.xs[:, t], dtype=tdt), h)
+                    outs.append(h.numpy().astype(np.float64))
+            ref = np.stack(outs, axis=1)
+        res.compare(run.engine(run.states), ref)
+        return res
+    from .from_torch import _ordered_units
+
+    units = _ordered_units(module, options.get("layers"))
+    res = _stack(run, units, torch, module=module,
+                 label=f"torch {torch.__version__} GRU/Linear stack rebuilt from the module's "
+                       f"state_dict in the converter's order, with the Sequential's activation "
+                       f"modules ({run.dtype})")
+    if res.shapes_ok:
+        _module_forward(run, module, res, torch, tdt)
+    return res
+
+
+def _torch_state(run, source, options):
+    torch = require("torch", "torch")
+    from .from_torch import _ordered_units
+
+    units = _ordered_units(source, options.get("layers"))
+    return _stack(run, units, torch, module=None,
+                  label=f"torch {torch.__version__} GRU/Linear stack rebuilt from the state_dict "
+                        f"in the converter's order ({run.dtype}); a state_dict records no "
+                        f"activations, so its Linear layers run without one")
+
+
+def _stack(run, units, torch, *, module, label):
+    """Run the units as torch modules, time-major, from the states; compare with the engine."""
+    nn = torch.nn
+    tdt = torch.float64 if run.dtype == "float64" else torch.float32
+    res = _Result(label, True, run.dtype, "random nonzero, as each GRU's h_0")
+    sizes = []
+    for u in units:
+        if u.kind != "linear":
+            sizes += [layer["weight_hh"][1].shape[1] for layer in u.layers]
+    if _sizes_mismatch(res, run.model, units[0].input_size, units[-1].output_size, sum(sizes),
+                       "source"):
+        return res
+
+    def t(a):
+        return torch.tensor(np.asarray(a), dtype=tdt)
+
+    x = t(run.xs).transpose(0, 1)  # (T, B, I)
+    off = 0
+    with torch.no_grad():
+        for u in units:
+            if u.kind == "linear":
+                w = u.linear["weight"][1]
+                lin = nn.Linear(w.shape[1], w.shape[0], bias="bias" in u.linear).to(tdt)
+                lin.weight.copy_(t(w))
+                if "bias" in u.linear:
+                    lin.bias.copy_(t(u.linear["bias"][1]))
+                x = lin(x)
+                if u.activation_from is not None and module is not None:
+                    x = module.get_submodule(u.activation_from)(x)
+                continue
+            I, L = u.input_size, len(u.layers)
+            H = u.layers[0]["weight_hh"][1].shape[1]
+            bias = "bias_ih" in u.layers[0]
+            h0 = run.states[:, off:off + L * H].reshape(run.B, L, H).transpose(1, 0, 2)
+            off += L * H
+            if u.kind == "cell":
+                cell = nn.GRUCell(I, H, bias=bias).to(tdt)
+                roles = u.layers[0]
+                for role, (_, arr) in roles.items():
+                    getattr(cell, role).copy_(t(arr))
+                h, outs = t(h0[0]), []
+                for step in range(x.shape[0]):
+                    h = cell(x[step], h)
+                    outs.append(h)
+                x = torch.stack(outs)
+                continue
+            gru = nn.GRU(I, H, num_layers=L, bias=bias).to(tdt)
+            for k, roles in enumerate(u.layers):
+                for role, (_, arr) in roles.items():
+                    getattr(gru, f"{role}_l{k}").copy_(t(arr))
+            x, _ = gru(x, t(h0))
+    res.compare(run.engine(run.states), x.transpose(0, 1).numpy().astype(np.float64),
+                "rebuilt torch stack: ")
+    return res
+
+
+def _module_forward(run, module, res, torch, tdt):
+    """Also run the module's own forward(x), from zeros, when that is possible."""
+    nn = torch.nn
+    grus = [m for m in module.modules() if isinstance(m, nn.GRU)]
+    try:
+        params = [p for p in inspect.signature(module.forward).parameters.values()
+                  if p.default is inspect.Parameter.empty
+                  and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = None
+    if not grus or params is None or len(params) != 1:
+        res.notes.append("the module's own forward() was not run (it does not take a single "
+                         "(batch, time, features) tensor); the rebuilt stack is the reference")
+        return
+    batch_first = grus[0].batch_first
+    m = copy.deepcopy(module).to(tdt).eval()
+    x = torch.tensor(run.xs, dtype=tdt)
+    if not batch_first:
+        x = x.transpose(0, 1)
+    try:
+        with torch.no_grad():
+            y = m(x)
+    except Exception as exc:  # a forward we cannot call this way: say so, do not fail
+        res.notes.append(f"the module's own forward(x) raised {type(exc).__name__}: {exc}; "
+                         f"the rebuilt stack is the reference")
+        return
+    if isinstance(y, (tuple, list)):
+        y = y[0]
+    y = y.detach().numpy().astype(np.float64)
+    ys = run.engine(np.zeros_like(run.states))
+    O = run.model.output_size
+    if y.shape == (run.B, O):
+        # One output per sequence: the engine's output at step t is forward(x[:, :t+1]).
+        with torch.no_grad():
+            prefixes = [m(x[:, :t + 1] if batch_first else x[:t + 1]) for t in range(run.T)]
+        y = np.stack([(p[0] if isinstance(p, (tuple, list)) else p).numpy() for p in prefixes],
+                     axis=1).astype(np.float64)
+        res.compare(ys, y, "module forward(x): ")
+        res.reference += ("; and the module's own forward(x) from a zero state, on every prefix "
+                          "of the sequence (it returns one output per sequence)")
+    elif y.ndim == 3 and y.shape[-1] == O:
+        if not batch_first:
+            y = y.transpose(1, 0, 2)
+        res.compare(ys, y, "module forward(x): ")
+        res.reference += "; and the module's own forward(x) from a zero state"
+    else:
+        res.notes.append(f"the module's own forward(x) returned shape {y.shape}, not one output "
+                         f"per step: not compared")
+
+
+# --------------------------------------------------------------------------------------------
+# no framework at run time
+
+
+def _consistency(run, source, kind, options):
+    from streamgru.formats import load_model
+
+    if kind == "native":
+        fresh = load_model(source)
+        what = "the native file's model"
+    elif kind == "keras":
+        from .from_keras import from_keras
+
+        fresh = from_keras(source, dtype="float64", **options)
+        what = "the model converted afresh from the Keras file (Keras itself is not run)"
+    else:
+        from .from_rtneural import from_rtneural
+
+        fresh = from_rtneural(source, dtype="float64", **options)
+        what = "the model converted afresh from the RTNeural JSON (RTNeural itself is not run)"
+    res = _Result(f"streamgru engine in float64 on {what}: a consistency check, not a framework "
+                  f"check", False, "float64", "random nonzero")
+    if _sizes_mismatch(res, run.model, fresh.input_size, fresh.output_size, fresh.state_size,
+                       "source"):
+        return res
+    ref = run.engine(run.states, dtype="float64", model=fresh)
+    res.compare(run.engine(run.states), ref)
+    if run.dtype == "float64":
+        res.notes.append("both sides ran in float64: this checks the model is the file's, "
+                         "not float32 rounding")
+    return res

@@ -1,0 +1,234 @@
+"""converters.verify: passes on correct conversions of each kind of source, fails (ok False, a
+difference past the tolerance) on a model that is not the source's, labels the Keras/RTNeural/
+native check as a consistency check, and names the extra when a framework is missing.
+"""
+
+import contextlib
+import io
+import pathlib
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+import converters
+import streamgru
+
+FIX = pathlib.Path(__file__).parent / "fixtures"
+
+
+def _net(torch, seed, hidden_act=False):
+    torch.manual_seed(seed)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = torch.nn.Linear(3, 6)
+            self.gru = torch.nn.GRU(6, 5, num_layers=2, batch_first=True)
+            self.head = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(),
+                                            torch.nn.Linear(4, 2))
+
+        def forward(self, x):
+            v = self.inp(x)
+            y, _ = self.gru(torch.tanh(v) if hidden_act else v)
+            return self.head(y)
+
+    return Net().eval()
+
+
+def _export_legacy(torch, tmp_path, seed=0):
+    torch.manual_seed(seed)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru = torch.nn.GRU(3, 5, num_layers=2)
+            self.out = torch.nn.Linear(5, 2)
+
+        def forward(self, x, h):
+            y, hn = self.gru(x, h)
+            return torch.sigmoid(self.out(y)), hn
+
+    path = tmp_path / f"m{seed}.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Net().eval(), (torch.randn(4, 2, 3), torch.randn(2, 2, 5)), str(path),
+                          dynamo=False, input_names=["x", "h"], output_names=["y", "hn"],
+                          dynamic_axes={"x": {0: "time", 1: "batch"}, "h": {1: "batch"},
+                                        "y": {0: "time", 1: "batch"}})
+    return path
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_torch_gru_module(dtype):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    gru = torch.nn.GRU(3, 8, num_layers=2, batch_first=True)
+    r = converters.verify(converters.from_torch(gru), gru, dtype=dtype, streams=3, steps=6)
+    assert r.ok and r.framework_check
+    assert r.max_abs_diff < (1e-5 if dtype == "float32" else 1e-12)
+    assert r.tolerance == (1e-4 if dtype == "float32" else 1e-9)
+    assert (r.streams, r.steps) == (3, 6) and "nonzero" in r.initial_state
+    text = str(r)
+    assert text.startswith("verify OK") and "framework check" in text and "GRU" in text
+
+
+def test_torch_gru_cell():
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(1)
+    cell = torch.nn.GRUCell(2, 4, bias=False)
+    r = converters.verify(converters.from_torch(cell), cell, steps=5)
+    assert r.ok and r.max_abs_diff < 1e-5
+
+
+def test_torch_module_runs_rebuilt_stack_and_its_own_forward():
+    torch = pytest.importorskip("torch")
+    net = _net(torch, 2)
+    r = converters.verify(converters.from_torch(net), net, steps=6)
+    assert r.ok, str(r)
+    assert "forward(x)" in r.reference and "per comparison" in str(r)
+
+
+def test_torch_module_with_an_activation_hidden_in_forward_fails():
+    """The converter cannot see torch.tanh inside forward(): verify is how a user finds out."""
+    torch = pytest.importorskip("torch")
+    net = _net(torch, 2, hidden_act=True)
+    r = converters.verify(converters.from_torch(net), net, steps=6)
+    assert not r.ok and r.max_abs_diff > 1e-3
+    assert "module forward(x)" in str(r) and str(r).startswith("verify FAILED")
+
+
+@pytest.mark.parametrize("fmt", [".pt", ".safetensors", ".json", "mapping"])
+def test_torch_state_dicts(tmp_path, fmt):
+    torch = pytest.importorskip("torch")
+    net = _net(torch, 3)
+    sd = net.state_dict()
+    if fmt == ".pt":
+        src = tmp_path / "m.pt"
+        torch.save(sd, src)
+    elif fmt == ".safetensors":
+        from safetensors.torch import save_file
+
+        src = tmp_path / "m.safetensors"
+        save_file(dict(sd), str(src))
+    elif fmt == ".json":
+        import json
+
+        src = tmp_path / "m.json"
+        src.write_text(json.dumps({k: v.tolist() for k, v in sd.items()}))
+    else:
+        src = dict(sd)
+    model = converters.from_torch(src)
+    r = converters.verify(model, src, steps=5)
+    assert r.ok and r.framework_check, str(r)
+    assert "records no activations" in r.reference
+    # The module's model carries the Sequential's ReLU, the state_dict does not: verify says so.
+    r = converters.verify(converters.from_torch(net), src, steps=5)
+    assert not r.ok and r.max_abs_diff > 1e-4
+
+
+def test_onnx_file_and_modelproto(tmp_path):
+    torch = pytest.importorskip("torch")
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    path = _export_legacy(torch, tmp_path)
+    model = streamgru.load(path)
+    for src in (path, onnx.load(str(path))):
+        r = converters.verify(model, src, streams=4, steps=9)
+        assert r.ok and r.framework_check, str(r)
+        assert (r.streams, r.steps) == (4, 9)  # dynamic axes: ran what was asked
+        assert "onnxruntime" in r.reference and "'h'" in r.initial_state
+    r = converters.verify(model, path, dtype="float64", steps=5)
+    assert r.ok and r.tolerance == 1e-4  # onnxruntime runs float32 only
+
+
+def test_onnx_fixed_shapes_and_no_state_input(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    gru = torch.nn.GRU(2, 3)
+    path = tmp_path / "g.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(gru, (torch.randn(5, 2, 2),), str(path), dynamo=False,
+                          input_names=["x"], output_names=["y", "hn"])
+    r = converters.verify(streamgru.load(path), path)
+    assert r.ok, str(r)
+    assert (r.streams, r.steps) == (2, 5) and "fixed" in str(r)
+    assert r.initial_state.startswith("zeros")
+
+
+def test_onnx_wrong_model_fails(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    a, b = _export_legacy(torch, tmp_path, 0), _export_legacy(torch, tmp_path, 1)
+    r = converters.verify(streamgru.load(a), b, steps=5)
+    assert not r.ok and r.max_abs_diff > r.tolerance
+    assert str(r).startswith("verify FAILED")
+
+
+@pytest.mark.parametrize("name", ["keras_seq_reset_after.keras", "keras_legacy_hard_sigmoid.h5",
+                                  "rtneural_seq_reset_after.json"])
+def test_keras_and_rtneural_are_a_labelled_consistency_check(name):
+    if name.endswith((".keras", ".h5")):
+        pytest.importorskip("h5py")
+    model = streamgru.load(FIX / name)
+    r = converters.verify(model, FIX / name, steps=6)
+    assert r.ok and not r.framework_check
+    assert "CONSISTENCY CHECK" in str(r) and "not a framework check" in r.reference
+
+
+def test_consistency_check_catches_another_files_model(tmp_path):
+    pytest.importorskip("h5py")
+    keras_model = streamgru.load(FIX / "keras_seq_reset_after.keras")
+    r = converters.verify(keras_model, FIX / "keras_func_reset_before.keras")
+    assert not r.ok and r.max_abs_diff == float("inf") and "input_size 3 vs 4" in str(r)
+    other = streamgru.GRUModel.random(3, [8, 5], dense_before=[(6, "relu")],
+                                      dense_after=[(2, "softmax")], seed=9)
+    other.save(tmp_path / "o.sgru")
+    r = converters.verify(keras_model, tmp_path / "o.sgru", steps=5)
+    assert not r.ok and np.isfinite(r.max_abs_diff) and r.max_abs_diff > r.tolerance
+
+
+def test_tolerance_argument():
+    torch = pytest.importorskip("torch")
+    gru = torch.nn.GRU(2, 4)
+    r = converters.verify(converters.from_torch(gru), gru, steps=4, tolerance=0.0)
+    assert r.tolerance == 0.0 and r.ok == (r.max_abs_diff == 0.0)
+
+
+def test_bad_arguments(tmp_path):
+    m = streamgru.GRUModel.random(2, 3)
+    with pytest.raises(TypeError, match="model: expected a GRUModel, got str"):
+        converters.verify("m", m)
+    with pytest.raises(ValueError, match="dtype: expected 'float32' or 'float64', got 'float16'"):
+        converters.verify(m, FIX / "rtneural_seq_reset_after.json", dtype="float16")
+    with pytest.raises(ValueError, match="streams: expected a positive int, got 0"):
+        converters.verify(m, FIX / "rtneural_seq_reset_after.json", streams=0)
+    with pytest.raises(ValueError, match="tolerance: expected a non-negative float"):
+        converters.verify(m, FIX / "rtneural_seq_reset_after.json", tolerance=-1)
+    with pytest.raises(FileNotFoundError, match="source: expected an existing file"):
+        converters.verify(m, tmp_path / "nope.onnx")
+    (tmp_path / "m.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"source: expected a \.onnx.*got .*m\.bin"):
+        converters.verify(m, tmp_path / "m.bin")
+    with pytest.raises(TypeError, match="source: expected a model file path.*got int"):
+        converters.verify(m, 3)
+    with pytest.raises(TypeError, match="node: verify runs the whole ONNX graph"):
+        converters.verify(m, FIX / "rtneural_seq_reset_after.json", node="gru")
+
+
+@pytest.mark.parametrize("module, extra", [("onnxruntime", "onnx"), ("torch", "torch")])
+def test_missing_framework_names_the_extra(tmp_path, monkeypatch, module, extra):
+    torch = pytest.importorskip("torch")
+    if module == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+        src = _export_legacy(torch, tmp_path)
+    else:
+        src = tmp_path / "m.pt"
+        torch.save(torch.nn.GRU(2, 3).state_dict(), src)
+    model = streamgru.load(src)
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ImportError, match=rf"{module} is needed.*pip install 'streamgru\[{extra}\]'"):
+        converters.verify(model, src)
