@@ -12,6 +12,15 @@ State policy (what each verb does to a stream's state)
 * ``save_state(path)`` / ``load_state(path)``: every stream, atomically, tied to this model.
 * A call that raises changes nothing: no state, no opened key.
 
+Lifecycle (``max_streams``, ``idle_timeout``, ``on_evict``; details in docs/operations.md): a
+stream is *used* by ``step``, ``run``, ``open``, ``set_state`` and ``reset`` (reads -- ``state``,
+``in``, ``keys``, ``save_state`` -- do not count). Before a mutating verb does anything else, streams
+unused for ``idle_timeout`` seconds are evicted; then, if the call's new keys would exceed
+``max_streams``, the least recently used streams not named in the call are evicted. Each evicted
+stream's final state goes to ``on_evict(key, state)``. A call naming more distinct keys than
+``max_streams`` is refused before anything changes. If ``on_evict`` raises, that stream stays open
+and unchanged, the exception propagates and the call does nothing more.
+
 Threading: every verb holds the engine's lock, so calls from several threads are serialized
 (each call sees the state left by the previous one; no torn states). The kernels release the GIL,
 so other Python threads, and other engines, run meanwhile. A single call uses up to ``threads``
@@ -20,7 +29,9 @@ Numba threads for large batches.
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 from collections.abc import Sequence
 
 import numba
@@ -36,6 +47,11 @@ __all__ = ["Engine"]
 # Below this many rows a parallel region costs more than it saves (PERF_NOTES: entering one costs
 # ~1-2 us, a small-batch step a few us).
 PARALLEL_MIN_ROWS = 64
+_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+# Below PARALLEL_MIN_ROWS, a step with at least this many multiply-adds (rows x weights) is spread
+# over threads by weight panels: ~20 us of arithmetic on one core (weights of 1.4 MB and more, past
+# one core's 1 MiB L2: two cores hold them in their two L2s), against ~2 us per parallel region.
+WIDE_MIN_MACS = 350_000
 _DTYPES = {"float32": np.float32, "float64": np.float64}
 
 
@@ -54,6 +70,19 @@ class Engine:
         Cap on Numba threads used by one call (default: Numba's own setting).
     check_finite : bool
         Refuse NaN/inf inputs (default). ``False`` skips the scan.
+    max_streams : int, optional
+        At most this many open streams: opening one more evicts the least recently used stream
+        not named in the call. None (default): unbounded.
+    idle_timeout : float, optional
+        Streams not used for this many seconds are evicted, lazily at the start of each mutating
+        call and on :meth:`evict_idle`. None (default): never.
+    on_evict : callable, optional
+        ``on_evict(key, state)`` receives each evicted stream's key and final state (a
+        ``(state_size,)`` copy) so it can be persisted; without it evicted states are dropped. It
+        runs under the engine's lock and must not call the engine's mutating verbs.
+    clock : callable, optional
+        Returns the time in seconds (default ``time.monotonic``); injectable for tests. It must
+        never go backwards.
 
     Examples
     --------
@@ -63,9 +92,19 @@ class Engine:
     >>> y = engine.step(["a", "b", "a"], np.ones((3, 3), np.float32))  # "a" steps twice
     >>> y.shape, len(engine), engine.state("a").shape
     ((3, 2), 2, (8,))
+
+    A bounded engine that hands evicted states to a store of your own:
+
+    >>> saved = {}
+    >>> engine = Engine(GRUModel.random(3, 8), max_streams=2, on_evict=saved.__setitem__)
+    >>> _ = engine.step(["a", "b"], np.ones((2, 3)))
+    >>> _ = engine.step(["c"], np.ones((1, 3)))  # "a" was used least recently: evicted
+    >>> sorted(engine.keys()), list(saved)
+    (['b', 'c'], ['a'])
     """
 
-    def __init__(self, model, dtype="float32", capacity=1024, threads=None, check_finite=True):
+    def __init__(self, model, dtype="float32", capacity=1024, threads=None, check_finite=True,
+                 max_streams=None, idle_timeout=None, on_evict=None, clock=None):
         if not isinstance(model, GRUModel):
             raise TypeError(f"model: expected a streamgru.GRUModel, got {type(model).__name__}")
         key = dtype if isinstance(dtype, str) else getattr(np.dtype(dtype) if _is_dtype(dtype)
@@ -82,14 +121,51 @@ class Engine:
                     f"(NUMBA_NUM_THREADS) or None, got {threads!r}"
                 )
             threads = int(threads)
+        if max_streams is not None:
+            if isinstance(max_streams, bool) or not isinstance(max_streams, (int, np.integer)) \
+                    or max_streams < 1:
+                raise ValueError(f"max_streams: expected a positive int or None, got {max_streams!r}")
+            max_streams = int(max_streams)
+            capacity = min(int(capacity), max_streams)  # more rows would never be used
+        if idle_timeout is not None:
+            if isinstance(idle_timeout, bool) or not isinstance(idle_timeout, (int, float, np.integer,
+                                                                               np.floating)):
+                raise TypeError(f"idle_timeout: expected seconds (a positive float) or None, got "
+                                f"{type(idle_timeout).__name__}")
+            if not (idle_timeout > 0 and math.isfinite(idle_timeout)):
+                raise ValueError(f"idle_timeout: expected a positive finite number of seconds or None, "
+                                 f"got {idle_timeout!r}")
+            idle_timeout = float(idle_timeout)
+        if on_evict is not None and not callable(on_evict):
+            raise TypeError(f"on_evict: expected a callable on_evict(key, state) or None, got "
+                            f"{type(on_evict).__name__}")
+        if on_evict is not None and max_streams is None and idle_timeout is None:
+            raise ValueError("on_evict: expected max_streams or idle_timeout to be set too, got "
+                             "neither (nothing would ever be evicted)")
+        if clock is None:
+            clock = time.monotonic
+        elif not callable(clock):
+            raise TypeError(f"clock: expected a callable returning seconds, got {type(clock).__name__}")
+        self.max_streams = max_streams
+        self.idle_timeout = idle_timeout
+        self.on_evict = on_evict
+        self._clock = clock
+        # Recency is tracked only when something can be evicted: otherwise a call pays one check.
+        self._track = max_streams is not None or idle_timeout is not None
+        self._now = 0.0
+        self._idle_due = math.inf  # no stream can be idle before this time (a lower bound)
+        self._in_callback = False
         self.model = model
         self.dtype = np.dtype(_DTYPES[key])
         self.threads = threads
         self._par_threads = threads if threads is not None else numba.config.NUMBA_NUM_THREADS
         self.check_finite = bool(check_finite)
         self._packed = pack(model, self.dtype)
-        self._fast = self.dtype == np.float32
-        self._store = StateStore(model.state_size, self.dtype, int(capacity))
+        self._shape1 = (1, model.input_size)
+        self._macs_per_row = sum(layer.W.size + getattr(layer, "R", layer.W[:0]).size
+                                 for layer in model.layers)
+        self._store = StateStore(model.state_size, self.dtype, int(capacity), track=self._track,
+                                 limit=max_streams)
         self._lock = threading.RLock()
         self._n_in = model.input_size
         self._n_out = model.output_size
@@ -118,10 +194,43 @@ class Engine:
             Row i is the output for keys[i] at this step.
         """
         with self._lock:
+            # Fast path for the commonest real-time call, one event of an open stream with a
+            # ready array: every check of the general path below, done inline, then the
+            # one-stream kernel (no duplicate-key plan, one slot passed as an int). Anything
+            # else, including every error, takes the general path.
+            tkeys = type(keys)
+            if (tkeys is list or (tkeys is np.ndarray and keys.ndim == 1)) and len(keys) == 1 \
+                    and type(x) is np.ndarray:
+                if tkeys is list:
+                    k = keys[0]
+                elif keys.dtype.kind == "i":
+                    k = int(keys[0])  # what the general path's keys.tolist() gives
+                else:
+                    k = None
+                tk = type(k)
+                store = self._store
+                if tk is store.key_kind and (tk is str or _I64_MIN <= k <= _I64_MAX) \
+                        and (self._par_threads == 1 or self._macs_per_row < WIDE_MIN_MACS):
+                    slot = store.slot_of.get(k)
+                    if slot is not None and x.dtype == self.dtype and x.shape == self._shape1 \
+                            and x.flags.c_contiguous and x.flags.writeable \
+                            and (not self._track or self._quiet()):
+                        out = np.empty((1, self._n_out), self.dtype)
+                        p = self._packed
+                        if K.run_sequence(p.params, p.table, p.fp, store.states, slot, x, out,
+                                          self._run_scratch, self.check_finite) >= 0:
+                            self._raise_nonfinite(x, [k], "x")
+                        if self._track:  # an open key: no room to make, just mark it used
+                            rec = store.recency
+                            rec[k] = self._now
+                            rec.move_to_end(k)
+                        return out
             ks = self._keys_arg(keys, "keys")
             n = len(ks)
             x = self._matrix(x, "x", n, "len(keys)")
             store = self._store
+            if self._track:
+                self._admit(ks, x, "x")
             slots, opened = store.slots(ks)
             out = np.empty((n, self._n_out), self.dtype)
             if n == 0:
@@ -130,14 +239,14 @@ class Engine:
                 self._grow_scratch(n)
             p = self._packed
             args = (p.params, p.table, p.fp, store.states, slots, x, out, self._scratch,
-                    self._order, self._wave, self._wstart, store.mark, self.check_finite,
-                    self._fast)
-            if n >= PARALLEL_MIN_ROWS and self._par_threads > 1:
+                    self._iwork, store.mark, self.check_finite)
+            kernel = self._kernel(n)
+            if kernel is not K.step_serial:
                 # Numba's thread count is a per-calling-thread setting: set ours, then restore.
                 before = numba.get_num_threads()
                 numba.set_num_threads(self._par_threads)
                 try:
-                    bad = K.step_parallel(*args)
+                    bad = kernel(*args)
                 finally:
                     numba.set_num_threads(before)
             else:
@@ -145,6 +254,8 @@ class Engine:
             if bad >= 0:
                 store.rollback(opened)
                 self._raise_nonfinite(x, ks, "x")
+            if self._track:
+                self._touch(ks)
             return out
 
     def run(self, key, xs):
@@ -161,13 +272,15 @@ class Engine:
             out = np.empty((T, self._n_out), self.dtype)
             if T == 0:
                 return out
+            if self._track:
+                self._admit([k], xs, "xs")
             slots, opened = self._store.slots([k])
             if self._run_scratch.shape[0] < T + 1:
                 self._run_scratch = np.zeros((max(T + 1, 2 * self._run_scratch.shape[0]),
                                               self._packed.scratch_width), self.dtype)
             p = self._packed
             bad = K.run_sequence(p.params, p.table, p.fp, self._store.states, slots[0], xs, out,
-                                 self._run_scratch, self.check_finite, self._fast)
+                                 self._run_scratch, self.check_finite)
             if bad >= 0:
                 self._store.rollback(opened)
                 rows = np.flatnonzero(~np.isfinite(xs).all(axis=1))
@@ -175,6 +288,8 @@ class Engine:
                     f"xs: expected finite values, got NaN/inf in step(s) {rows[:10].tolist()}; "
                     f"state of {k!r} unchanged"
                 )
+            if self._track:
+                self._touch([k])
             return out
 
     # ------------------------------------------------------------------------------------------
@@ -188,23 +303,40 @@ class Engine:
         with self._lock:
             k = normalize_key(key, "key")
             self._store.check_kind([k], "key")
+            vec = None if state is None else self._state_vector(state, "state")
+            if self._track:
+                self._sweep()
             if k in self._store.slot_of:
                 raise KeyError(f"key: expected a key that is not open, got {k!r} (already open; "
                                f"use set_state or reset)")
-            vec = None if state is None else self._state_vector(state, "state")
+            if self._track:
+                self._admit([k], None, None)
             slot = self._store.open(k)
             if vec is not None:
                 self._store.states[slot, :self.model.state_size] = vec
+            if self._track:
+                self._touch([k])
 
     def reset(self, key):
-        """Set an open stream's state back to zeros."""
+        """Set an open stream's state back to zeros (counts as a use of the stream)."""
         with self._lock:
+            if self._track:
+                normalize_key(key, "key")
+                self._sweep()
             slot = self._slot(key)
             self._store.states[slot] = 0
+            if self._track:
+                self._touch([normalize_key(key)])
 
     def close(self, key):
-        """Forget a stream; its slot is reused. Raises KeyError for an unknown key."""
+        """Forget a stream; its slot is reused. Raises KeyError for an unknown key.
+
+        ``on_evict`` is not called: closing is the caller's own decision.
+        """
         with self._lock:
+            if self._track:
+                normalize_key(key, "key")
+                self._sweep()
             self._slot(key)
             self._store.close(normalize_key(key))
 
@@ -224,10 +356,14 @@ class Engine:
             k = normalize_key(key, "key")
             self._store.check_kind([k], "key")
             vec = self._state_vector(state, "state")
+            if self._track:
+                self._admit([k], None, None)
             slot = self._store.slot_of.get(k)
             if slot is None:
                 slot = self._store.open(k)
             self._store.states[slot, :self.model.state_size] = vec
+            if self._track:
+                self._touch([k])
 
     def __contains__(self, key):
         try:
@@ -241,9 +377,32 @@ class Engine:
         return len(self._store)
 
     def keys(self):
-        """The open stream keys, as a list (in no guaranteed order)."""
+        """The open stream keys, as a list (least recently used first when the engine tracks use,
+        i.e. with ``max_streams`` or ``idle_timeout``; otherwise in no guaranteed order)."""
         with self._lock:
-            return list(self._store.slot_of)
+            store = self._store
+            return list(store.recency if store.recency is not None else store.slot_of)
+
+    def evict_idle(self):
+        """Evict every stream not used for ``idle_timeout`` seconds now; return their keys.
+
+        Each goes to ``on_evict`` first, oldest first. Without ``idle_timeout`` nothing is evicted.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from streamgru import Engine, GRUModel
+        >>> now = [0.0]
+        >>> engine = Engine(GRUModel.random(2, 4), idle_timeout=60, clock=lambda: now[0])
+        >>> _ = engine.step(["a"], np.ones((1, 2)))
+        >>> now[0] = 61.0
+        >>> engine.evict_idle(), len(engine)
+        (['a'], 0)
+        """
+        with self._lock:
+            if not self._track:
+                return []
+            return self._sweep()
 
     @property
     def capacity(self):
@@ -260,7 +419,9 @@ class Engine:
         from .formats import save_state
 
         with self._lock:
-            keys = list(self._store.slot_of)
+            store = self._store
+            # Least recently used first when tracked, so load_state restores the LRU order.
+            keys = list(store.recency if store.recency is not None else store.slot_of)
             slots = np.fromiter((self._store.slot_of[k] for k in keys), np.int64, len(keys))
             states = self._store.states[slots, :self.model.state_size]
             save_state(path, keys, states, self.model.fingerprint)
@@ -274,14 +435,113 @@ class Engine:
 
         keys, states = load_state(path, self.model.fingerprint, self.model.state_size)
         with self._lock:
+            if self._in_callback:
+                raise RuntimeError("on_evict: expected a callback that does not call the engine's "
+                                   "mutating verbs, got a call to load_state from inside it")
+            if self.max_streams is not None and len(keys) > self.max_streams:
+                raise ValueError(f"path: expected at most max_streams={self.max_streams} streams, got "
+                                 f"a snapshot of {len(keys)}; nothing was changed")
             store = StateStore(self.model.state_size, self.dtype,
-                               max(self._store.capacity, len(keys), 1))
+                               max(self._store.capacity, len(keys), 1), track=self._track,
+                               limit=self.max_streams)
             for k in keys:
                 store.open(k)
+            if self._track:  # every loaded stream counts as used now, in the file's order
+                self._now = self._clock() if self.idle_timeout is not None else 0.0
+                store.touch(keys, self._now)
+                self._idle_due = self._now + self.idle_timeout if self.idle_timeout is not None \
+                    else math.inf
             if keys:
                 slots = np.fromiter((store.slot_of[k] for k in keys), np.int64, len(keys))
                 store.states[slots, :self.model.state_size] = states
             self._store = store
+
+    # ------------------------------------------------------------------------------------------
+    # eviction (only when max_streams or idle_timeout is set; always under the lock)
+
+    def _sweep(self, now=None):
+        """Evict the streams unused for ``idle_timeout`` or longer, oldest first; return their keys."""
+        if self._in_callback:
+            raise RuntimeError("on_evict: expected a callback that does not call the engine's "
+                               "mutating verbs, got such a call from inside it")
+        if self.idle_timeout is None:
+            self._now = 0.0  # only the order of use matters: no clock needed
+            return []
+        if now is None:
+            now = self._clock()
+        self._now = now
+        if now < self._idle_due:  # the common case: one comparison
+            return []
+        store = self._store
+        evicted = []
+        for k, t in store.idle(now - self.idle_timeout):
+            self._evict(k, t)
+            evicted.append(k)
+        oldest = store.oldest_time()
+        self._idle_due = math.inf if oldest is None else oldest + self.idle_timeout
+        return evicted
+
+    def _admit(self, ks, x, what):
+        """Before a call that may open ``ks`` (canonical, validated): refuse a batch that cannot
+        fit, evict idle streams, then evict least recently used streams not in ``ks`` until the
+        call's new keys fit in ``max_streams``."""
+        if self._in_callback:
+            raise RuntimeError("on_evict: expected a callback that does not call the engine's "
+                               "mutating verbs, got such a call from inside it")
+        store, lim = self._store, self.max_streams
+        batch = None
+        if lim is not None and len(store) + len(ks) > lim:  # else nothing can need room: O(1)
+            batch = set(ks)
+            if len(batch) > lim:
+                raise ValueError(f"keys: expected at most max_streams={lim} distinct keys in one "
+                                 f"call, got {len(batch)}; split the batch (nothing was changed)")
+        now = self._clock() if self.idle_timeout is not None else 0.0
+        due = now >= self._idle_due
+        need = 0 if batch is None else \
+            len(store) + sum(1 for k in batch if k not in store.slot_of) - lim
+        if (due or need > 0) and x is not None and self.check_finite and not np.isfinite(x).all():
+            # Checked here, before evicting, so that a refused call evicts nothing.
+            if what == "x":
+                self._raise_nonfinite(x, ks, what)
+            raise ValueError(f"{what}: expected finite values, got NaN/inf; no stream was changed "
+                             f"(Engine(check_finite=False) skips this check)")
+        self._sweep(now)
+        if batch is not None and due:
+            need = len(store) + sum(1 for k in batch if k not in store.slot_of) - lim
+        if need > 0:
+            for k, t in store.lru(need, batch):
+                self._evict(k, t)
+
+    def _quiet(self):
+        """For the one-row fast path of an open key: True when no idle eviction is due now (and
+        we are not inside on_evict); records the time for the use."""
+        if self._in_callback:
+            return False
+        now = self._clock() if self.idle_timeout is not None else 0.0
+        self._now = now
+        return now < self._idle_due
+
+    def _touch(self, ks):
+        self._store.touch(ks, self._now)
+        if self._idle_due == math.inf and self.idle_timeout is not None:
+            self._idle_due = self._now + self.idle_timeout
+
+    def _evict(self, key, t):
+        """Close ``key`` and hand its final state to ``on_evict``; if that raises, reopen it as it
+        was (same state, still least recently used) and let the exception propagate."""
+        store = self._store
+        state = store.states[store.slot_of[key], :self.model.state_size].copy()
+        store.close(key)
+        if self.on_evict is None:
+            return
+        self._in_callback = True
+        try:
+            self.on_evict(key, state.copy())
+        except BaseException:
+            store.restore(key, state, t)
+            raise
+        finally:
+            self._in_callback = False
 
     # ------------------------------------------------------------------------------------------
     # validation helpers (the public boundary)
@@ -334,9 +594,11 @@ class Engine:
         if arr.size != self.model.state_size:
             raise ValueError(f"{what}: expected {self.model.state_size} values (state_size), got "
                              f"shape {arr.shape} ({arr.size} values)")
-        vec = np.asarray(arr, dtype=self.dtype).reshape(-1)
+        with np.errstate(over="ignore"):  # too large for the dtype becomes inf: refused below
+            vec = np.asarray(arr, dtype=self.dtype).reshape(-1)
         if not np.isfinite(vec).all():
-            raise ValueError(f"{what}: expected finite values, got NaN/inf at "
+            raise ValueError(f"{what}: expected finite values within {self.dtype.name} range, got "
+                             f"NaN/inf (or an overflow) at "
                              f"{np.flatnonzero(~np.isfinite(vec))[:10].tolist()}")
         return vec
 
@@ -360,9 +622,17 @@ class Engine:
         rows = max(n, 2 * self._rows, 16)
         self._rows = rows
         self._scratch = np.zeros((rows, self._packed.scratch_width), self.dtype)
-        self._order = np.zeros(rows, np.int64)
-        self._wave = np.zeros(rows, np.int64)
-        self._wstart = np.zeros(rows + 1, np.int64)
+        self._iwork = np.zeros(3 * rows + 1, np.int64)  # order, wave, wstart (kernels._plan)
+
+    def _kernel(self, n):
+        """The step kernel for n rows: serial, parallel over rows, or parallel over weight panels
+        (few rows, large layers: each thread streams its share of the weights once)."""
+        if self._par_threads > 1:
+            if n >= PARALLEL_MIN_ROWS:
+                return K.step_parallel
+            if n * self._macs_per_row >= WIDE_MIN_MACS:
+                return K.step_wide
+        return K.step_serial
 
     def __repr__(self):
         return (f"Engine({self.model!r}, dtype={self.dtype.name!r}, streams={len(self)}, "

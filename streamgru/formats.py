@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -31,7 +32,8 @@ import numpy as np
 from .errors import FormatError
 from .model import DenseLayer, GRULayer, GRUModel
 
-__all__ = ["save_model", "load_model", "save_state", "load_state", "load", "write_atomic"]
+__all__ = ["save_model", "load_model", "model_to_bytes", "model_from_bytes", "save_state", "load_state",
+           "load", "write_atomic"]
 
 FORMAT_VERSION = "1"
 MODEL_FORMAT = "streamgru-model"
@@ -85,8 +87,9 @@ def _decode(buf: bytes, path, expected_format: str):
                           f"{len(buf)}-byte file (truncated or not a streamgru file)")
     try:
         header = json.loads(bytes(buf[8:8 + hlen]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{where}: expected a JSON header, got unreadable bytes ({exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise FormatError(f"{where}: expected a JSON header, got unreadable bytes "
+                          f"({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
         raise FormatError(f"{where}: expected a safetensors header with __metadata__, got none")
     meta = header["__metadata__"]
@@ -111,13 +114,16 @@ def _decode(buf: bytes, path, expected_format: str):
             continue
         try:
             dt = _ST_TO_DT[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            b, e = (int(v) for v in info["data_offsets"])
+            if not all(type(v) is int for v in (*info["shape"], *info["data_offsets"])):
+                raise TypeError
+            shape = tuple(info["shape"])
+            b, e = info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise FormatError(f"{where}: tensor {name!r}: expected dtype/shape/data_offsets, got "
-                              f"{info!r}") from None
+                              f"{str(info)[:200]}") from None
+        # Python ints: a product of claimed dimensions cannot wrap around as int64 would.
         if any(s < 0 for s in shape) or not 0 <= b <= e <= len(data) \
-                or (e - b) != int(np.prod(shape, dtype=np.int64)) * dt.itemsize:
+                or (e - b) != math.prod(shape) * dt.itemsize:
             raise FormatError(f"{where}: tensor {name!r}: expected {shape} {dt} within the data "
                               f"section, got offsets {b}..{e} of {len(data)} bytes")
         tensors[name] = np.frombuffer(data[b:e], dtype=dt.newbyteorder("<")).astype(dt) \
@@ -135,6 +141,8 @@ def write_atomic(path, payload: bytes):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
+            # mkstemp creates the file 0600; give it the mode a plain open() would (umask applies).
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
@@ -155,6 +163,21 @@ def write_atomic(path, payload: bytes):
         os.close(dfd)
 
 
+def _umask():
+    # Linux reports the umask without changing it; os.umask() must set one to read it, which is
+    # not thread-safe, so it is only the fallback.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _read(path, what):
     try:
         return Path(path).read_bytes()
@@ -168,6 +191,20 @@ def _read(path, what):
 
 def save_model(model: GRUModel, path):
     """Write ``model`` to ``path`` (atomically). See the module docstring for the layout."""
+    write_atomic(path, model_to_bytes(model))
+
+
+def model_to_bytes(model: GRUModel) -> bytes:
+    """The native model file's bytes, in memory (what :func:`save_model` writes).
+
+    Examples
+    --------
+    >>> from streamgru import GRUModel
+    >>> from streamgru.formats import model_from_bytes, model_to_bytes
+    >>> m = GRUModel.random(2, 4)
+    >>> model_from_bytes(model_to_bytes(m)).fingerprint == m.fingerprint
+    True
+    """
     if not isinstance(model, GRUModel):
         raise TypeError(f"model: expected a GRUModel, got {type(model).__name__}")
     meta = {
@@ -177,33 +214,50 @@ def save_model(model: GRUModel, path):
         "fingerprint": model.fingerprint,
         "source": model.source or "",
     }
-    write_atomic(path, _encode(model.named_tensors(), meta))
+    return _encode(model.named_tensors(), meta)
+
+
+def model_from_bytes(buf) -> GRUModel:
+    """Read a model from the bytes of a native model file (see :func:`model_to_bytes`), bit-exact."""
+    if not isinstance(buf, (bytes, bytearray, memoryview)):
+        raise TypeError(f"buf: expected bytes, got {type(buf).__name__}")
+    return _model_from_bytes(bytes(buf), "buf")
 
 
 def load_model(path) -> GRUModel:
     """Read a native model file written by :func:`save_model`, bit-exact."""
-    meta, tensors = _decode(_read(path, "path"), path, MODEL_FORMAT)
+    return _model_from_bytes(_read(path, "path"), path)
+
+
+def _model_from_bytes(buf: bytes, path) -> GRUModel:
+    meta, tensors = _decode(buf, path, MODEL_FORMAT)
     try:
         config = json.loads(meta["config"])
+        if not isinstance(config, dict) or not isinstance(config.get("layers"), list):
+            raise ValueError(f"config: expected an object with a list of layers, got "
+                             f"{str(config)[:100]}")
         layers = []
         for i, cfg in enumerate(config["layers"]):
             t = {name[len(f"layers.{i}."):]: arr for name, arr in tensors.items()
                  if name.startswith(f"layers.{i}.")}
-            if cfg["kind"] == "gru":
-                layers.append(GRULayer(cfg["input_size"], cfg["hidden_size"], t["W"], t["R"],
-                                       t["Wb"], t["Rb"],
-                                       linear_before_reset=cfg["linear_before_reset"],
-                                       f=tuple(cfg["f"]), g=tuple(cfg["g"]), clip=cfg["clip"]))
-            elif cfg["kind"] == "dense":
-                layers.append(DenseLayer(cfg["in_features"], cfg["out_features"], t["W"], t["b"],
-                                         tuple(cfg["activation"])))
-            else:
+            try:  # the layer names its bad argument ("R: expected finite values ..."): say whose
+                if cfg["kind"] == "gru":
+                    layers.append(GRULayer(cfg["input_size"], cfg["hidden_size"], t["W"], t["R"],
+                                           t["Wb"], t["Rb"],
+                                           linear_before_reset=cfg["linear_before_reset"],
+                                           f=tuple(cfg["f"]), g=tuple(cfg["g"]), clip=cfg["clip"]))
+                elif cfg["kind"] == "dense":
+                    layers.append(DenseLayer(cfg["in_features"], cfg["out_features"], t["W"],
+                                             t["b"], tuple(cfg["activation"])))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"layers.{i}.{exc}") from None
+            if cfg["kind"] not in ("gru", "dense"):
                 raise FormatError(f"{path}: layers[{i}]: expected kind 'gru' or 'dense', got "
                                   f"{cfg['kind']!r}")
         model = GRUModel(layers, source=meta.get("source") or None)
     except FormatError:
         raise
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError, RecursionError) as exc:
         raise FormatError(f"{path}: expected a valid streamgru model description, got an "
                           f"inconsistent file ({type(exc).__name__}: {exc})") from None
     if model.fingerprint != meta.get("fingerprint"):
@@ -254,12 +308,19 @@ def load_state(path, fingerprint, state_size):
     try:
         n = int(meta["count"])
         states = t["states"]
-        if states.shape != (n, state_size):
-            raise ValueError(f"states of shape {states.shape}, expected {(n, state_size)}")
+        if states.shape != (n, state_size) or states.dtype.kind != "f":
+            raise ValueError(f"states of shape {states.shape} {states.dtype}, expected "
+                             f"{(n, state_size)} float32/float64")
         if meta["key_kind"] == "int":
+            if t["keys"].dtype != np.int64:
+                raise ValueError(f"int keys of dtype {t['keys'].dtype}, expected int64")
             keys = t["keys"].tolist()
         elif meta["key_kind"] == "str":
             raw, off = t["key_bytes"].tobytes(), t["key_offsets"]
+            if off.dtype != np.int64 or off.shape != (n + 1,) or off[0] != 0 \
+                    or off[-1] != len(raw) or (np.diff(off) < 0).any():
+                raise ValueError(f"key_offsets {str(off.tolist())[:100]}, expected {n + 1} "
+                                 f"non-decreasing offsets from 0 to {len(raw)}")
             keys = [raw[off[i]:off[i + 1]].decode("utf-8") for i in range(n)]
         else:
             raise ValueError(f"key_kind {meta['key_kind']!r}")
@@ -297,7 +358,7 @@ def _is_native(path):
                 return False
             header = json.loads(f.read(hlen).decode("utf-8"))
         return header.get("__metadata__", {}).get("format") == MODEL_FORMAT
-    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError, RecursionError):
         return False
 
 

@@ -27,7 +27,7 @@ class PackedModel:
     table : (L, kernels.NT) int64, read-only
     fp : (L, kernels.NF) float of the same dtype, read-only
     scratch_width : int
-        Width of one scratch row (``kernels.scratch_layout``).
+        Width of one scratch row (``table[0, kernels.T_LW]``).
     """
 
     params: np.ndarray
@@ -37,9 +37,22 @@ class PackedModel:
 
 
 def pack(model, dtype) -> PackedModel:
+    """Cast and lay out ``model``'s weights for the kernels (see :mod:`streamgru.kernels`).
+
+    Examples
+    --------
+    >>> from streamgru import GRUModel
+    >>> p = pack(GRUModel.random(3, 8), "float32")
+    >>> p.params.dtype, p.table.shape[0], p.scratch_width > 0
+    (dtype('float32'), 1, True)
+    """
     dtype = np.dtype(dtype)
+    nr = K.panel_width(dtype)
     blocks, table, fp = [], [], []
     off = 0
+
+    def pad(m):
+        return -(-m // nr) * nr
 
     def put(arr):
         nonlocal off
@@ -50,18 +63,37 @@ def pack(model, dtype) -> PackedModel:
         off = -(-off // _ALIGN) * _ALIGN
         return start
 
+    def put_product(W, b):
+        """W (M, K) as ceil(M/NR) panels of W[p*NR:(p+1)*NR].T (K, NR), zero-padded; b padded."""
+        W = np.asarray(W, np.float64)
+        M, Kd = W.shape
+        Wp = np.zeros((pad(M), Kd))
+        Wp[:M] = W
+        panels = Wp.reshape(-1, nr, Kd).transpose(0, 2, 1)  # (P, K, NR)
+        bp = np.zeros(pad(M))
+        if b is not None:
+            bp[:M] = b
+        return put(panels), put(bp), pad(M) // nr
+
     gi = 0
+    maxw, gmax, hmax = model.input_size, 1, 1
     for layer in model.layers:
         row = np.zeros(K.NT, np.int64)
         frow = np.zeros(K.NF, np.float64)
         row[K.T_IN] = layer.input_size
         row[K.T_OUT] = layer.output_size
         if isinstance(layer, GRULayer):
+            H = layer.hidden_size
             row[K.T_KIND] = K.KIND_GRU
-            row[K.T_W] = put(layer.W)
-            row[K.T_R] = put(layer.R)
-            row[K.T_BW] = put(layer.Wb)
-            row[K.T_BR] = put(layer.Rb)
+            row[K.T_W], row[K.T_BW], row[K.T_NPW] = put_product(layer.W, layer.Wb)
+            if layer.linear_before_reset == 1:
+                row[K.T_R], row[K.T_BR], row[K.T_NPR] = put_product(layer.R, layer.Rb)
+            else:
+                # z and r take R h; n takes R_n (r * h): two products.
+                row[K.T_R], row[K.T_BR], row[K.T_NPR] = put_product(layer.R[:2 * H],
+                                                                    layer.Rb[:2 * H])
+                row[K.T_RN], row[K.T_BRN], row[K.T_NPRN] = put_product(layer.R[2 * H:],
+                                                                       layer.Rb[2 * H:])
             row[K.T_F] = activation_id(layer.f[0])
             row[K.T_G] = activation_id(layer.g[0])
             row[K.T_LBR] = layer.linear_before_reset
@@ -69,21 +101,29 @@ def pack(model, dtype) -> PackedModel:
             frow[[K.F_FA, K.F_FB, K.F_GA, K.F_GB]] = [layer.f[1], layer.f[2], layer.g[1],
                                                       layer.g[2]]
             frow[K.F_CLIP] = 0.0 if layer.clip is None else layer.clip
+            maxw = max(maxw, H)
+            gmax = max(gmax, pad(3 * H))
+            hmax = max(hmax, pad(H))
             gi += 1
         else:
             row[K.T_KIND] = K.KIND_DENSE
-            row[K.T_W] = put(layer.W)
-            row[K.T_BW] = put(layer.b)
+            row[K.T_W], row[K.T_BW], row[K.T_NPW] = put_product(layer.W, layer.b)
             row[K.T_F] = activation_id(layer.activation[0])
             frow[[K.F_FA, K.F_FB]] = [layer.activation[1], layer.activation[2]]
+            maxw = max(maxw, pad(layer.output_size))
         table.append(row)
         fp.append(frow)
+    # Scratch row: [A: maxw | B: maxw | GX: gmax | GH: gmax | HH: hmax | T: hmax]; products
+    # write whole panels, so every region a product writes is padded to NR.
+    maxw = pad(maxw)
+    layout = np.cumsum([0, maxw, maxw, gmax, gmax, hmax, hmax])
     params = np.zeros(max(off, 1), dtype)
     for start, a in blocks:
         params[start:start + a.size] = a
     table = np.array(table, np.int64)
+    table[:, K.T_LA:K.T_LW + 1] = layout
     fp = np.array(fp, dtype)
-    width = int(K.scratch_layout(table)[2])
+    width = int(layout[-1])
     for arr in (params, table, fp):
         arr.setflags(write=False)
     return PackedModel(params, table, fp, width)

@@ -5,11 +5,18 @@ fixed by the first key it opens (so ``1`` and ``"1"`` can never be two different
 caller confuses, and snapshots round-trip exactly). ``bool`` and floats are refused: ``True == 1``
 and ``1.0 == 1`` would silently alias another stream.
 
-Slots of closed streams are reused. When no slot is free the buffer grows (doubling): rows are
-copied into the new buffer, so every stream keeps its slot and its state.
+Slots of closed streams are reused. When no slot is free the buffer grows (doubling, but never
+past ``limit`` when one is set): rows are copied into the new buffer, so every stream keeps its slot
+and its state.
+
+Recency (for eviction): when the engine tracks it, ``recency`` is an ``OrderedDict`` of open keys
+to the clock time they were last used, least recently used first. Keeping it up to date costs one
+``move_to_end`` per key per call; finding the least recently used stream costs O(1).
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import numpy as np
 
@@ -41,9 +48,13 @@ class StateStore:
         Row ``slot`` is the state of the stream in that slot; free rows hold garbage.
     mark : (capacity,) int64
         All zero between kernel calls (the kernels' duplicate-key scratch).
+    recency : OrderedDict or None
+        ``key -> time last used``, least recently used first; None when not tracked.
+    limit : int or None
+        The buffer never grows past this many rows (the engine's ``max_streams``).
     """
 
-    def __init__(self, state_size, dtype, capacity):
+    def __init__(self, state_size, dtype, capacity, track=False, limit=None):
         self.state_size = int(state_size)
         self.dtype = np.dtype(dtype)
         self.states = np.zeros((capacity, max(self.state_size, 1)), self.dtype)
@@ -52,6 +63,8 @@ class StateStore:
         self.key_of: list = [None] * capacity
         self.free: list = list(range(capacity - 1, -1, -1))  # pop() hands out slot 0 first
         self.key_kind = None  # int or str, fixed by the first key
+        self.recency = OrderedDict() if track else None
+        self.limit = limit
 
     @property
     def capacity(self):
@@ -76,6 +89,8 @@ class StateStore:
     def grow(self, needed):
         cap = self.capacity
         new_cap = max(2 * cap, cap + needed, 16)
+        if self.limit is not None:  # the engine never holds more than `limit` streams
+            new_cap = min(new_cap, max(self.limit, cap + needed))
         states = np.zeros((new_cap, self.states.shape[1]), self.dtype)
         states[:cap] = self.states
         self.states = states
@@ -84,7 +99,17 @@ class StateStore:
         self.free = list(range(new_cap - 1, cap - 1, -1)) + self.free
 
     def open(self, key):
-        """Give ``key`` (canonical, not yet open) a zeroed slot and return it."""
+        """Give ``key`` (canonical, not yet open) a zeroed slot and return it.
+
+        A str key must be encodable as UTF-8 (a lone surrogate is not): snapshots store keys in
+        UTF-8, and a stream that could not be saved is refused here, when it is opened.
+        """
+        if isinstance(key, str) and not key.isascii():
+            try:
+                key.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"key: expected a str encodable as UTF-8, got {key!r} ({exc.reason} "
+                                 f"at index {exc.start})") from None
         if not self.free:
             self.grow(1)
         slot = self.free.pop()
@@ -97,6 +122,8 @@ class StateStore:
 
     def close(self, key):
         slot = self.slot_of.pop(key)
+        if self.recency is not None:
+            self.recency.pop(key, None)
         self.key_of[slot] = None
         self.free.append(slot)
         if not self.slot_of:
@@ -111,10 +138,56 @@ class StateStore:
         for i, k in enumerate(keys):
             s = slot_of.get(k)
             if s is None:
-                s = self.open(k)
+                try:
+                    s = self.open(k)
+                except ValueError:
+                    self.rollback(opened)
+                    raise
                 opened.append(k)
             out[i] = s
         return out, opened
+
+    def touch(self, keys, now):
+        """Mark ``keys`` (open, canonical) as used at ``now``, in order: the last is the most recent."""
+        rec = self.recency
+        for k in keys:
+            rec[k] = now
+            rec.move_to_end(k)
+
+    def lru(self, count, exclude):
+        """Up to ``count`` least recently used keys not in ``exclude``, oldest first, with their times."""
+        out = []
+        if count <= 0:
+            return out
+        for k, t in self.recency.items():
+            if k not in exclude:
+                out.append((k, t))
+                if len(out) == count:
+                    break
+        return out
+
+    def idle(self, before):
+        """Keys last used at or before ``before``, oldest first, with their times."""
+        out = []
+        for k, t in self.recency.items():
+            if t > before:
+                break
+            out.append((k, t))
+        return out
+
+    def oldest_time(self):
+        """Time of the least recently used key, or None when no stream is open."""
+        for t in self.recency.values():
+            return t
+        return None
+
+    def restore(self, key, state, t):
+        """Reopen ``key`` (just closed) with ``state`` as the least recently used stream."""
+        slot = self.open(key)
+        self.states[slot, :state.shape[0]] = state
+        self.recency[key] = t
+        self.recency.move_to_end(key, last=False)
+        return slot
 
     def rollback(self, opened):
         """Close keys opened by a call that then failed, so the failed call changes nothing."""

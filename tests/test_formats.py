@@ -166,3 +166,12 @@ def test_native_model_in_safetensors_suffix_loads_natively(tmp_path):
     m = model()
     m.save(tmp_path / "m.safetensors")
     assert streamgru.load(tmp_path / "m.safetensors").fingerprint == m.fingerprint
+
+
+def test_write_atomic_gives_files_the_usual_permissions(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "f", b"x")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "f").stat().st_mode & 0o777 == 0o644

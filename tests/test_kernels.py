@@ -29,6 +29,8 @@ def gru(rng, I, H, lbr, f="sigmoid", g="tanh", clip=None, scale=None):
 def check_against_oracle(model, dtype, steps=200, n=3, seed=0, regime="serial", monkeypatch=None):
     if regime == "parallel":
         monkeypatch.setattr(engine_mod, "PARALLEL_MIN_ROWS", 1)
+    elif regime == "wide":  # few rows, products spread over threads by weight panels
+        monkeypatch.setattr(engine_mod, "WIDE_MIN_MACS", 0)
     rng = np.random.default_rng(seed)
     eng = Engine(model, dtype=dtype)
     s0 = rng.normal(size=(n, model.state_size)) * 0.5
@@ -49,7 +51,7 @@ def check_against_oracle(model, dtype, steps=200, n=3, seed=0, regime="serial", 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("lbr", [0, 1])
-@pytest.mark.parametrize("regime", ["serial", "parallel"])
+@pytest.mark.parametrize("regime", ["serial", "parallel", "wide"])
 def test_multilayer_with_dense_before_and_after(dtype, lbr, regime, monkeypatch):
     rng = np.random.default_rng(lbr)
     model = GRUModel([
@@ -103,6 +105,7 @@ def test_small_model_every_path_nojit_friendly(dtype, monkeypatch):
                       DenseLayer(3, 2, rng.normal(size=(2, 3)), None, "elu")])
     check_against_oracle(model, dtype, steps=6, n=5)
     check_against_oracle(model, dtype, steps=3, n=5, regime="parallel", monkeypatch=monkeypatch)
+    check_against_oracle(model, dtype, steps=3, n=5, regime="wide", monkeypatch=monkeypatch)
     eng = Engine(model, dtype=dtype)
     xs = rng.normal(size=(6, 3))
     ys_ref, s_ref = oracle.run(model, xs.astype(dtype))
