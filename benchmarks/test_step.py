@@ -1,25 +1,60 @@
-"""Step latency: streamgru vs onnxruntime vs PyTorch, one group per workload.
+"""streamgru vs onnxruntime (run, run_with_iobinding) vs PyTorch vs the numpy oracle.
 
-Run: make bench (or: .venv/bin/python -m pytest benchmarks --benchmark-only).
-In `make test` this file runs once with --benchmark-disable so it cannot rot.
+One pytest-benchmark group per workload; inside it one benchmark per contender and thread count,
+so the table compares like with like. Run the full grid with ``make bench`` (or
+``pytest benchmarks --benchmark-only``); ``make test`` runs a reduced grid once with
+``--benchmark-disable`` so the suite cannot rot. Timings are never asserted.
+
+The baselines do what a user must do around onnxruntime/torch: look the keys up in a store,
+gather the batch's states, run, scatter the new states back (``streamgru.bench.UserStore``).
 """
 
 import numpy as np
 import pytest
+import workloads as W
+from conftest import REMOVED_ENV
 
-from streamgru import Engine, GRUModel
+from streamgru.bench import batches, machine_info, make_model
 
-WORKLOADS = [(16, 64, 1), (128, 128, 1), (128, 128, 64)]
+INFO = machine_info()
+CASES = [(wl, c, t) for wl in W.workloads() for t in W.thread_counts() for c in W.CONTENDERS
+         if not (wl.seq and c == "ort_iobinding")]
+CASES += [(wl, "ort_sequence", t) for wl in W.workloads() if wl.seq for t in W.thread_counts()]
 
 
-@pytest.mark.parametrize("I,H,n", WORKLOADS, ids=[f"I{i}-H{h}-n{n}" for i, h, n in WORKLOADS])
-def test_streamgru_step(benchmark, I, H, n):
-    benchmark.group = f"step I={I} H={H} n={n}"
-    model = GRUModel.random(I, [H], seed=0)
-    eng = Engine(model, threads=1)
-    keys = list(range(n))
-    x = np.random.default_rng(0).normal(size=(n, I)).astype(np.float32)
-    eng.step(keys, x)  # compile and open the streams outside the timing
-    benchmark.extra_info.update(threads=1, dtype="float32")
-    y = benchmark(eng.step, keys, x)
-    assert y.shape == (n, H) and np.isfinite(y).all()
+def _id(case):
+    wl, c, t = case
+    return f"{wl.name.replace(' ', '_')}-{c}-{t}t"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_workload(benchmark, case):
+    wl, name, threads = case
+    model = make_model(wl)
+    try:
+        c = W.contender(name, model, threads)
+    except ImportError as exc:
+        pytest.skip(f"{name}: {exc}")
+    benchmark.group = wl.name
+    benchmark.extra_info.update({k: INFO[k] for k in ("cpu", "cores", "numba", "numpy")})
+    benchmark.extra_info.update(c.info())
+    benchmark.extra_info.update(contender=name, threads=threads, removed_env=REMOVED_ENV,
+                                events=wl.seq or wl.n)
+    if wl.seq:
+        xs = np.random.default_rng(1).normal(size=(wl.seq, wl.input_size)).astype(np.float32)
+        c.open(np.array([0]))
+        c.run(0, xs)  # compile / warm up outside the timing
+        ys = benchmark(c.run, 0, xs)
+        assert ys.shape == (wl.seq, model.output_size)
+        return
+    bs = batches(wl, 8)
+    c.open(np.arange(wl.n_streams))
+    c.step(*bs[0])
+    it = iter(range(1 << 62))
+
+    def one_call():
+        keys, x = bs[next(it) % len(bs)]
+        return c.step(keys, x)
+
+    y = benchmark(one_call)
+    assert y.shape[1] == model.output_size and np.isfinite(y).all()

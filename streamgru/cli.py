@@ -3,23 +3,26 @@
 ``streamgru info FILE``       describe a model file of any supported type
 ``streamgru convert SRC -o OUT.sgru [--check]``  import a foreign model into the native format
 ``streamgru demo``            many simulated streams through one engine, with latency figures
+``streamgru run MODEL``       the engine in a shell pipeline: events in, one output line per event
+``streamgru bench [--quick]`` streamgru against onnxruntime and PyTorch: table, JSON, plot
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-import time
-
-import numpy as np
 
 __all__ = ["main"]
 
 
 def _info(args):
-    from .formats import load
+    from .formats import _FOREIGN, load
 
     model = load(args.file)
+    ext = os.path.splitext(args.file)[1].lower()
+    kind = _FOREIGN.get(ext, "streamgru native") if ext != ".sgru" else "streamgru native"
+    print(f"file: {args.file} ({kind}); model source: {model.source or 'unknown'}")
     print(model.summary())
     for i, layer in enumerate(model.layers):
         if layer.kind == "gru":
@@ -41,44 +44,37 @@ def _convert(args):
     from .formats import load
 
     model = load(args.src)
-    model.save(args.output)
-    print(f"wrote {args.output}: {model!r}")
     if args.check:
         import converters
 
-        verify = getattr(converters, "verify", None)
-        if verify is None:
-            print("--check: not available in this version", file=sys.stderr)
-            return 2
-        report = verify(model, args.src)
+        report = converters.verify(model, args.src, tolerance=args.tolerance)
         print(report)
-        return 0 if report.ok else 1
+        if not report.ok:
+            print(f"streamgru convert: check failed: max difference {report.max_abs_diff:.3g} "
+                  f"> tolerance {report.tolerance:.3g}; {args.output} not written",
+                  file=sys.stderr)
+            return 1
+    model.save(args.output)
+    print(f"wrote {args.output}: {model!r}")
     return 0
 
 
 def _demo(args):
-    from . import Engine, GRUModel
+    from .demo import main as demo_main
 
-    model = GRUModel.random(args.input_size, [args.hidden_size] * args.layers,
-                            dense_after=[(4, "softmax")], seed=0)
-    engine = Engine(model, threads=args.threads)
-    rng = np.random.default_rng(0)
-    keys = np.arange(args.streams)
-    x = rng.normal(size=(args.batch, args.input_size)).astype(np.float32)
-    engine.step(keys[:args.batch], x)  # compile / warm up outside the timing
-    lat, events, t_end = [], 0, time.perf_counter() + args.seconds
-    while time.perf_counter() < t_end:
-        batch = rng.choice(keys, size=args.batch)  # bursts: a stream may appear twice
-        t0 = time.perf_counter()
-        engine.step(batch, x)
-        lat.append(time.perf_counter() - t0)
-        events += args.batch
-    lat_us = np.array(lat) * 1e6
-    print(f"model: {model!r}")
-    print(f"{'streams':>10} {'events':>10} {'events/s':>12} {'p50 us':>10} {'p99 us':>10}")
-    print(f"{len(engine):>10} {events:>10} {events / lat_us.sum() * 1e6:>12.0f} "
-          f"{np.percentile(lat_us, 50):>10.1f} {np.percentile(lat_us, 99):>10.1f}")
-    return 0
+    return demo_main(args)
+
+
+def _run(args):
+    from .pipeline import main as run_main
+
+    return run_main(args)
+
+
+def _bench(args):
+    from .bench import run_bench
+
+    return run_bench(args)
 
 
 def main(argv=None):
@@ -93,18 +89,42 @@ def main(argv=None):
     p.add_argument("src")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--check", action="store_true",
-                   help="compare against the source framework on random input")
+                   help="compare against the source framework on random input; write OUT only "
+                        "if the max difference is within --tolerance")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="largest accepted max |engine - reference| (default 1e-4, float32)")
     p.set_defaults(func=_convert)
 
-    p = sub.add_parser("demo", help="step many simulated streams and report latency")
-    p.add_argument("--streams", type=int, default=4096)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--seconds", type=float, default=3.0)
-    p.add_argument("--input-size", type=int, default=6)
-    p.add_argument("--hidden-size", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None)
+    p = sub.add_parser("demo", help="replay the held-out BasicMotions recordings as thousands of "
+                                     "live streams, against onnxruntime")
+    p.add_argument("--streams", type=int, default=4096, help="simulated devices (default 4096)")
+    p.add_argument("--batch", type=int, default=256, help="events per micro-batch (default 256)")
+    p.add_argument("--events", type=int, default=None,
+                   help="stop after this many events (default: every recording to its end)")
+    p.add_argument("--seconds", type=float, default=20.0,
+                   help="wall-clock cap per contender (default 20)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="engine (Numba) and onnxruntime intra-op threads (default: one per core)")
+    p.add_argument("--model", default=None, help="model file (default: the shipped classifier)")
+    p.add_argument("--plot", default="default",
+                   help="PNG path for the latency plot, or 'none' (default: "
+                        "streamgru-demo.png in the temp directory)")
+    p.add_argument("--no-ort", action="store_true", help="skip the onnxruntime comparison")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("run", help="step a model over events from stdin or a file (JSON lines or "
+                                    "CSV), one output line per event")
+    from .pipeline import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("bench", help="time streamgru against onnxruntime and PyTorch on the "
+                                      "standard workloads; print a table, write JSON and a plot")
+    from .bench import add_arguments as bench_arguments
+
+    bench_arguments(p)
+    p.set_defaults(func=_bench)
 
     args = parser.parse_args(argv)
     try:

@@ -1,7 +1,13 @@
 """The streamgru command line, through a real subprocess where it matters."""
 
+import contextlib
+import io
+import pathlib
 import subprocess
 import sys
+import warnings
+
+import pytest
 
 from streamgru import GRUModel
 from streamgru.cli import main
@@ -29,3 +35,99 @@ def test_console_script_demo_runs():
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert "events/s" in r.stdout and "p99" in r.stdout
+
+
+# ---------------------------------------------------------------------------- convert --check
+
+FIX = pathlib.Path(__file__).parent / "fixtures"
+
+
+def _torch_source(tmp_path, kind):
+    """A small torch model saved as .onnx (legacy exporter), .pt or .safetensors state dict."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(7)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4))  # only to hold weights for the head
+    gru = torch.nn.GRU(4, 6, num_layers=2)
+    if kind == "pt":
+        sd = {"gru." + k: v for k, v in gru.state_dict().items()}
+        sd.update({"inp." + k: v for k, v in net[0].state_dict().items()})
+        torch.save(sd, tmp_path / "m.pt")
+        return tmp_path / "m.pt"
+    if kind == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file({"gru." + k: v for k, v in gru.state_dict().items()},
+                  str(tmp_path / "m.safetensors"))
+        return tmp_path / "m.safetensors"
+    pytest.importorskip("onnxruntime")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru, self.out = gru, torch.nn.Linear(6, 2)
+
+        def forward(self, x, h):
+            y, hn = self.gru(x, h)
+            return self.out(y), hn
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Net().eval(), (torch.randn(3, 2, 4), torch.randn(2, 2, 6)),
+                          str(tmp_path / "m.onnx"), dynamo=False, input_names=["x", "h"],
+                          output_names=["y", "hn"],
+                          dynamic_axes={"x": {0: "time", 1: "batch"}, "h": {1: "batch"},
+                                        "y": {0: "time", 1: "batch"}})
+    return tmp_path / "m.onnx"
+
+
+@pytest.mark.parametrize("kind", ["onnx", "pt", "safetensors", "keras", "h5", "rtneural"])
+def test_convert_check_passes_on_each_kind(tmp_path, capsys, kind):
+    if kind in ("keras", "h5"):
+        pytest.importorskip("h5py")
+    src = {"keras": FIX / "keras_seq_reset_after.keras", "h5": FIX / "keras_legacy_hard_sigmoid.h5",
+           "rtneural": FIX / "rtneural_seq_reset_after.json"}.get(kind) or _torch_source(tmp_path, kind)
+    out = tmp_path / "out.sgru"
+    assert main(["convert", str(src), "-o", str(out), "--check"]) == 0, capsys.readouterr()
+    text = capsys.readouterr().out
+    assert text.startswith("verify OK: max |engine - reference| = ") and "wrote" in text
+    framework = kind in ("onnx", "pt", "safetensors")
+    assert ("[framework check]" in text) == framework
+    assert ("CONSISTENCY CHECK ONLY" in text) == (not framework)
+    assert main(["info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert "linear_before_reset=1" in info and "parameters=" in info and "model source:" in info
+
+
+def test_convert_check_fails_on_a_wrong_model(tmp_path, capsys, monkeypatch):
+    src = _torch_source(tmp_path, "onnx")
+    import streamgru.formats
+
+    real = streamgru.formats.load(src)
+    # The same shapes with other weights: what a converter bug (e.g. a gate swap) looks like.
+    wrong = GRUModel.random(4, [6, 6], dense_after=[(2, "identity")], seed=1)
+    assert wrong.state_size == real.state_size
+    monkeypatch.setattr(streamgru.formats, "load", lambda path: wrong)
+    out = tmp_path / "out.sgru"
+    assert main(["convert", str(src), "-o", str(out), "--check"]) == 1
+    cap = capsys.readouterr()
+    assert cap.out.startswith("verify FAILED") and "check failed: max difference" in cap.err
+    assert "not written" in cap.err and not out.exists()
+
+
+def test_convert_tolerance_option(tmp_path, capsys):
+    src = _torch_source(tmp_path, "pt")
+    out = tmp_path / "out.sgru"
+    assert main(["convert", str(src), "-o", str(out), "--check", "--tolerance", "1e-3"]) == 0
+    assert "tolerance 0.001" in capsys.readouterr().out
+    assert main(["convert", str(src), "-o", str(out), "--check", "--tolerance", "-1"]) == 2
+    assert "tolerance: expected a non-negative float" in capsys.readouterr().err
+
+
+def test_convert_without_check_and_info_on_foreign_file(tmp_path, capsys):
+    out = tmp_path / "out.sgru"
+    assert main(["convert", str(FIX / "rtneural_func_reset_before.json"), "-o", str(out)]) == 0
+    assert "verify" not in capsys.readouterr().out and out.exists()
+    assert main(["info", str(FIX / "rtneural_func_reset_before.json")]) == 0
+    info = capsys.readouterr().out
+    assert "RTNeural JSON" in info and "linear_before_reset=0" in info
+    assert "model source: rtneural" in info and "hidden_size=7" in info

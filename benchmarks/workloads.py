@@ -1,0 +1,71 @@
+"""Seeded workloads and contenders for the pytest-benchmark suite (shared with `streamgru bench`).
+
+The workloads, the fair user-side state store and the onnxruntime / PyTorch contenders live in
+:mod:`streamgru.bench`; this module adds the float64 numpy oracle (tests/oracle.py) as a contender
+and picks the grid: the full one, or a reduced one for the smoke run (``--benchmark-disable``).
+"""
+
+import os
+
+import numpy as np
+import oracle
+
+from streamgru.bench import (
+    UserStore,
+    Workload,
+    _Baseline,
+    make_contender,
+    standard_workloads,
+)
+
+CONTENDERS = ("streamgru", "ort_run", "ort_iobinding", "torch", "numpy_oracle")
+
+
+def full():
+    return os.environ.get("STREAMGRU_BENCH", "full") == "full"
+
+
+def workloads():
+    if full():
+        return standard_workloads(quick=False)
+    # Smoke: every kind of workload once, small enough that building every contender and running
+    # each body once takes seconds.
+    return [
+        Workload("step I=16 H=64 n=1", 16, 64, 1),
+        Workload("step I=32 H=64 n=16", 32, 64, 16),
+        Workload("many I=32 H=64 n=256/5000", 32, 64, 256, streams=5000),
+        Workload("stack I=16 H=32 n=8", 16, 32, 8, layers="stack"),
+        Workload("duplicates I=16 H=32 n=16", 16, 32, 16, keys="duplicates"),
+        Workload("zipf I=16 H=32 n<=64/5000", 16, 32, 64, streams=5000, keys="zipf"),
+        Workload("run I=16 H=64 T=100", 16, 64, 1, seq=100),
+    ]
+
+
+def thread_counts():
+    return sorted({1, os.cpu_count() or 1}) if full() else [1]
+
+
+class OracleContender(_Baseline):
+    """The float64 numpy reference (tests/oracle.py) behind the same gather/run/scatter store."""
+
+    name = "numpy_oracle"
+
+    def __init__(self, model, threads):
+        super().__init__(model, threads)
+        self.store = UserStore(model.state_size, 1)
+        self.store.states = self.store.states.astype(np.float64)
+
+    def _step_rows(self, slots, x):
+        states = self.store.states
+        y, new = oracle.step(self.model, states[slots], x)
+        states[slots] = new
+        return y
+
+    def info(self):
+        return {"threads": self.threads, "blas": "numpy (OpenBLAS)", "dtype": "float64"}
+
+
+def contender(name, model, threads):
+    if name == "numpy_oracle":
+        return OracleContender(model, threads)
+    return make_contender(name, model, threads)

@@ -1,0 +1,855 @@
+"""``streamgru bench``: streamgru against onnxruntime and PyTorch on the workloads of a stream server.
+
+Every contender is driven the way a user must drive it. streamgru keeps each stream's state inside
+the engine; for onnxruntime and PyTorch the caller keeps a state store (a key -> slot dict and a
+``(capacity, state_size)`` array), gathers the states of this batch's streams, runs, and scatters
+the new states back. All contenders run the same weights: the torch modules and the ONNX graph are
+built from one :class:`~streamgru.GRUModel` and read back through :mod:`converters` (which must
+return the very same weights) before anything is timed.
+
+The contenders (``name``: what one timed call does):
+
+* ``streamgru``: ``engine.step(keys, x)``;
+* ``ort_run``: gather, ``InferenceSession.run``, scatter;
+* ``ort_iobinding``: gather into pre-bound buffers, ``run_with_iobinding``, scatter;
+* ``torch``: gather, ``nn.GRUCell``/``nn.Linear`` stack under ``torch.inference_mode``, scatter.
+
+Thread counts are set explicitly for every contender (onnxruntime ``intra_op_num_threads``,
+``torch.set_num_threads``, ``Engine(threads=...)``) and recorded with each result.
+
+Examples
+--------
+>>> from streamgru.bench import main_bench  # doctest: +SKIP
+>>> main_bench(["--quick", "--json", "bench.json"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from . import Engine, GRUModel
+
+__all__ = [
+    "Workload",
+    "UserStore",
+    "StreamgruContender",
+    "OrtContender",
+    "TorchContender",
+    "make_contender",
+    "standard_workloads",
+    "batches",
+    "sgemm_gflops",
+    "machine_info",
+    "main_bench",
+    "add_arguments",
+    "run_bench",
+]
+
+CONTENDERS = ("streamgru", "ort_run", "ort_iobinding", "torch")
+
+
+# ----------------------------------------------------------------------------------------------
+# workloads
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One benchmark workload.
+
+    Attributes
+    ----------
+    name : str
+        Also the pytest-benchmark group.
+    input_size, hidden_size : int
+        Of the one-layer model (ignored when ``model`` is given to :func:`make_model`).
+    n : int
+        Events per call (rows of ``x``).
+    streams : int
+        Open streams; each call draws ``n`` keys among them.
+    keys : {"distinct", "duplicates", "zipf"}
+        ``distinct``: n different keys per call; ``duplicates``: n//4 keys each 4 times;
+        ``zipf``: ragged batches (size uniform in [1, n]) of Zipf-distributed keys (a=1.2).
+    layers : {"gru", "stack"}
+        ``gru``: one GRU layer; ``stack``: Dense(relu) -> GRU -> GRU -> Dense(softmax).
+    seq : int
+        0 for ``step``; T > 0 times ``run(key, xs)`` over T steps of one stream.
+    """
+
+    name: str
+    input_size: int
+    hidden_size: int
+    n: int
+    streams: int = 0
+    keys: str = "distinct"
+    layers: str = "gru"
+    seq: int = 0
+
+    @property
+    def n_streams(self):
+        return self.streams or self.n
+
+
+def make_model(wl: Workload, seed=0) -> GRUModel:
+    """The seeded model of a workload (torch's default initialisation scale)."""
+    I, H = wl.input_size, wl.hidden_size
+    if wl.layers == "stack":
+        return GRUModel.random(I, [H, H], dense_before=[(H, "relu")], dense_after=[(16, "softmax")],
+                               seed=seed)
+    return GRUModel.random(I, [H], seed=seed)
+
+
+GRID_N = (1, 4, 16, 64, 256, 1024, 4096)
+GRID_H = (64, 128, 256, 512)
+
+
+def standard_workloads(quick=False):
+    """The standard list: the (n, H) grid (I = H, except I=16 at H=64), many streams, a stack,
+    duplicate keys, Zipf batches and sequences. ``quick`` keeps a representative few."""
+    wls = []
+    if quick:
+        grid = [(16, 64, 1), (128, 128, 1), (128, 128, 16), (128, 128, 256), (256, 256, 16)]
+    else:
+        grid = [(16 if H == 64 else H, H, n) for H in GRID_H for n in GRID_N]
+    for I, H, n in grid:
+        wls.append(Workload(f"step I={I} H={H} n={n}", I, H, n))
+    if quick:
+        wls.append(Workload("many I=128 H=128 n=1024/10000", 128, 128, 1024, streams=10_000))
+    else:
+        for H in (128, 256):
+            wls.append(Workload(f"many I={H} H={H} n=4096/100000", H, H, 4096, streams=100_000))
+    wls.append(Workload("stack I=32 H=128 n=64", 32, 128, 64, layers="stack"))
+    wls.append(Workload("duplicates I=64 H=128 n=256", 64, 128, 256, keys="duplicates"))
+    if not quick:
+        wls.append(Workload("zipf I=64 H=128 n<=512/100000", 64, 128, 512, streams=100_000,
+                            keys="zipf"))
+    for I, H in ((16, 64), (128, 128)) if quick else ((16, 64), (128, 128), (256, 256)):
+        wls.append(Workload(f"run I={I} H={H} T=100", I, H, 1, seq=100))
+    return wls
+
+
+def batches(wl: Workload, count, seed=0):
+    """``count`` (keys, x) pairs for a workload: keys an int64 array, x float32 (len(keys), I)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        if wl.keys == "duplicates":
+            k = rng.choice(wl.n_streams, size=max(wl.n // 4, 1), replace=False)
+            keys = np.repeat(k, 4)[: wl.n]
+            rng.shuffle(keys)
+        elif wl.keys == "zipf":
+            m = int(rng.integers(1, wl.n + 1))
+            keys = (rng.zipf(1.2, size=m) - 1) % wl.n_streams
+        elif wl.n_streams == wl.n:
+            keys = np.arange(wl.n)
+        else:
+            keys = rng.choice(wl.n_streams, size=wl.n, replace=False)
+        x = rng.normal(size=(len(keys), wl.input_size)).astype(np.float32)
+        out.append((keys.astype(np.int64), x))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the user-side state store of the baselines
+
+
+class UserStore:
+    """What a user keeps around onnxruntime or torch: key -> slot, and every stream's state.
+
+    ``states``: (capacity, state_size) float32. ``waves(keys)`` splits a batch with repeated keys
+    into runs of distinct keys, in order, so each key's steps happen one after another.
+    """
+
+    def __init__(self, state_size, n_streams):
+        self.states = np.zeros((max(n_streams, 1), state_size), np.float32)
+        self.slot_of = {}
+
+    def slots(self, keys):
+        slot_of = self.slot_of
+        out = np.empty(len(keys), np.int64)
+        for i, k in enumerate(keys.tolist()):
+            s = slot_of.get(k)
+            if s is None:
+                s = slot_of[k] = len(slot_of)
+                if s >= self.states.shape[0]:
+                    grown = np.zeros((2 * s, self.states.shape[1]), np.float32)
+                    grown[:s] = self.states
+                    self.states = grown
+            out[i] = s
+        return out
+
+    @staticmethod
+    def waves(slots):
+        """None if the slots are distinct, else a list of index arrays (one per wave)."""
+        if len(np.unique(slots)) == len(slots):
+            return None
+        seen, wave_of = {}, np.empty(len(slots), np.int64)
+        for i, s in enumerate(slots.tolist()):
+            wave_of[i] = seen.get(s, 0)
+            seen[s] = wave_of[i] + 1
+        return [np.flatnonzero(wave_of == w) for w in range(int(wave_of.max()) + 1)]
+
+
+# ----------------------------------------------------------------------------------------------
+# contenders
+
+
+class StreamgruContender:
+    name = "streamgru"
+
+    def __init__(self, model, threads):
+        self.engine = Engine(model, threads=threads)
+        self.threads = threads
+
+    def open(self, keys):
+        state = np.zeros(self.engine.model.state_size, np.float32)
+        for k in keys.tolist():
+            if k not in self.engine:
+                self.engine.open(k, state)
+
+    def step(self, keys, x):
+        return self.engine.step(keys, x)
+
+    def run(self, key, xs):
+        return self.engine.run(key, xs)
+
+    def info(self):
+        return {"threads": self.threads}
+
+
+class _Baseline:
+    """Shared gather / run / scatter logic of the framework contenders."""
+
+    def __init__(self, model, threads):
+        self.model = model
+        self.threads = threads
+        self.store = UserStore(model.state_size, 1)
+        self.h_slices = [slice(s.start, s.stop) for s in model.state_slices]
+
+    def open(self, keys):
+        self.store.slots(np.asarray(keys))
+
+    def step(self, keys, x):
+        slots = self.store.slots(keys)
+        waves = UserStore.waves(slots)
+        if waves is None:
+            return self._step_rows(slots, x)
+        y = np.empty((len(slots), self.model.output_size), np.float32)
+        for rows in waves:
+            y[rows] = self._step_rows(slots[rows], x[rows])
+        return y
+
+    def _step_rows(self, slots, x):
+        states = self.store.states
+        hs = [states[slots, s] for s in self.h_slices]  # fancy indexing: gathered copies
+        y, new = self._forward(x, hs)
+        for s, h in zip(self.h_slices, new):
+            states[slots, s] = h
+        return y
+
+    def run(self, key, xs):
+        ys = np.empty((len(xs), self.model.output_size), np.float32)
+        keys = np.array([key])
+        for t in range(len(xs)):
+            ys[t] = self.step(keys, xs[t:t + 1])[0]
+        return ys
+
+
+def onnx_graph(model, seq=False):
+    """An ONNX model of ``model`` built with onnx.helper: inputs ``x`` (T=1 or T, n, I) and
+    ``h{l}`` (1, n, H) per GRU layer; outputs ``y`` and ``h{l}_out``."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits, inputs, outputs = [], [], [], []
+    T = "T" if seq else 1
+    inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, [T, "n", model.input_size]))
+    cur, gi = "x", 0
+    acts = {"relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid", "softmax": "Softmax"}
+    for li, layer in enumerate(model.layers):
+        if layer.kind == "gru":
+            H = layer.hidden_size
+            W = numpy_helper.from_array(layer.W[None].astype(np.float32), f"W{li}")
+            R = numpy_helper.from_array(layer.R[None].astype(np.float32), f"R{li}")
+            B = numpy_helper.from_array(np.concatenate([layer.Wb, layer.Rb])[None].astype(np.float32),
+                                        f"B{li}")
+            inits += [W, R, B]
+            inputs.append(helper.make_tensor_value_info(f"h{gi}", TensorProto.FLOAT, [1, "n", H]))
+            outputs.append(helper.make_tensor_value_info(f"h{gi}_out", TensorProto.FLOAT,
+                                                         [1, "n", H]))
+            names = [f"Y{li}", f"h{gi}_out"]
+            f, g = layer.f[0], layer.g[0]
+            nodes.append(helper.make_node(
+                "GRU", [cur, f"W{li}", f"R{li}", f"B{li}", "", f"h{gi}"], names, hidden_size=H,
+                linear_before_reset=layer.linear_before_reset,
+                activations=[acts[f], acts[g]]))
+            # Y: (T, 1, n, H) -> (T, n, H)
+            nodes.append(helper.make_node("Squeeze", [f"Y{li}", "ax1"], [f"Ys{li}"]))
+            cur = f"Ys{li}"
+            gi += 1
+        else:
+            inits.append(numpy_helper.from_array(np.ascontiguousarray(layer.W.T, np.float32), f"D{li}"))
+            inits.append(numpy_helper.from_array(layer.b.astype(np.float32), f"b{li}"))
+            nodes.append(helper.make_node("MatMul", [cur, f"D{li}"], [f"m{li}"]))
+            nodes.append(helper.make_node("Add", [f"m{li}", f"b{li}"], [f"a{li}"]))
+            name = layer.activation[0]
+            if name == "identity":
+                nodes.append(helper.make_node("Identity", [f"a{li}"], [f"o{li}"]))
+            elif name == "softmax":
+                nodes.append(helper.make_node("Softmax", [f"a{li}"], [f"o{li}"], axis=-1))
+            else:
+                nodes.append(helper.make_node(acts[name], [f"a{li}"], [f"o{li}"]))
+            cur = f"o{li}"
+    inits.append(numpy_helper.from_array(np.array([1], np.int64), "ax1"))
+    nodes.append(helper.make_node("Identity", [cur], ["y"]))
+    outputs.insert(0, helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                    [T, "n", model.output_size]))
+    graph = helper.make_graph(nodes, "streamgru_bench", inputs, outputs, inits)
+    # onnxruntime 1.31 refuses IR versions above 10.
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    onnx.checker.check_model(m)
+    return m
+
+
+def _check_same_weights(model, other, who):
+    """Refuse to benchmark a contender whose weights (read back by our converter) differ."""
+    if len(model.layers) != len(other.layers):
+        raise RuntimeError(f"{who}: converter read {len(other.layers)} layers, expected "
+                           f"{len(model.layers)}")
+    for a, b in zip(model.layers, other.layers):
+        names = ("W", "R", "Wb", "Rb") if a.kind == "gru" else ("W", "b")
+        for nm in names:
+            if not np.array_equal(np.asarray(getattr(a, nm), np.float32),
+                                  np.asarray(getattr(b, nm), np.float32)):
+                raise RuntimeError(f"{who}: converter read different {nm} for a {a.kind} layer")
+
+
+class OrtContender(_Baseline):
+    """onnxruntime, ``run`` or (``iobinding=True``) ``run_with_iobinding`` on pre-bound buffers."""
+
+    def __init__(self, model, threads, iobinding=False):
+        import onnxruntime as ort
+
+        from converters import from_onnx
+
+        super().__init__(model, threads)
+        self.name = "ort_iobinding" if iobinding else "ort_run"
+        onnx_model = onnx_graph(model)
+        _check_same_weights(model, from_onnx(onnx_model), "onnx")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.sess = ort.InferenceSession(onnx_model.SerializeToString(), so,
+                                         providers=["CPUExecutionProvider"])
+        self.iobinding = iobinding
+        self.n_gru = len(self.h_slices)
+        self.out_names = ["y"] + [f"h{g}_out" for g in range(self.n_gru)]
+        self._bound = {}
+        self.ort_version = ort.__version__
+
+    def _forward(self, x, hs):
+        n = x.shape[0]
+        if not self.iobinding:
+            feeds = {"x": x[None]}
+            for g, h in enumerate(hs):
+                feeds[f"h{g}"] = h[None]
+            res = self.sess.run(self.out_names, feeds)
+            return res[0][0], [r[0] for r in res[1:]]
+        io, bufs = self._binding(n)
+        bufs["x"][0] = x
+        for g, h in enumerate(hs):
+            bufs[f"h{g}"][0] = h
+        self.sess.run_with_iobinding(io)
+        return bufs["y"][0], [bufs[f"h{g}_out"][0] for g in range(self.n_gru)]
+
+    def _step_rows(self, slots, x):
+        if not self.iobinding:
+            return super()._step_rows(slots, x)
+        # The savvy user: gather straight into the bound input buffers, scatter from the outputs.
+        io, bufs = self._binding(len(slots))
+        states = self.store.states
+        bufs["x"][0] = x
+        for g, s in enumerate(self.h_slices):
+            np.take(states[:, s], slots, axis=0, out=bufs[f"h{g}"][0])
+        self.sess.run_with_iobinding(io)
+        for g, s in enumerate(self.h_slices):
+            states[slots, s] = bufs[f"h{g}_out"][0]
+        return bufs["y"][0].copy()
+
+    def _binding(self, n):
+        got = self._bound.get(n)
+        if got is not None:
+            return got
+        io = self.sess.io_binding()
+        bufs = {"x": np.zeros((1, n, self.model.input_size), np.float32)}
+        for g, s in enumerate(self.h_slices):
+            bufs[f"h{g}"] = np.zeros((1, n, s.stop - s.start), np.float32)
+            bufs[f"h{g}_out"] = np.zeros((1, n, s.stop - s.start), np.float32)
+        bufs["y"] = np.zeros((1, n, self.model.output_size), np.float32)
+        for name, arr in bufs.items():
+            if name.endswith("_out") or name == "y":
+                io.bind_output(name, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
+            else:
+                io.bind_input(name, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
+        self._bound[n] = (io, bufs)
+        return io, bufs
+
+    def info(self):
+        return {"threads": self.threads, "intra_op_num_threads": self.threads,
+                "onnxruntime": self.ort_version}
+
+
+class OrtSequence:
+    """onnxruntime running a whole T-step sequence of one stream in one call (the ``run`` peer)."""
+
+    name = "ort_sequence"
+
+    def __init__(self, model, threads):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        self.threads = threads
+        self.sess = ort.InferenceSession(onnx_graph(model, seq=True).SerializeToString(), so,
+                                         providers=["CPUExecutionProvider"])
+        self.state = np.zeros(model.state_size, np.float32)
+        self.h_slices = [slice(s.start, s.stop) for s in model.state_slices]
+        self.out_names = ["y"] + [f"h{g}_out" for g in range(len(self.h_slices))]
+
+    def open(self, keys):
+        pass
+
+    def run(self, key, xs):
+        feeds = {"x": xs[:, None, :]}
+        for g, s in enumerate(self.h_slices):
+            feeds[f"h{g}"] = self.state[s][None, None]
+        res = self.sess.run(self.out_names, feeds)
+        for s, h in zip(self.h_slices, res[1:]):
+            self.state[s] = h[0, 0]
+        return res[0][:, 0]
+
+    def info(self):
+        return {"threads": self.threads, "intra_op_num_threads": self.threads}
+
+
+class TorchContender(_Baseline):
+    """PyTorch: ``nn.GRUCell`` per GRU layer, ``nn.Linear`` + activation per Dense layer."""
+
+    name = "torch"
+
+    def __init__(self, model, threads):
+        import torch
+
+        from converters import from_torch
+
+        super().__init__(model, threads)
+        torch.set_num_threads(threads)
+        self.torch = torch
+        mods, acts = [], []
+        for layer in model.layers:
+            if layer.kind == "gru":
+                if layer.linear_before_reset != 1 or layer.f[0] != "sigmoid" or layer.g[0] != "tanh" \
+                        or layer.clip is not None:
+                    raise ValueError("torch: expected a GRU layer torch can run (sigmoid/tanh, "
+                                     "linear_before_reset=1, no clip)")
+                cell = torch.nn.GRUCell(layer.input_size, layer.hidden_size)
+                H = layer.hidden_size
+
+                def rzn(a, H=H):  # ours (z, r, n) -> torch's (r, z, n)
+                    return torch.tensor(np.concatenate([a[H:2 * H], a[:H], a[2 * H:]]),
+                                        dtype=torch.float32)
+                with torch.no_grad():
+                    cell.weight_ih.copy_(rzn(layer.W))
+                    cell.weight_hh.copy_(rzn(layer.R))
+                    cell.bias_ih.copy_(rzn(layer.Wb))
+                    cell.bias_hh.copy_(rzn(layer.Rb))
+                mods.append(cell)
+                acts.append(None)
+            else:
+                lin = torch.nn.Linear(layer.input_size, layer.output_size)
+                with torch.no_grad():
+                    lin.weight.copy_(torch.tensor(layer.W, dtype=torch.float32))
+                    lin.bias.copy_(torch.tensor(layer.b, dtype=torch.float32))
+                mods.append(lin)
+                acts.append(layer.activation[0])
+        self.mods, self.acts = mods, acts
+        _check_same_weights(model, from_torch(torch.nn.Sequential(*mods)), "torch")
+        fns = {"identity": lambda v: v, "relu": torch.relu, "tanh": torch.tanh,
+               "sigmoid": torch.sigmoid, "softmax": lambda v: torch.softmax(v, -1)}
+        self.fns = [fns[a] if a is not None else None for a in acts]
+        self.torch_version = torch.__version__
+
+    def _forward(self, x, hs):
+        torch = self.torch
+        new = []
+        with torch.inference_mode():
+            v = torch.from_numpy(x)
+            gi = 0
+            for mod, fn in zip(self.mods, self.fns):
+                if fn is None:
+                    v = mod(v, torch.from_numpy(hs[gi]))
+                    new.append(v.numpy())
+                    gi += 1
+                else:
+                    v = fn(mod(v))
+            return v.numpy(), new
+
+    def info(self):
+        return {"threads": self.threads, "torch_num_threads": self.threads,
+                "torch": self.torch_version}
+
+
+def make_contender(name, model, threads):
+    """A contender by name (see :data:`CONTENDERS`), weights checked, ready to time."""
+    if name == "streamgru":
+        return StreamgruContender(model, threads)
+    if name == "ort_run":
+        return OrtContender(model, threads)
+    if name == "ort_iobinding":
+        return OrtContender(model, threads, iobinding=True)
+    if name == "ort_sequence":
+        return OrtSequence(model, threads)
+    if name == "torch":
+        return TorchContender(model, threads)
+    raise ValueError(f"contender: expected one of {CONTENDERS + ('ort_sequence',)}, got {name!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# timing
+
+
+def time_calls(fn, args_list, min_seconds, min_calls=5, max_calls=100_000):
+    """Call ``fn(*args)`` cycling over ``args_list`` for about ``min_seconds``; seconds per call."""
+    out = []
+    t_end = time.perf_counter() + min_seconds
+    i = 0
+    m = len(args_list)
+    perf = time.perf_counter
+    while (perf() < t_end or len(out) < min_calls) and len(out) < max_calls:
+        a = args_list[i % m]
+        i += 1
+        t0 = perf()
+        fn(*a)
+        out.append(perf() - t0)
+    return out
+
+
+_SGEMM = """
+import json, sys, time, numpy as np
+out = {}
+try:
+    import threadpoolctl
+    info = [i for i in threadpoolctl.threadpool_info() if i.get("internal_api") == "openblas"]
+    out["openblas_architecture"] = info[0].get("architecture") if info else None
+except ImportError:
+    out["openblas_architecture"] = None
+n = int(sys.argv[1])
+a = np.random.default_rng(0).random((n, n), dtype=np.float32)
+c = np.empty_like(a)
+np.matmul(a, a, out=c)
+best = 1e9
+for _ in range(5):
+    t0 = time.perf_counter(); np.matmul(a, a, out=c); best = min(best, time.perf_counter() - t0)
+out["gflops"] = 2 * n ** 3 / best / 1e9
+print(json.dumps(out))
+"""
+
+
+def sgemm_gflops(threads, size=2048, clean_env=True):
+    """numpy float32 matmul (size^3) GFLOP/s on ``threads`` BLAS threads, in a subprocess.
+
+    ``clean_env`` drops OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE there, so OpenBLAS picks its best
+    kernel for this CPU (the peak the engine is compared with). Returns a dict with ``gflops``
+    and ``openblas_architecture`` (from threadpoolctl, if installed).
+    """
+    import subprocess
+
+    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
+               MKL_NUM_THREADS=str(threads))
+    if clean_env:
+        env.pop("OPENBLAS_CORETYPE", None)
+        env.pop("OPENBLAS_L2_SIZE", None)
+    res = subprocess.run([sys.executable, "-c", _SGEMM, str(size)], env=env, capture_output=True,
+                         text=True, timeout=300, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def machine_info():
+    """CPU model, core count, library versions and BLAS environment, for the results."""
+    import numba
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "numpy": np.__version__, "numba": numba.__version__,
+            "numba_threading_layer_env": os.environ.get("NUMBA_THREADING_LAYER"),
+            "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
+            "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE"),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    try:
+        info["loadavg_1min"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    for mod in ("onnxruntime", "torch"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            info[mod] = None
+    from . import __version__
+
+    info["streamgru"] = __version__
+    return info
+
+
+@dataclass
+class Result:
+    workload: str
+    contender: str
+    threads: int
+    median_us: float
+    p99_us: float
+    events_per_s: float
+    n: int
+    hidden_size: int
+    calls: int
+    gflops: float
+    extra: dict = field(default_factory=dict)
+
+
+def _flops_per_event(model):
+    return sum(2 * (layer.W.size + getattr(layer, "R", layer.W[:0]).size) for layer in model.layers)
+
+
+def run_workload(wl, contenders, threads, seconds, rounds=3, model=None, progress=None):
+    """Time every contender on one workload, interleaved in ``rounds`` so that drifting machine
+    load hits all of them alike. Returns a list of :class:`Result`."""
+    model = model if model is not None else make_model(wl)
+    if wl.seq:
+        rng = np.random.default_rng(1)
+        argsets = [(0, rng.normal(size=(wl.seq, model.input_size)).astype(np.float32))
+                   for _ in range(4)]
+        names = [c for c in contenders if c != "ort_iobinding"]
+        if "ort_run" in names:
+            names.insert(names.index("ort_run"), "ort_sequence")
+    else:
+        argsets = batches(wl, 16)
+        names = list(contenders)
+    built = {}
+    for name in names:
+        try:
+            c = make_contender(name, model, threads)
+        except (ImportError, ValueError, KeyError) as exc:  # framework missing or cannot run it
+            if progress:
+                progress(f"  {name}: skipped ({exc})")
+            continue
+        if wl.seq:
+            c.open(np.array([0]))
+            c.run(*argsets[0])
+        else:
+            c.open(np.arange(wl.n_streams))
+            c.step(*argsets[0])
+        built[name] = c
+    times = {name: [] for name in built}
+    for _ in range(rounds):
+        for name, c in built.items():
+            fn = c.run if wl.seq else c.step
+            times[name] += time_calls(fn, argsets, seconds / rounds)
+    results = []
+    events = np.mean([wl.seq if wl.seq else len(a[0]) for a in argsets])
+    flops = _flops_per_event(model)
+    for name, ts in times.items():
+        ts = np.asarray(ts) * 1e6
+        med = float(np.median(ts))
+        mean = float(ts.mean())
+        res = Result(wl.name, name, threads, med, float(np.percentile(ts, 99)),
+                     events / mean * 1e6, wl.n if not wl.seq else wl.seq, wl.hidden_size, len(ts),
+                     flops * events / med / 1e3, built[name].info())
+        if wl.seq:
+            res.extra["us_per_step"] = med / wl.seq
+        results.append(res)
+        if progress:
+            progress(f"  {name:14s} {threads}t  median {med:10.1f} us  p99 {res.p99_us:10.1f} us")
+    return results
+
+
+def speedups(results):
+    """{(workload, threads): {peer: peer median / streamgru median}}."""
+    by = {}
+    for r in results:
+        by.setdefault((r.workload, r.threads), {})[r.contender] = r.median_us
+    out = {}
+    for key, meds in by.items():
+        if "streamgru" in meds:
+            out[key] = {c: m / meds["streamgru"] for c, m in meds.items() if c != "streamgru"}
+    return out
+
+
+def format_table(results):
+    sp = speedups(results)
+    lines = [f"{'workload':34s} {'thr':>3s} {'contender':14s} {'median us':>11s} {'p99 us':>11s} "
+             f"{'events/s':>12s} {'GFLOP/s':>8s} {'sg speed-up':>11s}"]
+    for r in results:
+        ratio = sp.get((r.workload, r.threads), {}).get(r.contender)
+        lines.append(f"{r.workload:34s} {r.threads:3d} {r.contender:14s} {r.median_us:11.1f} "
+                     f"{r.p99_us:11.1f} {r.events_per_s:12.0f} {r.gflops:8.1f} "
+                     f"{'' if ratio is None else f'{ratio:10.2f}x':>11s}")
+    return "\n".join(lines)
+
+
+def plot(results, path):
+    """Latency vs number of streams, one line per contender and thread count, one panel per H."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    step = [r for r in results if r.workload.startswith("step ")]
+    hs = sorted({r.hidden_size for r in step}) or [0]
+    fig, axes = plt.subplots(1, len(hs), figsize=(4.5 * len(hs), 4), squeeze=False)
+    for ax, H in zip(axes[0], hs):
+        lines = {}
+        for r in step:
+            if r.hidden_size == H:
+                lines.setdefault((r.contender, r.threads), []).append((r.n, r.median_us))
+        for (name, t), pts in sorted(lines.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                    label=f"{name} {t}t", linestyle="-" if name == "streamgru" else "--")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("streams per call (n)")
+        ax.set_ylabel("median us per step call")
+        ax.set_title(f"H={H}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def add_arguments(p):
+    """The options of ``streamgru bench`` (shared by the CLI and :func:`main_bench`)."""
+    p.add_argument("--model", help="a model file (any format streamgru.load reads); default: "
+                   "the seeded one-layer models of the standard workloads")
+    p.add_argument("--threads", type=int, action="append",
+                   help="thread count for every contender (repeatable; default: 1 and all cores)")
+    p.add_argument("--quick", action="store_true", help="a representative few workloads, <1 min")
+    p.add_argument("--seconds", type=float, default=None, help="timing per contender/workload")
+    p.add_argument("--only", default=None, help="run workloads whose name contains this text")
+    p.add_argument("--contenders", default=",".join(CONTENDERS))
+    p.add_argument("--json", default="bench.json", help="write results here (default bench.json)")
+    p.add_argument("--plot", default="bench.png", help="write the latency plot here")
+    p.add_argument("--no-sgemm", action="store_true", help="skip the sgemm peak measurement")
+    p.add_argument("--cluster", action="store_true",
+                   help="instead: ShardedEngine on local Ray, Zipf events through 1 and 2 shards "
+                        "against a local Engine (needs the ray extra)")
+    p.add_argument("--keys", type=int, default=1_000_000, help="--cluster: number of stream keys")
+
+
+def main_bench(argv=None):
+    """``streamgru bench`` as a function: parse ``argv`` and run; returns the exit status."""
+    p = argparse.ArgumentParser(prog="streamgru bench",
+                                description="streamgru vs onnxruntime vs PyTorch")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
+    return run_bench(args)
+
+
+def run_bench(args):
+    """Run the benchmark described by parsed ``args`` (see :func:`add_arguments`)."""
+    if getattr(args, "cluster", False):
+        return _run_cluster(args)
+    threads = args.threads or sorted({1, os.cpu_count() or 1})
+    for t in threads:
+        if t < 1:
+            raise ValueError(f"--threads: expected a positive int, got {t}")
+    seconds = args.seconds if args.seconds is not None else (0.25 if args.quick else 1.5)
+    contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    for c in contenders:
+        if c not in CONTENDERS:
+            raise ValueError(f"--contenders: expected names from {','.join(CONTENDERS)}, got {c!r}")
+    model = None
+    if args.model:
+        from .formats import load
+
+        model = load(args.model)
+        wls = [Workload(f"step n={n} ({os.path.basename(args.model)})", model.input_size,
+                        getattr(model.layers[-1], "hidden_size", model.output_size), n,
+                        layers="file") for n in ((1, 16, 256) if args.quick else GRID_N)]
+    else:
+        wls = standard_workloads(quick=args.quick)
+    if args.only:
+        wls = [w for w in wls if args.only in w.name]
+    info = machine_info()
+    info["command"] = " ".join(["streamgru", "bench"] + getattr(args, "argv", sys.argv[2:]))
+    print(f"streamgru bench: {len(wls)} workloads x {len(contenders)} contenders x threads "
+          f"{threads}; {info['cpu']}, {info['cores']} cores", flush=True)
+    results = []
+    t0 = time.perf_counter()
+    for i, wl in enumerate(wls):
+        for t in threads:
+            print(f"[{i + 1}/{len(wls)}] {wl.name}, {t} thread(s)", flush=True)
+            results += run_workload(wl, contenders, t, seconds, model=model,
+                                    progress=lambda s: print(s, flush=True))
+    if not args.no_sgemm:
+        info["sgemm"] = {}
+        for t in threads:
+            try:
+                info["sgemm"][t] = sgemm_gflops(t, 1024 if args.quick else 2048)
+            except Exception as exc:  # noqa: BLE001 - a missing peak must not lose the results
+                info["sgemm"][t] = {"error": str(exc)}
+    print()
+    print(format_table(results))
+    if "sgemm" in info:
+        for t, s in info["sgemm"].items():
+            if "gflops" in s:
+                print(f"sgemm peak (numpy, {t} thread(s), OpenBLAS kernel "
+                      f"{s.get('openblas_architecture')}): {s['gflops']:.0f} GFLOP/s")
+    print(f"total {time.perf_counter() - t0:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "results": [asdict(r) for r in results],
+                       "speedups": {f"{w} | {t}t": v for (w, t), v in speedups(results).items()}},
+                      f, indent=1, default=str)
+        print(f"wrote {args.json}")
+    if args.plot:
+        try:
+            plot(results, args.plot)
+            print(f"wrote {args.plot}")
+        except ImportError:
+            print("--plot: matplotlib is not installed (pip install streamgru[bench])",
+                  file=sys.stderr)
+    return 0
+
+
+def _run_cluster(args):
+    """``streamgru bench --cluster``: see :func:`streamgru.cluster.run_cluster_benchmark`."""
+    if args.keys < 1:
+        raise ValueError(f"--keys: expected a positive int, got {args.keys}")
+    from .cluster import run_cluster_benchmark
+
+    res = run_cluster_benchmark(keys=args.keys, batches=40 if args.quick else 200,
+                                fill=not args.quick)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+        print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,64 @@
+"""`streamgru bench --quick` end to end in a subprocess (tiny settings), and what it writes.
+
+No timing is asserted: only that the command runs, prints the table, and writes a JSON with one
+result per contender and workload and a PNG plot. The contenders' agreement with each other is
+checked by the benchmark itself before timing (weights read back through our converters).
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("matplotlib")
+
+
+def test_bench_quick_writes_table_json_and_plot(tmp_path):
+    out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
+    cmd = [sys.executable, "-m", "streamgru.cli", "bench", "--quick", "--threads", "1",
+           "--seconds", "0.01", "--only", "H=64", "--no-sgemm", "--json", str(out_json),
+           "--plot", str(out_png)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "median us" in res.stdout and "streamgru" in res.stdout
+    data = json.loads(out_json.read_text())
+    got = {(r["workload"], r["contender"]) for r in data["results"]}
+    assert ("step I=16 H=64 n=1", "streamgru") in got
+    assert ("step I=16 H=64 n=1", "ort_run") in got
+    assert ("run I=16 H=64 T=100", "ort_sequence") in got
+    assert all(r["median_us"] > 0 and r["threads"] == 1 for r in data["results"])
+    assert data["machine"]["cores"] >= 1
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_baselines_agree_with_oracle_including_duplicate_keys():
+    """The fair baselines (user-side store, waves for repeated keys) compute the same steps."""
+    import oracle
+
+    from streamgru.bench import CONTENDERS, UserStore, Workload, batches, make_contender, make_model
+
+    wl = Workload("t", 8, 16, 12, streams=10, keys="duplicates", layers="stack")
+    model = make_model(wl)
+    contenders = {}
+    for name in CONTENDERS:
+        try:
+            contenders[name] = make_contender(name, model, 1)
+        except ImportError:
+            continue
+    ref = np.zeros((wl.n_streams, model.state_size))
+    for keys, x in batches(wl, 3):
+        y_ref = np.zeros((len(keys), model.output_size))
+        for rows in UserStore.waves(keys) or [np.arange(len(keys))]:
+            y, ref[keys[rows]] = oracle.step(model, ref[keys[rows]], x[rows])
+            y_ref[rows] = y
+        for name, c in contenders.items():
+            np.testing.assert_allclose(c.step(keys, x), y_ref, atol=1e-5, rtol=0, err_msg=name)
+
+
+def test_bench_rejects_bad_threads():
+    from streamgru.cli import main
+
+    assert main(["bench", "--threads", "0", "--no-sgemm", "--json", "", "--plot", ""]) == 2
