@@ -1,0 +1,582 @@
+"""``streamgru demo``: thousands of simulated smart watches through one engine, against onnxruntime.
+
+The workload
+------------
+The default model (``streamgru/data/basic_motions_gru.sgru``, made by
+``examples/train_default_model.py``) classifies a smart watch's activity (Standing, Running,
+Walking, Badminton) at every 10 Hz sample of its 3-D accelerometer and gyroscope. The demo
+simulates ``streams`` devices; device ``d`` replays held-out recording ``d % 40`` (100 steps)
+from its first sample, starting at a random tick in ``[0, 100)``, so at any moment the devices
+are at different points of their recordings. Events are ordered by tick, devices shuffled
+within a tick, and cut into micro-batches of ``batch`` events, as a broker would deliver them;
+a device may appear twice in one micro-batch when the batch spans two ticks.
+
+Each micro-batch is one call of ``Engine.step(keys, x)``, timed alone. When onnxruntime is
+installed the same events go through an ONNX model made from the same weights (ONNX ``GRU``,
+``MatMul``, ``Add``, ``Softmax``) with the states kept where a user would keep them: a
+key -> slot dict and one array per layer; every micro-batch gathers its streams' states, runs,
+and scatters the new states back (a device listed twice in a batch is run in two waves, since
+one ORT call steps every row from the same old state). That user-side work is inside the timing.
+
+The accuracy is read at each device's last step; every device replaying the same recording
+must agree, and the accuracy over the 40 recordings must equal the PyTorch model's, recorded at
+training time in ``basic_motions_gru.json`` (tests/test_demo.py checks it against torch itself).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .formats import load
+from .model import GRUModel
+
+__all__ = ["DATA_DIR", "DEFAULT_MODEL", "DefaultData", "DemoResult", "load_default", "make_workload",
+           "run_demo", "to_onnx"]
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+DEFAULT_MODEL = DATA_DIR / "basic_motions_gru.sgru"
+HELDOUT = DATA_DIR / "basic_motions_heldout.npz"
+RECORD = DATA_DIR / "basic_motions_gru.json"
+
+
+@dataclass(frozen=True)
+class DefaultData:
+    """The shipped default model, its held-out data and its training record.
+
+    Attributes
+    ----------
+    model : GRUModel
+        GRU(6->64) x2 -> Dense(64->4, softmax).
+    x : numpy.ndarray, (40, 100, 6) float32
+        The held-out recordings, raw sensor values (accelerometer xyz, gyroscope xyz).
+    y : numpy.ndarray, (40,) int64
+        Their class indices into ``classes``.
+    classes : tuple of str
+    record : dict
+        The training record (``basic_motions_gru.json``): accuracy, seed, versions, hashes.
+    """
+
+    model: GRUModel
+    x: np.ndarray
+    y: np.ndarray
+    classes: tuple
+    record: dict
+
+    @property
+    def reference_accuracy(self):
+        """PyTorch's held-out accuracy at sequence end, measured when the model was trained."""
+        return float(self.record["heldout_accuracy_at_sequence_end"]["torch"])
+
+
+def load_default():
+    """Load the default model, the held-out slice and the training record (no download).
+
+    Examples
+    --------
+    >>> from streamgru.demo import load_default
+    >>> d = load_default()
+    >>> d.model.input_size, d.model.output_size, d.x.shape, d.classes[:2]
+    (6, 4, (40, 100, 6), ('Standing', 'Running'))
+    """
+    with np.load(HELDOUT) as f:
+        x, y, classes = f["x"], f["y"], tuple(str(c) for c in f["classes"])
+    record = json.loads(RECORD.read_text())
+    return DefaultData(load(DEFAULT_MODEL), x, y, classes, record)
+
+
+@dataclass
+class Workload:
+    """Events in broker order. ``keys`` (E,) int64 device ids; ``x`` (E, input_size) float32;
+    ``last`` (E,) bool: the device's final event; ``seq`` (streams,) the recording each replays;
+    ``steps``: the length of a recording."""
+
+    keys: np.ndarray
+    x: np.ndarray
+    last: np.ndarray
+    seq: np.ndarray
+    steps: int
+
+
+def make_workload(x, streams, seed=0):
+    """Interleave ``streams`` replays of the recordings ``x`` (n, T, I) in broker order.
+
+    Device ``d`` replays recording ``d % n`` from its first step, starting at a random tick in
+    ``[0, T)``; events are sorted by tick, devices shuffled within a tick.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> w = make_workload(np.zeros((2, 5, 3), np.float32), streams=4)
+    >>> w.keys.shape, w.x.shape, int(w.last.sum()), w.seq.tolist()
+    ((20,), (20, 3), 4, [0, 1, 0, 1])
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 3:
+        raise ValueError(f"x: expected recordings of shape (n, T, input_size), got {x.shape}")
+    if isinstance(streams, bool) or not isinstance(streams, (int, np.integer)) or streams < 1:
+        raise ValueError(f"streams: expected a positive int, got {streams!r}")
+    n, T, _ = x.shape
+    rng = np.random.default_rng(seed)
+    seq = np.arange(streams) % n
+    start = rng.integers(0, T, size=streams)
+    dev = np.repeat(np.arange(streams), T)
+    t = np.tile(np.arange(T), streams)
+    tick = start[dev] + t
+    order = np.lexsort((rng.random(dev.size), tick))  # by tick, random within a tick
+    dev, t = dev[order], t[order]
+    return Workload(dev.astype(np.int64), np.ascontiguousarray(x[seq[dev], t]), t == T - 1, seq, T)
+
+
+@dataclass
+class Contender:
+    """Per-contender measurements: ``latency`` (batches,) seconds of each micro-batch call."""
+
+    name: str
+    threads: str
+    latency: np.ndarray
+    events: int
+    final: np.ndarray  # (streams, output_size) output at each device's last step
+    done: np.ndarray   # (streams,) bool: the device's last event was processed
+    note: str = ""
+
+    @property
+    def events_per_s(self):
+        return self.events / self.latency.sum() if self.latency.size else 0.0
+
+
+@dataclass
+class DemoResult:
+    """What ``run_demo`` measured. ``accuracy`` maps a contender's name to its accuracy at
+    sequence end over the held-out recordings (None when the inputs were not the held-out set)."""
+
+    contenders: list
+    streams: int
+    batch: int
+    accuracy: dict = field(default_factory=dict)
+    reference_accuracy: float | None = None
+    plot: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# the contenders
+
+
+def _run_engine(model, w, batch, threads, seconds, progress):
+    from .engine import Engine
+
+    warm = Engine(model, threads=threads)
+    warm.step(np.arange(batch), w.x[:batch])  # JIT compile/load outside the timing
+    engine = Engine(model, threads=threads, capacity=max(1024, int(w.keys.max()) + 1))
+    return _drive("streamgru", f"numba {threads or 'default'}", w, batch, seconds, progress,
+                  engine.step, model.output_size)
+
+
+def _run_ort(model, w, batch, threads, seconds, progress):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or 0  # 0: onnxruntime's default (one per core)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    sess = ort.InferenceSession(to_onnx(model).SerializeToString(), so,
+                                providers=["CPUExecutionProvider"])
+    store = _UserStateStore(model, capacity=1024)
+
+    def step(keys, x):
+        return store.step(sess, keys, x)
+
+    step(np.arange(-batch, 0), w.x[:batch])  # warm-up, on keys no device uses
+    store.clear()
+    return _drive("onnxruntime", f"intra_op {threads or 'default'}", w, batch, seconds, progress,
+                  step, model.output_size)
+
+
+def _drive(name, threads, w, batch, seconds, progress, step, n_out):
+    E = w.keys.size
+    nb = -(-E // batch)
+    lat = np.empty(nb)
+    streams = w.seq.size
+    final = np.zeros((streams, n_out), np.float32)
+    done = np.zeros(streams, bool)
+    bar = _Progress(name, E, progress)
+    perf = time.perf_counter
+    deadline = perf() + seconds
+    n_done = events = 0
+    for b in range(nb):
+        lo, hi = b * batch, min((b + 1) * batch, E)
+        k = w.keys[lo:hi]
+        t0 = perf()
+        y = step(k, w.x[lo:hi])
+        t1 = perf()
+        lat[b] = t1 - t0
+        end = w.last[lo:hi]
+        if end.any():
+            final[k[end]] = y[end]
+            done[k[end]] = True
+        events, n_done = hi, b + 1
+        bar.update(events)
+        if t1 > deadline:
+            break
+    bar.close()
+    note = "" if events == E else f"stopped after {seconds:g} s"
+    return Contender(name, threads, lat[:n_done], events, final, done, note)
+
+
+class _UserStateStore:
+    """What a user writes around onnxruntime: key -> slot dict, one (capacity, H) array per GRU
+    layer, gather before and scatter after every call."""
+
+    def __init__(self, model, capacity):
+        self.hidden = [layer.hidden_size for layer in model.gru_layers]
+        self.n_out = model.output_size
+        self.capacity = capacity
+        self.h = [np.zeros((capacity, H), np.float32) for H in self.hidden]
+        self.slot_of = {}
+
+    def clear(self):
+        self.slot_of.clear()
+        for h in self.h:
+            h[:] = 0
+
+    def _slots(self, keys):
+        slot_of = self.slot_of
+        slots = np.fromiter((slot_of.setdefault(k, len(slot_of)) for k in keys.tolist()),
+                            np.int64, keys.size)
+        if len(slot_of) > self.capacity:
+            cap = max(len(slot_of), 2 * self.capacity)
+            self.h = [np.concatenate([h, np.zeros((cap - self.capacity, h.shape[1]), h.dtype)])
+                      for h in self.h]
+            self.capacity = cap
+        return slots
+
+    def step(self, sess, keys, x):
+        slots = self._slots(keys)
+        if np.unique(slots).size == slots.size:
+            return self._run(sess, slots, x)
+        # A stream listed twice: its second row must see the state after its first.
+        seen, wave = {}, np.empty(slots.size, np.int64)
+        for i, s in enumerate(slots.tolist()):
+            wave[i] = seen.get(s, 0)
+            seen[s] = wave[i] + 1
+        out = np.empty((slots.size, self.n_out), np.float32)
+        for v in range(int(wave.max()) + 1):
+            rows = np.flatnonzero(wave == v)
+            out[rows] = self._run(sess, slots[rows], x[rows])
+        return out
+
+    def _run(self, sess, slots, x):
+        feed = {"x": x[None]}
+        for i, h in enumerate(self.h):
+            feed[f"h{i}"] = h[slots][None]  # gather
+        res = sess.run(None, feed)
+        for i, h in enumerate(self.h):
+            h[slots] = res[1 + i][0]  # scatter
+        return res[0][0]
+
+
+# ----------------------------------------------------------------------------------------------
+# the ONNX graph of a GRUModel (for the onnxruntime contender)
+
+_ONNX_ACT = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu", "hardsigmoid": "HardSigmoid",
+             "leakyrelu": "LeakyRelu", "affine": "Affine", "thresholdedrelu": "ThresholdedRelu",
+             "scaledtanh": "ScaledTanh", "elu": "Elu", "softsign": "Softsign",
+             "softplus": "Softplus"}
+_DENSE_OPS = {"identity": None, "relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid",
+              "softmax": "Softmax"}
+
+
+def to_onnx(model):
+    """One time step of ``model`` as an ONNX graph, float32, for onnxruntime.
+
+    Inputs ``x`` (1, n, input_size) and ``h{i}`` (1, n, hidden_size) per GRU layer; outputs
+    ``y`` (1, n, output_size) and ``h{i}_out``. GRU layers become ONNX ``GRU`` nodes (the
+    canonical layout is ONNX's), Dense layers ``MatMul`` + ``Add`` + activation.
+
+    Examples
+    --------
+    >>> from streamgru import GRUModel
+    >>> from streamgru.demo import to_onnx
+    >>> g = to_onnx(GRUModel.random(3, [8], dense_after=[(2, "softmax")])).graph
+    >>> [n.op_type for n in g.node], [i.name for i in g.input]
+    (['GRU', 'MatMul', 'Add', 'Softmax', 'Identity'], ['x', 'h0'])
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    if not isinstance(model, GRUModel):
+        raise TypeError(f"model: expected a GRUModel, got {type(model).__name__}")
+    f32 = np.float32
+    nodes, inits, inputs, outputs = [], [], [], []
+    inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "n", model.input_size]))
+    cur, g = "x", 0
+    for i, layer in enumerate(model.layers):
+        if layer.kind == "gru":
+            H = layer.hidden_size
+            inits += [numpy_helper.from_array(layer.W.astype(f32)[None], f"W{i}"),
+                      numpy_helper.from_array(layer.R.astype(f32)[None], f"R{i}"),
+                      numpy_helper.from_array(np.concatenate([layer.Wb, layer.Rb]).astype(f32)[None],
+                                              f"B{i}")]
+            inputs.append(helper.make_tensor_value_info(f"h{g}", TensorProto.FLOAT, [1, "n", H]))
+            attrs = {"hidden_size": H, "linear_before_reset": int(layer.linear_before_reset)}
+            acts = [layer.f, layer.g]
+            if acts != [("sigmoid", 0.0, 0.0), ("tanh", 0.0, 0.0)]:
+                attrs["activations"] = [_ONNX_ACT[a[0]] for a in acts]
+                attrs["activation_alpha"] = [a[1] for a in acts]
+                attrs["activation_beta"] = [a[2] for a in acts]
+            if layer.clip is not None:
+                attrs["clip"] = float(layer.clip)
+            # Y_h (1, n, H) is both the next layer's input (one step) and the new state.
+            nodes.append(helper.make_node("GRU", [cur, f"W{i}", f"R{i}", f"B{i}", "", f"h{g}"],
+                                          ["", f"h{g}_out"], name=f"gru{i}", **attrs))
+            outputs.append(helper.make_tensor_value_info(f"h{g}_out", TensorProto.FLOAT,
+                                                         [1, "n", H]))
+            cur, g = f"h{g}_out", g + 1
+        else:
+            act = layer.activation[0]
+            if act not in _DENSE_OPS:
+                raise ValueError(f"model.layers[{i}]: expected a Dense activation in "
+                                 f"{sorted(_DENSE_OPS)} for the ONNX export, got {act!r}")
+            inits += [numpy_helper.from_array(np.ascontiguousarray(layer.W.T.astype(f32)), f"Wd{i}"),
+                      numpy_helper.from_array(layer.b.astype(f32), f"bd{i}")]
+            nodes += [helper.make_node("MatMul", [cur, f"Wd{i}"], [f"mm{i}"]),
+                      helper.make_node("Add", [f"mm{i}", f"bd{i}"], [f"dense{i}"])]
+            cur = f"dense{i}"
+            op = _DENSE_OPS[act]
+            if op is not None:
+                kw = {"axis": -1} if op == "Softmax" else {}
+                nodes.append(helper.make_node(op, [cur], [f"act{i}"], **kw))
+                cur = f"act{i}"
+    nodes.append(helper.make_node("Identity", [cur], ["y"]))
+    outputs.insert(0, helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                    [1, "n", model.output_size]))
+    graph = helper.make_graph(nodes, "streamgru_step", inputs, outputs, inits)
+    # ir_version 10: what onnxruntime 1.17 .. 1.31 read.
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+# ----------------------------------------------------------------------------------------------
+# the run, the table, the plot
+
+
+def run_demo(streams=4096, batch=256, events=None, seconds=20.0, threads=None, model=None,
+             plot="default", ort=True, seed=0, progress=None, out=None):
+    """Run the demo workload through the engine (and onnxruntime), print the table.
+
+    Parameters
+    ----------
+    streams : int
+        Simulated devices; each replays one held-out recording (100 events).
+    batch : int
+        Events per micro-batch (one ``Engine.step`` call).
+    events : int, optional
+        Stop after this many events (default: every device's full recording).
+    seconds : float
+        Wall-clock cap per contender; a contender that reaches it stops early (said in the
+        table).
+    threads : int, optional
+        Numba threads for the engine and ``intra_op_num_threads`` for onnxruntime (default:
+        each library's own default, one per core).
+    model : str, path or GRUModel, optional
+        Default: the shipped BasicMotions classifier. Another model with input_size 6 replays
+        the same recordings (accuracy is reported when it has 4 outputs); any other input size
+        replays seeded random inputs.
+    plot : str, path or None
+        PNG file for the latency plot ("default": ``streamgru-demo.png`` in the temp directory;
+        None: no plot). Needs matplotlib.
+    ort : bool
+        Also run onnxruntime when it is installed.
+    progress : bool, optional
+        Progress bar on stderr (default: when stderr is a terminal).
+    out : file, optional
+        Where the table goes (default ``sys.stdout``).
+
+    Returns
+    -------
+    DemoResult
+
+    Examples
+    --------
+    >>> import io
+    >>> from streamgru.demo import run_demo
+    >>> r = run_demo(streams=80, batch=32, ort=False, plot=None, out=io.StringIO())
+    >>> r.accuracy["streamgru"] == r.reference_accuracy, r.contenders[0].events
+    (True, 8000)
+    """
+    out = out if out is not None else sys.stdout
+    for name, v in (("streams", streams), ("batch", batch)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    if events is not None and (isinstance(events, bool) or not isinstance(events, (int, np.integer))
+                               or events < 1):
+        raise ValueError(f"events: expected a positive int or None, got {events!r}")
+    if not (isinstance(seconds, (int, float)) and seconds > 0):
+        raise ValueError(f"seconds: expected a positive number, got {seconds!r}")
+    default = load_default()
+    labels, reference, label = default.y, default.reference_accuracy, "BasicMotions"
+    if model is None:
+        model, path = default.model, DEFAULT_MODEL
+    elif isinstance(model, GRUModel):
+        path = "(in memory)"
+    else:
+        path, model = model, load(model)
+    if model.fingerprint != default.model.fingerprint:
+        reference = None
+    if model.input_size == default.x.shape[2]:
+        recordings = default.x
+        if model.output_size != len(default.classes):
+            labels = None
+    else:
+        recordings = np.random.default_rng(seed).normal(
+            size=(40, 100, model.input_size)).astype(np.float32)
+        labels, label = None, "random inputs"
+    w = make_workload(recordings, streams, seed)
+    if events is not None and events < w.keys.size:
+        w = Workload(w.keys[:events], w.x[:events], w.last[:events], w.seq, w.steps)
+    if progress is None:
+        progress = sys.stderr.isatty()
+
+    contenders = [_run_engine(model, w, batch, threads, seconds, progress)]
+    ort_note = ""
+    if ort:
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            ort_note = "onnxruntime not installed: pip install 'streamgru[demo]' to compare"
+        else:
+            contenders.append(_run_ort(model, w, batch, threads, seconds, progress))
+
+    result = DemoResult(contenders, streams, batch, reference_accuracy=reference)
+    if labels is not None:
+        for c in contenders:
+            result.accuracy[c.name] = _sequence_accuracy(c, w.seq, labels)
+    if plot is not None:
+        result.plot = _plot(contenders, batch, plot, out)
+    _table(result, model, path, label, w, threads, ort_note, out)
+    return result
+
+
+def _sequence_accuracy(c, seq, labels):
+    """Accuracy at sequence end over the recordings some device finished; None if none did.
+
+    Every device replaying a recording must predict the same class (it saw the same inputs)."""
+    pred = c.final.argmax(axis=1)
+    right = []
+    for s in np.unique(seq[c.done]):
+        p = np.unique(pred[c.done & (seq == s)])
+        if p.size != 1:
+            c.note = (c.note + "; " if c.note else "") + f"devices replaying recording {s} disagree"
+        right.append(p[0] == labels[s])
+    return float(np.mean(right)) if right else None
+
+
+def _table(r, model, path, label, w, threads, ort_note, out):
+    layers = ", ".join(f"GRU({ly.input_size}->{ly.hidden_size})" if ly.kind == "gru"
+                       else f"Dense({ly.output_size}, {ly.activation[0]})" for ly in model.layers)
+    n_rec, T = int(w.seq.max()) + 1, w.steps
+    p = lambda *a: print(*a, file=out)  # noqa: E731
+    p(f"model     {path}: {layers}")
+    p(f"workload  {r.streams} simulated devices replaying {min(n_rec, r.streams)} {label} "
+      f"recordings ({T} steps at 10 Hz) from random start ticks; micro-batches of {r.batch} events")
+    p("")
+    head = (f"{'':<12} {'streams':>8} {'events':>9} {'events/s':>11} {'p50 us':>9} {'p99 us':>9} "
+            f"{'accuracy':>9}  threads")
+    p(head)
+    p("-" * len(head))
+    for c in r.contenders:
+        acc = r.accuracy.get(c.name)
+        lat = c.latency * 1e6
+        p(f"{c.name:<12} {r.streams:>8} {c.events:>9} {c.events_per_s:>11,.0f} "
+          f"{np.percentile(lat, 50):>9.1f} {np.percentile(lat, 99):>9.1f} "
+          f"{'-' if acc is None else f'{acc:.4f}':>9}  {c.threads}"
+          + (f"  ({c.note})" if c.note else ""))
+    p("")
+    p("p50/p99: latency of one micro-batch call (onnxruntime: including the user-side gather and "
+      "scatter of states)")
+    if len(r.contenders) > 1:
+        a, b = r.contenders
+        p(f"speed-up  {a.events_per_s / b.events_per_s:.1f}x events/s, "
+          f"{np.percentile(b.latency, 50) / np.percentile(a.latency, 50):.1f}x p50 latency "
+          f"(streamgru vs onnxruntime)")
+    elif ort_note:
+        p(ort_note)
+    mine = r.accuracy.get("streamgru")
+    if r.reference_accuracy is not None and mine is not None:
+        verdict = "equal" if mine == r.reference_accuracy else "DIFFERENT"
+        p(f"accuracy  at sequence end over the held-out recordings: streamgru {mine:.4f}, "
+          f"PyTorch (recorded at training) {r.reference_accuracy:.4f}: {verdict}")
+    if r.plot:
+        p(f"plot      {r.plot}")
+
+
+def _plot(contenders, batch, path, out):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plot: skipped, matplotlib is not installed", file=out)
+        return None
+    path = Path(tempfile.gettempdir()) / "streamgru-demo.png" if path == "default" else Path(path)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, c in enumerate(contenders):
+        lat, color = c.latency * 1e6, f"C{i}"
+        t = np.cumsum(c.latency)
+        ax1.plot(t, lat, ".", ms=2, alpha=0.3, color=color)
+        k = min(51, max(1, lat.size // 20) | 1)
+        med = np.array([np.median(lat[max(0, i - k // 2): i + k // 2 + 1]) for i in range(lat.size)])
+        ax1.plot(t, med, lw=1.5, color=color, label=f"{c.name} (running median)")
+        ax2.plot(np.sort(lat), np.linspace(0, 1, lat.size), lw=1.5, color=color, label=c.name)
+    ax1.set(xlabel="time spent in step calls (s)", ylabel=f"latency per micro-batch of {batch} (us)",
+            yscale="log", title="latency over the replay")
+    ax2.set(xlabel=f"latency per micro-batch of {batch} (us)", ylabel="fraction of micro-batches",
+            xscale="log", title="latency distribution")
+    for ax in (ax1, ax2):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
+
+
+class _Progress:
+    """A one-line progress bar on stderr, redrawn at most 10 times a second."""
+
+    def __init__(self, name, total, enabled):
+        self.name, self.total, self.enabled = name, max(total, 1), enabled
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, done):
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if now - self.last < 0.1 and done < self.total:
+            return
+        self.last = now
+        frac = done / self.total
+        bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
+        sys.stderr.write(f"\r  {self.name:<12} [{bar}] {frac:4.0%} {done:>9} events "
+                         f"{now - self.t0:5.1f} s")
+        sys.stderr.flush()
+
+    def close(self):
+        if self.enabled:
+            self.update(self.total)
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def main(args):
+    """The ``streamgru demo`` verb (argparse namespace from ``streamgru.cli``)."""
+    plot = None if args.plot in ("none", "") else args.plot
+    run_demo(streams=args.streams, batch=args.batch, events=args.events, seconds=args.seconds,
+             threads=args.threads, model=args.model, plot=plot, ort=not args.no_ort)
+    return 0

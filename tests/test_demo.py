@@ -1,0 +1,130 @@
+"""The shipped default model, the demo workload and the onnxruntime contender.
+
+References: PyTorch (a torch model rebuilt from the shipped weights) and the float64 oracle.
+"""
+
+import io
+import subprocess
+import sys
+
+import numpy as np
+import oracle
+import pytest
+
+from streamgru import GRUModel
+from streamgru.demo import DATA_DIR, DEFAULT_MODEL, load_default, make_workload, run_demo, to_onnx
+
+torch = pytest.importorskip("torch")
+
+
+def torch_from_shipped(model):
+    """nn.GRU stack + Linear + softmax with the shipped weights (canonical z,r,n -> torch r,z,n)."""
+    grus = [ly for ly in model.layers if ly.kind == "gru"]
+    (head,) = [ly for ly in model.layers if ly.kind == "dense"]
+    assert [ly.kind for ly in model.layers] == ["gru"] * len(grus) + ["dense"]
+    assert head.activation[0] == "softmax" and all(g.linear_before_reset == 1 for g in grus)
+    H = grus[0].hidden_size
+    gru = torch.nn.GRU(model.input_size, H, num_layers=len(grus), batch_first=True)
+
+    def rz(a):  # rows [z; r; n] -> [r; z; n]
+        return torch.from_numpy(np.concatenate([a[H:2 * H], a[:H], a[2 * H:]]).astype(np.float32))
+
+    with torch.no_grad():
+        for k, g in enumerate(grus):
+            getattr(gru, f"weight_ih_l{k}").copy_(rz(g.W))
+            getattr(gru, f"weight_hh_l{k}").copy_(rz(g.R))
+            getattr(gru, f"bias_ih_l{k}").copy_(rz(g.Wb))
+            getattr(gru, f"bias_hh_l{k}").copy_(rz(g.Rb))
+    lin = torch.nn.Linear(H, head.output_size)
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(head.W.astype(np.float32)))
+        lin.bias.copy_(torch.from_numpy(head.b.astype(np.float32)))
+    return lambda x: torch.softmax(lin(gru(torch.from_numpy(x))[0]), dim=-1).numpy()
+
+
+@pytest.fixture(scope="module")
+def default():
+    return load_default()
+
+
+@pytest.fixture(scope="module")
+def torch_prob(default):
+    with torch.no_grad():
+        return torch_from_shipped(default.model)(default.x)  # (40, 100, 4)
+
+
+def test_shipped_files(default):
+    assert DEFAULT_MODEL.stat().st_size < 1_000_000
+    assert (DATA_DIR / "DATA_LICENSE").read_text().count("BSD 3-Clause") >= 1
+    assert default.record["fingerprint"] == default.model.fingerprint
+    assert default.x.shape == (40, 100, 6) and default.x.dtype == np.float32
+    assert sorted(np.unique(default.y).tolist()) == [0, 1, 2, 3]
+
+
+def test_torch_accuracy_equals_the_recorded_one(default, torch_prob):
+    acc = (torch_prob[:, -1].argmax(-1) == default.y).mean()
+    assert acc == default.reference_accuracy
+    for k, recorded in default.record["heldout_accuracy_after_k_steps_torch"].items():
+        assert (torch_prob[:, int(k) - 1].argmax(-1) == default.y).mean() == recorded
+
+
+def test_demo_accuracy_equals_torch_and_every_step_matches(default, torch_prob):
+    # The demo's own path: interleaved devices, micro-batches with repeated keys, both contenders.
+    r = run_demo(streams=120, batch=64, plot=None, out=io.StringIO())
+    torch_acc = float((torch_prob[:, -1].argmax(-1) == default.y).mean())
+    assert r.accuracy == {"streamgru": torch_acc, "onnxruntime": torch_acc}
+    for c in r.contenders:
+        assert c.events == 120 * 100 and c.done.all() and not c.note
+        # Each device's final output is its recording's last-step probabilities.
+        np.testing.assert_allclose(c.final, torch_prob[np.arange(120) % 40, -1], atol=2e-5, rtol=0)
+
+
+def test_workload_replays_each_recording_in_order():
+    x = np.arange(3 * 7 * 2, dtype=np.float32).reshape(3, 7, 2)
+    w = make_workload(x, streams=10, seed=1)
+    assert w.keys.size == 70 and w.last.sum() == 10
+    for d in range(10):
+        rows = w.x[w.keys == d]
+        np.testing.assert_array_equal(rows, x[d % 3])
+        assert w.last[np.flatnonzero(w.keys == d)[-1]]
+    # Interleaved: some device's events are not one contiguous run.
+    assert any(np.diff(np.flatnonzero(w.keys == d)).max() > 1 for d in range(10))
+
+
+def test_onnx_step_with_user_side_store_matches_the_oracle():
+    ort = pytest.importorskip("onnxruntime")
+    from streamgru.demo import _UserStateStore
+
+    model = GRUModel.random(3, [6, 5], dense_before=[(4, "relu")], dense_after=[(2, "sigmoid")],
+                            linear_before_reset=0, seed=2)
+    sess = ort.InferenceSession(to_onnx(model).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    store = _UserStateStore(model, capacity=2)  # grows
+    rng = np.random.default_rng(0)
+    states = {}
+    for _ in range(6):
+        keys = rng.integers(0, 5, size=7)  # repeated keys within a call
+        x = rng.normal(size=(7, 3)).astype(np.float32)
+        got = store.step(sess, keys, x)
+        for i, k in enumerate(keys.tolist()):
+            y, states[k] = oracle.step(model, states.get(k, np.zeros((1, 11))), x[i:i + 1])
+            np.testing.assert_allclose(got[i], y[0], atol=1e-5, rtol=0)
+
+
+def test_to_onnx_refuses_a_dense_activation_it_cannot_map():
+    model = GRUModel.random(2, [3], dense_after=[(2, "softplus")])
+    pytest.importorskip("onnx")
+    with pytest.raises(ValueError, match=r"model.layers\[1\]: expected a Dense activation"):
+        to_onnx(model)
+
+
+def test_demo_command_prints_the_table_and_writes_the_plot(tmp_path):
+    png = tmp_path / "demo.png"
+    r = subprocess.run([sys.executable, "-m", "streamgru.cli", "demo", "--streams", "200",
+                        "--batch", "64", "--plot", str(png)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    for word in ("events/s", "p50 us", "p99 us", "onnxruntime", "speed-up", ": equal",
+                 f"plot      {png}"):
+        assert word in r.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
