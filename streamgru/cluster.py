@@ -1,0 +1,1621 @@
+"""ShardedEngine: streams sharded across Ray actors, one ``Engine`` per actor (optional extra ``ray``).
+
+Install with ``pip install streamgru[ray]``. Everything except :func:`shard_of` needs Ray.
+
+Placement
+---------
+A key's shard is chosen by rendezvous (highest-random-weight) hashing, which depends only on the
+key and the shard count, never on Python's per-process ``hash()``: every client, in every process,
+routes a key to the same shard, and going from N to N+1 shards moves only the keys whose new
+owner is the new shard (about 1/(N+1) of them); going from N to N-1 moves only the keys of the
+removed shard. Precisely (all arithmetic modulo 2**64, ``mix`` is SplitMix64's finalizer)::
+
+    digest(int k) = mix(uint64(k) ^ 0x5354524541474955)           # vectorised over int arrays
+    digest(str k) = blake2b(b"s" + utf8(k), digest_size=8) as little-endian uint64
+    score(k, s)   = mix(digest(k) ^ mix(s + 0x9E3779B97F4A7C15))
+    shard(k)      = argmax over s in 0..N-1 of score(k, s)  (ties: the lowest s)
+
+Shards are numbered 0..N-1; ``resize(n)`` adds shards at the top or removes them from the top.
+
+State policy (as on ``Engine``, per stream)
+-------------------------------------------
+``step``/``run``/``open``/``reset``/``close``/``state``/``set_state`` act on the stream's shard
+exactly as on an ``Engine``. A call that raises an input error (``TypeError``/``ValueError``/
+``KeyError``) changes nothing: inputs are validated in the driver before any shard is touched.
+``resize`` moves each migrating stream's state to its new shard; no stream is lost or
+duplicated, and calls from other threads wait while it runs.
+
+Failures and what is lost
+-------------------------
+Each shard is a Ray actor with ``max_restarts``. When an actor process dies, Ray starts a new one;
+the new one refuses every call until the driver has restored it from the **restore point**: the
+last ``checkpoint()`` (taken every ``checkpoint_every`` seconds into ``checkpoint_dir``, and
+after every ``resize``/``load_state`` when ``checkpoint_dir`` is set), or the last ``load_state``,
+or nothing (an empty shard) if there was neither. The driver remembers which keys each shard
+changed since the restore point (stepped, run, opened, reset, set, closed or moved in) and raises
+:class:`ShardLostError` naming the shard and exactly those keys. After the error, those keys are
+as they were at the restore point: streams opened since then are gone, streams closed since then
+are back, every other stream of that shard lost the events since then. Keys the shard did not
+change since the restore point, and every other shard, lose nothing. The caller can replay those
+keys' events since ``error.restore_time`` (or reset/close them) and carry on: the engine stays
+usable. A loss found by the background checkpoint thread is raised by the next call.
+A shard that exhausts ``max_restarts`` stays lost: every call that needs it raises.
+
+Snapshots
+---------
+``save_state(directory)`` writes one state file per shard (the ``Engine.save_state`` format,
+atomic, checksummed), then ``manifest.json`` (atomically, last), then deletes the files of the
+manifest it replaced. A crash at any point leaves the previous manifest and its files intact.
+``load_state(directory)`` accepts a snapshot made with any shard count: keys are re-placed.
+The actors read and write these files themselves, so on a multi-machine cluster the directory
+must be on a file system that every node sees at the same path.
+
+Examples
+--------
+>>> import numpy as np, ray                                         # doctest: +SKIP
+>>> from streamgru import GRUModel
+>>> from streamgru.cluster import ShardedEngine
+>>> ray.init(num_cpus=2, include_dashboard=False)                   # doctest: +SKIP
+>>> with ShardedEngine(GRUModel.random(3, 8), shards=2) as eng:      # doctest: +SKIP
+...     y = eng.step([1, 2, 1], np.ones((3, 3), np.float32))
+...     print(y.shape, len(eng))
+(3, 8) 2
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import time
+import uuid
+import warnings
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FormatError
+from .model import GRUModel
+from .state import normalize_key
+
+__all__ = ["ShardedEngine", "ShardLostError", "StepFuture", "shard_of", "start_local_ray",
+           "run_cluster_benchmark", "MANIFEST_FORMAT"]
+
+MANIFEST_FORMAT = "streamgru-sharded-state"
+MANIFEST_VERSION = "1"
+MANIFEST_NAME = "manifest.json"
+PLACEMENT = "rendezvous-splitmix64-blake2b-v1"
+
+_U64 = np.uint64
+_INT_TAG = _U64(0x5354524541474955)
+_SHARD_SALT = 0x9E3779B97F4A7C15
+_DTYPES = ("float32", "float64")
+
+
+# ----------------------------------------------------------------------------------------------
+# placement (no Ray needed)
+
+
+def _mix64(z):
+    """SplitMix64's finalizer on a uint64 array (wraps modulo 2**64, no warnings for arrays)."""
+    z = z ^ (z >> _U64(30))
+    z = z * _U64(0xBF58476D1CE4E5B9)
+    z = z ^ (z >> _U64(27))
+    z = z * _U64(0x94D049BB133111EB)
+    return z ^ (z >> _U64(31))
+
+
+def _digests(keys):
+    """uint64 digests of canonical keys: an int64 array, or a list of all-int or all-str keys."""
+    if isinstance(keys, np.ndarray):
+        return _mix64(keys.astype(np.int64, copy=False).view(_U64) ^ _INT_TAG)
+    if keys and isinstance(keys[0], str):
+        b2 = hashlib.blake2b
+        return np.fromiter((int.from_bytes(b2(b"s" + k.encode("utf-8"), digest_size=8).digest(),
+                                           "little") for k in keys), _U64, len(keys))
+    return _mix64(np.array(keys, dtype=np.int64).reshape(-1).view(_U64) ^ _INT_TAG)
+
+
+def _owners(keys, shards):
+    """Shard index (int64) of each canonical key under ``shards`` shards."""
+    n = len(keys)
+    if shards == 1 or n == 0:
+        return np.zeros(n, np.int64)
+    seeds = _mix64(np.arange(shards, dtype=_U64) + _U64(_SHARD_SALT))
+    return np.argmax(_mix64(_digests(keys)[:, None] ^ seeds[None, :]), axis=1).astype(np.int64)
+
+
+def shard_of(keys, shards):
+    """The shard of each key under ``shards`` shards (rendezvous hashing; see the module docstring).
+
+    Stable across processes, machines and Python versions; ints and strs never share a digest
+    function (``1`` and ``"1"`` are placed independently).
+
+    Parameters
+    ----------
+    keys : int, str, sequence of int or str, or 1-D integer array
+    shards : int
+        Number of shards, at least 1.
+
+    Returns
+    -------
+    int (for one key) or numpy.ndarray of int64 (for a sequence)
+
+    Examples
+    --------
+    >>> from streamgru.cluster import shard_of
+    >>> shard_of([1, 2, 3], 1).tolist()
+    [0, 0, 0]
+    >>> int(shard_of("sensor-17", 4)) == int(shard_of(["sensor-17"], 4)[0])
+    True
+    """
+    shards = _check_shards(shards, "shards")
+    if isinstance(keys, (str, int, np.integer)) and not isinstance(keys, (bool, np.bool_)):
+        return int(_owners([normalize_key(keys, "keys")], shards)[0])
+    ks, _ = _canonical_keys(keys, None, "keys")
+    return _owners(ks, shards)
+
+
+def _check_shards(n, what):
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"{what}: expected a positive int, got {n!r}")
+    return int(n)
+
+
+def _canonical_keys(keys, kind, what):
+    """Validate a batch of keys. Returns (int64 array or list of str, kind: int/str/None)."""
+    if isinstance(keys, np.ndarray):
+        if keys.ndim != 1:
+            raise ValueError(f"{what}: expected a 1-D sequence of keys, got an array of shape "
+                             f"{keys.shape}")
+        if keys.dtype.kind in "iu" and keys.dtype != np.bool_:
+            if keys.dtype.kind == "u" and keys.size and keys.max() > np.iinfo(np.int64).max:
+                raise ValueError(f"{what}: expected keys within int64, got {keys.max()}")
+            ks, got = keys.astype(np.int64, copy=False), int
+        elif keys.dtype.kind == "U":
+            ks, got = keys.tolist(), str
+        else:
+            raise TypeError(f"{what}: expected integer or str keys, got an array of dtype "
+                            f"{keys.dtype}")
+        if len(ks) == 0:
+            got = None
+    elif isinstance(keys, (str, bytes)) or not isinstance(keys, Sequence):
+        raise TypeError(f"{what}: expected a sequence of int or str keys, got "
+                        f"{type(keys).__name__}; wrap a single key in a list: [key]")
+    else:
+        ks = [normalize_key(k, f"{what}[{i}]") for i, k in enumerate(keys)]
+        got = None
+        for k in ks:
+            t = str if isinstance(k, str) else int
+            if got is None:
+                got = t
+            elif t is not got:
+                raise TypeError(f"{what}: expected all keys to be {got.__name__}s, got "
+                                f"{t.__name__} {k!r}")
+        if got is int:
+            ks = np.array(ks, dtype=np.int64)
+    if kind is not None and got is not None and got is not kind:
+        raise TypeError(f"{what}: expected {kind.__name__} keys (this engine holds {kind.__name__} "
+                        f"keys; the first key decides), got {got.__name__} keys")
+    return ks, got
+
+
+# ----------------------------------------------------------------------------------------------
+# errors and futures
+
+
+class ShardLostError(RuntimeError):
+    """A shard's actor died (or was unreachable) and the streams it had changed since its restore
+    point lost those changes.
+
+    Attributes
+    ----------
+    lost : dict {shard: list of keys}
+        Per lost shard, the keys whose state went back to the restore point (or is gone).
+    keys : list
+        All of them.
+    shards : list of int
+    restore_time : dict {shard: float or None}
+        Unix time of the restore point each shard was restored from (None: it restarted empty).
+    permanent : bool
+        True if a shard could not be restarted (``max_restarts`` exhausted): it stays lost.
+    outputs : numpy.ndarray or None
+        For a ``step``: the outputs, with NaN rows for the rows sent to lost shards.
+    applied : numpy.ndarray of bool or None
+        For a ``step``: which rows were applied (rows for healthy shards were).
+    """
+
+    def __init__(self, message, lost, restore_time, permanent=False, outputs=None, applied=None):
+        super().__init__(message)
+        self.lost = lost
+        self.shards = sorted(lost)
+        self.keys = [k for s in self.shards for k in lost[s]]
+        self.restore_time = restore_time
+        self.permanent = permanent
+        self.outputs = outputs
+        self.applied = applied
+
+
+class _Recovered:
+    """Reply of a restarted actor that has not been restored yet (it refuses every call)."""
+
+    __slots__ = ("instance",)
+
+    def __init__(self, instance):
+        self.instance = instance
+
+    def __reduce__(self):
+        return (_Recovered, (self.instance,))
+
+
+class _Loss:
+    """What the driver learned about one shard's restart."""
+
+    def __init__(self, shard, old_instance, keys, restore_time, permanent, cause, reported=False):
+        self.shard = shard
+        self.old_instance = old_instance
+        self.keys = keys
+        self.restore_time = restore_time
+        self.permanent = permanent
+        self.cause = cause
+        self.reported = reported
+
+
+class StepFuture:
+    """The pending result of :meth:`ShardedEngine.step_async`.
+
+    Wait with ``fut.result(timeout=None)`` (blocking) or ``await fut`` (asyncio). The Ray
+    ``ObjectRef`` of each shard's part is in ``fut.refs`` (for ``ray.wait``). Results come back in
+    input order; a lost shard raises :class:`ShardLostError` from ``result``.
+    """
+
+    def __init__(self, engine, n, parts):
+        self._engine = engine
+        self._n = n
+        self._parts = parts  # list of (shard, instance, ref, rows: int64 array or None, keys)
+        self.refs = [p[2] for p in parts]
+        self._done = False
+        self._value = None
+        self._error = None
+
+    def done(self):
+        """True when every shard has answered (``result`` will not block)."""
+        if self._done or not self.refs:
+            return True
+        import ray
+
+        ready, _ = ray.wait(self.refs, num_returns=len(self.refs), timeout=0)
+        return len(ready) == len(self.refs)
+
+    def result(self, timeout=None):
+        """The outputs, ``(n, output_size)``, in input order. Raises ``TimeoutError`` on timeout."""
+        if not self._done:
+            self._value, self._error = self._engine._collect(self._n, self._parts, timeout)
+            self._done = True
+            self._parts = None
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def __await__(self):
+        import asyncio
+
+        if self.refs and not self._done:
+            yield from asyncio.gather(*self.refs, return_exceptions=True).__await__()
+        return self.result()
+
+
+# ----------------------------------------------------------------------------------------------
+# the actor
+
+
+class _Shard:
+    """One shard: an ``Engine`` inside a Ray actor. Every public method refuses work (returns
+    ``_Recovered``) while the actor is a restarted one that the driver has not restored yet."""
+
+    def __init__(self, model_bytes, dtype, capacity, threads, shard):
+        import ray
+
+        from .engine import Engine
+        from .formats import model_from_bytes
+
+        self._Engine = Engine
+        self.model = model_from_bytes(model_bytes)
+        self.dtype, self.capacity, self.threads, self.shard = dtype, capacity, threads, shard
+        self.engine = self._new_engine()
+        self.instance = uuid.uuid4().hex
+        with warnings.catch_warnings():  # Ray 2.60 warns from inside this property
+            warnings.simplefilter("ignore")
+            self.recovered = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        self.staged = None
+        self.busy = 0.0  # seconds inside Engine.step/run
+        self.calls = 0
+        self.rows = 0
+        warm = self._new_engine(capacity=2)  # load the cached kernels before the first real call
+        warm.step([0], np.zeros((1, self.model.input_size), warm.dtype))
+
+    def _new_engine(self, capacity=None):
+        return self._Engine(self.model, dtype=self.dtype, capacity=capacity or self.capacity,
+                            threads=self.threads, check_finite=False)
+
+    def hello(self):
+        return (self.instance, os.getpid(), self.recovered)
+
+    def step(self, keys, x):
+        if self.recovered:
+            return _Recovered(self.instance)
+        t = time.perf_counter()
+        out = self.engine.step(keys, x)
+        self.busy += time.perf_counter() - t
+        self.calls += 1
+        self.rows += len(x)
+        return out
+
+    def call(self, verb, *args):
+        if self.recovered:
+            return _Recovered(self.instance)
+        if verb == "run":
+            t = time.perf_counter()
+            out = self.engine.run(*args)
+            self.busy += time.perf_counter() - t
+            self.calls += 1
+            self.rows += len(out)
+            return out
+        if verb == "contains":
+            return args[0] in self.engine
+        if verb == "len":
+            return len(self.engine)
+        if verb == "keys":
+            return self.engine.keys()
+        if verb in ("open", "reset", "close", "state", "set_state"):
+            return getattr(self.engine, verb)(*args)
+        if verb == "stats":
+            return {"calls": self.calls, "rows": self.rows, "engine_seconds": self.busy,
+                    "streams": len(self.engine), "pid": os.getpid(), "rss_bytes": _rss()}
+        raise ValueError(f"verb: expected a shard verb, got {verb!r}")
+
+    def export(self, keys):
+        """States of ``keys`` (all open here), (len(keys), state_size)."""
+        if self.recovered:
+            return _Recovered(self.instance)
+        out = np.empty((len(keys), self.model.state_size), self.engine.dtype)
+        for i, k in enumerate(keys):
+            out[i] = self.engine.state(k)
+        return out
+
+    def import_states(self, keys, states):
+        if self.recovered:
+            return _Recovered(self.instance)
+        for k, s in zip(keys, states):
+            self.engine.set_state(k, s)
+        return len(keys)
+
+    def close_many(self, keys):
+        if self.recovered:
+            return _Recovered(self.instance)
+        for k in keys:
+            if k in self.engine:
+                self.engine.close(k)
+        return len(keys)
+
+    def save(self, path):
+        if self.recovered:
+            return _Recovered(self.instance)
+        self.engine.save_state(path)
+        return len(self.engine)
+
+    def _load(self, files, shards, saved_shards):
+        """A new Engine holding this shard's keys from a snapshot of ``saved_shards`` files."""
+        from .formats import load_state
+
+        fp, size = self.model.fingerprint, self.model.state_size
+        if saved_shards == shards:  # same count, same placement: this shard's own file
+            eng = self._new_engine()
+            eng.load_state(files[self.shard])
+            return eng
+        eng = self._new_engine()
+        for f in files:
+            keys, states = load_state(f, fp, size)
+            if not keys:
+                continue
+            ks = np.array(keys, np.int64) if not isinstance(keys[0], str) else keys
+            for i in np.flatnonzero(_owners(ks, shards) == self.shard):
+                eng.set_state(keys[i], states[i])
+        return eng
+
+    def prepare_load(self, files, shards, saved_shards):
+        if self.recovered:
+            return _Recovered(self.instance)
+        self.staged = self._load(files, shards, saved_shards)
+        return len(self.staged)
+
+    def commit_load(self, commit):
+        if self.recovered:
+            return _Recovered(self.instance)
+        if commit and self.staged is not None:
+            self.engine = self.staged
+        self.staged = None
+        return len(self.engine)
+
+    def recover(self, files, shards, saved_shards, shard):
+        """Restore a restarted actor from the restore point (no-op for one that did not restart)."""
+        if not self.recovered:
+            return {"instance": self.instance, "restarted": False, "restored": None}
+        self.shard = shard
+        self.engine = self._load(files, shards, saved_shards) if files else self._new_engine()
+        self.recovered = False
+        return {"instance": self.instance, "restarted": True, "restored": len(self.engine),
+                "pid": os.getpid()}
+
+
+_REMOTE = None
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise ImportError("streamgru.cluster needs Ray: pip install 'streamgru[ray]'") from None
+    return ray
+
+
+def start_local_ray(num_cpus=None, **kwargs):
+    """Start a single-machine Ray whose processes talk over 127.0.0.1 only.
+
+    Ray otherwise binds its services to the machine's network address. Use this for tests,
+    benchmarks and one-machine deployments; ``kwargs`` go to ``ray.init``. Must be called before
+    any other ``ray.init`` in this process.
+
+    Examples
+    --------
+    >>> from streamgru.cluster import start_local_ray
+    >>> start_local_ray(num_cpus=2)        # doctest: +SKIP
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # for the processes Ray starts
+    ray = _ray()
+    from ray._private import ray_constants
+
+    # Ray resolves "this node's address" with this flag: off means the loopback address.
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    kwargs.setdefault("include_dashboard", False)
+    return ray.init(num_cpus=num_cpus, **kwargs)
+
+
+def _remote_shard():
+    global _REMOTE
+    if _REMOTE is None:
+        _REMOTE = _ray().remote(_Shard)
+    return _REMOTE
+
+
+# ----------------------------------------------------------------------------------------------
+# the driver
+
+
+class ShardedEngine:
+    """Stateful multi-stream GRU inference with the streams sharded across Ray actors.
+
+    Parameters
+    ----------
+    model : GRUModel
+        Shipped once to each actor as native model-file bytes (no pickled Python objects).
+    shards : int
+        Number of actors, each holding an ``Engine`` for its share of the keys.
+    address : str, optional
+        Ray cluster to join (``"auto"``, ``"ray://host:10001"``...). If Ray is not initialized,
+        ``ray.init(address=address)`` is called (``address=None`` starts a local Ray); an already
+        initialized Ray is used as it is. The engine never shuts Ray down.
+    dtype : {"float32", "float64"}
+    threads_per_shard : int
+        Numba threads per actor's engine; also the CPUs each actor asks Ray for, unless
+        ``actor_options`` says otherwise.
+    capacity : int
+        Initial state slots per shard (they grow).
+    check_finite : bool
+        Refuse NaN/inf inputs (checked in the driver, before any shard is touched).
+    checkpoint_dir : str or path, optional
+        Where ``checkpoint()`` writes snapshots (see ``save_state``). On a cluster, a directory
+        every node sees at the same path.
+    checkpoint_every : float, optional
+        Seconds between automatic checkpoints by a background thread (skipped when nothing
+        changed). Needs ``checkpoint_dir``.
+    max_restarts : int
+        Ray restarts per actor before its shard is given up.
+    actor_options : dict, optional
+        Extra ``ActorClass.options(...)`` (e.g. ``{"num_cpus": 0}`` to pack more shards than CPUs,
+        or a ``scheduling_strategy``). Default: ``num_cpus=threads_per_shard``, ``"SPREAD"``.
+    start_timeout : float
+        Seconds to wait for the actors to start (too few CPUs makes Ray wait forever).
+
+    Notes
+    -----
+    Verbs and their state policy are those of ``Engine`` (see the module docstring for placement,
+    failures and snapshots). ``len``, ``keys()`` and ``in`` ask the shards. Calls from several
+    threads are safe; ``resize``, ``save_state``, ``load_state`` and ``checkpoint`` hold a lock
+    that makes other calls wait. Call ``shutdown()`` (or use ``with``) to stop the actors.
+
+    Examples
+    --------
+    >>> import numpy as np, ray                                         # doctest: +SKIP
+    >>> from streamgru import GRUModel
+    >>> from streamgru.cluster import ShardedEngine
+    >>> ray.init(num_cpus=2, include_dashboard=False)                   # doctest: +SKIP
+    >>> eng = ShardedEngine(GRUModel.random(3, 8), shards=2)            # doctest: +SKIP
+    >>> fut = eng.step_async(np.arange(4), np.ones((4, 3), np.float32))  # doctest: +SKIP
+    >>> fut.result().shape, len(eng)                                    # doctest: +SKIP
+    ((4, 8), 4)
+    >>> eng.resize(3)                                                   # doctest: +SKIP
+    >>> eng.shutdown()                                                  # doctest: +SKIP
+    """
+
+    def __init__(self, model, shards=2, address=None, dtype="float32", threads_per_shard=1,
+                 capacity=1024, check_finite=True, checkpoint_dir=None, checkpoint_every=None,
+                 max_restarts=3, actor_options=None, start_timeout=120.0):
+        if not isinstance(model, GRUModel):
+            raise TypeError(f"model: expected a streamgru.GRUModel, got {type(model).__name__}")
+        shards = _check_shards(shards, "shards")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype: expected 'float32' or 'float64', got {dtype!r}")
+        threads_per_shard = _check_shards(threads_per_shard, "threads_per_shard")
+        capacity = _check_shards(capacity, "capacity")
+        if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < -1:
+            raise ValueError(f"max_restarts: expected an int >= -1 (-1: unlimited), got "
+                             f"{max_restarts!r}")
+        if checkpoint_every is not None:
+            if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, (int, float)) \
+                    or not checkpoint_every > 0:
+                raise ValueError(f"checkpoint_every: expected seconds > 0 or None, got "
+                                 f"{checkpoint_every!r}")
+            if checkpoint_dir is None:
+                raise ValueError("checkpoint_every: expected checkpoint_dir to be set, got "
+                                 "checkpoint_dir=None")
+        if actor_options is not None and not isinstance(actor_options, dict):
+            raise TypeError(f"actor_options: expected a dict, got {type(actor_options).__name__}")
+        ray = _ray()
+        if not ray.is_initialized():
+            ray.init(address=address, include_dashboard=False)
+        from .formats import model_to_bytes
+
+        self.model = model
+        self.dtype = np.dtype(dtype)
+        self.threads_per_shard = threads_per_shard
+        self.check_finite = bool(check_finite)
+        self.checkpoint_dir = None if checkpoint_dir is None else os.path.abspath(checkpoint_dir)
+        self.checkpoint_every = checkpoint_every
+        self.max_restarts = max_restarts
+        self._capacity = capacity
+        self._start_timeout = float(start_timeout)
+        self._opts = {"num_cpus": threads_per_shard, "scheduling_strategy": "SPREAD",
+                      **(actor_options or {}), "max_restarts": max_restarts, "max_task_retries": 0}
+        # Passed by value: Ray keeps actor-creation arguments for restarts (an ObjectRef argument
+        # would have to outlive every restart).
+        self._model_bytes = model_to_bytes(model)
+        self._lock = threading.RLock()
+        self._kind = None
+        self._actors, self._instance, self._dirty, self._pids = [], [], [], []
+        self._restore = None  # (files, saved_shards, time) of the restore point
+        self._losses = []  # every _Loss, in order
+        self._pending = []  # ShardLostErrors met by the checkpoint thread, raised by the next call
+        self._closed = False
+        self.timing = {"route": 0.0, "submit": 0.0, "wait": 0.0, "gather": 0.0, "calls": 0}
+        self._add_actors(range(shards))
+        self._stop = threading.Event()
+        self._thread = None
+        if checkpoint_every is not None:
+            self._thread = threading.Thread(target=_checkpoint_loop,
+                                            args=(weakref.ref(self), self._stop, checkpoint_every),
+                                            name="streamgru-checkpoint", daemon=True)
+            self._thread.start()
+
+    # ------------------------------------------------------------------------------------------
+    # actors
+
+    def _add_actors(self, ids):
+        ray = _ray()
+        cls = _remote_shard().options(**self._opts)
+        new = [cls.remote(self._model_bytes, self.dtype.name, self._capacity, self.threads_per_shard, i)
+               for i in ids]
+        try:
+            hello = ray.get([a.hello.remote() for a in new], timeout=self._start_timeout)
+        except Exception as exc:
+            for a in new:
+                ray.kill(a, no_restart=True)
+            if isinstance(exc, ray.exceptions.GetTimeoutError):
+                raise RuntimeError(
+                    f"shards: expected {len(new)} actor(s) to start within {self._start_timeout:g} s, "
+                    f"got none ready; each asks Ray for {self._opts.get('num_cpus')} CPU(s): give Ray "
+                    f"more CPUs or pass actor_options={{'num_cpus': 0}}") from None
+            raise
+        for a, (inst, pid, _) in zip(new, hello):
+            self._actors.append(a)
+            self._instance.append(inst)
+            self._pids.append(pid)
+            self._dirty.append(set())
+
+    @property
+    def shards(self):
+        """The number of shards."""
+        return len(self._actors)
+
+    def pids(self):
+        """Process id of each shard's actor (as last seen by the driver)."""
+        return list(self._pids)
+
+    def actors(self):
+        """Each shard's Ray actor handle (for monitoring and failure tests)."""
+        return list(self._actors)
+
+    def _live(self):
+        if self._closed:
+            raise RuntimeError("engine: expected a running ShardedEngine, got one that was shut down")
+        if self._pending:
+            raise self._pending.pop(0)
+
+    # ------------------------------------------------------------------------------------------
+    # stepping
+
+    def step(self, keys, x):
+        """Advance each listed stream by one step; outputs in input order.
+
+        Parameters
+        ----------
+        keys : sequence of int or str, or 1-D integer array, length n
+            Unknown keys are opened with zero state; a repeated key is stepped once per occurrence,
+            in order (all its rows go to one shard).
+        x : array_like, (n, input_size)
+
+        Returns
+        -------
+        numpy.ndarray, (n, output_size)
+
+        Raises
+        ------
+        ShardLostError
+            A shard holding some of these keys was lost; see the module docstring.
+        """
+        return self.step_async(keys, x).result()
+
+    def step_async(self, keys, x):
+        """Like ``step`` but returns at once with a :class:`StepFuture`.
+
+        Several batches may be in flight: each shard runs its parts in submission order, so
+        ``step_async(k, x1)`` then ``step_async(k, x2)`` steps ``k`` with x1 then x2. Wait with
+        ``fut.result()`` or ``await fut``.
+        """
+        t0 = time.perf_counter()
+        with self._lock:
+            self._live()
+            ks, kind = _canonical_keys(keys, self._kind, "keys")
+            n = len(ks)
+            x = self._matrix(x, "x", n, "len(keys)")
+            if self.check_finite and n and not np.isfinite(x).all():
+                rows = np.flatnonzero(~np.isfinite(x).all(axis=1))
+                bad = sorted({repr(ks[i]) for i in rows[:100].tolist()})
+                raise ValueError(f"x: expected finite values, got NaN/inf in the rows of key(s) "
+                                 f"{', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}; no stream "
+                                 f"was changed (check_finite=False skips this check)")
+            if kind is not None:
+                self._kind = kind
+            N = len(self._actors)
+            owners = _owners(ks, N)
+            t1 = time.perf_counter()
+            parts = []
+            if N == 1 or n == 0:
+                groups = [(0, None)] if n else []
+            else:
+                order = np.argsort(owners, kind="stable")
+                bounds = np.searchsorted(owners[order], np.arange(N + 1))
+                groups = [(s, order[bounds[s]:bounds[s + 1]]) for s in range(N)
+                          if bounds[s + 1] > bounds[s]]
+            for s, rows in groups:
+                if rows is None:
+                    sk, sx = ks, x
+                elif isinstance(ks, np.ndarray):
+                    sk, sx = ks[rows], x[rows]
+                else:
+                    sk, sx = [ks[i] for i in rows], x[rows]
+                self._dirty[s].update(sk.tolist() if isinstance(sk, np.ndarray) else sk)
+                parts.append((s, self._instance[s], self._actors[s].step.remote(sk, sx), rows, sk))
+            t2 = time.perf_counter()
+            self.timing["route"] += t1 - t0
+            self.timing["submit"] += t2 - t1
+            self.timing["calls"] += 1
+        return StepFuture(self, n, parts)
+
+    def _collect(self, n, parts, timeout):
+        """Wait for a step's parts; returns (outputs, None) or (None, error)."""
+        ray = _ray()
+        t0 = time.perf_counter()
+        refs = [p[2] for p in parts]
+        try:
+            vals = ray.get(refs, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"timeout: expected the step within {timeout} s, got no answer yet "
+                               f"(the future stays valid: call result() again)") from None
+        except Exception:
+            vals = None
+        t1 = time.perf_counter()
+        out = np.empty((n, self.model.output_size), self.dtype)
+        if vals is not None and not any(type(v) is _Recovered for v in vals):
+            for (_, _, _, rows, _), v in zip(parts, vals):
+                if rows is None:
+                    out = v if v.flags.writeable else v.copy()  # Ray hands out read-only views
+                else:
+                    out[rows] = v
+            self.timing["wait"] += t1 - t0
+            self.timing["gather"] += time.perf_counter() - t1
+            return out, None
+        # slow path: find which parts failed and why
+        applied = np.zeros(n, bool)
+        out[:] = np.nan
+        lost = []
+        for s, inst, ref, rows, _ in parts:
+            try:
+                v = ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:
+                return None, _cause(exc)
+            except ray.exceptions.RayActorError as exc:
+                lost.append((s, inst, exc))
+                continue
+            if type(v) is _Recovered:
+                lost.append((s, inst, None))
+                continue
+            sel = slice(None) if rows is None else rows
+            out[sel] = v
+            applied[sel] = True
+        losses = [self._handle_loss(s, inst, exc) for s, inst, exc in lost]
+        for loss, (_, _, exc) in zip(losses, lost):
+            if loss is None:
+                return None, exc or RuntimeError("shard: expected an answer, got none")
+        return None, self._loss_error(losses, out, applied)
+
+    def run(self, key, xs):
+        """Advance one stream over a sequence ``xs`` (T, input_size) -> (T, output_size)."""
+        with self._lock:
+            self._live()
+            k = self._key(key)
+            xs = self._matrix(xs, "xs", None, None)
+            s = self._shard(k)
+            self._dirty[s].add(k)
+            out = np.array(self._call(s, "run", k, xs))  # a writable copy, as Engine.run returns
+            if self._kind is None:
+                self._kind = type(k)
+            return out
+
+    # ------------------------------------------------------------------------------------------
+    # stream lifecycle
+
+    def open(self, key, state=None):
+        """Open a new stream (zero state, or ``state``); KeyError if already open."""
+        self._one("open", key, True, state)
+
+    def reset(self, key):
+        """Set an open stream's state to zeros; KeyError if unknown."""
+        self._one("reset", key, True)
+
+    def close(self, key):
+        """Forget a stream; KeyError if unknown."""
+        self._one("close", key, True)
+
+    def state(self, key):
+        """A copy of the stream's state, ``(state_size,)``; KeyError if unknown."""
+        return np.array(self._one("state", key, False))
+
+    def set_state(self, key, state):
+        """Overwrite a stream's state (opens the key if unknown)."""
+        self._one("set_state", key, True, state)
+
+    def __contains__(self, key):
+        try:
+            k = normalize_key(key)
+        except (TypeError, ValueError):
+            return False
+        with self._lock:
+            self._live()
+            if self._kind is not None and not isinstance(k, self._kind):
+                return False
+            return self._call(self._shard(k), "contains", k)
+
+    def __len__(self):
+        with self._lock:
+            self._live()
+            return sum(self._all("len"))
+
+    def keys(self, shard=None):
+        """The open stream keys of every shard (or of shard ``shard``), as a list, in no order."""
+        with self._lock:
+            self._live()
+            if shard is not None:
+                if isinstance(shard, bool) or not isinstance(shard, (int, np.integer)) \
+                        or not 0 <= shard < len(self._actors):
+                    raise ValueError(f"shard: expected an int from 0 to {len(self._actors) - 1}, got "
+                                     f"{shard!r}")
+                return self._call(int(shard), "keys")
+            return [k for part in self._all("keys") for k in part]
+
+    def stats(self):
+        """Per shard: engine calls, rows, seconds inside the engine, streams, pid, resident bytes."""
+        with self._lock:
+            self._live()
+            return self._all("stats")
+
+    def check(self):
+        """Ask every shard; raise :class:`ShardLostError` if one was lost (for monitoring)."""
+        len(self)
+
+    def _one(self, verb, key, mutates, *args):
+        with self._lock:
+            self._live()
+            k = self._key(key)
+            s = self._shard(k)
+            out = self._call(s, verb, k, *args)
+            if mutates:
+                self._dirty[s].add(k)
+                if verb in ("open", "set_state") and self._kind is None:
+                    self._kind = type(k)
+            return out
+
+    def _key(self, key):
+        k = normalize_key(key, "key")
+        if self._kind is not None and not isinstance(k, self._kind):
+            raise TypeError(f"key: expected a {self._kind.__name__} key (this engine holds "
+                            f"{self._kind.__name__} keys), got {type(k).__name__} {k!r}")
+        return k
+
+    def _shard(self, k):
+        return int(_owners([k], len(self._actors))[0])
+
+    def _call(self, s, verb, *args):
+        return self._gather([(s, self._actors[s].call.remote(verb, *args))])[0]
+
+    def _all(self, verb):
+        return self._gather([(s, a.call.remote(verb)) for s, a in enumerate(self._actors)])
+
+    def _gather(self, calls):
+        """ray.get each (shard, ref); user errors re-raised as themselves, losses as ShardLostError."""
+        ray = _ray()
+        insts = {s: self._instance[s] for s, _ in calls}
+        vals, lost = [], []
+        for s, ref in calls:
+            try:
+                v = ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:
+                raise _cause(exc) from None
+            except ray.exceptions.RayActorError as exc:
+                lost.append((s, exc))
+                vals.append(None)
+                continue
+            if type(v) is _Recovered:
+                lost.append((s, None))
+            vals.append(v)
+        if lost:
+            losses = [self._handle_loss(s, insts[s], exc) for s, exc in lost]
+            for loss, (_, exc) in zip(losses, lost):
+                if loss is None:
+                    raise exc or RuntimeError("shard: expected an answer, got none")
+            raise self._loss_error(losses, None, None)
+        return vals
+
+    # ------------------------------------------------------------------------------------------
+    # failures
+
+    def _handle_loss(self, s, inst, exc):
+        """Restore shard ``s`` if it restarted since ``inst``; return the _Loss describing it."""
+        ray = _ray()
+        with self._lock:
+            for loss in self._losses:
+                if loss.shard == s and loss.old_instance == inst:
+                    return loss  # another call already restored it
+            files, saved, rtime = self._restore or (None, None, None)
+            keys = sorted(self._dirty[s], key=_sort_key) if s < len(self._dirty) else []
+            if s >= len(self._actors):  # removed by a resize meanwhile
+                return None
+            deadline = time.monotonic() + self._start_timeout
+            while True:
+                try:
+                    info = ray.get(self._actors[s].recover.remote(files, len(self._actors), saved, s),
+                                   timeout=max(deadline - time.monotonic(), 1.0))
+                    break
+                except ray.exceptions.ActorUnavailableError as err:  # restarting: ask again
+                    if time.monotonic() < deadline:
+                        time.sleep(0.1)
+                        continue
+                    failure = err
+                except Exception as err:  # died for good, or the restore failed
+                    failure = err
+                loss = _Loss(s, inst, keys, rtime, True, failure)  # the shard stays lost
+                self._losses.append(loss)
+                return loss
+            if not info["restarted"]:
+                if info["instance"] != inst:  # restarted and restored by someone else earlier
+                    for loss in self._losses:
+                        if loss.shard == s and loss.old_instance == inst:
+                            return loss
+                return None  # not restarted: a transient failure of this call, re-raised as is
+            self._instance[s] = info["instance"]
+            self._pids[s] = info.get("pid", self._pids[s])
+            self._dirty[s] = set()
+            loss = _Loss(s, inst, keys, rtime, False, exc)
+            self._losses.append(loss)
+            return loss
+
+    def _loss_error(self, losses, outputs, applied):
+        for loss in losses:
+            loss.reported = True
+        lost = {}
+        for loss in losses:
+            lost.setdefault(loss.shard, [])
+            lost[loss.shard] += [k for k in loss.keys if k not in lost[loss.shard]]
+        rtime = {loss.shard: loss.restore_time for loss in losses}
+        permanent = any(loss.permanent for loss in losses)
+        parts = []
+        for s in sorted(lost):
+            ks = lost[s]
+            shown = ", ".join(repr(k) for k in ks[:10]) + (f" ... (+{len(ks) - 10} more)"
+                                                           if len(ks) > 10 else "")
+            when = ("nothing (it restarted empty)" if rtime[s] is None else
+                    f"the restore point of {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(rtime[s]))}")
+            parts.append(f"shard {s}: {len(ks)} stream(s) [{shown}] went back to {when}")
+        what = "died and was restarted"
+        if permanent:
+            causes = "; ".join(f"shard {x.shard}: {type(x.cause).__name__}: {str(x.cause)[:300]}"
+                               for x in losses if x.permanent)
+            what = f"could not be restarted ({causes})"
+        msg = (f"shard(s) {sorted(lost)} {what}; " + "; ".join(parts) +
+               ". Streams opened since then are gone, streams closed since then are back; replay "
+               "their events since then (error.keys, error.restore_time) or reset them.")
+        if applied is not None:
+            msg += f" Of this step, {int(applied.sum())} of {len(applied)} rows (other shards) were applied."
+        return ShardLostError(msg, lost, rtime, permanent, outputs, applied)
+
+    # ------------------------------------------------------------------------------------------
+    # resize
+
+    def resize(self, shards):
+        """Change the number of shards, moving exactly the streams whose placement changes.
+
+        Each moving stream's state is read from its old shard, written to its new one, then
+        closed on the old one. Other calls wait meanwhile (a driver lock). Steps already submitted
+        with ``step_async`` finish on the old placement first (a shard runs calls in order).
+        If a shard is lost before the states are written, nothing changes; afterwards the new
+        placement stands and the loss is reported as usual. With ``checkpoint_dir`` set, a
+        checkpoint is taken at the end.
+
+        Returns
+        -------
+        int : the number of streams moved.
+        """
+        n = _check_shards(shards, "shards")
+        ray = _ray()
+        with self._lock:
+            self._live()
+            old = len(self._actors)
+            if n == old:
+                return 0
+            listing = self._all("keys")
+            moving = []  # per old shard: (keys list, new owners array)
+            for s, ks in enumerate(listing):
+                if not ks:
+                    moving.append(([], np.zeros(0, np.int64)))
+                    continue
+                arr = ks if isinstance(ks[0], str) else np.array(ks, np.int64)
+                own = _owners(arr, n)
+                idx = np.flatnonzero(own != s)
+                moving.append(([ks[i] for i in idx], own[idx]))
+            if n > old:
+                self._add_actors(range(old, n))
+            dest = {}  # new shard -> (keys, [state arrays], [old shard of each key])
+            try:
+                states = self._gather([(s, self._actors[s].export.remote(mk))
+                                       for s, (mk, _) in enumerate(moving) if mk])
+                for (s, (mk, own)), st in zip([(s, m) for s, m in enumerate(moving) if m[0]], states):
+                    for t in np.unique(own).tolist():
+                        sel = np.flatnonzero(own == t)
+                        d = dest.setdefault(t, ([], [], []))
+                        d[0].extend(mk[i] for i in sel)
+                        d[1].append(st[sel])
+                        d[2].extend([s] * len(sel))
+                self._gather([(t, self._actors[t].import_states.remote(k, np.concatenate(st)))
+                              for t, (k, st, _) in dest.items()])
+            except BaseException:
+                # nothing was closed on the old shards: undo the copies, drop new actors
+                for t, (k, _, _) in dest.items():
+                    if t < old:
+                        try:
+                            ray.get(self._actors[t].close_many.remote(k))
+                        except Exception:
+                            pass
+                self._drop_actors(old)
+                raise
+            # commit: new placement from here on
+            old_dirty = self._dirty
+            victims = self._actors[n:]
+            self._actors, self._instance = self._actors[:n], self._instance[:n]
+            self._pids, self._dirty = self._pids[:n], [set(d) for d in old_dirty[:n]]
+            for t, (k, _, src) in dest.items():
+                # a moved stream differs from the restore point iff it did on its old shard
+                # (restores re-place keys); with no restore point every stream counts
+                self._dirty[t].update(key for key, s in zip(k, src)
+                                      if self._restore is None or key in old_dirty[s])
+            for s in range(min(old, n)):
+                self._dirty[s].difference_update(moving[s][0])
+            try:
+                self._gather([(s, self._actors[s].close_many.remote(moving[s][0]))
+                              for s in range(min(old, n)) if moving[s][0]])
+            finally:
+                for a in victims:
+                    ray.kill(a, no_restart=True)
+                if self.checkpoint_dir is not None:
+                    self._checkpoint_locked(force=True)
+            return sum(len(m[0]) for m in moving)
+
+    def _drop_actors(self, keep):
+        ray = _ray()
+        for a in self._actors[keep:]:
+            ray.kill(a, no_restart=True)
+        del self._actors[keep:], self._instance[keep:], self._pids[keep:], self._dirty[keep:]
+
+    # ------------------------------------------------------------------------------------------
+    # snapshots and checkpoints
+
+    def save_state(self, directory):
+        """Write every stream to ``directory``: one atomic file per shard, then ``manifest.json``.
+
+        Returns the manifest (a dict). Files of the manifest this one replaces are deleted.
+
+        Examples
+        --------
+        >>> eng.save_state("snap")             # doctest: +SKIP
+        >>> other = ShardedEngine(model, shards=3)  # doctest: +SKIP
+        >>> other.load_state("snap")           # doctest: +SKIP
+        """
+        with self._lock:
+            self._live()
+            return self._save_locked(directory)
+
+    def _save_locked(self, directory):
+        d = Path(os.path.abspath(directory))
+        d.mkdir(parents=True, exist_ok=True)
+        previous = None
+        try:
+            previous = _read_manifest(d)
+        except (FileNotFoundError, FormatError):
+            pass
+        snap = uuid.uuid4().hex[:12]
+        N = len(self._actors)
+        names = [f"shard-{i:04d}-of-{N:04d}.{snap}.sgst" for i in range(N)]
+        t0 = time.time()
+        counts = self._gather([(i, a.save.remote(str(d / f))) for i, (a, f)
+                               in enumerate(zip(self._actors, names))])
+        manifest = {
+            "format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION, "placement": PLACEMENT,
+            "model_fingerprint": self.model.fingerprint, "dtype": self.dtype.name,
+            "state_size": self.model.state_size,
+            "key_kind": None if self._kind is None else self._kind.__name__,
+            "shards": N, "count": int(sum(counts)), "time": t0,
+            "files": [{"shard": i, "file": f, "count": int(c)}
+                      for i, (f, c) in enumerate(zip(names, counts))],
+        }
+        from .formats import write_atomic
+
+        write_atomic(d / MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+        if previous is not None:
+            keep = set(names)
+            for entry in previous["files"]:
+                f = entry["file"]
+                if f not in keep and "/" not in f and f.startswith("shard-") and f.endswith(".sgst"):
+                    try:
+                        (d / f).unlink()
+                    except FileNotFoundError:
+                        pass
+        return manifest
+
+    def load_state(self, directory):
+        """Replace every stream by those of a ``save_state`` snapshot, made with any shard count.
+
+        Keys are re-placed for the current shard count. On any error nothing changes. The
+        snapshot becomes the restore point (and a checkpoint is taken if ``checkpoint_dir`` is
+        set and is another directory).
+        """
+        d = Path(os.path.abspath(directory))
+        m = _read_manifest(d)
+        if m["model_fingerprint"] != self.model.fingerprint:
+            raise FormatError(f"{d}: expected a snapshot of model {self.model.fingerprint[:16]}..., "
+                              f"got one of model {str(m['model_fingerprint'])[:16]}...")
+        files = [str(d / e["file"]) for e in m["files"]]
+        for f in files:
+            if not os.path.isfile(f):
+                raise FormatError(f"{d}: expected the snapshot's file {os.path.basename(f)}, got none")
+        ray = _ray()
+        with self._lock:
+            self._live()
+            N = len(self._actors)
+            try:
+                counts = self._gather([(i, a.prepare_load.remote(files, N, m["shards"]))
+                                       for i, a in enumerate(self._actors)])
+                if sum(counts) != m["count"]:
+                    raise FormatError(f"{d}: expected {m['count']} streams (manifest), got "
+                                      f"{sum(counts)} from its files")
+            except BaseException:
+                for a in self._actors:
+                    try:
+                        ray.get(a.commit_load.remote(False))
+                    except Exception:
+                        pass
+                raise
+            self._gather([(i, a.commit_load.remote(True)) for i, a in enumerate(self._actors)])
+            self._kind = {"int": int, "str": str, None: None}[m["key_kind"]]
+            self._dirty = [set() for _ in self._actors]
+            self._restore = (files, m["shards"], m["time"])
+            if self.checkpoint_dir is not None and Path(self.checkpoint_dir) != d:
+                self._checkpoint_locked(force=True)
+
+    def checkpoint(self):
+        """Save every shard to ``checkpoint_dir`` now; it becomes the restore point.
+
+        Returns the manifest, or None when no shard changed since the last restore point.
+        """
+        if self.checkpoint_dir is None:
+            raise ValueError("checkpoint_dir: expected a directory (ShardedEngine(checkpoint_dir=...)), "
+                             "got None")
+        with self._lock:
+            self._live()
+            return self._checkpoint_locked(force=False)
+
+    def _checkpoint_locked(self, force):
+        if not force and self._restore is not None and not any(self._dirty):
+            return None
+        m = self._save_locked(self.checkpoint_dir)
+        d = Path(self.checkpoint_dir)
+        self._restore = ([str(d / e["file"]) for e in m["files"]], m["shards"], m["time"])
+        self._dirty = [set() for _ in self._actors]
+        return m
+
+    def losses(self):
+        """Every shard loss seen so far: list of dicts (shard, keys, restore_time, permanent)."""
+        return [{"shard": x.shard, "keys": list(x.keys), "restore_time": x.restore_time,
+                 "permanent": x.permanent} for x in self._losses]
+
+    # ------------------------------------------------------------------------------------------
+    # lifecycle
+
+    def shutdown(self):
+        """Stop the checkpoint thread and the actors (their streams are gone). Idempotent."""
+        if self._closed:
+            return
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=60)
+        with self._lock:
+            ray = _ray()
+            for a in self._actors:
+                try:
+                    ray.kill(a, no_restart=True)
+                except Exception:
+                    pass
+            self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    def __repr__(self):
+        state = "shut down" if self._closed else f"shards={len(self._actors)}"
+        return (f"ShardedEngine({self.model!r}, {state}, dtype={self.dtype.name!r}, "
+                f"threads_per_shard={self.threads_per_shard})")
+
+    # ------------------------------------------------------------------------------------------
+
+    def _matrix(self, x, what, n, n_what):
+        if not isinstance(x, np.ndarray):
+            try:
+                x = np.asarray(x)
+            except Exception as exc:
+                raise TypeError(f"{what}: expected a float array, got {type(x).__name__} ({exc})") \
+                    from None
+        if x.dtype.kind != "f":
+            raise TypeError(f"{what}: expected a float32 or float64 array, got dtype {x.dtype}; "
+                            f"convert it with .astype(np.{self.dtype.name})")
+        n_in = self.model.input_size
+        if x.ndim != 2 or x.shape[1] != n_in or (n is not None and x.shape[0] != n):
+            hint = f" ({n_what} = {n})" if n is not None else ""
+            raise ValueError(f"{what}: expected shape {(n if n is not None else 'T', n_in)}{hint}, "
+                             f"got {x.shape}")
+        if x.dtype != self.dtype or not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x, dtype=self.dtype)
+        return x
+
+
+def _rss():
+    """Resident memory of this process in bytes (Linux), else None."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def _cause(exc):
+    """The user's exception inside a RayTaskError (KeyError, ValueError...), else the error."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
+
+
+def _sort_key(k):
+    return (isinstance(k, str), k)
+
+
+def _read_manifest(d):
+    p = Path(d) / MANIFEST_NAME
+    try:
+        m = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"directory: expected a snapshot with {MANIFEST_NAME}, got none in "
+                                f"{str(d)!r}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{p}: expected JSON, got unreadable text ({exc})") from None
+    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
+        raise FormatError(f"{p}: expected a {MANIFEST_FORMAT} manifest, got "
+                          f"{m.get('format') if isinstance(m, dict) else type(m).__name__!r}")
+    if m.get("format_version") != MANIFEST_VERSION:
+        raise FormatError(f"{p}: expected format_version {MANIFEST_VERSION!r}, got "
+                          f"{m.get('format_version')!r}")
+    if m.get("placement") != PLACEMENT:
+        raise FormatError(f"{p}: expected placement {PLACEMENT!r}, got {m.get('placement')!r}")
+    try:
+        files = m["files"]
+        if len(files) != int(m["shards"]) or any(e["shard"] != i for i, e in enumerate(files)):
+            raise ValueError("files do not list shards 0..shards-1 in order")
+        for e in files:
+            if not isinstance(e["file"], str) or "/" in e["file"] or "\\" in e["file"]:
+                raise ValueError(f"file name {e['file']!r}")
+        int(m["count"])
+        float(m["time"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FormatError(f"{p}: expected a consistent manifest, got {type(exc).__name__}: {exc}") \
+            from None
+    return m
+
+
+def _checkpoint_loop(ref, stop, every):
+    """Background checkpoints; holds only a weak reference so a dropped engine can be collected."""
+    while not stop.wait(every):
+        eng = ref()
+        if eng is None or eng._closed:
+            return
+        try:
+            with eng._lock:
+                if not eng._closed:
+                    eng._checkpoint_locked(force=False)
+        except ShardLostError as exc:
+            with eng._lock:
+                eng._pending.append(exc)
+            warnings.warn(f"streamgru checkpoint: {exc}", RuntimeWarning, stacklevel=1)
+        except Exception as exc:  # keep checkpointing; the next call still works
+            warnings.warn(f"streamgru checkpoint failed: {type(exc).__name__}: {exc}", RuntimeWarning,
+                          stacklevel=1)
+        del eng
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmark (benchmarks/cluster_bench.py and `streamgru bench --cluster` call this)
+#
+# The event stream: `batches` batches of `batch` events; keys drawn from a Zipf law of exponent
+# `zipf` over `keys` keys (rank r has probability proportional to r**-zipf; ranks mapped to keys by
+# a random permutation so hot keys spread over the shards). With `fill`, every key is opened first
+# (not timed), so the shards hold all `keys` streams. Contenders: a local Engine with 1 and 2 Numba
+# threads (the same work without a Ray hop), then N shards: `sync` (one step at a time: latency)
+# and `pipelined` (step_async, `depth` batches in flight: throughput). Per sync batch: route (hash
+# + split in the driver), submit (serialization + task submission), wait (Ray transport + the
+# actors' work), gather, and the time inside Engine.step in the actors.
+
+
+def zipf_events(keys, n_events, exponent, seed):
+    """int64 keys of ``n_events`` events, Zipf(``exponent``) over ``keys`` keys, seeded."""
+    rng = np.random.default_rng(seed)
+    w = np.arange(1, keys + 1, dtype=np.float64) ** -exponent
+    cdf = np.cumsum(w)
+    cdf /= cdf[-1]
+    ranks = np.minimum(np.searchsorted(cdf, rng.random(n_events)), keys - 1)
+    return rng.permutation(keys).astype(np.int64)[ranks]
+
+
+def _pct(a, q):
+    return float(np.percentile(np.asarray(a), q)) if len(a) else float("nan")
+
+
+def _fill(step, keys, input_size, dtype, chunk=16384):
+    x = np.zeros((chunk, input_size), dtype)
+    for lo in range(0, keys, chunk):
+        k = np.arange(lo, min(keys, lo + chunk), dtype=np.int64)
+        step(k, x[:len(k)])
+
+
+class _Contender:
+    """One engine under test: a local Engine (shards=None) or a ShardedEngine."""
+
+    def __init__(self, name, eng, shards):
+        self.name, self.eng, self.shards = name, eng, shards
+        self.lat, self.sync_rate, self.pipe_rate = [], [], []
+        self.timing = {"route": 0.0, "submit": 0.0, "wait": 0.0, "gather": 0.0}
+        self.busy = None
+        self.n_sync = 0
+
+    def sync(self, ks, xs):
+        eng = self.eng
+        if self.shards is not None:
+            t_before = dict(eng.timing)
+            b_before = [s["engine_seconds"] for s in eng.stats()]
+        t0 = time.perf_counter()
+        for k, x in zip(ks, xs):
+            t = time.perf_counter()
+            eng.step(k, x)
+            self.lat.append(time.perf_counter() - t)
+        self.sync_rate.append(sum(len(k) for k in ks) / (time.perf_counter() - t0))
+        self.n_sync += len(ks)
+        if self.shards is not None:
+            for key in self.timing:
+                self.timing[key] += eng.timing[key] - t_before[key]
+            busy = [s["engine_seconds"] - b for s, b in zip(eng.stats(), b_before)]
+            self.busy = busy if self.busy is None else [a + b for a, b in zip(self.busy, busy)]
+
+    def pipelined(self, ks, xs, depth):
+        if self.shards is None:
+            return
+        pending = []
+        t0 = time.perf_counter()
+        for k, x in zip(ks, xs):
+            pending.append(self.eng.step_async(k, x))
+            if len(pending) >= depth:
+                pending.pop(0).result()
+        for f in pending:
+            f.result()
+        self.pipe_rate.append(sum(len(k) for k in ks) / (time.perf_counter() - t0))
+
+    def result(self, depth):
+        r = {"events_per_s": float(np.median(self.sync_rate)),
+             "events_per_s_rounds": [round(v) for v in self.sync_rate],
+             "p50_ms": _pct(self.lat, 50) * 1e3, "p99_ms": _pct(self.lat, 99) * 1e3}
+        if self.shards is None:
+            return r
+        nb = max(self.n_sync, 1)
+        tm = {k: v / nb * 1e3 for k, v in self.timing.items()}
+        tm["engine_max_shard"] = max(self.busy) / nb * 1e3
+        tm["engine_sum"] = sum(self.busy) / nb * 1e3
+        r["per_batch_ms"] = tm
+        return {"sync": r, "pipelined": {"events_per_s": float(np.median(self.pipe_rate)),
+                                         "events_per_s_rounds": [round(v) for v in self.pipe_rate],
+                                         "depth": depth}}
+
+
+def run_cluster_benchmark(keys=1_000_000, batch=1024, batches=200, warmup=20, zipf=1.1,
+                          input_size=16, hidden=128, outputs=8, shards=(1, 2), depth=4, rounds=5,
+                          fill=True, seed=0, local=True, actor_options=None, out=print):
+    """Step a Zipf event stream through local Engines and 1..N shards; print a table, return a dict.
+
+    All contenders are built first, then run side by side: in each of ``rounds`` rounds every
+    contender steps the same next slice of ``batches / rounds`` batches one at a time (sync),
+    and the shards step a further slice with ``depth`` batches in flight (pipelined). Rates are
+    the median over rounds, latencies pooled, so a change of machine load hits every contender
+    alike.
+
+    Parameters
+    ----------
+    keys : int
+        Number of distinct stream keys (the Zipf law's support).
+    batch, batches, warmup : int
+        Events per batch, timed batches (per mode), untimed warm-up batches.
+    zipf : float
+        Exponent of the Zipf law (rank r has probability proportional to r**-zipf; ranks are
+        mapped to keys by a seeded permutation, so hot keys spread over the shards).
+    input_size, hidden, outputs : int
+        The model: ``GRUModel.random(input_size, [hidden], dense_after=[(outputs, "identity")])``
+        (no dense head if ``outputs`` is 0), float32. Each event's output row travels back to the
+        driver, so large outputs cost Ray transfer time.
+    shards : sequence of int
+        Shard counts to run (each a ``ShardedEngine`` with one Numba thread per shard).
+    depth : int
+        Batches in flight in the pipelined runs.
+    rounds : int
+        Interleaved rounds (see above).
+    fill : bool
+        Open every key first (untimed), so the shards hold ``keys`` streams; then also time a
+        ``save_state`` of them and read the actors' resident memory.
+    local : bool
+        Also run a local ``Engine`` (1 and 2 Numba threads) on the same batches: the same work
+        without the Ray hop.
+    actor_options : dict, optional
+        Passed to ``ShardedEngine`` (default ``{"num_cpus": 0}``: all contenders exist at once).
+    out : callable or None
+        Receives the formatted table (default ``print``).
+
+    Returns
+    -------
+    dict with ``config``, ``machine`` (CPU, load average, versions), ``local``, ``sharded`` (per
+    shard count: ``sync`` events/s, p50/p99 ms and a per-batch time breakdown -- route and submit
+    in the driver, wait for the answers, gather, and the time inside ``Engine.step`` in the
+    actors; ``pipelined`` events/s; streams, actor memory, checkpoint size and time) and
+    ``derived`` (scaling efficiency 2 shards / (2 x 1 shard), Ray-hop cost).
+
+    Starts a loopback-only local Ray (``start_local_ray``) if Ray is not initialized, and stops it
+    at the end; an initialized Ray is used as it is.
+
+    Examples
+    --------
+    >>> from streamgru.cluster import run_cluster_benchmark
+    >>> r = run_cluster_benchmark(keys=1000, batch=64, batches=10, warmup=2, fill=False,
+    ...                           out=None)                          # doctest: +SKIP
+    >>> sorted(r["sharded"])                                         # doctest: +SKIP
+    [1, 2]
+    """
+    from .engine import Engine
+
+    rounds = max(1, min(rounds, batches))
+    ray = _ray()
+    started = False
+    if not ray.is_initialized():
+        start_local_ray(num_cpus=max(2, max(shards)))
+        started = True
+    contenders = []
+    try:
+        model = GRUModel.random(input_size, [hidden], seed=seed,
+                                dense_after=[(outputs, "identity")] if outputs else ())
+        total = warmup + 2 * batches
+        ev = zipf_events(keys, total * batch, zipf, seed)
+        ks = [ev[i * batch:(i + 1) * batch] for i in range(total)]
+        rng = np.random.default_rng(seed + 1)
+        xs = [rng.standard_normal((batch, input_size), dtype=np.float32) for _ in range(total)]
+        res = {
+            "config": {"keys": keys, "batch": batch, "batches": batches, "warmup": warmup,
+                       "zipf": zipf, "input_size": input_size, "hidden": hidden, "outputs": outputs,
+                       "state_size": model.state_size, "depth": depth, "rounds": rounds,
+                       "fill": fill, "seed": seed,
+                       "distinct_keys_in_timed_events": int(np.unique(ev[warmup * batch:]).size)},
+            "machine": _machine(),
+            "local": {},
+            "sharded": {},
+        }
+        extra = {}
+        if local:
+            for th in (1, 2):
+                eng = Engine(model, threads=th, capacity=keys if fill else 1024)
+                if fill:
+                    _fill(eng.step, keys, input_size, np.float32)
+                contenders.append(_Contender(f"{th}t", eng, None))
+        opts = {"num_cpus": 0} if actor_options is None else actor_options
+        for n in shards:
+            eng = ShardedEngine(model, shards=n, threads_per_shard=1, actor_options=opts,
+                                capacity=int(keys / n * 1.1) + 16 if fill else 1024)
+            contenders.append(_Contender(n, eng, n))
+            if fill:
+                t = time.perf_counter()
+                _fill(eng.step, keys, input_size, np.float32)
+                extra[n] = {"fill_s": time.perf_counter() - t}
+        for c in contenders:
+            for i in range(warmup):
+                c.eng.step(ks[i], xs[i])
+        bounds = np.linspace(0, batches, rounds + 1).astype(int)
+        for r in range(rounds):
+            lo, hi = warmup + bounds[r], warmup + bounds[r + 1]
+            for c in contenders:
+                c.sync(ks[lo:hi], xs[lo:hi])
+                c.pipelined(ks[batches + lo:batches + hi], xs[batches + lo:batches + hi], depth)
+        for c in contenders:
+            if c.shards is None:
+                res["local"][c.name] = c.result(depth)
+                continue
+            r = c.result(depth)
+            st = c.eng.stats()
+            r.update(streams=len(c.eng), rows_per_shard=[s["rows"] for s in st],
+                     rss_bytes_per_shard=[s["rss_bytes"] for s in st], **extra.get(c.shards, {}))
+            if fill:
+                with tempfile.TemporaryDirectory(prefix="sgru-ckpt-") as d:
+                    t = time.perf_counter()
+                    m = c.eng.save_state(d)
+                    r["checkpoint_s"] = time.perf_counter() - t
+                    r["checkpoint_bytes"] = sum(os.path.getsize(os.path.join(d, e["file"]))
+                                                for e in m["files"])
+                r["rss_bytes_per_shard_after_save"] = [s["rss_bytes"] for s in c.eng.stats()]
+            res["sharded"][c.shards] = r
+        _derive(res, contenders)
+        res["machine"]["loadavg_after"] = _loadavg()
+        if out is not None:
+            out(format_table(res))
+        return res
+    finally:
+        for c in contenders:
+            if c.shards is not None:
+                c.eng.shutdown()
+        if started:
+            ray.shutdown()
+
+
+def _derive(res, contenders):
+    sh = res["sharded"]
+    d = {}
+    by = {c.shards: c for c in contenders if c.shards is not None}
+    if 1 in by and 2 in by:  # per round, side by side, then the median
+        for mode, attr in (("pipelined", "pipe_rate"), ("sync", "sync_rate")):
+            eff = [b / (2 * a) for a, b in zip(getattr(by[1], attr), getattr(by[2], attr))]
+            d[f"scaling_efficiency_{mode}"] = float(np.median(eff))
+    loc = next((c for c in contenders if c.name == "1t"), None)
+    if loc is not None and 1 in sh:
+        d["ray_hop_ms_p50"] = sh[1]["sync"]["p50_ms"] - res["local"]["1t"]["p50_ms"]
+        d["local_1t_over_1_shard_sync"] = float(np.median(
+            [a / b for a, b in zip(loc.sync_rate, by[1].sync_rate)]))
+        d["local_1t_over_1_shard_pipelined"] = float(np.median(
+            [a / b for a, b in zip(loc.sync_rate, by[1].pipe_rate)]))
+    res["derived"] = d
+
+
+def _loadavg():
+    try:
+        return list(os.getloadavg())
+    except (OSError, AttributeError):
+        return None
+
+
+def _machine():
+    import platform
+
+    import numba
+
+    try:
+        import ray
+
+        rv = ray.__version__
+    except ImportError:
+        rv = None
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "loadavg_before": _loadavg(),
+            "python": platform.python_version(),
+            "numpy": np.__version__, "numba": numba.__version__, "ray": rv,
+            "platform": platform.platform()}
+
+
+def format_table(res):
+    """The results of :func:`run_cluster_benchmark` as a text table."""
+    c, m = res["config"], res["machine"]
+    la = m.get("loadavg_before")
+    lines = [f"Zipf({c['zipf']}) events over {c['keys']:,} keys, batches of {c['batch']}, "
+             f"{c['batches']} timed batches per mode in {c['rounds']} interleaved rounds "
+             f"({c['distinct_keys_in_timed_events']:,} distinct keys), I={c['input_size']} "
+             f"H={c['hidden']} outputs={c['outputs']} float32, fill={c['fill']}; {m['cores']} cores, "
+             f"load average {la[0]:.1f} before, {m['loadavg_after'][0]:.1f} after" if la else "",
+             f"{'contender':<24}{'events/s':>12}{'p50 ms':>9}{'p99 ms':>9}"]
+    for name, r in res["local"].items():
+        lines.append(f"{'local Engine ' + name:<24}{r['events_per_s']:>12,.0f}{r['p50_ms']:>9.2f}"
+                     f"{r['p99_ms']:>9.2f}")
+    for n, r in res["sharded"].items():
+        s = r["sync"]
+        lines.append(f"{f'{n} shard(s), sync':<24}{s['events_per_s']:>12,.0f}{s['p50_ms']:>9.2f}"
+                     f"{s['p99_ms']:>9.2f}")
+        p = r["pipelined"]
+        label = f"{n} shard(s), {p['depth']} in flight"
+        lines.append(f"{label:<24}{p['events_per_s']:>12,.0f}")
+    lines.append("where the time goes, per sync batch (ms): route / submit / wait / gather | "
+                 "inside Engine.step (slowest shard, sum of shards)")
+    for n, r in res["sharded"].items():
+        t = r["sync"]["per_batch_ms"]
+        lines.append(f"  {n} shard(s): {t['route']:.3f} / {t['submit']:.3f} / {t['wait']:.3f} / "
+                     f"{t['gather']:.3f} | {t['engine_max_shard']:.3f}, {t['engine_sum']:.3f}")
+    for n, r in res["sharded"].items():
+        if r.get("checkpoint_s") is not None:
+            rss = "+".join(f"{b / 1e6:.0f}" for b in r["rss_bytes_per_shard"] if b)
+            lines.append(f"  {n} shard(s): {r['streams']:,} streams, actor RSS {rss} MB; save_state "
+                         f"{r['checkpoint_s']:.2f} s for {r['checkpoint_bytes'] / 1e6:.0f} MB; fill "
+                         f"{r['fill_s']:.1f} s")
+    for k, v in res.get("derived", {}).items():
+        lines.append(f"{k}: {v:.3f}")
+    return "\n".join(lines)
