@@ -52,6 +52,9 @@ _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 # over threads by weight panels: ~20 us of arithmetic on one core (weights of 1.4 MB and more, past
 # one core's 1 MiB L2: two cores hold them in their two L2s), against ~2 us per parallel region.
 WIDE_MIN_MACS = 350_000
+# From this many rows, an int key array is mapped to slots by a compiled table (state.IntSlotTable)
+# rather than one dict lookup per key.
+INT_TABLE_MIN_ROWS = 64
 _DTYPES = {"float32": np.float32, "float64": np.float64}
 
 
@@ -225,13 +228,24 @@ class Engine:
                             rec[k] = self._now
                             rec.move_to_end(k)
                         return out
-            ks = self._keys_arg(keys, "keys")
-            n = len(ks)
-            x = self._matrix(x, "x", n, "len(keys)")
             store = self._store
-            if self._track:
-                self._admit(ks, x, "x")
-            slots, opened = store.slots(ks)
+            if tkeys is np.ndarray and keys.ndim == 1 and keys.dtype.kind in "iu" \
+                    and len(keys) >= INT_TABLE_MIN_ROWS and not self._track \
+                    and store.key_kind is not str:
+                # A large batch of int keys: map them to slots in one kernel call; the key list
+                # is only built on the error path.
+                karr = self._int_keys(keys, "keys")
+                n = len(karr)
+                x = self._matrix(x, "x", n, "len(keys)")
+                slots, opened = store.slots_array(karr)
+                ks = None
+            else:
+                ks = self._keys_arg(keys, "keys")
+                n = len(ks)
+                x = self._matrix(x, "x", n, "len(keys)")
+                if self._track:
+                    self._admit(ks, x, "x")
+                slots, opened = store.slots(ks)
             out = np.empty((n, self._n_out), self.dtype)
             if n == 0:
                 return out
@@ -253,7 +267,7 @@ class Engine:
                 bad = K.step_serial(*args)
             if bad >= 0:
                 store.rollback(opened)
-                self._raise_nonfinite(x, ks, "x")
+                self._raise_nonfinite(x, ks if ks is not None else karr.tolist(), "x")
             if self._track:
                 self._touch(ks)
             return out
@@ -557,6 +571,9 @@ class Engine:
             if keys.dtype.kind == "u" and keys.size and keys.max() > np.iinfo(np.int64).max:
                 raise ValueError(f"{what}: expected keys within int64, got {keys.max()}")
             ks = keys.tolist()
+            # The array's dtype says every key's kind: check one, not each.
+            self._store.check_kind(ks[:1], what)
+            return ks
         elif isinstance(keys, (str, bytes)) or not isinstance(keys, Sequence):
             raise TypeError(f"{what}: expected a sequence of int or str keys, got "
                             f"{type(keys).__name__}; wrap a single key in a list: [key]")
@@ -564,6 +581,12 @@ class Engine:
             ks = [normalize_key(k, f"{what}[{i}]") for i, k in enumerate(keys)]
         self._store.check_kind(ks, what)
         return ks
+
+    def _int_keys(self, keys, what):
+        """A 1-D integer key array as int64 (C-contiguous), refusing uint64 keys past int64."""
+        if keys.dtype.kind == "u" and keys.size and keys.max() > np.iinfo(np.int64).max:
+            raise ValueError(f"{what}: expected keys within int64, got {keys.max()}")
+        return np.ascontiguousarray(keys, dtype=np.int64)
 
     def _matrix(self, x, what, n, n_what):
         if not isinstance(x, np.ndarray):

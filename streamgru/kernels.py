@@ -56,6 +56,8 @@ VEC_BYTES = 64  # one AVX-512 register; on narrower CPUs LLVM splits each vector
 # Rows per block of the row-parallel kernel, and the most rows one block may hold.
 ROW_BLOCK = 64
 MIN_BLOCKS = 4
+# A wave of fewer rows than this runs serially inside the parallel kernel.
+SERIAL_WAVE_ROWS = 32
 
 _JIT = dict(cache=True, fastmath=FASTMATH, error_model="numpy", nogil=True)
 
@@ -517,6 +519,11 @@ def step_parallel(params, table, fp, state, slots, x, out, scratch, iwork, mark,
     for w in range(nw):
         s = wstart[w]
         e = wstart[w + 1]
+        if e - s < SERIAL_WAVE_ROWS:
+            # Bursty batches (a hot key repeated) end in many small waves: a parallel region
+            # per small wave costs more than the wave, so those run on the calling thread.
+            _step_block(params, table, fp, state, slots, x, out, scratch, order, s, e, 0, -1)
+            continue
         # At least MIN_BLOCKS blocks (calling get_num_threads here would make the kernel
         # uncacheable), at most ROW_BLOCK rows each, in multiples of 8 rows.
         nb = max(MIN_BLOCKS, (e - s + ROW_BLOCK - 1) // ROW_BLOCK)
@@ -726,3 +733,75 @@ def compiled_signatures():
     return {f.__name__: len(f.signatures)
             for f in (step_serial, step_parallel, step_wide, run_sequence, gather_rows,
                       scatter_rows)}
+
+
+# ----------------------------------------------------------------------------------------------
+# int key -> slot table (open addressing, linear probing; see state.IntSlotTable)
+# tkeys, tvals: (cap,) int64, cap a power of two; tvals[i] is a slot, TAB_EMPTY or TAB_TOMB.
+# hashes are computed by the caller (numpy, vectorised): the probe starts at hashes[i].
+
+TAB_EMPTY = -1
+TAB_TOMB = -2
+
+
+@njit(**_JIT)
+def table_lookup(tkeys, tvals, keys, hashes, out):
+    """out[i] = slot of keys[i], or -1 when absent. Returns the number of absent keys."""
+    mask = tkeys.shape[0] - 1
+    missing = 0
+    for i in range(keys.shape[0]):
+        k = keys[i]
+        j = hashes[i]
+        s = -1
+        while True:
+            v = tvals[j]
+            if v == TAB_EMPTY:
+                break
+            if v >= 0 and tkeys[j] == k:
+                s = v
+                break
+            j = (j + 1) & mask
+        out[i] = s
+        if s < 0:
+            missing += 1
+    return missing
+
+
+@njit(**_JIT)
+def table_insert(tkeys, tvals, keys, slots, hashes):
+    """Insert (or update) keys[i] -> slots[i]; the caller keeps the table at most half full."""
+    mask = tkeys.shape[0] - 1
+    for i in range(keys.shape[0]):
+        k = keys[i]
+        j = hashes[i]
+        free = -1
+        while True:
+            v = tvals[j]
+            if v == TAB_EMPTY:
+                if free < 0:
+                    free = j
+                break
+            if v == TAB_TOMB:
+                if free < 0:
+                    free = j
+            elif tkeys[j] == k:
+                free = j
+                break
+            j = (j + 1) & mask
+        tkeys[free] = k
+        tvals[free] = slots[i]
+
+
+@njit(**_JIT)
+def table_delete(tkeys, tvals, key, h):
+    """Remove ``key`` (leaving a tombstone). Returns 1 if it was present, else 0."""
+    mask = tkeys.shape[0] - 1
+    j = h
+    while True:
+        v = tvals[j]
+        if v == TAB_EMPTY:
+            return 0
+        if v >= 0 and tkeys[j] == key:
+            tvals[j] = TAB_TOMB
+            return 1
+        j = (j + 1) & mask

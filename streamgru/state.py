@@ -20,6 +20,8 @@ from collections import OrderedDict
 
 import numpy as np
 
+from . import kernels as K
+
 __all__ = ["StateStore", "normalize_key"]
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
@@ -37,6 +39,66 @@ def normalize_key(key, what="key"):
             raise ValueError(f"{what}: expected an int within int64, got {k}")
         return k
     raise TypeError(f"{what}: expected an int or str stream key, got {type(key).__name__} {key!r}")
+
+
+_FIB = np.uint64(11400714819323198485)  # 2**64 / golden ratio: Fibonacci hashing
+
+
+class IntSlotTable:
+    """A compiled mirror of ``StateStore.slot_of`` for int keys: a batch of keys in an int array
+    maps to slots in one kernel call instead of one dict lookup per key.
+
+    Open addressing with linear probing over ``keys``/``vals`` (int64, power-of-two size, at most
+    half full counting tombstones). Opened keys queue in ``pending`` and are inserted in one batch
+    before the next lookup; a close deletes at once.
+    """
+
+    def __init__(self, items=()):
+        items = list(items)
+        self.pending = []
+        self._build(items)
+
+    def _build(self, items):
+        cap = 1024
+        while cap < 4 * max(len(items), 1):
+            cap *= 2
+        self.bits = cap.bit_length() - 1
+        self.keys = np.zeros(cap, np.int64)
+        self.vals = np.full(cap, K.TAB_EMPTY, np.int64)
+        self.used = 0  # live entries + tombstones
+        if items:
+            ks = np.fromiter((k for k, _ in items), np.int64, len(items))
+            ss = np.fromiter((s for _, s in items), np.int64, len(items))
+            K.table_insert(self.keys, self.vals, ks, ss, self.hash(ks))
+            self.used = len(items)
+
+    def hash(self, keys):
+        """Probe start for each key (int64 array): the top bits of key * 2**64/phi."""
+        # uint64 array arithmetic wraps silently, which is the point here.
+        return ((keys.view(np.uint64) * _FIB) >> np.uint64(64 - self.bits)).astype(np.int64)
+
+    def flush(self, live):
+        """Insert the pending (key, slot) pairs; ``live`` is the current number of int keys."""
+        if not self.pending:
+            return
+        items, self.pending = self.pending, []
+        if 2 * (self.used + len(items)) > self.keys.shape[0]:
+            return self._build(list(live.items()))  # too full (or too many tombstones)
+        ks = np.fromiter((k for k, _ in items), np.int64, len(items))
+        ss = np.fromiter((s for _, s in items), np.int64, len(items))
+        K.table_insert(self.keys, self.vals, ks, ss, self.hash(ks))
+        self.used += len(items)
+
+    def delete(self, key, live):
+        self.flush(live)
+        k = np.array([key], np.int64)
+        K.table_delete(self.keys, self.vals, key, int(self.hash(k)[0]))
+
+    def lookup(self, keys, live):
+        """Slots of ``keys`` (int64 array); -1 for keys not open. Returns (slots, n_missing)."""
+        self.flush(live)
+        out = np.empty(keys.shape[0], np.int64)
+        return out, K.table_lookup(self.keys, self.vals, keys, self.hash(keys), out)
 
 
 class StateStore:
@@ -65,6 +127,7 @@ class StateStore:
         self.key_kind = None  # int or str, fixed by the first key
         self.recency = OrderedDict() if track else None
         self.limit = limit
+        self.itable = None  # IntSlotTable, built on the first int-array lookup
 
     @property
     def capacity(self):
@@ -118,6 +181,8 @@ class StateStore:
         self.key_of[slot] = key
         if self.key_kind is None:
             self.key_kind = str if isinstance(key, str) else int
+        if self.itable is not None and type(key) is int:
+            self.itable.pending.append((key, slot))
         return slot
 
     def close(self, key):
@@ -128,11 +193,29 @@ class StateStore:
         self.free.append(slot)
         if not self.slot_of:
             self.key_kind = None
+            self.itable = None
+        elif self.itable is not None:
+            self.itable.delete(key, self.slot_of)
         return slot
+
+    def slots_array(self, keys):
+        """As :meth:`slots` for an int64 array of keys (an int-key engine, or an empty one):
+        open keys map in one kernel call; only a batch with new keys takes the general path."""
+        if self.key_kind is int:
+            if self.itable is None:
+                self.itable = IntSlotTable(self.slot_of.items())
+            out, missing = self.itable.lookup(keys, self.slot_of)
+            if missing == 0:
+                return out, []
+        return self.slots(keys.tolist())
 
     def slots(self, keys):
         """Slots of canonical ``keys``, opening unknown ones. Returns (slots, newly opened keys)."""
         slot_of = self.slot_of
+        # Common case, every key already open: one C-level pass instead of a Python loop.
+        found = list(map(slot_of.get, keys))
+        if None not in found:
+            return np.array(found, np.int64), []
         out = np.empty(len(keys), np.int64)
         opened = []
         for i, k in enumerate(keys):

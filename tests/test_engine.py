@@ -297,3 +297,29 @@ def test_version_and_exports():
     assert streamgru.__version__
     for name in ("GRUModel", "Engine", "load", "UnsupportedModelError"):
         assert hasattr(streamgru, name)
+
+
+def test_int_array_batches_through_the_slot_table_match_list_batches(regime):
+    """Large int-array batches map keys through a compiled table; lists use the dict. Both must
+    agree bit for bit through opens, closes, a refused (NaN) call and reopening."""
+    model = small_model(seed=12)
+    a, b = Engine(model, capacity=8), Engine(model, capacity=8)
+    rng = np.random.default_rng(10)
+    for step_ in range(12):
+        keys = rng.choice(np.arange(-500, 500), size=int(rng.integers(64, 300)))  # duplicates too
+        x = rng.normal(size=(len(keys), 5)).astype(np.float32)
+        np.testing.assert_array_equal(a.step(keys, x), b.step(keys.tolist(), x))
+        if step_ % 3 == 2:
+            for k in rng.choice(sorted(a.keys()), size=20, replace=False):
+                a.close(int(k))
+                b.close(int(k))
+        if step_ == 5:
+            bad = x.copy()
+            bad[-1, 0] = np.nan
+            fresh = np.arange(10_000, 10_000 + len(keys))
+            with pytest.raises(ValueError, match="expected finite values"):
+                a.step(fresh, bad)
+            assert not any(int(k) in a for k in fresh)
+    assert sorted(a.keys()) == sorted(b.keys())
+    for k in a.keys():
+        np.testing.assert_array_equal(a.state(k), b.state(k))

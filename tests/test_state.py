@@ -53,3 +53,43 @@ def test_key_kind_is_fixed_until_empty():
         st.check_kind(["a"])
     st.close(1)
     st.check_kind(["a"])  # empty again: either kind
+
+
+@pytest.mark.nojit
+def test_int_table_mirrors_the_dict_through_random_opens_and_closes():
+    rng = np.random.default_rng(0)
+    st = StateStore(2, np.float32, capacity=4)
+    st.slots([0])
+    st.slots_array(np.array([0], np.int64))  # builds the table
+    assert st.itable is not None
+    universe = np.arange(-3000, 3000, 7, dtype=np.int64)  # negative keys too
+    for _ in range(300):
+        op = rng.integers(4)
+        if op == 0:  # a batch through the table, opening new keys
+            ks = rng.choice(universe, size=int(rng.integers(1, 200)))
+            slots, _ = st.slots_array(ks)
+            assert [st.slot_of[int(k)] for k in ks] == slots.tolist()
+        elif op == 1 and len(st) > 1:  # close some
+            for k in rng.choice(list(st.slot_of), size=min(len(st) - 1, 50), replace=False):
+                st.close(int(k))
+        elif op == 2:  # open through the dict path, then roll back
+            new = [int(k) for k in rng.choice(universe, 20) if int(k) not in st.slot_of]
+            _, opened = st.slots(list(dict.fromkeys(new)))
+            st.rollback(opened)
+        else:  # lookups only
+            ks = rng.choice(universe, size=100)
+            out, missing = st.itable.lookup(ks, st.slot_of)
+            expect = [st.slot_of.get(int(k), -1) for k in ks]
+            assert out.tolist() == expect and missing == expect.count(-1)
+
+
+def test_int_table_is_dropped_when_the_store_empties():
+    st = StateStore(1, np.float32, capacity=2)
+    st.slots_array(np.array([5, 6], np.int64))
+    st.slots_array(np.array([5, 6], np.int64))
+    assert st.itable is not None
+    st.close(5)
+    st.close(6)
+    assert st.itable is None and st.key_kind is None
+    st.slots(["now-a-str-engine"])  # the key kind may change once empty
+    assert st.key_kind is str
