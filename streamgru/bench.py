@@ -755,7 +755,8 @@ def add_arguments(p):
     p.add_argument("--only", default=None, help="run workloads whose name contains this text")
     p.add_argument("--contenders", default=",".join(CONTENDERS))
     p.add_argument("--json", default="bench.json", help="write results here (default bench.json)")
-    p.add_argument("--plot", default="bench.png", help="write the latency plot here")
+    p.add_argument("--plot", default="bench.png",
+                   help="write the latency plot here ('none': no plot)")
     p.add_argument("--no-sgemm", action="store_true", help="skip the sgemm peak measurement")
     p.add_argument("--cluster", action="store_true",
                    help="instead: ShardedEngine on local Ray, Zipf events through 1 and 2 shards "
@@ -830,7 +831,7 @@ def run_bench(args):
                        "speedups": {f"{w} | {t}t": v for (w, t), v in speedups(results).items()}},
                       f, indent=1, default=str)
         print(f"wrote {args.json}")
-    if args.plot:
+    if args.plot and args.plot.lower() != "none":
         try:
             plot(results, args.plot)
             print(f"wrote {args.plot}")
