@@ -63,7 +63,7 @@ import numpy as np
 from streamgru.errors import UnsupportedModelError
 from streamgru.model import DenseLayer, GRULayer, GRUModel
 
-from ._util import require
+from ._util import require, target_dtype
 
 __all__ = ["from_keras"]
 
@@ -124,7 +124,7 @@ def from_keras(path, *, dtype=None) -> GRUModel:
     ['DenseLayer', 'GRULayer', 'GRULayer', 'DenseLayer']
     """
     h5py = require("h5py", "keras")
-    out_dtype = _check_dtype(dtype)
+    out_dtype = target_dtype(dtype)
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
     path = os.fspath(path)
@@ -642,16 +642,6 @@ def _text(value):
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def _check_dtype(dtype):
-    if dtype is None:
-        return None
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        raise TypeError(f"dtype: expected None, 'float32' or 'float64', got {dtype!r}") from None
-    if dt not in (np.float32, np.float64):
-        raise ValueError(f"dtype: expected None, 'float32' or 'float64', got {dt}")
-    return dt
 
 
 def _cast(arr, out_dtype):

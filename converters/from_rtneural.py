@@ -52,7 +52,8 @@ import numpy as np
 from streamgru.errors import UnsupportedModelError
 from streamgru.model import DenseLayer, GRULayer, GRUModel
 
-from .from_keras import _check_dtype, append_activation
+from ._util import target_dtype
+from .from_keras import append_activation
 
 __all__ = ["from_rtneural", "is_rtneural_json"]
 
@@ -141,7 +142,7 @@ def from_rtneural(path_or_dict, *, dtype=None) -> GRUModel:
     >>> model.input_size, model.state_size, model.layers[0].linear_before_reset
     (1, 4, 1)
     """
-    out_dtype = _check_dtype(dtype) or np.dtype(np.float32)
+    out_dtype = target_dtype(dtype) or np.dtype(np.float32)
     if isinstance(path_or_dict, Mapping):
         doc = path_or_dict
     elif isinstance(path_or_dict, (str, os.PathLike)):

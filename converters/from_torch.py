@@ -56,7 +56,7 @@ import numpy as np
 from streamgru.errors import UnsupportedModelError
 from streamgru.model import DenseLayer, GRULayer, GRUModel
 
-from ._util import require
+from ._util import require, target_dtype
 
 __all__ = ["from_torch"]
 
@@ -122,7 +122,7 @@ def from_torch(obj, *, layers=None, dtype=None) -> GRUModel:
     >>> [layer.kind for layer in from_torch(sd).layers]
     ['gru', 'dense']
     """
-    target = _target_dtype(dtype)
+    target = target_dtype(dtype)
     return _build(_ordered_units(obj, layers), target)
 
 
@@ -179,16 +179,6 @@ def _ordered_units(obj, layers):
 # Reading sources into {key: np.ndarray}
 
 
-def _target_dtype(dtype):
-    if dtype is None:
-        return None
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        raise TypeError(f"dtype: expected None, 'float32' or 'float64', got {dtype!r}") from None
-    if dt not in (np.float32, np.float64):
-        raise ValueError(f"dtype: expected None, 'float32' or 'float64', got {dtype!r}")
-    return dt
 
 
 def _load_file(path):

@@ -78,6 +78,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .engine import float_matrix
 from .errors import FormatError
 from .model import GRUModel
 from .state import normalize_key
@@ -1213,23 +1214,7 @@ class ShardedEngine:
     # ------------------------------------------------------------------------------------------
 
     def _matrix(self, x, what, n, n_what):
-        if not isinstance(x, np.ndarray):
-            try:
-                x = np.asarray(x)
-            except Exception as exc:
-                raise TypeError(f"{what}: expected a float array, got {type(x).__name__} ({exc})") \
-                    from None
-        if x.dtype.kind != "f":
-            raise TypeError(f"{what}: expected a float32 or float64 array, got dtype {x.dtype}; "
-                            f"convert it with .astype(np.{self.dtype.name})")
-        n_in = self.model.input_size
-        if x.ndim != 2 or x.shape[1] != n_in or (n is not None and x.shape[0] != n):
-            hint = f" ({n_what} = {n})" if n is not None else ""
-            raise ValueError(f"{what}: expected shape {(n if n is not None else 'T', n_in)}{hint}, "
-                             f"got {x.shape}")
-        if x.dtype != self.dtype or not x.flags.c_contiguous:
-            x = np.ascontiguousarray(x, dtype=self.dtype)
-        return x
+        return float_matrix(x, what, n, n_what, self.model.input_size, self.dtype)
 
 
 def _rss():

@@ -589,26 +589,7 @@ class Engine:
         return np.ascontiguousarray(keys, dtype=np.int64)
 
     def _matrix(self, x, what, n, n_what):
-        if not isinstance(x, np.ndarray):
-            try:
-                x = np.asarray(x)
-            except Exception as exc:
-                raise TypeError(f"{what}: expected a float array, got {type(x).__name__} ({exc})") \
-                    from None
-        if x.dtype.kind != "f":
-            raise TypeError(
-                f"{what}: expected a float32 or float64 array, got dtype {x.dtype}; "
-                f"convert it with .astype(np.{self.dtype.name})"
-            )
-        expect = (n if n is not None else "T", self._n_in)
-        if x.ndim != 2 or x.shape[1] != self._n_in or (n is not None and x.shape[0] != n):
-            hint = f" ({n_what} = {n})" if n is not None else ""
-            extra = "; for one row use x[None, :]" if x.ndim == 1 and n == 1 else ""
-            raise ValueError(f"{what}: expected shape {expect}{hint}, got {x.shape}{extra}")
-        if x.dtype != self.dtype or not x.flags.c_contiguous or not x.flags.writeable:
-            # One kernel signature per dtype: convert here rather than compile another.
-            x = np.array(x, dtype=self.dtype, order="C", copy=True)
-        return x
+        return float_matrix(x, what, n, n_what, self._n_in, self.dtype)
 
     def _state_vector(self, state, what):
         arr = state if isinstance(state, np.ndarray) else np.asarray(state)
@@ -668,3 +649,29 @@ def _is_dtype(d):
         return True
     except TypeError:
         return False
+
+
+def float_matrix(x, what, n, n_what, n_in, dtype):
+    """Validate a (n, n_in) float input at the public boundary and return it C-contiguous,
+    writable and of ``dtype`` (copied only when it is not). ``n`` None means any number of rows
+    ("T"); ``n_what`` names what fixes n in the message (e.g. "len(keys)")."""
+    if not isinstance(x, np.ndarray):
+        try:
+            x = np.asarray(x)
+        except Exception as exc:
+            raise TypeError(f"{what}: expected a float array, got {type(x).__name__} ({exc})") \
+                from None
+    if x.dtype.kind != "f":
+        raise TypeError(
+            f"{what}: expected a float32 or float64 array, got dtype {x.dtype}; "
+            f"convert it with .astype(np.{dtype.name})"
+        )
+    if x.ndim != 2 or x.shape[1] != n_in or (n is not None and x.shape[0] != n):
+        expect = (n if n is not None else "T", n_in)
+        hint = f" ({n_what} = {n})" if n is not None else ""
+        extra = "; for one row use x[None, :]" if x.ndim == 1 and n == 1 else ""
+        raise ValueError(f"{what}: expected shape {expect}{hint}, got {x.shape}{extra}")
+    if x.dtype != dtype or not x.flags.c_contiguous or not x.flags.writeable:
+        # One kernel signature per dtype: convert here rather than compile another.
+        x = np.array(x, dtype=dtype, order="C", copy=True)
+    return x

@@ -153,7 +153,7 @@ def test_dtype_float64(dtype):
 
 
 def test_bad_arguments(tmp_path):
-    with pytest.raises(ValueError, match="dtype: expected None, 'float32' or 'float64', got int32"):
+    with pytest.raises(ValueError, match="dtype: expected None, 'float32' or 'float64', got 'int32'"):
         from_keras(FIX / "keras_seq_reset_after.keras", dtype="int32")
     with pytest.raises(TypeError, match="path: expected a str or os.PathLike, got int"):
         from_keras(3)

@@ -218,7 +218,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="path_or_dict: expected an RTNeural JSON file, got "
                                          "invalid JSON"):
         from_rtneural(bad)
-    with pytest.raises(ValueError, match="dtype: expected None, 'float32' or 'float64', got int8"):
+    with pytest.raises(ValueError, match="dtype: expected None, 'float32' or 'float64', got 'int8'"):
         from_rtneural(_doc(), dtype="int8")
     only_dense = {"in_shape": [None, 2], "layers": [
         {"type": "dense", "activation": "", "shape": [None, 1], "weights": [[[1.0], [2.0]], [0.0]]}
