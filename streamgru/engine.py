@@ -44,6 +44,14 @@ from .state import StateStore, normalize_key
 
 __all__ = ["Engine"]
 
+try:
+    # numba.get/set_num_threads validate and re-launch the pool on every call (~0.7 and ~1 us);
+    # these are the thread-local accessors they end in (~0.2 and ~0.4 us). Both exist since
+    # numba 0.49; fall back to the public pair if a later release moves them.
+    from numba.np.ufunc.parallel import _get_num_threads, _set_num_threads
+except ImportError:  # pragma: no cover
+    _get_num_threads, _set_num_threads = numba.get_num_threads, numba.set_num_threads
+
 # Below this many rows a parallel region costs more than it saves (PERF_NOTES: entering one costs
 # ~1-2 us, a small-batch step a few us).
 PARALLEL_MIN_ROWS = 64
@@ -165,6 +173,8 @@ class Engine:
         self.check_finite = bool(check_finite)
         self._packed = pack(model, self.dtype)
         self._shape1 = (1, model.input_size)
+        self._slot1 = np.zeros(1, np.int64)  # the one-event fast path's slots array
+        numba.get_num_threads()  # launches Numba's thread pool, which _get_num_threads assumes
         self._macs_per_row = sum(layer.W.size + getattr(layer, "R", layer.W[:0]).size
                                  for layer in model.layers)
         self._store = StateStore(model.state_size, self.dtype, int(capacity), track=self._track,
@@ -212,16 +222,23 @@ class Engine:
                     k = None
                 tk = type(k)
                 store = self._store
-                if tk is store.key_kind and (tk is str or _I64_MIN <= k <= _I64_MAX) \
-                        and (self._par_threads == 1 or self._macs_per_row < WIDE_MIN_MACS):
+                if tk is store.key_kind and (tk is str or _I64_MIN <= k <= _I64_MAX):
                     slot = store.slot_of.get(k)
                     if slot is not None and x.dtype == self.dtype and x.shape == self._shape1 \
                             and x.flags.c_contiguous and x.flags.writeable \
                             and (not self._track or self._quiet()):
                         out = np.empty((1, self._n_out), self.dtype)
                         p = self._packed
-                        if K.run_sequence(p.params, p.table, p.fp, store.states, slot, x, out,
-                                          self._run_scratch, self.check_finite) >= 0:
+                        if self._par_threads == 1 or self._macs_per_row < WIDE_MIN_MACS:
+                            bad = K.run_sequence(p.params, p.table, p.fp, store.states, slot, x,
+                                                 out, self._run_scratch, self.check_finite)
+                        else:  # large layers: split the weights over threads (see _kernel)
+                            slot1 = self._slot1
+                            slot1[0] = slot
+                            bad = self._parallel(K.step_wide, (
+                                p.params, p.table, p.fp, store.states, slot1, x, out,
+                                self._scratch, self._iwork, store.mark, self.check_finite))
+                        if bad >= 0:
                             self._raise_nonfinite(x, [k], "x")
                         if self._track:  # an open key: no room to make, just mark it used
                             rec = store.recency
@@ -256,13 +273,7 @@ class Engine:
                     self._iwork, store.mark, self.check_finite)
             kernel = self._kernel(n)
             if kernel is not K.step_serial:
-                # Numba's thread count is a per-calling-thread setting: set ours, then restore.
-                before = numba.get_num_threads()
-                numba.set_num_threads(self._par_threads)
-                try:
-                    bad = kernel(*args)
-                finally:
-                    numba.set_num_threads(before)
+                bad = self._parallel(kernel, args)
             else:
                 bad = K.step_serial(*args)
             if bad >= 0:
@@ -627,6 +638,18 @@ class Engine:
         self._rows = rows
         self._scratch = np.zeros((rows, self._packed.scratch_width), self.dtype)
         self._iwork = np.zeros(3 * rows + 1, np.int64)  # order, wave, wstart (kernels._plan)
+
+    def _parallel(self, kernel, args):
+        """Call a parallel kernel with this engine's thread count. Numba's thread count is a
+        setting of the calling thread: set ours only if it differs, and restore it after."""
+        before = _get_num_threads()
+        if before == self._par_threads:
+            return kernel(*args)
+        _set_num_threads(self._par_threads)
+        try:
+            return kernel(*args)
+        finally:
+            _set_num_threads(before)
 
     def _kernel(self, n):
         """The step kernel for n rows: serial, parallel over rows, or parallel over weight panels
