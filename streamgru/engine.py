@@ -60,6 +60,11 @@ _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 # over threads by weight panels: ~20 us of arithmetic on one core (weights of 1.4 MB and more, past
 # one core's 1 MiB L2: two cores hold them in their two L2s), against ~2 us per parallel region.
 WIDE_MIN_MACS = 350_000
+# run(): a model whose largest recurrent matrix has this many weights (3H x H; H >= 224) spreads
+# each step's recurrent product over threads: the matrix (>= 600 KB float32) outgrows one core's
+# L2 and each step streams it, while each core's half stays in its own L2 (~1.5 us of parallel
+# region per step against ~9 us of product at H=256).
+RUN_WIDE_MIN_MACS = 150_000
 # From this many rows, an int key array is mapped to slots by a compiled table (state.IntSlotTable)
 # rather than one dict lookup per key.
 INT_TABLE_MIN_ROWS = 64
@@ -177,6 +182,7 @@ class Engine:
         numba.get_num_threads()  # launches Numba's thread pool, which _get_num_threads assumes
         self._macs_per_row = sum(layer.W.size + getattr(layer, "R", layer.W[:0]).size
                                  for layer in model.layers)
+        self._recurrent_macs = max(layer.R.size for layer in model.gru_layers)
         self._store = StateStore(model.state_size, self.dtype, int(capacity), track=self._track,
                                  limit=max_streams)
         self._lock = threading.RLock()
@@ -304,8 +310,12 @@ class Engine:
                 self._run_scratch = np.zeros((max(T + 1, 2 * self._run_scratch.shape[0]),
                                               self._packed.scratch_width), self.dtype)
             p = self._packed
-            bad = K.run_sequence(p.params, p.table, p.fp, self._store.states, slots[0], xs, out,
-                                 self._run_scratch, self.check_finite)
+            args = (p.params, p.table, p.fp, self._store.states, slots[0], xs, out,
+                    self._run_scratch, self.check_finite)
+            if self._par_threads > 1 and self._recurrent_macs >= RUN_WIDE_MIN_MACS:
+                bad = self._parallel(K.run_sequence_wide, args)
+            else:
+                bad = K.run_sequence(*args)
             if bad >= 0:
                 self._store.rollback(opened)
                 rows = np.flatnonzero(~np.isfinite(xs).all(axis=1))

@@ -706,6 +706,90 @@ def run_sequence(params, table, fp, state, slot, xs, out, scratch, check_finite)
     return -1
 
 
+@njit(parallel=True, **_JIT)
+def run_sequence_wide(params, table, fp, state, slot, xs, out, scratch, check_finite):
+    """As :func:`run_sequence`, with every product spread over Numba's threads by weight panels:
+    each layer's input projection for all T steps, and each step's recurrent product. For
+    layers whose recurrent weights outgrow one core's L2 (each core then keeps its share of the
+    panels in its own L2 from step to step); the gate arithmetic stays on the calling thread."""
+    fast = params.itemsize == 4
+    n = xs.shape[0]
+    if check_finite:
+        for t in range(n):
+            xr = xs[t]
+            acc = xr[0] * 0
+            for k in range(xs.shape[1]):
+                acc += xr[k] * 0
+            if acc != acc:
+                return t
+    A = table[0, T_LA]
+    GX = table[0, T_LGX]
+    GH = table[0, T_LGH]
+    HH = table[0, T_LHH]
+    T = table[0, T_LT]
+    n_in = xs.shape[1]
+    for t in range(n):
+        row = scratch[t, A:A + n_in]
+        xr = xs[t]
+        for k in range(n_in):
+            row[k] = xr[k]
+    cur = A
+    nxt = table[0, T_LB]
+    w = scratch[n]
+    for l in range(table.shape[0]):
+        K = table[l, T_IN]
+        M = table[l, T_OUT]
+        npw = table[l, T_NPW]
+        if table[l, T_KIND] == KIND_DENSE:
+            for p in prange(npw):
+                _gemm(params, table[l, T_W], table[l, T_BW], K, p, p + 1, scratch, cur, scratch,
+                      nxt, 0, n)
+            for t in range(n):
+                _act(scratch[t], nxt, nxt + M, table[l, T_F], fp[l, F_FA], fp[l, F_FB],
+                     fp[l, F_CLIP], fast)
+        else:
+            H = M
+            so = table[l, T_SOFF]
+            clip = fp[l, F_CLIP]
+            fk, fa, fb = table[l, T_F], fp[l, F_FA], fp[l, F_FB]
+            gk, ga, gb = table[l, T_G], fp[l, F_GA], fp[l, F_GB]
+            lbr = table[l, T_LBR]
+            npr = table[l, T_NPR]
+            nprn = table[l, T_NPRN]
+            for p in prange(npw):
+                _gemm(params, table[l, T_W], table[l, T_BW], K, p, p + 1, scratch, cur, scratch,
+                      GX, 0, n)
+            h = w[HH:HH + H]
+            src = state[slot, so:so + H]
+            for k in range(H):
+                h[k] = src[k]
+            for t in range(n):
+                gx = scratch[t]
+                for p in prange(npr):
+                    _gemm(params, table[l, T_R], table[l, T_BR], H, p, p + 1, scratch, HH,
+                          scratch, GH, n, n + 1)
+                _gates_zr(gx, GX, w, GH, H, fk, fa, fb, clip, fast)
+                if lbr == 1:
+                    _gates_n_lbr1(gx, GX, w, GH, H, gk, ga, gb, clip, fast)
+                else:
+                    _rh(gx, GX, w, HH, T, H)
+                    for p in prange(nprn):
+                        _gemm(params, table[l, T_RN], table[l, T_BRN], H, p, p + 1, scratch, T,
+                              scratch, GH, n, n + 1)
+                    _gates_n_lbr0(gx, GX, w, GH, H, gk, ga, gb, clip, fast)
+                _update(gx, GX, w, HH, H, gx, nxt, h)
+            for k in range(H):
+                src[k] = h[k]
+        cur, nxt = nxt, cur
+    n_out = out.shape[1]
+    for t in range(n):
+        o = out[t]
+        src = scratch[t, cur:cur + n_out]
+        for k in range(n_out):
+            o[k] = src[k]
+    return -1
+
+
 # ----------------------------------------------------------------------------------------------
 # state store helpers (gather/scatter by slot, so the engine never loops in Python)
 
@@ -731,7 +815,8 @@ def scatter_rows(state, slots, src):
 def compiled_signatures():
     """{kernel name: number of compiled signatures}: lets tests prove nothing recompiles."""
     return {f.__name__: len(f.signatures)
-            for f in (step_serial, step_parallel, step_wide, run_sequence, gather_rows,
+            for f in (step_serial, step_parallel, step_wide, run_sequence, run_sequence_wide,
+                      table_lookup, table_insert, table_delete, gather_rows,
                       scatter_rows)}
 
 

@@ -169,3 +169,30 @@ def test_nojit_run_really_runs_python_kernels():
     if os.environ.get("NUMBA_DISABLE_JIT") != "1":
         pytest.skip("only meaningful in the NUMBA_DISABLE_JIT=1 pass of `make test`")
     assert not hasattr(kernels.step_serial, "signatures")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("lbr", [0, 1])
+def test_run_with_recurrent_products_spread_over_threads(dtype, lbr, monkeypatch):
+    """run() on the panel-parallel sequence kernel (forced for a small model) against the oracle
+    and against the serial sequence kernel."""
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs two Numba threads")
+    monkeypatch.setattr(engine_mod, "RUN_WIDE_MIN_MACS", 1)
+    rng = np.random.default_rng(20 + lbr)
+    model = GRUModel([DenseLayer(5, 40, rng.normal(size=(40, 5)) * 0.3, None, "tanh"),
+                      gru(rng, 40, 70, lbr), gru(rng, 70, 33, lbr),
+                      DenseLayer(33, 3, rng.normal(size=(3, 33)), None, "softmax")])
+    s0 = rng.normal(size=model.state_size) * 0.4
+    xs = rng.normal(size=(30, 5))
+    wide = Engine(model, dtype=dtype, threads=2)
+    wide.open("k", s0)
+    ys = wide.run("k", xs)
+    ys_ref, s_ref = oracle.run(model, xs.astype(dtype), s0.astype(dtype))
+    np.testing.assert_allclose(ys, ys_ref, atol=TOL[dtype], rtol=0)
+    np.testing.assert_allclose(wide.state("k"), s_ref, atol=TOL[dtype], rtol=0)
+    serial = Engine(model, dtype=dtype, threads=1)
+    serial.open("k", s0)
+    np.testing.assert_array_equal(serial.run("k", xs), ys)  # same tiles, same sums: identical
