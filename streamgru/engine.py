@@ -320,7 +320,8 @@ class Engine:
                 self._store.rollback(opened)
                 rows = np.flatnonzero(~np.isfinite(xs).all(axis=1))
                 raise ValueError(
-                    f"xs: expected finite values, got NaN/inf in step(s) {rows[:10].tolist()}; "
+                    f"xs: expected finite values, got NaN/inf (or values too large for "
+                    f"{self.dtype.name}) in step(s) {rows[:10].tolist()}; "
                     f"state of {k!r} unchanged"
                 )
             if self._track:
@@ -638,7 +639,8 @@ class Engine:
         rows = np.flatnonzero(~np.isfinite(x).all(axis=1))
         bad = sorted({repr(ks[i]) for i in rows})
         raise ValueError(
-            f"{what}: expected finite values, got NaN/inf in the rows of key(s) "
+            f"{what}: expected finite values, got NaN/inf (or values too large for "
+            f"{self.dtype.name}) in the rows of key(s) "
             f"{', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}; no stream was changed "
             f"(Engine(check_finite=False) skips this check)"
         )
@@ -705,6 +707,8 @@ def float_matrix(x, what, n, n_what, n_in, dtype):
         extra = "; for one row use x[None, :]" if x.ndim == 1 and n == 1 else ""
         raise ValueError(f"{what}: expected shape {expect}{hint}, got {x.shape}{extra}")
     if x.dtype != dtype or not x.flags.c_contiguous or not x.flags.writeable:
-        # One kernel signature per dtype: convert here rather than compile another.
-        x = np.array(x, dtype=dtype, order="C", copy=True)
+        # One kernel signature per dtype: convert here rather than compile another. A value too
+        # large for the dtype becomes inf, which the finite check then refuses (quietly here).
+        with np.errstate(over="ignore"):
+            x = np.array(x, dtype=dtype, order="C", copy=True)
     return x

@@ -203,7 +203,7 @@ def test_sharded_engine_matches_one_engine_and_the_oracle(ray_local):
         before = {k: eng.state(k) for k in eng.keys()}
         x = np.ones((3, 3), np.float32)
         x[2, 1] = np.nan
-        with pytest.raises(ValueError, match="x: expected finite values, got NaN/inf in the rows of key"):
+        with pytest.raises(ValueError, match="x: expected finite values, got NaN/inf .*in the rows of key"):
             eng.step([1, 2, 777], x)
         with pytest.raises(ValueError, match=r"x: expected shape \(2, 3\) \(len\(keys\) = 2\), got \(3, 3\)"):
             eng.step([1, 2], np.ones((3, 3)))

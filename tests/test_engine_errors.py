@@ -38,7 +38,8 @@ BAD_STEP = [
     (["a"], np.ones((1, 4), bool), TypeError, r"x: expected a float32"),
     (["a"], [[1.0, 2.0, 3.0]], ValueError, r"x: expected shape \(1, 4\)"),
     (["a", "new"], np.array([[1, 2, 3, 4], [1, np.nan, 3, 4]], np.float32), ValueError,
-     r"x: expected finite values, got NaN/inf in the rows of key\(s\) 'new'"),
+     r"x: expected finite values, got NaN/inf \(or values too large for float32\) in the rows "
+     r"of key\(s\) 'new'"),
     (["a"], np.array([[np.inf, 0, 0, 0]]), ValueError, r"x: expected finite values"),
     ("ab", np.ones((2, 4)), TypeError, r"keys: expected a sequence of int or str keys, got str"),
     ("a", np.ones((1, 4)), TypeError, r"wrap a single key in a list"),
@@ -86,7 +87,8 @@ def test_nan_check_can_be_disabled():
     (lambda e: e.open("n", np.ones(7)), ValueError, "state: expected 6 values"),
     (lambda e: e.run("a", np.ones((3, 5))), ValueError, r"xs: expected shape \('T', 4\)"),
     (lambda e: e.run("new", np.array([[0, 0, 0, np.nan]])), ValueError,
-     r"xs: expected finite values, got NaN/inf in step\(s\) \[0\]"),
+     r"xs: expected finite values, got NaN/inf \(or values too large for float32\) in "
+     r"step\(s\) \[0\]"),
     (lambda e: e.run(["a"], np.ones((3, 4))), TypeError, "key: expected an int or str"),
     (lambda e: e.run("a", np.ones((3, 4), np.int32)), TypeError, "xs: expected a float32"),
 ])
@@ -136,3 +138,13 @@ def test_contains_with_odd_keys(eng):
     assert "a" in eng
     assert ["a"] not in eng
     assert 1.5 not in eng
+
+
+def test_values_too_large_for_float32_are_refused_quietly(eng, recwarn):
+    snap = snapshot(eng)
+    with pytest.raises(ValueError, match=r"too large for float32\) in the rows of key\(s\) 'a'"):
+        eng.step(["a"], np.array([[1e39, 0.0, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match=r"too large for float32\) in step\(s\) \[1\]"):
+        eng.run("a", np.array([[0.0] * 4, [0.0, -1e300, 0.0, 0.0]]))
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    assert_unchanged(eng, snap)
