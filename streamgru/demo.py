@@ -538,9 +538,14 @@ def _plot(contenders, batch, path, out):
             yscale="log", title="latency over the replay")
     ax2.set(xlabel=f"latency per micro-batch of {batch} (us)", ylabel="fraction of micro-batches",
             xscale="log", title="latency distribution")
-    for ax in (ax1, ax2):
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    for ax, axis in ((ax1, ax1.yaxis), (ax2, ax2.xaxis)):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
+        # Plain numbers on the log axis, and no labels on minor ticks (they overlapped).
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(NullFormatter())
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
