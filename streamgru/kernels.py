@@ -447,13 +447,9 @@ def _plan(slots, x, check_finite, mark, iwork):
     wave = iwork[nm:2 * nm]
     wstart = iwork[2 * nm:]
     if check_finite:
-        for i in range(n):
-            xr = x[i]
-            acc = xr[0] * 0
-            for k in range(x.shape[1]):
-                acc += xr[k] * 0  # NaN or inf anywhere makes acc NaN; one branch per row
-            if acc != acc:
-                return i, 0
+        bad = _first_nonfinite_row(x)
+        if bad >= 0:
+            return bad, 0
     nw = 0
     for i in range(n):
         s = slots[i]
@@ -625,6 +621,41 @@ def step_wide(params, table, fp, state, slots, x, out, scratch, iwork, mark, che
 
 
 @njit(**_JIT)
+def _first_nonfinite_row(xs):
+    """Index of the first row of xs holding NaN/inf, or -1 (one branch per row: vectorises)."""
+    for t in range(xs.shape[0]):
+        xr = xs[t]
+        acc = xr[0] * 0
+        for k in range(xs.shape[1]):
+            acc += xr[k] * 0  # NaN or inf anywhere makes acc NaN
+        if acc != acc:
+            return t
+    return -1
+
+
+@njit(**_JIT)
+def _rows_in(xs, scratch, A):
+    """scratch[t, A:A+I] = xs[t] for every step t."""
+    n_in = xs.shape[1]
+    for t in range(xs.shape[0]):
+        row = scratch[t, A:A + n_in]
+        xr = xs[t]
+        for k in range(n_in):
+            row[k] = xr[k]
+
+
+@njit(**_JIT)
+def _rows_out(scratch, cur, out):
+    """out[t] = scratch[t, cur:cur+O] for every step t."""
+    n_out = out.shape[1]
+    for t in range(out.shape[0]):
+        o = out[t]
+        src = scratch[t, cur:cur + n_out]
+        for k in range(n_out):
+            o[k] = src[k]
+
+
+@njit(**_JIT)
 def run_sequence(params, table, fp, state, slot, xs, out, scratch, check_finite):
     """Advance one stream (state row ``slot``) over xs (T, input_size) -> out (T, output_size).
 
@@ -637,24 +668,15 @@ def run_sequence(params, table, fp, state, slot, xs, out, scratch, check_finite)
     fast = params.itemsize == 4
     n = xs.shape[0]
     if check_finite:
-        for t in range(n):
-            xr = xs[t]
-            acc = xr[0] * 0
-            for k in range(xs.shape[1]):
-                acc += xr[k] * 0
-            if acc != acc:
-                return t
+        bad = _first_nonfinite_row(xs)
+        if bad >= 0:
+            return bad
     A = table[0, T_LA]
     GX = table[0, T_LGX]
     GH = table[0, T_LGH]
     HH = table[0, T_LHH]
     T = table[0, T_LT]
-    n_in = xs.shape[1]
-    for t in range(n):
-        row = scratch[t, A:A + n_in]
-        xr = xs[t]
-        for k in range(n_in):
-            row[k] = xr[k]
+    _rows_in(xs, scratch, A)
     cur = A
     nxt = table[0, T_LB]
     w = scratch[n]
@@ -697,12 +719,7 @@ def run_sequence(params, table, fp, state, slot, xs, out, scratch, check_finite)
             for k in range(H):
                 src[k] = h[k]
         cur, nxt = nxt, cur
-    n_out = out.shape[1]
-    for t in range(n):
-        o = out[t]
-        src = scratch[t, cur:cur + n_out]
-        for k in range(n_out):
-            o[k] = src[k]
+    _rows_out(scratch, cur, out)
     return -1
 
 
@@ -715,24 +732,15 @@ def run_sequence_wide(params, table, fp, state, slot, xs, out, scratch, check_fi
     fast = params.itemsize == 4
     n = xs.shape[0]
     if check_finite:
-        for t in range(n):
-            xr = xs[t]
-            acc = xr[0] * 0
-            for k in range(xs.shape[1]):
-                acc += xr[k] * 0
-            if acc != acc:
-                return t
+        bad = _first_nonfinite_row(xs)
+        if bad >= 0:
+            return bad
     A = table[0, T_LA]
     GX = table[0, T_LGX]
     GH = table[0, T_LGH]
     HH = table[0, T_LHH]
     T = table[0, T_LT]
-    n_in = xs.shape[1]
-    for t in range(n):
-        row = scratch[t, A:A + n_in]
-        xr = xs[t]
-        for k in range(n_in):
-            row[k] = xr[k]
+    _rows_in(xs, scratch, A)
     cur = A
     nxt = table[0, T_LB]
     w = scratch[n]
@@ -781,12 +789,7 @@ def run_sequence_wide(params, table, fp, state, slot, xs, out, scratch, check_fi
             for k in range(H):
                 src[k] = h[k]
         cur, nxt = nxt, cur
-    n_out = out.shape[1]
-    for t in range(n):
-        o = out[t]
-        src = scratch[t, cur:cur + n_out]
-        for k in range(n_out):
-            o[k] = src[k]
+    _rows_out(scratch, cur, out)
     return -1
 
 
