@@ -96,3 +96,15 @@ def run(model, xs, state=None):
         y, s = step(model, s, xs[t:t + 1])
         ys.append(y[0])
     return np.array(ys).reshape(xs.shape[0], model.output_size), s[0]
+
+
+def max_error_vs_reference(model, ref):
+    """Largest |oracle - reference| over a stored reference file's sequences (npz with x, y and,
+    from initial states h0, y_h0; the Keras/RTNeural fixtures), from zeros and from h0."""
+    err = 0.0
+    for b in range(ref["x"].shape[0]):
+        y, _ = run(model, ref["x"][b])
+        err = max(err, np.abs(y - ref["y"][b]).max())
+        y, _ = run(model, ref["x"][b], ref["h0"][b])
+        err = max(err, np.abs(y - ref["y_h0"][b]).max())
+    return err

@@ -11,6 +11,7 @@ import oracle
 import pytest
 
 from converters.from_keras import from_keras
+from streamgru import Engine
 from streamgru.errors import UnsupportedModelError
 from streamgru.model import DenseLayer, GRULayer
 
@@ -30,24 +31,6 @@ def _ref(name):
     return np.load(FIX / (name.rsplit(".", 1)[0] + ".npz"))
 
 
-def _engine_cls():
-    try:
-        from streamgru import Engine
-    except ImportError:
-        pytest.skip("streamgru.Engine is not available yet")
-    return Engine
-
-
-def _oracle_err(model, ref):
-    err = 0.0
-    for b in range(ref["x"].shape[0]):
-        y, _ = oracle.run(model, ref["x"][b])
-        err = max(err, np.abs(y - ref["y"][b]).max())
-        y, _ = oracle.run(model, ref["x"][b], ref["h0"][b])
-        err = max(err, np.abs(y - ref["y_h0"][b]).max())
-    return err
-
-
 # --- conversions against Keras -----------------------------------------------------------------
 
 @pytest.mark.parametrize("name", MODELS)
@@ -57,13 +40,12 @@ def test_oracle_matches_keras_every_step(name):
     assert model.input_size == ref["x"].shape[2]
     assert model.output_size == ref["y"].shape[2]
     assert model.state_size == ref["h0"].shape[1]
-    assert _oracle_err(model, ref) < 1e-5
+    assert oracle.max_error_vs_reference(model, ref) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("name", MODELS)
 def test_engine_matches_keras_every_step(name, dtype):
-    Engine = _engine_cls()
     model = from_keras(FIX / name)
     ref = _ref(name)
     x, B, T = ref["x"], ref["x"].shape[0], ref["x"].shape[1]
@@ -122,7 +104,7 @@ def test_hard_sigmoid_follows_the_writer_version(tmp_path):
         f.attrs["keras_version"] = "2.15.0"
     model = from_keras(dst)
     assert model.gru_layers[0].f[1] == 0.2
-    assert _oracle_err(model, _ref("keras_legacy_hard_sigmoid.h5")) > 1e-3
+    assert oracle.max_error_vs_reference(model, _ref("keras_legacy_hard_sigmoid.h5")) > 1e-3
 
 
 def test_hard_sigmoid_without_version_is_refused(tmp_path):
@@ -149,7 +131,7 @@ def test_no_bias_and_relu_candidate():
 def test_dtype_float64(dtype):
     model = from_keras(FIX / "keras_seq_reset_after.keras", dtype=dtype)
     assert model.dtype == np.float64
-    assert _oracle_err(model, _ref("keras_seq_reset_after.keras")) < 1e-5
+    assert oracle.max_error_vs_reference(model, _ref("keras_seq_reset_after.keras")) < 1e-5
 
 
 def test_bad_arguments(tmp_path):

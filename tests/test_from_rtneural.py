@@ -12,6 +12,7 @@ import pytest
 
 from converters.from_keras import from_keras
 from converters.from_rtneural import from_rtneural, is_rtneural_json
+from streamgru import Engine
 from streamgru.errors import UnsupportedModelError
 from streamgru.model import DenseLayer
 
@@ -26,36 +27,17 @@ def _doc(name="rtneural_seq_reset_after.json"):
     return json.loads((FIX / name).read_text())
 
 
-def _engine_cls():
-    try:
-        from streamgru import Engine
-    except ImportError:
-        pytest.skip("streamgru.Engine is not available yet")
-    return Engine
-
-
-def _oracle_err(model, ref):
-    err = 0.0
-    for b in range(ref["x"].shape[0]):
-        y, _ = oracle.run(model, ref["x"][b])
-        err = max(err, np.abs(y - ref["y"][b]).max())
-        y, _ = oracle.run(model, ref["x"][b], ref["h0"][b])
-        err = max(err, np.abs(y - ref["y_h0"][b]).max())
-    return err
-
-
 @pytest.mark.parametrize("name, ref", PAIRS)
 def test_oracle_matches_keras_every_step(name, ref):
     model = from_rtneural(FIX / name)
     assert model.source == "rtneural"
     assert model.dtype == np.float32
-    assert _oracle_err(model, np.load(FIX / f"{ref}.npz")) < 1e-5
+    assert oracle.max_error_vs_reference(model, np.load(FIX / f"{ref}.npz")) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("name, ref", PAIRS)
 def test_engine_matches_keras_every_step(name, ref, dtype):
-    Engine = _engine_cls()
     model = from_rtneural(FIX / name)
     ref = np.load(FIX / f"{ref}.npz")
     x, B, T = ref["x"], ref["x"].shape[0], ref["x"].shape[1]
@@ -82,7 +64,7 @@ def test_dict_input_and_float64():
                                                            ).fingerprint
     m64 = from_rtneural(doc, dtype="float64")
     assert m64.dtype == np.float64
-    assert _oracle_err(m64, np.load(FIX / "keras_seq_reset_after.npz")) < 1e-5
+    assert oracle.max_error_vs_reference(m64, np.load(FIX / "keras_seq_reset_after.npz")) < 1e-5
 
 
 def test_bias_layouts():
