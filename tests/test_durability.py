@@ -1,8 +1,10 @@
 """Durability: save_state survives SIGKILL at any moment; damaged or crafted files are refused.
 
-* A writer process saving snapshots in a loop is killed with SIGKILL at random moments, 50 times.
-  After each kill the file must load and be exactly one complete snapshot, never older than the
-  previous round's (snapshots are told apart by a counter stream).
+* A writer process saving snapshots in a loop is killed with SIGKILL 50 times: at random moments
+  in odd rounds, and in even rounds a random 0-1 ms after a save's temp file appears (so that
+  kills land mid-write however fast this machine writes). After each kill the file must load
+  and be exactly one complete snapshot, never older than the previous round's (snapshots are
+  told apart by a counter stream).
 * Truncations (every 3rd/7th length) and a bit flip at every header byte and at sampled data
   bytes of a state file and a model file are refused with a FormatError (checksum, header or
   layout), never loaded as garbage or crashing otherwise.
@@ -66,7 +68,15 @@ WRITER = textwrap.dedent(r"""
                 run(eng, r * 1_000_000)
             finally:
                 os._exit(1)
-        time.sleep(rng.uniform(0.0, 0.04))
+        if r % 2:
+            time.sleep(rng.uniform(0.0, 0.04))  # any moment: between saves or during one
+        else:
+            # aimed at a save in progress: wait for its temp file, then kill within ~1 ms
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline and not any(
+                    f.endswith(".tmp") for f in os.listdir(os.path.dirname(path))):
+                time.sleep(0.0002)
+            time.sleep(rng.uniform(0.0, 0.001))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         tmp = [f for f in os.listdir(os.path.dirname(path)) if f.endswith(".tmp")]
