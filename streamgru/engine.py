@@ -179,6 +179,7 @@ class Engine:
         self._packed = pack(model, self.dtype)
         self._shape1 = (1, model.input_size)
         self._slot1 = np.zeros(1, np.int64)  # the one-event fast path's slots array
+        self._flip = 0  # the one-event path's weight direction, alternated per call
         numba.get_num_threads()  # launches Numba's thread pool, which _get_num_threads assumes
         self._macs_per_row = sum(layer.W.size + getattr(layer, "R", layer.W[:0]).size
                                  for layer in model.layers)
@@ -236,8 +237,10 @@ class Engine:
                         out = np.empty((1, self._n_out), self.dtype)
                         p = self._packed
                         if self._par_threads == 1 or self._macs_per_row < WIDE_MIN_MACS:
+                            self._flip ^= 1  # alternate the weights' direction (kernel doc)
                             bad = K.run_sequence(p.params, p.table, p.fp, store.states, slot, x,
-                                                 out, self._run_scratch, self.check_finite)
+                                                 out, self._run_scratch, self.check_finite,
+                                                 self._flip)
                         else:  # large layers: split the weights over threads (see _kernel)
                             slot1 = self._slot1
                             slot1[0] = slot
@@ -315,7 +318,8 @@ class Engine:
             if self._par_threads > 1 and self._recurrent_macs >= RUN_WIDE_MIN_MACS:
                 bad = self._parallel(K.run_sequence_wide, args)
             else:
-                bad = K.run_sequence(*args)
+                self._flip ^= 1
+                bad = K.run_sequence(*args, self._flip)
             if bad >= 0:
                 self._store.rollback(opened)
                 rows = np.flatnonzero(~np.isfinite(xs).all(axis=1))

@@ -151,12 +151,12 @@ def test_float32_tanh_approximation_error():
 
     v = np.linspace(-12, 12, 200_001).astype(np.float32)
     ref = np.tanh(v.astype(np.float64))
-    out = v.copy()
-    _act(out, 0, out.size, 2, np.float32(0), np.float32(0), np.float32(0), True)
-    assert np.abs(out - ref).max() < 5e-7
-    out = v.copy()
-    _act(out, 0, out.size, 1, np.float32(0), np.float32(0), np.float32(0), True)
-    assert np.abs(out - 1 / (1 + np.exp(-v.astype(np.float64)))).max() < 5e-7
+    out = v.copy()[None]
+    _act(out, 0, 0, v.size, 2, np.float32(0), np.float32(0), np.float32(0), True)
+    assert np.abs(out[0] - ref).max() < 5e-7
+    out = v.copy()[None]
+    _act(out, 0, 0, v.size, 1, np.float32(0), np.float32(0), np.float32(0), True)
+    assert np.abs(out[0] - 1 / (1 + np.exp(-v.astype(np.float64)))).max() < 5e-7
 
 
 @pytest.mark.nojit
@@ -196,3 +196,48 @@ def test_run_with_recurrent_products_spread_over_threads(dtype, lbr, monkeypatch
     serial = Engine(model, dtype=dtype, threads=1)
     serial.open("k", s0)
     np.testing.assert_array_equal(serial.run("k", xs), ys)  # same tiles, same sums: identical
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("lbr", [0, 1])
+@pytest.mark.parametrize("regime", ["serial", "parallel", "wide"])
+def test_gru_last_layer_writes_outputs_directly(dtype, lbr, regime, monkeypatch):
+    """A model ending in a GRU layer, whose cells write the caller's output rows themselves
+    (no workspace copy): against the oracle, and a batch with repeated keys equal to separate
+    calls bit for bit."""
+    rng = np.random.default_rng(30 + lbr)
+    model = GRUModel([gru(rng, 6, 40, lbr), gru(rng, 40, 24, lbr)])
+    check_against_oracle(model, dtype, steps=20, n=70, regime=regime, monkeypatch=monkeypatch)
+    keys = [3, 1, 3, 3, 2, 1, 0, 3] * 9
+    x = rng.normal(size=(len(keys), 6)).astype(dtype)
+    a, b = Engine(model, dtype=dtype), Engine(model, dtype=dtype)
+    y = a.step(keys, x)
+    y_sep = np.concatenate([b.step([k], x[i:i + 1]) for i, k in enumerate(keys)])
+    np.testing.assert_array_equal(y, y_sep)
+    for k in range(4):
+        np.testing.assert_array_equal(a.state(k), b.state(k))
+
+
+@pytest.mark.parametrize("regime", ["serial", "parallel", "wide"])
+def test_fused_standard_cell_equals_general_path_bit_for_bit(regime, monkeypatch):
+    """The float32 sigmoid/tanh cell runs fused; a clip no value reaches sends the same layer
+    down the general per-phase path, which must give exactly the same bits."""
+    if regime == "parallel":
+        monkeypatch.setattr(engine_mod, "PARALLEL_MIN_ROWS", 1)
+    elif regime == "wide":
+        monkeypatch.setattr(engine_mod, "WIDE_MIN_MACS", 0)
+    rng = np.random.default_rng(40)
+    fused = GRUModel([gru(rng, 7, 48, 1), DenseLayer(48, 5, rng.normal(size=(5, 48)), None,
+                                                     "identity")])
+    layer = fused.layers[0]
+    general = GRUModel([GRULayer(7, 48, layer.W, layer.R, layer.Wb, layer.Rb,
+                                 linear_before_reset=1, clip=1e30), fused.layers[1]])
+    ef, eg = Engine(fused, dtype="float32"), Engine(general, dtype="float32")
+    for n in (1, 5, 70):
+        keys = list(range(n))
+        for _ in range(3):
+            x = rng.normal(size=(n, 7)).astype(np.float32)
+            np.testing.assert_array_equal(ef.step(keys, x), eg.step(keys, x))
+    xs = rng.normal(size=(9, 7)).astype(np.float32)
+    np.testing.assert_array_equal(ef.run(0, xs), eg.run(0, xs))
+    np.testing.assert_array_equal(ef.state(0), eg.state(0))
