@@ -877,7 +877,6 @@ def run_sequence(params, table, fp, state, slot, xs, out, scratch, check_finite,
     _rows_in(xs, scratch, A)
     cur = A
     nxt = table[0, T_LB]
-    w = scratch[n]
     for l in range(table.shape[0]):
         K = table[l, T_IN]
         M = table[l, T_OUT]
@@ -895,10 +894,7 @@ def run_sequence(params, table, fp, state, slot, xs, out, scratch, check_finite,
             gk, ga, gb = table[l, T_G], fp[l, F_GA], fp[l, F_GB]
             lbr = table[l, T_LBR]
             std = _std32(fast, fk, gk, clip)
-            h = w[HH:HH + H]
-            src = state[slot, so:so + H]
-            for k in range(H):
-                h[k] = src[k]
+            _copy_row(state, slot, so, scratch, n, HH, H)  # h, kept in the workspace row
             if rev:  # the one step's recurrent product first (see the docstring)
                 _gemm_all(params, table[l, T_R], table[l, T_BR], H, table[l, T_NPR], scratch,
                           HH, scratch, GH, n, n + 1, rev)
@@ -921,8 +917,7 @@ def run_sequence(params, table, fp, state, slot, xs, out, scratch, check_finite,
                           scratch, T, scratch, GH, n, n + 1)
                     _cell_lbr0_n(scratch, t, n, GX, GH, scratch, n, HH, H, gk, ga, gb, clip,
                                  fast, scratch, t, nxt)
-            for k in range(H):
-                src[k] = h[k]
+            _copy_row(scratch, n, HH, state, slot, so, H)
         cur, nxt = nxt, cur
     _rows_out(scratch, cur, out)
     return -1
@@ -948,7 +943,6 @@ def run_sequence_wide(params, table, fp, state, slot, xs, out, scratch, check_fi
     _rows_in(xs, scratch, A)
     cur = A
     nxt = table[0, T_LB]
-    w = scratch[n]
     for l in range(table.shape[0]):
         K = table[l, T_IN]
         M = table[l, T_OUT]
@@ -973,10 +967,7 @@ def run_sequence_wide(params, table, fp, state, slot, xs, out, scratch, check_fi
             for p in prange(npw):
                 _gemm(params, table[l, T_W], table[l, T_BW], K, p, p + 1, scratch, cur, scratch,
                       GX, 0, n)
-            h = w[HH:HH + H]
-            src = state[slot, so:so + H]
-            for k in range(H):
-                h[k] = src[k]
+            _copy_row(state, slot, so, scratch, n, HH, H)  # h, kept in the workspace row
             for t in range(n):
                 for p in prange(npr):
                     _gemm(params, table[l, T_R], table[l, T_BR], H, p, p + 1, scratch, HH,
@@ -994,8 +985,7 @@ def run_sequence_wide(params, table, fp, state, slot, xs, out, scratch, check_fi
                               scratch, GH, n, n + 1)
                     _cell_lbr0_n(scratch, t, n, GX, GH, scratch, n, HH, H, gk, ga, gb, clip,
                                  fast, scratch, t, nxt)
-            for k in range(H):
-                src[k] = h[k]
+            _copy_row(scratch, n, HH, state, slot, so, H)
         cur, nxt = nxt, cur
     _rows_out(scratch, cur, out)
     return -1

@@ -323,3 +323,40 @@ def test_int_array_batches_through_the_slot_table_match_list_batches(regime):
     assert sorted(a.keys()) == sorted(b.keys())
     for k in a.keys():
         np.testing.assert_array_equal(a.state(k), b.state(k))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_event_path_equals_batch_path_for_every_input_form(dtype, threads, monkeypatch):
+    """One event of an open stream takes a fast path that calls the compiled kernel directly
+    (threads=2 with a large-enough layer: the panel-parallel kernel). Every form of input must
+    give exactly what the batch kernel gives for the same row, across state-array growth."""
+    from streamgru import kernels
+
+    monkeypatch.setattr(engine_mod, "WIDE_MIN_MACS", 0)  # the panel-parallel kernel at threads=2
+    model = small_model(seed=5)
+    fast = Engine(model, dtype=dtype, capacity=2, threads=threads)
+    ref = Engine(model, dtype=dtype, capacity=2, threads=threads)
+    rng = np.random.default_rng(9)
+    raw = bytearray(8 * 5 + 1)
+    misaligned = np.frombuffer(raw, dtype, count=5, offset=1).reshape(1, 5)  # writable, unaligned
+    for step in range(12):
+        row = rng.normal(size=(1, 5)).astype(dtype)
+        ro = row.copy()
+        ro.setflags(write=False)
+        misaligned[...] = row
+        forms = [row, row.tolist(), row.astype(np.float64 if dtype == "float32" else np.float32),
+                 ro, np.asfortranarray(np.repeat(row, 2, axis=0))[:1], misaligned]
+        x = forms[step % len(forms)]
+        key = step % 3
+        y = fast.step([key], x)
+        # the reference steps the same row in a batch with another stream (the batch kernels)
+        xb = np.concatenate([np.asarray(x, dtype).reshape(1, 5), np.zeros((1, 5), dtype)])
+        y_ref = ref.step([key, 1000 + step], xb)[:1]
+        np.testing.assert_array_equal(y, y_ref)
+        if step == 5:  # grow the state array under the cached entry points
+            for eng in (fast, ref):
+                eng.step([2000 + i for i in range(40)], np.zeros((40, 5), dtype))
+    for key in range(3):
+        np.testing.assert_array_equal(fast.state(key), ref.state(key))
+    if hasattr(kernels.run_sequence, "overloads"):  # compiled: the direct entry point was used
+        assert (fast._run1 is not kernels.run_sequence) or (fast._wide1 is not kernels.step_wide)
