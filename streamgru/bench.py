@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -752,7 +753,9 @@ def add_arguments(p):
                    help="thread count for every contender (repeatable; default: 1 and all cores)")
     p.add_argument("--quick", action="store_true", help="a representative few workloads, <1 min")
     p.add_argument("--seconds", type=float, default=None, help="timing per contender/workload")
-    p.add_argument("--only", default=None, help="run workloads whose name contains this text")
+    p.add_argument("--only", default=None,
+                   help="run workloads whose name matches this regular expression (re.search), "
+                        "e.g. 'many' or 'n=1$'")
     p.add_argument("--contenders", default=",".join(CONTENDERS))
     p.add_argument("--json", default="bench.json", help="write results here (default bench.json)")
     p.add_argument("--plot", default="bench.png",
@@ -798,7 +801,7 @@ def run_bench(args):
     else:
         wls = standard_workloads(quick=args.quick)
     if args.only:
-        wls = [w for w in wls if args.only in w.name]
+        wls = [w for w in wls if re.search(args.only, w.name)]
     info = machine_info()
     info["command"] = " ".join(["streamgru", "bench"] + getattr(args, "argv", sys.argv[2:]))
     print(f"streamgru bench: {len(wls)} workloads x {len(contenders)} contenders x threads "
