@@ -564,6 +564,50 @@ def _copy_row(src, si, s0, dst, di, d0, m):
 
 
 @njit(**_JIT)
+def _cells_lbr1(scratch, r0, r1, GX, GH, state, srows, so, H, fk, fa, fb, gk, ga, gb, clip, fast,
+                out, order, last, nxt):
+    """Rows r0..r1 of a linear_before_reset=1 layer once its products are in: the new h to the
+    state rows and to the next layer's input (``nxt``), or to ``out`` for the ``last`` layer."""
+    D = out if last else scratch
+    d0 = 0 if last else nxt
+    if _std32(fast, fk, gk, clip):
+        for i in range(r0, r1):
+            _cell_std32(scratch, i, i, GX, GH, state, srows[i], so, H, D, order[i] if last else i,
+                        d0)
+    else:
+        for i in range(r0, r1):
+            _cell_lbr1(scratch, i, i, GX, GH, state, srows[i], so, H, fk, fa, fb, gk, ga, gb, clip,
+                       fast, D, order[i] if last else i, d0)
+
+
+@njit(**_JIT)
+def _cells_lbr0_zr(scratch, r0, r1, GX, GH, T, state, srows, so, H, fk, fa, fb, clip, fast):
+    """Rows r0..r1 of a linear_before_reset=0 layer before its R_n product (see _cell_lbr0_zr)."""
+    for i in range(r0, r1):
+        _cell_lbr0_zr(scratch, i, i, GX, GH, T, state, srows[i], so, H, fk, fa, fb, clip, fast)
+
+
+@njit(**_JIT)
+def _cells_lbr0_n(scratch, r0, r1, GX, GH, state, srows, so, H, gk, ga, gb, clip, fast, out, order,
+                  last, nxt):
+    """Rows r0..r1 of a linear_before_reset=0 layer after its R_n product (as _cells_lbr1)."""
+    D = out if last else scratch
+    d0 = 0 if last else nxt
+    for i in range(r0, r1):
+        _cell_lbr0_n(scratch, i, i, GX, GH, state, srows[i], so, H, gk, ga, gb, clip, fast, D,
+                     order[i] if last else i, d0)
+
+
+@njit(**_JIT)
+def _dense_out(table, scratch, r0, r1, cur, out, order):
+    """Copy rows r0..r1 of the last layer's output to ``out`` when that layer is dense (a GRU
+    layer writes ``out`` itself)."""
+    if table[table.shape[0] - 1, T_KIND] == KIND_DENSE:
+        for i in range(r0, r1):
+            _copy_row(scratch, i, cur, out, order[i], 0, out.shape[1])
+
+
+@njit(**_JIT)
 def _step_block(params, table, fp, state, srows, x, out, scratch, order, r0, r1):
     """Advance the batch rows order[r0:r1] (distinct state rows srows[r0:r1]) through all layers.
 
@@ -604,31 +648,19 @@ def _step_block(params, table, fp, state, srows, x, out, scratch, order, r0, r1)
                       cur, scratch, GX, r0, r1)
             _gemm_rows(params, table[l, T_R], table[l, T_BR], H, 0, table[l, T_NPR], state,
                        srows, so, scratch, GH, r0, r1)
-            # the last layer writes the caller's output rows directly
-            last = l == table.shape[0] - 1
-            D = out if last else scratch
-            d0 = 0 if last else nxt
-            if table[l, T_LBR] == 1 and _std32(fast, fk, gk, clip):
-                for i in range(r0, r1):
-                    _cell_std32(scratch, i, i, GX, GH, state, srows[i], so, H, D,
-                                order[i] if last else i, d0)
-            elif table[l, T_LBR] == 1:
-                for i in range(r0, r1):
-                    _cell_lbr1(scratch, i, i, GX, GH, state, srows[i], so, H, fk, fa, fb, gk, ga,
-                               gb, clip, fast, D, order[i] if last else i, d0)
+            last = l == table.shape[0] - 1  # then the cells write the caller's rows directly
+            if table[l, T_LBR] == 1:
+                _cells_lbr1(scratch, r0, r1, GX, GH, state, srows, so, H, fk, fa, fb, gk, ga, gb,
+                            clip, fast, out, order, last, nxt)
             else:
-                for i in range(r0, r1):
-                    _cell_lbr0_zr(scratch, i, i, GX, GH, T, state, srows[i], so, H, fk, fa, fb,
-                                  clip, fast)
+                _cells_lbr0_zr(scratch, r0, r1, GX, GH, T, state, srows, so, H, fk, fa, fb, clip,
+                               fast)
                 _gemm(params, table[l, T_RN], table[l, T_BRN], H, 0, table[l, T_NPRN], scratch, T,
                       scratch, GH, r0, r1)
-                for i in range(r0, r1):
-                    _cell_lbr0_n(scratch, i, i, GX, GH, state, srows[i], so, H, gk, ga, gb, clip,
-                                 fast, D, order[i] if last else i, d0)
+                _cells_lbr0_n(scratch, r0, r1, GX, GH, state, srows, so, H, gk, ga, gb, clip, fast,
+                              out, order, last, nxt)
         cur, nxt = nxt, cur
-    if table[table.shape[0] - 1, T_KIND] == KIND_DENSE:  # (a GRU layer wrote out itself)
-        for i in range(r0, r1):
-            _copy_row(scratch, i, cur, out, order[i], 0, out.shape[1])
+    _dense_out(table, scratch, r0, r1, cur, out, order)
 
 
 @njit(**_JIT)
@@ -793,32 +825,20 @@ def step_wide(params, table, fp, state, slots, x, out, scratch, iwork, mark, che
                     else:
                         _gemm(params, table[l, T_W], table[l, T_BW], K, q, q + 1, scratch, cur,
                               scratch, GX, r0, r1)
-                # the last layer writes the caller's output rows directly
                 last = l == table.shape[0] - 1
-                D = out if last else scratch
-                d0 = 0 if last else nxt
-                if table[l, T_LBR] == 1 and _std32(fast, fk, gk, clip):
-                    for i in range(r0, r1):
-                        _cell_std32(scratch, i, i, GX, GH, state, srows[i], so, H, D,
-                                    order[i] if last else i, d0)
-                elif table[l, T_LBR] == 1:
-                    for i in range(r0, r1):
-                        _cell_lbr1(scratch, i, i, GX, GH, state, srows[i], so, H, fk, fa, fb, gk, ga,
-                                   gb, clip, fast, D, order[i] if last else i, d0)
+                if table[l, T_LBR] == 1:
+                    _cells_lbr1(scratch, r0, r1, GX, GH, state, srows, so, H, fk, fa, fb, gk, ga,
+                                gb, clip, fast, out, order, last, nxt)
                 else:
-                    for i in range(r0, r1):
-                        _cell_lbr0_zr(scratch, i, i, GX, GH, T, state, srows[i], so, H, fk, fa, fb,
-                                      clip, fast)
+                    _cells_lbr0_zr(scratch, r0, r1, GX, GH, T, state, srows, so, H, fk, fa, fb,
+                                   clip, fast)
                     for p in prange(table[l, T_NPRN]):
                         _gemm(params, table[l, T_RN], table[l, T_BRN], H, p, p + 1, scratch, T,
                               scratch, GH, r0, r1)
-                    for i in range(r0, r1):
-                        _cell_lbr0_n(scratch, i, i, GX, GH, state, srows[i], so, H, gk, ga, gb, clip,
-                                     fast, D, order[i] if last else i, d0)
+                    _cells_lbr0_n(scratch, r0, r1, GX, GH, state, srows, so, H, gk, ga, gb, clip,
+                                  fast, out, order, last, nxt)
             cur, nxt = nxt, cur
-        if table[table.shape[0] - 1, T_KIND] == KIND_DENSE:  # (a GRU layer wrote out itself)
-            for i in range(r0, r1):
-                _copy_row(scratch, i, cur, out, order[i], 0, out.shape[1])
+        _dense_out(table, scratch, r0, r1, cur, out, order)
     return -1
 
 
