@@ -1185,7 +1185,14 @@ def _io_signature(model):
     batch = next(a for a in in_axes if a != g.time)
     out = g.value_desc[g.main]
     out_axes = list(out.axes)
-    if batch not in out_axes or (not out.last_only and g.time not in out_axes):
+    pos = {a: out_axes.index(a) for a in in_axes if a in out_axes}
+    # An axis of size 1 at export (a graph exported for one stream, without dynamic axes) loses
+    # its label through a Reshape to a constant shape: it is one of the output's unit axes, and
+    # as every such axis has size 1, which one does not change the data.
+    lost = [a for a in in_axes if a not in pos and g._unit(a)]
+    ones = [i for i, a in enumerate(out_axes) if a == 1 and i not in pos.values()]
+    pos.update(zip(lost, ones))
+    if batch not in pos or (not out.last_only and g.time not in pos):
         raise UnsupportedModelError(f"graph output {g.main!r}: expected time and batch axes, got "
                                     f"{tuple(out_axes)}")
     return {
@@ -1193,8 +1200,8 @@ def _io_signature(model):
         "time_axis": in_axes.index(g.time),
         "batch_axis": in_axes.index(batch),
         "output": g.main,
-        "out_time_axis": None if out.last_only else out_axes.index(g.time),
-        "out_batch_axis": out_axes.index(batch),
+        "out_time_axis": None if out.last_only else pos[g.time],
+        "out_batch_axis": pos[batch],
         "grus": list(g.chain_grus),
         "other_inputs": [i.name for i in g.inputs if i.name != g.start],
     }

@@ -159,6 +159,27 @@ def test_onnx_fixed_shapes_and_no_state_input(tmp_path):
     assert r.initial_state.startswith("zeros")
 
 
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+def test_onnx_exported_for_one_stream_without_dynamic_axes(tmp_path, dynamo):
+    """Exported with a batch of one and fixed shapes: the batch axis keeps no name through the
+    exporters' Reshapes, and verify must still find it (it is the output's unit axis)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    if dynamo:
+        pytest.importorskip("onnxscript")
+    torch.manual_seed(1)
+    net = torch.nn.GRU(input_size=1, hidden_size=6, num_layers=2)
+    path = tmp_path / "g.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(7, 1, 1), torch.zeros(2, 1, 6)), str(path),
+                          dynamo=dynamo, input_names=["x", "h0"], output_names=["y", "hn"])
+    r = converters.verify(streamgru.load(path), path)
+    assert r.ok, str(r)
+    assert (r.streams, r.steps) == (1, 7) and "fixed" in str(r)
+    assert "'h0'" in r.initial_state
+
+
 def test_onnx_wrong_model_fails(tmp_path):
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")
