@@ -13,7 +13,8 @@ by the bias padded to a multiple of NR. ``NR = 128 / itemsize`` (two 64-byte vec
 or 16 float64). The product kernel (``_tile*``) keeps an (MR rows x NR columns) block of outputs in
 vector registers while it streams one panel over k, broadcasting one input value per row: the
 layout of a BLAS micro-kernel, written in LLVM IR because Numba cannot keep a vector accumulator
-in registers otherwise.
+in registers otherwise. Gathering tiles (``_gtile*``) read input row r from ``A[rows[r]]``: the
+step kernels' products read the batch's inputs and the streams' states in place.
 
 Per-call arrays:
 
@@ -21,8 +22,12 @@ Per-call arrays:
 * ``slots``:  (n,) int64 -- the state row of each batch row;
 * ``x``:      (n, input_size) float, C-contiguous; ``out``: (n, output_size) float;
 * ``scratch``: (n_max, table[0, T_LW]) float -- per-row workspace (layout: ``T_L*`` columns);
-* ``iwork``:  (3 * n_max + 1,) int64 -- the duplicate-key plan (order, wave, wstart);
+* ``iwork``:  (3 * n_max + 1,) int64 -- the duplicate-key plan (order, wave, wstart; once
+  planned, the wave segment holds each row's state slot in plan order, ``srows``);
 * ``mark``:   (capacity,) int64, all zero between calls.
+
+Per-row helpers take 2-D arrays and row indices rather than row views (see the note above
+``_gates_zr``): Numba counts references to views passed between functions atomically.
 
 A key that appears k times in one batch is stepped k times in batch order: rows are split into
 "waves" (wave w holds every key's (w+1)-th occurrence), and waves run one after another. Within a
