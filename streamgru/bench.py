@@ -786,6 +786,11 @@ def run_bench(args):
         if t < 1:
             raise ValueError(f"--threads: expected a positive int, got {t}")
     seconds = args.seconds if args.seconds is not None else (0.25 if args.quick else 1.5)
+    if args.only:
+        try:
+            only = re.compile(args.only)
+        except re.error as exc:
+            raise ValueError(f"--only: expected a regular expression, got {args.only!r} ({exc})") from None
     contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
     for c in contenders:
         if c not in CONTENDERS:
@@ -801,7 +806,7 @@ def run_bench(args):
     else:
         wls = standard_workloads(quick=args.quick)
     if args.only:
-        wls = [w for w in wls if re.search(args.only, w.name)]
+        wls = [w for w in wls if only.search(w.name)]
     info = machine_info()
     info["command"] = " ".join(["streamgru", "bench"] + getattr(args, "argv", sys.argv[2:]))
     print(f"streamgru bench: {len(wls)} workloads x {len(contenders)} contenders x threads "

@@ -283,8 +283,9 @@ def _emit_prefetch(builder, ptr, rw, locality):
 
 @intrinsic
 def _prefetch_w(typingctx, A, i, j):
-    """Hint the CPU to fetch the cache line of A[i, j] (2-D C array) into L2 for writing (the
-    rows are read, then written; L2 keeps L1 for the weight panel)."""
+    """Hint the CPU to fetch the cache line of A[i, j] (2-D C array) into L2 with write intent
+    (state rows are read, then written; the inputs fetched this way are only read, which costs
+    nothing extra for lines no other core writes). L2 keeps L1 for the weight panel."""
     sig = types.void(A, i, j)
 
     def codegen(context, builder, signature, args):

@@ -62,3 +62,10 @@ def test_bench_rejects_bad_threads():
     from streamgru.cli import main
 
     assert main(["bench", "--threads", "0", "--no-sgemm", "--json", "", "--plot", ""]) == 2
+
+
+def test_bench_rejects_a_bad_only_pattern(capsys):
+    from streamgru.cli import main
+
+    assert main(["bench", "--only", "n=(1", "--no-sgemm", "--json", "", "--plot", ""]) == 2
+    assert "--only: expected a regular expression, got 'n=(1'" in capsys.readouterr().err
