@@ -10,7 +10,7 @@ hidden state between calls.
 (2, 16)
 """
 
-from .errors import UnsupportedModelError
+from .errors import FormatError, NonFiniteError, UnsupportedModelError
 from .model import DenseLayer, GRULayer, GRUModel
 
 __version__ = "0.1.0"
@@ -30,4 +30,4 @@ def __getattr__(name):
 
 
 __all__ = ["GRUModel", "GRULayer", "DenseLayer", "Engine", "load", "UnsupportedModelError",
-           "__version__"]
+           "FormatError", "NonFiniteError", "__version__"]
