@@ -39,7 +39,7 @@ class PackedModel:
 def _check_range(model, dtype):
     """Refuse a model with a weight beyond ``dtype``'s range: the cast would make it inf, and
     every output of the engine NaN (numpy only warns)."""
-    big = np.finfo(dtype).max
+    big = float(np.finfo(dtype).max)
     for i, layer in enumerate(model.layers):
         for name, t in layer.tensors().items():
             top = float(np.abs(t).max()) if t.size else 0.0
