@@ -79,9 +79,9 @@ from pathlib import Path
 import numpy as np
 
 from .engine import float_matrix
-from .errors import FormatError
+from .errors import FormatError, NonFiniteError
 from .model import GRUModel
-from .state import normalize_key
+from .state import normalize_key, raise_nul
 
 __all__ = ["ShardedEngine", "ShardLostError", "StepFuture", "shard_of", "start_local_ray",
            "run_cluster_benchmark", "MANIFEST_FORMAT"]
@@ -179,6 +179,9 @@ def _canonical_keys(keys, kind, what):
             ks, got = keys.astype(np.int64, copy=False), int
         elif keys.dtype.kind == "U":
             ks, got = keys.tolist(), str
+            if "\x00" in "".join(ks):  # as Engine: a NUL could alias another key (state.py)
+                i = next(i for i, k in enumerate(ks) if "\x00" in k)
+                raise_nul(ks[i], f"{what}[{i}]")
         else:
             raise TypeError(f"{what}: expected integer or str keys, got an array of dtype "
                             f"{keys.dtype}")
@@ -423,6 +426,11 @@ class _Shard:
             keys, states = load_state(f, fp, size)
             if not keys:
                 continue
+            finite = np.isfinite(states).all(axis=1)
+            if not finite.all():  # as Engine.load_state: refused, naming the keys
+                bad = [keys[i] for i in np.flatnonzero(~finite)]
+                raise NonFiniteError(f"{f}: expected finite states, got NaN/inf in the states of "
+                                     f"key(s) {', '.join(repr(k) for k in bad[:10])}", bad)
             ks = np.array(keys, np.int64) if not isinstance(keys[0], str) else keys
             for i in np.flatnonzero(_owners(ks, shards) == self.shard):
                 eng.set_state(keys[i], states[i])
@@ -695,10 +703,11 @@ class ShardedEngine:
             x = self._matrix(x, "x", n, "len(keys)")
             if self.check_finite and n and not np.isfinite(x).all():
                 rows = np.flatnonzero(~np.isfinite(x).all(axis=1))
-                bad = sorted({repr(ks[i]) for i in rows[:100].tolist()})
-                raise ValueError(f"x: expected finite values, got NaN/inf in the rows of key(s) "
-                                 f"{', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}; no stream "
-                                 f"was changed (check_finite=False skips this check)")
+                bad = list(dict.fromkeys(ks[i] for i in rows.tolist()))
+                raise NonFiniteError(
+                    f"x: expected finite values, got NaN/inf in the rows of key(s) "
+                    f"{', '.join(repr(k) for k in bad[:10])}{' ...' if len(bad) > 10 else ''}; "
+                    f"no stream was changed (check_finite=False skips this check)", bad)
             if kind is not None:
                 self._kind = kind
             N = len(self._actors)

@@ -10,7 +10,16 @@ State policy (what each verb does to a stream's state)
 * ``reset(key)``: back to zeros. ``close(key)``: forgotten; its slot is reused.
 * ``state(key)``: a copy. ``set_state(key, state)``: overwrite (opens the key if unknown).
 * ``save_state(path)`` / ``load_state(path)``: every stream, atomically, tied to this model.
-* A call that raises changes nothing: no state, no opened key.
+* A call that raises changes nothing: no state, no opened key, whatever the exception
+  (``MemoryError`` and ``KeyboardInterrupt`` included): buffers are allocated before keys open.
+* No verb writes NaN/inf into a state. ``step``/``run`` refuse non-finite input (unless
+  ``check_finite=False``) and, always, a step whose new state or output would be NaN/inf (an
+  overflow): ``NonFiniteError`` (a ValueError) whose ``keys`` lists the streams concerned, with
+  every state as it was; drop those rows and call again. ``set_state``/``open`` refuse a
+  non-finite state; ``save_state`` refuses to write one; ``load_state`` refuses a snapshot holding
+  one, naming the keys, or with ``skip_nonfinite=True`` loads the other streams.
+* Str keys holding NUL (``"\x00"``) are refused: numpy str arrays drop trailing NULs, so
+  ``"a\x00"`` and ``"a"`` could not be told apart.
 
 Lifecycle (``max_streams``, ``idle_timeout``, ``on_evict``; details in docs/operations.md): a
 stream is *used* by ``step``, ``run``, ``open``, ``set_state`` and ``reset`` (reads -- ``state``,
@@ -38,9 +47,10 @@ import numba
 import numpy as np
 
 from . import kernels as K
+from .errors import NonFiniteError
 from .model import GRUModel
 from .packing import pack
-from .state import StateStore, normalize_key
+from .state import StateStore, normalize_key, raise_nul
 
 __all__ = ["Engine"]
 
@@ -104,7 +114,8 @@ class Engine:
     threads : int, optional
         Cap on Numba threads used by one call (default: Numba's own setting).
     check_finite : bool
-        Refuse NaN/inf inputs (default). ``False`` skips the scan.
+        Refuse NaN/inf inputs (default). ``False`` skips that scan only: a step that would write
+        NaN/inf into a state or an output is refused either way (see the module docstring).
     max_streams : int, optional
         At most this many open streams: opening one more evicts the least recently used stream
         not named in the call. None (default): unbounded.
@@ -274,8 +285,8 @@ class Engine:
                             bad = self._parallel(self._wide1, args)
                             if self._wide1 is K.step_wide:
                                 self._wide1 = _compiled(K.step_wide, args)
-                        if bad >= 0:
-                            self._raise_nonfinite(x, [k], "x")
+                        if bad != -1:
+                            self._refuse(bad, x, [k], None, "x")
                         if self._track:  # an open key: no room to make, just mark it used
                             rec = store.recency
                             rec[k] = self._now
@@ -290,7 +301,6 @@ class Engine:
                 karr = self._int_keys(keys, "keys")
                 n = len(karr)
                 x = self._matrix(x, "x", n, "len(keys)")
-                slots, opened = store.slots_array(karr)
                 ks = None
             else:
                 ks = self._keys_arg(keys, "keys")
@@ -298,23 +308,29 @@ class Engine:
                 x = self._matrix(x, "x", n, "len(keys)")
                 if self._track:
                     self._admit(ks, x, "x")
-                slots, opened = store.slots(ks)
+            # Allocate first, then open keys: a MemoryError (or any exception) from here on
+            # leaves no key half-opened.
             out = np.empty((n, self._n_out), self.dtype)
             if n == 0:
                 return out
             if n > self._rows:
                 self._grow_scratch(n)
+            slots, opened = store.slots_array(karr) if ks is None else store.slots(ks)
             p = self._packed
             args = (p.params, p.table, p.fp, store.states, slots, x, out, self._scratch,
                     self._iwork, store.mark, self.check_finite)
             kernel = self._kernel(n)
-            if kernel is not K.step_serial:
-                bad = self._parallel(kernel, args)
-            else:
-                bad = K.step_serial(*args)
-            if bad >= 0:
+            try:
+                if kernel is not K.step_serial:
+                    bad = self._parallel(kernel, args)
+                else:
+                    bad = K.step_serial(*args)
+                if bad != -1:
+                    self._refuse(bad, x, ks if ks is not None else karr.tolist(), self._iwork,
+                                 "x")
+            except BaseException:
                 store.rollback(opened)
-                self._raise_nonfinite(x, ks if ks is not None else karr.tolist(), "x")
+                raise
             if self._track:
                 self._touch(ks)
             return out
@@ -335,26 +351,24 @@ class Engine:
                 return out
             if self._track:
                 self._admit([k], xs, "xs")
-            slots, opened = self._store.slots([k])
-            if self._run_scratch.shape[0] < T + 1:
+            if self._run_scratch.shape[0] < T + 1:  # allocate first, then open the key
                 self._run_scratch = np.zeros((max(T + 1, 2 * self._run_scratch.shape[0]),
                                               self._packed.scratch_width), self.dtype)
+            slots, opened = self._store.slots([k])
             p = self._packed
             args = (p.params, p.table, p.fp, self._store.states, slots[0], xs, out,
                     self._run_scratch, self.check_finite)
-            if self._par_threads > 1 and self._recurrent_macs >= RUN_WIDE_MIN_MACS:
-                bad = self._parallel(K.run_sequence_wide, args)
-            else:
-                self._flip ^= 1
-                bad = K.run_sequence(*args, self._flip)
-            if bad >= 0:
+            try:
+                if self._par_threads > 1 and self._recurrent_macs >= RUN_WIDE_MIN_MACS:
+                    bad = self._parallel(K.run_sequence_wide, args)
+                else:
+                    self._flip ^= 1
+                    bad = K.run_sequence(*args, self._flip)
+                if bad != -1:
+                    self._refuse(bad, xs, [k], None, "xs")
+            except BaseException:
                 self._store.rollback(opened)
-                rows = np.flatnonzero(~np.isfinite(xs).all(axis=1))
-                raise ValueError(
-                    f"xs: expected finite values, got NaN/inf (or values too large for "
-                    f"{self.dtype.name}) in step(s) {rows[:10].tolist()}; "
-                    f"state of {k!r} unchanged"
-                )
+                raise
             if self._track:
                 self._touch([k])
             return out
@@ -481,7 +495,10 @@ class Engine:
     def save_state(self, path):
         """Write every stream's key and state to ``path`` atomically (temp file, fsync, rename).
 
-        The file records the model's fingerprint; ``load_state`` refuses it for another model.
+        The file records the model's fingerprint; ``load_state`` refuses it for another model. A
+        stream's state never holds NaN/inf (no verb writes one); should one ever, the save is
+        refused with NonFiniteError naming its keys rather than write a file that cannot be
+        loaded whole.
         """
         from .formats import save_state
 
@@ -493,14 +510,45 @@ class Engine:
             states = self._store.states[slots, :self.model.state_size]
             save_state(path, keys, states, self.model.fingerprint)
 
-    def load_state(self, path):
+    def load_state(self, path, skip_nonfinite=False):
         """Replace every stream by those saved in ``path`` (see ``save_state``).
 
         Streams open now but absent from the file are closed. On any error nothing changes.
+
+        A snapshot's states are converted to the engine's dtype (a float64 snapshot loaded into
+        a float32 engine is rounded to float32). A state that holds NaN/inf, or a value too large
+        for the engine's dtype, cannot be stepped: by default the whole load is refused with
+        NonFiniteError naming those keys (nothing changes); with ``skip_nonfinite=True`` every
+        other stream is loaded and those keys are left out.
+
+        Parameters
+        ----------
+        path : str or path-like
+        skip_nonfinite : bool
+            Load the finite streams of a snapshot that holds some non-finite ones.
+
+        Returns
+        -------
+        list
+            The keys left out (empty unless ``skip_nonfinite`` and the file held such states).
         """
         from .formats import load_state
 
         keys, states = load_state(path, self.model.fingerprint, self.model.state_size)
+        with np.errstate(over="ignore"):  # too large for the dtype becomes inf: handled below
+            states = np.asarray(states, dtype=self.dtype)
+        skipped = []
+        finite = np.isfinite(states).all(axis=1) if keys else np.ones(0, bool)
+        if not finite.all():
+            skipped = [keys[i] for i in np.flatnonzero(~finite)]
+            if not skip_nonfinite:
+                raise NonFiniteError(
+                    f"path: expected finite states within {self.dtype.name} range, got NaN/inf (or "
+                    f"values too large for {self.dtype.name}) in the states of key(s) "
+                    f"{_key_list(skipped)}; nothing was changed "
+                    f"(load_state(path, skip_nonfinite=True) loads the other streams)", skipped)
+            keys = [keys[i] for i in np.flatnonzero(finite)]
+            states = states[finite]
         with self._lock:
             if self._in_callback:
                 raise RuntimeError("on_evict: expected a callback that does not call the engine's "
@@ -522,6 +570,7 @@ class Engine:
                 slots = np.fromiter((store.slot_of[k] for k in keys), np.int64, len(keys))
                 store.states[slots, :self.model.state_size] = states
             self._store = store
+        return skipped
 
     # ------------------------------------------------------------------------------------------
     # eviction (only when max_streams or idle_timeout is set; always under the lock)
@@ -568,10 +617,7 @@ class Engine:
             len(store) + sum(1 for k in batch if k not in store.slot_of) - lim
         if (due or need > 0) and x is not None and self.check_finite and not np.isfinite(x).all():
             # Checked here, before evicting, so that a refused call evicts nothing.
-            if what == "x":
-                self._raise_nonfinite(x, ks, what)
-            raise ValueError(f"{what}: expected finite values, got NaN/inf; no stream was changed "
-                             f"(Engine(check_finite=False) skips this check)")
+            self._raise_nonfinite(x, ks, what)
         self._sweep(now)
         if batch is not None and due:
             need = len(store) + sum(1 for k in batch if k not in store.slot_of) - lim
@@ -624,6 +670,9 @@ class Engine:
             if keys.dtype.kind == "u" and keys.size and keys.max() > np.iinfo(np.int64).max:
                 raise ValueError(f"{what}: expected keys within int64, got {keys.max()}")
             ks = keys.tolist()
+            if keys.dtype.kind == "U" and "\x00" in "".join(ks):  # trailing NULs are gone already
+                i = next(i for i, k in enumerate(ks) if "\x00" in k)
+                raise_nul(ks[i], f"{what}[{i}]")
             # The array's dtype says every key's kind: check one, not each.
             self._store.check_kind(ks[:1], what)
             return ks
@@ -645,7 +694,7 @@ class Engine:
         return float_matrix(x, what, n, n_what, self._n_in, self.dtype)
 
     def _state_vector(self, state, what):
-        arr = state if isinstance(state, np.ndarray) else np.asarray(state)
+        arr = _plain_array(state, what)
         if arr.dtype.kind not in "fiu" or arr.dtype.kind == "b":
             raise TypeError(f"{what}: expected a float array, got dtype {arr.dtype}")
         if arr.size != self.model.state_size:
@@ -667,20 +716,46 @@ class Engine:
         return slot
 
     def _raise_nonfinite(self, x, ks, what):
-        rows = np.flatnonzero(~np.isfinite(x).all(axis=1))
-        bad = sorted({repr(ks[i]) for i in rows})
-        raise ValueError(
+        """Refuse input ``x`` (rows for keys ``ks``) holding NaN/inf: NonFiniteError naming the
+        keys of the bad rows (for ``run``, the steps)."""
+        rows = np.flatnonzero(~np.isfinite(np.asarray(x)).all(axis=1))
+        if what == "xs":
+            raise NonFiniteError(
+                f"xs: expected finite values, got NaN/inf (or values too large for "
+                f"{self.dtype.name}) in step(s) {rows[:10].tolist()}; state of {ks[0]!r} "
+                f"unchanged (Engine(check_finite=False) skips this check)", ks)
+        bad = list(dict.fromkeys(ks[i] for i in rows))
+        raise NonFiniteError(
             f"{what}: expected finite values, got NaN/inf (or values too large for "
-            f"{self.dtype.name}) in the rows of key(s) "
-            f"{', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}; no stream was changed "
-            f"(Engine(check_finite=False) skips this check)"
-        )
+            f"{self.dtype.name}) in the rows of key(s) {_key_list(bad)}; no stream was changed "
+            f"(Engine(check_finite=False) skips this check)", bad)
+
+    def _refuse(self, code, x, ks, iwork, what):
+        """Turn a kernel's error code into NonFiniteError: ``code >= 0`` is an input row holding
+        NaN/inf; kernels.PRODUCED_NONFINITE means the step would have written NaN/inf into a
+        state or an output (every state was restored): the plan-order flags in ``iwork`` (None
+        for a single stream) say which rows."""
+        if code >= 0:
+            self._raise_nonfinite(x, ks, what)
+        if iwork is None:
+            bad = list(ks[:1])
+        else:
+            n = len(ks)
+            nm = (iwork.shape[0] - 1) // 4
+            rows = np.sort(iwork[:n][iwork[3 * nm + 1:3 * nm + 1 + n] != 0])
+            bad = list(dict.fromkeys(ks[i] for i in rows))
+        raise NonFiniteError(
+            f"{what}: expected inputs whose step keeps every state and output finite, got a step "
+            f"that would produce NaN/inf (from non-finite input or an overflow in "
+            f"{self.dtype.name}) for key(s) "
+            f"{_key_list(bad)}; no stream was changed (drop those rows and call again)", bad)
 
     def _grow_scratch(self, n):
         rows = max(n, 2 * self._rows, 16)
-        self._rows = rows
-        self._scratch = np.zeros((rows, self._packed.scratch_width), self.dtype)
-        self._iwork = np.zeros(3 * rows + 1, np.int64)  # order, wave, wstart (kernels._plan)
+        # Both arrays first, then assign: a MemoryError leaves the old pair in place.
+        scratch = np.zeros((rows, self._packed.scratch_width), self.dtype)
+        iwork = np.zeros(4 * rows + 1, np.int64)  # order, wave, wstart, bad (kernels._plan)
+        self._scratch, self._iwork, self._rows = scratch, iwork, rows
 
     def _parallel(self, kernel, args):
         """Call a parallel kernel with this engine's thread count. Numba's thread count is a
@@ -709,6 +784,11 @@ class Engine:
                 f"capacity={self.capacity}, threads={self.threads})")
 
 
+def _key_list(keys, limit=10):
+    """``'a', 'b', ...`` for a message: the first ``limit`` keys."""
+    return ", ".join(repr(k) for k in keys[:limit]) + (" ..." if len(keys) > limit else "")
+
+
 def _is_dtype(d):
     try:
         np.dtype(d)
@@ -717,16 +797,32 @@ def _is_dtype(d):
         return False
 
 
+def _plain_array(x, what):
+    """``x`` as a base-class ndarray. A masked array is refused if any value is masked (the
+    engine has no notion of a missing value, and reading the data under the mask would be a
+    silent wrong answer); other subclasses and sequences are read as plain arrays. A ragged or
+    otherwise unreadable sequence is a TypeError naming ``what``."""
+    if isinstance(x, np.ma.MaskedArray):
+        if np.ma.getmaskarray(x).any():
+            raise ValueError(f"{what}: expected an array without masked values, got a masked array "
+                             f"with {int(np.ma.getmaskarray(x).sum())} masked; fill them first "
+                             f"(x.filled(value))")
+        return np.asarray(x.data)
+    if type(x) is np.ndarray:
+        return x
+    try:
+        return np.asarray(x)
+    except Exception as exc:
+        raise TypeError(f"{what}: expected a float array, got {type(x).__name__} that numpy "
+                        f"cannot read as one ({str(exc).splitlines()[0]})") from None
+
+
 def float_matrix(x, what, n, n_what, n_in, dtype):
     """Validate a (n, n_in) float input at the public boundary and return it C-contiguous,
     writable and of ``dtype`` (copied only when it is not). ``n`` None means any number of rows
     ("T"); ``n_what`` names what fixes n in the message (e.g. "len(keys)")."""
-    if not isinstance(x, np.ndarray):
-        try:
-            x = np.asarray(x)
-        except Exception as exc:
-            raise TypeError(f"{what}: expected a float array, got {type(x).__name__} ({exc})") \
-                from None
+    if type(x) is not np.ndarray:
+        x = _plain_array(x, what)
     if x.dtype.kind != "f":
         raise TypeError(
             f"{what}: expected a float32 or float64 array, got dtype {x.dtype}; "

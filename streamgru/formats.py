@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FormatError
+from .errors import FormatError, NonFiniteError
 from .model import DenseLayer, GRULayer, GRUModel
 
 __all__ = ["save_model", "load_model", "model_to_bytes", "model_from_bytes", "save_state", "load_state",
@@ -271,8 +271,18 @@ def _model_from_bytes(buf: bytes, path) -> GRUModel:
 
 
 def save_state(path, keys, states, fingerprint):
-    """Write keys + states atomically. ``keys``: list of all-int or all-str; ``states`` (n, S)."""
+    """Write keys + states atomically. ``keys``: list of all-int or all-str; ``states`` (n, S).
+
+    A state holding NaN/inf is refused (NonFiniteError naming its keys, nothing written): a
+    snapshot must load back whole.
+    """
     n = len(keys)
+    finite = np.isfinite(states).all(axis=1) if n else np.ones(0, bool)
+    if not finite.all():
+        bad = [keys[i] for i in np.flatnonzero(~finite)]
+        raise NonFiniteError(f"states: expected finite values, got NaN/inf in the state(s) of key(s) "
+                             f"{', '.join(repr(k) for k in bad[:10])}"
+                             f"{' ...' if len(bad) > 10 else ''}; nothing was written", bad)
     kind = "str" if (n and isinstance(keys[0], str)) else "int"
     tensors = {"states": np.asarray(states)}
     if kind == "int":
@@ -298,7 +308,10 @@ def save_state(path, keys, states, fingerprint):
 def load_state(path, fingerprint, state_size):
     """Read a snapshot written by :func:`save_state` for the model with ``fingerprint``.
 
-    Returns (keys, states (n, state_size)).
+    Returns (keys, states (n, state_size)). The states are returned as stored, NaN/inf
+    included: the caller decides what to do with such streams (Engine.load_state refuses them by
+    default, naming their keys, or skips them on request), so that one bad row never makes the
+    others unreadable.
     """
     meta, t = _decode(_read(path, "path"), path, STATE_FORMAT)
     if meta.get("model_fingerprint") != fingerprint:
@@ -328,8 +341,6 @@ def load_state(path, fingerprint, state_size):
             raise ValueError("duplicate or missing keys")
     except (KeyError, ValueError, IndexError, UnicodeDecodeError) as exc:
         raise FormatError(f"{path}: expected a consistent state snapshot, got {exc}") from None
-    if not np.isfinite(states).all():
-        raise FormatError(f"{path}: expected finite states, got NaN/inf")
     return keys, states
 
 

@@ -22,8 +22,9 @@ Per-call arrays:
 * ``slots``:  (n,) int64 -- the state row of each batch row;
 * ``x``:      (n, input_size) float, C-contiguous; ``out``: (n, output_size) float;
 * ``scratch``: (n_max, table[0, T_LW]) float -- per-row workspace (layout: ``T_L*`` columns);
-* ``iwork``:  (3 * n_max + 1,) int64 -- the duplicate-key plan (order, wave, wstart; once
-  planned, the wave segment holds each row's state slot in plan order, ``srows``);
+* ``iwork``:  (4 * n_max + 1,) int64 -- the duplicate-key plan (order, wave, wstart; once
+  planned, the wave segment holds each row's state slot in plan order, ``srows``), then one
+  flag per plan-order row (``bad``: 1 when the row produced a NaN/inf state or output);
 * ``mark``:   (capacity,) int64, all zero between calls.
 
 Per-row helpers take 2-D arrays and row indices rather than row views (see the note above
@@ -32,6 +33,14 @@ Per-row helpers take 2-D arrays and row indices rather than row views (see the n
 A key that appears k times in one batch is stepped k times in batch order: rows are split into
 "waves" (wave w holds every key's (w+1)-th occurrence), and waves run one after another. Within a
 wave every row has its own state slot, so rows run in parallel without races.
+
+No kernel leaves a NaN/inf in a stream's state. A block kernel copies each row's state into
+the row's backup region (``T_LBK``) as the row starts, and checks the row's new state and output
+as it ends (a comparison per value: :func:`_nonfinite`). If any row failed, every state row of the
+call is restored from the backups in reverse plan order (so a key stepped in several waves ends
+with the backup of its first wave, its state before the call) and the kernel returns
+``PRODUCED_NONFINITE``; the flags say which rows failed. Return codes: -1 done, ``>= 0`` the
+first input row holding NaN/inf (nothing was done), ``PRODUCED_NONFINITE`` (nothing changed).
 
 Kernels pick the float32 fast tanh from the dtype (``itemsize == 4``), so each kernel has one
 compiled signature per dtype.
@@ -51,8 +60,8 @@ from .activations import FASTMATH
 (T_KIND, T_IN, T_OUT, T_W, T_BW, T_NPW, T_R, T_BR, T_NPR, T_RN, T_BRN, T_NPRN, T_F, T_G, T_LBR,
  T_SOFF) = range(16)
 # table columns: the scratch-row layout, repeated in every row
-T_LA, T_LB, T_LGX, T_LGH, T_LHH, T_LT, T_LW = range(16, 23)
-NT = 23
+T_LA, T_LB, T_LGX, T_LGH, T_LHH, T_LT, T_LBK, T_LW = range(16, 24)
+NT = 24
 # fp columns
 F_FA, F_FB, F_GA, F_GB, F_CLIP = range(5)
 NF = 5
@@ -63,6 +72,8 @@ ROW_BLOCK = 64
 MIN_BLOCKS = 4
 # A wave of fewer rows than this runs serially inside the parallel kernel.
 SERIAL_WAVE_ROWS = 32
+# Return code of a step/run kernel whose result would have held NaN/inf (state restored).
+PRODUCED_NONFINITE = -2
 
 _JIT = dict(cache=True, fastmath=FASTMATH, error_model="numpy", nogil=True)
 
@@ -614,14 +625,69 @@ def _dense_out(table, scratch, r0, r1, cur, out, order):
 
 
 @njit(**_JIT)
-def _step_block(params, table, fp, state, srows, x, out, scratch, order, r0, r1):
+def _nonfinite(A, i, lo, hi):
+    """How many of A[i, lo:hi] are NaN or +-inf.
+
+    A comparison per value, ``abs(v) < inf``, which is False for NaN and inf alike: a sum
+    (``v * 0`` accumulated) would be reassociated by fast-math into ``(sum v) * 0`` and
+    overflow on large finite values (1e308 + 1e308). The comparison survives our fast-math flags
+    because FASTMATH has neither ``nnan`` nor ``ninf`` (tests/test_faults.py proves that the
+    check fires in compiled code). Branch-free, so it vectorises.
+    """
+    v = A[i, lo:hi]
+    inf = v.dtype.type(np.inf)
+    c = 0
+    for k in range(v.shape[0]):
+        c += 0 if abs(v[k]) < inf else 1
+    return c
+
+
+@njit(**_JIT)
+def _backup_rows(state, srows, scratch, BK, r0, r1):
+    """scratch[i, BK:BK+S] = state[srows[i]] for i in [r0, r1): each row's state before it steps."""
+    for i in range(r0, r1):
+        _copy_row(state, srows[i], 0, scratch, i, BK, state.shape[1])
+
+
+@njit(**_JIT)
+def _check_rows(state, srows, out, order, bad, r0, r1):
+    """bad[i] = 1 if row i's new state or its output holds NaN/inf, else 0. Returns the count."""
+    nbad = 0
+    for i in range(r0, r1):
+        c = _nonfinite(state, srows[i], 0, state.shape[1]) + \
+            _nonfinite(out, order[i], 0, out.shape[1])
+        bad[i] = 1 if c > 0 else 0
+        nbad += bad[i]
+    return nbad
+
+
+@njit(**_JIT)
+def _restore_all(state, srows, scratch, BK, bad, n):
+    """If any of bad[:n] is set, put every row's backup back, in reverse plan order (a key
+    stepped in several waves gets its first wave's backup last: its state before the call), and
+    return PRODUCED_NONFINITE; otherwise return -1."""
+    nbad = 0
+    for i in range(n):
+        nbad += bad[i]
+    if nbad == 0:
+        return -1
+    for i in range(n - 1, -1, -1):
+        _copy_row(scratch, i, BK, state, srows[i], 0, state.shape[1])
+    return PRODUCED_NONFINITE
+
+
+@njit(**_JIT)
+def _step_block(params, table, fp, state, srows, x, out, scratch, order, bad, r0, r1):
     """Advance the batch rows order[r0:r1] (distinct state rows srows[r0:r1]) through all layers.
 
     Scratch row i (for i in [r0, r1)) is the workspace of batch row order[i]. The first layer's
     products read x[order[i]] and every recurrent product reads state[srows[i]] in place
-    (gathering tiles), so neither is copied into the workspace first.
+    (gathering tiles), so neither is copied into the workspace first. Each row's state is
+    backed up first (scratch columns T_LBK) and its result checked last (``bad``, see the module
+    docstring); the caller restores the backups if any row failed.
     """
     fast = params.itemsize == 4
+    _backup_rows(state, srows, scratch, table[0, T_LBK], r0, r1)
     GX = table[0, T_LGX]
     GH = table[0, T_LGH]
     T = table[0, T_LT]
@@ -667,19 +733,20 @@ def _step_block(params, table, fp, state, srows, x, out, scratch, order, r0, r1)
                               out, order, last, nxt)
         cur, nxt = nxt, cur
     _dense_out(table, scratch, r0, r1, cur, out, order)
+    _check_rows(state, srows, out, order, bad, r0, r1)
 
 
 @njit(**_JIT)
 def _plan(slots, x, check_finite, mark, iwork):
     """Check x and split the batch into waves of distinct slots.
 
-    ``iwork`` holds order (n_max), wave (n_max) and wstart (n_max + 1). Returns (bad_row,
+    ``iwork`` holds order (n_max), wave (n_max), wstart (n_max + 1) and bad (n_max). Returns (bad_row,
     n_waves): bad_row >= 0 is the first row of x holding NaN/inf (nothing else is done then);
     otherwise order[wstart[w]:wstart[w+1]] are the rows of wave w, in batch order, and the
     wave segment is reused for srows: srows[i] = slots[order[i]], the state row of row i.
     """
     n = slots.shape[0]
-    nm = (iwork.shape[0] - 1) // 3
+    nm = (iwork.shape[0] - 1) // 4
     order = iwork[:nm]
     wave = iwork[nm:2 * nm]
     wstart = iwork[2 * nm:]
@@ -730,10 +797,11 @@ def step_serial(params, table, fp, state, slots, x, out, scratch, iwork, mark, c
     bad, nw = _plan(slots, x, check_finite, mark, iwork)
     if bad >= 0:
         return bad
-    nm = (iwork.shape[0] - 1) // 3
+    nm = (iwork.shape[0] - 1) // 4
     order = iwork[:nm]
     srows = iwork[nm:2 * nm]
-    wstart = iwork[2 * nm:]
+    wstart = iwork[2 * nm:3 * nm + 1]
+    bad = iwork[3 * nm + 1:]
     for w in range(nw):
         r = wstart[w]
         e = wstart[w + 1]
@@ -741,9 +809,9 @@ def step_serial(params, table, fp, state, slots, x, out, scratch, iwork, mark, c
             r1 = min(e, r + ROW_BLOCK)
             _prefetch_rows(state, srows, r1, min(e, r1 + ROW_BLOCK))
             _prefetch_rows(x, order, r1, min(e, r1 + ROW_BLOCK))
-            _step_block(params, table, fp, state, srows, x, out, scratch, order, r, r1)
+            _step_block(params, table, fp, state, srows, x, out, scratch, order, bad, r, r1)
             r = r1
-    return -1
+    return _restore_all(state, srows, scratch, table[0, T_LBK], bad, slots.shape[0])
 
 
 @njit(parallel=True, **_JIT)
@@ -752,17 +820,18 @@ def step_parallel(params, table, fp, state, slots, x, out, scratch, iwork, mark,
     bad, nw = _plan(slots, x, check_finite, mark, iwork)
     if bad >= 0:
         return bad
-    nm = (iwork.shape[0] - 1) // 3
+    nm = (iwork.shape[0] - 1) // 4
     order = iwork[:nm]
     srows = iwork[nm:2 * nm]
-    wstart = iwork[2 * nm:]
+    wstart = iwork[2 * nm:3 * nm + 1]
+    bad = iwork[3 * nm + 1:]
     for w in range(nw):
         s = wstart[w]
         e = wstart[w + 1]
         if e - s < SERIAL_WAVE_ROWS:
             # Bursty batches (a hot key repeated) end in many small waves: a parallel region
             # per small wave costs more than the wave, so those run on the calling thread.
-            _step_block(params, table, fp, state, srows, x, out, scratch, order, s, e)
+            _step_block(params, table, fp, state, srows, x, out, scratch, order, bad, s, e)
             continue
         # At least MIN_BLOCKS blocks (calling get_num_threads here would make the kernel
         # uncacheable), at most ROW_BLOCK rows each, in multiples of 8 rows.
@@ -774,8 +843,8 @@ def step_parallel(params, table, fp, state, slots, x, out, scratch, iwork, mark,
             r1 = min(e, r0 + size)
             _prefetch_rows(state, srows, r1, min(e, r1 + size))
             _prefetch_rows(x, order, r1, min(e, r1 + size))
-            _step_block(params, table, fp, state, srows, x, out, scratch, order, r0, r1)
-    return -1
+            _step_block(params, table, fp, state, srows, x, out, scratch, order, bad, r0, r1)
+    return _restore_all(state, srows, scratch, table[0, T_LBK], bad, slots.shape[0])
 
 
 @njit(parallel=True, **_JIT)
@@ -786,17 +855,20 @@ def step_wide(params, table, fp, state, slots, x, out, scratch, iwork, mark, che
     bad, nw = _plan(slots, x, check_finite, mark, iwork)
     if bad >= 0:
         return bad
-    nm = (iwork.shape[0] - 1) // 3
+    nm = (iwork.shape[0] - 1) // 4
     order = iwork[:nm]
     srows = iwork[nm:2 * nm]
-    wstart = iwork[2 * nm:]
+    wstart = iwork[2 * nm:3 * nm + 1]
+    bad = iwork[3 * nm + 1:]
     fast = params.itemsize == 4
     GX = table[0, T_LGX]
     GH = table[0, T_LGH]
     T = table[0, T_LT]
+    BK = table[0, T_LBK]
     for w in range(nw):
         r0 = wstart[w]
         r1 = wstart[w + 1]
+        _backup_rows(state, srows, scratch, BK, r0, r1)
         cur = table[0, T_LA]
         nxt = table[0, T_LB]
         for l in range(table.shape[0]):
@@ -845,7 +917,8 @@ def step_wide(params, table, fp, state, slots, x, out, scratch, iwork, mark, che
                                   fast, out, order, last, nxt)
             cur, nxt = nxt, cur
         _dense_out(table, scratch, r0, r1, cur, out, order)
-    return -1
+        _check_rows(state, srows, out, order, bad, r0, r1)
+    return _restore_all(state, srows, scratch, BK, bad, slots.shape[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -854,13 +927,10 @@ def step_wide(params, table, fp, state, slots, x, out, scratch, iwork, mark, che
 
 @njit(**_JIT)
 def _first_nonfinite_row(xs):
-    """Index of the first row of xs holding NaN/inf, or -1 (one branch per row: vectorises)."""
+    """Index of the first row of xs holding NaN/inf, or -1 (one branch per row; the scan of a
+    row vectorises, see :func:`_nonfinite`)."""
     for t in range(xs.shape[0]):
-        xr = xs[t]
-        acc = xr[0] * 0
-        for k in range(xs.shape[1]):
-            acc += xr[k] * 0  # NaN or inf anywhere makes acc NaN
-        if acc != acc:
+        if _nonfinite(xs, t, 0, xs.shape[1]) > 0:
             return t
     return -1
 
@@ -888,14 +958,28 @@ def _rows_out(scratch, cur, out):
 
 
 @njit(**_JIT)
+def _check_run(state, slot, out, scratch, n, BK):
+    """The end of a sequence kernel: -1 if the stream's new state and every output row are
+    finite; otherwise put the state backed up in scratch[n, BK:] back and return
+    PRODUCED_NONFINITE."""
+    c = _nonfinite(state, slot, 0, state.shape[1])
+    for t in range(out.shape[0]):
+        c += _nonfinite(out, t, 0, out.shape[1])
+    if c == 0:
+        return -1
+    _copy_row(scratch, n, BK, state, slot, 0, state.shape[1])
+    return PRODUCED_NONFINITE
+
+
+@njit(**_JIT)
 def run_sequence(params, table, fp, state, slot, xs, out, scratch, check_finite, flip):
     """Advance one stream (state row ``slot``) over xs (T, input_size) -> out (T, output_size).
 
     Layer by layer over the whole sequence: a layer's input projection (W x + Wb) is computed for
     all T steps in one product, then only the recurrent half runs step by step.
     ``scratch``: (T + 1, table[0, T_LW]); rows 0..T-1 hold each step's layer input/output and
-    input projection, row T the recurrent workspace. Returns the first non-finite row of xs
-    (state untouched) or -1.
+    input projection, row T the recurrent workspace and the state's backup. Returns the first
+    non-finite row of xs (state untouched), PRODUCED_NONFINITE (state restored) or -1.
 
     ``flip`` (only for T = 1): read each layer's weights backwards, recurrent product first. A
     single step reads every weight once; when a layer's weights outgrow the core's L2, a cache
@@ -915,6 +999,7 @@ def run_sequence(params, table, fp, state, slot, xs, out, scratch, check_finite,
     GH = table[0, T_LGH]
     HH = table[0, T_LHH]
     T = table[0, T_LT]
+    _copy_row(state, slot, 0, scratch, n, table[0, T_LBK], state.shape[1])  # backup
     _rows_in(xs, scratch, A)
     cur = A
     nxt = table[0, T_LB]
@@ -961,7 +1046,7 @@ def run_sequence(params, table, fp, state, slot, xs, out, scratch, check_finite,
             _copy_row(scratch, n, HH, state, slot, so, H)
         cur, nxt = nxt, cur
     _rows_out(scratch, cur, out)
-    return -1
+    return _check_run(state, slot, out, scratch, n, table[0, T_LBK])
 
 
 @njit(parallel=True, **_JIT)
@@ -981,6 +1066,7 @@ def run_sequence_wide(params, table, fp, state, slot, xs, out, scratch, check_fi
     GH = table[0, T_LGH]
     HH = table[0, T_LHH]
     T = table[0, T_LT]
+    _copy_row(state, slot, 0, scratch, n, table[0, T_LBK], state.shape[1])  # backup
     _rows_in(xs, scratch, A)
     cur = A
     nxt = table[0, T_LB]
@@ -1029,7 +1115,7 @@ def run_sequence_wide(params, table, fp, state, slot, xs, out, scratch, check_fi
             _copy_row(scratch, n, HH, state, slot, so, H)
         cur, nxt = nxt, cur
     _rows_out(scratch, cur, out)
-    return -1
+    return _check_run(state, slot, out, scratch, n, table[0, T_LBK])
 
 
 # ----------------------------------------------------------------------------------------------

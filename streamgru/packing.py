@@ -36,8 +36,23 @@ class PackedModel:
     scratch_width: int
 
 
+def _check_range(model, dtype):
+    """Refuse a model with a weight beyond ``dtype``'s range: the cast would make it inf, and
+    every output of the engine NaN (numpy only warns)."""
+    big = float(np.finfo(dtype).max)
+    for i, layer in enumerate(model.layers):
+        for name, t in layer.tensors().items():
+            top = float(np.abs(t).max()) if t.size else 0.0
+            if top > big:
+                raise ValueError(f"model: layer {i} ({layer.kind}) tensor {name} holds values beyond "
+                                 f"{dtype.name}'s range (max |v| = {top:.3g}); use "
+                                 f'dtype="float64"')
+
+
 def pack(model, dtype) -> PackedModel:
     """Cast and lay out ``model``'s weights for the kernels (see :mod:`streamgru.kernels`).
+
+    Raises ValueError, naming the layer and tensor, if a weight does not fit in ``dtype``.
 
     Examples
     --------
@@ -47,6 +62,7 @@ def pack(model, dtype) -> PackedModel:
     (dtype('float32'), 1, True)
     """
     dtype = np.dtype(dtype)
+    _check_range(model, dtype)
     nr = K.panel_width(dtype)
     blocks, table, fp = [], [], []
     off = 0
@@ -113,10 +129,11 @@ def pack(model, dtype) -> PackedModel:
             maxw = max(maxw, pad(layer.output_size))
         table.append(row)
         fp.append(frow)
-    # Scratch row: [A: maxw | B: maxw | GX: gmax | GH: gmax | HH: hmax | T: hmax]; products
-    # write whole panels, so every region a product writes is padded to NR.
+    # Scratch row: [A: maxw | B: maxw | GX: gmax | GH: gmax | HH: hmax | T: hmax | BK: S];
+    # products write whole panels, so every region a product writes is padded to NR. BK holds
+    # the row's stream state from before the step, restored if the step would produce NaN/inf.
     maxw = pad(maxw)
-    layout = np.cumsum([0, maxw, maxw, gmax, gmax, hmax, hmax])
+    layout = np.cumsum([0, maxw, maxw, gmax, gmax, hmax, hmax, model.state_size])
     params = np.zeros(max(off, 1), dtype)
     for start, a in blocks:
         params[start:start + a.size] = a

@@ -3,7 +3,13 @@
 Keys are ints (Python or NumPy integers within int64) or strings; one engine holds one kind,
 fixed by the first key it opens (so ``1`` and ``"1"`` can never be two different streams that a
 caller confuses, and snapshots round-trip exactly). ``bool`` and floats are refused: ``True == 1``
-and ``1.0 == 1`` would silently alias another stream.
+and ``1.0 == 1`` would silently alias another stream. A str key holding a NUL character
+(``"\x00"``) is refused everywhere: numpy's ``U`` arrays drop trailing NULs, so ``"a\x00"`` in a
+list and ``"a"`` from an array would otherwise be two spellings of one stream (or two streams).
+
+Every mutating method allocates before it changes anything (a ``MemoryError`` leaves the store
+as it was), and :meth:`StateStore.slots` closes the keys it opened if anything at all goes wrong,
+``KeyboardInterrupt`` included.
 
 Slots of closed streams are reused. When no slot is free the buffer grows (doubling, but never
 past ``limit`` when one is set): rows are copied into the new buffer, so every stream keeps its slot
@@ -30,6 +36,8 @@ _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 def normalize_key(key, what="key"):
     """Return the canonical form of one key (a Python int or str), or raise TypeError/ValueError."""
     if isinstance(key, str):
+        if "\x00" in key:
+            raise_nul(key, what)
         return key
     if isinstance(key, (bool, np.bool_)):
         raise TypeError(f"{what}: expected an int or str stream key, got bool {key!r}")
@@ -39,6 +47,12 @@ def normalize_key(key, what="key"):
             raise ValueError(f"{what}: expected an int within int64, got {k}")
         return k
     raise TypeError(f"{what}: expected an int or str stream key, got {type(key).__name__} {key!r}")
+
+
+def raise_nul(key, what):
+    """Refuse a str key holding NUL (see the module docstring: numpy strips trailing NULs)."""
+    raise ValueError(f"{what}: expected a str key without NUL characters, got {key!r} (numpy str "
+                     f"arrays drop trailing NULs, so such a key could alias another)")
 
 
 _FIB = np.uint64(11400714819323198485)  # 2**64 / golden ratio: Fibonacci hashing
@@ -59,18 +73,20 @@ class IntSlotTable:
         self._build(items)
 
     def _build(self, items):
+        """Rebuild from ``items``; everything is allocated before any attribute changes."""
         cap = 1024
         while cap < 4 * max(len(items), 1):
             cap *= 2
-        self.bits = cap.bit_length() - 1
-        self.keys = np.zeros(cap, np.int64)
-        self.vals = np.full(cap, K.TAB_EMPTY, np.int64)
-        self.used = 0  # live entries + tombstones
+        bits = cap.bit_length() - 1
+        keys = np.zeros(cap, np.int64)
+        vals = np.full(cap, K.TAB_EMPTY, np.int64)
         if items:
             ks = np.fromiter((k for k, _ in items), np.int64, len(items))
             ss = np.fromiter((s for _, s in items), np.int64, len(items))
-            K.table_insert(self.keys, self.vals, ks, ss, self.hash(ks))
-            self.used = len(items)
+            hs = ((ks.view(np.uint64) * _FIB) >> np.uint64(64 - bits)).astype(np.int64)
+            K.table_insert(keys, vals, ks, ss, hs)
+        self.bits, self.keys, self.vals = bits, keys, vals
+        self.used = len(items)  # live entries + tombstones
 
     def hash(self, keys):
         """Probe start for each key (int64 array): the top bits of key * 2**64/phi."""
@@ -81,13 +97,15 @@ class IntSlotTable:
         """Insert the pending (key, slot) pairs; ``live`` is the current number of int keys."""
         if not self.pending:
             return
-        items, self.pending = self.pending, []
+        items = self.pending
         if 2 * (self.used + len(items)) > self.keys.shape[0]:
-            return self._build(list(live.items()))  # too full (or too many tombstones)
-        ks = np.fromiter((k for k, _ in items), np.int64, len(items))
-        ss = np.fromiter((s for _, s in items), np.int64, len(items))
-        K.table_insert(self.keys, self.vals, ks, ss, self.hash(ks))
-        self.used += len(items)
+            self._build(list(live.items()))  # too full (or too many tombstones)
+        else:
+            ks = np.fromiter((k for k, _ in items), np.int64, len(items))
+            ss = np.fromiter((s for _, s in items), np.int64, len(items))
+            K.table_insert(self.keys, self.vals, ks, ss, self.hash(ks))
+            self.used += len(items)
+        self.pending = []  # only once they are in: a failure above keeps them queued
 
     def delete(self, key, live):
         self.flush(live)
@@ -150,16 +168,23 @@ class StateStore:
                 )
 
     def grow(self, needed):
+        """Make room for ``needed`` more streams. Every new buffer and list is built first and
+        assigned last, so a MemoryError leaves the store as it was."""
         cap = self.capacity
         new_cap = max(2 * cap, cap + needed, 16)
         if self.limit is not None:  # the engine never holds more than `limit` streams
             new_cap = min(new_cap, max(self.limit, cap + needed))
         states = np.zeros((new_cap, self.states.shape[1]), self.dtype)
         states[:cap] = self.states
-        self.states = states
-        self.mark = np.zeros(new_cap, np.int64)
-        self.key_of.extend([None] * (new_cap - cap))
-        self.free = list(range(new_cap - 1, cap - 1, -1)) + self.free
+        mark = np.zeros(new_cap, np.int64)
+        key_of = self.key_of + [None] * (new_cap - cap)
+        free = list(range(new_cap - 1, cap - 1, -1)) + self.free
+        self.states, self.mark, self.key_of, self.free = states, mark, key_of, free
+
+    def reserve(self, count):
+        """Grow now if fewer than ``count`` slots are free (allocate before opening)."""
+        if len(self.free) < count:
+            self.grow(count - len(self.free))
 
     def open(self, key):
         """Give ``key`` (canonical, not yet open) a zeroed slot and return it.
@@ -167,6 +192,8 @@ class StateStore:
         A str key must be encodable as UTF-8 (a lone surrogate is not): snapshots store keys in
         UTF-8, and a stream that could not be saved is refused here, when it is opened.
         """
+        if isinstance(key, str) and "\x00" in key:
+            raise_nul(key, "key")
         if isinstance(key, str) and not key.isascii():
             try:
                 key.encode("utf-8")
@@ -175,6 +202,8 @@ class StateStore:
                                  f"at index {exc.start})") from None
         if not self.free:
             self.grow(1)
+        if self.itable is not None and type(key) is int:
+            self.itable.pending.append((key, -1))  # room in the queue first; slot set below
         slot = self.free.pop()
         self.states[slot] = 0
         self.slot_of[key] = slot
@@ -182,20 +211,27 @@ class StateStore:
         if self.key_kind is None:
             self.key_kind = str if isinstance(key, str) else int
         if self.itable is not None and type(key) is int:
-            self.itable.pending.append((key, slot))
+            self.itable.pending[-1] = (key, slot)
+        if self.recency is not None:
+            # Listed at once (a placeholder time the caller's touch replaces), so keys() and
+            # len() never disagree, even while a call that opened it is still running.
+            self.recency[key] = -np.inf
         return slot
 
     def close(self, key):
-        slot = self.slot_of.pop(key)
+        slot = self.slot_of[key]
+        if self.itable is not None and len(self.slot_of) > 1:
+            # First, while the key is still open: the only step here that may allocate
+            # (flushing queued keys) runs before anything changes.
+            self.itable.delete(key, self.slot_of)
+        self.free.append(slot)
+        del self.slot_of[key]
         if self.recency is not None:
             self.recency.pop(key, None)
         self.key_of[slot] = None
-        self.free.append(slot)
         if not self.slot_of:
             self.key_kind = None
             self.itable = None
-        elif self.itable is not None:
-            self.itable.delete(key, self.slot_of)
         return slot
 
     def slots_array(self, keys):
@@ -217,17 +253,18 @@ class StateStore:
         if None not in found:
             return np.array(found, np.int64), []
         out = np.empty(len(keys), np.int64)
+        self.reserve(len({k for k, s in zip(keys, found) if s is None}))  # allocate, then open
         opened = []
-        for i, k in enumerate(keys):
-            s = slot_of.get(k)
-            if s is None:
-                try:
+        try:
+            for i, k in enumerate(keys):
+                s = slot_of.get(k)
+                if s is None:
+                    opened.append(k)  # listed first, so that rollback finds it whatever fails
                     s = self.open(k)
-                except ValueError:
-                    self.rollback(opened)
-                    raise
-                opened.append(k)
-            out[i] = s
+                out[i] = s
+        except BaseException:  # MemoryError and KeyboardInterrupt too: all or nothing
+            self.rollback(opened)
+            raise
         return out, opened
 
     def touch(self, keys, now):
@@ -273,6 +310,8 @@ class StateStore:
         return slot
 
     def rollback(self, opened):
-        """Close keys opened by a call that then failed, so the failed call changes nothing."""
+        """Close keys opened by a call that then failed, so the failed call changes nothing
+        (a listed key that did not get opened is skipped)."""
         for k in opened:
-            self.close(k)
+            if k in self.slot_of:
+                self.close(k)

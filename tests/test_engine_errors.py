@@ -66,10 +66,16 @@ def test_bad_step_input_is_refused_and_changes_nothing(eng, keys, x, exc, msg):
     assert_unchanged(eng, snap)
 
 
-def test_nan_check_can_be_disabled():
+def test_nan_input_scan_can_be_disabled_but_the_result_check_stays():
+    # check_finite=False skips the input scan only: the NaN reaches the kernel, whose result
+    # check refuses the step (message of the result check, not the scan's) and keeps the state.
     e = Engine(GRUModel.random(4, [6], seed=2), check_finite=False)
-    y = e.step(["a"], np.full((1, 4), np.nan, np.float32))
-    assert np.isnan(y).all()
+    e.step(["a"], np.ones((1, 4), np.float32))
+    before = e.state("a")
+    with pytest.raises(ValueError, match=r"would produce NaN/inf .* for key\(s\) 'a'") as info:
+        e.step(["a"], np.full((1, 4), np.nan, np.float32))
+    assert info.value.keys == ["a"]
+    np.testing.assert_array_equal(e.state("a"), before)
 
 
 @pytest.mark.parametrize("call,exc,msg", [
