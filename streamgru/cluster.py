@@ -22,6 +22,10 @@ State policy (as on ``Engine``, per stream)
 ``step``/``run``/``open``/``reset``/``close``/``state``/``set_state`` act on the stream's shard
 exactly as on an ``Engine``. A call that raises an input error (``TypeError``/``ValueError``/
 ``KeyError``) changes nothing: inputs are validated in the driver before any shard is touched.
+One exception: a step whose *result* would hold NaN/inf (e.g. an overflow) is found by the shard
+that computes it. That shard changes nothing, but the other shards of the call have applied their
+rows by then: ``step`` raises :class:`~streamgru.errors.NonFiniteError` naming the refused keys,
+with ``applied`` (bool per row) and ``outputs`` (NaN where not applied) set on the error.
 ``resize`` moves each migrating stream's state to its new shard; no stream is lost or
 duplicated, and calls from other threads wait while it runs.
 
@@ -685,6 +689,9 @@ class ShardedEngine:
         ------
         ShardLostError
             A shard holding some of these keys was lost; see the module docstring.
+        NonFiniteError
+            A shard refused its rows because a result would hold NaN/inf; rows of other shards
+            may have been applied (``error.applied``); see the module docstring.
         """
         return self.step_async(keys, x).result()
 
@@ -763,11 +770,16 @@ class ShardedEngine:
         applied = np.zeros(n, bool)
         out[:] = np.nan
         lost = []
+        refused = []  # NonFiniteErrors: those shards changed nothing, the others applied
         for s, inst, ref, rows, _ in parts:
             try:
                 v = ray.get(ref)
             except ray.exceptions.RayTaskError as exc:
-                return None, _cause(exc)
+                cause = _cause(exc)
+                if not isinstance(cause, NonFiniteError):
+                    return None, cause
+                refused.append(cause)
+                continue
             except ray.exceptions.RayActorError as exc:
                 lost.append((s, inst, exc))
                 continue
@@ -781,7 +793,9 @@ class ShardedEngine:
         for loss, (_, _, exc) in zip(losses, lost):
             if loss is None:
                 return None, exc or RuntimeError("shard: expected an answer, got none")
-        return None, self._loss_error(losses, out, applied)
+        if losses:
+            return None, self._loss_error(losses, out, applied)
+        return None, _partial_refusal(refused, out, applied)
 
     def run(self, key, xs):
         """Advance one stream over a sequence ``xs`` (T, input_size) -> (T, output_size)."""
@@ -1233,6 +1247,26 @@ def _rss():
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError, AttributeError):
         return None
+
+
+def _partial_refusal(refused, outputs, applied):
+    """One NonFiniteError for a step that some shards refused (a result would have held NaN/inf;
+    those shards changed nothing) while the other shards applied their rows: a Ray call per shard
+    cannot be undone atomically, so the error says which rows were applied, as ShardLostError
+    does."""
+    if len(refused) == 1 and not applied.any():
+        return refused[0]  # nothing was applied anywhere: the plain all-or-nothing refusal
+    keys = list(dict.fromkeys(k for e in refused for k in e.keys))
+    done = int(applied.sum())
+    err = NonFiniteError(
+        f"x: expected a step whose states and outputs stay finite, got NaN/inf for key(s) "
+        f"{', '.join(repr(k) for k in keys[:10])}{' ...' if len(keys) > 10 else ''}; their "
+        f"shard(s) changed nothing, but {done} row(s) on other shards were applied "
+        f"(error.applied, error.outputs): resend only the rows not applied, without these keys",
+        keys)
+    err.applied = applied
+    err.outputs = outputs
+    return err
 
 
 def _cause(exc):

@@ -463,3 +463,44 @@ def test_benchmark_smoke(ray_local):
     for s in r["sharded"].values():
         assert s["sync"]["events_per_s"] > 0 and s["streams"] == 500 and s["checkpoint_bytes"] > 0
     assert 0 < r["derived"]["scaling_efficiency_pipelined"] and "events/s" in lines[0]
+
+
+def test_a_step_refused_by_one_shard_says_which_rows_other_shards_applied(ray_local):
+    # One GRU whose candidate overflows when input column 0 is large (as in test_faults): the
+    # shard holding the poisoned key refuses its rows and changes nothing; the other shard's rows
+    # were applied, and the error says exactly which.
+    from streamgru.errors import NonFiniteError
+    from streamgru.model import GRULayer
+
+    base = GRUModel.random(3, 8, seed=3, dtype=np.float64)
+    gru = base.layers[0]
+    W = gru.W.copy()
+    W[16:, 0] = 1e20
+    model = GRUModel([GRULayer(3, 8, W, gru.R, gru.Wb, gru.Rb, linear_before_reset=1, g="identity")])
+    eng = _sharded(model, 2)
+    local = Engine(model, threads=1)
+    try:
+        keys = list(range(40))
+        owners = shard_of(keys, 2)
+        assert set(owners.tolist()) == {0, 1}
+        x = np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32)
+        x[:, 0] = 0.0
+        eng.step(keys, x)
+        local.step(keys, x)
+        poison = keys[int(np.flatnonzero(owners == 0)[0])]
+        x2 = np.random.default_rng(1).normal(size=(40, 3)).astype(np.float32)
+        x2[:, 0] = 0.0
+        x2[poison, 0] = 1e19
+        with pytest.raises(NonFiniteError, match="applied") as info:
+            eng.step(keys, x2)
+        err = info.value
+        assert err.keys == [poison]
+        np.testing.assert_array_equal(err.applied, owners == 1)
+        ok = owners == 1
+        ref = local.step([k for k, a in zip(keys, ok) if a], x2[ok])
+        np.testing.assert_allclose(err.outputs[ok], ref, rtol=0, atol=ATOL)
+        assert np.isnan(err.outputs[~ok]).all()
+        for k in keys:  # shard 0 changed nothing; shard 1 advanced exactly like the local engine
+            np.testing.assert_allclose(eng.state(k), local.state(k), rtol=0, atol=ATOL)
+    finally:
+        eng.shutdown()
