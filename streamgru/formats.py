@@ -15,30 +15,51 @@ header's ``__metadata__`` says what the file is:
 
 Files are parsed with explicit limits (header size, tensor extents within the file) before
 anything is allocated, and nothing in them is ever executed: no pickle anywhere.
+
+Reading untrusted files
+-----------------------
+Every loader (native and converters) reads through :func:`read_file`: only a regular file is
+read (it is opened with ``O_NONBLOCK`` and the opened descriptor is checked, so a FIFO or device
+swapped in after any earlier check cannot block or feed us forever), and never more than
+:data:`MAX_READ_BYTES`. The same limit bounds every size a file claims before it is allocated
+(:func:`check_size`): an archive member's decompressed size, an HDF5 dataset, an ONNX tensor.
+:func:`content_errors` turns the errors our own validation raises about a file's contents into
+:class:`~streamgru.FormatError` naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import stat
 import struct
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from .errors import FormatError
+from .errors import FormatError, UnsupportedModelError
 from .model import DenseLayer, GRULayer, GRUModel
 
 __all__ = ["save_model", "load_model", "model_to_bytes", "model_from_bytes", "save_state", "load_state",
-           "load", "write_atomic"]
+           "load", "write_atomic", "read_file", "read_json", "check_size", "content_errors",
+           "MAX_READ_BYTES"]
 
 FORMAT_VERSION = "1"
 MODEL_FORMAT = "streamgru-model"
 STATE_FORMAT = "streamgru-state"
 MAX_HEADER_BYTES = 64 * 1024 * 1024
+#: The most bytes any loader reads from one file, and the largest size a file may claim for
+#: anything it makes us allocate (a tensor, an archive member once decompressed). 256 MiB holds
+#: 64 million float32 values: a GRU stack far beyond what one CPU steps per call, or a snapshot
+#: of a million streams of 64 values. Looked up at each read, so assigning
+#: ``streamgru.formats.MAX_READ_BYTES = n`` before loading a larger file you trust takes effect
+#: at once (it is process-wide, as the files a process trusts are).
+MAX_READ_BYTES = 256 * 1024 * 1024
+_READ_CHUNK = 1024 * 1024
 
 _DT_TO_ST = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64",
              np.dtype(np.int64): "I64", np.dtype(np.uint8): "U8"}
@@ -178,11 +199,142 @@ def _umask():
     return mask
 
 
-def _read(path, what):
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def check_size(path, what, nbytes):
+    """Refuse ``nbytes`` claimed by ``path`` for ``what`` if it exceeds :data:`MAX_READ_BYTES`.
+
+    For sizes a file declares before we allocate them (an archive member's decompressed size,
+    an HDF5 dataset, an ONNX tensor): a small file must not make us allocate gigabytes.
+
+    Raises
+    ------
+    FormatError
+        Naming the file, what claimed the size, and the limit.
+    """
+    limit = MAX_READ_BYTES
+    if nbytes > limit:
+        raise FormatError(f"{path}: {what}: expected at most {limit} bytes "
+                          f"(streamgru.formats.MAX_READ_BYTES), got a claim of {nbytes} bytes; "
+                          f"if you trust this file, raise streamgru.formats.MAX_READ_BYTES")
+
+
+def read_file(path, what="path", *, offset=0, length=None) -> bytes:
+    """The bytes of a regular file, at most :data:`MAX_READ_BYTES` of them.
+
+    The file is opened with ``O_NONBLOCK`` and the opened descriptor is checked with ``fstat``:
+    a FIFO, a device (``/dev/zero``), a directory or a socket is refused without reading, and a
+    FIFO swapped in after a check on the path cannot block the open. A file larger than the
+    limit (a sparse file of gigabytes included) is refused before anything is read; one that
+    grows while it is read is refused once it passes the limit.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    what : str
+        The argument's name, for messages.
+    offset, length : int
+        Read ``length`` bytes (None: to the end) from ``offset``; both must lie within the file.
+
+    Raises
+    ------
+    TypeError
+        ``path`` is not a path.
+    OSError
+        The OS refuses the file (FileNotFoundError, PermissionError).
+    FormatError
+        Not a regular file, larger than the limit, or ``offset``/``length`` beyond its end.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> p = os.path.join(tempfile.mkdtemp(), "f")
+    >>> with open(p, "wb") as f:
+    ...     _ = f.write(b"abc")
+    >>> read_file(p)
+    b'abc'
+    """
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"{what}: expected a file path, got {type(path).__name__}")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) \
+        | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags)
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((k for test, k in _FILE_KINDS if test(st.st_mode)), "not a regular file")
+            raise FormatError(f"{what}: expected a regular file, got {os.fspath(path)!r}, "
+                              f"{kind}; streamgru reads models and snapshots only from regular "
+                              f"files")
+        limit = MAX_READ_BYTES
+        size = st.st_size
+        end = size if length is None else offset + length
+        if offset < 0 or end < offset or end > size:
+            raise FormatError(f"{what}: expected bytes {offset}..{end} within {os.fspath(path)!r}, "
+                              f"got a file of {size} bytes")
+        if end - offset > limit:
+            raise FormatError(f"{what}: expected a file of at most {limit} bytes "
+                              f"(streamgru.formats.MAX_READ_BYTES), got {os.fspath(path)!r} of "
+                              f"{end - offset} bytes; if you trust it, raise "
+                              f"streamgru.formats.MAX_READ_BYTES")
+        if offset:
+            f.seek(offset)
+        # One read of the size fstat reported (one allocation); then read on in chunks, since a
+        # file may grow after fstat or report size 0 (procfs), until its end or past the limit.
+        parts, total = [], 0
+        cap = limit if length is None else length
+        while True:
+            want = end - offset - total if total < end - offset else _READ_CHUNK
+            chunk = f.read(min(want, cap + 1 - total))
+            if not chunk:
+                break
+            parts.append(chunk)
+            total += len(chunk)
+            if length is not None and total >= length:
+                break
+            if total > limit:
+                raise FormatError(f"{what}: expected a file of at most {limit} bytes "
+                                  f"(streamgru.formats.MAX_READ_BYTES), got {os.fspath(path)!r}, "
+                                  f"which grew past it while being read")
+    data = parts[0] if len(parts) == 1 else b"".join(parts)
+    if length is not None and len(data) != length:
+        raise FormatError(f"{what}: expected {length} bytes at offset {offset} of "
+                          f"{os.fspath(path)!r}, got {len(data)} (the file shrank)")
+    return data
+
+
+def read_json(path, what="path"):
+    """Parse a JSON file read with :func:`read_file`; unreadable JSON is a FormatError."""
+    data = read_file(path, what)
     try:
-        return Path(path).read_bytes()
-    except (TypeError, AttributeError):
-        raise TypeError(f"{what}: expected a file path, got {type(path).__name__}") from None
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise FormatError(f"{what}: expected a JSON file, got {os.fspath(path)!r} that is not "
+                          f"valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from exc
+
+
+@contextlib.contextmanager
+def content_errors(path):
+    """Inside this block, a ValueError/TypeError/KeyError/IndexError/RecursionError about the
+    contents of the file ``path`` becomes a :class:`FormatError` naming the file (the original
+    kept as ``__cause__``).
+
+    Wrap only the code that interprets a file's contents: these are the errors that indexing
+    and validating parsed data (JSON objects, arrays) raise when the file is inconsistent.
+    :class:`UnsupportedModelError` (a readable model using a feature streamgru does not run)
+    and :class:`FormatError` pass unchanged.
+    """
+    try:
+        yield
+    except (FormatError, UnsupportedModelError):
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError) as exc:
+        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        raise FormatError(f"{os.fspath(path)}: expected a consistent model file, got "
+                          f"{type(exc).__name__}: {str(text)[:300]}") from exc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,7 +378,7 @@ def model_from_bytes(buf) -> GRUModel:
 
 def load_model(path) -> GRUModel:
     """Read a native model file written by :func:`save_model`, bit-exact."""
-    return _model_from_bytes(_read(path, "path"), path)
+    return _model_from_bytes(read_file(path, "path"), path)
 
 
 def _model_from_bytes(buf: bytes, path) -> GRUModel:
@@ -300,7 +452,7 @@ def load_state(path, fingerprint, state_size):
 
     Returns (keys, states (n, state_size)).
     """
-    meta, t = _decode(_read(path, "path"), path, STATE_FORMAT)
+    meta, t = _decode(read_file(path, "path"), path, STATE_FORMAT)
     if meta.get("model_fingerprint") != fingerprint:
         raise FormatError(f"{path}: expected states saved for model {fingerprint[:16]}..., got "
                           f"states of model {str(meta.get('model_fingerprint'))[:16]}...; load "
@@ -349,16 +501,13 @@ _FOREIGN = {
 
 def _is_native(path):
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                return False
-            (hlen,) = struct.unpack("<Q", head)
-            if hlen > MAX_HEADER_BYTES:
-                return False
-            header = json.loads(f.read(hlen).decode("utf-8"))
+        (hlen,) = struct.unpack("<Q", read_file(path, offset=0, length=8))
+        if hlen > MAX_HEADER_BYTES:
+            return False
+        header = json.loads(read_file(path, offset=8, length=hlen).decode("utf-8"))
         return header.get("__metadata__", {}).get("format") == MODEL_FORMAT
-    except (OSError, ValueError, UnicodeDecodeError, AttributeError, RecursionError):
+    except (OSError, ValueError, struct.error, AttributeError, RecursionError):
+        # FormatError is a ValueError: a file too short or not regular is not native.
         return False
 
 
@@ -382,7 +531,7 @@ def load(path, **kwargs) -> GRUModel:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path: expected a file path, got {type(path).__name__}")
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise FileNotFoundError(f"path: expected an existing file, got {str(p)!r}")
     ext = p.suffix.lower()
     if ext == ".sgru" or (ext == ".safetensors" and _is_native(p)):
@@ -400,13 +549,9 @@ def load(path, **kwargs) -> GRUModel:
     if ext == ".json":
         from converters.from_rtneural import is_rtneural_json
 
-        with open(p, encoding="utf-8") as f:
-            try:
-                obj = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise FormatError(f"{p}: expected JSON, got {exc}") from None
-        if is_rtneural_json(obj):
-            return converters.from_rtneural(obj, **kwargs)
-        return converters.from_torch(obj, **kwargs)
+        # Each converter reads the file again itself, so that its errors name the file.
+        if is_rtneural_json(read_json(p)):
+            return converters.from_rtneural(p, **kwargs)
+        return converters.from_torch(p, **kwargs)
     kinds = ", ".join(f"{k} ({v})" for k, v in {".sgru": "streamgru native", **_FOREIGN}.items())
     raise ValueError(f"path: expected one of these file types: {kinds}; got {ext or 'no suffix'!r}")

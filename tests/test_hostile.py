@@ -314,8 +314,8 @@ def test_onnx_with_nan_is_refused_naming_the_tensor(tmp_path):
     W = np.zeros((1, 12, 3), np.float32)
     W[0, 7, 2] = np.nan
     _onnx_gru(W, np.zeros((1, 12, 4), np.float32), tmp_path)
-    with pytest.raises(UnsupportedModelError, match=r"node 'gru' \(GRU\): W: expected finite values, "
-                                                    r"got nan at index \(7, 2\)"):
+    with pytest.raises(FormatError, match=r"m\.onnx: initializer 'W' \(node 'gru' \(GRU\) input W\): "
+                                          r"expected finite values, got nan at index \(0, 7, 2\)"):
         streamgru.load(tmp_path / "m.onnx")
 
 
