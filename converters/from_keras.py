@@ -95,9 +95,10 @@ _CALL_KWARGS = frozenset({"training", "mask"})
 # What zipfile, its decompressors and h5py raise on a damaged archive or HDF5 image. The file is
 # read into memory first, so an OSError here is h5py reporting corrupt data, not the OS refusing
 # the file; NotImplementedError is an unknown compression method, RuntimeError an encrypted
-# member or an HDF5 library error.
+# member or an HDF5 library error, OverflowError h5py's file-object driver asked for an address
+# beyond any file.
 _ARCHIVE_ERRORS = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, NotImplementedError,
-                   RuntimeError, OSError)
+                   RuntimeError, OSError, OverflowError)
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 

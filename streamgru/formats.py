@@ -262,7 +262,7 @@ def read_file(path, what="path", *, offset=0, length=None) -> bytes:
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) \
         | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     fd = os.open(path, flags)
-    with os.fdopen(fd, "rb", buffering=0) as f:
+    try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             kind = next((k for test, k in _FILE_KINDS if test(st.st_mode)), "not a regular file")
@@ -280,6 +280,11 @@ def read_file(path, what="path", *, offset=0, length=None) -> bytes:
                               f"(streamgru.formats.MAX_READ_BYTES), got {os.fspath(path)!r} of "
                               f"{end - offset} bytes; if you trust it, raise "
                               f"streamgru.formats.MAX_READ_BYTES")
+        f = os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
         if offset:
             f.seek(offset)
         # One read of the size fstat reported (one allocation); then read on in chunks, since a
