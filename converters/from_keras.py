@@ -126,8 +126,12 @@ def from_keras(path, *, dtype=None) -> GRUModel:
     UnsupportedModelError
         A layer, attribute, activation or graph shape streamgru does not run (see the module
         docstring); the message names the layer and the reason.
-    ValueError
-        The file is not a Keras model file or is inconsistent (weights of the wrong shape).
+    FormatError
+        (a ValueError) The file is not a Keras model file, is damaged, or is inconsistent
+        (weights of the wrong shape); or it is larger, or claims more, than
+        ``streamgru.formats.MAX_READ_BYTES``. The message names the file.
+    OSError
+        The operating system refuses the file (FileNotFoundError, PermissionError).
 
     Examples
     --------

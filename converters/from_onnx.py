@@ -126,6 +126,10 @@ def from_onnx(path_or_model, node=None, *, dtype=None) -> GRUModel:
     ------
     UnsupportedModelError
         For a graph or attribute streamgru cannot run faithfully; the message names the node.
+    FormatError
+        (a ValueError) A file protobuf cannot parse, without a graph, with a tensor whose dims
+        disagree with its data or exceed ``streamgru.formats.MAX_READ_BYTES``, or with NaN/inf
+        in an initializer (named); the message names the file.
 
     Examples
     --------

@@ -125,7 +125,9 @@ def from_rtneural(path_or_dict, *, dtype=None) -> GRUModel:
     UnsupportedModelError
         A layer type or activation streamgru does not run, named by layer index and type.
     ValueError
-        Not an RTNeural JSON, or weights whose shapes disagree with the declared sizes.
+        Not an RTNeural JSON, or weights whose shapes disagree with the declared sizes; from a
+        file, a FormatError (a ValueError) naming the file, as for invalid JSON or a file
+        larger than ``streamgru.formats.MAX_READ_BYTES``.
 
     Examples
     --------

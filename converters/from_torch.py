@@ -110,7 +110,9 @@ def from_torch(obj, *, layers=None, dtype=None) -> GRUModel:
         modules or keys streamgru does not run, an ambiguous or impossible layer order.
     ValueError, TypeError
         Missing keys, wrong shapes, non-float or non-finite weights (the message names the torch
-        key).
+        key). From a file these are a FormatError (a ValueError) naming the file, as is a file
+        that cannot be read: damaged, a legacy (pre-1.6, non-zip) ``.pt``, or larger than
+        ``streamgru.formats.MAX_READ_BYTES``.
 
     Examples
     --------

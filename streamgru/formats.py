@@ -524,6 +524,17 @@ def load(path, **kwargs) -> GRUModel:
     content). Foreign formats go to the matching function of the ``converters`` package, with
     ``kwargs`` passed through.
 
+    Raises
+    ------
+    FormatError
+        (a ValueError) The file cannot be read: damaged, not what its suffix says, not a
+        regular file, or larger (or claiming more) than :data:`MAX_READ_BYTES`. The message
+        names the file; a foreign parser's exception is kept as ``__cause__``.
+    UnsupportedModelError
+        A readable model using a feature streamgru does not run.
+    OSError
+        The operating system refuses the file (FileNotFoundError, PermissionError).
+
     Examples
     --------
     >>> import tempfile, os, streamgru
