@@ -54,13 +54,17 @@ from __future__ import annotations
 
 import io
 import json
+import lzma
+import math
 import os
 import re
 import zipfile
+import zlib
 
 import numpy as np
 
-from streamgru.errors import UnsupportedModelError
+from streamgru.errors import FormatError, UnsupportedModelError
+from streamgru.formats import check_size, content_errors, read_file
 from streamgru.model import DenseLayer, GRULayer, GRUModel
 
 from ._util import require, target_dtype
@@ -88,6 +92,14 @@ _DROPOUT_KEYS = _COMMON_KEYS | {"rate", "noise_shape", "seed"}
 _MODEL_CLASSES = ("Sequential", "Functional", "Model")
 # Keyword arguments a functional-graph call may carry without changing a step.
 _CALL_KWARGS = frozenset({"training", "mask"})
+# What zipfile, its decompressors and h5py raise on a damaged archive or HDF5 image. The file is
+# read into memory first, so an OSError here is h5py reporting corrupt data, not the OS refusing
+# the file; NotImplementedError is an unknown compression method, RuntimeError an encrypted
+# member or an HDF5 library error, OverflowError h5py's file-object driver asked for an address
+# beyond any file.
+_ARCHIVE_ERRORS = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, NotImplementedError,
+                   RuntimeError, OSError, OverflowError)
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 def from_keras(path, *, dtype=None) -> GRUModel:
@@ -114,8 +126,12 @@ def from_keras(path, *, dtype=None) -> GRUModel:
     UnsupportedModelError
         A layer, attribute, activation or graph shape streamgru does not run (see the module
         docstring); the message names the layer and the reason.
-    ValueError
-        The file is not a Keras model file or is inconsistent (weights of the wrong shape).
+    FormatError
+        (a ValueError) The file is not a Keras model file, is damaged, or is inconsistent
+        (weights of the wrong shape); or it is larger, or claims more, than
+        ``streamgru.formats.MAX_READ_BYTES``. The message names the file.
+    OSError
+        The operating system refuses the file (FileNotFoundError, PermissionError).
 
     Examples
     --------
@@ -128,11 +144,22 @@ def from_keras(path, *, dtype=None) -> GRUModel:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"path: expected an existing Keras model file, got {path!r}")
 
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
+    data = read_file(path)
+    with content_errors(path):
+        try:
+            return _read_model(h5py, io.BytesIO(data), path, out_dtype)
+        except _ARCHIVE_ERRORS as exc:
+            raise FormatError(f"{path}: expected a readable Keras model file, got "
+                              f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+
+
+def _read_model(h5py, buf, path, out_dtype):
+    """Convert the Keras file whose bytes are ``buf`` (a BytesIO)."""
+    if zipfile.is_zipfile(buf):
+        with zipfile.ZipFile(buf) as z:
             names = set(z.namelist())
             for needed in ("config.json", "model.weights.h5"):
                 if needed not in names:
@@ -140,21 +167,31 @@ def from_keras(path, *, dtype=None) -> GRUModel:
                         f"path: expected a .keras archive holding {needed}, got an archive with "
                         f"{sorted(names)}"
                     )
+            # Decompressed sizes are checked against the limit before decompressing (zipfile
+            # never returns more than a member's recorded size): a zip bomb is refused here.
+            members = ["config.json", "model.weights.h5"] + (["metadata.json"]
+                                                             if "metadata.json" in names else [])
+            check_size(path, f"archive members {members} once decompressed",
+                       sum(z.getinfo(m).file_size for m in members))
             config = json.loads(z.read("config.json"))
             version = None
             if "metadata.json" in names:
                 version = json.loads(z.read("metadata.json")).get("keras_version")
             weights_bytes = z.read("model.weights.h5")
         with h5py.File(io.BytesIO(weights_bytes), "r") as f:
-            store = _ZipWeights(f)
+            store = _ZipWeights(f, path)
             return _convert(config, store, version, out_dtype)
 
-    if not h5py.is_hdf5(path):
+    head = buf.getbuffer()
+    # HDF5's signature is at offset 0 or after a user block of 512, 1024, 2048... bytes.
+    offsets = [0] + [512 << k for k in range(max(0, len(head).bit_length() - 9))]
+    if not any(bytes(head[o:o + 8]) == _HDF5_SIGNATURE for o in offsets):
         raise ValueError(
             f"path: expected a .keras archive or a legacy Keras .h5 file, got {path!r} "
             f"(neither a zip archive nor HDF5)"
         )
-    with h5py.File(path, "r") as f:
+    del head  # a live export would stop h5py from reading the BytesIO
+    with h5py.File(buf, "r") as f:
         if "model_config" not in f.attrs or "model_weights" not in f:
             raise ValueError(
                 f"path: expected a Keras full-model .h5 file (a model_config attribute and a "
@@ -165,8 +202,19 @@ def from_keras(path, *, dtype=None) -> GRUModel:
         config = json.loads(_text(f.attrs["model_config"]))
         version = f.attrs.get("keras_version", f["model_weights"].attrs.get("keras_version"))
         version = _text(version) if version is not None else None
-        store = _LegacyWeights(f["model_weights"])
+        store = _LegacyWeights(f["model_weights"], path)
         return _convert(config, store, version, out_dtype)
+
+
+def _dataset(node, path, what):
+    """The array of an HDF5 dataset, its size checked against the limit before it is read (a
+    small file can declare a huge dataset with no data written)."""
+    shape = getattr(node, "shape", None)
+    dtype = getattr(node, "dtype", None)
+    if shape is None or dtype is None or dtype.kind not in "fiub":
+        raise ValueError(f"{what}: expected a numeric HDF5 dataset, got {node!r}")
+    check_size(path, f"dataset {node.name} of shape {shape}", math.prod(shape) * dtype.itemsize)
+    return np.asarray(node[()])
 
 
 # --- reading weights -----------------------------------------------------------------------------
@@ -178,8 +226,9 @@ class _LegacyWeights:
     (``sequential/gru/gru_cell/kernel``); both end in the variable's own name.
     """
 
-    def __init__(self, group):
+    def __init__(self, group, path):
         self.group = group
+        self.path = path
 
     def get(self, entry, names):
         """The arrays of one layer as ``{short name: array}``, checked against ``names``."""
@@ -194,7 +243,7 @@ class _LegacyWeights:
             short = re.sub(r":\d+$", "", wn.rsplit("/", 1)[-1])
             if short in found:
                 raise ValueError(f"{where}: expected one weight named {short!r}, got two")
-            found[short] = np.asarray(g[wn])
+            found[short] = _dataset(g[wn], self.path, where)
         if set(found) != set(names):
             raise ValueError(
                 f"{where}: expected weights {sorted(names)}, got {sorted(found)}"
@@ -214,8 +263,9 @@ class _ZipWeights:
     checked.
     """
 
-    def __init__(self, f):
+    def __init__(self, f, path):
         self.f = f
+        self.path = path
         self.by_name = {}
         if "layers" in f:
             for key, g in f["layers"].items():
@@ -246,7 +296,7 @@ class _ZipWeights:
                 f"{where}: expected its weights at {path} in model.weights.h5, got none"
             )
         g = self.f[path]
-        arrays = [np.asarray(g[k]) for k in sorted(g.keys(), key=int)]
+        arrays = [_dataset(g[k], self.path, where) for k in sorted(g.keys(), key=int)]
         if len(arrays) != len(names):
             raise ValueError(
                 f"{where}: expected {len(names)} weight arrays ({', '.join(names)}), "

@@ -47,11 +47,13 @@ ScaledTanh and ThresholdedRelu. Values no activation consumes are refused.
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
 
-from streamgru.errors import UnsupportedModelError
+from streamgru.errors import FormatError, UnsupportedModelError
+from streamgru.formats import check_size, content_errors, read_file
 from streamgru.model import DenseLayer, GRULayer, GRUModel
 
 from ._util import require
@@ -124,6 +126,10 @@ def from_onnx(path_or_model, node=None, *, dtype=None) -> GRUModel:
     ------
     UnsupportedModelError
         For a graph or attribute streamgru cannot run faithfully; the message names the node.
+    FormatError
+        (a ValueError) A file protobuf cannot parse, without a graph, with a tensor whose dims
+        disagree with its data or exceed ``streamgru.formats.MAX_READ_BYTES``, or with NaN/inf
+        in an initializer (named); the message names the file.
 
     Examples
     --------
@@ -151,9 +157,9 @@ def from_onnx(path_or_model, node=None, *, dtype=None) -> GRUModel:
             _load_external(model, None)  # raises: no directory to read from
     elif isinstance(path_or_model, (str, os.PathLike)):
         path = os.fspath(path_or_model)
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise FileNotFoundError(f"path_or_model: expected an existing .onnx file, got {path!r}")
-        model = onnx.load(path, load_external_data=False)
+        model = read_onnx(path, "path_or_model")
         base = os.path.dirname(os.path.abspath(path))
         _load_external(model, base)
     else:
@@ -163,11 +169,39 @@ def from_onnx(path_or_model, node=None, *, dtype=None) -> GRUModel:
         )
     if node is not None and not isinstance(node, str):
         raise TypeError(f"node: expected a GRU node name (str) or None, got {node!r}")
-    g = _Graph(model)
-    layers = g.convert(node)
+    if isinstance(path_or_model, onnx.ModelProto):
+        layers = _Graph(model, "path_or_model").convert(node)
+    else:
+        # A graph that parses but does not hang together (a node missing inputs, a tensor of
+        # an unknown type) makes the walker index and convert what is not there.
+        with content_errors(path):
+            layers = _Graph(model, path).convert(node)
     if dtype is not None:
         layers = [_cast_layer(layer, dtype) for layer in layers]
     return GRUModel(layers, source="onnx")
+
+
+def read_onnx(path, what="path"):
+    """The ``onnx.ModelProto`` in the file ``path``, external data not loaded.
+
+    Read with :func:`streamgru.formats.read_file` (regular files within the size limit only);
+    bytes protobuf cannot parse, or a file without a graph, raise FormatError naming the file.
+    """
+    from google.protobuf.message import DecodeError
+    from onnx import ModelProto
+
+    data = read_file(path, what)
+    model = ModelProto()
+    try:
+        model.ParseFromString(data)
+    except DecodeError as exc:
+        raise FormatError(f"{what}: expected an ONNX model, got {os.fspath(path)!r} that protobuf "
+                          f"cannot parse ({exc}); the file is truncated, corrupted or not ONNX"
+                          ) from exc
+    if not model.HasField("graph"):
+        raise FormatError(f"{what}: expected an ONNX model with a graph, got {os.fspath(path)!r} "
+                          f"without one ({len(data)} bytes); the file is truncated or not ONNX")
+    return model
 
 
 # --------------------------------------------------------------------------- external data
@@ -204,7 +238,7 @@ def _load_external(model, base):
             )
         real_base = os.path.realpath(base)
         full = os.path.realpath(os.path.join(real_base, loc))
-        if os.path.commonpath([real_base, full]) != real_base or not os.path.isfile(full):
+        if os.path.commonpath([real_base, full]) != real_base or not os.path.exists(full):
             raise UnsupportedModelError(
                 f"tensor {t.name!r}: expected an external data file inside {base!r}, got {loc!r}"
             )
@@ -221,15 +255,8 @@ def _load_external(model, base):
                 f"tensor {t.name!r}: expected external data within {loc!r} ({size} bytes), got "
                 f"offset {info.get('offset')!r} and length {info.get('length')!r}"
             )
-        with open(full, "rb") as fh:
-            fh.seek(offset)
-            data = fh.read() if length is None else fh.read(length)
-        if length is not None and len(data) != int(length):
-            raise UnsupportedModelError(
-                f"tensor {t.name!r}: expected {length} bytes of external data in {loc!r}, "
-                f"got {len(data)}"
-            )
-        t.raw_data = data
+        t.raw_data = read_file(full, f"tensor {t.name!r} external data", offset=offset,
+                               length=size - offset if length is None else length)
         del t.external_data[:]
         t.data_location = TensorProto.DEFAULT
 
@@ -278,10 +305,11 @@ def _name(node):
 
 
 class _Graph:
-    def __init__(self, model):
+    def __init__(self, model, source):
         import onnx
         from onnx import numpy_helper
 
+        self.source = source  # the file (or argument) named in errors about its tensors
         self.onnx = onnx
         self.numpy_helper = numpy_helper
         self.model = model
@@ -374,7 +402,11 @@ class _Graph:
         for n in nodes:
             self.used.add(id(n))
         if name in self.inits:
-            val = self.numpy_helper.to_array(self.inits[name])
+            val = self.tensor_array(self.inits[name])
+            if val.dtype.kind == "f" and not np.isfinite(val).all():
+                bad = tuple(int(i) for i in np.argwhere(~np.isfinite(val))[0])
+                raise FormatError(f"{self.source}: initializer {name!r} ({what}): expected "
+                                  f"finite values, got {val[bad]} at index {bad}")
         elif len(nodes) == 1 and nodes[0].op_type == "Constant":
             val = self._constant_node(nodes[0])
         else:
@@ -382,6 +414,8 @@ class _Graph:
             from onnx.reference import ReferenceEvaluator
 
             need = {i for n in nodes for i in n.input if i in self.inits}
+            for i in need:
+                self.tensor_array(self.inits[i])  # sizes checked before the evaluator reads them
             nodes = [helper.make_node("Constant", [], list(n.output), value=self.numpy_helper
                                       .from_array(self._static_shape_value(n)))
                      if n.op_type == "Shape" else n for n in nodes]
@@ -400,12 +434,45 @@ class _Graph:
         self._const_cache[name] = val
         return val
 
+    def tensor_array(self, t):
+        """``numpy_helper.to_array(t)`` once the dims ``t`` claims are checked against the data
+        it holds and against the read limit (numpy would try to allocate, or fail to reshape)."""
+        from onnx import TensorProto, helper
+
+        dims = list(t.dims)
+        where = f"tensor {t.name!r}"
+        if any(d < 0 for d in dims):
+            raise FormatError(f"{self.source}: {where}: expected non-negative dims, got {dims}")
+        try:
+            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FormatError(f"{self.source}: {where}: expected a known data_type, got "
+                              f"{t.data_type}") from exc
+        n = math.prod(dims)
+        check_size(self.source, f"{where} of dims {dims}", n * itemsize)
+        if t.data_type == TensorProto.STRING:
+            held = len(t.string_data)
+        elif t.raw_data:
+            packed = t.data_type in {getattr(TensorProto, k, None)
+                                     for k in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")}
+            held = len(t.raw_data) * 2 if packed else len(t.raw_data) // itemsize
+            held = min(held, n) if packed else held  # the last byte may hold one 4-bit value
+        else:
+            values = (len(t.float_data) + len(t.int32_data) + len(t.int64_data)
+                      + len(t.double_data) + len(t.uint64_data))
+            complex_ = t.data_type in (TensorProto.COMPLEX64, TensorProto.COMPLEX128)
+            held = values // 2 if complex_ else values
+        if held != n:
+            raise FormatError(f"{self.source}: {where}: expected data for {n} elements "
+                              f"(dims {dims}), got data for {held}; the file is corrupted")
+        return self.numpy_helper.to_array(t)
+
     def _constant_node(self, n):
         from onnx import helper
 
         for a in n.attribute:
             if a.name == "value":
-                return self.numpy_helper.to_array(a.t)
+                return self.tensor_array(a.t)
             if a.name in ("value_float", "value_int"):
                 return np.array(helper.get_attribute_value(a))
             if a.name in ("value_floats", "value_ints"):
@@ -543,7 +610,7 @@ class _Graph:
         kinds = None
         if op == "ConstantOfShape":
             a = self.attrs(n, {"value"})
-            v = self.numpy_helper.to_array(a["value"]) if "value" in a else np.zeros(1)
+            v = self.tensor_array(a["value"]) if "value" in a else np.zeros(1)
             if np.any(v != 0):
                 raise UnsupportedModelError(f"{what}: expected zeros, got ConstantOfShape "
                                             f"{_name(n)!r} with value {v.tolist()}")
@@ -1175,7 +1242,7 @@ def _io_signature(model):
     the last step), ``out_batch_axis``, ``grus`` [(node, layout, hidden_size)] in chain order
     and ``other_inputs`` (names of the remaining graph inputs: per-stream states).
     """
-    g = _Graph(model)
+    g = _Graph(model, "source")
     g.convert(None)
     in_axes = g.value_desc[g.start].axes
     if len(in_axes) != 2 or not isinstance(g.time, str):

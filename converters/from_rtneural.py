@@ -43,13 +43,13 @@ Refused by layer index and type: ``lstm``, ``conv1d``, ``conv2d``, ``prelu``, ``
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 
 import numpy as np
 
 from streamgru.errors import UnsupportedModelError
+from streamgru.formats import content_errors, read_json
 from streamgru.model import DenseLayer, GRULayer, GRUModel
 
 from ._util import target_dtype
@@ -125,7 +125,9 @@ def from_rtneural(path_or_dict, *, dtype=None) -> GRUModel:
     UnsupportedModelError
         A layer type or activation streamgru does not run, named by layer index and type.
     ValueError
-        Not an RTNeural JSON, or weights whose shapes disagree with the declared sizes.
+        Not an RTNeural JSON, or weights whose shapes disagree with the declared sizes; from a
+        file, a FormatError (a ValueError) naming the file, as for invalid JSON or a file
+        larger than ``streamgru.formats.MAX_READ_BYTES``.
 
     Examples
     --------
@@ -144,19 +146,18 @@ def from_rtneural(path_or_dict, *, dtype=None) -> GRUModel:
     """
     out_dtype = target_dtype(dtype) or np.dtype(np.float32)
     if isinstance(path_or_dict, Mapping):
-        doc = path_or_dict
-    elif isinstance(path_or_dict, (str, os.PathLike)):
-        with open(os.fspath(path_or_dict), encoding="utf-8") as fh:
-            try:
-                doc = json.load(fh)
-            except json.JSONDecodeError as exc:
-                raise ValueError(
-                    f"path_or_dict: expected an RTNeural JSON file, got invalid JSON ({exc})"
-                ) from None
-    else:
-        raise TypeError(
-            f"path_or_dict: expected a path or a dict, got {type(path_or_dict).__name__}"
-        )
+        return _convert(path_or_dict, out_dtype)
+    if isinstance(path_or_dict, (str, os.PathLike)):
+        doc = read_json(path_or_dict, "path_or_dict")
+        with content_errors(path_or_dict):
+            return _convert(doc, out_dtype)
+    raise TypeError(
+        f"path_or_dict: expected a path or a dict, got {type(path_or_dict).__name__}"
+    )
+
+
+def _convert(doc, out_dtype):
+    """The GRUModel of a parsed RTNeural document."""
     if not is_rtneural_json(doc):
         keys = sorted(doc)[:8] if isinstance(doc, Mapping) else type(doc).__name__
         raise ValueError(

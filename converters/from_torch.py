@@ -45,15 +45,18 @@ Inference-only attributes are not part of the computation: ``batch_first`` (inpu
 
 from __future__ import annotations
 
-import json
+import io
 import os
 import re
+import struct
 import warnings
+import zipfile
 from collections.abc import Mapping
 
 import numpy as np
 
-from streamgru.errors import UnsupportedModelError
+from streamgru.errors import FormatError, UnsupportedModelError
+from streamgru.formats import check_size, content_errors, read_file, read_json
 from streamgru.model import DenseLayer, GRULayer, GRUModel
 
 from ._util import require, target_dtype
@@ -107,7 +110,9 @@ def from_torch(obj, *, layers=None, dtype=None) -> GRUModel:
         modules or keys streamgru does not run, an ambiguous or impossible layer order.
     ValueError, TypeError
         Missing keys, wrong shapes, non-float or non-finite weights (the message names the torch
-        key).
+        key). From a file these are a FormatError (a ValueError) naming the file, as is a file
+        that cannot be read: damaged, a legacy (pre-1.6, non-zip) ``.pt``, or larger than
+        ``streamgru.formats.MAX_READ_BYTES``.
 
     Examples
     --------
@@ -123,16 +128,24 @@ def from_torch(obj, *, layers=None, dtype=None) -> GRUModel:
     ['gru', 'dense']
     """
     target = target_dtype(dtype)
+    if isinstance(obj, (str, os.PathLike)):
+        _layers_arg(layers)  # an argument error, before the file's contents are judged
+        with content_errors(obj):
+            return _build(_ordered_units(obj, layers), target)
     return _build(_ordered_units(obj, layers), target)
+
+
+def _layers_arg(layers):
+    if layers is not None and (isinstance(layers, str)
+                               or not all(isinstance(n, str) for n in layers)):
+        raise TypeError(f"layers: expected a list of module prefixes (str), got {layers!r}")
+    return None if layers is None else list(layers)
 
 
 def _ordered_units(obj, layers):
     """The source's GRU/GRUCell/Linear units in execution order (shared with converters.verify)."""
     keyed = True
-    if layers is not None:
-        if isinstance(layers, str) or not all(isinstance(n, str) for n in layers):
-            raise TypeError(f"layers: expected a list of module prefixes (str), got {layers!r}")
-        layers = list(layers)
+    layers = _layers_arg(layers)
 
     if isinstance(obj, (str, os.PathLike)):
         tensors = _load_file(obj)
@@ -181,27 +194,59 @@ def _ordered_units(obj, layers):
 
 
 
+# What torch.load raises on a damaged file (found by fuzzing torch 2.x with truncations, bit
+# flips and inflated size fields): the zip reader's RuntimeError, the unpickler's EOFError,
+# KeyError, IndexError, ValueError (UnicodeDecodeError), AttributeError, struct.error and
+# UnpicklingError (torch re-raises the standard library's).
+_TORCH_LOAD_ERRORS = (RuntimeError, EOFError, KeyError, IndexError, ValueError, AttributeError,
+                      TypeError, struct.error)
+
+
+def _load_pt(name, torch):
+    """torch.load(weights_only=True) of a file read with the size limit, in torch's zip format."""
+    data = read_file(name)
+    # The legacy (pre-1.6, non-zip) format makes torch allocate each storage at the size its
+    # pickle claims before reading it: a small file could ask for gigabytes. The zip format's
+    # records have sizes we check here, and torch checks each storage against its record.
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            check_size(name, "the archive's records once decompressed",
+                       sum(i.file_size for i in z.infolist()))
+    except zipfile.BadZipFile as exc:
+        raise FormatError(
+            f"path: expected a .pt file in torch's zip format (torch.save since PyTorch 1.6), got "
+            f"{name!r} that is not one ({exc}); the legacy format is not read, because its "
+            f"storage sizes cannot be checked before torch allocates them: re-save the "
+            f"state_dict with a current torch.save"
+        ) from exc
+    unpickling_error = torch.serialization.pickle.UnpicklingError
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (unpickling_error, *_TORCH_LOAD_ERRORS) as exc:
+        text = str(exc)
+        found = re.search(r"GLOBAL (\S+)", text)
+        if found or "TorchScript" in text:
+            what = f" (it needs {found.group(1)})" if found else ""
+            raise UnsupportedModelError(
+                f"path: expected a state_dict saved with torch.save(model.state_dict(), path), "
+                f"got a file that only full unpickling could read{what}; streamgru loads .pt "
+                f"files with torch.load(weights_only=True) and never runs pickled code: "
+                f"re-save it with torch.save(model.state_dict(), {name!r})"
+            ) from exc
+        raise FormatError(
+            f"path: expected a readable torch.save file, got {name!r} that torch cannot read "
+            f"({type(exc).__name__}: {text[:200]})"
+        ) from exc
+
+
 def _load_file(path):
     name = os.fspath(path)
     ext = os.path.splitext(name)[1].lower()
     if ext in (".pt", ".pth"):
         torch = require("torch", "torch")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                loaded = torch.load(name, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            text = str(exc)
-            found = re.search(r"GLOBAL (\S+)", text)
-            if found or "TorchScript" in text or "Weights only load failed" in text:
-                what = f" (it needs {found.group(1)})" if found else ""
-                raise UnsupportedModelError(
-                    f"path: expected a state_dict saved with torch.save(model.state_dict(), path), "
-                    f"got a file that only full unpickling could read{what}; streamgru loads .pt "
-                    f"files with torch.load(weights_only=True) and never runs pickled code: "
-                    f"re-save it with torch.save(model.state_dict(), {name!r})"
-                ) from None
-            raise
+        loaded = _load_pt(name, torch)
         if not isinstance(loaded, Mapping):
             raise UnsupportedModelError(
                 f"path: expected a state_dict (a mapping of names to tensors), got "
@@ -210,27 +255,26 @@ def _load_file(path):
         return _to_arrays(loaded, "state_dict")
     if ext == ".safetensors":
         from safetensors import SafetensorError
-        from safetensors.numpy import load_file
+        from safetensors.numpy import load as load_bytes
 
-        from streamgru.errors import FormatError
-
+        data = read_file(name)
         try:
-            # safetensors checks the header (size, shapes, offsets within the file) before it
+            # safetensors checks the header (size, shapes, offsets within the data) before it
             # allocates anything: a header claiming absurd sizes is refused here.
-            loaded = load_file(name)
+            # Sorted, as safe_open lists them: the file does not keep the registration order.
+            loaded = dict(sorted(load_bytes(data).items()))
         except TypeError as exc:  # e.g. bfloat16, which numpy does not have
-            raise TypeError(
+            raise UnsupportedModelError(
                 f"path: expected float32/float64/float16 tensors in {name!r}, got {exc}; "
                 f"re-save them as float32"
-            ) from None
+            ) from exc
         except SafetensorError as exc:
             raise FormatError(
                 f"path: expected a valid safetensors file, got {name!r} that is not one ({exc})"
-            ) from None
+            ) from exc
         return _to_arrays(loaded, "state_dict")
     if ext == ".json":
-        with open(name, encoding="utf-8") as fh:
-            loaded = json.load(fh)
+        loaded = read_json(name)
         if not isinstance(loaded, Mapping):
             raise TypeError(
                 f"path: expected a JSON object of {{name: nested list}}, got "

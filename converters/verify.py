@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -197,7 +196,7 @@ def verify(model, source, *, streams=4, steps=20, seed=0, dtype="float32", toler
 def _kind(source):
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise FileNotFoundError(f"source: expected an existing file, got {path!r}")
         ext = os.path.splitext(path)[1].lower()
         if ext == ".onnx":
@@ -213,11 +212,11 @@ def _kind(source):
         if ext in (".keras", ".h5"):
             return "keras"
         if ext == ".json":
+            from streamgru.formats import read_json
+
             from .from_rtneural import is_rtneural_json
 
-            with open(path, encoding="utf-8") as fh:
-                doc = json.load(fh)
-            return "rtneural" if is_rtneural_json(doc) else "torch-state"
+            return "rtneural" if is_rtneural_json(read_json(path, "source")) else "torch-state"
         raise ValueError(f"source: expected a .onnx, .pt, .pth, .safetensors, .sgru, .keras, .h5 "
                          f"or .json file, got {path!r}")
     mod = type(source).__module__
@@ -321,9 +320,13 @@ def _onnx(run, source):
     ort = require("onnxruntime", "onnx")
     from onnx import helper
 
-    from .from_onnx import _io_signature
+    from .from_onnx import _io_signature, _load_external, read_onnx
 
-    proto = source if isinstance(source, onnx.ModelProto) else onnx.load(os.fspath(source))
+    if isinstance(source, onnx.ModelProto):
+        proto = source
+    else:
+        proto = read_onnx(source, "source")
+        _load_external(proto, os.path.dirname(os.path.abspath(os.fspath(source))))
     sig = _io_signature(proto)
     res = _Result(f"onnxruntime {ort.__version__} running the ONNX graph over the whole sequence "
                   f"(float32)", True, "float32", "not run")

@@ -15,30 +15,57 @@ header's ``__metadata__`` says what the file is:
 
 Files are parsed with explicit limits (header size, tensor extents within the file) before
 anything is allocated, and nothing in them is ever executed: no pickle anywhere.
+
+Reading untrusted files
+-----------------------
+Every loader (native and converters) reads through :func:`read_file`: only a regular file is
+read (it is opened with ``O_NONBLOCK`` and the opened descriptor is checked, so a FIFO or device
+swapped in after any earlier check cannot block or feed us forever), and never more than
+:data:`MAX_READ_BYTES`. The same limit bounds every size a file claims before it is allocated
+(:func:`check_size`): an archive member's decompressed size, an HDF5 dataset, an ONNX tensor.
+:func:`content_errors` turns the errors our own validation raises about a file's contents into
+:class:`~streamgru.FormatError` naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import stat
 import struct
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from .errors import FormatError, NonFiniteError
+from .errors import FormatError, NonFiniteError, UnsupportedModelError
 from .model import DenseLayer, GRULayer, GRUModel
 
 __all__ = ["save_model", "load_model", "model_to_bytes", "model_from_bytes", "save_state", "load_state",
-           "load", "write_atomic"]
+           "load", "write_atomic", "read_file", "read_json", "check_size", "content_errors",
+           "MAX_READ_BYTES", "MAX_STATE_BYTES"]
 
 FORMAT_VERSION = "1"
 MODEL_FORMAT = "streamgru-model"
 STATE_FORMAT = "streamgru-state"
 MAX_HEADER_BYTES = 64 * 1024 * 1024
+#: The most bytes any loader reads from one file, and the largest size a file may claim for
+#: anything it makes us allocate (a tensor, an archive member once decompressed). 256 MiB holds
+#: 64 million float32 values: a GRU stack far beyond what one CPU steps per call, or a snapshot
+#: of a million streams of 64 values. Looked up at each read, so assigning
+#: ``streamgru.formats.MAX_READ_BYTES = n`` before loading a larger file you trust takes effect
+#: at once (it is process-wide, as the files a process trusts are).
+MAX_READ_BYTES = 256 * 1024 * 1024
+#: The largest state snapshot (``.sgst``) written or read: a million streams of 512 float32
+#: values fit in 2 GiB, so 8 GiB leaves room while a crafted header cannot make a load allocate
+#: more. A snapshot is read only when its header accounts for the file's size exactly, so this
+#: bound is reached only by a file that really is that large. Like MAX_READ_BYTES, looked up at
+#: each read or write.
+MAX_STATE_BYTES = 8 * 1024 * 1024 * 1024
+_READ_CHUNK = 1024 * 1024
 
 _DT_TO_ST = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64",
              np.dtype(np.int64): "I64", np.dtype(np.uint8): "U8"}
@@ -178,11 +205,149 @@ def _umask():
     return mask
 
 
-def _read(path, what):
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def check_size(path, what, nbytes):
+    """Refuse ``nbytes`` claimed by ``path`` for ``what`` if it exceeds :data:`MAX_READ_BYTES`.
+
+    For sizes a file declares before we allocate them (an archive member's decompressed size,
+    an HDF5 dataset, an ONNX tensor): a small file must not make us allocate gigabytes.
+
+    Raises
+    ------
+    FormatError
+        Naming the file, what claimed the size, and the limit.
+    """
+    limit = MAX_READ_BYTES
+    if nbytes > limit:
+        raise FormatError(f"{path}: {what}: expected at most {limit} bytes "
+                          f"(streamgru.formats.MAX_READ_BYTES), got a claim of {nbytes} bytes; "
+                          f"if you trust this file, raise streamgru.formats.MAX_READ_BYTES")
+
+
+def read_file(path, what="path", *, offset=0, length=None, limit=None) -> bytes:
+    """The bytes of a regular file, at most :data:`MAX_READ_BYTES` of them.
+
+    The file is opened with ``O_NONBLOCK`` and the opened descriptor is checked with ``fstat``:
+    a FIFO, a device (``/dev/zero``), a directory or a socket is refused without reading, and a
+    FIFO swapped in after a check on the path cannot block the open. A file larger than the
+    limit (a sparse file of gigabytes included) is refused before anything is read; one that
+    grows while it is read is refused once it passes the limit.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    what : str
+        The argument's name, for messages.
+    offset, length : int
+        Read ``length`` bytes (None: to the end) from ``offset``; both must lie within the file.
+    limit : int, optional
+        The most bytes to read (default: :data:`MAX_READ_BYTES`, looked up now).
+
+    Raises
+    ------
+    TypeError
+        ``path`` is not a path.
+    OSError
+        The OS refuses the file (FileNotFoundError, PermissionError).
+    FormatError
+        Not a regular file, larger than the limit, or ``offset``/``length`` beyond its end.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> p = os.path.join(tempfile.mkdtemp(), "f")
+    >>> with open(p, "wb") as f:
+    ...     _ = f.write(b"abc")
+    >>> read_file(p)
+    b'abc'
+    """
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"{what}: expected a file path, got {type(path).__name__}")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) \
+        | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags)
     try:
-        return Path(path).read_bytes()
-    except (TypeError, AttributeError):
-        raise TypeError(f"{what}: expected a file path, got {type(path).__name__}") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((k for test, k in _FILE_KINDS if test(st.st_mode)), "not a regular file")
+            raise FormatError(f"{what}: expected a regular file, got {os.fspath(path)!r}, "
+                              f"{kind}; streamgru reads models and snapshots only from regular "
+                              f"files")
+        setting = "streamgru.formats.MAX_READ_BYTES" if limit is None else "the given limit"
+        limit = MAX_READ_BYTES if limit is None else limit
+        size = st.st_size
+        end = size if length is None else offset + length
+        if offset < 0 or end < offset or end > size:
+            raise FormatError(f"{what}: expected bytes {offset}..{end} within {os.fspath(path)!r}, "
+                              f"got a file of {size} bytes")
+        if end - offset > limit:
+            raise FormatError(f"{what}: expected a file of at most {limit} bytes "
+                              f"({setting}), got {os.fspath(path)!r} of "
+                              f"{end - offset} bytes; if you trust it, raise {setting}")
+        f = os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        if offset:
+            f.seek(offset)
+        # One read of the size fstat reported (one allocation); then read on in chunks, since a
+        # file may grow after fstat or report size 0 (procfs), until its end or past the limit.
+        parts, total = [], 0
+        cap = limit if length is None else length
+        while length != 0:
+            want = end - offset - total if total < end - offset else _READ_CHUNK
+            chunk = f.read(min(want, cap + 1 - total))
+            if not chunk:
+                break
+            parts.append(chunk)
+            total += len(chunk)
+            if length is not None and total >= length:
+                break
+            if total > limit:
+                raise FormatError(f"{what}: expected a file of at most {limit} bytes "
+                                  f"({setting}), got {os.fspath(path)!r}, "
+                                  f"which grew past it while being read")
+    data = parts[0] if len(parts) == 1 else b"".join(parts)
+    if length is not None and len(data) != length:
+        raise FormatError(f"{what}: expected {length} bytes at offset {offset} of "
+                          f"{os.fspath(path)!r}, got {len(data)} (the file shrank)")
+    return data
+
+
+def read_json(path, what="path"):
+    """Parse a JSON file read with :func:`read_file`; unreadable JSON is a FormatError."""
+    data = read_file(path, what)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise FormatError(f"{what}: expected a JSON file, got {os.fspath(path)!r} that is not "
+                          f"valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from exc
+
+
+@contextlib.contextmanager
+def content_errors(path):
+    """Inside this block, a ValueError/TypeError/KeyError/IndexError/RecursionError about the
+    contents of the file ``path`` becomes a :class:`FormatError` naming the file (the original
+    kept as ``__cause__``).
+
+    Wrap only the code that interprets a file's contents: these are the errors that indexing
+    and validating parsed data (JSON objects, arrays) raise when the file is inconsistent.
+    :class:`UnsupportedModelError` (a readable model using a feature streamgru does not run)
+    and :class:`FormatError` pass unchanged.
+    """
+    try:
+        yield
+    except (FormatError, UnsupportedModelError):
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError) as exc:
+        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        raise FormatError(f"{os.fspath(path)}: expected a consistent model file, got "
+                          f"{type(exc).__name__}: {str(text)[:300]}") from exc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,7 +391,7 @@ def model_from_bytes(buf) -> GRUModel:
 
 def load_model(path) -> GRUModel:
     """Read a native model file written by :func:`save_model`, bit-exact."""
-    return _model_from_bytes(_read(path, "path"), path)
+    return _model_from_bytes(read_file(path, "path"), path)
 
 
 def _model_from_bytes(buf: bytes, path) -> GRUModel:
@@ -302,7 +467,44 @@ def save_state(path, keys, states, fingerprint):
         "state_size": tensors["states"].shape[1],
         "dtype": tensors["states"].dtype.name,
     }
-    write_atomic(path, _encode(tensors, meta))
+    payload = _encode(tensors, meta)
+    if len(payload) > MAX_STATE_BYTES:
+        raise FormatError(f"path: expected a snapshot of at most {MAX_STATE_BYTES} bytes "
+                          f"(streamgru.formats.MAX_STATE_BYTES), got {len(payload)} bytes of "
+                          f"{n} streams; nothing was written (raise the limit to write, and to "
+                          f"load, it)")
+    write_atomic(path, payload)
+
+
+def _read_snapshot(path, what="path"):
+    """A snapshot's bytes, read only once its header accounts for the file's size exactly (at
+    most :data:`MAX_STATE_BYTES`): a snapshot may be far larger than :data:`MAX_READ_BYTES`
+    (every stream of a large engine), so its size is checked against what the header declares
+    rather than against the model-file limit."""
+    (hlen,) = struct.unpack("<Q", read_file(path, what, length=8, limit=8))
+    if hlen > MAX_HEADER_BYTES:
+        raise FormatError(f"{path}: expected a header of at most {MAX_HEADER_BYTES} bytes, got a "
+                          f"header length of {hlen} (not a streamgru snapshot)")
+    try:
+        header = json.loads(read_file(path, what, offset=8, length=hlen, limit=hlen).decode("utf-8"))
+        end = max([0] + [int(info["data_offsets"][1]) for name, info in header.items()
+                         if name != "__metadata__"])
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, AttributeError, KeyError,
+            IndexError, TypeError, ValueError) as exc:
+        if isinstance(exc, FormatError):
+            raise
+        raise FormatError(f"{path}: expected a safetensors header, got unreadable bytes "
+                          f"({type(exc).__name__}: {str(exc)[:200]})") from exc
+    size = 8 + hlen + end
+    if size > MAX_STATE_BYTES:
+        raise FormatError(f"{what}: expected a snapshot of at most {MAX_STATE_BYTES} bytes "
+                          f"(streamgru.formats.MAX_STATE_BYTES), got {os.fspath(path)!r} whose "
+                          f"header declares {size}; if you trust it, raise "
+                          f"streamgru.formats.MAX_STATE_BYTES")
+    if os.stat(path).st_size != size:
+        raise FormatError(f"{path}: expected {size} bytes (as its header declares), got "
+                          f"{os.stat(path).st_size}: the file is truncated or padded")
+    return read_file(path, what, length=size, limit=size)
 
 
 def load_state(path, fingerprint, state_size):
@@ -313,7 +515,7 @@ def load_state(path, fingerprint, state_size):
     default, naming their keys, or skips them on request), so that one bad row never makes the
     others unreadable.
     """
-    meta, t = _decode(_read(path, "path"), path, STATE_FORMAT)
+    meta, t = _decode(_read_snapshot(path, "path"), path, STATE_FORMAT)
     if meta.get("model_fingerprint") != fingerprint:
         raise FormatError(f"{path}: expected states saved for model {fingerprint[:16]}..., got "
                           f"states of model {str(meta.get('model_fingerprint'))[:16]}...; load "
@@ -360,16 +562,13 @@ _FOREIGN = {
 
 def _is_native(path):
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                return False
-            (hlen,) = struct.unpack("<Q", head)
-            if hlen > MAX_HEADER_BYTES:
-                return False
-            header = json.loads(f.read(hlen).decode("utf-8"))
+        (hlen,) = struct.unpack("<Q", read_file(path, offset=0, length=8))
+        if hlen > MAX_HEADER_BYTES:
+            return False
+        header = json.loads(read_file(path, offset=8, length=hlen).decode("utf-8"))
         return header.get("__metadata__", {}).get("format") == MODEL_FORMAT
-    except (OSError, ValueError, UnicodeDecodeError, AttributeError, RecursionError):
+    except (OSError, ValueError, struct.error, AttributeError, RecursionError):
+        # FormatError is a ValueError: a file too short or not regular is not native.
         return False
 
 
@@ -380,6 +579,17 @@ def load(path, **kwargs) -> GRUModel:
     state_dict), ``.keras``, ``.h5``, ``.json`` (RTNeural or state-dict JSON, told apart by
     content). Foreign formats go to the matching function of the ``converters`` package, with
     ``kwargs`` passed through.
+
+    Raises
+    ------
+    FormatError
+        (a ValueError) The file cannot be read: damaged, not what its suffix says, not a
+        regular file, or larger (or claiming more) than :data:`MAX_READ_BYTES`. The message
+        names the file; a foreign parser's exception is kept as ``__cause__``.
+    UnsupportedModelError
+        A readable model using a feature streamgru does not run.
+    OSError
+        The operating system refuses the file (FileNotFoundError, PermissionError).
 
     Examples
     --------
@@ -393,7 +603,7 @@ def load(path, **kwargs) -> GRUModel:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path: expected a file path, got {type(path).__name__}")
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise FileNotFoundError(f"path: expected an existing file, got {str(p)!r}")
     ext = p.suffix.lower()
     if ext == ".sgru" or (ext == ".safetensors" and _is_native(p)):
@@ -411,13 +621,9 @@ def load(path, **kwargs) -> GRUModel:
     if ext == ".json":
         from converters.from_rtneural import is_rtneural_json
 
-        with open(p, encoding="utf-8") as f:
-            try:
-                obj = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise FormatError(f"{p}: expected JSON, got {exc}") from None
-        if is_rtneural_json(obj):
-            return converters.from_rtneural(obj, **kwargs)
-        return converters.from_torch(obj, **kwargs)
+        # Each converter reads the file again itself, so that its errors name the file.
+        if is_rtneural_json(read_json(p)):
+            return converters.from_rtneural(p, **kwargs)
+        return converters.from_torch(p, **kwargs)
     kinds = ", ".join(f"{k} ({v})" for k, v in {".sgru": "streamgru native", **_FOREIGN}.items())
     raise ValueError(f"path: expected one of these file types: {kinds}; got {ext or 'no suffix'!r}")

@@ -13,7 +13,7 @@ import pytest
 from converters.from_keras import from_keras
 from converters.from_rtneural import from_rtneural, is_rtneural_json
 from streamgru import Engine
-from streamgru.errors import UnsupportedModelError
+from streamgru.errors import FormatError, UnsupportedModelError
 from streamgru.model import DenseLayer
 
 FIX = pathlib.Path(__file__).parent / "fixtures"
@@ -197,8 +197,8 @@ def test_bad_inputs(tmp_path):
         from_rtneural(5)
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(ValueError, match="path_or_dict: expected an RTNeural JSON file, got "
-                                         "invalid JSON"):
+    with pytest.raises(FormatError, match="path_or_dict: expected a JSON file, got .*bad.json' "
+                                          "that is not valid JSON"):
         from_rtneural(bad)
     with pytest.raises(ValueError, match="dtype: expected None, 'float32' or 'float64', got 'int8'"):
         from_rtneural(_doc(), dtype="int8")

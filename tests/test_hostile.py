@@ -314,8 +314,8 @@ def test_onnx_with_nan_is_refused_naming_the_tensor(tmp_path):
     W = np.zeros((1, 12, 3), np.float32)
     W[0, 7, 2] = np.nan
     _onnx_gru(W, np.zeros((1, 12, 4), np.float32), tmp_path)
-    with pytest.raises(UnsupportedModelError, match=r"node 'gru' \(GRU\): W: expected finite values, "
-                                                    r"got nan at index \(7, 2\)"):
+    with pytest.raises(FormatError, match=r"m\.onnx: initializer 'W' \(node 'gru' \(GRU\) input W\): "
+                                          r"expected finite values, got nan at index \(0, 7, 2\)"):
         streamgru.load(tmp_path / "m.onnx")
 
 
@@ -403,3 +403,318 @@ def test_keras_legacy_h5_lambda_layer_is_refused(tmp_path):
     with pytest.raises(UnsupportedModelError, match=r"layer 'evil' \(Lambda\): a Lambda layer is "
                                                     r"Python code"):
         from_keras(dst)
+
+
+# --------------------------------------------------------------------------- bounded reads
+
+LOADERS = {  # every file type streamgru.load takes, plus state snapshots
+    "sgru": lambda p: streamgru.load(p),
+    "sgst": lambda p: F.load_state(p, MODEL.fingerprint, S),
+    "engine-sgst": lambda p: Engine(MODEL).load_state(p),  # what `--state` calls
+    "onnx": lambda p: streamgru.load(p),
+    "pt": lambda p: streamgru.load(p),
+    "safetensors": lambda p: streamgru.load(p),
+    "keras": lambda p: streamgru.load(p),
+    "h5": lambda p: streamgru.load(p),
+    "json": lambda p: streamgru.load(p),
+}
+
+
+def _suffix(kind):
+    return "." + kind.split("-")[-1]
+
+
+def _needs(kind):
+    for module, kinds in (("onnx", ("onnx",)), ("torch", ("pt",)), ("h5py", ("keras", "h5"))):
+        if kind in kinds:
+            pytest.importorskip(module)
+
+
+def _refused_within(call, seconds, unblock):
+    """Run ``call`` in a thread; return what it raised. If it is still running after
+    ``seconds`` (a read blocked on a FIFO), ``unblock()`` frees it and the test fails, so that a
+    regression cannot hang the suite."""
+    import threading
+
+    box = {}
+
+    def run():
+        try:
+            box["result"] = call()
+        except BaseException as exc:  # noqa: B036 -- handed to the test thread
+            box["exc"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        unblock()
+        t.join(seconds)
+        pytest.fail(f"the load blocked for {seconds} s")
+    return box.get("exc")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.parametrize("kind", sorted(LOADERS))
+def test_a_fifo_is_refused_without_blocking(tmp_path, kind):
+    _needs(kind)
+    fifo = tmp_path / f"m{_suffix(kind)}"
+    os.mkfifo(fifo)
+
+    def unblock():  # a writer that opens and closes at once ends any blocked open or read
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+
+    exc = _refused_within(lambda: LOADERS[kind](fifo), 20, unblock)
+    assert isinstance(exc, FormatError), repr(exc)
+    assert re.search(r"expected a regular file, got '.*m\.\w+', a FIFO", str(exc)), str(exc)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+@pytest.mark.parametrize("kind", ["sgst", "sgru", "onnx", "keras"])
+def test_a_device_is_refused_without_reading(tmp_path, kind):
+    """/dev/zero never ends: it was read until MemoryError."""
+    _needs(kind)
+    link = tmp_path / f"m{_suffix(kind)}"
+    os.symlink("/dev/zero", link)
+    exc = _refused_within(lambda: LOADERS[kind](link), 20, lambda: None)
+    assert isinstance(exc, FormatError), repr(exc)
+    assert "a character device" in str(exc)
+    with pytest.raises(FormatError, match="expected a regular file, got '/dev/zero', a character"):
+        F.load_state("/dev/zero", MODEL.fingerprint, S)
+
+
+@pytest.mark.parametrize("kind", sorted(set(LOADERS) - {"engine-sgst"}))
+def test_a_file_larger_than_the_limit_is_refused_before_reading(tmp_path, kind):
+    """A 2 GiB sparse file (no disk space used) was read whole."""
+    _needs(kind)
+    p = tmp_path / f"m{_suffix(kind)}"
+    with open(p, "wb") as f:
+        f.truncate(2**31)
+    exc = _refused_within(lambda: LOADERS[kind](p), 20, lambda: None)
+    assert isinstance(exc, FormatError), repr(exc)
+    if kind == "sgst":  # a snapshot's size is checked against its header, read first
+        assert "expected a safetensors header" in str(exc), str(exc)
+        return
+    assert re.search(rf"expected a file of at most {F.MAX_READ_BYTES} bytes "
+                     rf"\(streamgru\.formats\.MAX_READ_BYTES\), got '.*m\.\w+' of 2147483648 "
+                     rf"bytes", str(exc)), str(exc)
+
+
+def test_a_snapshot_is_bounded_by_its_header_not_by_the_model_file_limit(tmp_path, monkeypatch):
+    """A large engine's snapshot may exceed MAX_READ_BYTES: it must still load (a pipeline
+    restart would otherwise fail on its own checkpoint), bounded by MAX_STATE_BYTES instead, and
+    a file padded or cut relative to its header is refused before its body is read."""
+    eng = Engine(MODEL)
+    eng.set_state("a", np.arange(S, dtype=np.float32))
+    eng.save_state(tmp_path / "s.sgst")
+    size = (tmp_path / "s.sgst").stat().st_size
+    monkeypatch.setattr(F, "MAX_READ_BYTES", 64)
+    keys, states = F.load_state(tmp_path / "s.sgst", MODEL.fingerprint, S)
+    assert keys == ["a"] and states[0].tolist() == list(range(S))
+    with open(tmp_path / "s.sgst", "ab") as f:  # padded past what the header declares
+        f.truncate(2**31)
+    with pytest.raises(FormatError, match=rf"expected {size} bytes \(as its header declares\), "
+                                          rf"got {2**31}"):
+        F.load_state(tmp_path / "s.sgst", MODEL.fingerprint, S)
+    eng.save_state(tmp_path / "s.sgst")
+    monkeypatch.setattr(F, "MAX_STATE_BYTES", size - 1)
+    with pytest.raises(FormatError, match=r"at most \d+ bytes \(streamgru\.formats\.MAX_STATE_"):
+        F.load_state(tmp_path / "s.sgst", MODEL.fingerprint, S)
+    with pytest.raises(FormatError, match=r"MAX_STATE_BYTES.*nothing was written"):
+        eng.save_state(tmp_path / "t.sgst")
+    assert not (tmp_path / "t.sgst").exists()
+
+
+def test_the_limit_is_a_module_setting_read_at_each_load(tmp_path, monkeypatch):
+    MODEL.save(tmp_path / "m.sgru")
+    size = (tmp_path / "m.sgru").stat().st_size
+    monkeypatch.setattr(F, "MAX_READ_BYTES", size - 1)
+    with pytest.raises(FormatError, match=rf"at most {size - 1} bytes .* of {size} bytes"):
+        streamgru.load(tmp_path / "m.sgru")
+    monkeypatch.setattr(F, "MAX_READ_BYTES", size)
+    assert streamgru.load(tmp_path / "m.sgru").fingerprint == MODEL.fingerprint
+
+
+def test_a_directory_is_refused(tmp_path):
+    (tmp_path / "d.sgru").mkdir()
+    with pytest.raises(FormatError, match="expected a regular file, got '.*d.sgru', a directory"):
+        streamgru.load(tmp_path / "d.sgru")
+
+
+def _bomb(tmp_path, size):
+    """The Keras fixture with model.weights.h5 replaced by ``size`` zero bytes, deflated
+    (about 1000:1), written in chunks so that the test itself stays small."""
+    src, dst = FIX / "keras_seq_reset_after.keras", tmp_path / "bomb.keras"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zout:
+        for item in zin.namelist():
+            if item != "model.weights.h5":
+                zout.writestr(item, zin.read(item))
+        with zout.open("model.weights.h5", "w", force_zip64=True) as w:
+            chunk = bytes(2**20)
+            for _ in range(size // len(chunk)):
+                w.write(chunk)
+    return dst
+
+
+def test_keras_zip_bomb_is_refused_before_decompressing(tmp_path, monkeypatch):
+    """A 412 KB .keras archive decompressing to ~425 MB loaded with 846 MB peak RSS. The
+    default limit (256 MiB) refuses one of 300 MiB from the archive's directory; a lowered
+    limit refuses a smaller one the same way."""
+    pytest.importorskip("h5py")
+    bomb = _bomb(tmp_path, 300 * 2**20)
+    assert bomb.stat().st_size < 2**20
+    with pytest.raises(FormatError, match=r"bomb\.keras: archive members .* once decompressed: "
+                                          r"expected at most 268435456 bytes \(streamgru\.formats"
+                                          r"\.MAX_READ_BYTES\), got a claim of 3145\d+ bytes"):
+        streamgru.load(bomb)
+    small = _bomb(tmp_path, 4 * 2**20)
+    monkeypatch.setattr(F, "MAX_READ_BYTES", 2**20)
+    with pytest.raises(FormatError, match=r"got a claim of 41\d+ bytes"):
+        streamgru.load(small)
+
+
+def test_h5_dataset_claiming_gigabytes_is_refused_before_reading(tmp_path):
+    """A 36 KB .h5 whose dataset claims (50000, 50000) tried to allocate 9.3 GiB."""
+    h5py = pytest.importorskip("h5py")
+    dst = tmp_path / "m.h5"
+    shutil.copy(FIX / "keras_legacy_hard_sigmoid.h5", dst)
+    with h5py.File(dst, "r+") as f:
+        found = []
+        f["model_weights"].visititems(
+            lambda name, obj: found.append(name) if isinstance(obj, h5py.Dataset) else None)
+        name = "model_weights/" + found[0]
+        del f[name]
+        f.create_dataset(name, shape=(50000, 50000), dtype="float32")  # no data written
+    assert dst.stat().st_size < 100_000
+    with pytest.raises(FormatError, match=r"m\.h5: dataset .* of shape \(50000, 50000\): expected "
+                                          r"at most \d+ bytes \(streamgru\.formats\.MAX_READ_BYTES"
+                                          r"\), got a claim of 10000000000 bytes"):
+        streamgru.load(dst)
+
+
+# --------------------------------------------------------------------------- foreign errors
+
+def _refused_for(path, cause, pattern=""):
+    """streamgru.load(path) raises FormatError naming the file, chained to a ``cause``."""
+    with pytest.raises(FormatError) as info:
+        streamgru.load(path)
+    assert path.name in str(info.value)
+    assert re.search(pattern, str(info.value)), str(info.value)
+    assert isinstance(info.value.__cause__, cause), repr(info.value.__cause__)
+    return info.value
+
+
+def test_onnx_garbage_and_truncation_are_format_errors(tmp_path):
+    pytest.importorskip("onnx")
+    from google.protobuf.message import DecodeError
+
+    _onnx_gru(np.zeros((1, 12, 3), np.float32), np.zeros((1, 12, 4), np.float32), tmp_path)
+    good = (tmp_path / "m.onnx").read_bytes()
+    (tmp_path / "garbage.onnx").write_bytes(b"\xff" * 64)
+    _refused_for(tmp_path / "garbage.onnx", DecodeError, "protobuf cannot parse")
+    (tmp_path / "cut.onnx").write_bytes(good[:len(good) // 2])
+    _refused_for(tmp_path / "cut.onnx", DecodeError, "truncated, corrupted or not ONNX")
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(FormatError, match="expected an ONNX model with a graph"):
+        streamgru.load(tmp_path / "empty.onnx")
+
+
+@pytest.mark.parametrize("dims, pattern", [
+    ([1, 12, 3000], r"tensor 'W': expected data for 36000 elements \(dims \[1, 12, 3000\]\), got "
+                    r"data for 36"),
+    ([1, 2**20, 2**20], r"tensor 'W' of dims \[1, 1048576, 1048576\]: expected at most \d+ bytes "
+                        r"\(streamgru\.formats\.MAX_READ_BYTES\)"),
+])
+def test_onnx_initializer_claiming_more_than_it_holds(tmp_path, dims, pattern):
+    """numpy said "cannot reshape array of size 36 into shape (1,12,3000)"."""
+    onnx = pytest.importorskip("onnx")
+    model = _onnx_gru(np.zeros((1, 12, 3), np.float32), np.zeros((1, 12, 4), np.float32), tmp_path)
+    w = next(t for t in model.graph.initializer if t.name == "W")
+    del w.dims[:]
+    w.dims.extend(dims)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    with pytest.raises(FormatError, match=pattern):
+        streamgru.load(tmp_path / "m.onnx")
+
+
+def _pt_with_pickle(tmp_path, torch, edit):
+    """A torch.save zip archive of a GRU state_dict with data.pkl replaced by edit(data.pkl)."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(torch.nn.GRU(3, 4).state_dict(), buf)
+    p = tmp_path / "m.pt"
+    with zipfile.ZipFile(buf) as zin, zipfile.ZipFile(p, "w") as zout:
+        for item in zin.namelist():
+            data = zin.read(item)
+            zout.writestr(item, edit(data) if item.endswith("data.pkl") else data)
+    return p
+
+
+@pytest.mark.parametrize("edit, cause", [
+    (lambda pkl: b"", EOFError),
+    (lambda pkl: b"\x80\x02h\xff.", KeyError),  # BINGET of a memo entry that does not exist
+    (lambda pkl: pkl[:len(pkl) // 2], IndexError),
+], ids=["EOFError", "KeyError", "IndexError"])
+def test_pt_damaged_pickle_is_a_format_error(tmp_path, edit, cause):
+    torch = pytest.importorskip("torch")
+    _refused_for(_pt_with_pickle(tmp_path, torch, edit), cause, "that torch cannot read")
+
+
+def test_pt_not_laid_out_as_torch_writes_is_a_format_error(tmp_path):
+    pytest.importorskip("torch")
+    p = tmp_path / "m.pt"
+    with zipfile.ZipFile(p, "w") as z:
+        z.writestr("x", b"y")
+    _refused_for(p, RuntimeError, "that torch cannot read")
+
+
+def test_pt_legacy_format_is_refused_it_would_allocate_what_it_claims(tmp_path):
+    """The pre-1.6 format makes torch allocate each storage at its claimed size first."""
+    torch = pytest.importorskip("torch")
+    torch.save(torch.nn.GRU(3, 4).state_dict(), tmp_path / "m.pt",
+               _use_new_zipfile_serialization=False)
+    _refused_for(tmp_path / "m.pt", zipfile.BadZipFile, "the legacy format is not read")
+
+
+def test_keras_damaged_archive_is_a_format_error(tmp_path):
+    """It raised zipfile.BadZipFile although the docstring promises ValueError."""
+    pytest.importorskip("h5py")
+    data = bytearray((FIX / "keras_seq_reset_after.keras").read_bytes())
+    data[0:4] = b"PK\x00\x00"  # the first local header's signature; the directory still finds it
+    (tmp_path / "m.keras").write_bytes(bytes(data))
+    _refused_for(tmp_path / "m.keras", zipfile.BadZipFile, "expected a readable Keras model file")
+
+
+def test_h5_damaged_file_is_a_format_error(tmp_path):
+    """h5py raised KeyError / OSError / RuntimeError for a damaged file."""
+    h5py = pytest.importorskip("h5py")
+    dst = tmp_path / "m.h5"
+    shutil.copy(FIX / "keras_legacy_hard_sigmoid.h5", dst)
+    with h5py.File(dst, "r+") as f:  # a weight name pointing at nothing
+        g = next(g for g in f["model_weights"].values() if len(g.attrs.get("weight_names", [])))
+        names = [n.encode() if isinstance(n, str) else n for n in g.attrs["weight_names"]]
+        g.attrs["weight_names"] = np.array([b"nowhere/kernel:0"] + names[1:])
+    _refused_for(dst, KeyError, "KeyError: Unable to .*open object")
+    data = dst.read_bytes()
+    (tmp_path / "cut.h5").write_bytes(data[:len(data) // 3])
+    _refused_for(tmp_path / "cut.h5", OSError, "truncated file")
+
+
+@pytest.mark.parametrize("where", ["rtneural", "state-dict", "keras"])
+def test_deeply_nested_json_is_a_format_error(tmp_path, where):
+    """A deeply nested .json or .keras config raised RecursionError."""
+    deep = "[" * 100_000 + "]" * 100_000
+    if where == "keras":
+        pytest.importorskip("h5py")
+        p = tmp_path / "m.keras"
+        with zipfile.ZipFile(FIX / "keras_seq_reset_after.keras") as zin, \
+                zipfile.ZipFile(p, "w") as zout:
+            for item in zin.namelist():
+                zout.writestr(item, deep if item == "config.json" else zin.read(item))
+    else:
+        p = tmp_path / "m.json"
+        doc = {"in_shape": [None, 1], "layers": deep} if where == "rtneural" else {"w": deep}
+        p.write_text(json.dumps(doc).replace(json.dumps(deep), deep))
+    _refused_for(p, RecursionError)
