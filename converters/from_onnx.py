@@ -167,7 +167,7 @@ def from_onnx(path_or_model, node=None, *, dtype=None) -> GRUModel:
     layers = g.convert(node)
     if dtype is not None:
         layers = [_cast_layer(layer, dtype) for layer in layers]
-    return GRUModel(layers, source="onnx")
+    return GRUModel(layers, source="onnx", notes=g.notes)
 
 
 # --------------------------------------------------------------------------- external data
@@ -311,6 +311,7 @@ class _Graph:
         self.used = set()  # ids of nodes accounted for
         self.labels_size = {}
         self.value_desc = {}
+        self.notes = []  # what was taken as state or left to the engine, for GRUModel.notes
 
     # ---------------------------------------------------------------- constants
     def is_const(self, name):
@@ -572,7 +573,9 @@ class _Graph:
             self.used.add(id(n))
 
     # ---------------------------------------------------------------- GRU node
-    def gru_layer(self, n):
+    def gru_layer(self, n, alone=False):
+        """The node as a GRULayer, and its layout. ``alone``: the node was named by the user
+        (``node=``), so a computed ``initial_h`` is the stream's state whatever computes it."""
         a = self.attrs(n, _GRU_ATTRS)
         where = f"node {_name(n)!r} (GRU)"
         direction = a.get("direction", "forward")
@@ -618,7 +621,15 @@ class _Graph:
                     f"one step per call, so a stream's length is the number of steps you feed "
                     f"it; export without sequence_lens"
                 )
-        if ins[5]:
+        if ins[5] and alone and not self.is_const(ins[5]):
+            # A streaming export computes each GRU's initial_h from its caches (Slice, Gather,
+            # ScatterND on one cache tensor): the named node's initial_h is the stream's state.
+            src = self.producer.get(ins[5])
+            how = f"computed by {src.op_type} node {_name(src)!r}" if src is not None else \
+                "a graph input"
+            self.notes.append(f"node {_name(n)!r}: its initial_h {ins[5]!r} ({how}) is taken as "
+                              f"the per-stream state, kept in the engine")
+        elif ins[5]:
             self.initial_state_kind(ins[5], n)
         for t in (W, R) + ((Wb,) if Wb is not None else ()):
             if t.dtype.kind != "f":
@@ -737,7 +748,14 @@ class _Graph:
                 raise UnsupportedModelError(
                     f"node: expected the name of a GRU node, got {node_name!r}; GRU nodes: "
                     f"{self.describe(grus) or 'none'}")
-            layer, _ = self.gru_layer(pick[0])
+            n = pick[0]
+            layer, _ = self.gru_layer(n, alone=True)
+            x = n.input[0]
+            src = self.producer.get(x)
+            how = f"computed by {src.op_type} node {_name(src)!r}" if src is not None else \
+                "a graph input"
+            self.notes.append(f"node {_name(n)!r}: its input X {x!r} ({how}) is the engine's "
+                              f"input; the rest of the graph is not mapped")
             return [layer]
         if not grus:
             raise UnsupportedModelError(self.no_gru_message())
@@ -860,10 +878,14 @@ class _Graph:
             raise UnsupportedModelError(f"{where}: X: expected rank 3, got rank {desc.rank}")
         t, b = (desc.axes[0], desc.axes[1]) if layout == 0 else (desc.axes[1], desc.axes[0])
         # A unit time axis is a graph that takes one step per call (state fed back by the user).
-        if not (isinstance(t, str) or t == 1) or (self.time is not None and t != self.time):
+        # A graph exported with T = 1 loses the time axis's label through Reshapes to constant
+        # shapes; any unit axis is then as good as another: they all hold one element.
+        same = self.time is None or t == self.time or (self._unit(t) and self._unit(self.time))
+        if not (isinstance(t, str) or t == 1) or not same:
             raise UnsupportedModelError(
                 f"{where}: X: its time axis is not the time axis of the graph input")
-        self.time = t
+        if self.time is None:
+            self.time = t
         if desc.width is not None and desc.width != layer.input_size:
             raise UnsupportedModelError(f"{where}: X: expected {layer.input_size} features, "
                                         f"got {desc.width}")
