@@ -5,8 +5,8 @@ executed (a ``Lambda`` layer's byte code or a custom object's module is refused,
 
 What maps
 ---------
-A ``Sequential`` model, or a functional ``Model`` that is a plain chain (one input, one output,
-every layer called once on the previous layer's output), made of:
+A ``Sequential`` model, or a functional ``Model`` that is a plain chain (one data input, one
+output, every layer called once on the previous layer's output), made of:
 
 * ``GRU`` -> :class:`~streamgru.model.GRULayer`. Keras stores ``kernel`` (I, 3H) and
   ``recurrent_kernel`` (H, 3H) with gates in the order (z, r, h), which is ours: transpose, no
@@ -32,9 +32,16 @@ a file whose version cannot be read is refused only if it uses hard_sigmoid.
 
 GRU attributes
 --------------
-* ``go_backwards=True``, ``return_state=True``: refused (a stream is read forwards, one output).
-* ``stateful``: accepted and ignored: the engine is always stateful, every stream keeps its state
-  between calls until it is reset.
+* ``go_backwards=True``: refused (a stream is read forwards).
+* ``stateful=True`` (a fixed batch in ``batch_input_shape``/``batch_shape``, states held in the
+  layer): accepted; the engine is always stateful, every stream keeps its state between calls
+  until it is reset, for any number of streams. No state is read from the file.
+* The streaming export ``y, h = GRU(H, return_sequences=True, return_state=True)(x,
+  initial_state=h0)`` with inputs ``[x, h0]`` and outputs ``[y, h]`` (maybe a Dense on ``y``):
+  a model input that only feeds a GRU's ``initial_state`` is that layer's per-stream state, kept
+  by the engine (``engine.open(key, state=...)``, the GRU layers' states concatenated in layer
+  order); outputs that only return a GRU's state (``return_state=True``) are ignored, the engine
+  keeps the state. Both are listed in ``GRUModel.notes`` (shown by ``streamgru info``).
 * ``return_sequences=False``: accepted. Keras then returns one output per sequence, computed from
   the last step; the engine's output at step t is exactly what Keras returns for the sequence
   ``x[0..t]``, so a per-sequence model streams as the same model evaluated on every prefix.
@@ -46,8 +53,9 @@ GRU attributes
 
 Refused with :class:`~streamgru.errors.UnsupportedModelError` naming the layer: ``Bidirectional``,
 ``Masking`` (masked steps would have to skip the state update), ``Lambda`` and every custom or
-unknown layer, nested models, branching graphs, layers called with extra arguments (e.g.
-``initial_state``), quantized or LoRA Dense layers, unmappable activations.
+unknown layer, nested models, branching graphs, layers called with extra arguments, an
+``initial_state`` that is not a model input of its own, a layer consuming a returned state,
+quantized or LoRA Dense layers, unmappable activations.
 """
 
 from __future__ import annotations
@@ -309,7 +317,7 @@ class _ZipWeights:
 
 def _convert(config, store, version, out_dtype):
     major = _major(version)
-    entries, storage_order = _chain(config)
+    entries, storage_order, notes = _chain(config)
     if isinstance(store, _ZipWeights):
         store.assign_keys(storage_order)
     layers = []
@@ -317,13 +325,19 @@ def _convert(config, store, version, out_dtype):
         _convert_layer(entry, store, major, version, layers, out_dtype)
     if not any(isinstance(layer, GRULayer) for layer in layers):
         raise UnsupportedModelError("model: expected at least one GRU layer, got none")
-    return GRUModel(layers, source=f"keras {version}" if version else "keras")
+    return GRUModel(layers, source=f"keras {version}" if version else "keras",
+                    notes=notes + _state_notes(entries, layers))
 
 
 def _chain(config):
     """The layers of a Sequential or plain-chain functional model, in order of application.
 
-    Returns (chain, storage_order): storage_order is ``model.layers`` as Keras saves them.
+    Returns (chain, storage_order, notes): storage_order is ``model.layers`` as Keras saves
+    them; notes say which model inputs were taken as per-stream states and which outputs were
+    left to the engine. A streaming export (``y, h = GRU(..., return_state=True)(x,
+    initial_state=h0)`` with inputs ``[x, h0]`` and outputs ``[y, h]``) is a chain: an input
+    that only feeds a GRU's ``initial_state`` is that layer's per-stream state, which the engine
+    keeps, and outputs that only return a GRU's state are the engine's business.
     """
     if not isinstance(config, dict) or "class_name" not in config:
         raise ValueError(f"model_config: expected a Keras model config, got {str(config)[:80]!r}")
@@ -334,7 +348,17 @@ def _chain(config):
         entries = cfg if isinstance(cfg, list) else cfg.get("layers", [])
         entries = [_entry(e) for e in entries]
         storage = [e for e in entries if e["class_name"] != "InputLayer"]
-        return entries, storage
+        notes = []
+        for k, e in enumerate(entries):
+            if e["class_name"] != "GRU" or not (e["config"] or {}).get("return_state"):
+                continue
+            if k != len(entries) - 1:
+                raise UnsupportedModelError(
+                    f"{_where(e)}: return_state=True passes [output, state] to the next layer of "
+                    f"a Sequential; expected it on the last layer only")
+            notes.append(f"{_where(e)}: returns its state too (return_state=True): ignored, the "
+                         f"engine keeps each stream's state")
+        return entries, storage, notes
     if cls not in ("Functional", "Model"):
         raise UnsupportedModelError(
             f"model: expected a Sequential or functional Model, got class {cls!r}; a subclassed "
@@ -344,11 +368,7 @@ def _chain(config):
     by_name = {e["name"]: e for e in entries}
     ins = _refs(cfg.get("input_layers"), "input_layers")
     outs = _refs(cfg.get("output_layers"), "output_layers")
-    if len(ins) != 1 or len(outs) != 1:
-        raise UnsupportedModelError(
-            f"model: expected one input and one output, got inputs {ins} and outputs {outs}"
-        )
-    consumers = {}
+    consumers, state_of = {}, {}  # source layer -> calls; state input -> the GRU it starts
     for e in entries:
         nodes = e["raw"].get("inbound_nodes") or []
         if e["class_name"] == "InputLayer":
@@ -358,26 +378,94 @@ def _chain(config):
                 f"{_where(e)}: expected to be called once, got {len(nodes)} calls (shared layers "
                 f"are not a chain)"
             )
-        src = _node_source(nodes[0], e)
-        consumers.setdefault(src, []).append(e)
-    chain = [by_name[ins[0]]] if ins[0] in by_name else []
-    cur = ins[0]
+        src, states = _node_source(nodes[0], e)
+        consumers.setdefault(src[0], []).append((e, src[1]))
+        for st in states:
+            if st in state_of or st not in [i[0] for i in ins] or by_name.get(st, {}).get(
+                    "class_name") != "InputLayer":
+                raise UnsupportedModelError(
+                    f"{_where(e)}: expected initial_state to be a model input of its own (the "
+                    f"per-stream state), got {st!r}"
+                    + (f", which also starts layer {state_of[st]['name']!r}"
+                       if st in state_of else "")
+                )
+            state_of[st] = e
+    # Outputs that only return a GRU's state (return_state=True: tensors 1.. of its call).
+    main = [o for o in outs if not _is_state_output(o, by_name)]
+    data_ins = [i for i in ins if i[0] not in state_of]
+    if len(data_ins) != 1 or len(main) != 1 or main[0][1] != 0:
+        raise UnsupportedModelError(
+            f"model: expected one data input and one output (plus state inputs feeding a GRU's "
+            f"initial_state and state outputs of return_state=True), got inputs "
+            f"{[i[0] for i in ins]} and outputs {[o[0] for o in outs]}; state inputs "
+            f"{sorted(state_of)}"
+        )
+    for st, gru in state_of.items():
+        if st in consumers:
+            raise UnsupportedModelError(
+                f"model input {st!r}: expected it to feed only the initial_state of layer "
+                f"{gru['name']!r}, got it also consumed by {[c[0]['name'] for c in consumers[st]]}"
+            )
+    start, end = data_ins[0][0], main[0][0]
+    chain = [by_name[start]] if start in by_name else []
+    cur = start
     while cur in consumers:
         nxt = consumers[cur]
         if len(nxt) != 1:
-            names = [n["name"] for n in nxt]
+            names = [n[0]["name"] for n in nxt]
             raise UnsupportedModelError(
                 f"layer {cur!r}: expected one consumer (a plain chain), got {names}"
             )
-        chain.append(nxt[0])
-        cur = nxt[0]["name"]
-    missing = [e["name"] for e in entries if e not in chain]
-    if cur != outs[0] or missing:
+        e, tensor = nxt[0]
+        if tensor != 0:
+            raise UnsupportedModelError(
+                f"{_where(e)}: expected to consume the sequence output of layer {cur!r}, got its "
+                f"output {tensor} (a returned state); a plain chain passes the sequence on"
+            )
+        chain.append(e)
+        cur = e["name"]
+    missing = [e["name"] for e in entries if e not in chain and e["name"] not in state_of]
+    if cur != end or missing:
         raise UnsupportedModelError(
-            f"model: expected a plain chain from {ins[0]!r} to {outs[0]!r}, got a graph ending "
+            f"model: expected a plain chain from {start!r} to {end!r}, got a graph ending "
             f"at {cur!r} with layers off the chain: {missing}"
         )
-    return chain, entries
+    notes = [f"model input {st!r} is the initial state of {_where(gru)}: taken as the "
+             f"per-stream state, which the engine keeps (give it with engine.open(key, "
+             f"state=...))" for st, gru in state_of.items()]
+    notes += [f"model output {o[0]!r} (output {o[1]}) returns the state of "
+              f"{_where(by_name[o[0]])}: ignored, the engine keeps each stream's state"
+              for o in outs if o not in main]
+    return chain, entries, notes
+
+
+def _is_state_output(ref, by_name):
+    e = by_name.get(ref[0])
+    return (e is not None and e["class_name"] == "GRU" and ref[1] >= 1
+            and bool((e["config"] or {}).get("return_state")))
+
+
+def _state_notes(entries, layers):
+    """Notes on stateful layers and on where each GRU's state sits in a stream's state."""
+    notes = []
+    grus = [e for e in entries if e["class_name"] == "GRU"]
+    sizes = [layer.hidden_size for layer in layers if isinstance(layer, GRULayer)]
+    ends = np.cumsum(sizes)
+    for e, start, stop in zip(grus, ends - sizes, ends, strict=True):
+        cfg = e["config"] or {}
+        if cfg.get("stateful"):
+            shape = cfg.get("batch_input_shape") or cfg.get("batch_shape") or next(
+                ((x["config"] or {}).get("batch_input_shape") or (x["config"] or {}).get(
+                    "batch_shape") for x in entries if x["class_name"] == "InputLayer"), None)
+            batch = shape[0] if isinstance(shape, list) and shape else None
+            notes.append(
+                f"{_where(e)} is stateful=True (batch {batch} in the file): the engine keeps its "
+                f"state per stream, for any number of streams; the batch size is not a limit and "
+                f"no stored state is read")
+        if len(grus) > 1:
+            notes.append(f"{_where(e)}: its state is elements {start}:{stop} of a stream's "
+                         f"state")
+    return notes
 
 
 def _entry(raw):
@@ -389,35 +477,56 @@ def _entry(raw):
 
 
 def _refs(value, what):
-    """``["x", 0, 0]`` or ``[["x", 0, 0], ...]`` -> list of layer names."""
+    """``["x", 0, 0]`` or ``[["x", 0, 0], ...]`` -> list of (layer name, tensor index)."""
+    def ref(v):
+        return v[0], v[2] if len(v) > 2 and isinstance(v[2], int) else 0
+
     if isinstance(value, list) and value and isinstance(value[0], str):
-        return [value[0]]
+        return [ref(value)]
     if isinstance(value, list) and all(isinstance(v, list) and v and isinstance(v[0], str)
                                        for v in value):
-        return [v[0] for v in value]
+        return [ref(v) for v in value]
     raise UnsupportedModelError(f"model: expected {what} as a list of tensors, got {value!r}")
 
 
 def _node_source(node, entry):
-    """The name of the one layer feeding this call, refusing anything but ``layer(x)``."""
+    """What feeds this call, refusing anything but ``layer(x)`` and ``gru(x, initial_state=h)``.
+
+    Returns ((layer name, tensor index) of the data input, [names of the layers giving the
+    initial states]).
+    """
     where = _where(entry)
+    is_gru = entry["class_name"] == "GRU"
+    states = []
     if isinstance(node, dict):  # Keras 3: {"args": [...], "kwargs": {...}}
-        args, kwargs = node.get("args", []), node.get("kwargs", {}) or {}
-        tensors = [a for a in args if isinstance(a, dict)
-                   and a.get("class_name") == "__keras_tensor__"]
+        args, kwargs = node.get("args", []), dict(node.get("kwargs", {}) or {})
+        tensors = [a for a in args if _is_keras_tensor(a)]
         if len(args) != 1 or len(tensors) != 1:
             raise UnsupportedModelError(
                 f"{where}: expected to be called on one tensor, got arguments {str(args)[:120]}"
             )
         history = tensors[0].get("config", {}).get("keras_history")
-        src = history[0] if history else None
+        src = (history[0] if history else None,
+               history[2] if history and len(history) > 2 else 0)
+        init = kwargs.pop("initial_state", None) if is_gru else None
+        for t in init if isinstance(init, list) else ([init] if init is not None else []):
+            h = t.get("config", {}).get("keras_history") if _is_keras_tensor(t) else None
+            if not h:
+                raise UnsupportedModelError(
+                    f"{where}: expected initial_state to be a model input tensor, got "
+                    f"{str(t)[:120]}")
+            states.append(h[0])
     elif isinstance(node, list):  # Keras 2: [[name, node_index, tensor_index, kwargs], ...]
-        if len(node) != 1 or not isinstance(node[0], list) or not node[0]:
+        # tf.keras 2 records gru(x, initial_state=h) as a call on [x, h].
+        n_in = len(node)
+        if not (n_in == 1 or (is_gru and n_in == 2)) or not all(
+                isinstance(x, list) and len(x) >= 3 for x in node):
             raise UnsupportedModelError(
                 f"{where}: expected to be called on one tensor, got {str(node)[:120]}"
             )
-        src = node[0][0]
+        src = (node[0][0], node[0][2])
         kwargs = node[0][3] if len(node[0]) > 3 and isinstance(node[0][3], dict) else {}
+        states = [x[0] for x in node[1:]]
     else:
         raise UnsupportedModelError(f"{where}: expected an inbound node, got {str(node)[:120]}")
     extra = {k: v for k, v in kwargs.items() if k not in _CALL_KWARGS or (k == "mask" and v)}
@@ -425,9 +534,14 @@ def _node_source(node, entry):
         raise UnsupportedModelError(
             f"{where}: expected a plain call layer(x), got extra call arguments {sorted(extra)}"
         )
-    if not isinstance(src, str):
-        raise UnsupportedModelError(f"{where}: expected an input tensor from a layer, got {src!r}")
-    return src
+    if not isinstance(src[0], str):
+        raise UnsupportedModelError(f"{where}: expected an input tensor from a layer, got "
+                                    f"{src[0]!r}")
+    return src, states
+
+
+def _is_keras_tensor(a):
+    return isinstance(a, dict) and a.get("class_name") == "__keras_tensor__"
 
 
 # --- layers --------------------------------------------------------------------------------------
@@ -496,10 +610,6 @@ def _gru(entry, store, major, version, out_dtype):
         raise UnsupportedModelError(
             f"{where}: go_backwards=True reads the sequence from its end; a stream is stepped "
             f"forwards only"
-        )
-    if cfg.get("return_state", False):
-        raise UnsupportedModelError(
-            f"{where}: return_state=True gives the layer two outputs; expected a plain chain"
         )
     if "reset_after" not in cfg:
         raise UnsupportedModelError(

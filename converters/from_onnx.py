@@ -178,7 +178,7 @@ def from_onnx(path_or_model, node=None, *, dtype=None) -> GRUModel:
             layers = _Graph(model, path).convert(node)
     if dtype is not None:
         layers = [_cast_layer(layer, dtype) for layer in layers]
-    return GRUModel(layers, source="onnx")
+    return GRUModel(layers, source="onnx", notes=g.notes)
 
 
 def read_onnx(path, what="path"):
@@ -339,6 +339,7 @@ class _Graph:
         self.used = set()  # ids of nodes accounted for
         self.labels_size = {}
         self.value_desc = {}
+        self.notes = []  # what was taken as state or left to the engine, for GRUModel.notes
 
     # ---------------------------------------------------------------- constants
     def is_const(self, name):
@@ -634,12 +635,27 @@ class _Graph:
         self.used.add(id(n))
         return "input" if "input" in kinds else "zero"
 
+    def note(self, text):
+        if text not in self.notes:
+            self.notes.append(text)
+
+    def source_inputs(self, name):
+        """The graph inputs a tensor is computed from."""
+        found = {i for n in self.ancestors(name) for i in n.input if i in self.input_names}
+        return sorted(found | ({name} if name in self.input_names else set()))
+
     def _mark_ancestors(self, name):
         for n in self.ancestors(name):
             self.used.add(id(n))
 
     # ---------------------------------------------------------------- GRU node
-    def gru_layer(self, n):
+    def gru_layer(self, n, initial_h="chain"):
+        """The node as a GRULayer, and its layout.
+
+        ``initial_h``: "chain" checks it is zeros or comes from a graph input; "alone": the node
+        was named by the user (``node=``), so a computed ``initial_h`` is the stream's state
+        whatever computes it; "skip": not looked at (attribute checks only).
+        """
         a = self.attrs(n, _GRU_ATTRS)
         where = f"node {_name(n)!r} (GRU)"
         direction = a.get("direction", "forward")
@@ -685,8 +701,20 @@ class _Graph:
                     f"one step per call, so a stream's length is the number of steps you feed "
                     f"it; export without sequence_lens"
                 )
-        if ins[5]:
-            self.initial_state_kind(ins[5], n)
+        if not ins[5] or initial_h == "skip":
+            pass
+        elif initial_h == "alone" and not self.is_const(ins[5]):
+            # A streaming export computes each GRU's initial_h from its caches (Slice, Gather,
+            # ScatterND on one cache tensor): the named node's initial_h is the stream's state.
+            src = self.producer.get(ins[5])
+            how = f"computed by {src.op_type} node {_name(src)!r}" if src is not None else \
+                "a graph input"
+            self.note(f"node {_name(n)!r}: its initial_h {ins[5]!r} ({how}) is taken as the "
+                      f"per-stream state, kept in the engine")
+        elif self.initial_state_kind(ins[5], n) == "input":
+            self.note(f"node {_name(n)!r}: its initial_h comes from graph input(s) "
+                      f"{self.source_inputs(ins[5])}: taken as the per-stream state, kept in the "
+                      f"engine (give it with engine.open(key, state=...))")
         for t in (W, R) + ((Wb,) if Wb is not None else ()):
             if t.dtype.kind != "f":
                 raise UnsupportedModelError(f"{where}: expected float weights, got {t.dtype}")
@@ -804,12 +832,19 @@ class _Graph:
                 raise UnsupportedModelError(
                     f"node: expected the name of a GRU node, got {node_name!r}; GRU nodes: "
                     f"{self.describe(grus) or 'none'}")
-            layer, _ = self.gru_layer(pick[0])
+            n = pick[0]
+            layer, _ = self.gru_layer(n, initial_h="alone")
+            x = n.input[0]
+            src = self.producer.get(x)
+            how = f"computed by {src.op_type} node {_name(src)!r}" if src is not None else \
+                "a graph input"
+            self.note(f"node {_name(n)!r}: its input X {x!r} ({how}) is the engine's input; the "
+                      f"rest of the graph is not mapped")
             return [layer]
         if not grus:
             raise UnsupportedModelError(self.no_gru_message())
         for n in grus:
-            self.gru_layer(n)  # attribute refusals (direction, ...) come first
+            self.gru_layer(n, initial_h="skip")  # attribute refusals (direction, ...) come first
         try:
             layers, on_path = self.chain()
         except UnsupportedModelError as exc:
@@ -901,6 +936,8 @@ class _Graph:
             layers.append(dense.layer())
         for o in self.outputs:
             if o != main[0]:
+                self.note(f"graph output {o!r} only re-exposes hidden states: ignored, the "
+                          f"engine keeps each stream's state")
                 for n in self.state_output(o):
                     self.used.add(id(n))
                     for i in n.input[1:] if n.op_type != "Concat" else ():
@@ -927,10 +964,14 @@ class _Graph:
             raise UnsupportedModelError(f"{where}: X: expected rank 3, got rank {desc.rank}")
         t, b = (desc.axes[0], desc.axes[1]) if layout == 0 else (desc.axes[1], desc.axes[0])
         # A unit time axis is a graph that takes one step per call (state fed back by the user).
-        if not (isinstance(t, str) or t == 1) or (self.time is not None and t != self.time):
+        # A graph exported with T = 1 loses the time axis's label through Reshapes to constant
+        # shapes; any unit axis is then as good as another: they all hold one element.
+        same = self.time is None or t == self.time or (self._unit(t) and self._unit(self.time))
+        if not (isinstance(t, str) or t == 1) or not same:
             raise UnsupportedModelError(
                 f"{where}: X: its time axis is not the time axis of the graph input")
-        self.time = t
+        if self.time is None:
+            self.time = t
         if desc.width is not None and desc.width != layer.input_size:
             raise UnsupportedModelError(f"{where}: X: expected {layer.input_size} features, "
                                         f"got {desc.width}")
@@ -1125,6 +1166,16 @@ class _Graph:
             elif it == lab or (isinstance(it, int) and it > 1 and
                                self.labels_size.get(lab) == it):
                 out.append(lab)
+            elif isinstance(it, int) and it > 1 and isinstance(lab, str) and \
+                    self.labels_size.get(lab) is None:
+                # The dynamo exporter specialises a dimension declared dynamic (the GRU's time
+                # axis) and writes its length as a constant: the axis is kept, and the graph runs
+                # at that length only.
+                self.labels_size[lab] = it
+                self.note(f"{where}: fixes axis {lab[1:]} of graph input {self.start!r}, declared "
+                          f"dynamic, to {it}; the graph runs at that length only (the engine "
+                          f"streams any number of steps)")
+                out.append(lab)
             else:
                 raise UnsupportedModelError(f"{where}: target shape {items} reorders or merges "
                                             f"the time/batch axes")
@@ -1237,10 +1288,12 @@ class _Graph:
 def _io_signature(model):
     """How to run a convertible graph as a reference (for ``converters.verify``).
 
-    Returns a dict: ``input`` (the data input's name), ``time_axis`` and ``batch_axis`` of that
-    input, ``output`` (the main output's name), ``out_time_axis`` (None when the graph returns only
-    the last step), ``out_batch_axis``, ``grus`` [(node, layout, hidden_size)] in chain order
-    and ``other_inputs`` (names of the remaining graph inputs: per-stream states).
+    Returns a dict: ``input`` (the data input's name), ``sizes`` (the sizes of its leading axes,
+    None where the graph runs at any size), ``time_axis`` and ``batch_axis`` of that input,
+    ``output`` (the main output's name), ``out_time_axis`` (None when the graph returns only the
+    last step), ``out_batch_axis``, ``grus`` [(node, layout, hidden_size)] in chain order,
+    ``other_inputs`` (names of the remaining graph inputs: per-stream states) and ``notes``
+    (what the converter took as state or ignored).
     """
     g = _Graph(model, "source")
     g.convert(None)
@@ -1264,6 +1317,7 @@ def _io_signature(model):
                                     f"{tuple(out_axes)}")
     return {
         "input": g.start,
+        "sizes": [g.labels_size.get(a) for a in in_axes],
         "time_axis": in_axes.index(g.time),
         "batch_axis": in_axes.index(batch),
         "output": g.main,
@@ -1271,6 +1325,7 @@ def _io_signature(model):
         "out_batch_axis": pos[batch],
         "grus": list(g.chain_grus),
         "other_inputs": [i.name for i in g.inputs if i.name != g.start],
+        "notes": list(g.notes),
     }
 
 

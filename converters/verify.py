@@ -330,6 +330,7 @@ def _onnx(run, source):
     sig = _io_signature(proto)
     res = _Result(f"onnxruntime {ort.__version__} running the ONNX graph over the whole sequence "
                   f"(float32)", True, "float32", "not run")
+    res.notes.extend(sig["notes"])
     inputs = {i.name: i for i in proto.graph.input}
     dims = inputs[sig["input"]].type.tensor_type.shape.dim
 
@@ -337,8 +338,8 @@ def _onnx(run, source):
         return int(d.dim_value) if d.HasField("dim_value") else None
 
     # A graph exported without dynamic axes runs only its own batch and sequence length.
-    B = static(dims[sig["batch_axis"]]) or run.B
-    T = static(dims[sig["time_axis"]]) or run.T
+    B = sig["sizes"][sig["batch_axis"]] or run.B
+    T = sig["sizes"][sig["time_axis"]] or run.T
     if (B, T) != (run.B, run.T):
         res.notes.append(f"the graph has a fixed batch and/or sequence length: ran {B} streams x "
                          f"{T} steps")
@@ -423,7 +424,7 @@ def _onnx(run, source):
     ys = run.engine(states)
     if sig["out_time_axis"] is not None:
         res.compare(ys, outputs(run.xs))
-    elif static(dims[sig["time_axis"]]) is None:
+    elif sig["sizes"][sig["time_axis"]] is None:
         # One output per sequence: the engine's output at step t is the graph's for x[:, :t+1].
         res.compare(ys, np.stack([outputs(run.xs[:, :t + 1]) for t in range(T)], axis=1))
         res.notes.append("the graph returns the last step only: ran it on every prefix of the "
@@ -624,6 +625,7 @@ def _consistency(run, source, kind, options):
         what = "the model converted afresh from the RTNeural JSON (RTNeural itself is not run)"
     res = _Result(f"streamgru engine in float64 on {what}: a consistency check, not a framework "
                   f"check", False, "float64", "random nonzero")
+    res.notes.extend(fresh.notes)
     if _sizes_mismatch(res, run.model, fresh.input_size, fresh.output_size, fresh.state_size,
                        "source"):
         return res

@@ -31,6 +31,8 @@ def _info(args):
                   f"f={_act(layer.f)} g={_act(layer.g)} clip={clip}")
         else:
             print(f"  layer {i}: dense activation={_act(layer.activation)}")
+    for note in model.notes:
+        print(f"  note: {note}")
     print(f"fingerprint: {model.fingerprint}")
     return 0
 

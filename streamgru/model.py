@@ -273,6 +273,10 @@ class GRUModel:
         output size.
     source : str, optional
         Where the model came from (e.g. ``"pytorch"``), kept as metadata only.
+    notes : sequence of str, optional
+        What the converter decided about the source that a user should know, e.g. which graph
+        input it took as the per-stream state and which outputs it left to the engine. Metadata
+        of this conversion only: not saved in the native file, not part of the fingerprint.
 
     Attributes
     ----------
@@ -296,7 +300,7 @@ class GRUModel:
     (3, 2, 8)
     """
 
-    def __init__(self, layers: Sequence, *, source: str | None = None):
+    def __init__(self, layers: Sequence, *, source: str | None = None, notes: Sequence = ()):
         if isinstance(layers, (GRULayer, DenseLayer)) or not isinstance(layers, Sequence):
             raise TypeError(
                 f"layers: expected a list of GRULayer/DenseLayer, got {type(layers).__name__}"
@@ -319,6 +323,7 @@ class GRUModel:
                 )
         self._layers = layers
         self.source = source
+        self.notes = tuple(str(n) for n in notes)
         slices, off = [], 0
         for layer in layers:
             if isinstance(layer, GRULayer):

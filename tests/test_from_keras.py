@@ -206,7 +206,8 @@ def _set(key, value, k=0):
 
 @pytest.mark.parametrize("edit, pattern", [
     (_set("go_backwards", True), r"layer 'gru' \(GRU\): go_backwards=True reads the sequence"),
-    (_set("return_state", True), r"layer 'gru' \(GRU\): return_state=True gives the layer two"),
+    (_set("return_state", True), r"layer 'gru' \(GRU\): return_state=True passes \[output, "
+                                 r"state\] to the next layer"),
     (_set("some_future_option", 1), r"layer 'gru' \(GRU\): configuration keys "
                                     r"\['some_future_option'\] are not implemented"),
     (_set("activation", "gelu"), r"layer 'gru' \(GRU\): activation='gelu' has no streamgru "
@@ -337,11 +338,21 @@ def test_functional_branch_is_refused(tmp_path):
 
 def test_functional_extra_call_argument_is_refused(tmp_path):
     def edit(cfg):
-        _func_layer(cfg, "encoder")["inbound_nodes"][0]["kwargs"]["initial_state"] = [1]
+        _func_layer(cfg, "encoder")["inbound_nodes"][0]["kwargs"]["constants"] = [1]
     path = _edit_keras("keras_func_reset_before.keras", tmp_path / "m.keras", edit)
     with pytest.raises(UnsupportedModelError,
                        match=r"layer 'encoder' \(GRU\): expected a plain call layer\(x\), got "
-                             r"extra call arguments \['initial_state'\]"):
+                             r"extra call arguments \['constants'\]"):
+        from_keras(path)
+
+
+def test_functional_initial_state_not_a_tensor_is_refused(tmp_path):
+    def edit(cfg):
+        _func_layer(cfg, "encoder")["inbound_nodes"][0]["kwargs"]["initial_state"] = [1]
+    path = _edit_keras("keras_func_reset_before.keras", tmp_path / "m.keras", edit)
+    with pytest.raises(UnsupportedModelError,
+                       match=r"layer 'encoder' \(GRU\): expected initial_state to be a model "
+                             r"input tensor, got 1"):
         from_keras(path)
 
 
@@ -349,7 +360,7 @@ def test_functional_two_outputs_is_refused(tmp_path):
     def edit(cfg):
         cfg["config"]["output_layers"] = [["encoder", 0, 0], ["head", 0, 0]]
     path = _edit_keras("keras_func_reset_before.keras", tmp_path / "m.keras", edit)
-    with pytest.raises(UnsupportedModelError, match="model: expected one input and one output"):
+    with pytest.raises(UnsupportedModelError, match="model: expected one data input and one output"):
         from_keras(path)
 
 
