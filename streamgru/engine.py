@@ -478,10 +478,12 @@ class Engine:
     # ------------------------------------------------------------------------------------------
     # snapshots
 
-    def save_state(self, path):
+    def save_state(self, path, metadata=None):
         """Write every stream's key and state to ``path`` atomically (temp file, fsync, rename).
 
         The file records the model's fingerprint; ``load_state`` refuses it for another model.
+        ``metadata`` (optional): a dict of JSON values saved in the same file by the same atomic
+        write, e.g. how much input the states cover; ``load_state`` returns it.
         """
         from .formats import save_state
 
@@ -491,16 +493,18 @@ class Engine:
             keys = list(store.recency if store.recency is not None else store.slot_of)
             slots = np.fromiter((self._store.slot_of[k] for k in keys), np.int64, len(keys))
             states = self._store.states[slots, :self.model.state_size]
-            save_state(path, keys, states, self.model.fingerprint)
+            save_state(path, keys, states, self.model.fingerprint, metadata)
 
     def load_state(self, path):
         """Replace every stream by those saved in ``path`` (see ``save_state``).
 
         Streams open now but absent from the file are closed. On any error nothing changes.
+        Returns the ``metadata`` dict the file was saved with, or None if it has none.
         """
         from .formats import load_state
 
-        keys, states = load_state(path, self.model.fingerprint, self.model.state_size)
+        keys, states, metadata = load_state(path, self.model.fingerprint, self.model.state_size,
+                                            with_metadata=True)
         with self._lock:
             if self._in_callback:
                 raise RuntimeError("on_evict: expected a callback that does not call the engine's "
@@ -522,6 +526,7 @@ class Engine:
                 slots = np.fromiter((store.slot_of[k] for k in keys), np.int64, len(keys))
                 store.states[slots, :self.model.state_size] = states
             self._store = store
+        return metadata
 
     # ------------------------------------------------------------------------------------------
     # eviction (only when max_streams or idle_timeout is set; always under the lock)
