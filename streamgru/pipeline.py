@@ -378,6 +378,29 @@ def main(args):
         raise ValueError(f"--checkpoint-every: expected seconds > 0, got {args.checkpoint_every}")
     model = load_model_arg(args.model, "model")
     engine = Engine(model, dtype=args.dtype, threads=args.threads)
+    # From here on a SIGTERM or SIGINT only asks the run to stop after the batch in hand (and
+    # before the first one if it comes during the restore): the checkpoint is always written.
+    stop, previous = [], {}
+
+    def on_signal(signum, frame):
+        stop.append(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[sig] = signal.signal(sig, on_signal)
+        except ValueError:  # not the main thread: no signal handling
+            pass
+    try:
+        return _serve(args, model, engine, stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve(args, model, engine, stop):
+    """The body of :func:`main` once the engine exists; ``stop`` collects the signals received.
+    Returns the exit status."""
+
     err = sys.stderr
     ckpt = _Checkpoint(args.state, args.format) if args.state else None
     base_lines = base_events = 0
@@ -413,18 +436,6 @@ def main(args):
         sys.stdout.flush()
     q = queue.Queue(maxsize=64 * args.max_batch)
     threading.Thread(target=_reader, args=(src, q), daemon=True, name="streamgru-reader").start()
-
-    stop = []
-    previous = {}
-
-    def on_signal(signum, frame):
-        stop.append(signum)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            previous[sig] = signal.signal(sig, on_signal)
-        except ValueError:  # not the main thread: no signal handling
-            pass
 
     fmt32 = args.dtype == "float32"
     n_in = model.input_size
@@ -510,8 +521,6 @@ def main(args):
     except OSError as exc:  # from a periodic checkpoint: the last one written stays valid
         status, why = 4, f"the checkpoint could not be written ({exc.strerror or exc})"
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         if args.output != "-":
             os.close(out_fd)
         if args.input != "-":
