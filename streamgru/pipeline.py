@@ -6,40 +6,54 @@ out, in input order::
     {"key": "sensor-17", "x": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]}    ->  {"key": "sensor-17", "y": [...]}
 
 ``--format csv`` reads ``key,x1,...,xI`` rows instead (keys are then strings; a first line whose
-first field is ``key`` is a header and skipped). JSON keys are strings or integers, one kind per
-run (the first event decides, or the restored checkpoint); fields other than ``key`` and ``x``
-are ignored. Outputs are float32 values printed with 9 significant digits (float32 round-trips
-exactly), or 17 with ``--dtype float64``.
+first field is ``key`` is a header and skipped, unless the run resumes mid-input). JSON keys are
+strings or integers, one kind per run (the first event decides, or the restored checkpoint);
+fields other than ``key`` and ``x`` are ignored. Outputs are float32 values printed with 9
+significant digits (float32 round-trips exactly), or 17 with ``--dtype float64``.
 
 Micro-batches: lines are gathered until ``--max-batch`` events are waiting or ``--max-wait-ms``
 has passed since the first of them arrived, then stepped in one ``Engine.step`` call. A stream
 that appears several times in a batch is stepped once per event, in order, as if the events had
 come one by one.
 
-Malformed lines (not JSON or CSV, a missing key, a key of the other kind, ``x`` of the wrong
-width, non-numeric or non-finite values) are reported on stderr with their line number and
-skipped; nothing else is lost or reordered. With ``--strict`` the first one stops the run (exit
-status 1) after the events before it have been processed and checkpointed.
+Malformed lines (not UTF-8, not JSON or CSV, a missing key, a key of the other kind or with a
+NUL character, ``x`` of the wrong width, non-numeric or non-finite values, or values beyond
+float32's range in a float32 run) are reported on stderr with their line number and skipped.
+So are events the engine refuses (``NonFiniteError``: the step would make a state or output
+NaN or infinite): such an event changes nothing, as if its line were absent, and the batch's
+other events are stepped. Nothing else is lost or reordered. With ``--strict`` the first such
+line stops the run (exit status 1) after the events before it have been processed and
+checkpointed.
 
 Checkpoints (``--state FILE``)
 ------------------------------
-At start, FILE (if it exists) restores every stream. Then the states are written to FILE every
-``--checkpoint-every`` seconds (when something changed), at the end of the input, and on SIGTERM
-or SIGINT (the batch in hand is finished first; exit status 128 + signal number). Each write is
-atomic (``Engine.save_state``: temp file, fsync, rename), so a crash, even ``kill -9``, leaves the
-previous checkpoint or the new one, never a torn file.
+FILE is one state snapshot (``Engine.save_state``) whose metadata also records how much input
+its states cover: ``input_lines`` (every line up to and including the last one whose event is
+in the states, counting blank and malformed lines), ``events`` and ``input_format``. One atomic
+write (temp file, fsync, rename) stores both, so a crash, even ``kill -9``, leaves the previous
+checkpoint or the new one, each with its own exact line count, never a torn file and never a
+count of another write. At start, FILE (if it exists) restores every stream and the command says
+on stderr where to continue the input (line ``input_lines + 1``; line numbers count from the
+start of the logical input across restarts). A snapshot without that record (a plain
+``Engine.save_state`` file) is refused: the line to continue from cannot be known. The
+directory must be writable: that is checked before the first event.
 
-Beside FILE, ``FILE.json`` records how much input the checkpoint covers: ``input_lines`` (every
-line up to and including the last one whose event is in the states, counting blank and
-malformed lines) and ``events``, tied to FILE by its SHA-256. Line numbers count from the start
-of the logical input across restarts: after a restore, the first line read is line
-``input_lines + 1``. At start the command says on stderr which line to continue from. Events
-after the last checkpoint are not in the restored states: to continue every stream exactly,
-feed the input again from that line (e.g. ``tail -n +$((L + 1)) events.jsonl``); their outputs
-are then written a second time (at-least-once output, exactly-once state).
+The states are written to FILE every ``--checkpoint-every`` seconds (when something changed),
+at the end of the input, on SIGTERM or SIGINT (the batch in hand is finished first), and
+whenever the run stops early. A checkpoint covers exactly the events whose outputs were
+written: a batch whose outputs cannot be written (the reader is gone, the disk is full) is taken
+back from the states first. Feeding the input again from the line named (e.g. ``tail -n +$((L
++ 1)) events.jsonl``) then continues every stream exactly as an uninterrupted run would, bit
+for bit; outputs written after the checkpoint are written again (at-least-once output,
+exactly-once state). An output *file* that fails mid-batch is truncated back to the last whole
+batch, so resuming into the same file writes each output exactly once.
 
-Exit status: 0 at the end of the input, 1 on a malformed line with ``--strict``, 2 on a usage
-error (bad model file, bad option), 128 + N on signal N.
+Exit status: 0 at the end of the input; 1 on a malformed or refused line with ``--strict``; 2
+on a usage error, before any event is read (model file unloadable, bad option, unusable
+``--state``); 3 when the output or the input failed (input left unprocessed; the checkpoint
+covers the events whose outputs were written); 4 when a checkpoint could not be written (the
+previous one stays valid; the message says where to continue); 70 on an internal error (a
+non-finite output reached the writer: refused, never printed); 128 + N on signal N.
 """
 
 from __future__ import annotations
