@@ -444,6 +444,8 @@ def _serve(args, model, engine, stop):
         out_fd = sys.stdout.fileno() if args.output == "-" else \
             os.open(args.output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     except OSError as exc:
+        if args.input != "-":
+            src.close()
         raise ValueError(f"--output: expected a writable file, got {args.output} "
                          f"({exc.strerror or exc})") from None
     if args.output == "-":
@@ -529,11 +531,13 @@ def _serve(args, model, engine, stop):
                 status, why = 3, f"the input could not be read ({end})"
                 break
             if ckpt is not None and dirty and time.monotonic() - last_ckpt >= args.checkpoint_every:
-                ckpt.write(engine, base_lines + lines_done, base_events + events)
+                try:
+                    ckpt.write(engine, base_lines + lines_done, base_events + events)
+                except OSError as exc:  # the last checkpoint written stays valid: stop there
+                    status, why = 4, f"the checkpoint could not be written ({exc.strerror or exc})"
+                    break
                 saved = base_lines + lines_done
                 last_ckpt, dirty = time.monotonic(), False
-    except OSError as exc:  # from a periodic checkpoint: the last one written stays valid
-        status, why = 4, f"the checkpoint could not be written ({exc.strerror or exc})"
     finally:
         if args.output != "-":
             os.close(out_fd)
