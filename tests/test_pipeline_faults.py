@@ -597,3 +597,6 @@ def test_resume_as_told_equals_an_uninterrupted_run(model_file, tmp_path):
         # The resumed run writes exactly the reference's outputs of the lines it was fed.
         later = [i for i, (line, _, _) in enumerate(good) if line >= res["start"]]
         assert res["out"].splitlines() == [ref_out[i] for i in later], (kind, seed)
+    # The runs stopped at different points (not all before the first checkpoint).
+    starts = {results[f"{kind}-{seed}"]["start"] for kind, seed in cases}
+    assert len(starts) > SEEDS and max(starts) > 1, starts
