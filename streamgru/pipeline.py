@@ -357,10 +357,10 @@ class _Undo:
     def __init__(self, engine, keys):
         self.engine = engine
         self.prior, self.new = {}, []
-        for k in dict.fromkeys(keys):
-            if k in engine:
+        for k in dict.fromkeys(keys):  # one engine call per distinct key: open keys are the rule
+            try:
                 self.prior[k] = engine.state(k)
-            else:
+            except KeyError:
                 self.new.append(k)
 
     def apply(self):
