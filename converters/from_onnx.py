@@ -170,12 +170,14 @@ def from_onnx(path_or_model, node=None, *, dtype=None) -> GRUModel:
     if node is not None and not isinstance(node, str):
         raise TypeError(f"node: expected a GRU node name (str) or None, got {node!r}")
     if isinstance(path_or_model, onnx.ModelProto):
-        layers = _Graph(model, "path_or_model").convert(node)
+        g = _Graph(model, "path_or_model")
+        layers = g.convert(node)
     else:
         # A graph that parses but does not hang together (a node missing inputs, a tensor of
         # an unknown type) makes the walker index and convert what is not there.
         with content_errors(path):
-            layers = _Graph(model, path).convert(node)
+            g = _Graph(model, path)
+            layers = g.convert(node)
     if dtype is not None:
         layers = [_cast_layer(layer, dtype) for layer in layers]
     return GRUModel(layers, source="onnx", notes=g.notes)

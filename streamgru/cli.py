@@ -13,13 +13,28 @@ import argparse
 import os
 import sys
 
-__all__ = ["main"]
+__all__ = ["main", "load_model_arg"]
+
+
+def load_model_arg(path, what="model"):
+    """``streamgru.load(path)``, with every failure (a foreign library's exception, an unreadable
+    file) turned into one ``ValueError`` naming the file, which the command reports with exit 2."""
+    from .formats import load
+
+    try:
+        return load(path)
+    except Exception as exc:  # noqa: BLE001 - converters raise whatever their libraries raise
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if not str(exc).startswith(str(path)) and not reason.startswith("path:"):
+            reason = f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
+        raise ValueError(f"{what}: expected a model file streamgru can load, got {path} "
+                         f"({reason})") from None
 
 
 def _info(args):
-    from .formats import _FOREIGN, load
+    from .formats import _FOREIGN
 
-    model = load(args.file)
+    model = load_model_arg(args.file, "file")
     ext = os.path.splitext(args.file)[1].lower()
     kind = _FOREIGN.get(ext, "streamgru native") if ext != ".sgru" else "streamgru native"
     print(f"file: {args.file} ({kind}); model source: {model.source or 'unknown'}")
@@ -43,9 +58,7 @@ def _act(a):
 
 
 def _convert(args):
-    from .formats import load
-
-    model = load(args.src)
+    model = load_model_arg(args.src, "src")
     if args.check:
         import converters
 
@@ -64,6 +77,8 @@ def _convert(args):
 def _demo(args):
     from .demo import main as demo_main
 
+    if args.model is not None:  # a bad model file is a usage error (exit 2), like in every verb
+        load_model_arg(args.model, "--model")
     return demo_main(args)
 
 

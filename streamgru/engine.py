@@ -42,6 +42,7 @@ import math
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -52,7 +53,7 @@ from .model import GRUModel
 from .packing import pack
 from .state import StateStore, normalize_key, raise_nul
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "LoadedState"]
 
 try:
     # numba.get/set_num_threads validate and re-launch the pool on every call (~0.7 and ~1 us);
@@ -98,6 +99,22 @@ RUN_WIDE_MIN_MACS = 150_000
 # rather than one dict lookup per key.
 INT_TABLE_MIN_ROWS = 64
 _DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+@dataclass(frozen=True)
+class LoadedState:
+    """What :meth:`Engine.load_state` read besides the states.
+
+    Attributes
+    ----------
+    metadata : dict or None
+        The ``metadata`` the snapshot was saved with (``Engine.save_state(path, metadata=...)``).
+    skipped : list
+        Keys whose saved state held NaN/inf and were left out (only with ``skip_nonfinite=True``).
+    """
+
+    metadata: dict | None
+    skipped: list
 
 
 class Engine:
@@ -492,13 +509,14 @@ class Engine:
     # ------------------------------------------------------------------------------------------
     # snapshots
 
-    def save_state(self, path):
+    def save_state(self, path, metadata=None):
         """Write every stream's key and state to ``path`` atomically (temp file, fsync, rename).
 
         The file records the model's fingerprint; ``load_state`` refuses it for another model. A
         stream's state never holds NaN/inf (no verb writes one); should one ever, the save is
         refused with NonFiniteError naming its keys rather than write a file that cannot be
-        loaded whole.
+        loaded whole. ``metadata`` (optional): a dict of JSON values saved in the same file by
+        the same atomic write, e.g. how much input the states cover; ``load_state`` returns it.
         """
         from .formats import save_state
 
@@ -508,7 +526,7 @@ class Engine:
             keys = list(store.recency if store.recency is not None else store.slot_of)
             slots = np.fromiter((self._store.slot_of[k] for k in keys), np.int64, len(keys))
             states = self._store.states[slots, :self.model.state_size]
-            save_state(path, keys, states, self.model.fingerprint)
+            save_state(path, keys, states, self.model.fingerprint, metadata)
 
     def load_state(self, path, skip_nonfinite=False):
         """Replace every stream by those saved in ``path`` (see ``save_state``).
@@ -529,12 +547,14 @@ class Engine:
 
         Returns
         -------
-        list
-            The keys left out (empty unless ``skip_nonfinite`` and the file held such states).
+        LoadedState
+            ``metadata``: the dict the file was saved with (None if it has none); ``skipped``:
+            the keys left out (empty unless ``skip_nonfinite`` and the file held such states).
         """
         from .formats import load_state
 
-        keys, states = load_state(path, self.model.fingerprint, self.model.state_size)
+        keys, states, metadata = load_state(path, self.model.fingerprint, self.model.state_size,
+                                            with_metadata=True)
         with np.errstate(over="ignore"):  # too large for the dtype becomes inf: handled below
             states = np.asarray(states, dtype=self.dtype)
         skipped = []
@@ -570,7 +590,7 @@ class Engine:
                 slots = np.fromiter((store.slot_of[k] for k in keys), np.int64, len(keys))
                 store.states[slots, :self.model.state_size] = states
             self._store = store
-        return skipped
+        return LoadedState(metadata, skipped)
 
     # ------------------------------------------------------------------------------------------
     # eviction (only when max_streams or idle_timeout is set; always under the lock)

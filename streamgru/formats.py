@@ -10,7 +10,9 @@ header's ``__metadata__`` says what the file is:
 * model files: ``config`` (layer configuration JSON), ``fingerprint`` (see
   ``GRUModel.fingerprint``), ``source``;
 * state files: ``model_fingerprint``, ``key_kind`` (``int``/``str``), ``count``, ``state_size``,
-  ``dtype``. Tensors ``states`` (count, state_size), and ``keys`` (int64) or ``key_bytes``
+  ``dtype``, and optionally ``metadata`` (a JSON object chosen by the caller, e.g. how much input a
+  checkpoint covers: it is written by the same atomic write as the states, so the two cannot
+  disagree). Tensors ``states`` (count, state_size), and ``keys`` (int64) or ``key_bytes``
   (uint8, UTF-8) + ``key_offsets`` (int64, count + 1).
 
 Files are parsed with explicit limits (header size, tensor extents within the file) before
@@ -435,12 +437,24 @@ def _model_from_bytes(buf: bytes, path) -> GRUModel:
 # state snapshots
 
 
-def save_state(path, keys, states, fingerprint):
+def save_state(path, keys, states, fingerprint, metadata=None):
     """Write keys + states atomically. ``keys``: list of all-int or all-str; ``states`` (n, S).
 
     A state holding NaN/inf is refused (NonFiniteError naming its keys, nothing written): a
-    snapshot must load back whole.
+    snapshot must load back whole. ``metadata``, if given, is a dict with str keys and JSON
+    values (finite numbers), stored in the same file, under the same checksum, and returned by
+    ``load_state(..., with_metadata=True)``.
     """
+    meta_json = None
+    if metadata is not None:
+        if not isinstance(metadata, dict) or not all(isinstance(k, str) for k in metadata):
+            raise TypeError(f"metadata: expected a dict with str keys or None, got "
+                            f"{type(metadata).__name__}")
+        try:
+            meta_json = json.dumps(metadata, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"metadata: expected JSON values (str, finite numbers, bool, None, "
+                             f"lists, dicts), got {exc}") from None
     n = len(keys)
     finite = np.isfinite(states).all(axis=1) if n else np.ones(0, bool)
     if not finite.all():
@@ -467,6 +481,8 @@ def save_state(path, keys, states, fingerprint):
         "state_size": tensors["states"].shape[1],
         "dtype": tensors["states"].dtype.name,
     }
+    if meta_json is not None:
+        meta["metadata"] = meta_json
     payload = _encode(tensors, meta)
     if len(payload) > MAX_STATE_BYTES:
         raise FormatError(f"path: expected a snapshot of at most {MAX_STATE_BYTES} bytes "
@@ -507,13 +523,14 @@ def _read_snapshot(path, what="path"):
     return read_file(path, what, length=size, limit=size)
 
 
-def load_state(path, fingerprint, state_size):
+def load_state(path, fingerprint, state_size, with_metadata=False):
     """Read a snapshot written by :func:`save_state` for the model with ``fingerprint``.
 
-    Returns (keys, states (n, state_size)). The states are returned as stored, NaN/inf
-    included: the caller decides what to do with such streams (Engine.load_state refuses them by
-    default, naming their keys, or skips them on request), so that one bad row never makes the
-    others unreadable.
+    Returns (keys, states (n, state_size)), and with ``with_metadata=True`` also the ``metadata``
+    dict the snapshot was saved with (None if it has none), read from the same bytes. The states
+    are returned as stored, NaN/inf included: the caller decides what to do with such streams
+    (Engine.load_state refuses them by default, naming their keys, or skips them on request), so
+    that one bad row never makes the others unreadable.
     """
     meta, t = _decode(_read_snapshot(path, "path"), path, STATE_FORMAT)
     if meta.get("model_fingerprint") != fingerprint:
@@ -541,9 +558,14 @@ def load_state(path, fingerprint, state_size):
             raise ValueError(f"key_kind {meta['key_kind']!r}")
         if len(keys) != n or len(set(keys)) != n:
             raise ValueError("duplicate or missing keys")
-    except (KeyError, ValueError, IndexError, UnicodeDecodeError) as exc:
+        metadata = None
+        if "metadata" in meta:
+            metadata = json.loads(meta["metadata"])
+            if not isinstance(metadata, dict):
+                raise ValueError(f"metadata {str(metadata)[:100]}, expected a JSON object")
+    except (KeyError, ValueError, IndexError, UnicodeDecodeError, RecursionError) as exc:
         raise FormatError(f"{path}: expected a consistent state snapshot, got {exc}") from None
-    return keys, states
+    return (keys, states, metadata) if with_metadata else (keys, states)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,59 +6,81 @@ out, in input order::
     {"key": "sensor-17", "x": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]}    ->  {"key": "sensor-17", "y": [...]}
 
 ``--format csv`` reads ``key,x1,...,xI`` rows instead (keys are then strings; a first line whose
-first field is ``key`` is a header and skipped). JSON keys are strings or integers, one kind per
-run (the first event decides, or the restored checkpoint); fields other than ``key`` and ``x``
-are ignored. Outputs are float32 values printed with 9 significant digits (float32 round-trips
-exactly), or 17 with ``--dtype float64``.
+first field is ``key`` is a header and skipped, unless the run resumes mid-input). JSON keys are
+strings or integers, one kind per run (the first event decides, or the restored checkpoint);
+fields other than ``key`` and ``x`` are ignored. Outputs are float32 values printed with 9
+significant digits (float32 round-trips exactly), or 17 with ``--dtype float64``.
 
 Micro-batches: lines are gathered until ``--max-batch`` events are waiting or ``--max-wait-ms``
 has passed since the first of them arrived, then stepped in one ``Engine.step`` call. A stream
 that appears several times in a batch is stepped once per event, in order, as if the events had
 come one by one.
 
-Malformed lines (not JSON or CSV, a missing key, a key of the other kind, ``x`` of the wrong
-width, non-numeric or non-finite values) are reported on stderr with their line number and
-skipped; nothing else is lost or reordered. With ``--strict`` the first one stops the run (exit
-status 1) after the events before it have been processed and checkpointed.
+Malformed lines (not UTF-8, not JSON or CSV, a missing key, a key of the other kind or with a
+NUL character, ``x`` of the wrong width, non-numeric or non-finite values, or values beyond
+float32's range in a float32 run) are reported on stderr with their line number and skipped.
+So are events the engine refuses (``NonFiniteError``: the step would make a state or output
+NaN or infinite): such an event changes nothing, as if its line were absent, and the batch's
+other events are stepped. Nothing else is lost or reordered. With ``--strict`` the first such
+line stops the run (exit status 1) after the events before it have been processed and
+checkpointed.
 
 Checkpoints (``--state FILE``)
 ------------------------------
-At start, FILE (if it exists) restores every stream. Then the states are written to FILE every
-``--checkpoint-every`` seconds (when something changed), at the end of the input, and on SIGTERM
-or SIGINT (the batch in hand is finished first; exit status 128 + signal number). Each write is
-atomic (``Engine.save_state``: temp file, fsync, rename), so a crash, even ``kill -9``, leaves the
-previous checkpoint or the new one, never a torn file.
+FILE is one state snapshot (``Engine.save_state``) whose metadata also records how much input
+its states cover: ``input_lines`` (every line up to and including the last one whose event is
+in the states, counting blank and malformed lines), ``events`` and ``input_format``. One atomic
+write (temp file, fsync, rename) stores both, so a crash, even ``kill -9``, leaves the previous
+checkpoint or the new one, each with its own exact line count, never a torn file and never a
+count of another write. At start, FILE (if it exists) restores every stream and the command says
+on stderr where to continue the input (line ``input_lines + 1``; line numbers count from the
+start of the logical input across restarts). A snapshot without that record (a plain
+``Engine.save_state`` file) is refused: the line to continue from cannot be known. The
+directory must be writable: that is checked before the first event.
 
-Beside FILE, ``FILE.json`` records how much input the checkpoint covers: ``input_lines`` (every
-line up to and including the last one whose event is in the states, counting blank and
-malformed lines) and ``events``, tied to FILE by its SHA-256. Line numbers count from the start
-of the logical input across restarts: after a restore, the first line read is line
-``input_lines + 1``. At start the command says on stderr which line to continue from. Events
-after the last checkpoint are not in the restored states: to continue every stream exactly,
-feed the input again from that line (e.g. ``tail -n +$((L + 1)) events.jsonl``); their outputs
-are then written a second time (at-least-once output, exactly-once state).
+The states are written to FILE every ``--checkpoint-every`` seconds (when something changed),
+at the end of the input, on SIGTERM or SIGINT (the batch in hand is finished first), and
+whenever the run stops early. A checkpoint covers exactly the events whose outputs were
+written: a batch whose outputs cannot be written (the reader is gone, the disk is full) is taken
+back from the states first. Feeding the input again from the line named (e.g. ``tail -n +$((L
++ 1)) events.jsonl``) then continues every stream exactly as an uninterrupted run would, bit
+for bit; outputs written after the checkpoint are written again (at-least-once output,
+exactly-once state). An output *file* that fails mid-batch is truncated back to the last whole
+batch, so resuming into the same file writes each output exactly once.
 
-Exit status: 0 at the end of the input, 1 on a malformed line with ``--strict``, 2 on a usage
-error (bad model file, bad option), 128 + N on signal N.
+Exit status: 0 at the end of the input; 1 on a malformed or refused line with ``--strict``; 2
+on a usage error, before any event is read (model file unloadable, bad option, unusable
+``--state``); 3 when the output or the input failed (input left unprocessed; the checkpoint
+covers the events whose outputs were written); 4 when a checkpoint could not be written (the
+previous one stays valid; the message says where to continue); 70 on an internal error (a
+non-finite output reached the writer: refused, never printed); 128 + N on signal N.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import os
 import queue
 import signal
+import stat
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 __all__ = ["add_arguments", "main", "parse_line"]
 
 _EOF = object()
+CHECKPOINT_KIND = "streamgru-run-checkpoint"
+CHECKPOINT_VERSION = 1
+# The smallest magnitude that rounds to infinity in float32 (2**128 - 2**103, halfway between
+# float32's largest finite value and 2**128): finite doubles at or above it overflow.
+_F32_OVERFLOW = float.fromhex("0x1.ffffffp127")
 
 
 def add_arguments(p):
@@ -82,7 +104,7 @@ def add_arguments(p):
     p.add_argument("--threads", type=int, default=None, help="Numba threads for large batches")
 
 
-def parse_line(text, fmt, input_size, key_kind=None):
+def parse_line(text, fmt, input_size, key_kind=None, dtype="float64"):
     """Parse one input line into ``(key, x)``, or raise ValueError saying what is wrong.
 
     Parameters
@@ -94,6 +116,9 @@ def parse_line(text, fmt, input_size, key_kind=None):
         The model's input width.
     key_kind : {None, int, str}
         The kind of key this run holds (None: any).
+    dtype : {"float64", "float32"}
+        The engine's dtype: with float32, a value that would overflow it (|x| >= 2**128 - 2**103,
+        e.g. ``1e39``) is refused like a non-finite one.
 
     Returns
     -------
@@ -153,11 +178,18 @@ def parse_line(text, fmt, input_size, key_kind=None):
     bad = [i for i, v in enumerate(x) if not math.isfinite(v)]
     if bad:
         raise ValueError(f"x: expected finite numbers, got {x[bad[0]]} at index {bad[0]}")
+    if dtype == "float32":
+        bad = [i for i, v in enumerate(x) if abs(v) >= _F32_OVERFLOW]
+        if bad:
+            raise ValueError(f"x: expected numbers within float32's range (|x| <= 3.4028235e38), "
+                             f"got {x[bad[0]]!r} at index {bad[0]}; --dtype float64 takes it")
     if isinstance(key, str):
         try:
             key.encode("utf-8")
         except UnicodeEncodeError:
             raise ValueError(f"key: expected a string encodable as UTF-8, got {key!r}") from None
+        if "\0" in key:
+            raise ValueError(f"key: expected a string without NUL characters, got {key!r}")
     if key_kind is not None and type(key) is not key_kind:
         kind = "an int" if key_kind is int else "a str"
         raise ValueError(f"key: expected {kind} key like this run's others (one kind per run), "
@@ -174,37 +206,61 @@ def _is_float(v):
 
 
 class _Checkpoint:
-    """The state file plus its ``.json`` sidecar (input lines and events it covers)."""
+    """The ``--state`` file: every stream's state plus, in the same file's metadata, how much input
+    those states cover. One atomic write (``Engine.save_state``) records both, so the line count
+    can never belong to another write than the states."""
 
-    def __init__(self, path):
+    def __init__(self, path, fmt):
         self.path = Path(path)
-        self.meta = Path(str(path) + ".json")
+        self.fmt = fmt
+
+    def probe(self):
+        """Refuse, before the first event, a directory where the checkpoint cannot be written
+        (missing, not a directory, read-only, full): create, write, fsync and remove a temp file."""
+        directory = self.path.parent if str(self.path.parent) else Path(".")
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".probe",
+                                       dir=directory)
+            try:
+                os.write(fd, b"streamgru run: checking that checkpoints can be written here\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                os.unlink(tmp)
+        except OSError as exc:
+            raise ValueError(f"--state: expected a file in a writable directory, got {self.path} "
+                             f"({exc.strerror or exc}); no event was read") from None
 
     def restore(self, engine):
-        """Load the states; return (input_lines, events) covered, or (None, None) if unknown."""
+        """Load the states; return the (input_lines, events) they cover, (0, 0) if no file yet."""
         if not self.path.exists():
             return 0, 0
-        engine.load_state(self.path)
-        try:
-            meta = json.loads(self.meta.read_text())
-            if meta.get("state_sha256") == _sha256(self.path):
-                return int(meta["input_lines"]), int(meta["events"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        return None, None
+        meta = engine.load_state(self.path).metadata
+        if not isinstance(meta, dict) or meta.get("kind") != CHECKPOINT_KIND:
+            raise ValueError(f"--state: expected a checkpoint written by streamgru run (states and "
+                             f"the input lines they cover, in one file), got a state snapshot "
+                             f"without a line count in {self.path} (saved by Engine.save_state or "
+                             f"an older streamgru run?); where to continue the input cannot be "
+                             f"known, so nothing was run. Give another --state file to start "
+                             f"from zero states")
+        if meta.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"--state: expected a {CHECKPOINT_KIND} of version "
+                             f"{CHECKPOINT_VERSION}, got version {meta.get('version')!r} in "
+                             f"{self.path}; this streamgru cannot resume from it")
+        lines, events = meta.get("input_lines"), meta.get("events")
+        if not all(type(v) is int and v >= 0 for v in (lines, events)) or events > lines:
+            raise ValueError(f"--state: expected input_lines >= events >= 0 in {self.path}, got "
+                             f"{lines!r} and {events!r}")
+        if meta.get("input_format") != self.fmt:
+            raise ValueError(f"--format: expected {meta.get('input_format')!r}, the format of the "
+                             f"input whose lines {self.path} counts, got {self.fmt!r}")
+        return lines, events
 
     def write(self, engine, lines, events):
-        from .formats import write_atomic
-
-        engine.save_state(self.path)
-        meta = {"format": "streamgru-run-checkpoint", "version": 1, "input_lines": lines,
-                "events": events, "streams": len(engine), "state_sha256": _sha256(self.path),
-                "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        write_atomic(self.meta, (json.dumps(meta, indent=1) + "\n").encode())
-
-
-def _sha256(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        engine.save_state(self.path, metadata={
+            "kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION, "input_lines": lines,
+            "events": events, "input_format": self.fmt,
+            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
 def _reader(stream, q):
@@ -213,43 +269,120 @@ def _reader(stream, q):
             q.put((i, raw))
     except Exception as exc:  # noqa: BLE001 - handed to the main thread, which reports it
         q.put(exc)
+        return
     q.put(_EOF)
 
 
 def _next_batch(q, max_batch, wait_s):
-    """Up to ``max_batch`` lines; waits at most ``wait_s`` after the first. (items, at_eof)."""
+    """Up to ``max_batch`` lines; waits at most ``wait_s`` after the first.
+
+    Returns (items, end): ``end`` is None (more may come), ``_EOF``, or the exception that
+    stopped the reader, after the lines read before it.
+    """
     items = []
     try:
         item = q.get(timeout=0.1)  # wake up regularly for checkpoints and signals
     except queue.Empty:
-        return items, False
+        return items, None
     deadline = time.monotonic() + wait_s
     while True:
-        if item is _EOF:
-            return items, True
-        if isinstance(item, Exception):
-            raise item
+        if item is _EOF or isinstance(item, Exception):
+            return items, item
         items.append(item)
         if len(items) >= max_batch:
-            return items, False
+            return items, None
         try:
             item = q.get_nowait()
         except queue.Empty:
             left = deadline - time.monotonic()
             if left <= 0:
-                return items, False
+                return items, None
             try:
                 item = q.get(timeout=left)
             except queue.Empty:
-                return items, False
+                return items, None
+
+
+def _step_batch(engine, keys, x, strict):
+    """Step a batch; an event the engine refuses is left out, as if its line were absent.
+
+    ``Engine.step`` changes nothing when it raises, so a refused batch is stepped again: with
+    ``NonFiniteError``, the events of the keys it names one at a time and the others in one call;
+    otherwise (or with ``strict``, which must stop at the first refusal in input order) every
+    event one at a time, in order.
+
+    Returns (done, y, refused): the indices stepped (increasing), their outputs ``(len(done),
+    output_size)``, and ``(index, reason)`` of each refused event. With ``strict``, ``done`` is
+    the prefix of the batch before the first refusal.
+    """
+    from .errors import NonFiniteError
+
+    n = len(keys)
+    try:
+        return list(range(n)), engine.step(keys, x), []
+    except NonFiniteError as exc:
+        suspects = set(exc.keys).intersection(keys)
+    except ValueError:
+        suspects = None
+    if strict or not suspects or n == 1:
+        together, alone = [], list(range(n))
+    else:
+        together = [i for i in range(n) if keys[i] not in suspects]
+        alone = [i for i in range(n) if keys[i] in suspects]
+    y = np.empty((n, engine.model.output_size), engine.dtype)
+    ok = np.zeros(n, bool)
+    refused = []
+    if together:
+        done, y_done, refused = _step_batch(engine, [keys[i] for i in together], x[together],
+                                            False)
+        idx = [together[i] for i in done]
+        y[idx], ok[idx] = y_done, True
+        refused = [(together[i], why) for i, why in refused]
+    for i in alone:
+        try:
+            y[i] = engine.step([keys[i]], x[i:i + 1])[0]
+            ok[i] = True
+        except ValueError as exc:
+            refused.append((i, str(exc)))
+            if strict:
+                break
+    done = np.flatnonzero(ok).tolist()
+    return done, y[done], sorted(refused)
+
+
+class _Undo:
+    """The states of a batch's streams before it was stepped, to take it back when its outputs
+    could not be delivered (then the checkpoint covers exactly the delivered events)."""
+
+    def __init__(self, engine, keys):
+        self.engine = engine
+        self.prior, self.new = {}, []
+        for k in dict.fromkeys(keys):  # one engine call per distinct key: open keys are the rule
+            try:
+                self.prior[k] = engine.state(k)
+            except KeyError:
+                self.new.append(k)
+
+    def apply(self):
+        for k, state in self.prior.items():
+            self.engine.set_state(k, state)
+        for k in self.new:
+            if k in self.engine:
+                self.engine.close(k)
+
+
+class _OutputError(Exception):
+    """The outputs of a batch could not be written (the reader is gone, the disk is full)."""
+
+
+class _NonFiniteOutput(Exception):
+    """A NaN or infinity reached the writer: a bug, refused rather than printed as invalid JSON."""
 
 
 def main(args):
     """Run the ``streamgru run`` verb (argparse namespace from :func:`add_arguments`)."""
-    import numpy as np
-
+    from .cli import load_model_arg
     from .engine import Engine
-    from .formats import load
 
     if args.max_batch < 1:
         raise ValueError(f"--max-batch: expected a positive int, got {args.max_batch}")
@@ -257,36 +390,11 @@ def main(args):
         raise ValueError(f"--max-wait-ms: expected a number >= 0, got {args.max_wait_ms}")
     if not args.checkpoint_every > 0:
         raise ValueError(f"--checkpoint-every: expected seconds > 0, got {args.checkpoint_every}")
-    model = load(args.model)
+    model = load_model_arg(args.model, "model")
     engine = Engine(model, dtype=args.dtype, threads=args.threads)
-    err = sys.stderr
-    ckpt = _Checkpoint(args.state) if args.state else None
-    base_lines = base_events = 0
-    if ckpt is not None:
-        existed = ckpt.path.exists()
-        lines, events = ckpt.restore(engine)
-        if lines is None:
-            print(f"streamgru run: restored {len(engine)} streams from {ckpt.path}, but "
-                  f"{ckpt.meta} is missing or belongs to another write: which input lines the "
-                  f"checkpoint covers is unknown; line numbers below start at 1", file=err)
-        elif existed:
-            base_lines, base_events = lines, events
-            print(f"streamgru run: restored {len(engine)} streams from {ckpt.path}: the "
-                  f"checkpoint covers input lines 1-{lines} ({events} events); continue the "
-                  f"input at line {lines + 1}", file=err)
-    keys_now = engine.keys()
-    key_kind = type(keys_now[0]) if keys_now else None
-    if args.format == "csv" and key_kind is int:
-        raise ValueError(f"--format csv: expected a checkpoint with string keys (CSV keys are "
-                         f"strings), got one with integer keys from {args.state}")
-
-    src = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")  # noqa: SIM115
-    out = sys.stdout.buffer if args.output == "-" else open(args.output, "ab")  # noqa: SIM115
-    q = queue.Queue(maxsize=64 * args.max_batch)
-    threading.Thread(target=_reader, args=(src, q), daemon=True, name="streamgru-reader").start()
-
-    stop = []
-    previous = {}
+    # From here on a SIGTERM or SIGINT only asks the run to stop after the batch in hand (and
+    # before the first one if it comes during the restore): the checkpoint is always written.
+    stop, previous = [], {}
 
     def on_signal(signum, frame):
         stop.append(signum)
@@ -296,30 +404,87 @@ def main(args):
             previous[sig] = signal.signal(sig, on_signal)
         except ValueError:  # not the main thread: no signal handling
             pass
+    try:
+        return _serve(args, model, engine, stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve(args, model, engine, stop):
+    """The body of :func:`main` once the engine exists; ``stop`` collects the signals received.
+    Returns the exit status."""
+
+    err = sys.stderr
+    ckpt = _Checkpoint(args.state, args.format) if args.state else None
+    base_lines = base_events = 0
+    if ckpt is not None:
+        existed = ckpt.path.exists()
+        base_lines, base_events = ckpt.restore(engine)
+        ckpt.probe()
+        if existed:
+            print(f"streamgru run: restored {len(engine)} streams from {ckpt.path}: the "
+                  f"checkpoint covers input lines 1-{base_lines} ({base_events} events); continue "
+                  f"the input at line {base_lines + 1}", file=err)
+        else:
+            print(f"streamgru run: no checkpoint in {ckpt.path} yet: every stream starts from "
+                  f"zeros; the input starts at line 1", file=err)
+    keys_now = engine.keys()
+    key_kind = type(keys_now[0]) if keys_now else None
+    if args.format == "csv" and key_kind is int:
+        raise ValueError(f"--format csv: expected a checkpoint with string keys (CSV keys are "
+                         f"strings), got one with integer keys from {args.state}")
+
+    try:
+        src = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")  # noqa: SIM115
+    except OSError as exc:
+        raise ValueError(f"--input: expected a readable file, got {args.input} "
+                         f"({exc.strerror or exc})") from None
+    try:
+        out_fd = sys.stdout.fileno() if args.output == "-" else \
+            os.open(args.output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as exc:
+        if args.input != "-":
+            src.close()
+        raise ValueError(f"--output: expected a writable file, got {args.output} "
+                         f"({exc.strerror or exc})") from None
+    if args.output == "-":
+        sys.stdout.flush()
+    q = queue.Queue(maxsize=64 * args.max_batch)
+    threading.Thread(target=_reader, args=(src, q), daemon=True, name="streamgru-reader").start()
 
     fmt32 = args.dtype == "float32"
     n_in = model.input_size
-    lines_done = events = skipped = 0
-    header_seen = args.format != "csv"
-    last_ckpt, dirty, status = time.monotonic(), False, 0
+    lines_done = events = skipped = refused_lines = 0
+    # After a restore the input continues mid-file: its first line is not a CSV header.
+    header_seen = args.format != "csv" or base_lines > 0
+    last_ckpt, dirty, status, why = time.monotonic(), False, 0, None
+    saved = base_lines  # input lines covered by the checkpoint file as it is now
     try:
-        at_eof = False
-        while not at_eof and not stop:
-            items, at_eof = _next_batch(q, args.max_batch, args.max_wait_ms / 1000.0)
-            keys, rows, last_line, failed = [], [], None, False
+        end = None
+        while end is None and not stop:
+            items, end = _next_batch(q, args.max_batch, args.max_wait_ms / 1000.0)
+            keys, rows, ev_lines, last_line, failed = [], [], [], None, False
             for i, raw in items:
                 line_no = base_lines + i
-                text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-                if not text.strip():
+                try:
+                    text = raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as exc:
+                    text, bad_utf8 = None, (f"expected UTF-8 text, got byte "
+                                            f"0x{raw[exc.start]:02x} at byte {exc.start + 1}")
+                if text is not None and not text.strip():
                     last_line = i
                     continue
-                if not header_seen:
+                if text is not None and not header_seen:
                     header_seen = True
                     if text.split(",", 1)[0].strip().strip('"').lower() == "key":
                         last_line = i
                         continue
+                header_seen = True
                 try:
-                    key, x = parse_line(text, args.format, n_in, key_kind)
+                    if text is None:
+                        raise ValueError(bad_utf8)
+                    key, x = parse_line(text, args.format, n_in, key_kind, args.dtype)
                 except ValueError as exc:
                     if args.strict:
                         print(f"streamgru run: line {line_no}: {exc}; stopping (--strict)", file=err)
@@ -333,46 +498,108 @@ def main(args):
                     key_kind = type(key)
                 keys.append(key)
                 rows.append(x)
+                ev_lines.append(i)
                 last_line = i
             if keys:
-                y = engine.step(keys, np.asarray(rows, dtype=engine.dtype))
-                _write(out, keys, y, fmt32)
-                events += len(keys)
+                undo = _Undo(engine, keys) if ckpt is not None else None
+                done, y, refused = _step_batch(engine, keys, np.asarray(rows, engine.dtype),
+                                               args.strict)
+                for j, reason in refused:
+                    action = "stopping (--strict)" if args.strict else "skipped"
+                    print(f"streamgru run: line {base_lines + ev_lines[j]}: refused by the "
+                          f"engine: {reason}; {action}", file=err)
+                refused_lines += 0 if args.strict else len(refused)
+                try:
+                    _write(out_fd, [keys[j] for j in done], y, fmt32)
+                except (_OutputError, _NonFiniteOutput) as exc:
+                    if undo is not None:
+                        undo.apply()
+                    status = 70 if isinstance(exc, _NonFiniteOutput) else 3
+                    why = str(exc)
+                    break
+                events += len(done)
+                if refused and args.strict:
+                    lines_done, dirty, status = ev_lines[refused[0][0]] - 1, True, 1
+                    break
             if last_line is not None:
                 lines_done = last_line
                 dirty = True
             if failed:
                 status = 1
                 break
+            if isinstance(end, Exception):
+                status, why = 3, f"the input could not be read ({end})"
+                break
             if ckpt is not None and dirty and time.monotonic() - last_ckpt >= args.checkpoint_every:
-                ckpt.write(engine, base_lines + lines_done, base_events + events)
+                try:
+                    ckpt.write(engine, base_lines + lines_done, base_events + events)
+                except OSError as exc:  # the last checkpoint written stays valid: stop there
+                    status, why = 4, f"the checkpoint could not be written ({exc.strerror or exc})"
+                    break
+                saved = base_lines + lines_done
                 last_ckpt, dirty = time.monotonic(), False
-    except BrokenPipeError:
-        # The reader of our output is gone (e.g. `| head`): stop quietly, checkpoint below.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if ckpt is not None:
-            ckpt.write(engine, base_lines + lines_done, base_events + events)
-            print(f"streamgru run: checkpoint {ckpt.path}: input lines 1-{base_lines + lines_done}, "
-                  f"{base_events + events} events, {len(engine)} streams", file=err)
-        if skipped:
-            print(f"streamgru run: {skipped} malformed line(s) skipped", file=err)
         if args.output != "-":
-            out.close()
+            os.close(out_fd)
         if args.input != "-":
             src.close()
+    covered = base_lines + lines_done
+    if ckpt is not None and status != 4:
+        try:
+            ckpt.write(engine, covered, base_events + events)
+            saved = covered
+        except OSError as exc:
+            status, why = 4, f"the checkpoint could not be written ({exc.strerror or exc})"
+    if ckpt is not None and status == 4:
+        state = f"{ckpt.path} still holds the previous checkpoint, which covers input lines " \
+            f"1-{saved}" if ckpt.path.exists() else f"no checkpoint was written to {ckpt.path}"
+        print(f"streamgru run: stopped: {why}; {state}: continue the input at line {saved + 1}",
+              file=err)
+    elif ckpt is not None:
+        print(f"streamgru run: checkpoint {ckpt.path}: input lines 1-{covered}, "
+              f"{base_events + events} events, {len(engine)} streams", file=err)
+    if why is not None and status != 4:
+        print(f"streamgru run: stopped: {why}; the input from line {covered + 1} on was not "
+              f"processed" + (f": continue it at line {covered + 1}" if ckpt else ""), file=err)
+    if skipped:
+        print(f"streamgru run: {skipped} malformed line(s) skipped", file=err)
+    if refused_lines:
+        print(f"streamgru run: {refused_lines} line(s) refused by the engine skipped", file=err)
     if stop:
         return 128 + stop[0]
     return status
 
 
-def _write(out, keys, y, fmt32):
+def _write(fd, keys, y, fmt32):
+    """Write one JSON line per output row to ``fd``, all of them or raise ``_OutputError``.
+
+    ``y`` must be finite: JSON has no NaN or infinity, and the engine refuses steps that would
+    produce them, so a non-finite value here is a bug, refused before anything is written. When
+    ``fd`` is a regular file, a failed write is truncated away, so the file ends with the last
+    batch written whole.
+    """
+    if not np.isfinite(y).all():
+        bad = int(np.flatnonzero(~np.isfinite(y).all(axis=1))[0])
+        raise _NonFiniteOutput(f"internal error: the engine returned a non-finite output for key "
+                               f"{keys[bad]!r} (a bug; nothing was written for this batch)")
     spec = "%.9g" if fmt32 else "%.17g"
     parts = []
     for key, row in zip(keys, y.tolist()):
         vals = ",".join(spec % v for v in row)
         parts.append(f'{{"key": {json.dumps(key)}, "y": [{vals}]}}\n')
-    out.write("".join(parts).encode())
-    out.flush()
+    data = memoryview("".join(parts).encode())
+    size = None
+    try:
+        st = os.fstat(fd)
+        size = st.st_size if stat.S_ISREG(st.st_mode) else None
+        while data:
+            data = data[os.write(fd, data):]
+    except OSError as exc:
+        if size is not None:
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+        what = "the reader of the output is gone" if isinstance(exc, BrokenPipeError) else \
+            f"the output could not be written ({exc.strerror or exc})"
+        raise _OutputError(what) from None

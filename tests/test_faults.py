@@ -161,7 +161,7 @@ def test_one_bad_row_in_a_snapshot_does_not_cost_the_others(tmp_path):
         eng.load_state(path)
     assert info.value.keys == [17]
     assert_unchanged(eng, before)
-    assert eng.load_state(path, skip_nonfinite=True) == [17]
+    assert eng.load_state(path, skip_nonfinite=True).skipped == [17]
     assert len(eng) == 999 and 17 not in eng
     np.testing.assert_array_equal(eng.state(999), states[999])
 
@@ -181,7 +181,7 @@ def test_float64_snapshot_with_values_beyond_float32_is_refused_by_a_float32_eng
     with pytest.raises(NonFiniteError, match=r"too large for float32\) in the states of key\(s\) 2"):
         eng.load_state(tmp_path / "s.sgru")
     assert len(eng) == 0
-    assert eng.load_state(tmp_path / "s.sgru", skip_nonfinite=True) == [2]
+    assert eng.load_state(tmp_path / "s.sgru", skip_nonfinite=True).skipped == [2]
     np.testing.assert_array_equal(eng.state(1), np.full(MODEL.state_size, 0.25, np.float32))
 
 

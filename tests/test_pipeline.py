@@ -11,6 +11,7 @@ import oracle
 import pytest
 
 from streamgru import GRUModel
+from streamgru.formats import load_state
 from streamgru.pipeline import parse_line
 
 CMD = [sys.executable, "-m", "streamgru.cli", "run"]
@@ -46,6 +47,11 @@ def oracle_outputs(model, events):
 def parse_outputs(text):
     rows = [json.loads(line) for line in text.splitlines()]
     return [r["key"] for r in rows], np.array([r["y"] for r in rows])
+
+
+def checkpoint_meta(model, state):
+    """The checkpoint record of a ``--state`` file, read with its states from the same bytes."""
+    return load_state(state, model.fingerprint, model.state_size, with_metadata=True)[2]
 
 
 def run(args, stdin, timeout=120):
@@ -120,7 +126,7 @@ def test_strict_stops_at_the_first_malformed_line_after_the_events_before_it(mod
     keys, ys = parse_outputs(r.stdout)
     assert keys == [k for k, _ in events[:8]]
     np.testing.assert_allclose(ys, oracle_outputs(model, events[:8]), atol=1e-5, rtol=0)
-    meta = json.loads((tmp_path / "s.sgst.json").read_text())
+    meta = checkpoint_meta(model, state)
     assert (meta["input_lines"], meta["events"]) == (8, 8)
 
 
@@ -137,13 +143,13 @@ def _feed(p, events):
     return [p.stdout.readline() for _ in events]  # blocks until each event was processed
 
 
-def _wait_for_checkpoint(meta_path, lines, timeout=30.0):
+def _wait_for_checkpoint(model, state, lines, timeout=30.0):
     t_end = time.monotonic() + timeout
     while time.monotonic() < t_end:
         try:
-            if json.loads(meta_path.read_text())["input_lines"] >= lines:
+            if checkpoint_meta(model, state)["input_lines"] >= lines:
                 return
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError):
             pass
         time.sleep(0.05)
     raise AssertionError(f"no checkpoint covering {lines} lines within {timeout} s")
@@ -153,12 +159,12 @@ def test_kill_9_sigterm_and_restart_continue_every_stream_from_the_checkpoint(mo
     model, path = model_file
     events = make_events(150, seed=5)
     expect = oracle_outputs(model, events)
-    state, meta_path = tmp_path / "s.sgst", tmp_path / "s.sgst.json"
+    state = tmp_path / "s.sgst"
 
     # 1. 100 events, wait for a checkpoint that covers them, 30 more, then kill -9.
     p = _start(path, state)
     out = _feed(p, events[:100])
-    _wait_for_checkpoint(meta_path, 100)
+    _wait_for_checkpoint(model, state, 100)
     out += _feed(p, events[100:130])
     p.kill()
     p.wait(timeout=30)
@@ -167,7 +173,7 @@ def test_kill_9_sigterm_and_restart_continue_every_stream_from_the_checkpoint(mo
     p.stderr.close()
     _, ys = parse_outputs("".join(out))
     np.testing.assert_allclose(ys, expect[:130], atol=1e-5, rtol=0)
-    L = json.loads(meta_path.read_text())["input_lines"]
+    L = checkpoint_meta(model, state)["input_lines"]
     assert 100 <= L <= 130  # events L+1..130 were processed but are not in the checkpoint
 
     # 2. Restart: the checkpoint says where to continue; feed from there, then SIGTERM.
@@ -177,7 +183,7 @@ def test_kill_9_sigterm_and_restart_continue_every_stream_from_the_checkpoint(mo
     _, err = p.communicate(timeout=30)
     assert p.returncode == 128 + signal.SIGTERM, err
     assert f"covers input lines 1-{L} ({L} events); continue the input at line {L + 1}" in err
-    assert json.loads(meta_path.read_text())["input_lines"] == 140
+    assert checkpoint_meta(model, state)["input_lines"] == 140
     _, ys = parse_outputs("".join(out))
     np.testing.assert_allclose(ys, expect[L:140], atol=1e-5, rtol=0)
 
@@ -188,17 +194,7 @@ def test_kill_9_sigterm_and_restart_continue_every_stream_from_the_checkpoint(mo
     assert "continue the input at line 141" in err
     _, ys = parse_outputs(rest)
     np.testing.assert_allclose(ys, expect[140:], atol=1e-5, rtol=0)
-    assert json.loads(meta_path.read_text())["input_lines"] == 150
-
-
-def test_a_stale_sidecar_is_reported_not_trusted(model_file, tmp_path):
-    model, path = model_file
-    state = tmp_path / "s.sgst"
-    assert run([path, "--state", state], jsonl(make_events(5))).returncode == 0
-    (tmp_path / "s.sgst.json").write_text(json.dumps({"input_lines": 3, "events": 3,
-                                                       "state_sha256": "0" * 64}))
-    r = run([path, "--state", state], "")
-    assert r.returncode == 0 and "is missing or belongs to another write" in r.stderr
+    assert checkpoint_meta(model, state)["input_lines"] == 150
 
 
 def test_usage_errors_exit_2(model_file, tmp_path):
