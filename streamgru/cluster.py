@@ -85,7 +85,7 @@ import numpy as np
 from .engine import float_matrix
 from .errors import FormatError, NonFiniteError
 from .model import GRUModel
-from .state import normalize_key, raise_nul
+from .state import check_str_keys, normalize_key
 
 __all__ = ["ShardedEngine", "ShardLostError", "StepFuture", "shard_of", "start_local_ray",
            "run_cluster_benchmark", "MANIFEST_FORMAT"]
@@ -183,9 +183,7 @@ def _canonical_keys(keys, kind, what):
             ks, got = keys.astype(np.int64, copy=False), int
         elif keys.dtype.kind == "U":
             ks, got = keys.tolist(), str
-            if "\x00" in "".join(ks):  # as Engine: a NUL could alias another key (state.py)
-                i = next(i for i, k in enumerate(ks) if "\x00" in k)
-                raise_nul(ks[i], f"{what}[{i}]")
+            check_str_keys(ks, what)  # as Engine: NULs could alias, surrogates cannot be saved
         else:
             raise TypeError(f"{what}: expected integer or str keys, got an array of dtype "
                             f"{keys.dtype}")

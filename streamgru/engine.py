@@ -51,7 +51,7 @@ from . import kernels as K
 from .errors import NonFiniteError
 from .model import GRUModel
 from .packing import pack
-from .state import StateStore, normalize_key, raise_nul
+from .state import StateStore, check_str_keys, normalize_key
 
 __all__ = ["Engine", "LoadedState"]
 
@@ -690,9 +690,8 @@ class Engine:
             if keys.dtype.kind == "u" and keys.size and keys.max() > np.iinfo(np.int64).max:
                 raise ValueError(f"{what}: expected keys within int64, got {keys.max()}")
             ks = keys.tolist()
-            if keys.dtype.kind == "U" and "\x00" in "".join(ks):  # trailing NULs are gone already
-                i = next(i for i, k in enumerate(ks) if "\x00" in k)
-                raise_nul(ks[i], f"{what}[{i}]")
+            if keys.dtype.kind == "U":  # NULs (trailing ones are gone already), surrogates
+                check_str_keys(ks, what)
             # The array's dtype says every key's kind: check one, not each.
             self._store.check_kind(ks[:1], what)
             return ks

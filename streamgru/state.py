@@ -28,7 +28,7 @@ import numpy as np
 
 from . import kernels as K
 
-__all__ = ["StateStore", "normalize_key"]
+__all__ = ["StateStore", "normalize_key", "check_str_keys"]
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 
@@ -36,8 +36,8 @@ _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 def normalize_key(key, what="key"):
     """Return the canonical form of one key (a Python int or str), or raise TypeError/ValueError."""
     if isinstance(key, str):
-        if "\x00" in key:
-            raise_nul(key, what)
+        if "\x00" in key or not key.isascii():
+            _check_str_key(key, what)
         return key
     if isinstance(key, (bool, np.bool_)):
         raise TypeError(f"{what}: expected an int or str stream key, got bool {key!r}")
@@ -47,6 +47,35 @@ def normalize_key(key, what="key"):
             raise ValueError(f"{what}: expected an int within int64, got {k}")
         return k
     raise TypeError(f"{what}: expected an int or str stream key, got {type(key).__name__} {key!r}")
+
+
+def _check_str_key(key, what):
+    """Refuse a str key holding NUL or not encodable as UTF-8 (a lone surrogate): snapshots store
+    keys as UTF-8, so such a stream could never be saved. Checked at the boundary, before a call
+    evicts or opens anything."""
+    if "\x00" in key:
+        raise_nul(key, what)
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{what}: expected a str encodable as UTF-8, got {key!r} ({exc.reason} "
+                         f"at index {exc.start})") from None
+
+
+def check_str_keys(keys, what):
+    """:func:`_check_str_key` for a list of str keys (e.g. from a numpy str array): one scan of
+    their concatenation, then a search for the culprit only when it fails."""
+    joined = "".join(keys)
+    if "\x00" not in joined and joined.isascii():
+        return
+    try:
+        joined.encode("utf-8")
+        if "\x00" not in joined:
+            return
+    except UnicodeEncodeError:
+        pass
+    for i, k in enumerate(keys):
+        _check_str_key(k, f"{what}[{i}]")
 
 
 def raise_nul(key, what):
@@ -192,14 +221,8 @@ class StateStore:
         A str key must be encodable as UTF-8 (a lone surrogate is not): snapshots store keys in
         UTF-8, and a stream that could not be saved is refused here, when it is opened.
         """
-        if isinstance(key, str) and "\x00" in key:
-            raise_nul(key, "key")
-        if isinstance(key, str) and not key.isascii():
-            try:
-                key.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise ValueError(f"key: expected a str encodable as UTF-8, got {key!r} ({exc.reason} "
-                                 f"at index {exc.start})") from None
+        if isinstance(key, str) and ("\x00" in key or not key.isascii()):
+            _check_str_key(key, "key")
         if not self.free:
             self.grow(1)
         if self.itable is not None and type(key) is int:

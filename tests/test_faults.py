@@ -224,6 +224,20 @@ def test_str_keys_with_nul_are_refused_everywhere(call):
     assert_unchanged(eng, before)
 
 
+@pytest.mark.parametrize("keys", [["", "\ud800"], np.array(["", "x\udc00"])])
+def test_a_key_that_cannot_be_saved_is_refused_before_anything_is_evicted(keys):
+    # A lone surrogate cannot be written to a snapshot (UTF-8): it was refused only when the
+    # stream was opened, after a bounded engine had already evicted a stream to make room.
+    evicted = []
+    eng = Engine(MODEL, max_streams=2, on_evict=lambda k, s: evicted.append(k))
+    eng.step(["k0", "k1"], np.zeros((2, I)))
+    before = snapshot(eng)
+    with pytest.raises(ValueError, match=r"keys\[1\]: expected a str encodable as UTF-8"):
+        eng.step(keys, np.zeros((2, I)))
+    assert evicted == []
+    assert_unchanged(eng, before)
+
+
 def test_sharded_engine_key_validation_refuses_nul():
     from streamgru.cluster import shard_of  # placement only: no Ray needed
 
