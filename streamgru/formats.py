@@ -509,7 +509,7 @@ def _read_snapshot(path, what="path"):
             IndexError, TypeError, ValueError) as exc:
         if isinstance(exc, FormatError):
             raise
-        raise FormatError(f"{path}: expected a safetensors header, got unreadable bytes "
+        raise FormatError(f"{path}: expected a JSON header, got unreadable bytes "
                           f"({type(exc).__name__}: {str(exc)[:200]})") from exc
     size = 8 + hlen + end
     if size > MAX_STATE_BYTES:

@@ -408,10 +408,10 @@ def test_every_verb_reports_a_model_that_cannot_be_loaded_with_exit_2(
         assert len(err.splitlines()) == 1 and f"got {model}" in err, err
         assert err.startswith(f"streamgru {verb}: error: ")
 
-    def unreadable(path):
+    def unreadable(path, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(streamgru.formats.Path, "read_bytes", unreadable)
+    monkeypatch.setattr(streamgru.formats, "read_file", unreadable)
     assert cli_main([str(a) for a in argv(good)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"got {good}" in err and "PermissionError" in err, err
