@@ -336,23 +336,15 @@ def test_functional_branch_is_refused(tmp_path):
         from_keras(path)
 
 
-def test_functional_extra_call_argument_is_refused(tmp_path):
+@pytest.mark.parametrize("kwarg, value, message", [
+    ("constants", [1], r"expected a plain call layer\(x\), got extra call arguments \['constants'\]"),
+    ("initial_state", [1], r"expected initial_state to be a model input tensor, got 1"),
+])
+def test_functional_call_arguments_we_cannot_map_are_refused(tmp_path, kwarg, value, message):
     def edit(cfg):
-        _func_layer(cfg, "encoder")["inbound_nodes"][0]["kwargs"]["constants"] = [1]
+        _func_layer(cfg, "encoder")["inbound_nodes"][0]["kwargs"][kwarg] = value
     path = _edit_keras("keras_func_reset_before.keras", tmp_path / "m.keras", edit)
-    with pytest.raises(UnsupportedModelError,
-                       match=r"layer 'encoder' \(GRU\): expected a plain call layer\(x\), got "
-                             r"extra call arguments \['constants'\]"):
-        from_keras(path)
-
-
-def test_functional_initial_state_not_a_tensor_is_refused(tmp_path):
-    def edit(cfg):
-        _func_layer(cfg, "encoder")["inbound_nodes"][0]["kwargs"]["initial_state"] = [1]
-    path = _edit_keras("keras_func_reset_before.keras", tmp_path / "m.keras", edit)
-    with pytest.raises(UnsupportedModelError,
-                       match=r"layer 'encoder' \(GRU\): expected initial_state to be a model "
-                             r"input tensor, got 1"):
+    with pytest.raises(UnsupportedModelError, match=r"layer 'encoder' \(GRU\): " + message):
         from_keras(path)
 
 

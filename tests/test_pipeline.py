@@ -10,19 +10,11 @@ import numpy as np
 import oracle
 import pytest
 
-from streamgru import GRUModel
 from streamgru.formats import load_state
 from streamgru.pipeline import parse_line
 
 CMD = [sys.executable, "-m", "streamgru.cli", "run"]
 
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory):
-    model = GRUModel.random(3, [5, 4], dense_after=[(2, "tanh")], seed=3)
-    path = tmp_path_factory.mktemp("run") / "m.sgru"
-    model.save(path)
-    return model, path
 
 
 def make_events(n, keys=("a", "b", "c", "d", "e"), seed=0):

@@ -29,14 +29,6 @@ from streamgru.formats import load_state, save_state
 from streamgru.pipeline import parse_line
 
 
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory):
-    model = GRUModel.random(3, [5, 4], dense_after=[(2, "tanh")], seed=3)
-    path = tmp_path_factory.mktemp("faults") / "m.sgru"
-    model.save(path)
-    return model, path
-
-
 def run_in_process(args, capsys):
     """``streamgru run ARGS`` in this process; returns (exit status, stderr)."""
     status = cli_main(["run", *map(str, args)])
