@@ -1,6 +1,7 @@
 """The ``streamgru`` command: one small function per verb.
 
-``streamgru info FILE``       describe a model file of any supported type
+``streamgru info [FILE]``     describe a model file of any supported type, and the compiled
+                             product tile (vector width, tile shape) of this machine
 ``streamgru convert SRC -o OUT.sgru [--check]``  import a foreign model into the native format
 ``streamgru demo``            many simulated streams through one engine, with latency figures
 ``streamgru run MODEL``       the engine in a shell pipeline: events in, one output line per event
@@ -17,6 +18,11 @@ __all__ = ["main"]
 
 
 def _info(args):
+    from .isa import TILE
+
+    if args.file is None:
+        print(f"kernels: {TILE.describe()}")
+        return 0
     from .formats import _FOREIGN, load
 
     model = load(args.file)
@@ -32,6 +38,7 @@ def _info(args):
         else:
             print(f"  layer {i}: dense activation={_act(layer.activation)}")
     print(f"fingerprint: {model.fingerprint}")
+    print(f"kernels: {TILE.describe()}")
     return 0
 
 
@@ -81,8 +88,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="streamgru", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("info", help="describe a model file")
-    p.add_argument("file")
+    p = sub.add_parser("info", help="describe a model file and the kernels' product tile")
+    p.add_argument("file", nargs="?", default=None,
+                   help="model file (omit it to show only the product tile in use)")
     p.set_defaults(func=_info)
 
     p = sub.add_parser("convert", help="import a foreign model into the native .sgru format")

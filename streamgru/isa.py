@@ -127,7 +127,13 @@ def make_config(name, cpu, registers, fma, forced=False) -> TileConfig:
 _PROBE = """
 target triple = "{triple}"
 declare <16 x float> @llvm.fma.v16f32(<16 x float>, <16 x float>, <16 x float>)
-define void @probe(ptr %p) #0 {{
+define void @probe_add(ptr %p) #0 {{
+  %a = load <16 x float>, ptr %p
+  %b = fadd <16 x float> %a, %a
+  store <16 x float> %b, ptr %p
+  ret void
+}}
+define void @probe_fma(ptr %p) #0 {{
   %a = load <16 x float>, ptr %p
   %b = call <16 x float> @llvm.fma.v16f32(<16 x float> %a, <16 x float> %a, <16 x float> %a)
   store <16 x float> %b, ptr %p
@@ -146,19 +152,23 @@ def numba_target():
 
 def probe(triple, cpu, features):
     """(vector bytes, has FMA) of an LLVM target, from the assembly LLVM emits for a 64-byte
-    fused multiply-add: the widest registers it uses, and whether it calls ``fmaf`` instead.
-    This reads the CPU name's defaults as LLVM does when the feature string is empty."""
+    add (the widest registers it uses) and a 64-byte fused multiply-add (whether it calls libm's
+    ``fmaf`` instead). This reads the CPU name's defaults as LLVM does when ``features`` is
+    empty, and lets explicit features override them."""
     import llvmlite.binding as ll
 
+    if triple != ll.get_process_triple():  # Numba initialises only the host's target
+        ll.initialize_all_targets()
+        ll.initialize_all_asmprinters()
     module = ll.parse_assembly(_PROBE.format(triple=triple))
     tm = ll.Target.from_triple(triple).create_target_machine(cpu=cpu, features=features, opt=2)
     asm = tm.emit_assembly(module)
-    fma = "fmaf" not in asm
+    add, _, fma = asm.partition("probe_fma:")
     if triple.startswith(("x86_64", "i386", "i686")):
-        vec = 64 if "zmm" in asm else 32 if "ymm" in asm else 16
+        vec = 64 if "zmm" in add else 32 if "ymm" in add else 16
     else:
         vec = 16
-    return vec, fma
+    return vec, "fmaf" not in fma
 
 
 def select(target=None, forced=None) -> TileConfig:
