@@ -9,11 +9,13 @@ The packed model (see :mod:`streamgru.packing`) reaches a kernel as three arrays
 
 Weight panels. A product ``y = W v + b`` with W (M, K) is stored as ``ceil(M / NR)`` panels; panel p
 is ``W[p*NR:(p+1)*NR, :].T`` laid out (K, NR) row-major (rows past M are zero), followed elsewhere
-by the bias padded to a multiple of NR. ``NR = 128 / itemsize`` (two 64-byte vectors: 32 float32
-or 16 float64). The product kernel (``_tile*``) keeps an (MR rows x NR columns) block of outputs in
-vector registers while it streams one panel over k, broadcasting one input value per row: the
-layout of a BLAS micro-kernel, written in LLVM IR because Numba cannot keep a vector accumulator
-in registers otherwise. Gathering tiles (``_gtile*``) read input row r from ``A[rows[r]]``: the
+by the bias padded to a multiple of NR. ``NR = 2 * VEC_BYTES / itemsize``: two vectors of the
+target (:mod:`streamgru.isa` picks ``VEC_BYTES`` and the tile shapes from the CPU Numba compiles
+for: 32 float32 columns with AVX-512, 16 with AVX2, 8 with 16-byte vectors). The product kernel
+(``_tile*``) keeps an (MR rows x NP panels x NR columns) block of outputs in vector registers
+while it streams the panels over k, broadcasting one input value per row: the layout of a BLAS
+micro-kernel, written in LLVM IR because Numba cannot keep a vector accumulator in registers
+otherwise. Gathering tiles (``_gtile*``) read input row r from ``A[rows[r]]``: the
 step kernels' products read the batch's inputs and the streams' states in place.
 
 Per-call arrays:
@@ -81,7 +83,7 @@ def panel_width(dtype):
 # the product micro-kernel
 
 
-def _make_tile(MR, KU, gather, NP=1, fused=True):
+def _make_tile(MR, KU, gather, NP=1, fused=True, resume=False):
     """An intrinsic computing ``C[ci+r, cj:cj+NP*NR] = A[ai+r, ak:ak+K] @ panels + bias`` for
     r < MR.
 
@@ -90,7 +92,11 @@ def _make_tile(MR, KU, gather, NP=1, fused=True):
     MR*KU*NP*2 vector registers; KU > 1 splits k over independent accumulators, NP > 1 takes
     several panels at once: either hides the FMA latency when few rows share each weight load.
     ``fused`` uses LLVM's fma (one rounding); without it a multiply then an add (targets that
-    have no fused multiply-add would otherwise call libm's fmaf for every lane).
+    have no fused multiply-add would otherwise call libm's fmaf for every lane). With
+    ``resume`` the accumulators start from C's block instead of the bias: the product over k
+    continues where a tile over the previous k range stopped (``woff`` and ``ak`` then point at
+    that k, and ``boff`` is unused). C is stored and reloaded in its own dtype, exactly, so the
+    sums are the same bits as in one pass.
 
     With ``gather`` the intrinsic takes an int64 array ``rows`` after A and reads input row r from
     A[rows[ai+r], ak:ak+K]: products read the batch's inputs and the streams' states where they
@@ -148,10 +154,17 @@ def _make_tile(MR, KU, gather, NP=1, fused=True):
             def madd(x, y, z):
                 return builder.fadd(builder.fmul(x, y), z)
         zero = ir.Constant(vty, None)
-        bias = [[builder.load(builder.bitcast(builder.gep(bbase, [c64(j * NR + v * VW)]), vptr),
-                              align=4) for v in range(2)] for j in range(NP)]
-        acc = [[[[cgutils.alloca_once_value(builder, bias[j][v] if u == 0 else zero)
-                  for v in range(2)] for j in range(NP)] for u in range(KU)] for _ in range(MR)]
+        bias = [] if resume else [
+            [builder.load(builder.bitcast(builder.gep(bbase, [c64(j * NR + v * VW)]), vptr),
+                          align=4) for v in range(2)] for j in range(NP)]
+        if resume:
+            init = [[[builder.load(builder.bitcast(builder.gep(
+                cbase, [builder.add(builder.mul(c64(r), ldc), c64(j * NR + v * VW))]), vptr),
+                align=4) for v in range(2)] for j in range(NP)] for r in range(MR)]
+        else:
+            init = [bias] * MR
+        acc = [[[[cgutils.alloca_once_value(builder, init[r][j][v] if u == 0 else zero)
+                  for v in range(2)] for j in range(NP)] for u in range(KU)] for r in range(MR)]
         und = ir.Constant(vty, ir.Undefined)
         bmask = ir.Constant(ir.VectorType(i32, VW), [0] * VW)
 
@@ -204,7 +217,7 @@ def _make_tile(MR, KU, gather, NP=1, fused=True):
     return tile
 
 
-def _make_tile_python(MR, KU, gather, NP=1, fused=True):
+def _make_tile_python(MR, KU, gather, NP=1, fused=True, resume=False):
     """The same product in numpy, for NUMBA_DISABLE_JIT=1 runs (intrinsics need the compiler)."""
 
     def tile(A, *rest):
@@ -216,7 +229,8 @@ def _make_tile_python(MR, KU, gather, NP=1, fused=True):
             src = A[ai:ai + MR, ak:ak + K]
         nr = 2 * VEC_BYTES // P.itemsize
         W = P[woff:woff + NP * K * nr].reshape(NP, K, nr).transpose(1, 0, 2).reshape(K, NP * nr)
-        C[ci:ci + MR, cj:cj + NP * nr] = src @ W + P[boff:boff + NP * nr]
+        start = C[ci:ci + MR, cj:cj + NP * nr] if resume else P[boff:boff + NP * nr]
+        C[ci:ci + MR, cj:cj + NP * nr] = src @ W + start
 
     return tile
 
@@ -248,13 +262,17 @@ else:
     # tile computes it, so a batch gives bit-identical results to separate calls. The few-row
     # tiles take several panels instead (and one panel for a product's last panels).
     _tile_a = _make(_MR_A, 1, False, _NP_A, TILE.fma)
+    _tile_ar = _make(_MR_A, 1, False, _NP_A, TILE.fma, True)
     _tile_b = _make(_MR_B, 1, False, _NP_B, TILE.fma)
+    _tile_br = _make(_MR_B, 1, False, _NP_B, TILE.fma, True)
     _tile_c = _make(_MR_C, 1, False, _NP_C, TILE.fma)
     _tile_c1 = _make(_MR_C, 1, False, 1, TILE.fma)
     _tile_d = _make(_MR_D, 1, False, _NP_D, TILE.fma)
     _tile_d1 = _make(_MR_D, 1, False, 1, TILE.fma)
     _gtile_a = _make(_MR_A, 1, True, _NP_A, TILE.fma)
+    _gtile_ar = _make(_MR_A, 1, True, _NP_A, TILE.fma, True)
     _gtile_b = _make(_MR_B, 1, True, _NP_B, TILE.fma)
+    _gtile_br = _make(_MR_B, 1, True, _NP_B, TILE.fma, True)
     _gtile_c = _make(_MR_C, 1, True, _NP_C, TILE.fma)
     _gtile_c1 = _make(_MR_C, 1, True, 1, TILE.fma)
     _gtile_d = _make(_MR_D, 1, True, _NP_D, TILE.fma)
@@ -311,7 +329,13 @@ def _gemm_rows_ksplit(params, woff, boff, K, p0, p1, src, rows, s0, dst, d0, r0,
 # The fitted product covers a row range with tiles of one height, the last one shifted back to
 # end at r1 when the height does not divide the range: it recomputes a few rows, to the same
 # values (every tile sums in the same order; no product writes columns it reads), rather than
-# finishing with short tiles whose few accumulators wait on the FMA latency.
+# finishing with short tiles whose few accumulators wait on the FMA latency. The full tiles
+# take the panel in blocks of PANEL_BLOCK_BYTES of k (resuming from the outputs stored after
+# the previous block, which is exact), so that the block stays in L1 while every tile of the
+# range passes over it; the shifted last tile runs over all of k in one go (from the bias, so
+# that rows it shares with the tile before it get the same values again, not twice the sum).
+# Half of a 32 KiB L1d, the other half for the rows' inputs.
+PANEL_BLOCK_BYTES = 16384
 
 
 @njit(**_JIT)
@@ -324,23 +348,32 @@ def _gemm_fit(params, woff, boff, K, p0, p1, src, s0, dst, d0, r0, r1):
     nr = 2 * VEC_BYTES // params.itemsize
     m = r1 - r0
     if m >= _MR_B:
+        kc = PANEL_BLOCK_BYTES // (nr * params.itemsize)
         for p in range(p0, p1):
             w = woff + p * K * nr
             b = boff + p * nr
             c = d0 + p * nr
             if m >= _MR_A:
-                i = r0
-                while i + _MR_A <= r1:
-                    _tile_a(src, i, s0, K, params, w, b, dst, i, c)
-                    i += _MR_A
-                if i < r1:
+                e = r1 - m % _MR_A
+                for k0 in range(0, K, kc):
+                    kn = min(kc, K - k0)
+                    for i in range(r0, e, _MR_A):
+                        if k0 == 0:
+                            _tile_a(src, i, s0, kn, params, w, b, dst, i, c)
+                        else:
+                            _tile_ar(src, i, s0 + k0, kn, params, w + k0 * nr, b, dst, i, c)
+                if e < r1:
                     _tile_a(src, r1 - _MR_A, s0, K, params, w, b, dst, r1 - _MR_A, c)
             else:
-                i = r0
-                while i + _MR_B <= r1:
-                    _tile_b(src, i, s0, K, params, w, b, dst, i, c)
-                    i += _MR_B
-                if i < r1:
+                e = r1 - m % _MR_B
+                for k0 in range(0, K, kc):
+                    kn = min(kc, K - k0)
+                    for i in range(r0, e, _MR_B):
+                        if k0 == 0:
+                            _tile_b(src, i, s0, kn, params, w, b, dst, i, c)
+                        else:
+                            _tile_br(src, i, s0 + k0, kn, params, w + k0 * nr, b, dst, i, c)
+                if e < r1:
                     _tile_b(src, r1 - _MR_B, s0, K, params, w, b, dst, r1 - _MR_B, c)
     elif m >= _MR_C:
         p = p0
@@ -379,23 +412,32 @@ def _gemm_rows_fit(params, woff, boff, K, p0, p1, src, rows, s0, dst, d0, r0, r1
     nr = 2 * VEC_BYTES // params.itemsize
     m = r1 - r0
     if m >= _MR_B:
+        kc = PANEL_BLOCK_BYTES // (nr * params.itemsize)
         for p in range(p0, p1):
             w = woff + p * K * nr
             b = boff + p * nr
             c = d0 + p * nr
             if m >= _MR_A:
-                i = r0
-                while i + _MR_A <= r1:
-                    _gtile_a(src, rows, i, s0, K, params, w, b, dst, i, c)
-                    i += _MR_A
-                if i < r1:
+                e = r1 - m % _MR_A
+                for k0 in range(0, K, kc):
+                    kn = min(kc, K - k0)
+                    for i in range(r0, e, _MR_A):
+                        if k0 == 0:
+                            _gtile_a(src, rows, i, s0, kn, params, w, b, dst, i, c)
+                        else:
+                            _gtile_ar(src, rows, i, s0 + k0, kn, params, w + k0 * nr, b, dst, i, c)
+                if e < r1:
                     _gtile_a(src, rows, r1 - _MR_A, s0, K, params, w, b, dst, r1 - _MR_A, c)
             else:
-                i = r0
-                while i + _MR_B <= r1:
-                    _gtile_b(src, rows, i, s0, K, params, w, b, dst, i, c)
-                    i += _MR_B
-                if i < r1:
+                e = r1 - m % _MR_B
+                for k0 in range(0, K, kc):
+                    kn = min(kc, K - k0)
+                    for i in range(r0, e, _MR_B):
+                        if k0 == 0:
+                            _gtile_b(src, rows, i, s0, kn, params, w, b, dst, i, c)
+                        else:
+                            _gtile_br(src, rows, i, s0 + k0, kn, params, w + k0 * nr, b, dst, i, c)
+                if e < r1:
                     _gtile_b(src, rows, r1 - _MR_B, s0, K, params, w, b, dst, r1 - _MR_B, c)
     elif m >= _MR_C:
         p = p0
