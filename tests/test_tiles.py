@@ -132,6 +132,22 @@ def test_products_longer_than_a_panel_block(dtype):
         np.testing.assert_allclose(y, y_ref, atol=TOL[dtype], rtol=0)
 
 
+def test_serial_blocks_when_the_weights_outgrow_l2():
+    """1.5 MB of weights (H=256) and 300 rows: the serial kernel's taller blocks (if this build
+    uses them) against the oracle and, bit for bit, separate calls."""
+    model = GRUModel.random(256, [256], seed=4)
+    assert (model.layers[0].W.size + model.layers[0].R.size) * 4 > K.L2_BYTES
+    n = 300
+    rng = np.random.default_rng(9)
+    batch, single = Engine(model, threads=1), Engine(model, threads=1)
+    x = rng.normal(size=(n, 256)).astype(np.float32)
+    y = batch.step(list(range(n)), x)
+    np.testing.assert_array_equal(y, np.concatenate([single.step([k], x[k:k + 1])
+                                                     for k in range(n)]))
+    y_ref, _ = oracle.step(model, np.zeros((n, model.state_size)), x.astype(np.float64))
+    np.testing.assert_allclose(y, y_ref, atol=TOL["float32"], rtol=0)
+
+
 def _host_runs_haswell_code():
     if not ll.get_process_triple().startswith("x86_64"):
         return False
