@@ -127,16 +127,16 @@ def make_config(name, cpu, registers, fma, forced=False) -> TileConfig:
 _PROBE = """
 target triple = "{triple}"
 declare <16 x float> @llvm.fma.v16f32(<16 x float>, <16 x float>, <16 x float>)
-define void @probe_add(ptr %p) #0 {{
-  %a = load <16 x float>, ptr %p
+define void @probe_add({ptr} %p) #0 {{
+  %a = load <16 x float>, {ptr} %p
   %b = fadd <16 x float> %a, %a
-  store <16 x float> %b, ptr %p
+  store <16 x float> %b, {ptr} %p
   ret void
 }}
-define void @probe_fma(ptr %p) #0 {{
-  %a = load <16 x float>, ptr %p
+define void @probe_fma({ptr} %p) #0 {{
+  %a = load <16 x float>, {ptr} %p
   %b = call <16 x float> @llvm.fma.v16f32(<16 x float> %a, <16 x float> %a, <16 x float> %a)
-  store <16 x float> %b, ptr %p
+  store <16 x float> %b, {ptr} %p
   ret void
 }}
 attributes #0 = {{ "min-legal-vector-width"="512" }}
@@ -154,15 +154,23 @@ def probe(triple, cpu, features):
     """(vector bytes, has FMA) of an LLVM target, from the assembly LLVM emits for a 64-byte
     add (the widest registers it uses) and a 64-byte fused multiply-add (whether it calls libm's
     ``fmaf`` instead). This reads the CPU name's defaults as LLVM does when ``features`` is
-    empty, and lets explicit features override them."""
+    empty, and lets explicit features override them. A target LLVM cannot compile for here
+    gives (16, False): the vec16 tile with separate multiply and add is correct everywhere."""
     import llvmlite.binding as ll
 
-    if triple != ll.get_process_triple():  # Numba initialises only the host's target
-        ll.initialize_all_targets()
-        ll.initialize_all_asmprinters()
-    module = ll.parse_assembly(_PROBE.format(triple=triple))
-    tm = ll.Target.from_triple(triple).create_target_machine(cpu=cpu, features=features, opt=2)
-    asm = tm.emit_assembly(module)
+    try:
+        if triple != ll.get_process_triple():  # Numba initialises only the host's target
+            ll.initialize_all_targets()
+            ll.initialize_all_asmprinters()
+        try:
+            module = ll.parse_assembly(_PROBE.format(triple=triple, ptr="ptr"))
+        except RuntimeError:  # LLVM before opaque pointers (llvmlite < 0.44)
+            module = ll.parse_assembly(_PROBE.format(triple=triple, ptr="<16 x float>*"))
+        tm = ll.Target.from_triple(triple).create_target_machine(cpu=cpu, features=features,
+                                                                 opt=2)
+        asm = tm.emit_assembly(module)
+    except RuntimeError:
+        return 16, False
     add, _, fma = asm.partition("probe_fma:")
     if triple.startswith(("x86_64", "i386", "i686")):
         vec = 64 if "zmm" in add else 32 if "ymm" in add else 16

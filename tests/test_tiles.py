@@ -47,6 +47,11 @@ def test_aarch64_gets_16_byte_vectors_with_fma():
     assert (t.name, t.vec_bytes, t.registers, t.fma, t.k_split) == ("vec16", 16, 32, True, 1)
 
 
+def test_a_target_llvm_cannot_build_for_gets_the_portable_tile():
+    t = isa.select(("nosuchcpu-unknown-none", "x", ""), forced="")
+    assert (t.name, t.vec_bytes, t.fma) == ("vec16", 16, False)
+
+
 def test_avx512_configuration_is_the_tuned_one():
     # The tile the kernels were tuned with on AVX-512: 64-byte vectors, 6/4/2/1 rows, one panel,
     # k split in two; 32 float32 (16 float64) columns per panel.
