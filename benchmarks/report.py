@@ -20,7 +20,15 @@ def table(path):
     rows = {}
     for r in data["results"]:
         rows.setdefault((r["workload"], r["threads"]), {})[r["contender"]] = r
-    out = [HEAD, "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = []
+    tile = data.get("machine", {}).get("tile")
+    if tile:  # recorded since the tile follows the CPU (streamgru.isa)
+        shapes = " ".join(f"{r}x{p}" for r, p in zip(tile["rows"], tile["panels"]))
+        out += [f"Kernels: `{tile['name']}` tile for `{tile['cpu']}` ({tile['vec_bytes']}-byte "
+                f"vectors, {tile['registers']} registers, tiles {shapes} rows x panels, k split "
+                f"{tile['k_split']}, NR {tile['panel_width_float32']} float32)"
+                f"{' FORCED' if tile.get('forced') else ''}.", ""]
+    out += [HEAD, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (wl, t), rs in rows.items():
         sgr = rs["streamgru"]
         sg = sgr["median_us"]

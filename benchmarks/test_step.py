@@ -36,7 +36,7 @@ def test_workload(benchmark, case):
     except ImportError as exc:
         pytest.skip(f"{name}: {exc}")
     benchmark.group = wl.name
-    benchmark.extra_info.update({k: INFO[k] for k in ("cpu", "cores", "numba", "numpy")})
+    benchmark.extra_info.update({k: INFO[k] for k in ("cpu", "cores", "numba", "numpy", "tile")})
     benchmark.extra_info.update(c.info())
     benchmark.extra_info.update(contender=name, threads=threads, removed_env=REMOVED_ENV,
                                 events=wl.seq or wl.n)

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import Engine, GRUModel
+from .isa import TILE
 
 __all__ = [
     "Workload",
@@ -616,6 +617,7 @@ def machine_info():
     from . import __version__
 
     info["streamgru"] = __version__
+    info["tile"] = TILE.as_dict()
     return info
 
 
@@ -811,6 +813,7 @@ def run_bench(args):
     info["command"] = " ".join(["streamgru", "bench"] + getattr(args, "argv", sys.argv[2:]))
     print(f"streamgru bench: {len(wls)} workloads x {len(contenders)} contenders x threads "
           f"{threads}; {info['cpu']}, {info['cores']} cores", flush=True)
+    print(f"kernels: {TILE.describe()}", flush=True)
     results = []
     t0 = time.perf_counter()
     for i, wl in enumerate(wls):

@@ -1,6 +1,7 @@
 """The ``streamgru`` command: one small function per verb.
 
-``streamgru info FILE``       describe a model file of any supported type
+``streamgru info [FILE]``     describe a model file of any supported type, and the compiled
+                             product tile (vector width, tile shape) of this machine
 ``streamgru convert SRC -o OUT.sgru [--check]``  import a foreign model into the native format
 ``streamgru demo``            many simulated streams through one engine, with latency figures
 ``streamgru run MODEL``       the engine in a shell pipeline: events in, one output line per event
@@ -32,6 +33,11 @@ def load_model_arg(path, what="model"):
 
 
 def _info(args):
+    from .isa import TILE
+
+    if args.file is None:
+        print(f"kernels: {TILE.describe()}")
+        return 0
     from .formats import _FOREIGN
 
     model = load_model_arg(args.file, "file")
@@ -49,6 +55,7 @@ def _info(args):
     for note in model.notes:
         print(f"  note: {note}")
     print(f"fingerprint: {model.fingerprint}")
+    print(f"kernels: {TILE.describe()}")
     return 0
 
 
@@ -98,8 +105,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="streamgru", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("info", help="describe a model file")
-    p.add_argument("file")
+    p = sub.add_parser("info", help="describe a model file and the kernels' product tile")
+    p.add_argument("file", nargs="?", default=None,
+                   help="model file (omit it to show only the product tile in use)")
     p.set_defaults(func=_info)
 
     p = sub.add_parser("convert", help="import a foreign model into the native .sgru format")

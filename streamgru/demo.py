@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from .formats import load
+from .isa import TILE
 from .model import GRUModel
 
 __all__ = ["DATA_DIR", "DEFAULT_MODEL", "DefaultData", "DemoResult", "load_default", "make_workload",
@@ -482,6 +483,7 @@ def _table(r, model, path, label, w, threads, ort_note, out):
     n_rec, T = int(w.seq.max()) + 1, w.steps
     p = lambda *a: print(*a, file=out)  # noqa: E731
     p(f"model     {path}: {layers}")
+    p(f"kernels   {TILE.describe()}")
     p(f"workload  {r.streams} simulated devices replaying {min(n_rec, r.streams)} {label} "
       f"recordings ({T} steps at 10 Hz) from random start ticks; micro-batches of {r.batch} events")
     p("")

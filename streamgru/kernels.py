@@ -9,11 +9,13 @@ The packed model (see :mod:`streamgru.packing`) reaches a kernel as three arrays
 
 Weight panels. A product ``y = W v + b`` with W (M, K) is stored as ``ceil(M / NR)`` panels; panel p
 is ``W[p*NR:(p+1)*NR, :].T`` laid out (K, NR) row-major (rows past M are zero), followed elsewhere
-by the bias padded to a multiple of NR. ``NR = 128 / itemsize`` (two 64-byte vectors: 32 float32
-or 16 float64). The product kernel (``_tile*``) keeps an (MR rows x NR columns) block of outputs in
-vector registers while it streams one panel over k, broadcasting one input value per row: the
-layout of a BLAS micro-kernel, written in LLVM IR because Numba cannot keep a vector accumulator
-in registers otherwise. Gathering tiles (``_gtile*``) read input row r from ``A[rows[r]]``: the
+by the bias padded to a multiple of NR. ``NR = 2 * VEC_BYTES / itemsize``: two vectors of the
+target (:mod:`streamgru.isa` picks ``VEC_BYTES`` and the tile shapes from the CPU Numba compiles
+for: 32 float32 columns with AVX-512, 16 with AVX2, 8 with 16-byte vectors). The product kernel
+(``_tile*``) keeps an (MR rows x NP panels x NR columns) block of outputs in vector registers
+while it streams the panels over k, broadcasting one input value per row: the layout of a BLAS
+micro-kernel, written in LLVM IR because Numba cannot keep a vector accumulator in registers
+otherwise. Gathering tiles (``_gtile*``) read input row r from ``A[rows[r]]``: the
 step kernels' products read the batch's inputs and the streams' states in place.
 
 Per-call arrays:
@@ -55,6 +57,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .activations import FASTMATH
+from .isa import TILE
 
 # table columns: per layer
 (T_KIND, T_IN, T_OUT, T_W, T_BW, T_NPW, T_R, T_BR, T_NPR, T_RN, T_BRN, T_NPRN, T_F, T_G, T_LBR,
@@ -66,33 +69,50 @@ NT = 24
 F_FA, F_FB, F_GA, F_GB, F_CLIP = range(5)
 NF = 5
 KIND_GRU, KIND_DENSE = 0, 1
-VEC_BYTES = 64  # one AVX-512 register; on narrower CPUs LLVM splits each vector op in two
+# Bytes per vector of the product tiles: the target's registers (streamgru.isa picks the tile).
+VEC_BYTES = TILE.vec_bytes
 # Rows per block of the row-parallel kernel, and the most rows one block may hold.
 ROW_BLOCK = 64
 MIN_BLOCKS = 4
+# Rows per block of the serial kernel when the weights are larger than L2_BYTES (a typical L2 of
+# one core, 512 KiB-2 MiB): see _serial_block. Measured with the fitted tiles; the k-split
+# (AVX-512) build keeps the blocks it was tuned with.
+SERIAL_BIG_BLOCK = 256 if TILE.k_split == 1 else ROW_BLOCK
+L2_BYTES = 1 << 20
 # A wave of fewer rows than this runs serially inside the parallel kernel.
 SERIAL_WAVE_ROWS = 32
 # Return code of a step/run kernel whose result would have held NaN/inf (state restored).
 PRODUCED_NONFINITE = -2
 
-_JIT = dict(cache=True, fastmath=FASTMATH, error_model="numpy", nogil=True)
+# Numba keys its on-disk cache by the target CPU, not by the tile chosen at import: the tile
+# follows from the target unless STREAMGRU_TILE forces one, and then nothing is cached (a forced
+# build must neither load another tile's kernels nor leave its own for a normal process).
+_JIT = dict(cache=not TILE.forced, fastmath=FASTMATH, error_model="numpy", nogil=True)
 
 
 def panel_width(dtype):
     """NR: the number of output columns one weight panel holds for ``dtype``."""
-    return 2 * VEC_BYTES // np.dtype(dtype).itemsize
+    return TILE.panel_width(dtype)
 
 
 # ----------------------------------------------------------------------------------------------
 # the product micro-kernel
 
 
-def _make_tile(MR, KU, gather):
-    """An intrinsic computing ``C[ci+r, cj:cj+NR] = A[ai+r, ak:ak+K] @ panel + bias`` for r < MR.
+def _make_tile(MR, KU, gather, NP=1, fused=True, resume=False):
+    """An intrinsic computing ``C[ci+r, cj:cj+NP*NR] = A[ai+r, ak:ak+K] @ panels + bias`` for
+    r < MR.
 
-    ``panel`` is params[woff:woff+K*NR] as (K, NR), the bias params[boff:boff+NR]. Accumulators
-    live in MR*KU*2 vector registers; KU > 1 splits k over independent accumulators to hide the
-    FMA latency when few rows share each weight load.
+    Panel j (j < NP) is params[woff+j*K*NR : woff+(j+1)*K*NR] as (K, NR), its bias
+    params[boff+j*NR : boff+(j+1)*NR] (consecutive panels of one product). Accumulators live in
+    MR*KU*NP*2 vector registers; KU > 1 splits k over independent accumulators, NP > 1 takes
+    several panels at once: either hides the FMA latency when few rows share each weight load.
+    ``fused`` uses LLVM's fma (one rounding); without it a multiply then an add (targets that
+    have no fused multiply-add would otherwise call libm's fmaf for every lane). With
+    ``resume`` the accumulators start from C's block instead of the bias: the product over k
+    continues where a tile over the previous k range stopped (``woff`` and ``ak`` then point at
+    that k, and ``boff`` is unused). C is stored and reloaded in its own dtype, exactly, so the
+    sums are the same bits as in one pass.
 
     With ``gather`` the intrinsic takes an int64 array ``rows`` after A and reads input row r from
     A[rows[ai+r], ak:ak+K]: products read the batch's inputs and the streams' states where they
@@ -135,28 +155,50 @@ def _make_tile(MR, KU, gather):
         cbase = builder.gep(c.data, [builder.add(builder.mul(ci_, ldc), cj_)])
         wbase = builder.gep(p.data, [woff_])
         bbase = builder.gep(p.data, [boff_])
-        fma = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vty, [vty, vty, vty]),
-            f"llvm.fma.v{VW}f{dt.bitwidth}")
+        wpan = [wbase]
+        if NP > 1:
+            kstride = builder.mul(K_, c64(NR))
+            wpan += [builder.gep(wbase, [builder.mul(kstride, c64(j))]) for j in range(1, NP)]
+        if fused:
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vty, [vty, vty, vty]),
+                f"llvm.fma.v{VW}f{dt.bitwidth}")
+
+            def madd(x, y, z):
+                return builder.call(fma, [x, y, z])
+        else:
+            def madd(x, y, z):
+                return builder.fadd(builder.fmul(x, y), z)
         zero = ir.Constant(vty, None)
-        bias = [builder.load(builder.bitcast(builder.gep(bbase, [c64(v * VW)]), vptr), align=4)
-                for v in range(2)]
-        acc = [[[cgutils.alloca_once_value(builder, bias[v] if u == 0 else zero)
-                 for v in range(2)] for u in range(KU)] for _ in range(MR)]
+        bias = [] if resume else [
+            [builder.load(builder.bitcast(builder.gep(bbase, [c64(j * NR + v * VW)]), vptr),
+                          align=4) for v in range(2)] for j in range(NP)]
+        if resume:
+            init = [[[builder.load(builder.bitcast(builder.gep(
+                cbase, [builder.add(builder.mul(c64(r), ldc), c64(j * NR + v * VW))]), vptr),
+                align=4) for v in range(2)] for j in range(NP)] for r in range(MR)]
+        else:
+            init = [bias] * MR
+        acc = [[[[cgutils.alloca_once_value(builder, init[r][j][v] if u == 0 else zero)
+                  for v in range(2)] for j in range(NP)] for u in range(KU)] for r in range(MR)]
         und = ir.Constant(vty, ir.Undefined)
         bmask = ir.Constant(ir.VectorType(i32, VW), [0] * VW)
 
         def body(k, u):
-            wk = builder.gep(wbase, [builder.mul(k, c64(NR))])
-            wv = [builder.load(builder.bitcast(builder.gep(wk, [c64(v * VW)]), vptr),
-                               align=4) for v in range(2)]
+            koff = builder.mul(k, c64(NR))
+            wv = []
+            for j in range(NP):
+                wk = builder.gep(wpan[j], [koff])
+                wv.append([builder.load(builder.bitcast(builder.gep(wk, [c64(v * VW)]), vptr),
+                                        align=4) for v in range(2)])
             for r in range(MR):
                 s = builder.load(builder.gep(arow[r], [k]))
                 bv = builder.shuffle_vector(builder.insert_element(und, s, ir.Constant(i32, 0)),
                                             und, bmask)
-                for v in range(2):
-                    slot = acc[r][u][v]
-                    builder.store(builder.call(fma, [bv, wv[v], builder.load(slot)]), slot)
+                for j in range(NP):
+                    for v in range(2):
+                        slot = acc[r][u][j][v]
+                        builder.store(madd(bv, wv[j][v], builder.load(slot)), slot)
 
         if KU == 1:
             with cgutils.for_range(builder, K_) as loop:
@@ -171,12 +213,13 @@ def _make_tile(MR, KU, gather):
                 body(builder.add(builder.mul(kq, c64(KU)), loop.index), 0)
         for r in range(MR):
             crow = builder.gep(cbase, [builder.mul(c64(r), ldc)])
-            for v in range(2):
-                tot = builder.load(acc[r][0][v])
-                for u in range(1, KU):
-                    tot = builder.fadd(tot, builder.load(acc[r][u][v]))
-                builder.store(tot, builder.bitcast(builder.gep(crow, [c64(v * VW)]), vptr),
-                              align=4)
+            for j in range(NP):
+                for v in range(2):
+                    tot = builder.load(acc[r][0][j][v])
+                    for u in range(1, KU):
+                        tot = builder.fadd(tot, builder.load(acc[r][u][j][v]))
+                    builder.store(tot, builder.bitcast(builder.gep(crow, [c64(j * NR + v * VW)]),
+                                                       vptr), align=4)
         return context.get_dummy_value()
 
     if gather:
@@ -190,7 +233,7 @@ def _make_tile(MR, KU, gather):
     return tile
 
 
-def _make_tile_python(MR, KU, gather):
+def _make_tile_python(MR, KU, gather, NP=1, fused=True, resume=False):
     """The same product in numpy, for NUMBA_DISABLE_JIT=1 runs (intrinsics need the compiler)."""
 
     def tile(A, *rest):
@@ -201,27 +244,59 @@ def _make_tile_python(MR, KU, gather):
             ai, ak, K, P, woff, boff, C, ci, cj = rest
             src = A[ai:ai + MR, ak:ak + K]
         nr = 2 * VEC_BYTES // P.itemsize
-        W = P[woff:woff + K * nr].reshape(K, nr)
-        C[ci:ci + MR, cj:cj + nr] = src @ W + P[boff:boff + nr]
+        W = P[woff:woff + NP * K * nr].reshape(NP, K, nr).transpose(1, 0, 2).reshape(K, NP * nr)
+        start = C[ci:ci + MR, cj:cj + NP * nr] if resume else P[boff:boff + NP * nr]
+        C[ci:ci + MR, cj:cj + NP * nr] = src @ W + start
 
     return tile
 
 
-# Every tile splits k over the same two accumulator sets (KU=2), so a row's result has the same
-# rounding whichever tile computes it: a batch gives bit-identical results to separate calls.
 _make = _make_tile_python if config.DISABLE_JIT else _make_tile
-_tile6 = _make(6, 2, False)
-_tile4 = _make(4, 2, False)
-_tile2 = _make(2, 2, False)
-_tile1 = _make(1, 2, False)
-_gtile6 = _make(6, 2, True)
-_gtile4 = _make(4, 2, True)
-_gtile2 = _make(2, 2, True)
-_gtile1 = _make(1, 2, True)
+# The tile shapes of TILE (see streamgru.isa): rows of the tiles, largest first, and the panels
+# each computes at once. _gemm* below are written for four shapes.
+_MR_A, _MR_B, _MR_C, _MR_D = TILE.rows
+_NP_A, _NP_B, _NP_C, _NP_D = TILE.panels
+_KU = TILE.k_split
+# Panels a one-row product takes at once (1 with the k-split tile): parallel kernels hand out
+# panel groups of this size so that every thread uses the widest one-row tile.
+PANEL_GROUP = TILE.panel_group
+
+if _KU > 1:
+    # Every tile splits k over the same two accumulator sets (KU=2), so a row's result has the
+    # same rounding whichever tile computes it: a batch gives bit-identical results to separate
+    # calls.
+    _tile6 = _make(6, 2, False)
+    _tile4 = _make(4, 2, False)
+    _tile2 = _make(2, 2, False)
+    _tile1 = _make(1, 2, False)
+    _gtile6 = _make(6, 2, True)
+    _gtile4 = _make(4, 2, True)
+    _gtile2 = _make(2, 2, True)
+    _gtile1 = _make(1, 2, True)
+else:
+    # No tile splits k (KU=1): every output is the bias plus its products in k order whichever
+    # tile computes it, so a batch gives bit-identical results to separate calls. The few-row
+    # tiles take several panels instead (and one panel for a product's last panels).
+    _tile_a = _make(_MR_A, 1, False, _NP_A, TILE.fma)
+    _tile_ar = _make(_MR_A, 1, False, _NP_A, TILE.fma, True)
+    _tile_b = _make(_MR_B, 1, False, _NP_B, TILE.fma)
+    _tile_br = _make(_MR_B, 1, False, _NP_B, TILE.fma, True)
+    _tile_c = _make(_MR_C, 1, False, _NP_C, TILE.fma)
+    _tile_c1 = _make(_MR_C, 1, False, 1, TILE.fma)
+    _tile_d = _make(_MR_D, 1, False, _NP_D, TILE.fma)
+    _tile_d1 = _make(_MR_D, 1, False, 1, TILE.fma)
+    _gtile_a = _make(_MR_A, 1, True, _NP_A, TILE.fma)
+    _gtile_ar = _make(_MR_A, 1, True, _NP_A, TILE.fma, True)
+    _gtile_b = _make(_MR_B, 1, True, _NP_B, TILE.fma)
+    _gtile_br = _make(_MR_B, 1, True, _NP_B, TILE.fma, True)
+    _gtile_c = _make(_MR_C, 1, True, _NP_C, TILE.fma)
+    _gtile_c1 = _make(_MR_C, 1, True, 1, TILE.fma)
+    _gtile_d = _make(_MR_D, 1, True, _NP_D, TILE.fma)
+    _gtile_d1 = _make(_MR_D, 1, True, 1, TILE.fma)
 
 
 @njit(**_JIT)
-def _gemm(params, woff, boff, K, p0, p1, src, s0, dst, d0, r0, r1):
+def _gemm_ksplit(params, woff, boff, K, p0, p1, src, s0, dst, d0, r0, r1):
     """dst[i, d0 + p*NR ...] = src[i, s0:s0+K] @ panels p0..p1-1 + bias, for rows i in [r0, r1).
 
     Each panel (K x NR) stays in L1 while every row block of the range passes over it.
@@ -246,8 +321,8 @@ def _gemm(params, woff, boff, K, p0, p1, src, s0, dst, d0, r0, r1):
 
 
 @njit(**_JIT)
-def _gemm_rows(params, woff, boff, K, p0, p1, src, rows, s0, dst, d0, r0, r1):
-    """As :func:`_gemm`, reading input row i from src[rows[i], s0:s0+K] (a gather)."""
+def _gemm_rows_ksplit(params, woff, boff, K, p0, p1, src, rows, s0, dst, d0, r0, r1):
+    """As :func:`_gemm_ksplit`, reading input row i from src[rows[i], s0:s0+K] (a gather)."""
     nr = 2 * VEC_BYTES // params.itemsize
     for p in range(p0, p1):
         w = woff + p * K * nr
@@ -267,16 +342,179 @@ def _gemm_rows(params, woff, boff, K, p0, p1, src, rows, s0, dst, d0, r0, r1):
             _gtile1(src, rows, i, s0, K, params, w, b, dst, i, c)
 
 
+# The fitted product covers a row range with tiles of one height, the last one shifted back to
+# end at r1 when the height does not divide the range: it recomputes a few rows, to the same
+# values (every tile sums in the same order; no product writes columns it reads), rather than
+# finishing with short tiles whose few accumulators wait on the FMA latency. The full tiles
+# take the panel in blocks of PANEL_BLOCK_BYTES of k (resuming from the outputs stored after
+# the previous block, which is exact), so that the block stays in L1 while every tile of the
+# range passes over it; the shifted last tile runs over all of k in one go (from the bias, so
+# that rows it shares with the tile before it get the same values again, not twice the sum).
+# Half of a 32 KiB L1d, the other half for the rows' inputs.
+PANEL_BLOCK_BYTES = 16384
+
+
+@njit(**_JIT)
+def _gemm_fit(params, woff, boff, K, p0, p1, src, s0, dst, d0, r0, r1):
+    """dst[i, d0 + p*NR ...] = src[i, s0:s0+K] @ panels p0..p1-1 + bias, for rows i in [r0, r1).
+
+    From _MR_B rows on, each panel (K x NR) stays in L1 while the tiles pass over it; fewer
+    rows take _NP_C or _NP_D panels at once (then one at a time for the last ones).
+    """
+    nr = 2 * VEC_BYTES // params.itemsize
+    m = r1 - r0
+    if m >= _MR_B:
+        kc = PANEL_BLOCK_BYTES // (nr * params.itemsize)
+        for p in range(p0, p1):
+            w = woff + p * K * nr
+            b = boff + p * nr
+            c = d0 + p * nr
+            if m >= _MR_A:
+                e = r1 - m % _MR_A
+                for k0 in range(0, K, kc):
+                    kn = min(kc, K - k0)
+                    for i in range(r0, e, _MR_A):
+                        if k0 == 0:
+                            _tile_a(src, i, s0, kn, params, w, b, dst, i, c)
+                        else:
+                            _tile_ar(src, i, s0 + k0, kn, params, w + k0 * nr, b, dst, i, c)
+                if e < r1:
+                    _tile_a(src, r1 - _MR_A, s0, K, params, w, b, dst, r1 - _MR_A, c)
+            else:
+                e = r1 - m % _MR_B
+                for k0 in range(0, K, kc):
+                    kn = min(kc, K - k0)
+                    for i in range(r0, e, _MR_B):
+                        if k0 == 0:
+                            _tile_b(src, i, s0, kn, params, w, b, dst, i, c)
+                        else:
+                            _tile_br(src, i, s0 + k0, kn, params, w + k0 * nr, b, dst, i, c)
+                if e < r1:
+                    _tile_b(src, r1 - _MR_B, s0, K, params, w, b, dst, r1 - _MR_B, c)
+    elif m >= _MR_C:
+        p = p0
+        while p < p1:
+            np_ = _NP_C if p + _NP_C <= p1 else 1
+            w = woff + p * K * nr
+            b = boff + p * nr
+            c = d0 + p * nr
+            i = r0
+            while i < r1:
+                j = min(i, r1 - _MR_C)
+                if np_ == _NP_C:
+                    _tile_c(src, j, s0, K, params, w, b, dst, j, c)
+                else:
+                    _tile_c1(src, j, s0, K, params, w, b, dst, j, c)
+                i += _MR_C
+            p += np_
+    elif m >= 1:
+        p = p0
+        while p < p1:
+            np_ = _NP_D if p + _NP_D <= p1 else 1
+            w = woff + p * K * nr
+            b = boff + p * nr
+            c = d0 + p * nr
+            for i in range(r0, r1, _MR_D):
+                if np_ == _NP_D:
+                    _tile_d(src, i, s0, K, params, w, b, dst, i, c)
+                else:
+                    _tile_d1(src, i, s0, K, params, w, b, dst, i, c)
+            p += np_
+
+
+@njit(**_JIT)
+def _gemm_rows_fit(params, woff, boff, K, p0, p1, src, rows, s0, dst, d0, r0, r1):
+    """As :func:`_gemm_fit`, reading input row i from src[rows[i], s0:s0+K] (a gather)."""
+    nr = 2 * VEC_BYTES // params.itemsize
+    m = r1 - r0
+    if m >= _MR_B:
+        kc = PANEL_BLOCK_BYTES // (nr * params.itemsize)
+        for p in range(p0, p1):
+            w = woff + p * K * nr
+            b = boff + p * nr
+            c = d0 + p * nr
+            if m >= _MR_A:
+                e = r1 - m % _MR_A
+                for k0 in range(0, K, kc):
+                    kn = min(kc, K - k0)
+                    for i in range(r0, e, _MR_A):
+                        if k0 == 0:
+                            _gtile_a(src, rows, i, s0, kn, params, w, b, dst, i, c)
+                        else:
+                            _gtile_ar(src, rows, i, s0 + k0, kn, params, w + k0 * nr, b, dst, i, c)
+                if e < r1:
+                    _gtile_a(src, rows, r1 - _MR_A, s0, K, params, w, b, dst, r1 - _MR_A, c)
+            else:
+                e = r1 - m % _MR_B
+                for k0 in range(0, K, kc):
+                    kn = min(kc, K - k0)
+                    for i in range(r0, e, _MR_B):
+                        if k0 == 0:
+                            _gtile_b(src, rows, i, s0, kn, params, w, b, dst, i, c)
+                        else:
+                            _gtile_br(src, rows, i, s0 + k0, kn, params, w + k0 * nr, b, dst, i, c)
+                if e < r1:
+                    _gtile_b(src, rows, r1 - _MR_B, s0, K, params, w, b, dst, r1 - _MR_B, c)
+    elif m >= _MR_C:
+        p = p0
+        while p < p1:
+            np_ = _NP_C if p + _NP_C <= p1 else 1
+            w = woff + p * K * nr
+            b = boff + p * nr
+            c = d0 + p * nr
+            i = r0
+            while i < r1:
+                j = min(i, r1 - _MR_C)
+                if np_ == _NP_C:
+                    _gtile_c(src, rows, j, s0, K, params, w, b, dst, j, c)
+                else:
+                    _gtile_c1(src, rows, j, s0, K, params, w, b, dst, j, c)
+                i += _MR_C
+            p += np_
+    elif m >= 1:
+        p = p0
+        while p < p1:
+            np_ = _NP_D if p + _NP_D <= p1 else 1
+            w = woff + p * K * nr
+            b = boff + p * nr
+            c = d0 + p * nr
+            for i in range(r0, r1, _MR_D):
+                if np_ == _NP_D:
+                    _gtile_d(src, rows, i, s0, K, params, w, b, dst, i, c)
+                else:
+                    _gtile_d1(src, rows, i, s0, K, params, w, b, dst, i, c)
+            p += np_
+
+
+# The product every kernel calls: the tile's own (the target decides; see streamgru.isa).
+_gemm = _gemm_ksplit if _KU > 1 else _gemm_fit
+_gemm_rows = _gemm_rows_ksplit if _KU > 1 else _gemm_rows_fit
+
+
+@njit(**_JIT)
+def _groups(npan):
+    """Number of PANEL_GROUP-panel groups covering npan panels (the last may be short)."""
+    return (npan + PANEL_GROUP - 1) // PANEL_GROUP
+
+
+@njit(**_JIT)
+def _group(g, npan):
+    """(p0, p1): the panels of group g of npan panels."""
+    return g * PANEL_GROUP, min(npan, (g + 1) * PANEL_GROUP)
+
+
 @njit(**_JIT)
 def _gemm_all(params, woff, boff, K, npan, src, s0, dst, d0, r0, r1, rev):
-    """:func:`_gemm` over all ``npan`` panels, last panel first when ``rev``.
+    """:func:`_gemm` over all ``npan`` panels, last group of PANEL_GROUP panels first when
+    ``rev``.
 
     Every output column is computed the same way in either order (bit-identical results); only
     the order in which the weights stream through the caches changes (see run_sequence).
     """
     if rev:
-        for p in range(npan - 1, -1, -1):
-            _gemm(params, woff, boff, K, p, p + 1, src, s0, dst, d0, r0, r1)
+        for g in range(_groups(npan) - 1, -1, -1):
+            _gemm(params, woff, boff, K, g * PANEL_GROUP, min(npan, (g + 1) * PANEL_GROUP), src,
+                  s0, dst, d0, r0, r1)
     else:
         _gemm(params, woff, boff, K, 0, npan, src, s0, dst, d0, r0, r1)
 
@@ -737,6 +975,17 @@ def _step_block(params, table, fp, state, srows, x, out, scratch, order, bad, r0
 
 
 @njit(**_JIT)
+def _serial_block(params):
+    """Rows per block of :func:`step_serial`: ROW_BLOCK, or SERIAL_BIG_BLOCK when the weights
+    (the whole params buffer) outgrow L2_BYTES. Every block streams all the weights; once they
+    no longer fit L2 they come from L3 each time, so fewer, taller blocks stream them fewer
+    times (4x fewer at 1024 rows), while the products' tiles keep their panels in L1 anyway."""
+    if params.shape[0] * params.itemsize > L2_BYTES:
+        return SERIAL_BIG_BLOCK
+    return ROW_BLOCK
+
+
+@njit(**_JIT)
 def _plan(slots, x, check_finite, mark, iwork):
     """Check x and split the batch into waves of distinct slots.
 
@@ -802,13 +1051,14 @@ def step_serial(params, table, fp, state, slots, x, out, scratch, iwork, mark, c
     srows = iwork[nm:2 * nm]
     wstart = iwork[2 * nm:3 * nm + 1]
     bad = iwork[3 * nm + 1:]
+    rb = _serial_block(params)
     for w in range(nw):
         r = wstart[w]
         e = wstart[w + 1]
         while r < e:
-            r1 = min(e, r + ROW_BLOCK)
-            _prefetch_rows(state, srows, r1, min(e, r1 + ROW_BLOCK))
-            _prefetch_rows(x, order, r1, min(e, r1 + ROW_BLOCK))
+            r1 = min(e, r + rb)
+            _prefetch_rows(state, srows, r1, min(e, r1 + rb))
+            _prefetch_rows(x, order, r1, min(e, r1 + rb))
             _step_block(params, table, fp, state, srows, x, out, scratch, order, bad, r, r1)
             r = r1
     return _restore_all(state, srows, scratch, table[0, T_LBK], bad, slots.shape[0])
@@ -876,12 +1126,13 @@ def step_wide(params, table, fp, state, slots, x, out, scratch, iwork, mark, che
             M = table[l, T_OUT]
             npw = table[l, T_NPW]
             if table[l, T_KIND] == KIND_DENSE:
-                for p in prange(npw):
+                for g in prange(_groups(npw)):
+                    p0, p1 = _group(g, npw)
                     if l == 0:
-                        _gemm_rows(params, table[l, T_W], table[l, T_BW], K, p, p + 1, x, order,
+                        _gemm_rows(params, table[l, T_W], table[l, T_BW], K, p0, p1, x, order,
                                    0, scratch, nxt, r0, r1)
                     else:
-                        _gemm(params, table[l, T_W], table[l, T_BW], K, p, p + 1, scratch, cur,
+                        _gemm(params, table[l, T_W], table[l, T_BW], K, p0, p1, scratch, cur,
                               scratch, nxt, r0, r1)
                 for i in range(r0, r1):
                     _act(scratch, i, nxt, nxt + M, table[l, T_F], fp[l, F_FA], fp[l, F_FB],
@@ -893,15 +1144,19 @@ def step_wide(params, table, fp, state, slots, x, out, scratch, iwork, mark, che
                 fk, fa, fb = table[l, T_F], fp[l, F_FA], fp[l, F_FB]
                 gk, ga, gb = table[l, T_G], fp[l, F_GA], fp[l, F_GB]
                 npr = table[l, T_NPR]
-                for q in prange(npw + npr):
-                    if q >= npw:
-                        _gemm_rows(params, table[l, T_R], table[l, T_BR], H, q - npw,
-                                   q - npw + 1, state, srows, so, scratch, GH, r0, r1)
+                gw = _groups(npw)
+                for q in prange(gw + _groups(npr)):
+                    if q >= gw:
+                        p0, p1 = _group(q - gw, npr)
+                        _gemm_rows(params, table[l, T_R], table[l, T_BR], H, p0, p1, state, srows,
+                                   so, scratch, GH, r0, r1)
                     elif l == 0:
-                        _gemm_rows(params, table[l, T_W], table[l, T_BW], K, q, q + 1, x, order,
+                        p0, p1 = _group(q, npw)
+                        _gemm_rows(params, table[l, T_W], table[l, T_BW], K, p0, p1, x, order,
                                    0, scratch, GX, r0, r1)
                     else:
-                        _gemm(params, table[l, T_W], table[l, T_BW], K, q, q + 1, scratch, cur,
+                        p0, p1 = _group(q, npw)
+                        _gemm(params, table[l, T_W], table[l, T_BW], K, p0, p1, scratch, cur,
                               scratch, GX, r0, r1)
                 last = l == table.shape[0] - 1
                 if table[l, T_LBR] == 1:
@@ -910,8 +1165,9 @@ def step_wide(params, table, fp, state, slots, x, out, scratch, iwork, mark, che
                 else:
                     _cells_lbr0_zr(scratch, r0, r1, GX, GH, T, state, srows, so, H, fk, fa, fb,
                                    clip, fast)
-                    for p in prange(table[l, T_NPRN]):
-                        _gemm(params, table[l, T_RN], table[l, T_BRN], H, p, p + 1, scratch, T,
+                    for g in prange(_groups(table[l, T_NPRN])):
+                        p0, p1 = _group(g, table[l, T_NPRN])
+                        _gemm(params, table[l, T_RN], table[l, T_BRN], H, p0, p1, scratch, T,
                               scratch, GH, r0, r1)
                     _cells_lbr0_n(scratch, r0, r1, GX, GH, state, srows, so, H, gk, ga, gb, clip,
                                   fast, out, order, last, nxt)
@@ -1075,8 +1331,9 @@ def run_sequence_wide(params, table, fp, state, slot, xs, out, scratch, check_fi
         M = table[l, T_OUT]
         npw = table[l, T_NPW]
         if table[l, T_KIND] == KIND_DENSE:
-            for p in prange(npw):
-                _gemm(params, table[l, T_W], table[l, T_BW], K, p, p + 1, scratch, cur, scratch,
+            for g in prange(_groups(npw)):
+                p0, p1 = _group(g, npw)
+                _gemm(params, table[l, T_W], table[l, T_BW], K, p0, p1, scratch, cur, scratch,
                       nxt, 0, n)
             for t in range(n):
                 _act(scratch, t, nxt, nxt + M, table[l, T_F], fp[l, F_FA], fp[l, F_FB],
@@ -1091,13 +1348,15 @@ def run_sequence_wide(params, table, fp, state, slot, xs, out, scratch, check_fi
             std = _std32(fast, fk, gk, clip)
             npr = table[l, T_NPR]
             nprn = table[l, T_NPRN]
-            for p in prange(npw):
-                _gemm(params, table[l, T_W], table[l, T_BW], K, p, p + 1, scratch, cur, scratch,
+            for g in prange(_groups(npw)):
+                p0, p1 = _group(g, npw)
+                _gemm(params, table[l, T_W], table[l, T_BW], K, p0, p1, scratch, cur, scratch,
                       GX, 0, n)
             _copy_row(state, slot, so, scratch, n, HH, H)  # h, kept in the workspace row
             for t in range(n):
-                for p in prange(npr):
-                    _gemm(params, table[l, T_R], table[l, T_BR], H, p, p + 1, scratch, HH,
+                for g in prange(_groups(npr)):
+                    p0, p1 = _group(g, npr)
+                    _gemm(params, table[l, T_R], table[l, T_BR], H, p0, p1, scratch, HH,
                           scratch, GH, n, n + 1)
                 if lbr == 1 and std:
                     _cell_std32(scratch, t, n, GX, GH, scratch, n, HH, H, scratch, t, nxt)
@@ -1107,8 +1366,9 @@ def run_sequence_wide(params, table, fp, state, slot, xs, out, scratch, check_fi
                 else:
                     _cell_lbr0_zr(scratch, t, n, GX, GH, T, scratch, n, HH, H, fk, fa, fb, clip,
                                   fast)
-                    for p in prange(nprn):
-                        _gemm(params, table[l, T_RN], table[l, T_BRN], H, p, p + 1, scratch, T,
+                    for g in prange(_groups(nprn)):
+                        p0, p1 = _group(g, nprn)
+                        _gemm(params, table[l, T_RN], table[l, T_BRN], H, p0, p1, scratch, T,
                               scratch, GH, n, n + 1)
                     _cell_lbr0_n(scratch, t, n, GX, GH, scratch, n, HH, H, gk, ga, gb, clip,
                                  fast, scratch, t, nxt)

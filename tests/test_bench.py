@@ -31,6 +31,10 @@ def test_bench_quick_writes_table_json_and_plot(tmp_path):
     assert ("run I=16 H=64 T=100", "ort_sequence") in got
     assert all(r["median_us"] > 0 and r["threads"] == 1 for r in data["results"])
     assert data["machine"]["cores"] >= 1
+    from streamgru.isa import TILE
+
+    assert data["machine"]["tile"] == TILE.as_dict()  # the tile the kernels were built with
+    assert f"kernels: {TILE.describe()}" in res.stdout
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -22,6 +22,18 @@ def test_info_prints_layers(tmp_path, capsys):
     assert m.fingerprint in out
 
 
+def test_info_shows_the_product_tile(tmp_path, capsys):
+    from streamgru.isa import TILE
+
+    assert main(["info"]) == 0  # no file: the tile in use only
+    assert capsys.readouterr().out.strip() == f"kernels: {TILE.describe()}"
+    m = GRUModel.random(3, [5])
+    m.save(tmp_path / "m.sgru")
+    assert main(["info", str(tmp_path / "m.sgru")]) == 0
+    out = capsys.readouterr().out
+    assert f"kernels: {TILE.name}" in out and f"{TILE.vec_bytes}-byte vectors" in out
+
+
 def test_info_on_bad_file_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "m.sgru").write_bytes(b"garbage!garbage!")
     assert main(["info", str(tmp_path / "m.sgru")]) == 2

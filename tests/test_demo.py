@@ -124,7 +124,9 @@ def test_demo_command_prints_the_table_and_writes_the_plot(tmp_path):
                         "--batch", "64", "--plot", str(png)], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr
+    from streamgru.isa import TILE
+
     for word in ("events/s", "p50 us", "p99 us", "onnxruntime", "speed-up", ": equal",
-                 f"plot      {png}"):
+                 f"plot      {png}", f"kernels   {TILE.describe()}"):
         assert word in r.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
