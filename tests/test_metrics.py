@@ -1,0 +1,164 @@
+"""Engine.stats() counters and their Prometheus exposition (streamgru.metrics).
+
+Expected counts come from what each test did (calls made, rows sent, keys named), never from the
+engine's own arithmetic.
+"""
+
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from streamgru import Engine, GRUModel
+from streamgru.errors import NonFiniteError
+
+
+def model():
+    return GRUModel.random(3, [5, 4], dense_after=[(2, "tanh")], seed=3)
+
+
+def ones(n):
+    return np.ones((n, 3), np.float32)
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_every_verb_is_counted_once_per_call(tmp_path):
+    eng = Engine(model(), idle_timeout=60)
+    eng.step(["a"], ones(1))
+    eng.step(["a"], ones(1))  # the one-event fast path (open key)
+    eng.step(["a", "b"], ones(2))
+    eng.run("c", ones(4))
+    eng.open("d")
+    eng.reset("d")
+    eng.state("d")
+    eng.set_state("e", np.zeros(9))
+    eng.close("e")
+    eng.save_state(tmp_path / "s.sgst")
+    eng.load_state(tmp_path / "s.sgst")
+    eng.evict_idle()
+    assert eng.stats()["calls"] == {"step": 3, "run": 1, "open": 1, "reset": 1, "close": 1,
+                                    "state": 1, "set_state": 1, "save_state": 1, "load_state": 1,
+                                    "evict_idle": 1}
+
+
+def test_rows_and_rows_per_call_histograms():
+    eng = Engine(model())
+    eng.step(["a"], ones(1))  # general path (opens a)
+    for _ in range(5):
+        eng.step(["a"], ones(1))  # fast path
+    eng.step(np.array(["a"]), ones(1))  # fast path, array key
+    eng.step(["a", "b", "a"], ones(3))  # duplicates: 3 rows
+    eng.step([], np.zeros((0, 3)))  # zero rows
+    eng.step([f"k{i}" for i in range(100)], ones(100))
+    ik = Engine(model())
+    ik.step(np.arange(70), ones(70))  # the int-table path
+    ik.step(np.arange(70), ones(70))
+    eng.run("r", ones(20))
+    eng.run("r", ones(0))
+    s = eng.stats()
+    assert s["rows"] == {"step": 1 + 5 + 1 + 3 + 0 + 100, "run": 20}
+    # bounds 1, 4, 16, 64, 256, ...: rows 0 and 1 -> "<= 1"; 3 -> "<= 4"; 100 -> "<= 256"
+    assert s["rows_per_call"]["step"]["counts"][:6] == [8, 1, 0, 0, 1, 0]
+    assert sum(s["rows_per_call"]["step"]["counts"]) == 10 == s["calls"]["step"]
+    assert s["rows_per_call"]["step"]["sum"] == 110
+    assert s["rows_per_call"]["run"]["counts"][:5] == [1, 0, 0, 1, 0]  # 0 and 20 steps
+    si = ik.stats()
+    assert si["rows"]["step"] == 140 and si["rows_per_call"]["step"]["counts"][4] == 2
+    assert si["streams"]["opened"] == 70 and si["streams"]["open"] == 70
+
+
+def test_step_calls_are_timed_one_in_eight_and_run_every_call():
+    eng = Engine(model())
+    for i in range(16):
+        eng.step([i % 2], ones(1))
+    eng.run(5, ones(3))
+    eng.run(5, ones(3))
+    s = eng.stats()["call_seconds"]
+    assert s["step"]["sampled_every"] == 8 and sum(s["step"]["counts"]) == 2
+    assert sum(s["run"]["counts"]) == 2 and s["run"]["sampled_every"] == 1
+    assert s["step"]["sum"] > 0 and s["run"]["sum"] > 0
+    assert len(s["step"]["counts"]) == len(s["step"]["bounds"]) + 1
+
+
+def test_refused_rows_are_counted_and_not_stepped():
+    eng = Engine(model())
+    eng.step(["a", "b"], ones(2))
+    bad = ones(1)
+    bad[0, 1] = np.nan
+    with pytest.raises(NonFiniteError):
+        eng.step(["a"], bad)  # fast path: the kernel refuses it
+    with pytest.raises(NonFiniteError):
+        eng.step(["a", "b", "c"], np.vstack([ones(2), bad]))
+    with pytest.raises(NonFiniteError):
+        eng.run("a", np.vstack([ones(2), bad]))
+    eng.step(["a"], ones(1))
+    s = eng.stats()
+    assert s["rows_refused"] == {"step": 4, "run": 3}
+    assert s["rows"] == {"step": 3, "run": 0}
+    assert s["calls"]["step"] == 4 and s["calls"]["run"] == 1
+    assert sum(s["rows_per_call"]["step"]["counts"]) == 2
+    assert s["streams"]["open"] == 2 and s["streams"]["opened"] == 2
+
+
+def test_stream_counts_for_every_way_a_stream_comes_and_goes(tmp_path):
+    clock = Clock()
+    eng = Engine(model(), max_streams=3, idle_timeout=10, clock=clock)
+    eng.step(["a", "b", "c"], ones(3))
+    eng.step(["d"], ones(1))  # capacity: a goes
+    eng.open("e")  # capacity: b goes
+    clock.t += 20
+    eng.step(["f"], ones(1))  # idle: c, d, e go
+    eng.set_state("g", np.zeros(9))
+    eng.close("f")
+    s = eng.stats()["streams"]
+    assert s == {"open": 1, "opened": 7, "closed": 1, "evicted": {"idle": 3, "capacity": 2}}
+    eng.save_state(tmp_path / "one.sgst")
+    eng.run("h", ones(2))
+    eng.load_state(tmp_path / "one.sgst")  # g and h replaced by g
+    s = eng.stats()["streams"]
+    assert s == {"open": 1, "opened": 9, "closed": 3, "evicted": {"idle": 3, "capacity": 2}}
+    assert s["open"] == s["opened"] - s["closed"] - sum(s["evicted"].values())
+
+
+def test_snapshots_written_bytes_and_seconds(tmp_path):
+    eng = Engine(model())
+    eng.step(["a", "b"], ones(2))
+    eng.save_state(tmp_path / "1.sgst")
+    eng.step(["c"], ones(1))
+    eng.save_state(tmp_path / "2.sgst", metadata={"note": "x"})
+    s = eng.stats()["snapshots"]
+    assert s["written"] == 2
+    assert s["bytes"] == os.path.getsize(tmp_path / "1.sgst") + os.path.getsize(tmp_path / "2.sgst")
+    assert s["seconds"] > 0
+
+
+def test_counts_are_exact_with_several_threads_stepping():
+    eng = Engine(model())
+    threads, per_thread = 4, 300
+
+    def work(t):
+        for i in range(per_thread):
+            if i % 3:
+                eng.step([t], ones(1))
+            else:
+                eng.step([t, 100 + t, t], ones(3))
+
+    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    s = eng.stats()
+    batches = len(range(0, per_thread, 3))
+    assert s["calls"]["step"] == threads * per_thread
+    assert s["rows"]["step"] == threads * ((per_thread - batches) + 3 * batches)
+    assert s["streams"]["open"] == s["streams"]["opened"] == 2 * threads
+    assert sum(s["call_seconds"]["step"]["counts"]) == threads * per_thread // 8
