@@ -4,8 +4,14 @@ Expected counts come from what each test did (calls made, rows sent, keys named)
 engine's own arithmetic.
 """
 
+import json
 import os
+import subprocess
+import sys
 import threading
+import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -162,3 +168,137 @@ def test_counts_are_exact_with_several_threads_stepping():
     assert s["rows"]["step"] == threads * ((per_thread - batches) + 3 * batches)
     assert s["streams"]["open"] == s["streams"]["opened"] == 2 * threads
     assert sum(s["call_seconds"]["step"]["counts"]) == threads * per_thread // 8
+
+
+# ------------------------------------------------------------------------------------------------
+# Prometheus exposition
+
+def _scrape(url):
+    """``{(name, frozenset(labels.items())): value}`` of one scrape, parsed by prometheus_client."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_serve_exposes_the_engine_counts_over_http():
+    pytest.importorskip("prometheus_client")
+    from streamgru.metrics import serve
+
+    eng = Engine(model(), max_streams=2)
+    eng.step(["a", "b", "a"], ones(3))
+    eng.step(["c"], ones(1))  # evicts b (capacity)
+    with serve(eng, 0) as server:
+        assert server.url == f"http://127.0.0.1:{server.port}/metrics" and server.port > 0
+        got = _scrape(server.url)
+    step = frozenset({("verb", "step")})
+    assert got[("streamgru_calls_total", step)] == 2
+    assert got[("streamgru_rows_total", step)] == 4
+    assert got[("streamgru_rows_per_call_count", step)] == 2
+    assert got[("streamgru_rows_per_call_bucket", step | {("le", "4.0")})] == 2
+    assert got[("streamgru_rows_per_call_bucket", step | {("le", "1.0")})] == 1
+    assert got[("streamgru_open_streams", frozenset())] == 2
+    assert got[("streamgru_streams_evicted_total", frozenset({("reason", "capacity")}))] == 1
+    assert got[("streamgru_streams_opened_total", frozenset())] == 3
+
+
+def test_collector_plugs_into_an_existing_registry():
+    prom = pytest.importorskip("prometheus_client")
+    from streamgru.metrics import collector
+
+    eng = Engine(model())
+    registry = prom.CollectorRegistry()
+    registry.register(collector(eng))
+    eng.run("a", ones(5))
+    assert registry.get_sample_value("streamgru_rows_total", {"verb": "run"}) == 5
+    assert registry.get_sample_value("streamgru_call_duration_seconds_count", {"verb": "run"}) == 1
+
+
+def test_serve_and_collector_refuse_bad_arguments():
+    pytest.importorskip("prometheus_client")
+    from streamgru.metrics import collector, serve
+
+    eng = Engine(model())
+    with pytest.raises(TypeError, match="engine: expected a streamgru.Engine"):
+        collector(object())
+    with pytest.raises(TypeError, match="engine: expected a streamgru.Engine"):
+        serve("engine", 0)
+    with pytest.raises(TypeError, match="port: expected an int from 0 to 65535, got str"):
+        serve(eng, "9464")
+    with pytest.raises(TypeError, match="port: expected an int from 0 to 65535, got bool"):
+        serve(eng, True)
+    with pytest.raises(ValueError, match="port: expected an int from 0 to 65535, got 70000"):
+        serve(eng, 70000)
+    with pytest.raises(TypeError, match="host: expected"):
+        serve(eng, 0, host=None)
+    with serve(eng, 0) as first:  # a port in use: an OSError naming the port
+        with pytest.raises(OSError, match=f"port: expected a port free to bind on 127.0.0.1, got "
+                                          f"{first.port}"):
+            serve(eng, first.port)
+
+
+# ------------------------------------------------------------------------------------------------
+# streamgru run --metrics-port, a real process fed through a pipe
+
+def test_run_serves_metrics_while_it_runs_and_exits_cleanly(tmp_path):
+    pytest.importorskip("prometheus_client")
+    path = tmp_path / "m.sgru"
+    model().save(path)
+    state = tmp_path / "state.sgst"
+    p = subprocess.Popen([sys.executable, "-m", "streamgru.cli", "run", str(path), "--state",
+                          str(state), "--metrics-port", "0", "--max-wait-ms", "1"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, bufsize=1)
+    try:
+        announce = p.stderr.readline()  # the restore line, then the endpoint
+        while "metrics on " not in announce:
+            assert announce, "the process ended before serving metrics"
+            announce = p.stderr.readline()
+        url = announce.split("metrics on ", 1)[1].strip()
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/metrics")
+        keys = ["a", "b", "c", "a", "d", "a", "b"]
+        now = time.time()
+        lines = [json.dumps({"key": k, "x": [0.1, 0.2, 0.3], "t": now - 2.0}) for k in keys]
+        lines.insert(2, "not json")
+        lines.insert(5, '{"key": "e", "x": [1]}')
+        lines.insert(6, "")
+        p.stdin.write("".join(line + "\n" for line in lines))
+        p.stdin.flush()
+        outputs = [p.stdout.readline() for _ in keys]  # every event processed
+        assert all(o.startswith('{"key"') for o in outputs)
+        deadline = time.monotonic() + 30
+        while True:  # the run loop publishes its line counts after each batch
+            got = _scrape(url)
+            if got.get(("streamgru_run_lines_total", frozenset({("result", "blank")}))) == 1 \
+                    or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        res = {r: got.get(("streamgru_run_lines_total", frozenset({("result", r)})))
+               for r in ("ok", "malformed", "refused", "blank")}
+        assert res == {"ok": len(keys), "malformed": 2, "refused": 0, "blank": 1}
+        assert got[("streamgru_rows_total", frozenset({("verb", "step")}))] == len(keys)
+        assert got[("streamgru_open_streams", frozenset())] == len(set(keys))
+        assert got[("streamgru_streams_opened_total", frozenset())] == len(set(keys))
+        assert 2.0 <= got[("streamgru_run_input_lag_seconds", frozenset())] < 60
+        assert 0 <= got[("streamgru_run_checkpoint_age_seconds", frozenset())] < 60
+        p.stdin.close()
+        assert p.wait(timeout=60) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        for f in (p.stdout, p.stderr):
+            f.close()
+    with pytest.raises(urllib.error.URLError):  # the endpoint is gone with the process
+        urllib.request.urlopen(url, timeout=5)
+
+
+def test_run_refuses_a_bad_metrics_port_before_any_event(tmp_path):
+    path = tmp_path / "m.sgru"
+    model().save(path)
+    r = subprocess.run([sys.executable, "-m", "streamgru.cli", "run", str(path), "--metrics-port",
+                        "70000"], input="", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--metrics-port: expected a port from 0 to 65535, got 70000" \
+        in r.stderr
