@@ -105,7 +105,7 @@ def engine_families(engine, prom=None):
                        "per run call.", list(lnames) + ["verb"])
         seconds = fam(core.HistogramMetricFamily, "call_duration_seconds", "Wall time inside "
                       "step and run calls that returned; step calls: a systematic sample, one "
-                      "call in 8.", list(lnames) + ["verb"])
+                      "call in 32 (STEP_TIMING_EVERY).", list(lnames) + ["verb"])
         for verb in ("step", "run"):
             lv = list(lvals) + [verb]
             rows.add_metric(lv, st["rows"][verb])

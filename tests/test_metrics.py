@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from streamgru import Engine, GRUModel
+from streamgru.engine import STEP_TIMING_EVERY
 from streamgru.errors import NonFiniteError
 
 
@@ -81,14 +82,15 @@ def test_rows_and_rows_per_call_histograms():
     assert si["streams"]["opened"] == 70 and si["streams"]["open"] == 70
 
 
-def test_step_calls_are_timed_one_in_eight_and_run_every_call():
+def test_step_calls_are_timed_in_a_sample_and_run_every_call():
+    assert STEP_TIMING_EVERY == 32  # the documented sample (docs/operations.md)
     eng = Engine(model())
-    for i in range(16):
+    for i in range(64):
         eng.step([i % 2], ones(1))
     eng.run(5, ones(3))
     eng.run(5, ones(3))
     s = eng.stats()["call_seconds"]
-    assert s["step"]["sampled_every"] == 8 and sum(s["step"]["counts"]) == 2
+    assert s["step"]["sampled_every"] == 32 and sum(s["step"]["counts"]) == 2
     assert sum(s["run"]["counts"]) == 2 and s["run"]["sampled_every"] == 1
     assert s["step"]["sum"] > 0 and s["run"]["sum"] > 0
     assert len(s["step"]["counts"]) == len(s["step"]["bounds"]) + 1
@@ -167,7 +169,7 @@ def test_counts_are_exact_with_several_threads_stepping():
     assert s["calls"]["step"] == threads * per_thread
     assert s["rows"]["step"] == threads * ((per_thread - batches) + 3 * batches)
     assert s["streams"]["open"] == s["streams"]["opened"] == 2 * threads
-    assert sum(s["call_seconds"]["step"]["counts"]) == threads * per_thread // 8
+    assert sum(s["call_seconds"]["step"]["counts"]) == threads * per_thread // 32
 
 
 # ------------------------------------------------------------------------------------------------
