@@ -23,12 +23,13 @@ Or add the engine to a registry the application already exposes::
 
 from __future__ import annotations
 
-__all__ = ["MetricsServer", "collector", "serve"]
+__all__ = ["MetricsServer", "collector", "engine_families", "require_prometheus", "serve"]
 
 PREFIX = "streamgru_"
 
 
-def _prometheus():
+def require_prometheus():
+    """The ``prometheus_client`` module, or an ImportError saying how to install it."""
     try:
         import prometheus_client
     except ImportError:
@@ -60,7 +61,7 @@ def collector(engine):
         Register it with ``registry.register(...)``.
     """
     _check_engine(engine)
-    prom = _prometheus()
+    prom = require_prometheus()
     from prometheus_client.registry import Collector
 
     class EngineCollector(Collector):
@@ -77,7 +78,7 @@ def engine_families(engine, prom=None):
     """The metric families of one scrape of ``engine`` (see docs/operations.md)."""
     from .engine import Engine
 
-    prom = prom or _prometheus()
+    prom = prom or require_prometheus()
     if isinstance(engine, Engine):
         parts = [((), (), engine.stats())]
     else:
@@ -192,7 +193,7 @@ def serve(engine, port, host="127.0.0.1", collectors=()):
         raise ValueError(f"port: expected an int from 0 to 65535, got {port}")
     if not isinstance(host, str) or not host:
         raise TypeError(f"host: expected an address to bind as a non-empty str, got {host!r}")
-    prom = _prometheus()
+    prom = require_prometheus()
     registry = prom.CollectorRegistry(auto_describe=False)
     registry.register(collector(engine))
     for c in collectors:

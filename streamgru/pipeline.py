@@ -447,9 +447,9 @@ def main(args):
         if not 0 <= args.metrics_port <= 65535:
             raise ValueError(f"--metrics-port: expected a port from 0 to 65535, got "
                              f"{args.metrics_port}")
-        from .metrics import _prometheus
+        from .metrics import require_prometheus
 
-        _prometheus()  # ImportError (exit 2) before any event when the extra is missing
+        require_prometheus()  # ImportError (exit 2) before any event when the extra is missing
     model = load_model_arg(args.model, "model")
     engine = Engine(model, dtype=args.dtype, threads=args.threads)
     # From here on a SIGTERM or SIGINT only asks the run to stop after the batch in hand (and
