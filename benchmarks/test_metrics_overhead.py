@@ -41,13 +41,15 @@ METRIC_LINE = re.compile(r"^\s*(m = self\._m\b|c = m\.step = |t0 = |m\.\w+ \+= |
 
 
 def strip_metrics(source):
-    """``engine.py`` source without the metric statements of ``step`` and ``run``."""
+    """``engine.py`` source without the metric statements of ``step`` and ``run``, nor the
+    counters' attribute (``__init__``'s ``self._metrics_init()``)."""
     lines = source.splitlines(keepends=True)
     out, inside, removed = [], False, 0
     for line in lines:
         if line.startswith("    def "):
             inside = line.startswith(("    def step(", "    def run("))
-        if inside and METRIC_LINE.match(line.rstrip("\n")):
+        if line.strip() == "self._metrics_init()" or (
+                inside and METRIC_LINE.match(line.rstrip("\n"))):
             removed += 1
             continue
         out.append(line)
@@ -103,7 +105,6 @@ def test_one_event_step(benchmark, variant):
     benchmark.extra_info.update(variant=variant, threads=1)
     y = benchmark(engine.step, keys, x)
     assert y.shape == (1, engine.model.output_size) and np.isfinite(y).all()
-    assert hasattr(engine, "stats")  # both variants keep the API; only the counting is gone
 
 
 def interleaved(rounds=1000, calls=500, copies=4):

@@ -276,7 +276,6 @@ class Engine:
         self._store = StateStore(model.state_size, self.dtype, int(capacity), track=self._track,
                                  limit=max_streams)
         self._lock = threading.RLock()
-        self._n_in = model.input_size
         self._n_out = model.output_size
         self._rows = 0
         self._grow_scratch(1)
@@ -747,9 +746,9 @@ class Engine:
         return st
 
     def _metrics_init(self):
-        """The counters behind :meth:`stats`, all zero, in one attribute: an instance holding
-        more than 30 attributes loses CPython's shared-key layout, and every attribute read of
-        the hot path gets slower (measured: ~5% of a one-event step)."""
+        """The counters behind :meth:`stats`, all zero, in one attribute. An instance with 30 or
+        more attributes loses CPython's (3.11) inline attribute layout and every attribute read
+        of the hot path gets slower: an Engine keeps at most 29 (tests/test_metrics.py)."""
         self._m = _Counters()
 
     @staticmethod
@@ -893,7 +892,7 @@ class Engine:
         return np.ascontiguousarray(keys, dtype=np.int64)
 
     def _matrix(self, x, what, n, n_what):
-        return float_matrix(x, what, n, n_what, self._n_in, self.dtype)
+        return float_matrix(x, what, n, n_what, self.model.input_size, self.dtype)
 
     def _state_vector(self, state, what):
         arr = _plain_array(state, what)
