@@ -381,7 +381,8 @@ class _Shard:
             return getattr(self.engine, verb)(*args)
         if verb == "stats":
             return {"calls": self.calls, "rows": self.rows, "engine_seconds": self.busy,
-                    "streams": len(self.engine), "pid": os.getpid(), "rss_bytes": _rss()}
+                    "streams": len(self.engine), "pid": os.getpid(), "rss_bytes": _rss(),
+                    "engine": self.engine.stats()}
         raise ValueError(f"verb: expected a shard verb, got {verb!r}")
 
     def export(self, keys):
@@ -860,7 +861,10 @@ class ShardedEngine:
             return [k for part in self._all("keys") for k in part]
 
     def stats(self):
-        """Per shard: engine calls, rows, seconds inside the engine, streams, pid, resident bytes."""
+        """Per shard (a list, by shard number): engine calls, rows, seconds inside the engine,
+        streams, pid, resident bytes, and ``engine``: that shard's ``Engine.stats()`` (counted
+        since the shard's engine was built: a restore, load or resize starts it again).
+        ``streamgru.metrics.serve(sharded_engine, port)`` serves them with a ``shard`` label."""
         with self._lock:
             self._live()
             return self._all("stats")

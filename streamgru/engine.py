@@ -39,8 +39,10 @@ Numba threads for large batches.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -99,6 +101,45 @@ RUN_WIDE_MIN_MACS = 150_000
 # rather than one dict lookup per key.
 INT_TABLE_MIN_ROWS = 64
 _DTYPES = {"float32": np.float32, "float64": np.float64}
+
+# Metrics (Engine.stats). Every counter is a plain int, changed under the lock the verb already
+# holds. A clock pair and a histogram update cost several percent of a one-event step, so step
+# calls are timed in a systematic sample: the calls whose number is a multiple of
+# STEP_TIMING_EVERY (a power of two: the test is one bit mask; fewer samples would cost less,
+# more would cost more: benchmarks/test_metrics_overhead.py). run() is timed on every call.
+STEP_TIMING_EVERY = 32
+_TIMING_MASK = STEP_TIMING_EVERY - 1
+# Histogram upper bounds (inclusive, as Prometheus' "le"); a last, unbounded bucket follows.
+ROWS_BOUNDS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536)
+SECONDS_BOUNDS = (2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 0.1, 1.0)
+_NS_BOUNDS = tuple(round(b * 1e9) for b in SECONDS_BOUNDS)
+_ns = time.perf_counter_ns
+_COUNTED_VERBS = ("run", "open", "reset", "close", "state", "set_state", "save_state", "load_state",
+                  "evict_idle")
+
+
+class _Counters:
+    """Engine.stats()'s counters (plain ints and lists, changed under the engine's lock)."""
+
+    __slots__ = ("step", "general", "fast_refused", "calls", "rows_counts", "rows_sum",
+                 "rows_refused", "step_seconds", "run_seconds", "opened", "closed",
+                 "evicted_idle", "evicted_capacity", "snapshots", "snapshot_bytes", "snapshot_ns")
+
+    def __init__(self):
+        self.step = 0  # step calls started
+        self.general = 0  # step calls that took the general path
+        self.fast_refused = 0  # one-event fast-path calls refused by the kernel
+        self.calls = dict.fromkeys(_COUNTED_VERBS, 0)
+        # [step, run]: rows per call (bucket counts), rows stepped, rows refused
+        self.rows_counts = [[0] * (len(ROWS_BOUNDS) + 1) for _ in range(2)]
+        self.rows_sum = [0, 0]
+        self.rows_refused = [0, 0]
+        # duration histograms: bucket counts, then the sum in ns as the last item
+        self.step_seconds = [0] * (len(SECONDS_BOUNDS) + 2)
+        self.run_seconds = [0] * (len(SECONDS_BOUNDS) + 2)
+        self.opened = self.closed = 0
+        self.evicted_idle = self.evicted_capacity = 0
+        self.snapshots = self.snapshot_bytes = self.snapshot_ns = 0
 
 
 @dataclass(frozen=True)
@@ -235,11 +276,11 @@ class Engine:
         self._store = StateStore(model.state_size, self.dtype, int(capacity), track=self._track,
                                  limit=max_streams)
         self._lock = threading.RLock()
-        self._n_in = model.input_size
         self._n_out = model.output_size
         self._rows = 0
         self._grow_scratch(1)
         self._run_scratch = np.zeros((2, self._packed.scratch_width), self.dtype)
+        self._metrics_init()
 
     # ------------------------------------------------------------------------------------------
     # stepping
@@ -262,6 +303,9 @@ class Engine:
             Row i is the output for keys[i] at this step.
         """
         with self._lock:
+            m = self._m  # metrics: see stats()
+            c = m.step = m.step + 1
+            t0 = 0 if c & _TIMING_MASK else _ns()
             # Fast path for the commonest real-time call, one event of an open stream with a
             # ready array: every check of the general path below, done inline, then the
             # one-stream kernel (no duplicate-key plan, one slot passed as an int). Anything
@@ -303,12 +347,16 @@ class Engine:
                             if self._wide1 is K.step_wide:
                                 self._wide1 = _compiled(K.step_wide, args)
                         if bad != -1:
+                            m.fast_refused += 1
                             self._refuse(bad, x, [k], None, "x")
                         if self._track:  # an open key: no room to make, just mark it used
                             rec = store.recency
                             rec[k] = self._now
                             rec.move_to_end(k)
+                        if t0:
+                            self._m_timed(m.step_seconds, t0)
                         return out
+            m.general += 1  # the general path: counted here, its rows at its return
             store = self._store
             if tkeys is np.ndarray and keys.ndim == 1 and keys.dtype.kind in "iu" \
                     and len(keys) >= INT_TABLE_MIN_ROWS and not self._track \
@@ -329,6 +377,7 @@ class Engine:
             # leaves no key half-opened.
             out = np.empty((n, self._n_out), self.dtype)
             if n == 0:
+                self._m_stepped(0, 0, t0)
                 return out
             if n > self._rows:
                 self._grow_scratch(n)
@@ -350,6 +399,7 @@ class Engine:
                 raise
             if self._track:
                 self._touch(ks)
+            self._m_stepped(n, len(opened), t0)
             return out
 
     def run(self, key, xs):
@@ -359,12 +409,15 @@ class Engine:
         computed for all T steps in one product.
         """
         with self._lock:
+            self._m.calls["run"] += 1
+            t0 = _ns()
             k = normalize_key(key, "key")
             self._store.check_kind([k], "key")
             xs = self._matrix(xs, "xs", None, None)
             T = xs.shape[0]
             out = np.empty((T, self._n_out), self.dtype)
             if T == 0:
+                self._m_ran(0, 0, t0)
                 return out
             if self._track:
                 self._admit([k], xs, "xs")
@@ -388,6 +441,7 @@ class Engine:
                 raise
             if self._track:
                 self._touch([k])
+            self._m_ran(T, len(opened), t0)
             return out
 
     # ------------------------------------------------------------------------------------------
@@ -399,6 +453,7 @@ class Engine:
         Raises KeyError if the key is already open (use ``set_state`` to overwrite).
         """
         with self._lock:
+            self._m.calls["open"] += 1
             k = normalize_key(key, "key")
             self._store.check_kind([k], "key")
             vec = None if state is None else self._state_vector(state, "state")
@@ -414,10 +469,12 @@ class Engine:
                 self._store.states[slot, :self.model.state_size] = vec
             if self._track:
                 self._touch([k])
+            self._m.opened += 1
 
     def reset(self, key):
         """Set an open stream's state back to zeros (counts as a use of the stream)."""
         with self._lock:
+            self._m.calls["reset"] += 1
             if self._track:
                 normalize_key(key, "key")
                 self._sweep()
@@ -432,15 +489,18 @@ class Engine:
         ``on_evict`` is not called: closing is the caller's own decision.
         """
         with self._lock:
+            self._m.calls["close"] += 1
             if self._track:
                 normalize_key(key, "key")
                 self._sweep()
             self._slot(key)
             self._store.close(normalize_key(key))
+            self._m.closed += 1
 
     def state(self, key):
         """A copy of the stream's state, shape ``(state_size,)``. KeyError if unknown."""
         with self._lock:
+            self._m.calls["state"] += 1
             slot = self._slot(key)
             return self._store.states[slot, :self.model.state_size].copy()
 
@@ -451,6 +511,7 @@ class Engine:
         ``(num_layers, hidden_size)`` for a uniform stack.
         """
         with self._lock:
+            self._m.calls["set_state"] += 1
             k = normalize_key(key, "key")
             self._store.check_kind([k], "key")
             vec = self._state_vector(state, "state")
@@ -459,6 +520,7 @@ class Engine:
             slot = self._store.slot_of.get(k)
             if slot is None:
                 slot = self._store.open(k)
+                self._m.opened += 1
             self._store.states[slot, :self.model.state_size] = vec
             if self._track:
                 self._touch([k])
@@ -498,6 +560,7 @@ class Engine:
         (['a'], 0)
         """
         with self._lock:
+            self._m.calls["evict_idle"] += 1
             if not self._track:
                 return []
             return self._sweep()
@@ -521,12 +584,20 @@ class Engine:
         from .formats import save_state
 
         with self._lock:
+            self._m.calls["save_state"] += 1
+            t0 = _ns()
             store = self._store
             # Least recently used first when tracked, so load_state restores the LRU order.
             keys = list(store.recency if store.recency is not None else store.slot_of)
             slots = np.fromiter((self._store.slot_of[k] for k in keys), np.int64, len(keys))
             states = self._store.states[slots, :self.model.state_size]
             save_state(path, keys, states, self.model.fingerprint, metadata)
+            self._m.snapshots += 1
+            self._m.snapshot_ns += _ns() - t0
+            try:  # the file just written (renamed into place atomically)
+                self._m.snapshot_bytes += os.stat(path).st_size
+            except (OSError, TypeError, ValueError):  # pragma: no cover - e.g. removed meanwhile
+                pass
 
     def load_state(self, path, skip_nonfinite=False):
         """Replace every stream by those saved in ``path`` (see ``save_state``).
@@ -553,6 +624,8 @@ class Engine:
         """
         from .formats import load_state
 
+        with self._lock:
+            self._m.calls["load_state"] += 1
         keys, states, metadata = load_state(path, self.model.fingerprint, self.model.state_size,
                                             with_metadata=True)
         with np.errstate(over="ignore"):  # too large for the dtype becomes inf: handled below
@@ -589,8 +662,115 @@ class Engine:
             if keys:
                 slots = np.fromiter((store.slot_of[k] for k in keys), np.int64, len(keys))
                 store.states[slots, :self.model.state_size] = states
+            self._m.closed += len(self._store)  # every stream is replaced by the file's
+            self._m.opened += len(keys)
             self._store = store
         return LoadedState(metadata, skipped)
+
+    # ------------------------------------------------------------------------------------------
+    # metrics
+
+    def stats(self):
+        """Counters of this engine's work since it was created, as a plain dict (a snapshot).
+
+        Cheap and thread-safe: every counter is an int the verbs update under the engine's lock;
+        this takes the same lock and copies them. ``streamgru.metrics`` exposes them to
+        Prometheus (docs/operations.md lists every series).
+
+        Returns
+        -------
+        dict
+            ``calls``: ``{verb: calls}`` for ``step``, ``run``, ``open``, ``reset``, ``close``,
+            ``state``, ``set_state``, ``save_state``, ``load_state``, ``evict_idle``, counted as
+            they start, refused ones included.
+            ``rows``: ``{"step": rows, "run": steps}`` stepped by calls that returned.
+            ``rows_refused``: ``{"step": rows, "run": steps}`` of calls refused with
+            ``NonFiniteError`` (which change nothing).
+            ``rows_per_call``: ``{"step": hist, "run": hist}`` over calls that returned.
+            ``call_seconds``: ``{"step": hist, "run": hist}``, wall time inside the verb (lock
+            wait excluded), of calls that returned. Step calls are timed in a systematic sample,
+            those whose number is a multiple of ``hist["sampled_every"]``
+            (``STEP_TIMING_EVERY``, 32): its count is about one in 32 step calls; run calls are
+            all timed (``sampled_every`` 1).
+            ``streams``: ``open`` (now), ``opened`` (by step, run, open, set_state, and loaded
+            by load_state), ``closed`` (by close, and replaced by load_state), ``evicted``:
+            ``{"idle": n, "capacity": n}``. ``open == opened - closed - idle - capacity``.
+            ``snapshots``: ``written``, ``bytes`` and ``seconds`` of ``save_state`` calls that
+            returned.
+
+            A histogram ``hist`` is ``{"bounds": tuple, "counts": list, "sum": number}``:
+            ``counts[i]`` (not cumulative) counts values ``<= bounds[i]`` and above the previous
+            bound; the last count is for values above every bound. ``sum`` adds the values.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from streamgru import Engine, GRUModel
+        >>> engine = Engine(GRUModel.random(3, 8))
+        >>> _ = engine.step(["a", "b", "a"], np.ones((3, 3)))
+        >>> s = engine.stats()
+        >>> s["calls"]["step"], s["rows"]["step"], s["streams"]["open"]
+        (1, 3, 2)
+        """
+        with self._lock:
+            # One-event fast-path calls are not counted one by one (that costs ~1% of such a
+            # call): they are the step calls that took neither the general path nor the
+            # fast path's refusal. Each stepped one row.
+            m = self._m
+            fast = m.step - m.general - m.fast_refused
+            rows_step = m.rows_counts[0].copy()
+            rows_step[0] += fast
+            st = {
+                "calls": {"step": m.step, **m.calls},
+                "rows": {"step": m.rows_sum[0] + fast, "run": m.rows_sum[1]},
+                "rows_refused": {"step": m.rows_refused[0], "run": m.rows_refused[1]},
+                "rows_per_call": {
+                    "step": {"bounds": ROWS_BOUNDS, "counts": rows_step,
+                             "sum": m.rows_sum[0] + fast},
+                    "run": {"bounds": ROWS_BOUNDS, "counts": m.rows_counts[1].copy(),
+                            "sum": m.rows_sum[1]}},
+                "call_seconds": {
+                    name: {"bounds": SECONDS_BOUNDS, "counts": counts[:-1],
+                           "sum": counts[-1] * 1e-9, "sampled_every": every}
+                    for name, counts, every in (("step", m.step_seconds, STEP_TIMING_EVERY),
+                                                ("run", m.run_seconds, 1))},
+                "streams": {"open": len(self._store), "opened": m.opened,
+                            "closed": m.closed,
+                            "evicted": {"idle": m.evicted_idle,
+                                        "capacity": m.evicted_capacity}},
+                "snapshots": {"written": m.snapshots, "bytes": m.snapshot_bytes,
+                              "seconds": m.snapshot_ns * 1e-9},
+                # Missing input values (by policy) will be counted here once the engine handles
+                # them; until then there is no such counter rather than a count of zero.
+            }
+        return st
+
+    def _metrics_init(self):
+        """The counters behind :meth:`stats`, all zero, in one attribute. An instance with 30 or
+        more attributes loses CPython's (3.11) inline attribute layout and every attribute read
+        of the hot path gets slower: an Engine keeps at most 29 (tests/test_metrics.py)."""
+        self._m = _Counters()
+
+    @staticmethod
+    def _m_timed(hist, t0):
+        d = _ns() - t0
+        hist[bisect_left(_NS_BOUNDS, d)] += 1
+        hist[-1] += d
+
+    def _m_stepped(self, n, opened, t0):
+        """A general-path step call of ``n`` rows returned, having opened ``opened`` streams."""
+        self._m.rows_counts[0][bisect_left(ROWS_BOUNDS, n)] += 1
+        self._m.rows_sum[0] += n
+        self._m.opened += opened
+        if t0:
+            self._m_timed(self._m.step_seconds, t0)
+
+    def _m_ran(self, steps, opened, t0):
+        """A run call of ``steps`` steps returned, having opened ``opened`` streams."""
+        self._m.rows_counts[1][bisect_left(ROWS_BOUNDS, steps)] += 1
+        self._m.rows_sum[1] += steps
+        self._m.opened += opened
+        self._m_timed(self._m.run_seconds, t0)
 
     # ------------------------------------------------------------------------------------------
     # eviction (only when max_streams or idle_timeout is set; always under the lock)
@@ -612,6 +792,7 @@ class Engine:
         evicted = []
         for k, t in store.idle(now - self.idle_timeout):
             self._evict(k, t)
+            self._m.evicted_idle += 1
             evicted.append(k)
         oldest = store.oldest_time()
         self._idle_due = math.inf if oldest is None else oldest + self.idle_timeout
@@ -644,6 +825,7 @@ class Engine:
         if need > 0:
             for k, t in store.lru(need, batch):
                 self._evict(k, t)
+                self._m.evicted_capacity += 1
 
     def _quiet(self):
         """For the one-row fast path of an open key: True when no idle eviction is due now (and
@@ -710,7 +892,7 @@ class Engine:
         return np.ascontiguousarray(keys, dtype=np.int64)
 
     def _matrix(self, x, what, n, n_what):
-        return float_matrix(x, what, n, n_what, self._n_in, self.dtype)
+        return float_matrix(x, what, n, n_what, self.model.input_size, self.dtype)
 
     def _state_vector(self, state, what):
         arr = _plain_array(state, what)
@@ -737,6 +919,7 @@ class Engine:
     def _raise_nonfinite(self, x, ks, what):
         """Refuse input ``x`` (rows for keys ``ks``) holding NaN/inf: NonFiniteError naming the
         keys of the bad rows (for ``run``, the steps)."""
+        self._m.rows_refused[0 if what == "x" else 1] += len(x)
         rows = np.flatnonzero(~np.isfinite(np.asarray(x)).all(axis=1))
         if what == "xs":
             raise NonFiniteError(
@@ -756,6 +939,7 @@ class Engine:
         for a single stream) say which rows."""
         if code >= 0:
             self._raise_nonfinite(x, ks, what)
+        self._m.rows_refused[0 if what == "x" else 1] += len(x)
         if iwork is None:
             bad = list(ks[:1])
         else:

@@ -102,9 +102,14 @@ def add_arguments(p):
     p.add_argument("--strict", action="store_true", help="stop at the first malformed line")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--threads", type=int, default=None, help="Numba threads for large batches")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on this port at /metrics while running (0: a "
+                        "free port, printed on stderr); needs the metrics extra")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address the metrics endpoint binds (default 127.0.0.1)")
 
 
-def parse_line(text, fmt, input_size, key_kind=None, dtype="float64"):
+def parse_line(text, fmt, input_size, key_kind=None, dtype="float64", with_time=False):
     """Parse one input line into ``(key, x)``, or raise ValueError saying what is wrong.
 
     Parameters
@@ -119,10 +124,13 @@ def parse_line(text, fmt, input_size, key_kind=None, dtype="float64"):
     dtype : {"float64", "float32"}
         The engine's dtype: with float32, a value that would overflow it (|x| >= 2**128 - 2**103,
         e.g. ``1e39``) is refused like a non-finite one.
+    with_time : bool
+        Also return the event's time: a JSON event's optional ``t`` field, Unix seconds, when it
+        is a finite number (else None; never a reason to refuse the line). CSV rows have none.
 
     Returns
     -------
-    (int or str, list of float)
+    (int or str, list of float), or (key, x, float or None) with ``with_time``
 
     Examples
     --------
@@ -194,6 +202,10 @@ def parse_line(text, fmt, input_size, key_kind=None, dtype="float64"):
         kind = "an int" if key_kind is int else "a str"
         raise ValueError(f"key: expected {kind} key like this run's others (one kind per run), "
                          f"got {json.dumps(key)}")
+    if with_time:
+        t = obj.get("t") if fmt != "csv" else None
+        ok = isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)
+        return key, x, float(t) if ok else None
     return key, x
 
 
@@ -371,6 +383,47 @@ class _Undo:
                 self.engine.close(k)
 
 
+class _RunStats:
+    """The run's own series for ``--metrics-port``: updated by the run loop, read by scrapes
+    (plain attributes, each replaced whole: a scrape sees the last value written)."""
+
+    def __init__(self, checkpointing):
+        self.lines = {"ok": 0, "malformed": 0, "refused": 0, "blank": 0}
+        self.checkpoint_time = time.time() if checkpointing else None
+        self.lag = None
+
+    def collector(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.registry import Collector
+
+        stats = self
+
+        class RunCollector(Collector):
+            def collect(self):
+                lines = CounterMetricFamily(
+                    "streamgru_run_lines", "Input lines read, by result: ok (event stepped, "
+                    "output written), malformed (skipped), refused (by the engine), blank (blank "
+                    "or CSV header).", labels=["result"])
+                for result, n in stats.lines.items():
+                    lines.add_metric([result], n)
+                yield lines
+                if stats.checkpoint_time is not None:
+                    yield GaugeMetricFamily(
+                        "streamgru_run_checkpoint_age_seconds", "Seconds since the last "
+                        "checkpoint was written (since the start before the first).",
+                        value=time.time() - stats.checkpoint_time)
+                if stats.lag is not None:
+                    yield GaugeMetricFamily(
+                        "streamgru_run_input_lag_seconds", "When the last batch's outputs were "
+                        "written: now minus the newest event's time t (Unix seconds).",
+                        value=stats.lag)
+
+            def describe(self):
+                return []
+
+        return RunCollector()
+
+
 class _OutputError(Exception):
     """The outputs of a batch could not be written (the reader is gone, the disk is full)."""
 
@@ -390,6 +443,13 @@ def main(args):
         raise ValueError(f"--max-wait-ms: expected a number >= 0, got {args.max_wait_ms}")
     if not args.checkpoint_every > 0:
         raise ValueError(f"--checkpoint-every: expected seconds > 0, got {args.checkpoint_every}")
+    if args.metrics_port is not None:
+        if not 0 <= args.metrics_port <= 65535:
+            raise ValueError(f"--metrics-port: expected a port from 0 to 65535, got "
+                             f"{args.metrics_port}")
+        from .metrics import require_prometheus
+
+        require_prometheus()  # ImportError (exit 2) before any event when the extra is missing
     model = load_model_arg(args.model, "model")
     engine = Engine(model, dtype=args.dtype, threads=args.threads)
     # From here on a SIGTERM or SIGINT only asks the run to stop after the batch in hand (and
@@ -431,6 +491,30 @@ def _serve(args, model, engine, stop):
                   f"zeros; the input starts at line 1", file=err)
     keys_now = engine.keys()
     key_kind = type(keys_now[0]) if keys_now else None
+    run_stats = server = None
+    if args.metrics_port is not None:
+        from .metrics import serve
+
+        run_stats = _RunStats(ckpt is not None)
+        try:
+            server = serve(engine, args.metrics_port, args.metrics_host, [run_stats.collector()])
+        except OSError as exc:
+            raise ValueError(f"--metrics-port: expected a port free to bind on "
+                             f"{args.metrics_host}, got {args.metrics_port} "
+                             f"({exc.strerror or exc})") from None
+        print(f"streamgru run: metrics on {server.url}", file=err, flush=True)
+    try:
+        return _loop(args, model, engine, stop, ckpt, base_lines, base_events, key_kind,
+                     run_stats)
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _loop(args, model, engine, stop, ckpt, base_lines, base_events, key_kind, run_stats):
+    """Read, step, write and checkpoint until the input ends or the run stops; the exit status."""
+    err = sys.stderr
+    with_time = run_stats is not None
     if args.format == "csv" and key_kind is int:
         raise ValueError(f"--format csv: expected a checkpoint with string keys (CSV keys are "
                          f"strings), got one with integer keys from {args.state}")
@@ -455,7 +539,7 @@ def _serve(args, model, engine, stop):
 
     fmt32 = args.dtype == "float32"
     n_in = model.input_size
-    lines_done = events = skipped = refused_lines = 0
+    lines_done = events = skipped = refused_lines = refused_all = blank = 0
     # After a restore the input continues mid-file: its first line is not a CSV header.
     header_seen = args.format != "csv" or base_lines > 0
     last_ckpt, dirty, status, why = time.monotonic(), False, 0, None
@@ -464,7 +548,7 @@ def _serve(args, model, engine, stop):
         end = None
         while end is None and not stop:
             items, end = _next_batch(q, args.max_batch, args.max_wait_ms / 1000.0)
-            keys, rows, ev_lines, last_line, failed = [], [], [], None, False
+            keys, rows, ev_lines, last_line, failed, times = [], [], [], None, False, []
             for i, raw in items:
                 line_no = base_lines + i
                 try:
@@ -474,17 +558,20 @@ def _serve(args, model, engine, stop):
                                             f"0x{raw[exc.start]:02x} at byte {exc.start + 1}")
                 if text is not None and not text.strip():
                     last_line = i
+                    blank += 1
                     continue
                 if text is not None and not header_seen:
                     header_seen = True
                     if text.split(",", 1)[0].strip().strip('"').lower() == "key":
                         last_line = i
+                        blank += 1
                         continue
                 header_seen = True
                 try:
                     if text is None:
                         raise ValueError(bad_utf8)
-                    key, x = parse_line(text, args.format, n_in, key_kind, args.dtype)
+                    key, x, *t = parse_line(text, args.format, n_in, key_kind, args.dtype,
+                                            with_time)
                 except ValueError as exc:
                     if args.strict:
                         print(f"streamgru run: line {line_no}: {exc}; stopping (--strict)", file=err)
@@ -499,6 +586,8 @@ def _serve(args, model, engine, stop):
                 keys.append(key)
                 rows.append(x)
                 ev_lines.append(i)
+                if t and t[0] is not None:
+                    times.append(t[0])
                 last_line = i
             if keys:
                 undo = _Undo(engine, keys) if ckpt is not None else None
@@ -518,12 +607,18 @@ def _serve(args, model, engine, stop):
                     why = str(exc)
                     break
                 events += len(done)
+                refused_all += len(refused)
+                if run_stats is not None and times:
+                    run_stats.lag = time.time() - max(times)
                 if refused and args.strict:
                     lines_done, dirty, status = ev_lines[refused[0][0]] - 1, True, 1
                     break
             if last_line is not None:
                 lines_done = last_line
                 dirty = True
+            if run_stats is not None:
+                run_stats.lines = {"ok": events, "malformed": skipped, "refused": refused_all,
+                                   "blank": blank}
             if failed:
                 status = 1
                 break
@@ -538,6 +633,8 @@ def _serve(args, model, engine, stop):
                     break
                 saved = base_lines + lines_done
                 last_ckpt, dirty = time.monotonic(), False
+                if run_stats is not None:
+                    run_stats.checkpoint_time = time.time()
     finally:
         if args.output != "-":
             os.close(out_fd)

@@ -20,6 +20,7 @@ from streamgru import Engine, GRUModel
 from streamgru.cluster import shard_of
 from streamgru.errors import FormatError
 from streamgru.formats import model_from_bytes, model_to_bytes
+from streamgru.metrics import engine_families
 
 M64 = (1 << 64) - 1
 # Engine vs sharded Engine: the same kernels, but a batch split over shards may round differently
@@ -172,6 +173,12 @@ def test_sharded_engine_matches_one_engine_and_the_oracle(ray_local):
                 yo, ref_state[k] = oracle.step(model, ref_state.get(k, np.zeros((1, 14))), x[i:i + 1])
                 np.testing.assert_allclose(y[i], yo[0], atol=1e-5)
         assert {s["streams"] for s in eng.stats()} != {0}  # both shards hold streams
+        # one metrics endpoint for the cluster: each shard's engine counts, labelled by shard
+        fams = {f.name: f for f in engine_families(eng)}
+        rows = {s.labels["shard"]: s.value for s in fams["streamgru_rows"].samples
+                if s.labels["verb"] == "step"}
+        sent = sum(len(keys) for keys, _ in _events(0, 12, 30, 16, 3))
+        assert set(rows) == {"0", "1"} and sum(rows.values()) == sent
         _assert_same_streams(eng, local)
         for k, st in ref_state.items():
             np.testing.assert_allclose(eng.state(k), st[0], atol=1e-5)

@@ -1,0 +1,145 @@
+"""What Engine.stats()'s counters cost on the hot path: the one-event step, n=1, I=16, H=64.
+
+Two contenders in one group, the same model, engine settings and call:
+
+* ``stats on``: ``streamgru.Engine`` as shipped (imported from a copy, ``streamgru_metrics``).
+* ``stats off``: the same engine.py with the metric statements of ``step`` and ``run`` removed
+  (the lines that bump the ``self._m`` counters or read the clock for them), imported from a copy
+  of the package named ``streamgru_nometrics``. It is built from the current source on every
+  run, so it stays "the same hot path minus the counters" as the engine changes.
+Both copies live in temp directories named by a hash of the source; their kernels compile once
+per source version.
+
+Run: ``pytest benchmarks/test_metrics_overhead.py --benchmark-only`` and compare the medians
+(target: at most 3% apart). Timings are never asserted. On a shared, noisy machine the two
+sequential runs drift apart by more than the difference sought: ``python
+benchmarks/test_metrics_overhead.py [rounds]`` alternates the two in short rounds instead and
+prints the median per-call time of each and the median of the per-round ratios.
+"""
+
+import hashlib
+import importlib
+import pathlib
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pytest
+
+import streamgru
+from streamgru.bench import machine_info
+
+SRC = pathlib.Path(streamgru.__file__).parent
+# A metric statement of step/run: a counter bump, the clock read for the sampled timing, the
+# "if t0:" guarding a timed record (its body is itself a counter line).
+METRIC_LINE = re.compile(r"^\s*(m = self\._m\b|c = m\.step = |t0 = |m\.\w+ \+= |self\._m[._]\w+"
+                         r"|if t0:$)")
+
+
+def strip_metrics(source):
+    """``engine.py`` source without the metric statements of ``step`` and ``run``, nor the
+    counters' attribute (``__init__``'s ``self._metrics_init()``)."""
+    lines = source.splitlines(keepends=True)
+    out, inside, removed = [], False, 0
+    for line in lines:
+        if line.startswith("    def "):
+            inside = line.startswith(("    def step(", "    def run("))
+        if line.strip() == "self._metrics_init()" or (
+                inside and METRIC_LINE.match(line.rstrip("\n"))):
+            removed += 1
+            continue
+        out.append(line)
+    if removed < 8:
+        raise RuntimeError(f"expected the metric statements of step and run, removed only "
+                           f"{removed} lines: update METRIC_LINE")
+    return "".join(out)
+
+
+def build_copy(strip):
+    """This source tree imported as a separate package: ``streamgru_metrics`` (as is) or, with
+    ``strip``, ``streamgru_nometrics`` (counters stripped). Both contenders are such copies, so
+    they differ in nothing but the counters (not in where their kernels were compiled and
+    cached, say)."""
+    name = "streamgru_nometrics" if strip else "streamgru_metrics"
+    if name in sys.modules:
+        return sys.modules[name]
+    engine_src = (SRC / "engine.py").read_text()
+    tag = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(SRC.glob("*.py")))).hexdigest()[:12]
+    root = pathlib.Path(tempfile.gettempdir()) / f"streamgru-{name}-{tag}"
+    pkg = root / name
+    if not pkg.exists():
+        tmp = root / "partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(SRC, tmp, ignore=shutil.ignore_patterns("__pycache__"))
+        if strip:
+            (tmp / "engine.py").write_text(strip_metrics(engine_src))
+        tmp.rename(pkg)
+    sys.path.insert(0, str(root))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(root))
+
+
+def make_engine(pkg):
+    """A warmed one-stream engine of ``pkg``, its key list and input row."""
+    model = pkg.GRUModel.random(16, 64, seed=0)
+    engine = pkg.Engine(model, threads=1)
+    x = np.random.default_rng(1).normal(size=(1, 16)).astype(np.float32)
+    keys = ["a"]
+    for _ in range(100):  # open the stream, compile and warm up outside the timing
+        engine.step(keys, x)
+    return engine, keys, x
+
+
+@pytest.mark.parametrize("variant", ["stats on", "stats off"])
+def test_one_event_step(benchmark, variant):
+    engine, keys, x = make_engine(build_copy(strip=variant == "stats off"))
+    benchmark.group = "metrics overhead: one-event step, I=16 H=64, 1 thread"
+    info = machine_info()
+    benchmark.extra_info.update({k: info[k] for k in ("cpu", "cores", "numba", "numpy")})
+    benchmark.extra_info.update(variant=variant, threads=1)
+    y = benchmark(engine.step, keys, x)
+    assert y.shape == (1, engine.model.output_size) and np.isfinite(y).all()
+
+
+def interleaved(rounds=1000, calls=500, copies=4):
+    """Alternate ``calls`` one-event steps of ``2 * copies`` engines for ``rounds`` rounds
+    (rotating their order): ``copies`` with stats and ``copies`` without. Several of each,
+    because two identical engines can differ by a few percent (where their arrays landed); the
+    A/A control compares the first half of the engines without stats with the second half.
+    Returns the median us per call with and without stats, and the median per-round ratios
+    (all with) / (all without) and (second half without) / (first half without)."""
+    on, off = build_copy(strip=False), build_copy(strip=True)
+    engines = [("on", make_engine(on)) for _ in range(copies)]
+    engines += [("off", make_engine(off)) for _ in range(copies)]
+    per = [[] for _ in engines]
+    for r in range(rounds):
+        shift = r % len(engines)
+        for j in list(range(shift, len(engines))) + list(range(shift)):
+            engine, keys, x = engines[j][1]
+            step = engine.step
+            t = time.perf_counter()
+            for _ in range(calls):
+                step(keys, x)
+            per[j].append((time.perf_counter() - t) / calls * 1e6)
+    med = statistics.median
+    rows = list(zip(*per))  # per round: one time per engine
+    half = copies // 2
+    ratio = {"on/off": med(sum(t[:copies]) / sum(t[copies:]) for t in rows),
+             "A/A": med(sum(t[copies + half:]) / sum(t[copies:copies + half]) for t in rows)}
+    times = {"on": med(med(p) for p in per[:copies]), "off": med(med(p) for p in per[copies:])}
+    return times, ratio
+
+
+if __name__ == "__main__":
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
+    times, ratio = interleaved(n)
+    print(f"one-event step, I=16 H=64, 1 thread, {n} rotating rounds of 500 calls, 4 engines "
+          f"each; median us per call: stats on {times['on']:.3f}, off {times['off']:.3f}; median "
+          f"per-round ratio on/off {ratio['on/off']:.4f} ({(ratio['on/off'] - 1) * 100:+.1f}%), "
+          f"A/A control {ratio['A/A']:.4f} ({(ratio['A/A'] - 1) * 100:+.1f}%)")
