@@ -64,7 +64,7 @@ from .model import GRUModel
 from .packing import pack
 from .state import StateStore, check_str_keys, normalize_key
 
-__all__ = ["Engine", "LoadedState"]
+__all__ = ["Engine", "LoadedState", "MISSING_POLICIES", "check_missing"]
 
 try:
     # numba.get/set_num_threads validate and re-launch the pool on every call (~0.7 and ~1 us);
@@ -273,13 +273,7 @@ class Engine:
         if on_evict is not None and max_streams is None and idle_timeout is None:
             raise ValueError("on_evict: expected max_streams or idle_timeout to be set too, got "
                              "neither (nothing would ever be evicted)")
-        if not isinstance(missing, str) or missing not in MISSING_POLICIES:
-            raise ValueError(f"missing: expected one of {', '.join(map(repr, MISSING_POLICIES))}, "
-                             f"got {missing!r}")
-        if missing != "refuse" and not check_finite:
-            raise ValueError(f"missing: expected 'refuse' with check_finite=False (the finite scan "
-                             f"is what finds a missing value), got missing={missing!r} and "
-                             f"check_finite=False; keep check_finite=True")
+        check_missing(missing, check_finite)
         if clock is None:
             clock = time.monotonic
         elif not callable(clock):
@@ -744,6 +738,15 @@ class Engine:
                                  f"keeps last observed values), got missing={self.missing!r}")
             slot = self._slot(key)
             return self._store.last[slot].copy()
+
+    def _set_last_observed(self, key, values):
+        """Overwrite an open stream's last observed values (``(input_size,)``, finite; for
+        ShardedEngine moving a stream between shards)."""
+        with self._lock:
+            vec = np.asarray(values, dtype=self.dtype).reshape(self.model.input_size)
+            if not np.isfinite(vec).all():
+                raise ValueError(f"values: expected finite last observed values, got {vec}")
+            self._store.last[self._slot(key)] = vec
 
     def set_state(self, key, state):
         """Overwrite a stream's state (opens the key if unknown).
@@ -1259,6 +1262,18 @@ class Engine:
     def __repr__(self):
         return (f"Engine({self.model!r}, dtype={self.dtype.name!r}, streams={len(self)}, "
                 f"capacity={self.capacity}, threads={self.threads})")
+
+
+def check_missing(missing, check_finite):
+    """Refuse a ``missing`` policy that is not one of :data:`MISSING_POLICIES`, or one other than
+    "refuse" with ``check_finite`` off (the finite scan is what finds a NaN)."""
+    if not isinstance(missing, str) or missing not in MISSING_POLICIES:
+        raise ValueError(f"missing: expected one of {', '.join(map(repr, MISSING_POLICIES))}, "
+                         f"got {missing!r}")
+    if missing != "refuse" and not check_finite:
+        raise ValueError(f"missing: expected 'refuse' with check_finite=False (the finite scan "
+                         f"is what finds a missing value), got missing={missing!r} and "
+                         f"check_finite=False; keep check_finite=True")
 
 
 def _key_list(keys, limit=10):
