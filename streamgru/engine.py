@@ -1291,14 +1291,14 @@ def _is_dtype(d):
 
 def _plain_array(x, what):
     """``x`` as a base-class ndarray. A masked array is refused if any value is masked (the
-    engine has no notion of a missing value, and reading the data under the mask would be a
+    mask is not read as missing values (NaN is), and reading the data under the mask would be a
     silent wrong answer); other subclasses and sequences are read as plain arrays. A ragged or
     otherwise unreadable sequence is a TypeError naming ``what``."""
     if isinstance(x, np.ma.MaskedArray):
         if np.ma.getmaskarray(x).any():
             raise ValueError(f"{what}: expected an array without masked values, got a masked array "
                              f"with {int(np.ma.getmaskarray(x).sum())} masked; fill them first "
-                             f"(x.filled(value))")
+                             f"(x.filled(value), or x.filled(np.nan) with Engine(missing=...))")
         return np.asarray(x.data)
     if type(x) is np.ndarray:
         return x
