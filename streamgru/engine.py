@@ -377,7 +377,7 @@ class Engine:
                                 self._wide1 = _compiled(K.step_wide, args)
                         if bad == -1:
                             if store.last is not None:  # missing="last": remember the values
-                                store.last[slot] = x[0]
+                                store.last[slot] = x  # (1, I) into a row: no view of x[0] made
                             if self._track:  # an open key: no room to make, just mark it used
                                 rec = store.recency
                                 rec[k] = self._now
