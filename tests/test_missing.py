@@ -254,3 +254,17 @@ def test_snapshot_memory_is_read_with_the_same_care_as_states(tmp_path):
     assert eng.load_state(path, skip_nonfinite=True).skipped == ["b"]
     assert eng.keys() == ["a"] and eng.last_observed("a").tolist() == [1.0] * I
     Engine(MODEL, missing="zero").load_state(path)  # ignored by another policy, bad row or not
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_large_int_key_array_takes_the_policy_too(policy):
+    # 64 rows and more of an int array map keys through the compiled slot table.
+    eng = Engine(MODEL, missing=policy, dtype="float64")
+    ref = oracle.MissingStreams(MODEL, policy)
+    rng = np.random.default_rng(4)
+    for _ in range(2):  # the second call: keys open, memory and states from the first
+        keys = np.concatenate([np.arange(60), [3, 3, 5, 70, 71]])
+        x = holes(rng.normal(size=(65, I)), [(3, 0), (60, None), (61, 1), (63, None), (64, 2)])
+        ys = ref.feed_rows(keys.tolist(), x)
+        np.testing.assert_allclose(eng.step(keys, x), ys, atol=1e-9)
+    assert_matches(eng, ref, [3, 5, 70, 71], "float64")
