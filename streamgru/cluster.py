@@ -27,7 +27,11 @@ that computes it. That shard changes nothing, but the other shards of the call h
 rows by then: ``step`` raises :class:`~streamgru.errors.NonFiniteError` naming the refused keys,
 with ``applied`` (bool per row) and ``outputs`` (NaN where not applied) set on the error.
 ``resize`` moves each migrating stream's state to its new shard; no stream is lost or
-duplicated, and calls from other threads wait while it runs.
+duplicated, and calls from other threads wait while it runs. Missing values
+(``ShardedEngine(missing=...)``, as on ``Engine``): the driver refuses inf (and NaN under
+"refuse") before any shard is touched; each shard applies the policy to its rows; a stream's
+last observed values (``missing="last"``) move with its state on ``resize`` and are in its
+shard's snapshot file.
 
 Failures and what is lost
 -------------------------
