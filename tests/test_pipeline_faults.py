@@ -19,7 +19,15 @@ import textwrap
 import numpy as np
 import oracle
 import pytest
-from test_pipeline import CMD, checkpoint_meta, jsonl, make_events, oracle_outputs
+from test_pipeline import (
+    CMD,
+    checkpoint_meta,
+    jsonl,
+    make_events,
+    oracle_outputs,
+    read_outputs,
+    run_in_process,
+)
 
 import streamgru
 from streamgru import Engine, GRUModel
@@ -27,17 +35,6 @@ from streamgru.cli import main as cli_main
 from streamgru.errors import NonFiniteError
 from streamgru.formats import load_state, save_state
 from streamgru.pipeline import parse_line
-
-
-def run_in_process(args, capsys):
-    """``streamgru run ARGS`` in this process; returns (exit status, stderr)."""
-    status = cli_main(["run", *map(str, args)])
-    return status, capsys.readouterr().err
-
-
-def read_outputs(path):
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    return [r["key"] for r in rows], np.array([r["y"] for r in rows]).reshape(len(rows), -1)
 
 
 def oracle_states(model, events):
