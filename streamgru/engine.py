@@ -18,6 +18,15 @@ State policy (what each verb does to a stream's state)
   every state as it was; drop those rows and call again. ``set_state``/``open`` refuse a
   non-finite state; ``save_state`` refuses to write one; ``load_state`` refuses a snapshot holding
   one, naming the keys, or with ``skip_nonfinite=True`` loads the other streams.
+* Missing values (``Engine(missing=...)``): a NaN in ``step``/``run`` input marks a missing value
+  (+-inf never does: it is refused as above, naming the keys). ``"refuse"`` (default): refused as
+  above. ``"skip"``: a row with any NaN leaves its stream's state unchanged and outputs the model's
+  output for the held state (the layers after the last GRU layer applied to that layer's held h).
+  ``"zero"``: each NaN is read as 0. ``"last"``: each NaN is read as the stream's last observed
+  value of that feature (0 if never observed); every observed value updates that memory, which
+  belongs to the stream: ``reset``/``close`` clear it, eviction drops it, ``open``/a new key
+  starts it at 0, ``set_state`` leaves it, ``save_state``/``load_state`` carry it,
+  ``last_observed(key)`` reads it. Repeated keys in one call apply the rule row by row, in order.
 * Str keys holding NUL (``"\x00"``) are refused: numpy str arrays drop trailing NULs, so
   ``"a\x00"`` and ``"a"`` could not be told apart.
 
@@ -50,7 +59,7 @@ import numba
 import numpy as np
 
 from . import kernels as K
-from .errors import NonFiniteError
+from .errors import FormatError, NonFiniteError
 from .model import GRUModel
 from .packing import pack
 from .state import StateStore, check_str_keys, normalize_key
@@ -114,6 +123,7 @@ ROWS_BOUNDS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536)
 SECONDS_BOUNDS = (2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 0.1, 1.0)
 _NS_BOUNDS = tuple(round(b * 1e9) for b in SECONDS_BOUNDS)
 _ns = time.perf_counter_ns
+MISSING_POLICIES = ("refuse", "skip", "zero", "last")
 _COUNTED_VERBS = ("run", "open", "reset", "close", "state", "set_state", "save_state", "load_state",
                   "evict_idle")
 
@@ -123,7 +133,8 @@ class _Counters:
 
     __slots__ = ("step", "general", "fast_refused", "calls", "rows_counts", "rows_sum",
                  "rows_refused", "step_seconds", "run_seconds", "opened", "closed",
-                 "evicted_idle", "evicted_capacity", "snapshots", "snapshot_bytes", "snapshot_ns")
+                 "evicted_idle", "evicted_capacity", "snapshots", "snapshot_bytes", "snapshot_ns",
+                 "missing_values", "missing_rows")
 
     def __init__(self):
         self.step = 0  # step calls started
@@ -140,6 +151,8 @@ class _Counters:
         self.opened = self.closed = 0
         self.evicted_idle = self.evicted_capacity = 0
         self.snapshots = self.snapshot_bytes = self.snapshot_ns = 0
+        # missing input values handled by the policy (NaN values, and the rows holding them)
+        self.missing_values = self.missing_rows = 0
 
 
 @dataclass(frozen=True)
@@ -187,6 +200,12 @@ class Engine:
     clock : callable, optional
         Returns the time in seconds (default ``time.monotonic``); injectable for tests. It must
         never go backwards.
+    missing : {"refuse", "skip", "zero", "last"}
+        What a NaN in ``step``/``run`` input does (see the module docstring): refuse the call
+        (default), skip the row (the stream does not advance), read it as 0, or read it as the
+        stream's last observed value of that feature. Anything but "refuse" needs
+        ``check_finite=True``: the finite scan is what finds a NaN, so calls without NaN cost
+        what they cost under "refuse" ("last" adds one row copy per row, its memory update).
 
     Examples
     --------
@@ -205,10 +224,18 @@ class Engine:
     >>> _ = engine.step(["c"], np.ones((1, 3)))  # "a" was used least recently: evicted
     >>> sorted(engine.keys()), list(saved)
     (['b', 'c'], ['a'])
+
+    Missing values filled with each stream's last observation:
+
+    >>> engine = Engine(GRUModel.random(2, 4), missing="last")
+    >>> _ = engine.step(["a"], np.array([[1.0, 2.0]]))
+    >>> _ = engine.step(["a"], np.array([[np.nan, 3.0]]))  # read as [1.0, 3.0]
+    >>> engine.last_observed("a").tolist()
+    [1.0, 3.0]
     """
 
     def __init__(self, model, dtype="float32", capacity=1024, threads=None, check_finite=True,
-                 max_streams=None, idle_timeout=None, on_evict=None, clock=None):
+                 max_streams=None, idle_timeout=None, on_evict=None, clock=None, missing="refuse"):
         if not isinstance(model, GRUModel):
             raise TypeError(f"model: expected a streamgru.GRUModel, got {type(model).__name__}")
         key = dtype if isinstance(dtype, str) else getattr(np.dtype(dtype) if _is_dtype(dtype)
@@ -246,6 +273,13 @@ class Engine:
         if on_evict is not None and max_streams is None and idle_timeout is None:
             raise ValueError("on_evict: expected max_streams or idle_timeout to be set too, got "
                              "neither (nothing would ever be evicted)")
+        if not isinstance(missing, str) or missing not in MISSING_POLICIES:
+            raise ValueError(f"missing: expected one of {', '.join(map(repr, MISSING_POLICIES))}, "
+                             f"got {missing!r}")
+        if missing != "refuse" and not check_finite:
+            raise ValueError(f"missing: expected 'refuse' with check_finite=False (the finite scan "
+                             f"is what finds a missing value), got missing={missing!r} and "
+                             f"check_finite=False; keep check_finite=True")
         if clock is None:
             clock = time.monotonic
         elif not callable(clock):
@@ -274,7 +308,8 @@ class Engine:
                                  for layer in model.layers)
         self._recurrent_macs = max(layer.R.size for layer in model.gru_layers)
         self._store = StateStore(model.state_size, self.dtype, int(capacity), track=self._track,
-                                 limit=max_streams)
+                                 limit=max_streams, missing=missing,
+                                 memory=model.input_size if missing == "last" else 0)
         self._lock = threading.RLock()
         self._n_out = model.output_size
         self._rows = 0
@@ -346,16 +381,21 @@ class Engine:
                             bad = self._parallel(self._wide1, args)
                             if self._wide1 is K.step_wide:
                                 self._wide1 = _compiled(K.step_wide, args)
-                        if bad != -1:
+                        if bad == -1:
+                            if store.last is not None:  # missing="last": remember the values
+                                store.last[slot] = x[0]
+                            if self._track:  # an open key: no room to make, just mark it used
+                                rec = store.recency
+                                rec[k] = self._now
+                                rec.move_to_end(k)
+                            if t0:
+                                self._m_timed(m.step_seconds, t0)
+                            return out
+                        if bad < 0 or store.missing == "refuse":
                             m.fast_refused += 1
                             self._refuse(bad, x, [k], None, "x")
-                        if self._track:  # an open key: no room to make, just mark it used
-                            rec = store.recency
-                            rec[k] = self._now
-                            rec.move_to_end(k)
-                        if t0:
-                            self._m_timed(m.step_seconds, t0)
-                        return out
+                        # A NaN under a missing-value policy: the general path below handles it
+                        # (the kernel changed nothing).
             m.general += 1  # the general path: counted here, its rows at its return
             store = self._store
             if tkeys is np.ndarray and keys.ndim == 1 and keys.dtype.kind in "iu" \
@@ -382,18 +422,17 @@ class Engine:
             if n > self._rows:
                 self._grow_scratch(n)
             slots, opened = store.slots_array(karr) if ks is None else store.slots(ks)
-            p = self._packed
-            args = (p.params, p.table, p.fp, store.states, slots, x, out, self._scratch,
-                    self._iwork, store.mark, self.check_finite)
-            kernel = self._kernel(n)
             try:
-                if kernel is not K.step_serial:
-                    bad = self._parallel(kernel, args)
-                else:
-                    bad = K.step_serial(*args)
+                bad = self._step_rows(slots, x, out)
                 if bad != -1:
-                    self._refuse(bad, x, ks if ks is not None else karr.tolist(), self._iwork,
-                                 "x")
+                    if ks is None:
+                        ks = karr.tolist()
+                    if bad >= 0 and store.missing != "refuse" and not np.isinf(x).any():
+                        self._step_missing(ks, slots, x, out)
+                    else:
+                        self._refuse(bad, x, ks, self._iwork, "x")
+                elif store.last is not None:  # missing="last": remember the values, in order
+                    K.scatter_rows(store.last, slots, x)
             except BaseException:
                 store.rollback(opened)
                 raise
@@ -401,6 +440,168 @@ class Engine:
                 self._touch(ks)
             self._m_stepped(n, len(opened), t0)
             return out
+
+    def _step_rows(self, slots, x, out):
+        """One step kernel call for rows ``x`` (n, input_size) of state rows ``slots`` (n,),
+        outputs into ``out`` (n, output_size); returns the kernel's code (see kernels)."""
+        p = self._packed
+        args = (p.params, p.table, p.fp, self._store.states, slots, x, out, self._scratch,
+                self._iwork, self._store.mark, self.check_finite)
+        kernel = self._kernel(len(slots))
+        if kernel is not K.step_serial:
+            return self._parallel(kernel, args)
+        return K.step_serial(*args)
+
+    def _run_rows(self, slot, xs, out):
+        """One sequence kernel call: stream ``slot`` over ``xs`` (T, input_size), outputs into
+        ``out`` (T, output_size); returns the kernel's code."""
+        p = self._packed
+        args = (p.params, p.table, p.fp, self._store.states, slot, xs, out, self._run_scratch,
+                self.check_finite)
+        if self._par_threads > 1 and self._recurrent_macs >= RUN_WIDE_MIN_MACS:
+            return self._parallel(K.run_sequence_wide, args)
+        self._flip ^= 1
+        return K.run_sequence(*args, self._flip)
+
+    # ------------------------------------------------------------------------------------------
+    # missing input values (Engine(missing=...)): taken only by calls whose input holds NaN (the
+    # kernels' finite scan refused it, having changed nothing), so clean calls never come here.
+
+    def _step_missing(self, ks, slots, x, out):
+        """Step rows ``x`` holding NaN (no inf) by the engine's policy. All or nothing: on any
+        exception every state and memory row is as it was (the caller closes opened keys)."""
+        store = self._store
+        nan = np.isnan(x)
+        skip = nan.any(axis=1)
+        if store.missing == "skip":
+            self._step_skip(ks, slots, x, out, skip)
+        else:
+            if store.missing == "zero":
+                filled = np.where(nan, x.dtype.type(0), x)
+            else:
+                filled = self._fill_last(slots, x, nan)
+            bad = self._step_rows(slots, filled, out)
+            if bad != -1:
+                self._refuse(bad, filled, ks, self._iwork, "x")
+            if store.last is not None:  # each row's filled values: its memory after that row
+                K.scatter_rows(store.last, slots, filled)
+        self._m.missing_values += int(nan.sum())
+        self._m.missing_rows += int(skip.sum())
+
+    def _fill_last(self, slots, x, nan):
+        """``x`` with each NaN replaced by its stream's last observed value; rows of a repeated
+        key see the values observed by the earlier rows of that key in this call."""
+        last = self._store.last
+        if np.unique(slots).size == slots.size:
+            return np.where(nan, last[slots], x)
+        filled = x.copy()
+        seen = {}  # slot -> the memory after this key's latest row so far (a row of filled)
+        for i, s in enumerate(slots.tolist()):
+            prev = seen.get(s)
+            if prev is None:
+                prev = last[s]
+            row = filled[i]
+            row[nan[i]] = prev[nan[i]]
+            seen[s] = row
+        return filled
+
+    def _step_skip(self, ks, slots, x, out, skip):
+        """The "skip" policy: rows with NaN keep their stream's state and output the tail of it.
+
+        A skipped row's output is the held state *at its place in the batch*: a clean row of
+        the same key earlier in the call has advanced it. The call is cut into chunks at each
+        skipped row whose key already has a clean row in the current chunk; per chunk, skipped
+        rows read the state before the chunk, then the clean rows step in one kernel call.
+        """
+        store = self._store
+        touched = np.unique(slots)
+        backup = store.states[touched]  # a copy (fancy indexing): every state, for rollback
+        cuts, stepped = [], set()
+        for i, (s, sk) in enumerate(zip(slots.tolist(), skip.tolist())):
+            if not sk:
+                stepped.add(s)
+            elif s in stepped:
+                cuts.append(i)
+                stepped = set()  # row i starts the next chunk
+        cuts.append(len(slots))
+        try:
+            start = 0
+            for end in cuts:
+                rows = np.arange(start, end)
+                held, clean = rows[skip[start:end]], rows[~skip[start:end]]
+                if held.size:
+                    out[held] = self._held_output(slots[held], [ks[i] for i in held])
+                if clean.size:
+                    sub = np.empty((clean.size, out.shape[1]), out.dtype)
+                    bad = self._step_rows(slots[clean], x[clean], sub)
+                    if bad != -1:
+                        self._refuse(bad, x[clean], [ks[i] for i in clean], self._iwork, "x",
+                                     counted=len(slots))
+                    out[clean] = sub
+                start = end
+        except BaseException:
+            store.states[touched] = backup
+            raise
+
+    def _held_output(self, slots, keys):
+        """The model's output for the held states of ``slots``: the Dense layers after the last
+        GRU layer (packing's ``tail``) applied to that layer's h, in the engine's dtype, with the
+        kernels' activations. Refuses (NonFiniteError naming ``keys``) an output that overflows."""
+        p = self._packed
+        v = self._store.states[slots, self.model.state_slices[-1]]
+        for layer, W, b in p.tail:
+            with np.errstate(over="ignore", invalid="ignore"):  # checked below
+                v = np.ascontiguousarray(v @ W.T + b)
+            K.activate_rows(v, p.table, p.fp, layer)
+        bad = ~np.isfinite(v).all(axis=1)
+        if bad.any():
+            self._m.rows_refused[0] += len(keys)
+            names = list(dict.fromkeys(k for k, b in zip(keys, bad.tolist()) if b))
+            raise NonFiniteError(
+                f"x: expected inputs whose output stays finite, got a skipped row whose held "
+                f"state's output would be NaN/inf (an overflow in {self.dtype.name}) for key(s) "
+                f"{_key_list(names)}; no stream was changed", names)
+        return v
+
+    def _run_missing(self, slot, k, xs, out):
+        """``run`` over ``xs`` holding NaN (no inf) by the engine's policy, in time order. All or
+        nothing: on any exception the stream's state and memory are as they were."""
+        store = self._store
+        nan = np.isnan(xs)
+        skip = nan.any(axis=1)
+        if store.missing == "skip":
+            backup = store.states[slot].copy()
+            try:
+                t, T = 0, len(xs)
+                while t < T:
+                    end = t + 1
+                    while end < T and skip[end] == skip[t]:
+                        end += 1
+                    if skip[t]:  # the state is held over these steps: one output for all
+                        out[t:end] = self._held_output(np.array([slot]), [k])[0]
+                    else:
+                        bad = self._run_rows(slot, xs[t:end], out[t:end])
+                        if bad != -1:
+                            self._refuse(bad, xs[t:end], [k], None, "xs", counted=T)
+                    t = end
+            except BaseException:
+                store.states[slot] = backup
+                raise
+        else:
+            if store.missing == "zero":
+                filled = np.where(nan, xs.dtype.type(0), xs)
+            else:  # forward fill along time, from the memory
+                steps = np.where(nan, -1, np.arange(len(xs))[:, None])
+                np.maximum.accumulate(steps, axis=0, out=steps)
+                filled = np.where(steps >= 0, xs[np.maximum(steps, 0), np.arange(xs.shape[1])],
+                                  store.last[slot])
+            bad = self._run_rows(slot, filled, out)
+            if bad != -1:
+                self._refuse(bad, filled, [k], None, "xs")
+            if store.last is not None:
+                store.last[slot] = filled[-1]
+        self._m.missing_values += int(nan.sum())
+        self._m.missing_rows += int(skip.sum())
 
     def run(self, key, xs):
         """Advance one stream over a sequence: ``xs`` (T, input_size) -> (T, output_size).
@@ -424,18 +625,17 @@ class Engine:
             if self._run_scratch.shape[0] < T + 1:  # allocate first, then open the key
                 self._run_scratch = np.zeros((max(T + 1, 2 * self._run_scratch.shape[0]),
                                               self._packed.scratch_width), self.dtype)
-            slots, opened = self._store.slots([k])
-            p = self._packed
-            args = (p.params, p.table, p.fp, self._store.states, slots[0], xs, out,
-                    self._run_scratch, self.check_finite)
+            store = self._store
+            slots, opened = store.slots([k])
             try:
-                if self._par_threads > 1 and self._recurrent_macs >= RUN_WIDE_MIN_MACS:
-                    bad = self._parallel(K.run_sequence_wide, args)
-                else:
-                    self._flip ^= 1
-                    bad = K.run_sequence(*args, self._flip)
+                bad = self._run_rows(slots[0], xs, out)
                 if bad != -1:
-                    self._refuse(bad, xs, [k], None, "xs")
+                    if bad >= 0 and store.missing != "refuse" and not np.isinf(xs).any():
+                        self._run_missing(slots[0], k, xs, out)
+                    else:
+                        self._refuse(bad, xs, [k], None, "xs")
+                elif store.last is not None:  # missing="last": remember the latest values
+                    store.last[slots[0]] = xs[-1]
             except BaseException:
                 self._store.rollback(opened)
                 raise
@@ -472,7 +672,8 @@ class Engine:
             self._m.opened += 1
 
     def reset(self, key):
-        """Set an open stream's state back to zeros (counts as a use of the stream)."""
+        """Set an open stream's state back to zeros, and its last observed values (``missing=
+        "last"``) to never observed (counts as a use of the stream)."""
         with self._lock:
             self._m.calls["reset"] += 1
             if self._track:
@@ -480,6 +681,8 @@ class Engine:
                 self._sweep()
             slot = self._slot(key)
             self._store.states[slot] = 0
+            if self._store.last is not None:
+                self._store.last[slot] = 0
             if self._track:
                 self._touch([normalize_key(key)])
 
@@ -503,6 +706,31 @@ class Engine:
             self._m.calls["state"] += 1
             slot = self._slot(key)
             return self._store.states[slot, :self.model.state_size].copy()
+
+    @property
+    def missing(self):
+        """The missing-value policy: "refuse", "skip", "zero" or "last" (see ``Engine``)."""
+        return self._store.missing
+
+    def last_observed(self, key):
+        """A copy of the stream's last observed input values, shape ``(input_size,)``: 0 for a
+        feature never observed (``missing="last"`` only). KeyError if the key is unknown.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from streamgru import Engine, GRUModel
+        >>> engine = Engine(GRUModel.random(2, 4), missing="last")
+        >>> _ = engine.step(["a"], np.array([[np.nan, 5.0]]))
+        >>> engine.last_observed("a").tolist()
+        [0.0, 5.0]
+        """
+        with self._lock:
+            if self._store.last is None:
+                raise ValueError(f"missing: expected an engine made with missing='last' (only it "
+                                 f"keeps last observed values), got missing={self.missing!r}")
+            slot = self._slot(key)
+            return self._store.last[slot].copy()
 
     def set_state(self, key, state):
         """Overwrite a stream's state (opens the key if unknown).
@@ -580,6 +808,7 @@ class Engine:
         refused with NonFiniteError naming its keys rather than write a file that cannot be
         loaded whole. ``metadata`` (optional): a dict of JSON values saved in the same file by
         the same atomic write, e.g. how much input the states cover; ``load_state`` returns it.
+        With ``missing="last"``, every stream's last observed values are saved with its state.
         """
         from .formats import save_state
 
@@ -591,7 +820,8 @@ class Engine:
             keys = list(store.recency if store.recency is not None else store.slot_of)
             slots = np.fromiter((self._store.slot_of[k] for k in keys), np.int64, len(keys))
             states = self._store.states[slots, :self.model.state_size]
-            save_state(path, keys, states, self.model.fingerprint, metadata)
+            last = None if store.last is None else store.last[slots]
+            save_state(path, keys, states, self.model.fingerprint, metadata, last=last)
             self._m.snapshots += 1
             self._m.snapshot_ns += _ns() - t0
             try:  # the file just written (renamed into place atomically)
@@ -603,6 +833,11 @@ class Engine:
         """Replace every stream by those saved in ``path`` (see ``save_state``).
 
         Streams open now but absent from the file are closed. On any error nothing changes.
+
+        Last observed values (``missing="last"``) come back from a snapshot that has them; a
+        snapshot without them (saved by an engine with another policy, or before they existed)
+        loads with every stream's values never observed (0). An engine with another policy
+        ignores them: it has no use for them, and the states load the same either way.
 
         A snapshot's states are converted to the engine's dtype (a float64 snapshot loaded into
         a float32 engine is rounded to float32). A state that holds NaN/inf, or a value too large
@@ -626,12 +861,23 @@ class Engine:
 
         with self._lock:
             self._m.calls["load_state"] += 1
-        keys, states, metadata = load_state(path, self.model.fingerprint, self.model.state_size,
-                                            with_metadata=True)
+        keys, states, metadata, last = load_state(path, self.model.fingerprint,
+                                                  self.model.state_size, with_metadata=True,
+                                                  with_last=True)
+        keep_last = self._store.last is not None  # the policy is fixed: no lock needed
+        if not keep_last:
+            last = None
+        elif last is not None and last.shape[1] != self.model.input_size:
+            raise FormatError(f"{path}: expected last observed values of {self.model.input_size} "
+                              f"features (input_size), got shape {last.shape}")
         with np.errstate(over="ignore"):  # too large for the dtype becomes inf: handled below
             states = np.asarray(states, dtype=self.dtype)
+            if last is not None:
+                last = np.asarray(last, dtype=self.dtype)
+                states_and_last = np.concatenate([states, last], axis=1)
         skipped = []
-        finite = np.isfinite(states).all(axis=1) if keys else np.ones(0, bool)
+        finite = np.isfinite(states if last is None else states_and_last).all(axis=1) if keys \
+            else np.ones(0, bool)
         if not finite.all():
             skipped = [keys[i] for i in np.flatnonzero(~finite)]
             if not skip_nonfinite:
@@ -642,6 +888,8 @@ class Engine:
                     f"(load_state(path, skip_nonfinite=True) loads the other streams)", skipped)
             keys = [keys[i] for i in np.flatnonzero(finite)]
             states = states[finite]
+            if last is not None:
+                last = last[finite]
         with self._lock:
             if self._in_callback:
                 raise RuntimeError("on_evict: expected a callback that does not call the engine's "
@@ -651,7 +899,8 @@ class Engine:
                                  f"a snapshot of {len(keys)}; nothing was changed")
             store = StateStore(self.model.state_size, self.dtype,
                                max(self._store.capacity, len(keys), 1), track=self._track,
-                               limit=self.max_streams)
+                               limit=self.max_streams, missing=self.missing,
+                               memory=self.model.input_size if keep_last else 0)
             for k in keys:
                 store.open(k)
             if self._track:  # every loaded stream counts as used now, in the file's order
@@ -662,6 +911,8 @@ class Engine:
             if keys:
                 slots = np.fromiter((store.slot_of[k] for k in keys), np.int64, len(keys))
                 store.states[slots, :self.model.state_size] = states
+                if last is not None:
+                    store.last[slots] = last
             self._m.closed += len(self._store)  # every stream is replaced by the file's
             self._m.opened += len(keys)
             self._store = store
@@ -697,6 +948,9 @@ class Engine:
             ``{"idle": n, "capacity": n}``. ``open == opened - closed - idle - capacity``.
             ``snapshots``: ``written``, ``bytes`` and ``seconds`` of ``save_state`` calls that
             returned.
+            ``missing``: ``policy`` (``Engine(missing=...)``), ``values`` (NaN values handled
+            by it) and ``rows`` (rows or run steps holding them), in calls that returned; 0 under
+            "refuse", whose refusals count in ``rows_refused``.
 
             A histogram ``hist`` is ``{"bounds": tuple, "counts": list, "sum": number}``:
             ``counts[i]`` (not cumulative) counts values ``<= bounds[i]`` and above the previous
@@ -740,8 +994,8 @@ class Engine:
                                         "capacity": m.evicted_capacity}},
                 "snapshots": {"written": m.snapshots, "bytes": m.snapshot_bytes,
                               "seconds": m.snapshot_ns * 1e-9},
-                # Missing input values (by policy) will be counted here once the engine handles
-                # them; until then there is no such counter rather than a count of zero.
+                "missing": {"policy": self.missing, "values": m.missing_values,
+                            "rows": m.missing_rows},
             }
         return st
 
@@ -816,7 +1070,8 @@ class Engine:
         due = now >= self._idle_due
         need = 0 if batch is None else \
             len(store) + sum(1 for k in batch if k not in store.slot_of) - lim
-        if (due or need > 0) and x is not None and self.check_finite and not np.isfinite(x).all():
+        if (due or need > 0) and x is not None and self.check_finite and not np.isfinite(x).all() \
+                and (self._store.missing == "refuse" or np.isinf(x).any()):
             # Checked here, before evicting, so that a refused call evicts nothing.
             self._raise_nonfinite(x, ks, what)
         self._sweep(now)
@@ -845,7 +1100,9 @@ class Engine:
         """Close ``key`` and hand its final state to ``on_evict``; if that raises, reopen it as it
         was (same state, still least recently used) and let the exception propagate."""
         store = self._store
-        state = store.states[store.slot_of[key], :self.model.state_size].copy()
+        slot = store.slot_of[key]
+        state = store.states[slot, :self.model.state_size].copy()
+        last = None if store.last is None else store.last[slot].copy()  # dropped unless restored
         store.close(key)
         if self.on_evict is None:
             return
@@ -853,7 +1110,7 @@ class Engine:
         try:
             self.on_evict(key, state.copy())
         except BaseException:
-            store.restore(key, state, t)
+            store.restore(key, state, t, last)
             raise
         finally:
             self._in_callback = False
@@ -920,7 +1177,10 @@ class Engine:
         """Refuse input ``x`` (rows for keys ``ks``) holding NaN/inf: NonFiniteError naming the
         keys of the bad rows (for ``run``, the steps)."""
         self._m.rows_refused[0 if what == "x" else 1] += len(x)
-        rows = np.flatnonzero(~np.isfinite(np.asarray(x)).all(axis=1))
+        if self._store.missing == "refuse":
+            rows = np.flatnonzero(~np.isfinite(np.asarray(x)).all(axis=1))
+        else:  # NaN marks a missing value: only the rows holding inf are at fault
+            rows = np.flatnonzero(np.isinf(np.asarray(x)).any(axis=1))
         if what == "xs":
             raise NonFiniteError(
                 f"xs: expected finite values, got NaN/inf (or values too large for "
@@ -932,14 +1192,15 @@ class Engine:
             f"{self.dtype.name}) in the rows of key(s) {_key_list(bad)}; no stream was changed "
             f"(Engine(check_finite=False) skips this check)", bad)
 
-    def _refuse(self, code, x, ks, iwork, what):
+    def _refuse(self, code, x, ks, iwork, what, counted=None):
         """Turn a kernel's error code into NonFiniteError: ``code >= 0`` is an input row holding
         NaN/inf; kernels.PRODUCED_NONFINITE means the step would have written NaN/inf into a
         state or an output (every state was restored): the plan-order flags in ``iwork`` (None
-        for a single stream) say which rows."""
+        for a single stream) say which rows. ``counted``: the rows of the whole call when ``x``
+        is a part of it (the missing-value paths), for the refused-rows counter."""
         if code >= 0:
             self._raise_nonfinite(x, ks, what)
-        self._m.rows_refused[0 if what == "x" else 1] += len(x)
+        self._m.rows_refused[0 if what == "x" else 1] += len(x) if counted is None else counted
         if iwork is None:
             bad = list(ks[:1])
         else:

@@ -13,7 +13,9 @@ header's ``__metadata__`` says what the file is:
   ``dtype``, and optionally ``metadata`` (a JSON object chosen by the caller, e.g. how much input a
   checkpoint covers: it is written by the same atomic write as the states, so the two cannot
   disagree). Tensors ``states`` (count, state_size), and ``keys`` (int64) or ``key_bytes``
-  (uint8, UTF-8) + ``key_offsets`` (int64, count + 1).
+  (uint8, UTF-8) + ``key_offsets`` (int64, count + 1); optionally ``last_observed`` (count,
+  input_size), each stream's last observed input values (``Engine(missing="last")``). A reader
+  that does not know it ignores it, so snapshots with it keep format version 1.
 
 Files are parsed with explicit limits (header size, tensor extents within the file) before
 anything is allocated, and nothing in them is ever executed: no pickle anywhere.
@@ -437,8 +439,9 @@ def _model_from_bytes(buf: bytes, path) -> GRUModel:
 # state snapshots
 
 
-def save_state(path, keys, states, fingerprint, metadata=None):
-    """Write keys + states atomically. ``keys``: list of all-int or all-str; ``states`` (n, S).
+def save_state(path, keys, states, fingerprint, metadata=None, last=None):
+    """Write keys + states atomically. ``keys``: list of all-int or all-str; ``states`` (n, S);
+    ``last`` (optional): (n, input_size), each stream's last observed input values.
 
     A state holding NaN/inf is refused (NonFiniteError naming its keys, nothing written): a
     snapshot must load back whole. ``metadata``, if given, is a dict with str keys and JSON
@@ -464,6 +467,8 @@ def save_state(path, keys, states, fingerprint, metadata=None):
                              f"{' ...' if len(bad) > 10 else ''}; nothing was written", bad)
     kind = "str" if (n and isinstance(keys[0], str)) else "int"
     tensors = {"states": np.asarray(states)}
+    if last is not None:
+        tensors["last_observed"] = np.asarray(last)
     if kind == "int":
         tensors["keys"] = np.array(keys, dtype=np.int64).reshape(n)
     else:
@@ -523,14 +528,15 @@ def _read_snapshot(path, what="path"):
     return read_file(path, what, length=size, limit=size)
 
 
-def load_state(path, fingerprint, state_size, with_metadata=False):
+def load_state(path, fingerprint, state_size, with_metadata=False, with_last=False):
     """Read a snapshot written by :func:`save_state` for the model with ``fingerprint``.
 
     Returns (keys, states (n, state_size)), and with ``with_metadata=True`` also the ``metadata``
     dict the snapshot was saved with (None if it has none), read from the same bytes. The states
     are returned as stored, NaN/inf included: the caller decides what to do with such streams
     (Engine.load_state refuses them by default, naming their keys, or skips them on request), so
-    that one bad row never makes the others unreadable.
+    that one bad row never makes the others unreadable. With ``with_last=True`` the last item
+    returned is the ``last_observed`` array (n, input_size) or None when the snapshot has none.
     """
     meta, t = _decode(_read_snapshot(path, "path"), path, STATE_FORMAT)
     if meta.get("model_fingerprint") != fingerprint:
@@ -558,6 +564,10 @@ def load_state(path, fingerprint, state_size, with_metadata=False):
             raise ValueError(f"key_kind {meta['key_kind']!r}")
         if len(keys) != n or len(set(keys)) != n:
             raise ValueError("duplicate or missing keys")
+        last = t.get("last_observed")
+        if last is not None and (last.ndim != 2 or last.shape[0] != n or last.dtype.kind != "f"):
+            raise ValueError(f"last_observed of shape {last.shape} {last.dtype}, expected "
+                             f"({n}, input_size) float32/float64")
         metadata = None
         if "metadata" in meta:
             metadata = json.loads(meta["metadata"])
@@ -565,7 +575,8 @@ def load_state(path, fingerprint, state_size, with_metadata=False):
                 raise ValueError(f"metadata {str(metadata)[:100]}, expected a JSON object")
     except (KeyError, ValueError, IndexError, UnicodeDecodeError, RecursionError) as exc:
         raise FormatError(f"{path}: expected a consistent state snapshot, got {exc}") from None
-    return (keys, states, metadata) if with_metadata else (keys, states)
+    out = (keys, states, metadata) if with_metadata else (keys, states)
+    return out + (last,) if with_last else out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1393,7 +1393,8 @@ def gather_rows(state, slots, out):
 
 @njit(**_JIT)
 def scatter_rows(state, slots, src):
-    """state[slots[i]] = src[i]."""
+    """state[slots[i]] = src[i], in order: a slot listed twice ends with its last row (numpy's
+    fancy assignment does not promise which one; the "last" missing-value memory relies on it)."""
     for i in range(slots.shape[0]):
         s = slots[i]
         for k in range(state.shape[1]):
@@ -1491,3 +1492,17 @@ def table_delete(tkeys, tvals, key, h):
             tvals[j] = TAB_TOMB
             return 1
         j = (j + 1) & mask
+
+
+# ----------------------------------------------------------------------------------------------
+# missing input values (Engine(missing=...)): helpers of the engine's missing-value path
+
+
+@njit(**_JIT)
+def activate_rows(A, table, fp, layer):
+    """Apply dense layer ``layer``'s activation (with the step kernels' own definitions and
+    float32 approximations) to every row of ``A`` (n, out_features), in place."""
+    fast = A.itemsize == 4
+    for i in range(A.shape[0]):
+        _act(A, i, 0, A.shape[1], table[layer, T_F], fp[layer, F_FA], fp[layer, F_FB],
+             fp[layer, F_CLIP], fast)

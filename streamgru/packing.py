@@ -28,12 +28,16 @@ class PackedModel:
     fp : (L, kernels.NF) float of the same dtype, read-only
     scratch_width : int
         Width of one scratch row (``table[0, kernels.T_LW]``).
+    tail : tuple of (int, ndarray, ndarray)
+        ``(layer index, W (out, in), b (out,))`` in ``dtype``, read-only, for each Dense layer
+        after the last GRU layer: the output of a held state (``Engine(missing="skip")``).
     """
 
     params: np.ndarray
     table: np.ndarray
     fp: np.ndarray
     scratch_width: int
+    tail: tuple = ()
 
 
 def _check_range(model, dtype):
@@ -141,6 +145,9 @@ def pack(model, dtype) -> PackedModel:
     table[:, K.T_LA:K.T_LW + 1] = layout
     fp = np.array(fp, dtype)
     width = int(layout[-1])
-    for arr in (params, table, fp):
+    last_gru = max(i for i, layer in enumerate(model.layers) if isinstance(layer, GRULayer))
+    tail = tuple((i, np.array(layer.W, dtype), np.array(layer.b, dtype))
+                 for i, layer in enumerate(model.layers) if i > last_gru)
+    for arr in (params, table, fp) + tuple(a for _, W, b in tail for a in (W, b)):
         arr.setflags(write=False)
-    return PackedModel(params, table, fp, width)
+    return PackedModel(params, table, fp, width, tail)

@@ -15,6 +15,11 @@ Slots of closed streams are reused. When no slot is free the buffer grows (doubl
 past ``limit`` when one is set): rows are copied into the new buffer, so every stream keeps its slot
 and its state.
 
+Missing input values: with ``memory`` > 0 (the engine's ``missing="last"`` policy) the store also
+keeps ``last``, each slot's last observed input values. That row belongs to the stream like its
+state: zeroed when the key is opened (never observed), copied by :meth:`StateStore.grow`, given
+back by :meth:`StateStore.restore`; closing a key drops it with the slot.
+
 Recency (for eviction): when the engine tracks it, ``recency`` is an ``OrderedDict`` of open keys
 to the clock time they were last used, least recently used first. Keeping it up to date costs one
 ``move_to_end`` per key per call; finding the least recently used stream costs O(1).
@@ -161,9 +166,16 @@ class StateStore:
         ``key -> time last used``, least recently used first; None when not tracked.
     limit : int or None
         The buffer never grows past this many rows (the engine's ``max_streams``).
+    missing : str
+        The engine's missing-value policy (``Engine(missing=...)``), kept with the store it
+        shapes; the store itself only reads it through ``memory``.
+    last : (capacity, memory) array of ``dtype``, or None
+        Row ``slot`` holds the stream's last observed input values (0 where never observed);
+        None unless ``memory`` > 0.
     """
 
-    def __init__(self, state_size, dtype, capacity, track=False, limit=None):
+    def __init__(self, state_size, dtype, capacity, track=False, limit=None, missing="refuse",
+                 memory=0):
         self.state_size = int(state_size)
         self.dtype = np.dtype(dtype)
         self.states = np.zeros((capacity, max(self.state_size, 1)), self.dtype)
@@ -175,6 +187,8 @@ class StateStore:
         self.recency = OrderedDict() if track else None
         self.limit = limit
         self.itable = None  # IntSlotTable, built on the first int-array lookup
+        self.missing = missing
+        self.last = np.zeros((capacity, memory), self.dtype) if memory else None
 
     @property
     def capacity(self):
@@ -206,9 +220,15 @@ class StateStore:
         states = np.zeros((new_cap, self.states.shape[1]), self.dtype)
         states[:cap] = self.states
         mark = np.zeros(new_cap, np.int64)
+        last = None
+        if self.last is not None:
+            last = np.zeros((new_cap, self.last.shape[1]), self.dtype)
+            last[:cap] = self.last
         key_of = self.key_of + [None] * (new_cap - cap)
         free = list(range(new_cap - 1, cap - 1, -1)) + self.free
         self.states, self.mark, self.key_of, self.free = states, mark, key_of, free
+        if last is not None:
+            self.last = last
 
     def reserve(self, count):
         """Grow now if fewer than ``count`` slots are free (allocate before opening)."""
@@ -229,6 +249,8 @@ class StateStore:
             self.itable.pending.append((key, -1))  # room in the queue first; slot set below
         slot = self.free.pop()
         self.states[slot] = 0
+        if self.last is not None:
+            self.last[slot] = 0
         self.slot_of[key] = slot
         self.key_of[slot] = key
         if self.key_kind is None:
@@ -324,10 +346,13 @@ class StateStore:
             return t
         return None
 
-    def restore(self, key, state, t):
-        """Reopen ``key`` (just closed) with ``state`` as the least recently used stream."""
+    def restore(self, key, state, t, last=None):
+        """Reopen ``key`` (just closed) with ``state`` (and ``last``, its last observed values,
+        when the store keeps them) as the least recently used stream."""
         slot = self.open(key)
         self.states[slot, :state.shape[0]] = state
+        if last is not None:
+            self.last[slot] = last
         self.recency[key] = t
         self.recency.move_to_end(key, last=False)
         return slot
