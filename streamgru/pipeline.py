@@ -415,19 +415,29 @@ def _step_batch(engine, keys, x, strict):
 
 
 class _Undo:
-    """The states of a batch's streams before it was stepped, to take it back when its outputs
-    could not be delivered (then the checkpoint covers exactly the delivered events)."""
+    """The states of a batch's streams before it was stepped (and, under ``--missing last``,
+    their last observed values), to take it back when its outputs could not be delivered (then
+    the checkpoint covers exactly the delivered events)."""
 
     def __init__(self, engine, keys):
         self.engine = engine
-        self.prior, self.new = {}, []
+        self.prior, self.new, self.memory = {}, [], {}
+        last = engine.missing == "last"
         for k in dict.fromkeys(keys):  # one engine call per distinct key: open keys are the rule
             try:
                 self.prior[k] = engine.state(k)
+                if last:
+                    self.memory[k] = engine.last_observed(k)
             except KeyError:
                 self.new.append(k)
 
     def apply(self):
+        for k, memory in self.memory.items():
+            # The engine has no setter for the memory: stepping the stream on its old memory
+            # (every value observed) makes that the memory again, and set_state below puts the
+            # state back. A feature never observed reads 0 either way. The step is counted in
+            # the engine's stats like any other.
+            self.engine.step([k], memory[None])
         for k, state in self.prior.items():
             self.engine.set_state(k, state)
         for k in self.new:
