@@ -82,7 +82,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import float_matrix
+from .engine import check_missing, float_matrix
 from .errors import FormatError, NonFiniteError
 from .model import GRUModel
 from .state import check_str_keys, normalize_key
@@ -323,7 +323,7 @@ class _Shard:
     """One shard: an ``Engine`` inside a Ray actor. Every public method refuses work (returns
     ``_Recovered``) while the actor is a restarted one that the driver has not restored yet."""
 
-    def __init__(self, model_bytes, dtype, capacity, threads, shard):
+    def __init__(self, model_bytes, dtype, capacity, threads, shard, missing="refuse"):
         import ray
 
         from .engine import Engine
@@ -332,6 +332,7 @@ class _Shard:
         self._Engine = Engine
         self.model = model_from_bytes(model_bytes)
         self.dtype, self.capacity, self.threads, self.shard = dtype, capacity, threads, shard
+        self.missing = missing
         self.engine = self._new_engine()
         self.instance = uuid.uuid4().hex
         with warnings.catch_warnings():  # Ray 2.60 warns from inside this property
@@ -345,8 +346,11 @@ class _Shard:
         warm.step([0], np.zeros((1, self.model.input_size), warm.dtype))
 
     def _new_engine(self, capacity=None):
+        # The driver checks input (check_finite=False here), except for the NaN of a missing-value
+        # policy, which the shard's own scan finds.
         return self._Engine(self.model, dtype=self.dtype, capacity=capacity or self.capacity,
-                            threads=self.threads, check_finite=False)
+                            threads=self.threads, check_finite=self.missing != "refuse",
+                            missing=self.missing)
 
     def hello(self):
         return (self.instance, os.getpid(), self.recovered)
@@ -377,7 +381,7 @@ class _Shard:
             return len(self.engine)
         if verb == "keys":
             return self.engine.keys()
-        if verb in ("open", "reset", "close", "state", "set_state"):
+        if verb in ("open", "reset", "close", "state", "set_state", "last_observed"):
             return getattr(self.engine, verb)(*args)
         if verb == "stats":
             return {"calls": self.calls, "rows": self.rows, "engine_seconds": self.busy,
@@ -386,19 +390,28 @@ class _Shard:
         raise ValueError(f"verb: expected a shard verb, got {verb!r}")
 
     def export(self, keys):
-        """States of ``keys`` (all open here), (len(keys), state_size)."""
+        """States of ``keys`` (all open here), (len(keys), state_size), each followed by the
+        stream's last observed values (input_size more columns) under ``missing="last"``."""
         if self.recovered:
             return _Recovered(self.instance)
-        out = np.empty((len(keys), self.model.state_size), self.engine.dtype)
+        S = self.model.state_size
+        last = self.missing == "last"
+        out = np.empty((len(keys), S + (self.model.input_size if last else 0)), self.engine.dtype)
         for i, k in enumerate(keys):
-            out[i] = self.engine.state(k)
+            out[i, :S] = self.engine.state(k)
+            if last:
+                out[i, S:] = self.engine.last_observed(k)
         return out
 
     def import_states(self, keys, states):
+        """Open (or overwrite) ``keys`` with rows of :meth:`export`."""
         if self.recovered:
             return _Recovered(self.instance)
+        S = self.model.state_size
         for k, s in zip(keys, states):
-            self.engine.set_state(k, s)
+            self.engine.set_state(k, s[:S])
+            if s.shape[0] > S:
+                self.engine._set_last_observed(k, s[S:])
         return len(keys)
 
     def close_many(self, keys):
@@ -426,9 +439,11 @@ class _Shard:
             return eng
         eng = self._new_engine()
         for f in files:
-            keys, states = load_state(f, fp, size)
+            keys, states, last = load_state(f, fp, size, with_last=True)
             if not keys:
                 continue
+            if self.missing == "last" and last is not None:  # as Engine.load_state
+                states = np.concatenate([states, last], axis=1)
             finite = np.isfinite(states).all(axis=1)
             if not finite.all():  # as Engine.load_state: refused, naming the keys
                 bad = [keys[i] for i in np.flatnonzero(~finite)]
@@ -436,7 +451,9 @@ class _Shard:
                                      f"key(s) {', '.join(repr(k) for k in bad[:10])}", bad)
             ks = np.array(keys, np.int64) if not isinstance(keys[0], str) else keys
             for i in np.flatnonzero(_owners(ks, shards) == self.shard):
-                eng.set_state(keys[i], states[i])
+                eng.set_state(keys[i], states[i, :size])
+                if states.shape[1] > size:
+                    eng._set_last_observed(keys[i], states[i, size:])
         return eng
 
     def prepare_load(self, files, shards, saved_shards):
@@ -529,6 +546,10 @@ class ShardedEngine:
         Initial state slots per shard (they grow).
     check_finite : bool
         Refuse NaN/inf inputs (checked in the driver, before any shard is touched).
+    missing : {"refuse", "skip", "zero", "last"}
+        What a NaN in the input does, as ``Engine(missing=...)``: the driver refuses inf (and,
+        under "refuse", NaN); each shard applies the policy to its rows. ``last_observed(key)``
+        reads a stream's memory; ``resize`` moves it with the stream; snapshots carry it.
     checkpoint_dir : str or path, optional
         Where ``checkpoint()`` writes snapshots (see ``save_state``). On a cluster, a directory
         every node sees at the same path.
@@ -566,9 +587,10 @@ class ShardedEngine:
 
     def __init__(self, model, shards=2, address=None, dtype="float32", threads_per_shard=1,
                  capacity=1024, check_finite=True, checkpoint_dir=None, checkpoint_every=None,
-                 max_restarts=3, actor_options=None, start_timeout=120.0):
+                 max_restarts=3, actor_options=None, start_timeout=120.0, missing="refuse"):
         if not isinstance(model, GRUModel):
             raise TypeError(f"model: expected a streamgru.GRUModel, got {type(model).__name__}")
+        check_missing(missing, check_finite)
         shards = _check_shards(shards, "shards")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype: expected 'float32' or 'float64', got {dtype!r}")
@@ -596,6 +618,7 @@ class ShardedEngine:
         self.dtype = np.dtype(dtype)
         self.threads_per_shard = threads_per_shard
         self.check_finite = bool(check_finite)
+        self.missing = missing
         self.checkpoint_dir = None if checkpoint_dir is None else os.path.abspath(checkpoint_dir)
         self.checkpoint_every = checkpoint_every
         self.max_restarts = max_restarts
@@ -629,8 +652,8 @@ class ShardedEngine:
     def _add_actors(self, ids):
         ray = _ray()
         cls = _remote_shard().options(**self._opts)
-        new = [cls.remote(self._model_bytes, self.dtype.name, self._capacity, self.threads_per_shard, i)
-               for i in ids]
+        new = [cls.remote(self._model_bytes, self.dtype.name, self._capacity, self.threads_per_shard, i,
+                          self.missing) for i in ids]
         try:
             hello = ray.get([a.hello.remote() for a in new], timeout=self._start_timeout)
         except Exception as exc:
@@ -707,8 +730,12 @@ class ShardedEngine:
             ks, kind = _canonical_keys(keys, self._kind, "keys")
             n = len(ks)
             x = self._matrix(x, "x", n, "len(keys)")
-            if self.check_finite and n and not np.isfinite(x).all():
-                rows = np.flatnonzero(~np.isfinite(x).all(axis=1))
+            if self.check_finite and n and not np.isfinite(x).all() \
+                    and (self.missing == "refuse" or np.isinf(x).any()):
+                # Under a missing-value policy a NaN is no fault (the shards apply the policy):
+                # only rows holding inf are refused.
+                rows = np.flatnonzero(~np.isfinite(x).all(axis=1) if self.missing == "refuse"
+                                      else np.isinf(x).any(axis=1))
                 bad = list(dict.fromkeys(ks[i] for i in rows.tolist()))
                 raise NonFiniteError(
                     f"x: expected finite values, got NaN/inf in the rows of key(s) "
@@ -831,6 +858,14 @@ class ShardedEngine:
     def set_state(self, key, state):
         """Overwrite a stream's state (opens the key if unknown)."""
         self._one("set_state", key, True, state)
+
+    def last_observed(self, key):
+        """A copy of the stream's last observed input values, ``(input_size,)``
+        (``missing="last"`` only, as ``Engine.last_observed``); KeyError if unknown."""
+        if self.missing != "last":
+            raise ValueError(f"missing: expected an engine made with missing='last' (only it "
+                             f"keeps last observed values), got missing={self.missing!r}")
+        return np.array(self._one("last_observed", key, False))
 
     def __contains__(self, key):
         try:

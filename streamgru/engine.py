@@ -64,7 +64,7 @@ from .model import GRUModel
 from .packing import pack
 from .state import StateStore, check_str_keys, normalize_key
 
-__all__ = ["Engine", "LoadedState"]
+__all__ = ["Engine", "LoadedState", "MISSING_POLICIES", "check_missing"]
 
 try:
     # numba.get/set_num_threads validate and re-launch the pool on every call (~0.7 and ~1 us);
@@ -273,13 +273,7 @@ class Engine:
         if on_evict is not None and max_streams is None and idle_timeout is None:
             raise ValueError("on_evict: expected max_streams or idle_timeout to be set too, got "
                              "neither (nothing would ever be evicted)")
-        if not isinstance(missing, str) or missing not in MISSING_POLICIES:
-            raise ValueError(f"missing: expected one of {', '.join(map(repr, MISSING_POLICIES))}, "
-                             f"got {missing!r}")
-        if missing != "refuse" and not check_finite:
-            raise ValueError(f"missing: expected 'refuse' with check_finite=False (the finite scan "
-                             f"is what finds a missing value), got missing={missing!r} and "
-                             f"check_finite=False; keep check_finite=True")
+        check_missing(missing, check_finite)
         if clock is None:
             clock = time.monotonic
         elif not callable(clock):
@@ -473,18 +467,24 @@ class Engine:
         store = self._store
         nan = np.isnan(x)
         skip = nan.any(axis=1)
-        if store.missing == "skip":
-            self._step_skip(ks, slots, x, out, skip)
-        else:
-            if store.missing == "zero":
-                filled = np.where(nan, x.dtype.type(0), x)
+        touched = np.unique(slots)
+        backup = self._backup(touched)
+        try:
+            if store.missing == "skip":
+                self._step_skip(ks, slots, x, out, skip)
             else:
-                filled = self._fill_last(slots, x, nan)
-            bad = self._step_rows(slots, filled, out)
-            if bad != -1:
-                self._refuse(bad, filled, ks, self._iwork, "x")
-            if store.last is not None:  # each row's filled values: its memory after that row
-                K.scatter_rows(store.last, slots, filled)
+                if store.missing == "zero":
+                    filled = np.where(nan, x.dtype.type(0), x)
+                else:
+                    filled = self._fill_last(slots, x, nan)
+                bad = self._step_rows(slots, filled, out)
+                if bad != -1:
+                    self._refuse(bad, filled, ks, self._iwork, "x")
+                if store.last is not None:  # each row's filled values: its memory after it
+                    K.scatter_rows(store.last, slots, filled)
+        except BaseException:
+            self._restore(touched, backup)
+            raise
         self._m.missing_values += int(nan.sum())
         self._m.missing_rows += int(skip.sum())
 
@@ -513,9 +513,6 @@ class Engine:
         skipped row whose key already has a clean row in the current chunk; per chunk, skipped
         rows read the state before the chunk, then the clean rows step in one kernel call.
         """
-        store = self._store
-        touched = np.unique(slots)
-        backup = store.states[touched]  # a copy (fancy indexing): every state, for rollback
         cuts, stepped = [], set()
         for i, (s, sk) in enumerate(zip(slots.tolist(), skip.tolist())):
             if not sk:
@@ -524,24 +521,32 @@ class Engine:
                 cuts.append(i)
                 stepped = set()  # row i starts the next chunk
         cuts.append(len(slots))
-        try:
-            start = 0
-            for end in cuts:
-                rows = np.arange(start, end)
-                held, clean = rows[skip[start:end]], rows[~skip[start:end]]
-                if held.size:
-                    out[held] = self._held_output(slots[held], [ks[i] for i in held])
-                if clean.size:
-                    sub = np.empty((clean.size, out.shape[1]), out.dtype)
-                    bad = self._step_rows(slots[clean], x[clean], sub)
-                    if bad != -1:
-                        self._refuse(bad, x[clean], [ks[i] for i in clean], self._iwork, "x",
-                                     counted=len(slots))
-                    out[clean] = sub
-                start = end
-        except BaseException:
-            store.states[touched] = backup
-            raise
+        start = 0
+        for end in cuts:
+            rows = np.arange(start, end)
+            held, clean = rows[skip[start:end]], rows[~skip[start:end]]
+            if held.size:
+                out[held] = self._held_output(slots[held], [ks[i] for i in held])
+            if clean.size:
+                sub = np.empty((clean.size, out.shape[1]), out.dtype)
+                bad = self._step_rows(slots[clean], x[clean], sub)
+                if bad != -1:
+                    self._refuse(bad, x[clean], [ks[i] for i in clean], self._iwork, "x",
+                                 counted=len(slots))
+                out[clean] = sub
+            start = end
+
+    def _backup(self, slots):
+        """Copies of the states (and last observed values) of ``slots`` (distinct), for
+        :meth:`_restore`: the missing-value paths change them in several steps."""
+        store = self._store
+        return store.states[slots], None if store.last is None else store.last[slots]
+
+    def _restore(self, slots, backup):
+        store = self._store
+        store.states[slots] = backup[0]
+        if backup[1] is not None:
+            store.last[slots] = backup[1]
 
     def _held_output(self, slots, keys):
         """The model's output for the held states of ``slots``: the Dense layers after the last
@@ -569,37 +574,39 @@ class Engine:
         store = self._store
         nan = np.isnan(xs)
         skip = nan.any(axis=1)
-        if store.missing == "skip":
-            backup = store.states[slot].copy()
-            try:
+        one = np.array([slot])
+        backup = self._backup(one)
+        try:
+            if store.missing == "skip":
                 t, T = 0, len(xs)
                 while t < T:
                     end = t + 1
                     while end < T and skip[end] == skip[t]:
                         end += 1
                     if skip[t]:  # the state is held over these steps: one output for all
-                        out[t:end] = self._held_output(np.array([slot]), [k])[0]
+                        out[t:end] = self._held_output(one, [k])[0]
                     else:
                         bad = self._run_rows(slot, xs[t:end], out[t:end])
                         if bad != -1:
                             self._refuse(bad, xs[t:end], [k], None, "xs", counted=T)
                     t = end
-            except BaseException:
-                store.states[slot] = backup
-                raise
-        else:
-            if store.missing == "zero":
-                filled = np.where(nan, xs.dtype.type(0), xs)
-            else:  # forward fill along time, from the memory
-                steps = np.where(nan, -1, np.arange(len(xs))[:, None])
-                np.maximum.accumulate(steps, axis=0, out=steps)
-                filled = np.where(steps >= 0, xs[np.maximum(steps, 0), np.arange(xs.shape[1])],
-                                  store.last[slot])
-            bad = self._run_rows(slot, filled, out)
-            if bad != -1:
-                self._refuse(bad, filled, [k], None, "xs")
-            if store.last is not None:
-                store.last[slot] = filled[-1]
+            else:
+                if store.missing == "zero":
+                    filled = np.where(nan, xs.dtype.type(0), xs)
+                else:  # forward fill along time, from the memory
+                    steps = np.where(nan, -1, np.arange(len(xs))[:, None])
+                    np.maximum.accumulate(steps, axis=0, out=steps)
+                    filled = np.where(steps >= 0,
+                                      xs[np.maximum(steps, 0), np.arange(xs.shape[1])],
+                                      store.last[slot])
+                bad = self._run_rows(slot, filled, out)
+                if bad != -1:
+                    self._refuse(bad, filled, [k], None, "xs")
+                if store.last is not None:
+                    store.last[slot] = filled[-1]
+        except BaseException:
+            self._restore(one, backup)
+            raise
         self._m.missing_values += int(nan.sum())
         self._m.missing_rows += int(skip.sum())
 
@@ -731,6 +738,15 @@ class Engine:
                                  f"keeps last observed values), got missing={self.missing!r}")
             slot = self._slot(key)
             return self._store.last[slot].copy()
+
+    def _set_last_observed(self, key, values):
+        """Overwrite an open stream's last observed values (``(input_size,)``, finite; for
+        ShardedEngine moving a stream between shards)."""
+        with self._lock:
+            vec = np.asarray(values, dtype=self.dtype).reshape(self.model.input_size)
+            if not np.isfinite(vec).all():
+                raise ValueError(f"values: expected finite last observed values, got {vec}")
+            self._store.last[self._slot(key)] = vec
 
     def set_state(self, key, state):
         """Overwrite a stream's state (opens the key if unknown).
@@ -1248,6 +1264,18 @@ class Engine:
                 f"capacity={self.capacity}, threads={self.threads})")
 
 
+def check_missing(missing, check_finite):
+    """Refuse a ``missing`` policy that is not one of :data:`MISSING_POLICIES`, or one other than
+    "refuse" with ``check_finite`` off (the finite scan is what finds a NaN)."""
+    if not isinstance(missing, str) or missing not in MISSING_POLICIES:
+        raise ValueError(f"missing: expected one of {', '.join(map(repr, MISSING_POLICIES))}, "
+                         f"got {missing!r}")
+    if missing != "refuse" and not check_finite:
+        raise ValueError(f"missing: expected 'refuse' with check_finite=False (the finite scan "
+                         f"is what finds a missing value), got missing={missing!r} and "
+                         f"check_finite=False; keep check_finite=True")
+
+
 def _key_list(keys, limit=10):
     """``'a', 'b', ...`` for a message: the first ``limit`` keys."""
     return ", ".join(repr(k) for k in keys[:limit]) + (" ..." if len(keys) > limit else "")
@@ -1263,14 +1291,14 @@ def _is_dtype(d):
 
 def _plain_array(x, what):
     """``x`` as a base-class ndarray. A masked array is refused if any value is masked (the
-    engine has no notion of a missing value, and reading the data under the mask would be a
+    mask is not read as missing values (NaN is), and reading the data under the mask would be a
     silent wrong answer); other subclasses and sequences are read as plain arrays. A ragged or
     otherwise unreadable sequence is a TypeError naming ``what``."""
     if isinstance(x, np.ma.MaskedArray):
         if np.ma.getmaskarray(x).any():
             raise ValueError(f"{what}: expected an array without masked values, got a masked array "
                              f"with {int(np.ma.getmaskarray(x).sum())} masked; fill them first "
-                             f"(x.filled(value))")
+                             f"(x.filled(value), or x.filled(np.nan) with Engine(missing=...))")
         return np.asarray(x.data)
     if type(x) is np.ndarray:
         return x

@@ -125,6 +125,13 @@ def engine_families(engine, prom=None):
                  "(idle_timeout) or capacity (max_streams).", list(lnames) + ["reason"])
         for reason, n in streams["evicted"].items():
             ev.add_metric(list(lvals) + [reason], n)
+        miss = st["missing"]
+        fam(core.CounterMetricFamily, "missing_values", "NaN input values handled by the "
+            "missing-value policy (Engine(missing=...)), in calls that returned.",
+            list(lnames) + ["policy"]).add_metric(list(lvals) + [miss["policy"]], miss["values"])
+        fam(core.CounterMetricFamily, "missing_rows", "Rows (run steps) holding NaN input values "
+            "handled by the missing-value policy, in calls that returned.",
+            list(lnames) + ["policy"]).add_metric(list(lvals) + [miss["policy"]], miss["rows"])
         snap = st["snapshots"]
         fam(core.CounterMetricFamily, "snapshots_written", "State snapshots written by "
             "save_state.", list(lnames)).add_metric(list(lvals), snap["written"])

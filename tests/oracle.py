@@ -108,3 +108,54 @@ def max_error_vs_reference(model, ref):
         y, _ = run(model, ref["x"][b], ref["h0"][b])
         err = max(err, np.abs(y - ref["y_h0"][b]).max())
     return err
+
+
+def tail(model, h):
+    """The layers after the last GRU layer applied to that layer's h (n, H), float64: the
+    model's output for a held state."""
+    last = max(i for i, layer in enumerate(model.layers) if layer.kind == "gru")
+    v = np.asarray(h, dtype=np.float64)
+    for layer in model.layers[last + 1:]:
+        v = dense(layer, v)
+    return v
+
+
+class MissingStreams:
+    """Streams under a missing-value policy ("skip", "zero", "last"), fed one row at a time:
+    per-key float64 states and last observed values, written from the policy's definition.
+
+    skip: a row with any NaN keeps the state and outputs tail(held h of the last GRU layer);
+    zero: NaN -> 0; last: NaN -> the key's last observed value of that feature (0 if never),
+    and every observed value becomes the new last observed one.
+    """
+
+    def __init__(self, model, policy):
+        self.model, self.policy = model, policy
+        self.states, self.last = {}, {}
+
+    def state(self, key):
+        return self.states.get(key, np.zeros(self.model.state_size))
+
+    def memory(self, key):
+        return self.last.get(key, np.zeros(self.model.input_size))
+
+    def feed(self, key, row):
+        """One row for ``key``; returns its output (output_size,)."""
+        row = np.asarray(row, dtype=np.float64)
+        s = self.state(key)
+        nan = np.isnan(row)
+        if self.policy == "skip" and nan.any():
+            h = s[self.model.state_slices[-1]]
+            self.states[key] = s
+            return tail(self.model, h[None, :])[0]
+        if self.policy == "zero":
+            row = np.where(nan, 0.0, row)
+        elif self.policy == "last":
+            row = np.where(nan, self.memory(key), row)
+            self.last[key] = row
+        y, s2 = step(self.model, s[None, :], row[None, :])
+        self.states[key] = s2[0]
+        return y[0]
+
+    def feed_rows(self, keys, x):
+        return np.array([self.feed(k, r) for k, r in zip(keys, x)])

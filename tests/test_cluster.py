@@ -511,3 +511,50 @@ def test_a_step_refused_by_one_shard_says_which_rows_other_shards_applied(ray_lo
             np.testing.assert_allclose(eng.state(k), local.state(k), rtol=0, atol=ATOL)
     finally:
         eng.shutdown()
+
+
+def test_missing_values_across_shards_resize_and_snapshots(ray_local, tmp_path):
+    # missing="last" on 2 shards against the float64 oracle of the policy: the memory is applied
+    # per stream on its shard, moves with the stream on resize, and survives a snapshot loaded
+    # with another shard count; inf is still refused in the driver, naming only its key.
+    from streamgru.errors import NonFiniteError
+
+    model = GRUModel.random(3, [6, 5], dense_after=[(2, "tanh")], seed=4)
+    ref = oracle.MissingStreams(model, "last")
+    a = _sharded(model, 2, missing="last")
+    b = _sharded(model, 3, missing="last")
+    try:
+        for i, (keys, x) in enumerate(_events(5, 6, 12, 10, 3, strs=True)):
+            x[i % 10, i % 3] = x[(i + 3) % 10] = np.nan
+            np.testing.assert_allclose(a.step(keys, x), ref.feed_rows(keys, x), atol=2e-5)
+        xs = np.ones((4, 3), np.float32)
+        xs[1:3, 0] = np.nan
+        np.testing.assert_allclose(a.run("s1", xs), ref.feed_rows(["s1"] * 4, xs), atol=2e-5)
+        x = np.ones((2, 3), np.float32)
+        x[0, 1], x[1, 2] = np.nan, np.inf
+        with pytest.raises(NonFiniteError, match="'s2'") as info:
+            a.step(["s1", "s2"], x)
+        assert info.value.keys == ["s2"]
+
+        def check(eng):
+            for k in eng.keys():
+                np.testing.assert_allclose(eng.state(k), ref.state(k), atol=2e-5)
+                np.testing.assert_allclose(eng.last_observed(k), ref.memory(k), atol=2e-5)
+
+        check(a)
+        missing = [s["engine"]["missing"] for s in a.stats()]
+        assert {m["policy"] for m in missing} == {"last"}
+        assert sum(m["values"] for m in missing) == 6 * 4 + 2  # the refused call counts nothing
+        assert a.resize(3) > 0  # the moved streams take their memory along
+        check(a)
+        a.save_state(tmp_path / "snap")
+        b.load_state(tmp_path / "snap")  # same count: each shard reads its own file
+        check(b)
+        a.resize(2)
+        a.load_state(tmp_path / "snap")  # another count: keys re-placed with their memory
+        check(a)
+        with pytest.raises(ValueError, match="missing: expected one of"):
+            _sharded(model, 1, missing="fill")
+    finally:
+        a.shutdown()
+        b.shutdown()

@@ -351,6 +351,64 @@ def test_eviction_whose_callback_is_interrupted_keeps_the_stream():
     assert_unchanged(eng, before)
 
 
+def test_eviction_whose_callback_is_interrupted_keeps_the_last_observed_values():
+    def on_evict(key, state):
+        raise KeyboardInterrupt("injected")
+
+    eng = Engine(MODEL, max_streams=2, on_evict=on_evict, missing="last")
+    eng.step(["a", "b"], rows(2, 0))
+    memory = eng.last_observed("a")
+    with pytest.raises(KeyboardInterrupt):
+        eng.step(["c"], rows(1, 1))
+    np.testing.assert_array_equal(eng.last_observed("a"), memory)
+
+
+# Missing values (Engine(missing=...)): the policy's path changes states in several steps (skip:
+# one kernel call per chunk; last: the step, then the memory), so it backs them up first.
+def missing_rows(n, nan_rows, seed):
+    x = rows(n, seed)
+    x[nan_rows, 1] = np.nan
+    return x
+
+
+MISSING_CALLS = [
+    # (policy, the call, what fails or overflows). keys a, a, a with a NaN in the middle: "skip"
+    # steps the first row in its own chunk before the second chunk fails.
+    ("skip", lambda e, x: e.step(["a", "a", "a"], x), "Engine._held_output"),
+    ("skip", lambda e, x: e.run("a", x), "Engine._held_output"),
+    ("last", lambda e, x: e.step(["a", "n", "a"], x), "kernels.scatter_rows"),
+    ("zero", lambda e, x: e.step(["a", "n", "a"], x), "Engine._step_rows"),
+]
+
+
+@pytest.mark.parametrize("policy,call,inject", MISSING_CALLS)
+@pytest.mark.parametrize("fault", [MemoryError, KeyboardInterrupt, "overflow"])
+def test_a_missing_value_call_that_fails_anywhere_changes_nothing(policy, call, inject, fault,
+                                                                  monkeypatch):
+    eng = Engine(MODEL, missing=policy)
+    eng.step(["a", "b"], rows(2, 1))
+    eng.step(["a", "b"], missing_rows(2, [1], 2))
+    before = snapshot(eng)
+    memory = {k: eng.last_observed(k) for k in before} if policy == "last" else None
+    x = missing_rows(3, [1], 3)
+    with monkeypatch.context() as m:
+        if fault == "overflow":  # the last row overflows: found after the earlier rows stepped
+            x[2, 0] = BIG["float32"]
+            expect = pytest.raises(NonFiniteError, match="'a'")
+        else:
+            owner, name = inject.split(".")
+            target = {"Engine": Engine, "kernels": K}[owner]
+            m.setattr(target, name, boom(fault("injected")))
+            expect = pytest.raises(fault, match="injected")
+        with expect:
+            call(eng, x)
+    assert_unchanged(eng, before)
+    if memory is not None:
+        for k, v in memory.items():
+            np.testing.assert_array_equal(eng.last_observed(k), v)
+    assert eng.stats()["missing"]["values"] == 1  # the refused call counted nothing
+
+
 # ----------------------------------------------------------------------------------------------
 # item 10: minor refusals
 

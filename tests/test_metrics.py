@@ -225,6 +225,23 @@ def test_collector_plugs_into_an_existing_registry():
     assert registry.get_sample_value("streamgru_call_duration_seconds_count", {"verb": "run"}) == 1
 
 
+def test_missing_values_are_counted_by_policy():
+    prom = pytest.importorskip("prometheus_client")
+    from streamgru.metrics import collector
+
+    eng = Engine(model(), missing="skip")
+    registry = prom.CollectorRegistry()
+    registry.register(collector(eng))
+    x = ones(3)
+    x[0, 0] = x[2, :] = np.nan
+    eng.step(["a", "b", "a"], x)
+    eng.run("a", x)
+    skip = {"policy": "skip"}
+    assert registry.get_sample_value("streamgru_missing_values_total", skip) == 2 * (1 + x.shape[1])
+    assert registry.get_sample_value("streamgru_missing_rows_total", skip) == 4
+    assert registry.get_sample_value("streamgru_rows_total", {"verb": "step"}) == 3
+
+
 def test_serve_and_collector_refuse_bad_arguments():
     pytest.importorskip("prometheus_client")
     from streamgru.metrics import collector, serve
