@@ -29,22 +29,11 @@ def jsonl(events):
 
 
 def oracle_outputs(model, events, missing="refuse"):
-    """Float64 reference: every event stepped in input order, each key from a zero state.
-
-    With a ``missing`` policy, NaN values in ``x`` are missing: each key's events run through
-    the oracle on the inputs the policy stands for (``converters.verify.reference_inputs``); a
-    key's first event must then be complete."""
+    """Float64 reference: every event stepped in input order, each key from a zero state; with a
+    ``missing`` policy, NaN values in ``x`` are missing values (``oracle.MissingStreams``)."""
     if missing != "refuse":
-        from converters.verify import reference_inputs
-
-        ys = np.empty((len(events), model.output_size))
-        for k in dict.fromkeys(k for k, _ in events):
-            rows = [i for i, (key, _) in enumerate(events) if key == k]
-            xs = np.array([events[i][1] for i in rows], np.float64)[None]
-            ref, src = reference_inputs(np.nan_to_num(xs), np.isnan(xs), missing)
-            assert (src >= 0).all(), f"key {k!r}: the first event must be complete"
-            ys[rows] = oracle.run(model, ref[0])[0][src[0]]
-        return ys
+        ref = oracle.MissingStreams(model, missing)
+        return np.array([ref.feed(k, x) for k, x in events])
     states, ys = {}, []
     for k, x in events:
         s = states.get(k, np.zeros((1, model.state_size)))
@@ -290,18 +279,13 @@ def test_an_unknown_missing_policy_is_a_usage_error_naming_the_choices(model_fil
 
 
 def events_with_gaps(n, seed, rate=0.25):
-    """``make_events`` with values dropped (NaN) at random, every key's first event complete;
-    and how many events hold a missing value."""
+    """``make_events`` with values dropped (NaN) at random; and how many events hold one."""
     events = make_events(n, seed=seed)
     rng = np.random.default_rng(seed + 100)
-    seen, gaps = set(), 0
-    for k, x in events:
-        if k in seen:
-            for j in np.flatnonzero(rng.random(len(x)) < rate):
-                x[j] = float("nan")
-            gaps += any(v != v for v in x)
-        seen.add(k)
-    return events, gaps
+    for _, x in events:
+        for j in np.flatnonzero(rng.random(len(x)) < rate):
+            x[j] = float("nan")
+    return events, sum(any(v != v for v in x) for _, x in events)
 
 
 @pytest.mark.parametrize("policy", ["skip", "zero", "last"])
