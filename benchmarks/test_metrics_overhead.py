@@ -64,7 +64,14 @@ def build_copy(strip):
     ``strip``, ``streamgru_nometrics`` (counters stripped). Both contenders are such copies, so
     they differ in nothing but the counters (not in where their kernels were compiled and
     cached, say)."""
-    name = "streamgru_nometrics" if strip else "streamgru_metrics"
+    if strip:
+        return build_package("streamgru_nometrics", strip_metrics)
+    return build_package("streamgru_metrics", None)
+
+
+def build_package(name, transform):
+    """This source tree imported as package ``name``, its engine.py passed through
+    ``transform(source) -> source`` (None: as is)."""
     if name in sys.modules:
         return sys.modules[name]
     engine_src = (SRC / "engine.py").read_text()
@@ -75,8 +82,8 @@ def build_copy(strip):
         tmp = root / "partial"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(SRC, tmp, ignore=shutil.ignore_patterns("__pycache__"))
-        if strip:
-            (tmp / "engine.py").write_text(strip_metrics(engine_src))
+        if transform is not None:
+            (tmp / "engine.py").write_text(transform(engine_src))
         tmp.rename(pkg)
     sys.path.insert(0, str(root))
     try:

@@ -324,7 +324,9 @@ class Engine:
             per occurrence, in order.
         x : array_like, (n, input_size)
             One input row per key. Float arrays of another dtype, non-contiguous or read-only
-            arrays are copied; integer, bool, object and string arrays are refused.
+            arrays are copied; integer, bool, object and string arrays are refused. A NaN is a
+            missing value, handled by the engine's ``missing`` policy row by row in batch order
+            (refused by default); +-inf is always refused.
 
         Returns
         -------
@@ -377,7 +379,7 @@ class Engine:
                                 self._wide1 = _compiled(K.step_wide, args)
                         if bad == -1:
                             if store.last is not None:  # missing="last": remember the values
-                                store.last[slot] = x[0]
+                                store.last[slot] = x  # (1, I) into a row: no view of x[0] made
                             if self._track:  # an open key: no room to make, just mark it used
                                 rec = store.recency
                                 rec[k] = self._now
@@ -614,7 +616,8 @@ class Engine:
         """Advance one stream over a sequence: ``xs`` (T, input_size) -> (T, output_size).
 
         Equivalent to T calls of ``step([key], xs[t:t+1])``, but each layer's input projection is
-        computed for all T steps in one product.
+        computed for all T steps in one product. A NaN is a missing value, handled by the
+        engine's ``missing`` policy in time order (refused by default).
         """
         with self._lock:
             self._m.calls["run"] += 1

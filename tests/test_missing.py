@@ -8,9 +8,9 @@ import numpy as np
 import oracle
 import pytest
 
-from streamgru import Engine, GRUModel
+from streamgru import Engine, GRUModel, formats
 from streamgru import engine as engine_mod
-from streamgru.errors import NonFiniteError
+from streamgru.errors import FormatError, NonFiniteError
 
 I = 3
 MODEL = GRUModel.random(I, [6, 5], dense_before=[(4, "tanh")], dense_after=[(2, "softmax")],
@@ -209,7 +209,8 @@ def test_last_observed_values_belong_to_the_stream(tmp_path):
     row = holes(np.zeros((1, I)), [(0, None)])
     np.testing.assert_allclose(eng.step(["b"], row), ref.feed_rows(["b"], row), atol=2e-5)
     # Eviction (max_streams=40: 33 open) drops them: the stream comes back never observed.
-    eng.step([f"h{i}" for i in range(39)], np.ones((39, I)))
+    # A NaN row in the call that evicts is a missing value there too (checked before evicting).
+    eng.step([f"h{i}" for i in range(39)], holes(np.ones((39, I)), [(0, None)]))
     assert "c" not in eng
     eng.open("c")
     np.testing.assert_array_equal(eng.last_observed("c"), np.zeros(I))
@@ -231,3 +232,39 @@ def test_snapshots_across_policies(tmp_path):
     fresh.load_state(tmp_path / "without")
     np.testing.assert_array_equal(fresh.state("a"), plain.state("a"))
     np.testing.assert_array_equal(fresh.last_observed("a"), np.zeros(I))
+
+
+def test_snapshot_memory_is_read_with_the_same_care_as_states(tmp_path):
+    eng = Engine(MODEL, missing="last")
+    fp, S = MODEL.fingerprint, MODEL.state_size
+    states = np.zeros((2, S))
+    path = tmp_path / "s"
+    formats.save_state(path, ["a", "b"], states, fp, last=np.ones((3, I)))  # a row too many
+    with pytest.raises(FormatError, match="last_observed of shape"):
+        eng.load_state(path)
+    formats.save_state(path, ["a", "b"], states, fp, last=np.ones((2, I + 1)))
+    with pytest.raises(FormatError, match=r"expected last observed values of 3 features"):
+        eng.load_state(path)
+    last = np.ones((2, I))
+    last[1, 0] = np.nan
+    formats.save_state(path, ["a", "b"], states, fp, last=last)
+    with pytest.raises(NonFiniteError, match="'b'"):
+        eng.load_state(path)
+    assert len(eng) == 0
+    assert eng.load_state(path, skip_nonfinite=True).skipped == ["b"]
+    assert eng.keys() == ["a"] and eng.last_observed("a").tolist() == [1.0] * I
+    Engine(MODEL, missing="zero").load_state(path)  # ignored by another policy, bad row or not
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_large_int_key_array_takes_the_policy_too(policy):
+    # 64 rows and more of an int array map keys through the compiled slot table.
+    eng = Engine(MODEL, missing=policy, dtype="float64")
+    ref = oracle.MissingStreams(MODEL, policy)
+    rng = np.random.default_rng(4)
+    for _ in range(2):  # the second call: keys open, memory and states from the first
+        keys = np.concatenate([np.arange(60), [3, 3, 5, 70, 71]])
+        x = holes(rng.normal(size=(65, I)), [(3, 0), (60, None), (61, 1), (63, None), (64, 2)])
+        ys = ref.feed_rows(keys.tolist(), x)
+        np.testing.assert_allclose(eng.step(keys, x), ys, atol=1e-9)
+    assert_matches(eng, ref, [3, 5, 70, 71], "float64")
