@@ -27,6 +27,27 @@ Inputs are seeded random normals for ``streams`` streams over ``steps`` steps; e
 from a random nonzero state, fed to the reference as its initial hidden state (a torch ``h_0``,
 an ONNX graph's state input) wherever the source takes one. The engine steps the streams in a
 shuffled, interleaved order, one step per call, and every step's output is compared.
+
+Missing values (``missing="skip"|"zero"|"last"``)
+-------------------------------------------------
+Each input value after a stream's first step is dropped (made NaN) with probability
+``missing_rate``, seeded; the engine runs with ``Engine(missing=...)`` on those inputs. No
+framework has these policies, so the reference is the source run on the inputs the policy
+stands for, in float64 wherever the source runs float64:
+
+``"zero"``   the source on the inputs with each dropped value replaced by 0.
+``"last"``   the source on the inputs with each dropped value replaced by the stream's previous
+             observed value of that feature (0 if none yet).
+``"skip"``   the source on each stream's complete steps only (a step with any dropped value is
+             left out and the later steps close up). A skipped step's expected output is the
+             source's output at the stream's last complete step: the layers after the last GRU
+             applied to that GRU's held state, which is what that step output.
+
+The first step of every stream is kept whole, so that every expected output is one the source
+computed (with ``"skip"``, a stream with no complete step yet would need the layers after the
+last GRU alone, which an ONNX graph or a torch module cannot run). A graph that returns only the
+last step of a fixed-length sequence cannot be compared under ``"skip"`` (its sequence cannot
+close up); the report says so and is not ok.
 """
 
 from __future__ import annotations
@@ -43,12 +64,13 @@ from streamgru.model import GRUModel
 
 from ._util import require
 
-__all__ = ["verify", "VerifyReport"]
+__all__ = ["verify", "VerifyReport", "reference_inputs"]
 
 # Default tolerances on max |engine - reference|. A float32 reference (onnxruntime, torch float32)
 # sums in another order than the engine: ~1e-6 per step for unit-scale models, grown over the
 # steps and layers; any mapping error (gate order, bias, linear_before_reset) is ~1e-2 or more.
 _TOL = {"float32": 1e-4, "float64": 1e-9}
+MISSING_POLICIES = ("refuse", "skip", "zero", "last")
 
 
 @dataclass
@@ -70,6 +92,11 @@ class VerifyReport:
     source, dtype, streams, steps, seed, initial_state : describing the run.
     notes : list of str
         Anything the reader should know (mismatched sizes, what was not compared).
+    missing : str
+        The engine's missing-value policy; with any but "refuse", ``dropped`` values were made
+        NaN and the reference applied the same rule (see the module docstring).
+    dropped : int
+        How many input values were dropped.
     """
 
     ok: bool
@@ -84,6 +111,8 @@ class VerifyReport:
     seed: int
     initial_state: str
     notes: list = field(default_factory=list)
+    missing: str = "refuse"
+    dropped: int = 0
 
     def __str__(self):
         verdict = "OK" if self.ok else "FAILED"
@@ -99,12 +128,24 @@ class VerifyReport:
             f"streams x {self.steps} steps, seed {self.seed}",
             f"  initial state: {self.initial_state}",
         ]
+        if self.missing != "refuse":
+            lines.append(f"  missing:       Engine(missing={self.missing!r}); {self.dropped} input "
+                         f"values dropped (NaN) at random; {_REFERENCE_RULE[self.missing]}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
+_REFERENCE_RULE = {
+    "zero": "the reference ran on the inputs with each dropped value replaced by 0",
+    "last": "the reference ran on the inputs with each dropped value replaced by the stream's "
+            "previous observed value of that feature (0 before any)",
+    "skip": "the reference ran on each stream's complete steps only; a skipped step is expected "
+            "to output what the stream's last complete step output",
+}
+
+
 def verify(model, source, *, streams=4, steps=20, seed=0, dtype="float32", tolerance=None,
-           **options) -> VerifyReport:
+           missing="refuse", missing_rate=0.1, **options) -> VerifyReport:
     """Run ``model`` in the engine and ``source`` in its framework on the same input; compare.
 
     Parameters
@@ -123,6 +164,13 @@ def verify(model, source, *, streams=4, steps=20, seed=0, dtype="float32", toler
     tolerance : float, optional
         Largest accepted ``max_abs_diff``; default 1e-4 against a float32 reference, 1e-9 when
         engine and reference both run in float64.
+    missing : {"refuse", "skip", "zero", "last"}
+        The engine's missing-value policy to check. "refuse" (default) drops nothing; any other
+        drops values at random and compares against the source under the same rule (module
+        docstring).
+    missing_rate : float
+        With a policy other than "refuse": the probability, in [0, 1], that each input value
+        after a stream's first step is dropped.
     **options
         Passed to the converter that reads the source's structure, e.g. ``layers=[...]`` for a
         torch source whose layer order needs it. ``node=`` is refused: one GRU node taken out of
@@ -146,6 +194,9 @@ def verify(model, source, *, streams=4, steps=20, seed=0, dtype="float32", toler
     >>> report = converters.verify(converters.from_torch(gru), gru, steps=5)
     >>> report.ok, report.max_abs_diff < 1e-4
     (True, True)
+    >>> report = converters.verify(converters.from_torch(gru), gru, steps=5, missing="last")
+    >>> report.ok, report.dropped > 0
+    (True, True)
     """
     if not isinstance(model, GRUModel):
         raise TypeError(f"model: expected a GRUModel, got {type(model).__name__}")
@@ -158,10 +209,16 @@ def verify(model, source, *, streams=4, steps=20, seed=0, dtype="float32", toler
         tolerance = float(tolerance)
         if not tolerance >= 0:
             raise ValueError(f"tolerance: expected a non-negative float, got {tolerance!r}")
+    if missing not in MISSING_POLICIES:
+        raise ValueError(f"missing: expected one of {', '.join(MISSING_POLICIES)}, got "
+                         f"{missing!r}")
+    if isinstance(missing_rate, bool) or not isinstance(missing_rate, (int, float)) \
+            or not 0 <= missing_rate <= 1:
+        raise ValueError(f"missing_rate: expected a probability in [0, 1], got {missing_rate!r}")
     if "node" in options:
         raise TypeError("node: verify runs the whole ONNX graph; a single node taken out of a "
                         "larger graph has no reference to compare with")
-    run = _Run(model, int(streams), int(steps), int(seed), dtype)
+    run = _Run(model, int(streams), int(steps), int(seed), dtype, missing, float(missing_rate))
     kind = _kind(source)
     if kind == "onnx":
         res = _onnx(run, source)
@@ -185,7 +242,8 @@ def verify(model, source, *, streams=4, steps=20, seed=0, dtype="float32", toler
         ok=bool(res.diffs) and res.shapes_ok and diff <= tol, max_abs_diff=float(diff),
         tolerance=tol, reference=res.reference, framework_check=res.framework,
         source=_describe(source, kind), dtype=dtype, streams=run.B, steps=run.T, seed=run.seed,
-        initial_state=res.initial_state, notes=notes,
+        initial_state=res.initial_state, notes=notes, missing=missing,
+        dropped=int(run.dropped.sum()),
     )
 
 
@@ -244,37 +302,105 @@ def _describe(source, kind):
 
 
 class _Run:
-    """Seeded inputs and states, and the engine's outputs for them."""
+    """Seeded inputs and states, the engine's outputs for them, and with a missing-value policy
+    the inputs the reference runs on (``xs``) and which of its steps each engine step matches."""
 
-    def __init__(self, model, B, T, seed, dtype):
+    def __init__(self, model, B, T, seed, dtype, missing="refuse", rate=0.0):
         self.model, self.B, self.T, self.seed, self.dtype = model, B, T, seed, dtype
+        self.missing, self.rate = missing, rate
         self.resize(B, T)
 
     def resize(self, B, T):
         self.B, self.T = B, T
         rng = np.random.default_rng(self.seed)
-        self.xs = rng.normal(size=(B, T, self.model.input_size))  # (B, T, I) float64
+        clean = rng.normal(size=(B, T, self.model.input_size))  # (B, T, I) float64
         self.states = rng.uniform(-0.8, 0.8, size=(B, self.model.state_size))  # (B, S)
+        self.dropped = np.zeros(clean.shape, bool)  # (B, T, I): values the engine sees as NaN
+        if self.missing != "refuse":
+            self.dropped[:, 1:] = np.random.default_rng(self.seed + 2).random(
+                (B, T - 1, clean.shape[2])) < self.rate
+        self.engine_xs = np.where(self.dropped, np.nan, clean)
+        self.xs, self.src_step = reference_inputs(clean, self.dropped, self.missing)
 
-    def engine(self, states, dtype=None, model=None):
-        """Outputs (B, T, O) float64 of the engine stepping every stream from ``states``."""
+    def pick(self, ref):
+        """The reference's outputs (B, T, O) at the steps the engine's outputs match."""
+        return np.take_along_axis(ref, self.src_step[:, :, None], axis=1)
+
+    def engine(self, states, dtype=None, model=None, reference=False):
+        """Outputs (B, T, O) float64 of the engine stepping every stream from ``states``: on the
+        inputs with dropped values, under the policy; or, with ``reference``, under "refuse"
+        on the reference's inputs, picked at the matching steps (the consistency check's
+        reference)."""
         from streamgru.engine import Engine
 
         model = self.model if model is None else model
         dt = dtype or self.dtype
-        eng = Engine(model, dtype=dt)
+        eng = Engine(model, dtype=dt, missing="refuse" if reference else self.missing)
         keys = [f"stream-{b}" for b in range(self.B)]
         for b, k in enumerate(keys):
             eng.open(k, state=np.asarray(states[b], dt))
         rng = np.random.default_rng(self.seed + 1)
         ys = np.zeros((self.B, self.T, model.output_size))
-        xs = self.xs.astype(dt)
+        xs = (self.xs if reference else self.engine_xs).astype(dt)
         for t in range(self.T):
             # Shuffled and split in two calls: the streams interleave in every possible way.
             for group in np.array_split(rng.permutation(self.B), 2):
                 if len(group):
                     ys[group, t] = eng.step([keys[b] for b in group], xs[group, t])
-        return ys
+        return self.pick(ys) if reference else ys
+
+
+def reference_inputs(xs, dropped, missing):
+    """What the source runs on under a missing-value policy, and which of its steps each engine
+    step's output is.
+
+    Parameters
+    ----------
+    xs : numpy.ndarray, (B, T, I) float64
+        The inputs before any value was dropped.
+    dropped : numpy.ndarray, (B, T, I) bool
+        The values the engine sees as missing (NaN).
+    missing : {"refuse", "skip", "zero", "last"}
+
+    Returns
+    -------
+    ref_xs : numpy.ndarray, (B, T, I) float64
+        "refuse": ``xs``; "zero": dropped values 0; "last": dropped values replaced by the
+        stream's previous observed value of the feature (0 before any); "skip": each stream's
+        complete steps moved to the front in order, zeros after them.
+    src_step : numpy.ndarray, (B, T) int64
+        The reference step whose output the engine's step ``t`` of stream ``b`` must equal: ``t``,
+        or for "skip" the stream's last complete step at or before ``t``, in ``ref_xs``'s time;
+        -1 before the stream's first complete step (the output for its initial state, which no
+        reference step gives: :func:`verify` keeps every first step complete).
+
+    Examples
+    --------
+    >>> xs = np.arange(1.0, 5.0).reshape(1, 4, 1)
+    >>> dropped = np.array([False, True, False, True]).reshape(1, 4, 1)
+    >>> [reference_inputs(xs, dropped, m)[0].ravel().tolist() for m in ("zero", "last", "skip")]
+    [[1.0, 0.0, 3.0, 0.0], [1.0, 1.0, 3.0, 3.0], [1.0, 3.0, 0.0, 0.0]]
+    >>> reference_inputs(xs, dropped, "skip")[1].tolist()
+    [[0, 0, 1, 1]]
+    >>> reference_inputs(xs, ~dropped, "skip")[1].tolist()
+    [[-1, 0, 0, 1]]
+    """
+    B, T, _ = xs.shape
+    steps = np.broadcast_to(np.arange(T), (B, T))
+    if missing in ("refuse", "zero"):
+        return np.where(dropped, 0.0, xs), steps.copy()
+    if missing == "last":
+        ref = xs.copy()
+        seen = np.zeros((B, xs.shape[2]))  # each stream's last observed value per feature
+        for t in range(T):
+            ref[:, t] = np.where(dropped[:, t], seen, xs[:, t])
+            seen = ref[:, t]
+        return ref, steps.copy()
+    complete = ~dropped.any(axis=2)  # (B, T)
+    ref = np.zeros_like(xs)
+    for b in range(B):
+        ref[b, :complete[b].sum()] = xs[b, complete[b]]
+    return ref, np.cumsum(complete, axis=1) - 1
 
 
 class _Result:
@@ -423,12 +549,17 @@ def _onnx(run, source):
 
     ys = run.engine(states)
     if sig["out_time_axis"] is not None:
-        res.compare(ys, outputs(run.xs))
+        res.compare(ys, run.pick(outputs(run.xs)))
     elif sig["sizes"][sig["time_axis"]] is None:
         # One output per sequence: the engine's output at step t is the graph's for x[:, :t+1].
-        res.compare(ys, np.stack([outputs(run.xs[:, :t + 1]) for t in range(T)], axis=1))
+        res.compare(ys, run.pick(np.stack([outputs(run.xs[:, :t + 1]) for t in range(T)],
+                                          axis=1)))
         res.notes.append("the graph returns the last step only: ran it on every prefix of the "
                          "sequence")
+    elif run.missing == "skip":
+        res.notes.append("the graph returns the last step only and has a fixed sequence length: "
+                         "under missing='skip' a stream's complete steps cannot close up to "
+                         "another length, so nothing was compared")
     else:
         res.compare(ys[:, -1], outputs(run.xs))
         res.notes.append("the graph returns the last step only and has a fixed sequence length: "
@@ -472,7 +603,7 @@ def _torch_module(run, module, options):
                     h = m(torch.tensor(run.xs[:, t], dtype=tdt), h)
                     outs.append(h.numpy().astype(np.float64))
             ref = np.stack(outs, axis=1)
-        res.compare(run.engine(run.states), ref)
+        res.compare(run.engine(run.states), run.pick(ref))
         return res
     from .from_torch import _ordered_units
 
@@ -548,7 +679,7 @@ def _stack(run, units, torch, *, module, label):
                 for role, (_, arr) in roles.items():
                     getattr(gru, f"{role}_l{k}").copy_(t(arr))
             x, _ = gru(x, t(h0))
-    res.compare(run.engine(run.states), x.transpose(0, 1).numpy().astype(np.float64),
+    res.compare(run.engine(run.states), run.pick(x.transpose(0, 1).numpy().astype(np.float64)),
                 "rebuilt torch stack: ")
     return res
 
@@ -590,13 +721,13 @@ def _module_forward(run, module, res, torch, tdt):
             prefixes = [m(x[:, :t + 1] if batch_first else x[:t + 1]) for t in range(run.T)]
         y = np.stack([(p[0] if isinstance(p, (tuple, list)) else p).numpy() for p in prefixes],
                      axis=1).astype(np.float64)
-        res.compare(ys, y, "module forward(x): ")
+        res.compare(ys, run.pick(y), "module forward(x): ")
         res.reference += ("; and the module's own forward(x) from a zero state, on every prefix "
                           "of the sequence (it returns one output per sequence)")
     elif y.ndim == 3 and y.shape[-1] == O:
         if not batch_first:
             y = y.transpose(1, 0, 2)
-        res.compare(ys, y, "module forward(x): ")
+        res.compare(ys, run.pick(y), "module forward(x): ")
         res.reference += "; and the module's own forward(x) from a zero state"
     else:
         res.notes.append(f"the module's own forward(x) returned shape {y.shape}, not one output "
@@ -629,7 +760,7 @@ def _consistency(run, source, kind, options):
     if _sizes_mismatch(res, run.model, fresh.input_size, fresh.output_size, fresh.state_size,
                        "source"):
         return res
-    ref = run.engine(run.states, dtype="float64", model=fresh)
+    ref = run.engine(run.states, dtype="float64", model=fresh, reference=True)
     res.compare(run.engine(run.states), ref)
     if run.dtype == "float64":
         res.notes.append("both sides ran in float64: this checks the model is the file's, "

@@ -135,6 +135,9 @@ def main(argv=None):
                    help="PNG path for the latency plot, or 'none' (default: "
                         "streamgru-demo.png in the temp directory)")
     p.add_argument("--no-ort", action="store_true", help="skip the onnxruntime comparison")
+    p.add_argument("--missing-rate", type=float, default=0.1,
+                   help="fraction of the held-out sensor values dropped at random for the "
+                        "accuracy under each missing-value policy (default 0.1; 0: skip it)")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("run", help="step a model over events from stdin or a file (JSON lines or "

@@ -21,6 +21,13 @@ one ORT call steps every row from the same old state). That user-side work is in
 The accuracy is read at each device's last step; every device replaying the same recording
 must agree, and the accuracy over the 40 recordings must equal the PyTorch model's, recorded at
 training time in ``basic_motions_gru.json`` (tests/test_demo.py checks it against torch itself).
+
+Missing values: the demo then drops ``missing_rate`` (10%) of the held-out sensor values at
+random (each channel at each tick independently, seeded: :func:`drop_readings`) and replays the
+40 recordings again, one device each, in micro-batches of ``batch`` events, once per policy
+(``Engine(model, missing="skip"|"zero"|"last")``). The accuracy at sequence end under each
+policy is printed next to the clean one. These numbers are the engine's own outputs;
+tests/test_demo.py checks them against PyTorch applying the same rule to the same inputs.
 """
 
 from __future__ import annotations
@@ -38,8 +45,9 @@ from .formats import load
 from .isa import TILE
 from .model import GRUModel
 
-__all__ = ["DATA_DIR", "DEFAULT_MODEL", "DefaultData", "DemoResult", "load_default", "make_workload",
-           "run_demo", "to_onnx"]
+__all__ = ["DATA_DIR", "DEFAULT_MODEL", "DefaultData", "DemoResult", "drop_readings",
+           "load_default", "make_workload", "missing_accuracy", "replay_with_missing", "run_demo",
+           "to_onnx"]
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_MODEL = DATA_DIR / "basic_motions_gru.sgru"
@@ -155,7 +163,9 @@ class Contender:
 @dataclass
 class DemoResult:
     """What ``run_demo`` measured. ``accuracy`` maps a contender's name to its accuracy at
-    sequence end over the held-out recordings (None when the inputs were not the held-out set)."""
+    sequence end over the held-out recordings (None when the inputs were not the held-out set);
+    ``missing_accuracy`` maps a missing-value policy to the engine's accuracy with
+    ``missing_rate`` of the held-out values dropped (empty when not measured)."""
 
     contenders: list
     streams: int
@@ -163,6 +173,9 @@ class DemoResult:
     accuracy: dict = field(default_factory=dict)
     reference_accuracy: float | None = None
     plot: str | None = None
+    missing_accuracy: dict = field(default_factory=dict)
+    missing_rate: float = 0.0
+    seed: int = 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,6 +296,98 @@ class _UserStateStore:
 
 
 # ----------------------------------------------------------------------------------------------
+# missing values
+
+
+def drop_readings(x, rate, seed=0):
+    """``x`` with each value replaced by NaN (a missing value) with probability ``rate``.
+
+    Parameters
+    ----------
+    x : numpy.ndarray, (n, T, I)
+        Recordings.
+    rate : float
+        Probability in [0, 1] that a value is dropped; values are dropped independently (one
+        channel of one reading at a time).
+    seed : int
+
+    Returns
+    -------
+    numpy.ndarray, (n, T, I) float32
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = drop_readings(np.ones((40, 100, 6)), 0.1)
+    >>> x.dtype, bool(0.09 < np.isnan(x).mean() < 0.11)
+    (dtype('float32'), True)
+    """
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+        raise ValueError(f"rate: expected a probability in [0, 1], got {rate!r}")
+    x = np.array(x, dtype=np.float32)
+    x[np.random.default_rng(seed).random(x.shape) < rate] = np.nan
+    return x
+
+
+def missing_accuracy(model, x, labels, rate=0.1, seed=0, batch=256, threads=None,
+                     policies=("skip", "zero", "last")):
+    """The engine's accuracy at sequence end on recordings with ``rate`` of their values dropped,
+    under each missing-value policy.
+
+    For each policy, :func:`replay_with_missing`; a recording's class is the argmax of the
+    output at its last step.
+
+    Parameters
+    ----------
+    model : GRUModel
+    x : numpy.ndarray, (n, T, input_size)
+    labels : numpy.ndarray, (n,) int
+    rate : float
+    seed : int
+    batch : int
+    threads : int, optional
+    policies : sequence of {"skip", "zero", "last"}
+
+    Returns
+    -------
+    dict
+        policy -> accuracy (float).
+
+    Examples
+    --------
+    >>> d = load_default()
+    >>> acc = missing_accuracy(d.model, d.x, d.y, rate=0.0)
+    >>> acc == {"skip": 1.0, "zero": 1.0, "last": 1.0}
+    True
+    """
+    labels = np.asarray(labels)
+    return {policy: float(np.mean(replay_with_missing(model, x, policy, rate, seed, batch,
+                                                      threads).argmax(axis=1) == labels))
+            for policy in policies}
+
+
+def replay_with_missing(model, x, policy, rate=0.1, seed=0, batch=256, threads=None):
+    """Each recording's output at its last step, with ``rate`` of its values dropped, through
+    ``Engine(model, missing=policy)``.
+
+    ``x`` goes through :func:`drop_readings` (``rate``, ``seed``), then every recording is replayed
+    as one device, interleaved in broker order (:func:`make_workload`, ``seed``) and stepped in
+    micro-batches of ``batch`` events (a device may appear twice in one).
+
+    Returns
+    -------
+    numpy.ndarray, (n, output_size) float32
+    """
+    from .engine import Engine
+
+    x = np.asarray(x)
+    w = make_workload(drop_readings(x, rate, seed), streams=x.shape[0], seed=seed)
+    engine = Engine(model, threads=threads, missing=policy)
+    c = _drive(policy, "", w, batch, float("inf"), False, engine.step, model.output_size)
+    return c.final
+
+
+# ----------------------------------------------------------------------------------------------
 # the ONNX graph of a GRUModel (for the onnxruntime contender)
 
 _ONNX_ACT = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu", "hardsigmoid": "HardSigmoid",
@@ -366,7 +471,7 @@ def to_onnx(model):
 
 
 def run_demo(streams=4096, batch=256, events=None, seconds=20.0, threads=None, model=None,
-             plot="default", ort=True, seed=0, progress=None, out=None):
+             plot="default", ort=True, seed=0, progress=None, out=None, missing_rate=0.1):
     """Run the demo workload through the engine (and onnxruntime), print the table.
 
     Parameters
@@ -396,6 +501,9 @@ def run_demo(streams=4096, batch=256, events=None, seconds=20.0, threads=None, m
         Progress bar on stderr (default: when stderr is a terminal).
     out : file, optional
         Where the table goes (default ``sys.stdout``).
+    missing_rate : float
+        Fraction of the held-out values dropped for the per-policy accuracy
+        (:func:`missing_accuracy`; 0 skips it). Measured only on the held-out recordings.
 
     Returns
     -------
@@ -418,6 +526,9 @@ def run_demo(streams=4096, batch=256, events=None, seconds=20.0, threads=None, m
         raise ValueError(f"events: expected a positive int or None, got {events!r}")
     if not (isinstance(seconds, (int, float)) and seconds > 0):
         raise ValueError(f"seconds: expected a positive number, got {seconds!r}")
+    if isinstance(missing_rate, bool) or not isinstance(missing_rate, (int, float)) \
+            or not 0 <= missing_rate <= 1:
+        raise ValueError(f"missing_rate: expected a fraction in [0, 1], got {missing_rate!r}")
     default = load_default()
     labels, reference, label = default.y, default.reference_accuracy, "BasicMotions"
     if model is None:
@@ -453,10 +564,14 @@ def run_demo(streams=4096, batch=256, events=None, seconds=20.0, threads=None, m
         else:
             contenders.append(_run_ort(model, w, batch, threads, seconds, progress))
 
-    result = DemoResult(contenders, streams, batch, reference_accuracy=reference)
+    result = DemoResult(contenders, streams, batch, reference_accuracy=reference, seed=seed)
     if labels is not None:
         for c in contenders:
             result.accuracy[c.name] = _sequence_accuracy(c, w.seq, labels)
+        if missing_rate > 0:
+            result.missing_rate = float(missing_rate)
+            result.missing_accuracy = missing_accuracy(model, recordings, labels, missing_rate,
+                                                       seed, batch, threads)
     if plot is not None:
         result.plot = _plot(contenders, batch, plot, out)
     _table(result, model, path, label, w, threads, ort_note, out)
@@ -513,6 +628,12 @@ def _table(r, model, path, label, w, threads, ort_note, out):
         verdict = "equal" if mine == r.reference_accuracy else "DIFFERENT"
         p(f"accuracy  at sequence end over the held-out recordings: streamgru {mine:.4f}, "
           f"PyTorch (recorded at training) {r.reference_accuracy:.4f}: {verdict}")
+    if r.missing_accuracy:
+        per = ", ".join(f"{k} {v:.4f}" for k, v in r.missing_accuracy.items())
+        clean = "" if mine is None else f" (clean: {mine:.4f})"
+        p(f"missing   {r.missing_rate:.0%} of the held-out sensor values dropped at random "
+          f"(seed {r.seed}), each recording replayed once through Engine(missing=...):")
+        p(f"          accuracy at sequence end by policy: {per}{clean}")
     if r.plot:
         p(f"plot      {r.plot}")
 
@@ -585,5 +706,6 @@ def main(args):
     """The ``streamgru demo`` verb (argparse namespace from ``streamgru.cli``)."""
     plot = None if args.plot in ("none", "") else args.plot
     run_demo(streams=args.streams, batch=args.batch, events=args.events, seconds=args.seconds,
-             threads=args.threads, model=args.model, plot=plot, ort=not args.no_ort)
+             threads=args.threads, model=args.model, plot=plot, ort=not args.no_ort,
+             missing_rate=args.missing_rate)
     return 0

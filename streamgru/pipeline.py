@@ -25,6 +25,13 @@ other events are stepped. Nothing else is lost or reordered. With ``--strict`` t
 line stops the run (exit status 1) after the events before it have been processed and
 checkpointed.
 
+Missing values (``null`` in JSON, an empty CSV field, NaN) follow ``--missing``: with
+"refuse" (the default) the line is malformed, as above; with "skip", "zero" or "last" the
+value is NaN in the event's ``x`` and the engine's policy of that name handles it (the stream
+holds its state and outputs it, or the value is replaced by 0 or by the stream's last observed
+value). Infinity is never a missing value. The checkpoint records the policy, and a resume
+under another one is refused (exit status 2).
+
 Checkpoints (``--state FILE``)
 ------------------------------
 FILE is one state snapshot (``Engine.save_state``) whose metadata also records how much input
@@ -81,6 +88,9 @@ CHECKPOINT_VERSION = 1
 # The smallest magnitude that rounds to infinity in float32 (2**128 - 2**103, halfway between
 # float32's largest finite value and 2**128): finite doubles at or above it overflow.
 _F32_OVERFLOW = float.fromhex("0x1.ffffffp127")
+# The engine's missing-value policies, in the order --help lists them (refuse: the default).
+MISSING_POLICIES = ("refuse", "skip", "zero", "last")
+_TAKES_MISSING = "; --missing skip, zero or last steps it"
 
 
 def add_arguments(p):
@@ -101,6 +111,12 @@ def add_arguments(p):
                    help="seconds between checkpoints (default 10)")
     p.add_argument("--strict", action="store_true", help="stop at the first malformed line")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--missing", choices=list(MISSING_POLICIES), default="refuse",
+                   help="what a missing value (null in JSON, an empty CSV field, NaN) does: "
+                        "refuse (default: the line is malformed and skipped), skip (the stream "
+                        "does not advance; its output is the model's for its held state), zero "
+                        "(replaced by 0), last (replaced by the stream's last observed value of "
+                        "that feature, 0 before any)")
     p.add_argument("--threads", type=int, default=None, help="Numba threads for large batches")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics on this port at /metrics while running (0: a "
@@ -109,7 +125,8 @@ def add_arguments(p):
                    help="address the metrics endpoint binds (default 127.0.0.1)")
 
 
-def parse_line(text, fmt, input_size, key_kind=None, dtype="float64", with_time=False):
+def parse_line(text, fmt, input_size, key_kind=None, dtype="float64", with_time=False,
+               missing="refuse"):
     """Parse one input line into ``(key, x)``, or raise ValueError saying what is wrong.
 
     Parameters
@@ -127,6 +144,11 @@ def parse_line(text, fmt, input_size, key_kind=None, dtype="float64", with_time=
     with_time : bool
         Also return the event's time: a JSON event's optional ``t`` field, Unix seconds, when it
         is a finite number (else None; never a reason to refuse the line). CSV rows have none.
+    missing : {"refuse", "skip", "zero", "last"}
+        The run's ``--missing`` policy. A missing value is ``null`` in JSON, an empty (or blank)
+        CSV field, or NaN (JSON's ``NaN``, CSV's ``nan``). With "refuse" it makes the line
+        malformed, as a NaN always did; with any other policy it becomes NaN in ``x``, which
+        the engine handles by that policy. Infinity is never missing: always malformed.
 
     Returns
     -------
@@ -142,7 +164,19 @@ def parse_line(text, fmt, input_size, key_kind=None, dtype="float64", with_time=
     Traceback (most recent call last):
     ...
     ValueError: x: expected 2 numbers (the model's input_size), got 1
+    >>> parse_line('{"key": "a", "x": [1, null]}', "jsonl", 2, missing="last")
+    ('a', [1.0, nan])
+    >>> parse_line("a,,2.5", "csv", 2, missing="zero")
+    ('a', [nan, 2.5])
+    >>> parse_line("a,,2.5", "csv", 2)
+    Traceback (most recent call last):
+    ...
+    ValueError: x: expected numbers, got a missing value (an empty field) at index 0; ...
     """
+    if missing not in MISSING_POLICIES:
+        raise ValueError(f"missing: expected one of {', '.join(MISSING_POLICIES)}, got "
+                         f"{missing!r}")
+    allow = missing != "refuse"
     if fmt == "csv":
         try:
             fields = next(csv.reader([text]))
@@ -152,10 +186,14 @@ def parse_line(text, fmt, input_size, key_kind=None, dtype="float64", with_time=
             raise ValueError(f"expected {input_size + 1} CSV fields (key + input_size "
                              f"{input_size} values), got {len(fields)}")
         key, raw = fields[0], fields[1:]
+        gaps = [i for i, v in enumerate(raw) if not v.strip()]
+        if gaps and not allow:
+            raise ValueError(f"x: expected numbers, got a missing value (an empty field) at index "
+                             f"{gaps[0]}{_TAKES_MISSING}")
         try:
-            x = [float(v) for v in raw]
+            x = [math.nan if not v.strip() else float(v) for v in raw]
         except ValueError:
-            bad = next(v for v in raw if not _is_float(v))
+            bad = next(v for v in raw if v.strip() and not _is_float(v))
             raise ValueError(f"x: expected numbers, got {bad!r}") from None
     else:
         try:
@@ -173,19 +211,24 @@ def parse_line(text, fmt, input_size, key_kind=None, dtype="float64", with_time=
         if len(raw) != input_size:
             raise ValueError(f"x: expected {input_size} numbers (the model's input_size), got "
                              f"{len(raw)}")
-        bad = [v for v in raw if isinstance(v, bool) or not isinstance(v, (int, float))]
+        bad = [v for v in raw if v is not None and (isinstance(v, bool)
+                                                     or not isinstance(v, (int, float)))]
         if bad:
             raise ValueError(f"x: expected numbers, got {json.dumps(bad[0])}")
-        x = [float(v) for v in raw]
+        if not allow and None in raw:
+            raise ValueError(f"x: expected numbers, got a missing value (null) at index "
+                             f"{raw.index(None)}{_TAKES_MISSING}")
+        x = [math.nan if v is None else float(v) for v in raw]
         if isinstance(key, bool) or not isinstance(key, (int, str)):
             raise ValueError(f"key: expected a string or an integer, got {json.dumps(key)}")
         if isinstance(key, int) and not -(2**63) <= key < 2**63:
             raise ValueError(f"key: expected an integer within int64, got {key}")
     if len(x) != input_size:
         raise ValueError(f"x: expected {input_size} numbers (the model's input_size), got {len(x)}")
-    bad = [i for i, v in enumerate(x) if not math.isfinite(v)]
+    bad = [i for i, v in enumerate(x) if not math.isfinite(v) and not (allow and math.isnan(v))]
     if bad:
-        raise ValueError(f"x: expected finite numbers, got {x[bad[0]]} at index {bad[0]}")
+        hint = _TAKES_MISSING if math.isnan(x[bad[0]]) else ""
+        raise ValueError(f"x: expected finite numbers, got {x[bad[0]]} at index {bad[0]}{hint}")
     if dtype == "float32":
         bad = [i for i, v in enumerate(x) if abs(v) >= _F32_OVERFLOW]
         if bad:
@@ -222,9 +265,10 @@ class _Checkpoint:
     those states cover. One atomic write (``Engine.save_state``) records both, so the line count
     can never belong to another write than the states."""
 
-    def __init__(self, path, fmt):
+    def __init__(self, path, fmt, missing):
         self.path = Path(path)
         self.fmt = fmt
+        self.missing = missing
 
     def probe(self):
         """Refuse, before the first event, a directory where the checkpoint cannot be written
@@ -266,12 +310,20 @@ class _Checkpoint:
         if meta.get("input_format") != self.fmt:
             raise ValueError(f"--format: expected {meta.get('input_format')!r}, the format of the "
                              f"input whose lines {self.path} counts, got {self.fmt!r}")
+        # The "last" memory and which events were stepped depend on the policy: resuming under
+        # another one would not continue the streams as the run that wrote the file would have.
+        # A checkpoint written before --missing existed records none and resumes under any.
+        recorded = meta.get("missing", self.missing)
+        if recorded != self.missing:
+            raise ValueError(f"--missing: expected {recorded!r}, the policy of the run that wrote "
+                             f"{self.path}, got {self.missing!r}; give --missing {recorded}, or "
+                             f"another --state file to start from zero states")
         return lines, events
 
     def write(self, engine, lines, events):
         engine.save_state(self.path, metadata={
             "kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION, "input_lines": lines,
-            "events": events, "input_format": self.fmt,
+            "events": events, "input_format": self.fmt, "missing": self.missing,
             "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
@@ -363,19 +415,29 @@ def _step_batch(engine, keys, x, strict):
 
 
 class _Undo:
-    """The states of a batch's streams before it was stepped, to take it back when its outputs
-    could not be delivered (then the checkpoint covers exactly the delivered events)."""
+    """The states of a batch's streams before it was stepped (and, under ``--missing last``,
+    their last observed values), to take it back when its outputs could not be delivered (then
+    the checkpoint covers exactly the delivered events)."""
 
     def __init__(self, engine, keys):
         self.engine = engine
-        self.prior, self.new = {}, []
+        self.prior, self.new, self.memory = {}, [], {}
+        last = engine.missing == "last"
         for k in dict.fromkeys(keys):  # one engine call per distinct key: open keys are the rule
             try:
                 self.prior[k] = engine.state(k)
+                if last:
+                    self.memory[k] = engine.last_observed(k)
             except KeyError:
                 self.new.append(k)
 
     def apply(self):
+        for k, memory in self.memory.items():
+            # The engine has no setter for the memory: stepping the stream on its old memory
+            # (every value observed) makes that the memory again, and set_state below puts the
+            # state back. A feature never observed reads 0 either way. The step is counted in
+            # the engine's stats like any other.
+            self.engine.step([k], memory[None])
         for k, state in self.prior.items():
             self.engine.set_state(k, state)
         for k in self.new:
@@ -451,7 +513,7 @@ def main(args):
 
         require_prometheus()  # ImportError (exit 2) before any event when the extra is missing
     model = load_model_arg(args.model, "model")
-    engine = Engine(model, dtype=args.dtype, threads=args.threads)
+    engine = Engine(model, dtype=args.dtype, threads=args.threads, missing=args.missing)
     # From here on a SIGTERM or SIGINT only asks the run to stop after the batch in hand (and
     # before the first one if it comes during the restore): the checkpoint is always written.
     stop, previous = [], {}
@@ -476,7 +538,7 @@ def _serve(args, model, engine, stop):
     Returns the exit status."""
 
     err = sys.stderr
-    ckpt = _Checkpoint(args.state, args.format) if args.state else None
+    ckpt = _Checkpoint(args.state, args.format, args.missing) if args.state else None
     base_lines = base_events = 0
     if ckpt is not None:
         existed = ckpt.path.exists()
@@ -539,7 +601,7 @@ def _loop(args, model, engine, stop, ckpt, base_lines, base_events, key_kind, ru
 
     fmt32 = args.dtype == "float32"
     n_in = model.input_size
-    lines_done = events = skipped = refused_lines = refused_all = blank = 0
+    lines_done = events = skipped = refused_lines = refused_all = blank = with_missing = 0
     # After a restore the input continues mid-file: its first line is not a CSV header.
     header_seen = args.format != "csv" or base_lines > 0
     last_ckpt, dirty, status, why = time.monotonic(), False, 0, None
@@ -549,6 +611,7 @@ def _loop(args, model, engine, stop, ckpt, base_lines, base_events, key_kind, ru
         while end is None and not stop:
             items, end = _next_batch(q, args.max_batch, args.max_wait_ms / 1000.0)
             keys, rows, ev_lines, last_line, failed, times = [], [], [], None, False, []
+            gaps = []  # per event: whether its x holds a missing value (NaN)
             for i, raw in items:
                 line_no = base_lines + i
                 try:
@@ -571,7 +634,7 @@ def _loop(args, model, engine, stop, ckpt, base_lines, base_events, key_kind, ru
                     if text is None:
                         raise ValueError(bad_utf8)
                     key, x, *t = parse_line(text, args.format, n_in, key_kind, args.dtype,
-                                            with_time)
+                                            with_time, args.missing)
                 except ValueError as exc:
                     if args.strict:
                         print(f"streamgru run: line {line_no}: {exc}; stopping (--strict)", file=err)
@@ -585,6 +648,7 @@ def _loop(args, model, engine, stop, ckpt, base_lines, base_events, key_kind, ru
                     key_kind = type(key)
                 keys.append(key)
                 rows.append(x)
+                gaps.append(any(v != v for v in x))
                 ev_lines.append(i)
                 if t and t[0] is not None:
                     times.append(t[0])
@@ -607,6 +671,7 @@ def _loop(args, model, engine, stop, ckpt, base_lines, base_events, key_kind, ru
                     why = str(exc)
                     break
                 events += len(done)
+                with_missing += sum(gaps[j] for j in done)
                 refused_all += len(refused)
                 if run_stats is not None and times:
                     run_stats.lag = time.time() - max(times)
@@ -660,6 +725,9 @@ def _loop(args, model, engine, stop, ckpt, base_lines, base_events, key_kind, ru
               f"processed" + (f": continue it at line {covered + 1}" if ckpt else ""), file=err)
     if skipped:
         print(f"streamgru run: {skipped} malformed line(s) skipped", file=err)
+    if with_missing:
+        print(f"streamgru run: {with_missing} event(s) with missing values stepped by --missing "
+              f"{args.missing}", file=err)
     if refused_lines:
         print(f"streamgru run: {refused_lines} line(s) refused by the engine skipped", file=err)
     if stop:

@@ -127,6 +127,31 @@ def test_demo_command_prints_the_table_and_writes_the_plot(tmp_path):
     from streamgru.isa import TILE
 
     for word in ("events/s", "p50 us", "p99 us", "onnxruntime", "speed-up", ": equal",
+                 "missing   10% of the held-out sensor values dropped at random (seed 0)",
+                 "accuracy at sequence end by policy: skip ",
                  f"plot      {png}", f"kernels   {TILE.describe()}"):
         assert word in r.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_accuracy_with_dropped_values_equals_torch_applying_each_policy(default):
+    """The demo's per-policy numbers, against PyTorch on the inputs each policy stands for: the
+    outputs at each recording's end, and the accuracies printed."""
+    from converters.verify import reference_inputs
+    from streamgru.demo import drop_readings, missing_accuracy, replay_with_missing
+
+    got = missing_accuracy(default.model, default.x, default.y, rate=0.1, seed=0, batch=64)
+    x = drop_readings(default.x, 0.1, seed=0)
+    dropped = np.isnan(x)
+    assert 0.09 < dropped.mean() < 0.11
+    prob = torch_from_shipped(default.model)
+    want = {}
+    for policy in ("skip", "zero", "last"):
+        ref, src = reference_inputs(np.where(dropped, 0.0, x).astype(np.float64), dropped, policy)
+        assert (src[:, -1] >= 0).all()  # every recording has a complete step to end on
+        with torch.no_grad():
+            p = prob(ref.astype(np.float32))[np.arange(40), src[:, -1]]  # (40, 4)
+        final = replay_with_missing(default.model, default.x, policy, rate=0.1, seed=0, batch=64)
+        np.testing.assert_allclose(final, p, atol=2e-5, rtol=0, err_msg=policy)
+        want[policy] = float((p.argmax(-1) == default.y).mean())
+    assert got == want

@@ -23,11 +23,17 @@ def make_events(n, keys=("a", "b", "c", "d", "e"), seed=0):
 
 
 def jsonl(events):
-    return "".join(json.dumps({"key": k, "x": x}) + "\n" for k, x in events)
+    """JSON lines of the events; a NaN value is written as null (a missing value)."""
+    return "".join(json.dumps({"key": k, "x": [None if v != v else v for v in x]}) + "\n"
+                   for k, x in events)
 
 
-def oracle_outputs(model, events):
-    """Float64 reference: every event stepped in input order, each key from a zero state."""
+def oracle_outputs(model, events, missing="refuse"):
+    """Float64 reference: every event stepped in input order, each key from a zero state; with a
+    ``missing`` policy, NaN values in ``x`` are missing values (``oracle.MissingStreams``)."""
+    if missing != "refuse":
+        ref = oracle.MissingStreams(model, missing)
+        return np.array([ref.feed(k, x) for k, x in events])
     states, ys = {}, []
     for k, x in events:
         s = states.get(k, np.zeros((1, model.state_size)))
@@ -44,6 +50,19 @@ def parse_outputs(text):
 def checkpoint_meta(model, state):
     """The checkpoint record of a ``--state`` file, read with its states from the same bytes."""
     return load_state(state, model.fingerprint, model.state_size, with_metadata=True)[2]
+
+
+def run_in_process(args, capsys):
+    """``streamgru run ARGS`` in this process; returns (exit status, stderr)."""
+    from streamgru.cli import main as cli_main
+
+    status = cli_main(["run", *map(str, args)])
+    return status, capsys.readouterr().err
+
+
+def read_outputs(path):
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r["key"] for r in rows], np.array([r["y"] for r in rows]).reshape(len(rows), -1)
 
 
 def run(args, stdin, timeout=120):
@@ -206,3 +225,156 @@ def test_parse_line_in_process():
         parse_line("k,1,inf", "csv", 2)
     with pytest.raises(ValueError, match="expected an int key"):
         parse_line('{"key": "s", "x": [1, 2]}', "jsonl", 2, key_kind=int)
+
+
+# ----------------------------------------------------------------------------- missing values
+
+def test_parse_line_reads_missing_values_by_policy():
+    for policy in ("skip", "zero", "last"):
+        for text, fmt in (('{"key": "a", "x": [null, 2, NaN]}', "jsonl"), ("a,,2,nan", "csv"),
+                          ("a, ,2,NaN", "csv")):
+            key, x = parse_line(text, fmt, 3, missing=policy)
+            assert key == "a" and np.isnan(x[0]) and x[1] == 2.0 and np.isnan(x[2])
+        # Everything that was malformed stays malformed: infinity is never a missing value.
+        for text, fmt, why in (('{"key": "a", "x": [null, Infinity, 1]}', "jsonl",
+                                "expected finite numbers, got inf at index 1"),
+                               ("a,,-inf,1", "csv", "expected finite numbers, got -inf at index 1"),
+                               ('{"key": "a", "x": [null, "two", 1]}', "jsonl",
+                                'expected numbers, got "two"'),
+                               ("a,,two,1", "csv", "expected numbers, got 'two'"),
+                               ('{"key": "a", "x": [null, 1]}', "jsonl", "expected 3 numbers"),
+                               ("a,,1", "csv", "expected 4 CSV fields"),
+                               ('{"key": "a", "x": null}', "jsonl", "expected a list of 3"),
+                               ('{"key": "a", "x": [null, 1e39, 1]}', "jsonl", "float32's range")):
+            with pytest.raises(ValueError, match=why):
+                parse_line(text, fmt, 3, dtype="float32", missing=policy)
+    assert parse_line('{"key": "a", "x": [1, 2, 3]}', "jsonl", 3, missing="skip") == \
+        ("a", [1.0, 2.0, 3.0])
+    # refuse (the default): a missing value makes the line malformed, as a NaN always did.
+    for text, fmt, why in (('{"key": "a", "x": [1, null, 3]}', "jsonl",
+                            r"x: expected numbers, got a missing value \(null\) at index 1; "
+                            r"--missing skip, zero or last steps it"),
+                           ("a,1,2,", "csv", r"got a missing value \(an empty field\) at index 2"),
+                           ('{"key": "a", "x": [1, NaN, 3]}', "jsonl",
+                            "expected finite numbers, got nan at index 1; --missing skip"),
+                           ("a,nan,2,3", "csv", "expected finite numbers, got nan at index 0")):
+        with pytest.raises(ValueError, match=why):
+            parse_line(text, fmt, 3)
+    with pytest.raises(ValueError, match="missing: expected one of refuse, skip, zero, last, got "
+                                         "'drop'"):
+        parse_line("a,1,2,3", "csv", 3, missing="drop")
+
+
+def test_an_unknown_missing_policy_is_a_usage_error_naming_the_choices(model_file, capsys):
+    from streamgru.cli import main as cli_main
+
+    _, path = model_file
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["run", str(path), "--missing", "drop"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --missing: invalid choice: 'drop'" in err
+    choices = err.split("choose from", 1)[1]  # quoted or not, by Python version
+    assert all(policy in choices for policy in ("refuse", "skip", "zero", "last"))
+
+
+def events_with_gaps(n, seed, rate=0.25):
+    """``make_events`` with values dropped (NaN) at random; and how many events hold one."""
+    events = make_events(n, seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    for _, x in events:
+        for j in np.flatnonzero(rng.random(len(x)) < rate):
+            x[j] = float("nan")
+    return events, sum(any(v != v for v in x) for _, x in events)
+
+
+@pytest.mark.parametrize("policy", ["skip", "zero", "last"])
+def test_missing_values_are_stepped_by_the_policy(model_file, tmp_path, capsys, policy):
+    model, path = model_file
+    events, gaps = events_with_gaps(60, seed=21)
+    assert 10 < gaps < 50
+    src, out = tmp_path / "e.jsonl", tmp_path / "out.jsonl"
+    src.write_text(jsonl(events))
+    # Batches of 7 hold a key several times: its rows are handled in order.
+    status, err = run_in_process([path, "-i", src, "-o", out, "--missing", policy,
+                                  "--max-batch", 7], capsys)
+    assert status == 0, err
+    keys, ys = read_outputs(out)
+    assert keys == [k for k, _ in events]
+    np.testing.assert_allclose(ys, oracle_outputs(model, events, policy), atol=1e-5, rtol=0)
+    assert f"{gaps} event(s) with missing values stepped by --missing {policy}" in err
+    assert "malformed" not in err
+    if policy == "last":  # CSV: an empty field is the missing value
+        csv_src, csv_out = tmp_path / "e.csv", tmp_path / "out_csv.jsonl"
+        csv_src.write_text("".join(f"{k}," + ",".join("" if v != v else repr(v) for v in x)
+                                   + "\n" for k, x in events))
+        status, err = run_in_process([path, "-i", csv_src, "-o", csv_out, "--format", "csv",
+                                      "--missing", policy, "--dtype", "float64"], capsys)
+        assert status == 0, err
+        np.testing.assert_allclose(read_outputs(csv_out)[1], oracle_outputs(model, events, policy),
+                                   atol=1e-9, rtol=0)
+
+
+def test_refuse_skips_lines_with_missing_values_as_malformed(model_file, tmp_path, capsys):
+    model, path = model_file
+    events, gaps = events_with_gaps(40, seed=22)
+    complete = [(k, x) for k, x in events if not any(v != v for v in x)]
+    src, out = tmp_path / "e.jsonl", tmp_path / "out.jsonl"
+    src.write_text(jsonl(events))
+    status, err = run_in_process([path, "-i", src, "-o", out, "--max-batch", 5], capsys)
+    assert status == 0, err
+    keys, ys = read_outputs(out)
+    assert keys == [k for k, _ in complete]
+    np.testing.assert_allclose(ys, oracle_outputs(model, complete), atol=1e-5, rtol=0)
+    first = next(i for i, (_, x) in enumerate(events) if any(v != v for v in x)) + 1
+    assert f"line {first}: x: expected numbers, got a missing value (null)" in err
+    assert f"{gaps} malformed line(s) skipped" in err
+    status, err = run_in_process([path, "-i", src, "-o", tmp_path / "o2.jsonl", "--strict"],
+                                 capsys)
+    assert status == 1 and f"line {first}:" in err and "stopping (--strict)" in err
+
+
+def test_run_line_metrics_count_missing_values_by_policy(model_file, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("prometheus_client")
+    from streamgru import pipeline
+
+    seen = []
+
+    class Recorded(pipeline._RunStats):
+        def __init__(self, checkpointing):
+            super().__init__(checkpointing)
+            seen.append(self)
+
+    monkeypatch.setattr(pipeline, "_RunStats", Recorded)
+    _, path = model_file
+    events, gaps = events_with_gaps(30, seed=23)
+    src = tmp_path / "e.jsonl"
+    src.write_text(jsonl(events) + "\n")
+    for policy, ok, malformed in (("refuse", 30 - gaps, gaps), ("zero", 30, 0)):
+        status, err = run_in_process([path, "-i", src, "-o", tmp_path / f"{policy}.jsonl",
+                                      "--missing", policy, "--metrics-port", 0], capsys)
+        assert status == 0, err
+        assert seen[-1].lines == {"ok": ok, "malformed": malformed, "refused": 0, "blank": 1}
+
+
+def test_the_last_memory_is_checkpointed_and_a_resume_keeps_the_policy(model_file, tmp_path,
+                                                                        capsys):
+    model, path = model_file
+    events, _ = events_with_gaps(50, seed=24)
+    state, out = tmp_path / "s.sgst", tmp_path / "out.jsonl"
+    first, rest = tmp_path / "first.jsonl", tmp_path / "rest.jsonl"
+    first.write_text(jsonl(events[:25]))
+    rest.write_text(jsonl(events[25:]))
+    for part in (first, rest):
+        status, err = run_in_process([path, "-i", part, "-o", out, "--state", state,
+                                      "--missing", "last"], capsys)
+        assert status == 0, err
+    assert "continue the input at line 26" in err
+    assert checkpoint_meta(model, state)["missing"] == "last"
+    # Interrupted or not, every stream carries on from its last observed values.
+    np.testing.assert_allclose(read_outputs(out)[1], oracle_outputs(model, events, "last"),
+                               atol=1e-5, rtol=0)
+    status, err = run_in_process([path, "-i", rest, "-o", out, "--state", state, "--missing",
+                                  "zero"], capsys)
+    assert status == 2
+    assert "--missing: expected 'last', the policy of the run that wrote" in err

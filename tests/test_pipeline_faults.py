@@ -19,7 +19,15 @@ import textwrap
 import numpy as np
 import oracle
 import pytest
-from test_pipeline import CMD, checkpoint_meta, jsonl, make_events, oracle_outputs
+from test_pipeline import (
+    CMD,
+    checkpoint_meta,
+    jsonl,
+    make_events,
+    oracle_outputs,
+    read_outputs,
+    run_in_process,
+)
 
 import streamgru
 from streamgru import Engine, GRUModel
@@ -27,17 +35,6 @@ from streamgru.cli import main as cli_main
 from streamgru.errors import NonFiniteError
 from streamgru.formats import load_state, save_state
 from streamgru.pipeline import parse_line
-
-
-def run_in_process(args, capsys):
-    """``streamgru run ARGS`` in this process; returns (exit status, stderr)."""
-    status = cli_main(["run", *map(str, args)])
-    return status, capsys.readouterr().err
-
-
-def read_outputs(path):
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    return [r["key"] for r in rows], np.array([r["y"] for r in rows]).reshape(len(rows), -1)
 
 
 def oracle_states(model, events):
@@ -207,6 +204,27 @@ def test_output_to_a_full_device_exits_3_with_no_stream_advanced(model_file, tmp
     assert status == 3 and "No space left on device" in err
     assert checkpoint_meta(model, state)["input_lines"] == 0
     assert checkpoint_states(model, state) == {}
+
+
+def test_a_batch_taken_back_under_missing_last_leaves_the_last_memory_as_it_was(
+        model_file, tmp_path, capsys):
+    model, path = model_file
+    state = tmp_path / "s.sgst"
+    before = [("a", [1.0, 2.0, 3.0]), ("b", [4.0, 5.0, 6.0])]
+    (tmp_path / "e1.jsonl").write_text(jsonl(before))
+    status, err = run_in_process([path, "-i", tmp_path / "e1.jsonl", "-o", tmp_path / "o.jsonl",
+                                  "--state", state, "--missing", "last"], capsys)
+    assert status == 0, err
+    (tmp_path / "e2.jsonl").write_text(jsonl([("a", [7.0, float("nan"), 8.0]),
+                                              ("b", [float("nan"), 9.0, 10.0])]))
+    status, err = run_in_process([path, "-i", tmp_path / "e2.jsonl", "-o", "/dev/full",
+                                  "--state", state, "--missing", "last"], capsys)
+    assert status == 3 and "No space left on device" in err
+    engine = Engine(model, missing="last")
+    assert engine.load_state(state).metadata["input_lines"] == 2
+    for k, x in before:  # the states and the memory of the delivered events only
+        np.testing.assert_allclose(engine.state(k), oracle_states(model, before)[k], atol=1e-5)
+        assert engine.last_observed(k).tolist() == x
 
 
 def test_a_non_finite_output_is_refused_never_printed(model_file, tmp_path, capsys, monkeypatch):

@@ -4,6 +4,7 @@ native check as a consistency check, and names the extra when a framework is mis
 """
 
 import contextlib
+import importlib.util
 import io
 import pathlib
 import sys
@@ -253,3 +254,68 @@ def test_missing_framework_names_the_extra(tmp_path, monkeypatch, module, extra)
     monkeypatch.setitem(sys.modules, module, None)
     with pytest.raises(ImportError, match=rf"{module} is needed.*pip install 'streamgru\[{extra}\]'"):
         converters.verify(model, src)
+
+
+# ----------------------------------------------------------------------------- missing values
+
+@pytest.mark.parametrize("policy", ["skip", "zero", "last"])
+def test_missing_values_against_torch_applying_the_same_rule(policy):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(4)
+    gru = torch.nn.GRU(3, 6, num_layers=2, batch_first=True)
+    r = converters.verify(converters.from_torch(gru), gru, dtype="float64", streams=3, steps=12,
+                          missing=policy, missing_rate=0.2)
+    assert r.ok and r.max_abs_diff < 1e-12, str(r)
+    assert r.missing == policy and 3 < r.dropped < 3 * 11 * 3
+    assert f"Engine(missing={policy!r}); {r.dropped} input values dropped" in str(r)
+    # The same run without dropping anything is another input: the comparison sees the rule.
+    clean = converters.verify(converters.from_torch(gru), gru, dtype="float64", streams=3,
+                              steps=12)
+    assert clean.dropped == 0 and "missing:" not in str(clean)
+
+
+def test_missing_values_fail_against_a_reference_applying_another_rule(monkeypatch):
+    """verify can fail: with the 'last' reference swapped for the 'zero' one, it does."""
+    torch = pytest.importorskip("torch")
+    from converters import verify as verify_fn
+    from converters.verify import reference_inputs
+
+    verify_module = sys.modules[verify_fn.__module__]
+    torch.manual_seed(5)
+    gru = torch.nn.GRU(3, 6, batch_first=True)
+    model = converters.from_torch(gru)
+    assert converters.verify(model, gru, steps=10, missing="last", missing_rate=0.3).ok
+    monkeypatch.setattr(verify_module, "reference_inputs",
+                        lambda xs, dropped, missing: reference_inputs(xs, dropped, "zero"))
+    r = converters.verify(model, gru, steps=10, missing="last", missing_rate=0.3)
+    assert not r.ok and r.max_abs_diff > 1e-3
+
+
+def test_missing_values_through_a_module_an_onnx_graph_and_a_consistency_check(tmp_path):
+    """skip needs the layers after the last GRU (the torch module's head, the ONNX graph's
+    Linear + sigmoid); the Keras file's check is the float64 engine on the filled inputs."""
+    torch = pytest.importorskip("torch")
+    net = _net(torch, 6)
+    r = converters.verify(converters.from_torch(net), net, steps=8, missing="skip",
+                          missing_rate=0.15)
+    assert r.ok and r.dropped > 0, str(r)
+    assert "forward(x)" in r.reference and "per comparison" in str(r)
+    if importlib.util.find_spec("onnxruntime") is not None:
+        path = _export_legacy(torch, tmp_path)
+        r = converters.verify(streamgru.load(path), path, steps=8, missing="skip")
+        assert r.ok and r.dropped > 0 and "onnxruntime" in r.reference, str(r)
+    if importlib.util.find_spec("h5py") is not None:
+        name = FIX / "keras_seq_reset_after.keras"
+        r = converters.verify(streamgru.load(name), name, steps=8, missing="last")
+        assert r.ok and r.dropped > 0 and not r.framework_check, str(r)
+
+
+def test_bad_missing_arguments():
+    m = streamgru.GRUModel.random(2, 3)
+    src = FIX / "rtneural_seq_reset_after.json"
+    with pytest.raises(ValueError, match="missing: expected one of refuse, skip, zero, last, got "
+                                         "'drop'"):
+        converters.verify(m, src, missing="drop")
+    with pytest.raises(ValueError, match=r"missing_rate: expected a probability in \[0, 1\], "
+                                         r"got 1.5"):
+        converters.verify(m, src, missing="zero", missing_rate=1.5)
