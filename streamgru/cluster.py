@@ -415,7 +415,7 @@ class _Shard:
         for k, s in zip(keys, states):
             self.engine.set_state(k, s[:S])
             if s.shape[0] > S:
-                self.engine._set_last_observed(k, s[S:])
+                self.engine.set_last_observed(k, s[S:])
         return len(keys)
 
     def close_many(self, keys):
@@ -457,7 +457,7 @@ class _Shard:
             for i in np.flatnonzero(_owners(ks, shards) == self.shard):
                 eng.set_state(keys[i], states[i, :size])
                 if states.shape[1] > size:
-                    eng._set_last_observed(keys[i], states[i, size:])
+                    eng.set_last_observed(keys[i], states[i, size:])
         return eng
 
     def prepare_load(self, files, shards, saved_shards):

@@ -742,14 +742,42 @@ class Engine:
             slot = self._slot(key)
             return self._store.last[slot].copy()
 
-    def _set_last_observed(self, key, values):
-        """Overwrite an open stream's last observed values (``(input_size,)``, finite; for
-        ShardedEngine moving a stream between shards)."""
+    def set_last_observed(self, key, values):
+        """Overwrite an open stream's last observed input values (``missing="last"`` only).
+
+        For moving a stream between engines, or taking back a batch: ``values`` has
+        ``input_size`` finite elements. KeyError if the key is unknown; the stream's state is
+        left as it is.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from streamgru import Engine, GRUModel
+        >>> engine = Engine(GRUModel.random(2, 4), missing="last")
+        >>> engine.open("a")
+        >>> engine.set_last_observed("a", [1.5, -2.0])
+        >>> engine.last_observed("a").tolist()
+        [1.5, -2.0]
+        """
         with self._lock:
-            vec = np.asarray(values, dtype=self.dtype).reshape(self.model.input_size)
+            if self._store.last is None:
+                raise ValueError(f"missing: expected an engine made with missing='last' (only it "
+                                 f"keeps last observed values), got missing={self.missing!r}")
+            slot = self._slot(key)
+            arr = _plain_array(values, "values")
+            if arr.dtype.kind not in "fiu":
+                raise TypeError(f"values: expected real numbers, got dtype {arr.dtype}")
+            n = self.model.input_size
+            if arr.size != n:
+                raise ValueError(f"values: expected {n} values (input_size), got shape "
+                                 f"{arr.shape} ({arr.size} values)")
+            with np.errstate(over="ignore"):  # too large for the dtype becomes inf: refused
+                vec = np.asarray(arr, dtype=self.dtype).reshape(n)
             if not np.isfinite(vec).all():
-                raise ValueError(f"values: expected finite last observed values, got {vec}")
-            self._store.last[self._slot(key)] = vec
+                raise ValueError(f"values: expected finite values within {self.dtype.name} "
+                                 f"range, got NaN/inf at "
+                                 f"{np.flatnonzero(~np.isfinite(vec))[:10].tolist()}")
+            self._store.last[slot] = vec
 
     def set_state(self, key, state):
         """Overwrite a stream's state (opens the key if unknown).

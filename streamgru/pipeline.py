@@ -433,11 +433,7 @@ class _Undo:
 
     def apply(self):
         for k, memory in self.memory.items():
-            # The engine has no setter for the memory: stepping the stream on its old memory
-            # (every value observed) makes that the memory again, and set_state below puts the
-            # state back. A feature never observed reads 0 either way. The step is counted in
-            # the engine's stats like any other.
-            self.engine.step([k], memory[None])
+            self.engine.set_last_observed(k, memory)
         for k, state in self.prior.items():
             self.engine.set_state(k, state)
         for k in self.new:

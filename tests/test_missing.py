@@ -183,6 +183,37 @@ def test_bad_arguments_are_refused_naming_them():
         Engine(MODEL, missing="zero").last_observed("a")
 
 
+def test_set_last_observed_overwrites_the_memory_only_and_refuses_bad_values():
+    eng = Engine(MODEL, missing="last")
+    eng.step(["a"], np.array([[1.0, 2.0, 3.0]], np.float32))
+    state = eng.state("a")
+    eng.set_last_observed("a", [4.0, 5.0, 6.0])
+    assert eng.last_observed("a").tolist() == [4.0, 5.0, 6.0]
+    np.testing.assert_array_equal(eng.state("a"), state)  # the state is not touched
+    # The next NaN reads the values set, exactly as the float64 oracle's rule says.
+    ref = oracle.MissingStreams(MODEL, "last")
+    ref.feed("a", [1.0, 2.0, 3.0])
+    ref.last["a"] = np.array([4.0, 5.0, 6.0])
+    y = eng.step(["a"], np.array([[NAN, 0.5, NAN]], np.float32))
+    np.testing.assert_allclose(y[0], ref.feed("a", [NAN, 0.5, NAN]), atol=2e-5)
+    assert eng.last_observed("a").tolist() == [4.0, 0.5, 6.0]
+    before = eng.last_observed("a")
+    for values, err, match in [
+            ([1.0, 2.0], ValueError, r"values: expected 3 values \(input_size\), got shape \(2,\)"),
+            ([1.0, NAN, 2.0], ValueError, r"values: expected finite values .* at \[1\]"),
+            ([1.0, 1e39, 2.0], ValueError, r"values: expected finite values within float32"),
+            (["x", "y", "z"], TypeError, r"values: expected real numbers, got dtype <U1"),
+    ]:
+        with pytest.raises(err, match=match):
+            eng.set_last_observed("a", values)
+        np.testing.assert_array_equal(eng.last_observed("a"), before)
+    with pytest.raises(KeyError, match="unknown key 'nope'"):
+        eng.set_last_observed("nope", [0.0, 0.0, 0.0])
+    assert "nope" not in eng
+    with pytest.raises(ValueError, match="missing: expected an engine made with missing='last'"):
+        Engine(MODEL, missing="skip").set_last_observed("a", [0.0, 0.0, 0.0])
+
+
 def test_last_observed_values_belong_to_the_stream(tmp_path):
     # reset and close clear them, growth keeps them, set_state leaves them, a snapshot carries
     # them, eviction drops them.
