@@ -75,7 +75,7 @@ from streamgru.errors import FormatError, UnsupportedModelError
 from streamgru.formats import check_size, content_errors, read_file
 from streamgru.model import DenseLayer, GRULayer, GRUModel
 
-from ._util import require, target_dtype
+from ._util import keras_dense_layer, keras_gru_layer, require, target_dtype
 
 __all__ = ["from_keras"]
 
@@ -631,7 +631,6 @@ def _gru(entry, store, major, version, out_dtype):
         raise ValueError(
             f"{where}: expected kernel of shape (input_size, {3 * H}), got {kernel.shape}"
         )
-    I = kernel.shape[0]
     if recurrent.shape != (H, 3 * H):
         raise ValueError(
             f"{where}: expected recurrent_kernel of shape {(H, 3 * H)}, got {recurrent.shape}"
@@ -657,13 +656,8 @@ def _gru(entry, store, major, version, out_dtype):
                 )
             Wb = bias
             Rb = np.zeros_like(bias)
-    # Keras kernels are (in, 3H) with gate blocks (z, r, h) along the columns: our (3H, in) rows
-    # in the same order, so a transpose and nothing else.
-    return GRULayer(
-        I, H, _cast(kernel.T, out_dtype), _cast(recurrent.T, out_dtype),
-        None if Wb is None else _cast(Wb, out_dtype), None if Rb is None else _cast(Rb, out_dtype),
-        linear_before_reset=1 if reset_after else 0, f=f, g=g,
-    )
+    return keras_gru_layer(kernel, recurrent, Wb, Rb, linear_before_reset=1 if reset_after else 0,
+                           f=f, g=g, out_dtype=out_dtype)
 
 
 def _dense(entry, cfg, store, major, version, out_dtype):
@@ -689,9 +683,7 @@ def _dense(entry, cfg, store, major, version, out_dtype):
     b = w.get("bias")
     if b is not None and b.shape != (kernel.shape[1],):
         raise ValueError(f"{where}: expected bias of shape {(kernel.shape[1],)}, got {b.shape}")
-    # Keras Dense kernel is (in, out); ours is PyTorch's (out, in).
-    return DenseLayer(kernel.shape[0], kernel.shape[1], _cast(kernel.T, out_dtype),
-                      None if b is None else _cast(b, out_dtype), act)
+    return keras_dense_layer(kernel, b, act, out_dtype)
 
 
 def append_activation(layers, act, out_dtype=None):
@@ -803,7 +795,3 @@ def _text(value):
 
 
 
-
-def _cast(arr, out_dtype):
-    arr = np.asarray(arr)
-    return arr.astype(out_dtype) if out_dtype is not None else arr

@@ -56,27 +56,15 @@ from streamgru.errors import FormatError, UnsupportedModelError
 from streamgru.formats import check_size, content_errors, read_file
 from streamgru.model import DenseLayer, GRULayer, GRUModel
 
-from ._util import require
+from ._util import ONNX_RNN_ACTIVATIONS, cast_layer, require
 
 __all__ = ["from_onnx"]
 
 _GRU_ATTRS = {"activation_alpha", "activation_beta", "activations", "clip", "direction",
               "hidden_size", "layout", "linear_before_reset"}
 
-# onnxruntime's (uses alpha, uses beta) and defaults for RNN activations (rnn_helpers.cc).
-_ORT_ACT = {
-    "relu": (False, False, 0.0, 0.0),
-    "tanh": (False, False, 0.0, 0.0),
-    "sigmoid": (False, False, 0.0, 0.0),
-    "affine": (True, True, 0.0, 0.0),
-    "leakyrelu": (True, False, 0.01, 0.0),
-    "thresholdedrelu": (True, False, 0.0, 0.0),
-    "scaledtanh": (True, True, 0.0, 0.0),
-    "hardsigmoid": (True, True, 0.2, 0.5),
-    "elu": (True, False, 1.0, 0.0),
-    "softsign": (False, False, 0.0, 0.0),
-    "softplus": (False, False, 0.0, 0.0),
-}
+# ONNX RNN activation (lower-case) -> (uses alpha, uses beta, onnxruntime's defaults).
+_ORT_ACT = {k: v[1:] for k, v in ONNX_RNN_ACTIVATIONS.items() if k != "identity"}
 
 # Dense-path activation ops: name -> (canonical name, {attribute: default}).
 _DENSE_ACTS = {
@@ -179,7 +167,7 @@ def from_onnx(path_or_model, node=None, *, dtype=None) -> GRUModel:
             g = _Graph(model, path)
             layers = g.convert(node)
     if dtype is not None:
-        layers = [_cast_layer(layer, dtype) for layer in layers]
+        layers = [cast_layer(layer, dtype) for layer in layers]
     return GRUModel(layers, source="onnx", notes=g.notes)
 
 
@@ -1330,12 +1318,3 @@ def _io_signature(model):
         "notes": list(g.notes),
     }
 
-
-def _cast_layer(layer, dtype):
-    if isinstance(layer, GRULayer):
-        return GRULayer(layer.input_size, layer.hidden_size, layer.W.astype(dtype),
-                        layer.R.astype(dtype), layer.Wb.astype(dtype), layer.Rb.astype(dtype),
-                        linear_before_reset=layer.linear_before_reset, f=layer.f, g=layer.g,
-                        clip=layer.clip)
-    return DenseLayer(layer.in_features, layer.out_features, layer.W.astype(dtype),
-                      layer.b.astype(dtype), layer.activation)

@@ -59,7 +59,7 @@ from streamgru.errors import FormatError, UnsupportedModelError
 from streamgru.formats import check_size, content_errors, read_file, read_json
 from streamgru.model import DenseLayer, GRULayer, GRUModel
 
-from ._util import require, target_dtype
+from ._util import require, swap_rz, target_dtype
 
 __all__ = ["from_torch"]
 
@@ -840,7 +840,7 @@ def _build(units, target):
                 tensors["Wb"], tensors["Rb"] = layer["bias_ih"], layer["bias_hh"]
             arrs = _finite(tensors, target)
             # PyTorch stacks the gates as (r, z, n); the canonical order is (z, r, n).
-            arrs = {k: _swap_rz(a) for k, a in arrs.items()}
+            arrs = {k: swap_rz(a) for k, a in arrs.items()}
             H = tensors["R"][1].shape[1]
             I = tensors["W"][1].shape[1]
             out.append(_construct(
@@ -848,11 +848,6 @@ def _build(units, target):
                                                      a.get("Rb"), linear_before_reset=1),
                 tensors))
     return GRUModel(out, source="pytorch")
-
-
-def _swap_rz(a):
-    H = a.shape[0] // 3
-    return np.concatenate([a[H:2 * H], a[:H], a[2 * H:]], axis=0)
 
 
 def _finite(tensors, target):

@@ -73,3 +73,20 @@ def test_bench_rejects_a_bad_only_pattern(capsys):
 
     assert main(["bench", "--only", "n=(1", "--no-sgemm", "--json", "", "--plot", ""]) == 2
     assert "--only: expected a regular expression, got 'n=(1'" in capsys.readouterr().err
+
+
+def test_sequence_baseline_agrees_with_oracle_and_keeps_the_state():
+    """ort_sequence runs a whole sequence per call and carries the stream's state to the next."""
+    pytest.importorskip("onnxruntime")
+    import oracle
+
+    from streamgru.bench import make_contender
+    from streamgru.model import GRUModel
+
+    model = GRUModel.random(3, [5, 4], dense_after=[(2, "tanh")], seed=1)
+    c = make_contender("ort_sequence", model, 1)
+    xs = np.random.default_rng(0).normal(size=(2, 6, 3)).astype(np.float32)
+    y1, y2 = c.run(0, xs[0]), c.run(0, xs[1])
+    ref, state = oracle.run(model, xs[0])
+    np.testing.assert_allclose(y1, ref, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(y2, oracle.run(model, xs[1], state)[0], atol=1e-5, rtol=0)
