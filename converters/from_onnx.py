@@ -58,7 +58,8 @@ from streamgru.model import DenseLayer, GRULayer, GRUModel
 
 from ._util import ONNX_RNN_ACTIVATIONS, cast_layer, require
 
-__all__ = ["from_onnx"]
+# read_onnx, load_external and io_signature are the hooks converters.verify runs a graph with.
+__all__ = ["from_onnx", "read_onnx", "load_external", "io_signature"]
 
 _GRU_ATTRS = {"activation_alpha", "activation_beta", "activations", "clip", "direction",
               "hidden_size", "layout", "linear_before_reset"}
@@ -142,14 +143,14 @@ def from_onnx(path_or_model, node=None, *, dtype=None) -> GRUModel:
     if isinstance(path_or_model, onnx.ModelProto):
         model = path_or_model
         if _has_external(model):
-            _load_external(model, None)  # raises: no directory to read from
+            load_external(model, None)  # raises: no directory to read from
     elif isinstance(path_or_model, (str, os.PathLike)):
         path = os.fspath(path_or_model)
         if not os.path.exists(path):
             raise FileNotFoundError(f"path_or_model: expected an existing .onnx file, got {path!r}")
         model = read_onnx(path, "path_or_model")
         base = os.path.dirname(os.path.abspath(path))
-        _load_external(model, base)
+        load_external(model, base)
     else:
         raise TypeError(
             f"path_or_model: expected a path or an onnx.ModelProto, "
@@ -202,7 +203,7 @@ def _has_external(model):
     return any(uses_external_data(t) for t in _get_all_tensors(model))
 
 
-def _load_external(model, base):
+def load_external(model, base):
     """Read external tensors, only from regular files inside ``base`` (no absolute paths, no
     ``..``, no symlink escaping the directory)."""
     from onnx import TensorProto
@@ -1275,7 +1276,7 @@ class _Graph:
         return np.broadcast_to(squeezed, (width,)).astype(c.dtype)
 
 
-def _io_signature(model):
+def io_signature(model):
     """How to run a convertible graph as a reference (for ``converters.verify``).
 
     Returns a dict: ``input`` (the data input's name), ``sizes`` (the sizes of its leading axes,

@@ -61,7 +61,8 @@ from streamgru.model import DenseLayer, GRULayer, GRUModel
 
 from ._util import require, swap_rz, target_dtype
 
-__all__ = ["from_torch"]
+# ordered_units is the hook converters.verify rebuilds its torch reference from.
+__all__ = ["from_torch", "ordered_units"]
 
 # prefix (optional, dotted) + GRU tensor name + optional _l{k} + optional _reverse.
 _RNN_KEY = re.compile(
@@ -131,8 +132,8 @@ def from_torch(obj, *, layers=None, dtype=None) -> GRUModel:
     if isinstance(obj, (str, os.PathLike)):
         _layers_arg(layers)  # an argument error, before the file's contents are judged
         with content_errors(obj):
-            return _build(_ordered_units(obj, layers), target)
-    return _build(_ordered_units(obj, layers), target)
+            return _build(ordered_units(obj, layers), target)
+    return _build(ordered_units(obj, layers), target)
 
 
 def _layers_arg(layers):
@@ -142,8 +143,12 @@ def _layers_arg(layers):
     return None if layers is None else list(layers)
 
 
-def _ordered_units(obj, layers):
-    """The source's GRU/GRUCell/Linear units in execution order (shared with converters.verify)."""
+def ordered_units(obj, layers):
+    """The source's GRU/GRUCell/Linear units in execution order, as :func:`from_torch` reads them.
+
+    Public for :func:`converters.verify`, which rebuilds its torch reference from exactly the
+    units (and the order) the conversion used. ``obj`` and ``layers`` are from_torch's.
+    """
     keyed = True
     layers = _layers_arg(layers)
 
