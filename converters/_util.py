@@ -13,13 +13,14 @@ exporters, which map the other way) calls it:
 """
 
 import importlib
+from collections.abc import Mapping
 
 import numpy as np
 
 from streamgru.errors import UnsupportedModelError
 from streamgru.model import DenseLayer, GRULayer
 
-__all__ = ["require", "target_dtype", "cast", "cast_layer", "swap_rz", "keras_gru_layer",
+__all__ = ["require", "target_dtype", "cast", "cast_layer", "check_keys", "swap_rz", "keras_gru_layer",
            "keras_dense_layer", "ONNX_RNN_ACTIVATIONS", "UnsupportedModelError"]
 
 # Canonical name -> (ONNX RNN activation name, takes alpha, takes beta, onnxruntime's default
@@ -80,6 +81,19 @@ def cast_layer(layer, dtype):
                         clip=layer.clip)
     return DenseLayer(layer.in_features, layer.out_features, layer.W.astype(dtype),
                       layer.b.astype(dtype), layer.activation)
+
+
+def check_keys(cfg, allowed, where, what="configuration keys"):
+    """Refuse a layer description holding keys this converter does not implement: a key it
+    skipped could change what the layer computes, so it is never ignored."""
+    if not isinstance(cfg, Mapping):
+        raise ValueError(f"{where}: expected a config dict, got {type(cfg).__name__}")
+    extra = sorted(set(cfg) - allowed)
+    if extra:
+        raise UnsupportedModelError(
+            f"{where}: {what} {extra} are not implemented by streamgru; refusing rather than "
+            f"ignoring them"
+        )
 
 
 def swap_rz(a):

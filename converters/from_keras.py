@@ -75,7 +75,7 @@ from streamgru.errors import FormatError, UnsupportedModelError
 from streamgru.formats import check_size, content_errors, read_file
 from streamgru.model import DenseLayer, GRULayer, GRUModel
 
-from ._util import keras_dense_layer, keras_gru_layer, require, target_dtype
+from ._util import check_keys, keras_dense_layer, keras_gru_layer, require, target_dtype
 
 __all__ = ["from_keras"]
 
@@ -557,7 +557,7 @@ def _convert_layer(entry, store, major, version, layers, out_dtype):
     elif cls == "Dense":
         layers.append(_dense(entry, cfg, store, major, version, out_dtype))
     elif cls == "TimeDistributed":
-        _check_keys(cfg, _TIME_DISTRIBUTED_KEYS, where)
+        check_keys(cfg, _TIME_DISTRIBUTED_KEYS, where)
         inner = cfg.get("layer")
         if not isinstance(inner, dict) or inner.get("class_name") != "Dense":
             got = inner.get("class_name") if isinstance(inner, dict) else inner
@@ -567,7 +567,7 @@ def _convert_layer(entry, store, major, version, layers, out_dtype):
         _refuse_custom(inner, where)
         layers.append(_dense(entry, inner.get("config") or {}, store, major, version, out_dtype))
     elif cls == "Activation":
-        _check_keys(cfg, _ACTIVATION_KEYS, where)
+        check_keys(cfg, _ACTIVATION_KEYS, where)
         if not layers:
             raise UnsupportedModelError(
                 f"{where}: expected an Activation after a GRU or Dense layer, got it first"
@@ -575,7 +575,7 @@ def _convert_layer(entry, store, major, version, layers, out_dtype):
         act = _activation(cfg.get("activation"), major, version, where, "activation", dense=True)
         append_activation(layers, act, out_dtype)
     elif cls in ("Dropout",):
-        _check_keys(cfg, _DROPOUT_KEYS, where)
+        check_keys(cfg, _DROPOUT_KEYS, where)
     elif cls == "Bidirectional":
         raise UnsupportedModelError(
             f"{where}: Bidirectional needs the whole sequence (its backward half reads it from "
@@ -605,7 +605,7 @@ def _convert_layer(entry, store, major, version, layers, out_dtype):
 
 def _gru(entry, store, major, version, out_dtype):
     cfg, where = entry["config"], _where(entry)
-    _check_keys(cfg, _GRU_KEYS, where)
+    check_keys(cfg, _GRU_KEYS, where)
     if cfg.get("go_backwards", False):
         raise UnsupportedModelError(
             f"{where}: go_backwards=True reads the sequence from its end; a stream is stepped "
@@ -662,7 +662,7 @@ def _gru(entry, store, major, version, out_dtype):
 
 def _dense(entry, cfg, store, major, version, out_dtype):
     where = _where(entry)
-    _check_keys(cfg, _DENSE_KEYS, where)
+    check_keys(cfg, _DENSE_KEYS, where)
     if cfg.get("quantization_config") is not None:
         raise UnsupportedModelError(
             f"{where}: a quantized Dense layer (quantization_config set); expected float weights"
@@ -749,17 +749,6 @@ def _activation(spec, major, version, where, key, dense=False):
 
 
 # --- small helpers -------------------------------------------------------------------------------
-
-def _check_keys(cfg, allowed, where):
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{where}: expected a config dict, got {type(cfg).__name__}")
-    extra = sorted(set(cfg) - allowed)
-    if extra:
-        raise UnsupportedModelError(
-            f"{where}: configuration keys {extra} are not implemented by streamgru; refusing "
-            f"rather than ignoring them"
-        )
-
 
 def _refuse_custom(raw, where):
     """Keras 3 configs name a built-in's module ("keras.layers"); custom classes name their own."""

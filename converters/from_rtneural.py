@@ -52,7 +52,7 @@ from streamgru.errors import UnsupportedModelError
 from streamgru.formats import content_errors, read_json
 from streamgru.model import GRULayer, GRUModel
 
-from ._util import keras_dense_layer, keras_gru_layer, target_dtype
+from ._util import check_keys, keras_dense_layer, keras_gru_layer, target_dtype
 from .from_keras import append_activation
 
 __all__ = ["from_rtneural", "is_rtneural_json"]
@@ -169,7 +169,6 @@ def _convert(doc, out_dtype):
     for i, spec in enumerate(doc["layers"]):
         kind = spec["type"]
         where = f"layers[{i}] ({kind!r})"
-        extra = sorted(set(spec) - _LAYER_KEYS)
         if kind in _REFUSED:
             raise UnsupportedModelError(f"{where}: unsupported layer type: {_REFUSED[kind]}")
         if kind not in ("gru", "dense", "time-distributed-dense", "activation"):
@@ -177,11 +176,7 @@ def _convert(doc, out_dtype):
                 f"{where}: unknown layer type; expected gru, dense, time-distributed-dense or "
                 f"activation"
             )
-        if extra:
-            raise UnsupportedModelError(
-                f"{where}: keys {extra} are not implemented by streamgru; refusing rather than "
-                f"ignoring them"
-            )
+        check_keys(spec, _LAYER_KEYS, where, what="keys")
         out = _size(spec.get("shape"), f"{where} shape")
         act_name = spec.get("activation")  # None: absent (RTNeural's loader allows that too)
         if act_name is not None and not isinstance(act_name, str):
