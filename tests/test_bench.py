@@ -16,6 +16,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("matplotlib")
 
 
+@pytest.mark.slow
 def test_bench_quick_writes_table_json_and_plot(tmp_path):
     out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
     cmd = [sys.executable, "-m", "streamgru.cli", "bench", "--quick", "--threads", "1",

@@ -7,8 +7,8 @@ import sys
 import time
 
 import numpy as np
-import oracle
 import pytest
+from helpers import OracleStreams
 
 from streamgru.formats import load_state
 from streamgru.pipeline import parse_line
@@ -28,12 +28,7 @@ def jsonl(events):
 
 def oracle_outputs(model, events):
     """Float64 reference: every event stepped in input order, each key from a zero state."""
-    states, ys = {}, []
-    for k, x in events:
-        s = states.get(k, np.zeros((1, model.state_size)))
-        y, states[k] = oracle.step(model, s, np.array([x]))
-        ys.append(y[0])
-    return np.array(ys)
+    return OracleStreams(model).step([k for k, _ in events], [x for _, x in events])
 
 
 def parse_outputs(text):
@@ -147,6 +142,7 @@ def _wait_for_checkpoint(model, state, lines, timeout=30.0):
     raise AssertionError(f"no checkpoint covering {lines} lines within {timeout} s")
 
 
+@pytest.mark.slow
 def test_kill_9_sigterm_and_restart_continue_every_stream_from_the_checkpoint(model_file, tmp_path):
     model, path = model_file
     events = make_events(150, seed=5)
