@@ -91,3 +91,28 @@ def test_sequence_baseline_agrees_with_oracle_and_keeps_the_state():
     ref, state = oracle.run(model, xs[0])
     np.testing.assert_allclose(y1, ref, atol=1e-5, rtol=0)
     np.testing.assert_allclose(y2, oracle.run(model, xs[1], state)[0], atol=1e-5, rtol=0)
+
+
+def test_onnx_baseline_runs_every_gru_attribute():
+    """The ONNX peers run what the model says: hardsigmoid with its alpha/beta, clip and
+    linear_before_reset=0 (the bench's former exporter raised KeyError on hardsigmoid and
+    dropped alpha, beta and clip)."""
+    pytest.importorskip("onnxruntime")
+    from helpers import OracleStreams
+
+    from streamgru.bench import make_contender
+    from streamgru.model import DenseLayer, GRULayer, GRUModel
+
+    rng = np.random.default_rng(3)
+    H, I = 5, 3
+    gru = GRULayer(I, H, rng.uniform(-1, 1, (3 * H, I)), rng.uniform(-1, 1, (3 * H, H)),
+                   rng.uniform(-1, 1, 3 * H), rng.uniform(-1, 1, 3 * H), linear_before_reset=0,
+                   f=("hardsigmoid", 0.3, 0.4), g=("scaledtanh", 0.8, 1.2), clip=0.9)
+    model = GRUModel([gru, DenseLayer(H, 2, rng.uniform(-1, 1, (2, H)), activation="relu")])
+    for name in ("ort_run", "ort_iobinding"):
+        c, ref = make_contender(name, model, 1), OracleStreams(model)
+        for _ in range(3):
+            keys = np.array([0, 1, 0])
+            x = rng.normal(size=(3, I)).astype(np.float32)
+            np.testing.assert_allclose(c.step(keys, x), ref.step(keys.tolist(), x), atol=1e-5,
+                                       rtol=0, err_msg=name)
