@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-fast lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: $(VENV)/.dev-installed
 	NUMBA_DISABLE_JIT=1 $(BIN)/python -m pytest -q -m nojit -p no:cacheprovider
 	$(BIN)/python -m pytest -q benchmarks --benchmark-disable
 	$(BIN)/ruff check streamgru converters tests benchmarks
+
+# The inner loop: everything but the tests marked slow (make test runs them all).
+test-fast: $(VENV)/.dev-installed
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check streamgru converters tests benchmarks

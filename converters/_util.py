@@ -1,10 +1,46 @@
-"""Helpers shared by the converters: lazy imports of optional frameworks."""
+"""What the converters share: lazy framework imports, dtype handling, the layouts they map from.
+
+Each change of layout is written once here, with its reason, and every converter (and the
+exporters, which map the other way) calls it:
+
+* PyTorch stacks GRU gate blocks as (r, z, n); the canonical order is ONNX's (z, r, n):
+  :func:`swap_rz` swaps the first two blocks, and is its own inverse.
+* Keras (and RTNeural, which writes Keras's layout) stores ``kernel`` (I, 3H) and
+  ``recurrent_kernel`` (H, 3H) with gate blocks (z, r, h) along the columns, and Dense kernels
+  as (in, out): a transpose and no reordering (:func:`keras_gru_layer`, :func:`keras_dense_layer`).
+* ONNX's RNN activation names and onnxruntime's reading of ``activation_alpha``/``_beta``
+  (:data:`ONNX_RNN_ACTIVATIONS`).
+"""
 
 import importlib
+from collections.abc import Mapping
+
+import numpy as np
 
 from streamgru.errors import UnsupportedModelError
+from streamgru.model import DenseLayer, GRULayer
 
-__all__ = ["require", "target_dtype", "UnsupportedModelError"]
+__all__ = ["require", "target_dtype", "cast", "cast_layer", "check_keys", "swap_rz", "keras_gru_layer",
+           "keras_dense_layer", "ONNX_RNN_ACTIVATIONS", "UnsupportedModelError"]
+
+# Canonical name -> (ONNX RNN activation name, takes alpha, takes beta, onnxruntime's default
+# alpha, default beta) (onnxruntime's rnn_helpers.cc; its defaults for Affine, ScaledTanh and
+# ThresholdedRelu are 0, not the ONNX operators'). "identity" is no RNN activation in ONNX: the
+# exporter writes it as Affine(1, 0), which is the same function.
+ONNX_RNN_ACTIVATIONS = {
+    "relu": ("Relu", False, False, 0.0, 0.0),
+    "tanh": ("Tanh", False, False, 0.0, 0.0),
+    "sigmoid": ("Sigmoid", False, False, 0.0, 0.0),
+    "affine": ("Affine", True, True, 0.0, 0.0),
+    "leakyrelu": ("LeakyRelu", True, False, 0.01, 0.0),
+    "thresholdedrelu": ("ThresholdedRelu", True, False, 0.0, 0.0),
+    "scaledtanh": ("ScaledTanh", True, True, 0.0, 0.0),
+    "hardsigmoid": ("HardSigmoid", True, True, 0.2, 0.5),
+    "elu": ("Elu", True, False, 1.0, 0.0),
+    "softsign": ("Softsign", False, False, 0.0, 0.0),
+    "softplus": ("Softplus", False, False, 0.0, 0.0),
+    "identity": ("Affine", True, True, 0.0, 0.0),
+}
 
 
 def require(module: str, extra: str):
@@ -20,8 +56,6 @@ def require(module: str, extra: str):
 
 def target_dtype(dtype):
     """A converter's ``dtype=`` argument: None (keep the source's) or float32/float64."""
-    import numpy as np
-
     if dtype is None:
         return None
     try:
@@ -31,3 +65,62 @@ def target_dtype(dtype):
     if dt not in (np.float32, np.float64):
         raise ValueError(f"dtype: expected None, 'float32' or 'float64', got {dtype!r}")
     return dt
+
+
+def cast(arr, out_dtype):
+    """``arr`` as a C-contiguous array of ``out_dtype`` (None: keep its dtype)."""
+    return np.ascontiguousarray(arr, dtype=out_dtype)
+
+
+def cast_layer(layer, dtype):
+    """A copy of a GRULayer or DenseLayer with every tensor in ``dtype``."""
+    if isinstance(layer, GRULayer):
+        return GRULayer(layer.input_size, layer.hidden_size, layer.W.astype(dtype),
+                        layer.R.astype(dtype), layer.Wb.astype(dtype), layer.Rb.astype(dtype),
+                        linear_before_reset=layer.linear_before_reset, f=layer.f, g=layer.g,
+                        clip=layer.clip)
+    return DenseLayer(layer.in_features, layer.out_features, layer.W.astype(dtype),
+                      layer.b.astype(dtype), layer.activation)
+
+
+def check_keys(cfg, allowed, where, what="configuration keys"):
+    """Refuse a layer description holding keys this converter does not implement: a key it
+    skipped could change what the layer computes, so it is never ignored."""
+    if not isinstance(cfg, Mapping):
+        raise ValueError(f"{where}: expected a config dict, got {type(cfg).__name__}")
+    extra = sorted(set(cfg) - allowed)
+    if extra:
+        raise UnsupportedModelError(
+            f"{where}: {what} {extra} are not implemented by streamgru; refusing rather than "
+            f"ignoring them"
+        )
+
+
+def swap_rz(a):
+    """Swap the first two gate blocks along axis 0: PyTorch's (r, z, n) <-> canonical (z, r, n).
+
+    ``a``: (3*H, ...) weights or (3*H,) biases. Its own inverse, so the exporter uses it too.
+    """
+    H = a.shape[0] // 3
+    return np.concatenate([a[H:2 * H], a[:H], a[2 * H:]], axis=0)
+
+
+def keras_gru_layer(kernel, recurrent, Wb, Rb, *, linear_before_reset, f, g, out_dtype):
+    """A GRULayer from Keras-layout tensors: ``kernel`` (I, 3H), ``recurrent`` (H, 3H).
+
+    Keras's gate blocks (z, r, h) along the columns are our (3H, in) rows in the same order: a
+    transpose and nothing else. ``Wb``/``Rb`` (3H,) or None; Keras ``reset_after=True`` is
+    ``linear_before_reset=1`` with bias (2, 3H) = [Wb; Rb], ``reset_after=False`` is 0 with one
+    bias Wb (the caller splits the bias, whose shape errors name its own source).
+    """
+    I, H = kernel.shape[0], recurrent.shape[0]
+    return GRULayer(I, H, cast(kernel.T, out_dtype), cast(recurrent.T, out_dtype),
+                    None if Wb is None else cast(Wb, out_dtype),
+                    None if Rb is None else cast(Rb, out_dtype),
+                    linear_before_reset=linear_before_reset, f=f, g=g)
+
+
+def keras_dense_layer(kernel, b, activation, out_dtype):
+    """A DenseLayer from a Keras-layout ``kernel`` (in, out): ours is PyTorch's (out, in)."""
+    return DenseLayer(kernel.shape[0], kernel.shape[1], cast(kernel.T, out_dtype),
+                      None if b is None else cast(b, out_dtype), activation)

@@ -75,7 +75,7 @@ from streamgru.errors import FormatError, UnsupportedModelError
 from streamgru.formats import check_size, content_errors, read_file
 from streamgru.model import DenseLayer, GRULayer, GRUModel
 
-from ._util import require, target_dtype
+from ._util import check_keys, keras_dense_layer, keras_gru_layer, require, target_dtype
 
 __all__ = ["from_keras"]
 
@@ -557,7 +557,7 @@ def _convert_layer(entry, store, major, version, layers, out_dtype):
     elif cls == "Dense":
         layers.append(_dense(entry, cfg, store, major, version, out_dtype))
     elif cls == "TimeDistributed":
-        _check_keys(cfg, _TIME_DISTRIBUTED_KEYS, where)
+        check_keys(cfg, _TIME_DISTRIBUTED_KEYS, where)
         inner = cfg.get("layer")
         if not isinstance(inner, dict) or inner.get("class_name") != "Dense":
             got = inner.get("class_name") if isinstance(inner, dict) else inner
@@ -567,7 +567,7 @@ def _convert_layer(entry, store, major, version, layers, out_dtype):
         _refuse_custom(inner, where)
         layers.append(_dense(entry, inner.get("config") or {}, store, major, version, out_dtype))
     elif cls == "Activation":
-        _check_keys(cfg, _ACTIVATION_KEYS, where)
+        check_keys(cfg, _ACTIVATION_KEYS, where)
         if not layers:
             raise UnsupportedModelError(
                 f"{where}: expected an Activation after a GRU or Dense layer, got it first"
@@ -575,7 +575,7 @@ def _convert_layer(entry, store, major, version, layers, out_dtype):
         act = _activation(cfg.get("activation"), major, version, where, "activation", dense=True)
         append_activation(layers, act, out_dtype)
     elif cls in ("Dropout",):
-        _check_keys(cfg, _DROPOUT_KEYS, where)
+        check_keys(cfg, _DROPOUT_KEYS, where)
     elif cls == "Bidirectional":
         raise UnsupportedModelError(
             f"{where}: Bidirectional needs the whole sequence (its backward half reads it from "
@@ -605,7 +605,7 @@ def _convert_layer(entry, store, major, version, layers, out_dtype):
 
 def _gru(entry, store, major, version, out_dtype):
     cfg, where = entry["config"], _where(entry)
-    _check_keys(cfg, _GRU_KEYS, where)
+    check_keys(cfg, _GRU_KEYS, where)
     if cfg.get("go_backwards", False):
         raise UnsupportedModelError(
             f"{where}: go_backwards=True reads the sequence from its end; a stream is stepped "
@@ -631,7 +631,6 @@ def _gru(entry, store, major, version, out_dtype):
         raise ValueError(
             f"{where}: expected kernel of shape (input_size, {3 * H}), got {kernel.shape}"
         )
-    I = kernel.shape[0]
     if recurrent.shape != (H, 3 * H):
         raise ValueError(
             f"{where}: expected recurrent_kernel of shape {(H, 3 * H)}, got {recurrent.shape}"
@@ -657,18 +656,13 @@ def _gru(entry, store, major, version, out_dtype):
                 )
             Wb = bias
             Rb = np.zeros_like(bias)
-    # Keras kernels are (in, 3H) with gate blocks (z, r, h) along the columns: our (3H, in) rows
-    # in the same order, so a transpose and nothing else.
-    return GRULayer(
-        I, H, _cast(kernel.T, out_dtype), _cast(recurrent.T, out_dtype),
-        None if Wb is None else _cast(Wb, out_dtype), None if Rb is None else _cast(Rb, out_dtype),
-        linear_before_reset=1 if reset_after else 0, f=f, g=g,
-    )
+    return keras_gru_layer(kernel, recurrent, Wb, Rb, linear_before_reset=1 if reset_after else 0,
+                           f=f, g=g, out_dtype=out_dtype)
 
 
 def _dense(entry, cfg, store, major, version, out_dtype):
     where = _where(entry)
-    _check_keys(cfg, _DENSE_KEYS, where)
+    check_keys(cfg, _DENSE_KEYS, where)
     if cfg.get("quantization_config") is not None:
         raise UnsupportedModelError(
             f"{where}: a quantized Dense layer (quantization_config set); expected float weights"
@@ -689,9 +683,7 @@ def _dense(entry, cfg, store, major, version, out_dtype):
     b = w.get("bias")
     if b is not None and b.shape != (kernel.shape[1],):
         raise ValueError(f"{where}: expected bias of shape {(kernel.shape[1],)}, got {b.shape}")
-    # Keras Dense kernel is (in, out); ours is PyTorch's (out, in).
-    return DenseLayer(kernel.shape[0], kernel.shape[1], _cast(kernel.T, out_dtype),
-                      None if b is None else _cast(b, out_dtype), act)
+    return keras_dense_layer(kernel, b, act, out_dtype)
 
 
 def append_activation(layers, act, out_dtype=None):
@@ -758,17 +750,6 @@ def _activation(spec, major, version, where, key, dense=False):
 
 # --- small helpers -------------------------------------------------------------------------------
 
-def _check_keys(cfg, allowed, where):
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{where}: expected a config dict, got {type(cfg).__name__}")
-    extra = sorted(set(cfg) - allowed)
-    if extra:
-        raise UnsupportedModelError(
-            f"{where}: configuration keys {extra} are not implemented by streamgru; refusing "
-            f"rather than ignoring them"
-        )
-
-
 def _refuse_custom(raw, where):
     """Keras 3 configs name a built-in's module ("keras.layers"); custom classes name their own."""
     module = raw.get("module")
@@ -803,7 +784,3 @@ def _text(value):
 
 
 
-
-def _cast(arr, out_dtype):
-    arr = np.asarray(arr)
-    return arr.astype(out_dtype) if out_dtype is not None else arr

@@ -50,9 +50,9 @@ import numpy as np
 
 from streamgru.errors import UnsupportedModelError
 from streamgru.formats import content_errors, read_json
-from streamgru.model import DenseLayer, GRULayer, GRUModel
+from streamgru.model import GRULayer, GRUModel
 
-from ._util import target_dtype
+from ._util import check_keys, keras_dense_layer, keras_gru_layer, target_dtype
 from .from_keras import append_activation
 
 __all__ = ["from_rtneural", "is_rtneural_json"]
@@ -169,7 +169,6 @@ def _convert(doc, out_dtype):
     for i, spec in enumerate(doc["layers"]):
         kind = spec["type"]
         where = f"layers[{i}] ({kind!r})"
-        extra = sorted(set(spec) - _LAYER_KEYS)
         if kind in _REFUSED:
             raise UnsupportedModelError(f"{where}: unsupported layer type: {_REFUSED[kind]}")
         if kind not in ("gru", "dense", "time-distributed-dense", "activation"):
@@ -177,11 +176,7 @@ def _convert(doc, out_dtype):
                 f"{where}: unknown layer type; expected gru, dense, time-distributed-dense or "
                 f"activation"
             )
-        if extra:
-            raise UnsupportedModelError(
-                f"{where}: keys {extra} are not implemented by streamgru; refusing rather than "
-                f"ignoring them"
-            )
+        check_keys(spec, _LAYER_KEYS, where, what="keys")
         out = _size(spec.get("shape"), f"{where} shape")
         act_name = spec.get("activation")  # None: absent (RTNeural's loader allows that too)
         if act_name is not None and not isinstance(act_name, str):
@@ -241,10 +236,8 @@ def _gru(weights, act_name, I, H, where, out_dtype):
             f"{where} bias (weights[2]): expected shape {(2, 3 * H)} or {(3 * H,)}, "
             f"got {bias.shape}"
         )
-    # Keras layout (in, 3H) with gate blocks (z, r, h) -> our (3H, in) rows: transpose only.
-    return GRULayer(I, H, _cast(kernel.T, out_dtype), _cast(recurrent.T, out_dtype),
-                    _cast(Wb, out_dtype), _cast(Rb, out_dtype), linear_before_reset=lbr,
-                    f="sigmoid", g="tanh")
+    return keras_gru_layer(kernel, recurrent, Wb, Rb, linear_before_reset=lbr, f="sigmoid",
+                           g="tanh", out_dtype=out_dtype)
 
 
 def _dense(weights, act_name, n_in, n_out, where, out_dtype):
@@ -254,9 +247,8 @@ def _dense(weights, act_name, n_in, n_out, where, out_dtype):
     kernel = _array(weights[0], (n_in, n_out), f"{where} kernel (weights[0])")
     b = None
     if len(weights) == 2:
-        b = _cast(_array(weights[1], (n_out,), f"{where} bias (weights[1])"), out_dtype)
-    # Keras/RTNeural kernel (in, out) -> our (out, in).
-    return DenseLayer(n_in, n_out, _cast(kernel.T, out_dtype), b, act)
+        b = _array(weights[1], (n_out,), f"{where} bias (weights[1])")
+    return keras_dense_layer(kernel, b, act, out_dtype)
 
 
 def _activation(name, where):
@@ -289,6 +281,3 @@ def _array(value, shape, what):
         raise ValueError(f"{what}: expected shape {tuple(shape)}, got {arr.shape}")
     return arr
 
-
-def _cast(arr, out_dtype):
-    return np.ascontiguousarray(arr, dtype=out_dtype)

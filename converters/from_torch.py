@@ -59,9 +59,10 @@ from streamgru.errors import FormatError, UnsupportedModelError
 from streamgru.formats import check_size, content_errors, read_file, read_json
 from streamgru.model import DenseLayer, GRULayer, GRUModel
 
-from ._util import require, target_dtype
+from ._util import require, swap_rz, target_dtype
 
-__all__ = ["from_torch"]
+# ordered_units is the hook converters.verify rebuilds its torch reference from.
+__all__ = ["from_torch", "ordered_units"]
 
 # prefix (optional, dotted) + GRU tensor name + optional _l{k} + optional _reverse.
 _RNN_KEY = re.compile(
@@ -131,8 +132,8 @@ def from_torch(obj, *, layers=None, dtype=None) -> GRUModel:
     if isinstance(obj, (str, os.PathLike)):
         _layers_arg(layers)  # an argument error, before the file's contents are judged
         with content_errors(obj):
-            return _build(_ordered_units(obj, layers), target)
-    return _build(_ordered_units(obj, layers), target)
+            return _build(ordered_units(obj, layers), target)
+    return _build(ordered_units(obj, layers), target)
 
 
 def _layers_arg(layers):
@@ -142,8 +143,12 @@ def _layers_arg(layers):
     return None if layers is None else list(layers)
 
 
-def _ordered_units(obj, layers):
-    """The source's GRU/GRUCell/Linear units in execution order (shared with converters.verify)."""
+def ordered_units(obj, layers):
+    """The source's GRU/GRUCell/Linear units in execution order, as :func:`from_torch` reads them.
+
+    Public for :func:`converters.verify`, which rebuilds its torch reference from exactly the
+    units (and the order) the conversion used. ``obj`` and ``layers`` are from_torch's.
+    """
     keyed = True
     layers = _layers_arg(layers)
 
@@ -840,7 +845,7 @@ def _build(units, target):
                 tensors["Wb"], tensors["Rb"] = layer["bias_ih"], layer["bias_hh"]
             arrs = _finite(tensors, target)
             # PyTorch stacks the gates as (r, z, n); the canonical order is (z, r, n).
-            arrs = {k: _swap_rz(a) for k, a in arrs.items()}
+            arrs = {k: swap_rz(a) for k, a in arrs.items()}
             H = tensors["R"][1].shape[1]
             I = tensors["W"][1].shape[1]
             out.append(_construct(
@@ -848,11 +853,6 @@ def _build(units, target):
                                                      a.get("Rb"), linear_before_reset=1),
                 tensors))
     return GRUModel(out, source="pytorch")
-
-
-def _swap_rz(a):
-    H = a.shape[0] // 3
-    return np.concatenate([a[H:2 * H], a[:H], a[2 * H:]], axis=0)
 
 
 def _finite(tensors, target):

@@ -262,9 +262,9 @@ def _kind(source):
         if ext in (".pt", ".pth"):
             return "torch-state"
         if ext == ".safetensors":
-            from streamgru.formats import _is_native
+            from streamgru.formats import is_native
 
-            return "native" if _is_native(path) else "torch-state"
+            return "native" if is_native(path) else "torch-state"
         if ext == ".sgru":
             return "native"
         if ext in (".keras", ".h5"):
@@ -446,14 +446,14 @@ def _onnx(run, source):
     ort = require("onnxruntime", "onnx")
     from onnx import helper
 
-    from .from_onnx import _io_signature, _load_external, read_onnx
+    from .from_onnx import io_signature, load_external, read_onnx
 
     if isinstance(source, onnx.ModelProto):
         proto = source
     else:
         proto = read_onnx(source, "source")
-        _load_external(proto, os.path.dirname(os.path.abspath(os.fspath(source))))
-    sig = _io_signature(proto)
+        load_external(proto, os.path.dirname(os.path.abspath(os.fspath(source))))
+    sig = io_signature(proto)
     res = _Result(f"onnxruntime {ort.__version__} running the ONNX graph over the whole sequence "
                   f"(float32)", True, "float32", "not run")
     res.notes.extend(sig["notes"])
@@ -605,9 +605,9 @@ def _torch_module(run, module, options):
             ref = np.stack(outs, axis=1)
         res.compare(run.engine(run.states), run.pick(ref))
         return res
-    from .from_torch import _ordered_units
+    from .from_torch import ordered_units
 
-    units = _ordered_units(module, options.get("layers"))
+    units = ordered_units(module, options.get("layers"))
     res = _stack(run, units, torch, module=module,
                  label=f"torch {torch.__version__} GRU/Linear stack rebuilt from the module's "
                        f"state_dict in the converter's order, with the Sequential's activation "
@@ -619,9 +619,9 @@ def _torch_module(run, module, options):
 
 def _torch_state(run, source, options):
     torch = require("torch", "torch")
-    from .from_torch import _ordered_units
+    from .from_torch import ordered_units
 
-    units = _ordered_units(source, options.get("layers"))
+    units = ordered_units(source, options.get("layers"))
     return _stack(run, units, torch, module=None,
                   label=f"torch {torch.__version__} GRU/Linear stack rebuilt from the state_dict "
                         f"in the converter's order ({run.dtype}); a state_dict records no "

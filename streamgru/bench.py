@@ -3,9 +3,11 @@
 Every contender is driven the way a user must drive it. streamgru keeps each stream's state inside
 the engine; for onnxruntime and PyTorch the caller keeps a state store (a key -> slot dict and a
 ``(capacity, state_size)`` array), gathers the states of this batch's streams, runs, and scatters
-the new states back. All contenders run the same weights: the torch modules and the ONNX graph are
-built from one :class:`~streamgru.GRUModel` and read back through :mod:`converters` (which must
-return the very same weights) before anything is timed.
+the new states back. All contenders run the same weights: the torch module and the ONNX graph are
+the public exports of one :class:`~streamgru.GRUModel` (``converters.to_torch``,
+``converters.to_onnx``: one step for a batch, ``(x, state) -> (y, state_out)``, each GRU layer an
+``nn.GRUCell`` or a sequence-length-1 ONNX ``GRU`` node, as a user would run them), read back
+through :mod:`converters` (which must return the very same weights) before anything is timed.
 
 The contenders (``name``: what one timed call does):
 
@@ -233,7 +235,6 @@ class _Baseline:
         self.model = model
         self.threads = threads
         self.store = UserStore(model.state_size, 1)
-        self.h_slices = [slice(s.start, s.stop) for s in model.state_slices]
 
     def open(self, keys):
         self.store.slots(np.asarray(keys))
@@ -250,10 +251,8 @@ class _Baseline:
 
     def _step_rows(self, slots, x):
         states = self.store.states
-        hs = [states[slots, s] for s in self.h_slices]  # fancy indexing: gathered copies
-        y, new = self._forward(x, hs)
-        for s, h in zip(self.h_slices, new):
-            states[slots, s] = h
+        y, new = self._forward(x, states[slots])  # fancy indexing: a gathered copy
+        states[slots] = new
         return y
 
     def run(self, key, xs):
@@ -262,62 +261,6 @@ class _Baseline:
         for t in range(len(xs)):
             ys[t] = self.step(keys, xs[t:t + 1])[0]
         return ys
-
-
-def onnx_graph(model, seq=False):
-    """An ONNX model of ``model`` built with onnx.helper: inputs ``x`` (T=1 or T, n, I) and
-    ``h{l}`` (1, n, H) per GRU layer; outputs ``y`` and ``h{l}_out``."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    nodes, inits, inputs, outputs = [], [], [], []
-    T = "T" if seq else 1
-    inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, [T, "n", model.input_size]))
-    cur, gi = "x", 0
-    acts = {"relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid", "softmax": "Softmax"}
-    for li, layer in enumerate(model.layers):
-        if layer.kind == "gru":
-            H = layer.hidden_size
-            W = numpy_helper.from_array(layer.W[None].astype(np.float32), f"W{li}")
-            R = numpy_helper.from_array(layer.R[None].astype(np.float32), f"R{li}")
-            B = numpy_helper.from_array(np.concatenate([layer.Wb, layer.Rb])[None].astype(np.float32),
-                                        f"B{li}")
-            inits += [W, R, B]
-            inputs.append(helper.make_tensor_value_info(f"h{gi}", TensorProto.FLOAT, [1, "n", H]))
-            outputs.append(helper.make_tensor_value_info(f"h{gi}_out", TensorProto.FLOAT,
-                                                         [1, "n", H]))
-            names = [f"Y{li}", f"h{gi}_out"]
-            f, g = layer.f[0], layer.g[0]
-            nodes.append(helper.make_node(
-                "GRU", [cur, f"W{li}", f"R{li}", f"B{li}", "", f"h{gi}"], names, hidden_size=H,
-                linear_before_reset=layer.linear_before_reset,
-                activations=[acts[f], acts[g]]))
-            # Y: (T, 1, n, H) -> (T, n, H)
-            nodes.append(helper.make_node("Squeeze", [f"Y{li}", "ax1"], [f"Ys{li}"]))
-            cur = f"Ys{li}"
-            gi += 1
-        else:
-            inits.append(numpy_helper.from_array(np.ascontiguousarray(layer.W.T, np.float32), f"D{li}"))
-            inits.append(numpy_helper.from_array(layer.b.astype(np.float32), f"b{li}"))
-            nodes.append(helper.make_node("MatMul", [cur, f"D{li}"], [f"m{li}"]))
-            nodes.append(helper.make_node("Add", [f"m{li}", f"b{li}"], [f"a{li}"]))
-            name = layer.activation[0]
-            if name == "identity":
-                nodes.append(helper.make_node("Identity", [f"a{li}"], [f"o{li}"]))
-            elif name == "softmax":
-                nodes.append(helper.make_node("Softmax", [f"a{li}"], [f"o{li}"], axis=-1))
-            else:
-                nodes.append(helper.make_node(acts[name], [f"a{li}"], [f"o{li}"]))
-            cur = f"o{li}"
-    inits.append(numpy_helper.from_array(np.array([1], np.int64), "ax1"))
-    nodes.append(helper.make_node("Identity", [cur], ["y"]))
-    outputs.insert(0, helper.make_tensor_value_info("y", TensorProto.FLOAT,
-                                                    [T, "n", model.output_size]))
-    graph = helper.make_graph(nodes, "streamgru_bench", inputs, outputs, inits)
-    # onnxruntime 1.31 refuses IR versions above 10.
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
-    onnx.checker.check_model(m)
-    return m
 
 
 def _check_same_weights(model, other, who):
@@ -339,11 +282,11 @@ class OrtContender(_Baseline):
     def __init__(self, model, threads, iobinding=False):
         import onnxruntime as ort
 
-        from converters import from_onnx
+        from converters import from_onnx, to_onnx
 
         super().__init__(model, threads)
         self.name = "ort_iobinding" if iobinding else "ort_run"
-        onnx_model = onnx_graph(model)
+        onnx_model = to_onnx(model)  # one step for a batch: (x, state) -> (y, state_out)
         _check_same_weights(model, from_onnx(onnx_model), "onnx")
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
@@ -353,25 +296,11 @@ class OrtContender(_Baseline):
         self.sess = ort.InferenceSession(onnx_model.SerializeToString(), so,
                                          providers=["CPUExecutionProvider"])
         self.iobinding = iobinding
-        self.n_gru = len(self.h_slices)
-        self.out_names = ["y"] + [f"h{g}_out" for g in range(self.n_gru)]
         self._bound = {}
         self.ort_version = ort.__version__
 
-    def _forward(self, x, hs):
-        n = x.shape[0]
-        if not self.iobinding:
-            feeds = {"x": x[None]}
-            for g, h in enumerate(hs):
-                feeds[f"h{g}"] = h[None]
-            res = self.sess.run(self.out_names, feeds)
-            return res[0][0], [r[0] for r in res[1:]]
-        io, bufs = self._binding(n)
-        bufs["x"][0] = x
-        for g, h in enumerate(hs):
-            bufs[f"h{g}"][0] = h
-        self.sess.run_with_iobinding(io)
-        return bufs["y"][0], [bufs[f"h{g}_out"][0] for g in range(self.n_gru)]
+    def _forward(self, x, state):
+        return self.sess.run(["y", "state_out"], {"x": x, "state": state})
 
     def _step_rows(self, slots, x):
         if not self.iobinding:
@@ -379,26 +308,23 @@ class OrtContender(_Baseline):
         # The savvy user: gather straight into the bound input buffers, scatter from the outputs.
         io, bufs = self._binding(len(slots))
         states = self.store.states
-        bufs["x"][0] = x
-        for g, s in enumerate(self.h_slices):
-            np.take(states[:, s], slots, axis=0, out=bufs[f"h{g}"][0])
+        bufs["x"][:] = x
+        np.take(states, slots, axis=0, out=bufs["state"])
         self.sess.run_with_iobinding(io)
-        for g, s in enumerate(self.h_slices):
-            states[slots, s] = bufs[f"h{g}_out"][0]
-        return bufs["y"][0].copy()
+        states[slots] = bufs["state_out"]
+        return bufs["y"].copy()
 
     def _binding(self, n):
         got = self._bound.get(n)
         if got is not None:
             return got
         io = self.sess.io_binding()
-        bufs = {"x": np.zeros((1, n, self.model.input_size), np.float32)}
-        for g, s in enumerate(self.h_slices):
-            bufs[f"h{g}"] = np.zeros((1, n, s.stop - s.start), np.float32)
-            bufs[f"h{g}_out"] = np.zeros((1, n, s.stop - s.start), np.float32)
-        bufs["y"] = np.zeros((1, n, self.model.output_size), np.float32)
+        S = self.model.state_size
+        bufs = {"x": np.zeros((n, self.model.input_size), np.float32),
+                "state": np.zeros((n, S), np.float32), "state_out": np.zeros((n, S), np.float32),
+                "y": np.zeros((n, self.model.output_size), np.float32)}
         for name, arr in bufs.items():
-            if name.endswith("_out") or name == "y":
+            if name in ("y", "state_out"):
                 io.bind_output(name, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
             else:
                 io.bind_input(name, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
@@ -418,93 +344,58 @@ class OrtSequence:
     def __init__(self, model, threads):
         import onnxruntime as ort
 
+        from converters import to_onnx
+
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         self.threads = threads
-        self.sess = ort.InferenceSession(onnx_graph(model, seq=True).SerializeToString(), so,
+        # x (time, batch, input_size): the whole sequence in one call
+        self.sess = ort.InferenceSession(to_onnx(model, sequence=True).SerializeToString(), so,
                                          providers=["CPUExecutionProvider"])
-        self.state = np.zeros(model.state_size, np.float32)
-        self.h_slices = [slice(s.start, s.stop) for s in model.state_slices]
-        self.out_names = ["y"] + [f"h{g}_out" for g in range(len(self.h_slices))]
+        self.state = np.zeros((1, model.state_size), np.float32)
 
     def open(self, keys):
         pass
 
     def run(self, key, xs):
-        feeds = {"x": xs[:, None, :]}
-        for g, s in enumerate(self.h_slices):
-            feeds[f"h{g}"] = self.state[s][None, None]
-        res = self.sess.run(self.out_names, feeds)
-        for s, h in zip(self.h_slices, res[1:]):
-            self.state[s] = h[0, 0]
-        return res[0][:, 0]
+        y, self.state = self.sess.run(["y", "state_out"], {"x": xs[:, None, :], "state": self.state})
+        return y[:, 0]
 
     def info(self):
         return {"threads": self.threads, "intra_op_num_threads": self.threads}
 
 
 class TorchContender(_Baseline):
-    """PyTorch: ``nn.GRUCell`` per GRU layer, ``nn.Linear`` + activation per Dense layer."""
+    """PyTorch: ``converters.to_torch`` (``nn.GRUCell`` per GRU layer, ``nn.Linear`` + activation
+    per Dense layer) under ``torch.inference_mode``."""
 
     name = "torch"
 
     def __init__(self, model, threads):
         import torch
 
-        from converters import from_torch
+        from converters import from_torch, to_torch
 
         super().__init__(model, threads)
+        for layer in model.gru_layers:
+            if layer.linear_before_reset != 1 or layer.f[0] != "sigmoid" or layer.g[0] != "tanh" \
+                    or layer.clip is not None:
+                raise ValueError("torch: expected a GRU layer torch can run (sigmoid/tanh, "
+                                 "linear_before_reset=1, no clip)")
         torch.set_num_threads(threads)
         self.torch = torch
-        mods, acts = [], []
-        for layer in model.layers:
-            if layer.kind == "gru":
-                if layer.linear_before_reset != 1 or layer.f[0] != "sigmoid" or layer.g[0] != "tanh" \
-                        or layer.clip is not None:
-                    raise ValueError("torch: expected a GRU layer torch can run (sigmoid/tanh, "
-                                     "linear_before_reset=1, no clip)")
-                cell = torch.nn.GRUCell(layer.input_size, layer.hidden_size)
-                H = layer.hidden_size
-
-                def rzn(a, H=H):  # ours (z, r, n) -> torch's (r, z, n)
-                    return torch.tensor(np.concatenate([a[H:2 * H], a[:H], a[2 * H:]]),
-                                        dtype=torch.float32)
-                with torch.no_grad():
-                    cell.weight_ih.copy_(rzn(layer.W))
-                    cell.weight_hh.copy_(rzn(layer.R))
-                    cell.bias_ih.copy_(rzn(layer.Wb))
-                    cell.bias_hh.copy_(rzn(layer.Rb))
-                mods.append(cell)
-                acts.append(None)
-            else:
-                lin = torch.nn.Linear(layer.input_size, layer.output_size)
-                with torch.no_grad():
-                    lin.weight.copy_(torch.tensor(layer.W, dtype=torch.float32))
-                    lin.bias.copy_(torch.tensor(layer.b, dtype=torch.float32))
-                mods.append(lin)
-                acts.append(layer.activation[0])
-        self.mods, self.acts = mods, acts
-        _check_same_weights(model, from_torch(torch.nn.Sequential(*mods)), "torch")
-        fns = {"identity": lambda v: v, "relu": torch.relu, "tanh": torch.tanh,
-               "sigmoid": torch.sigmoid, "softmax": lambda v: torch.softmax(v, -1)}
-        self.fns = [fns[a] if a is not None else None for a in acts]
+        self.net = to_torch(model)
+        # Read the cells and linears back with the importer: the same weights as the engine's.
+        native = [m for m in self.net.modules() if isinstance(m, (torch.nn.GRUCell, torch.nn.Linear))]
+        _check_same_weights(model, from_torch(torch.nn.Sequential(*native)), "torch")
         self.torch_version = torch.__version__
 
-    def _forward(self, x, hs):
+    def _forward(self, x, state):
         torch = self.torch
-        new = []
         with torch.inference_mode():
-            v = torch.from_numpy(x)
-            gi = 0
-            for mod, fn in zip(self.mods, self.fns):
-                if fn is None:
-                    v = mod(v, torch.from_numpy(hs[gi]))
-                    new.append(v.numpy())
-                    gi += 1
-                else:
-                    v = fn(mod(v))
-            return v.numpy(), new
+            y, new = self.net(torch.from_numpy(x), torch.from_numpy(state))
+            return y.numpy(), new.numpy()
 
     def info(self):
         return {"threads": self.threads, "torch_num_threads": self.threads,

@@ -46,8 +46,7 @@ from .isa import TILE
 from .model import GRUModel
 
 __all__ = ["DATA_DIR", "DEFAULT_MODEL", "DefaultData", "DemoResult", "drop_readings",
-           "load_default", "make_workload", "missing_accuracy", "replay_with_missing", "run_demo",
-           "to_onnx"]
+           "load_default", "make_workload", "missing_accuracy", "replay_with_missing", "run_demo"]
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_MODEL = DATA_DIR / "basic_motions_gru.sgru"
@@ -195,6 +194,8 @@ def _run_engine(model, w, batch, threads, seconds, progress):
 def _run_ort(model, w, batch, threads, seconds, progress):
     import onnxruntime as ort
 
+    from converters import to_onnx
+
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or 0  # 0: onnxruntime's default (one per core)
     so.inter_op_num_threads = 1
@@ -244,20 +245,18 @@ def _drive(name, threads, w, batch, seconds, progress, step, n_out):
 
 
 class _UserStateStore:
-    """What a user writes around onnxruntime: key -> slot dict, one (capacity, H) array per GRU
-    layer, gather before and scatter after every call."""
+    """What a user writes around onnxruntime: key -> slot dict, one (capacity, state_size) array,
+    gather before and scatter after every call of ``converters.to_onnx``'s graph."""
 
     def __init__(self, model, capacity):
-        self.hidden = [layer.hidden_size for layer in model.gru_layers]
         self.n_out = model.output_size
         self.capacity = capacity
-        self.h = [np.zeros((capacity, H), np.float32) for H in self.hidden]
+        self.states = np.zeros((capacity, model.state_size), np.float32)
         self.slot_of = {}
 
     def clear(self):
         self.slot_of.clear()
-        for h in self.h:
-            h[:] = 0
+        self.states[:] = 0
 
     def _slots(self, keys):
         slot_of = self.slot_of
@@ -265,8 +264,8 @@ class _UserStateStore:
                             np.int64, keys.size)
         if len(slot_of) > self.capacity:
             cap = max(len(slot_of), 2 * self.capacity)
-            self.h = [np.concatenate([h, np.zeros((cap - self.capacity, h.shape[1]), h.dtype)])
-                      for h in self.h]
+            self.states = np.concatenate([self.states, np.zeros((cap - self.capacity,
+                                                                 self.states.shape[1]), np.float32)])
             self.capacity = cap
         return slots
 
@@ -286,13 +285,8 @@ class _UserStateStore:
         return out
 
     def _run(self, sess, slots, x):
-        feed = {"x": x[None]}
-        for i, h in enumerate(self.h):
-            feed[f"h{i}"] = h[slots][None]  # gather
-        res = sess.run(None, feed)
-        for i, h in enumerate(self.h):
-            h[slots] = res[1 + i][0]  # scatter
-        return res[0][0]
+        y, self.states[slots] = sess.run(["y", "state_out"], {"x": x, "state": self.states[slots]})
+        return y  # the states of this call gathered, then scattered back
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,85 +379,6 @@ def replay_with_missing(model, x, policy, rate=0.1, seed=0, batch=256, threads=N
     engine = Engine(model, threads=threads, missing=policy)
     c = _drive(policy, "", w, batch, float("inf"), False, engine.step, model.output_size)
     return c.final
-
-
-# ----------------------------------------------------------------------------------------------
-# the ONNX graph of a GRUModel (for the onnxruntime contender)
-
-_ONNX_ACT = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu", "hardsigmoid": "HardSigmoid",
-             "leakyrelu": "LeakyRelu", "affine": "Affine", "thresholdedrelu": "ThresholdedRelu",
-             "scaledtanh": "ScaledTanh", "elu": "Elu", "softsign": "Softsign",
-             "softplus": "Softplus"}
-_DENSE_OPS = {"identity": None, "relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid",
-              "softmax": "Softmax"}
-
-
-def to_onnx(model):
-    """One time step of ``model`` as an ONNX graph, float32, for onnxruntime.
-
-    Inputs ``x`` (1, n, input_size) and ``h{i}`` (1, n, hidden_size) per GRU layer; outputs
-    ``y`` (1, n, output_size) and ``h{i}_out``. GRU layers become ONNX ``GRU`` nodes (the
-    canonical layout is ONNX's), Dense layers ``MatMul`` + ``Add`` + activation.
-
-    Examples
-    --------
-    >>> from streamgru import GRUModel
-    >>> from streamgru.demo import to_onnx
-    >>> g = to_onnx(GRUModel.random(3, [8], dense_after=[(2, "softmax")])).graph
-    >>> [n.op_type for n in g.node], [i.name for i in g.input]
-    (['GRU', 'MatMul', 'Add', 'Softmax', 'Identity'], ['x', 'h0'])
-    """
-    from onnx import TensorProto, helper, numpy_helper
-
-    if not isinstance(model, GRUModel):
-        raise TypeError(f"model: expected a GRUModel, got {type(model).__name__}")
-    f32 = np.float32
-    nodes, inits, inputs, outputs = [], [], [], []
-    inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "n", model.input_size]))
-    cur, g = "x", 0
-    for i, layer in enumerate(model.layers):
-        if layer.kind == "gru":
-            H = layer.hidden_size
-            inits += [numpy_helper.from_array(layer.W.astype(f32)[None], f"W{i}"),
-                      numpy_helper.from_array(layer.R.astype(f32)[None], f"R{i}"),
-                      numpy_helper.from_array(np.concatenate([layer.Wb, layer.Rb]).astype(f32)[None],
-                                              f"B{i}")]
-            inputs.append(helper.make_tensor_value_info(f"h{g}", TensorProto.FLOAT, [1, "n", H]))
-            attrs = {"hidden_size": H, "linear_before_reset": int(layer.linear_before_reset)}
-            acts = [layer.f, layer.g]
-            if acts != [("sigmoid", 0.0, 0.0), ("tanh", 0.0, 0.0)]:
-                attrs["activations"] = [_ONNX_ACT[a[0]] for a in acts]
-                attrs["activation_alpha"] = [a[1] for a in acts]
-                attrs["activation_beta"] = [a[2] for a in acts]
-            if layer.clip is not None:
-                attrs["clip"] = float(layer.clip)
-            # Y_h (1, n, H) is both the next layer's input (one step) and the new state.
-            nodes.append(helper.make_node("GRU", [cur, f"W{i}", f"R{i}", f"B{i}", "", f"h{g}"],
-                                          ["", f"h{g}_out"], name=f"gru{i}", **attrs))
-            outputs.append(helper.make_tensor_value_info(f"h{g}_out", TensorProto.FLOAT,
-                                                         [1, "n", H]))
-            cur, g = f"h{g}_out", g + 1
-        else:
-            act = layer.activation[0]
-            if act not in _DENSE_OPS:
-                raise ValueError(f"model.layers[{i}]: expected a Dense activation in "
-                                 f"{sorted(_DENSE_OPS)} for the ONNX export, got {act!r}")
-            inits += [numpy_helper.from_array(np.ascontiguousarray(layer.W.T.astype(f32)), f"Wd{i}"),
-                      numpy_helper.from_array(layer.b.astype(f32), f"bd{i}")]
-            nodes += [helper.make_node("MatMul", [cur, f"Wd{i}"], [f"mm{i}"]),
-                      helper.make_node("Add", [f"mm{i}", f"bd{i}"], [f"dense{i}"])]
-            cur = f"dense{i}"
-            op = _DENSE_OPS[act]
-            if op is not None:
-                kw = {"axis": -1} if op == "Softmax" else {}
-                nodes.append(helper.make_node(op, [cur], [f"act{i}"], **kw))
-                cur = f"act{i}"
-    nodes.append(helper.make_node("Identity", [cur], ["y"]))
-    outputs.insert(0, helper.make_tensor_value_info("y", TensorProto.FLOAT,
-                                                    [1, "n", model.output_size]))
-    graph = helper.make_graph(nodes, "streamgru_step", inputs, outputs, inits)
-    # ir_version 10: what onnxruntime 1.17 .. 1.31 read.
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
 
 
 # ----------------------------------------------------------------------------------------------

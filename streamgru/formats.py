@@ -50,7 +50,7 @@ from .model import DenseLayer, GRULayer, GRUModel
 
 __all__ = ["save_model", "load_model", "model_to_bytes", "model_from_bytes", "save_state", "load_state",
            "load", "write_atomic", "read_file", "read_json", "check_size", "content_errors",
-           "MAX_READ_BYTES", "MAX_STATE_BYTES"]
+           "is_native", "MAX_READ_BYTES", "MAX_STATE_BYTES"]
 
 FORMAT_VERSION = "1"
 MODEL_FORMAT = "streamgru-model"
@@ -593,7 +593,8 @@ _FOREIGN = {
 }
 
 
-def _is_native(path):
+def is_native(path):
+    """True when ``path`` is a native model file (a ``.safetensors`` may be one or a state_dict)."""
     try:
         (hlen,) = struct.unpack("<Q", read_file(path, offset=0, length=8))
         if hlen > MAX_HEADER_BYTES:
@@ -639,7 +640,7 @@ def load(path, **kwargs) -> GRUModel:
     if not p.exists():
         raise FileNotFoundError(f"path: expected an existing file, got {str(p)!r}")
     ext = p.suffix.lower()
-    if ext == ".sgru" or (ext == ".safetensors" and _is_native(p)):
+    if ext == ".sgru" or (ext == ".safetensors" and is_native(p)):
         if kwargs:
             raise TypeError(f"load: a native model takes no options, got {sorted(kwargs)}")
         return load_model(p)

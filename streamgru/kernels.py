@@ -53,7 +53,7 @@ import math
 import numpy as np
 from llvmlite import ir
 from numba import config, njit, prange, types
-from numba.core import cgutils
+from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
 from .activations import FASTMATH
@@ -97,6 +97,21 @@ def panel_width(dtype):
 
 # ----------------------------------------------------------------------------------------------
 # the product micro-kernel
+
+
+def _check_array(who, name, ty, ndim, dtype=None):
+    """At typing time: refuse an argument an intrinsic's codegen cannot read.
+
+    The intrinsics address elements as ``data + i * shape[1] + j`` (2-D) or ``data + i`` (1-D),
+    which is right only for a C-contiguous array of that many dimensions; anything else would
+    read the wrong memory silently, so it is a TypingError naming the intrinsic and argument.
+    """
+    if not isinstance(ty, types.Array) or ty.ndim != ndim or ty.layout != "C" \
+            or (dtype is not None and ty.dtype != dtype):
+        want = f"{dtype} " if dtype is not None else ""
+        raise errors.TypingError(
+            f"{who}: {name}: expected a C-contiguous {ndim}-D {want}array (rows are addressed "
+            f"with shape[1] as the stride), got {ty}")
 
 
 def _make_tile(MR, KU, gather, NP=1, fused=True, resume=False):
@@ -222,13 +237,22 @@ def _make_tile(MR, KU, gather, NP=1, fused=True, resume=False):
                                                        vptr), align=4)
         return context.get_dummy_value()
 
+    def check(A, R, P, C):
+        _check_array("tile", "A", A, 2)
+        if R is not None:
+            _check_array("tile", "rows", R, 1, types.int64)
+        _check_array("tile", "params", P, 1, A.dtype)  # one vector type for A, params and C
+        _check_array("tile", "C", C, 2, A.dtype)
+
     if gather:
         @intrinsic
         def tile(typingctx, A, R, ai, ak, K, P, woff, boff, C, ci, cj):
+            check(A, R, P, C)
             return types.void(A, R, ai, ak, K, P, woff, boff, C, ci, cj), codegen
     else:
         @intrinsic
         def tile(typingctx, A, ai, ak, K, P, woff, boff, C, ci, cj):
+            check(A, None, P, C)
             return types.void(A, ai, ak, K, P, woff, boff, C, ci, cj), codegen
     return tile
 
@@ -535,6 +559,7 @@ def _prefetch_w(typingctx, A, i, j):
     """Hint the CPU to fetch the cache line of A[i, j] (2-D C array) into L2 with write intent
     (state rows are read, then written; the inputs fetched this way are only read, which costs
     nothing extra for lines no other core writes). L2 keeps L1 for the weight panel."""
+    _check_array("_prefetch_w", "A", A, 2)
     sig = types.void(A, i, j)
 
     def codegen(context, builder, signature, args):
@@ -550,6 +575,7 @@ def _prefetch_w(typingctx, A, i, j):
 @intrinsic
 def _prefetch_r(typingctx, A, i):
     """Hint the CPU to fetch the cache line of A[i] (1-D array) into L1 for reading."""
+    _check_array("_prefetch_r", "A", A, 1)
     sig = types.void(A, i)
 
     def codegen(context, builder, signature, args):

@@ -16,6 +16,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("matplotlib")
 
 
+@pytest.mark.slow
 def test_bench_quick_writes_table_json_and_plot(tmp_path):
     out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
     cmd = [sys.executable, "-m", "streamgru.cli", "bench", "--quick", "--threads", "1",
@@ -73,3 +74,45 @@ def test_bench_rejects_a_bad_only_pattern(capsys):
 
     assert main(["bench", "--only", "n=(1", "--no-sgemm", "--json", "", "--plot", ""]) == 2
     assert "--only: expected a regular expression, got 'n=(1'" in capsys.readouterr().err
+
+
+def test_sequence_baseline_agrees_with_oracle_and_keeps_the_state():
+    """ort_sequence runs a whole sequence per call and carries the stream's state to the next."""
+    pytest.importorskip("onnxruntime")
+    import oracle
+
+    from streamgru.bench import make_contender
+    from streamgru.model import GRUModel
+
+    model = GRUModel.random(3, [5, 4], dense_after=[(2, "tanh")], seed=1)
+    c = make_contender("ort_sequence", model, 1)
+    xs = np.random.default_rng(0).normal(size=(2, 6, 3)).astype(np.float32)
+    y1, y2 = c.run(0, xs[0]), c.run(0, xs[1])
+    ref, state = oracle.run(model, xs[0])
+    np.testing.assert_allclose(y1, ref, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(y2, oracle.run(model, xs[1], state)[0], atol=1e-5, rtol=0)
+
+
+def test_onnx_baseline_runs_every_gru_attribute():
+    """The ONNX peers run what the model says: hardsigmoid with its alpha/beta, clip and
+    linear_before_reset=0 (the bench's former exporter raised KeyError on hardsigmoid and
+    dropped alpha, beta and clip)."""
+    pytest.importorskip("onnxruntime")
+    from helpers import OracleStreams
+
+    from streamgru.bench import make_contender
+    from streamgru.model import DenseLayer, GRULayer, GRUModel
+
+    rng = np.random.default_rng(3)
+    H, I = 5, 3
+    gru = GRULayer(I, H, rng.uniform(-1, 1, (3 * H, I)), rng.uniform(-1, 1, (3 * H, H)),
+                   rng.uniform(-1, 1, 3 * H), rng.uniform(-1, 1, 3 * H), linear_before_reset=0,
+                   f=("hardsigmoid", 0.3, 0.4), g=("scaledtanh", 0.8, 1.2), clip=0.9)
+    model = GRUModel([gru, DenseLayer(H, 2, rng.uniform(-1, 1, (2, H)), activation="relu")])
+    for name in ("ort_run", "ort_iobinding"):
+        c, ref = make_contender(name, model, 1), OracleStreams(model)
+        for _ in range(3):
+            keys = np.array([0, 1, 0])
+            x = rng.normal(size=(3, I)).astype(np.float32)
+            np.testing.assert_allclose(c.step(keys, x), ref.step(keys.tolist(), x), atol=1e-5,
+                                       rtol=0, err_msg=name)

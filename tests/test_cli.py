@@ -41,6 +41,7 @@ def test_info_on_bad_file_is_a_clear_error(tmp_path, capsys):
     assert "streamgru info: error:" in err and "header" in err
 
 
+@pytest.mark.slow
 def test_console_script_demo_runs():
     r = subprocess.run([sys.executable, "-m", "streamgru.cli", "demo", "--seconds", "0.3",
                         "--streams", "300", "--batch", "64"], capture_output=True, text=True,

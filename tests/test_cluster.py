@@ -15,6 +15,7 @@ import threading
 import numpy as np
 import oracle
 import pytest
+from helpers import OracleStreams
 
 from streamgru import Engine, GRUModel
 from streamgru.cluster import shard_of
@@ -160,18 +161,18 @@ def _assert_same_streams(sharded, local):
         np.testing.assert_allclose(sharded.state(k), local.state(k), rtol=0, atol=ATOL)
 
 
+@pytest.mark.slow  # starts Ray actors
 def test_sharded_engine_matches_one_engine_and_the_oracle(ray_local):
     model = GRUModel.random(3, [8, 6], dense_after=[(2, "softmax")], seed=1)
     local = Engine(model, threads=1)
-    ref_state = {}
+    ref = OracleStreams(model)
     with _sharded(model, 2) as eng:
         assert eng.shards == 2 and len(set(eng.pids())) == 2
         for keys, x in _events(0, 12, 30, 16, 3):  # duplicates in most batches
             y = eng.step(keys, x)
             np.testing.assert_allclose(y, local.step(keys, x), rtol=0, atol=ATOL)
-            for i, k in enumerate(keys.tolist()):  # oracle: one event at a time, in order
-                yo, ref_state[k] = oracle.step(model, ref_state.get(k, np.zeros((1, 14))), x[i:i + 1])
-                np.testing.assert_allclose(y[i], yo[0], atol=1e-5)
+            # oracle: one event at a time, in order
+            np.testing.assert_allclose(y, ref.step(keys.tolist(), x), atol=1e-5)
         assert {s["streams"] for s in eng.stats()} != {0}  # both shards hold streams
         # one metrics endpoint for the cluster: each shard's engine counts, labelled by shard
         fams = {f.name: f for f in engine_families(eng)}
@@ -180,8 +181,8 @@ def test_sharded_engine_matches_one_engine_and_the_oracle(ray_local):
         sent = sum(len(keys) for keys, _ in _events(0, 12, 30, 16, 3))
         assert set(rows) == {"0", "1"} and sum(rows.values()) == sent
         _assert_same_streams(eng, local)
-        for k, st in ref_state.items():
-            np.testing.assert_allclose(eng.state(k), st[0], atol=1e-5)
+        for k, st in ref.states.items():
+            np.testing.assert_allclose(eng.state(k), st, atol=1e-5)
 
         # async: several batches in flight keep per-key order
         batches = _events(1, 4, 10, 8, 3)
@@ -231,6 +232,7 @@ def test_sharded_engine_matches_one_engine_and_the_oracle(ray_local):
         eng.step([1], np.ones((1, 3)))
 
 
+@pytest.mark.slow  # starts Ray actors
 def test_resize_under_load_loses_and_duplicates_nothing(ray_local):
     model = GRUModel.random(4, [8], seed=2)
     eng = _sharded(model, 2)
@@ -284,6 +286,7 @@ def test_resize_under_load_loses_and_duplicates_nothing(ray_local):
     eng.shutdown()
 
 
+@pytest.mark.slow  # starts Ray actors
 def test_save_and_restore_with_another_shard_count(ray_local, tmp_path):
     model = GRUModel.random(3, [6, 5], seed=4)
     local = Engine(model, threads=1)
@@ -357,6 +360,7 @@ def _kill(pid):
     _wait_dead(pid)
 
 
+@pytest.mark.slow  # starts Ray actors
 def test_a_killed_shard_restores_its_checkpoint_and_names_the_lost_keys(ray_local, tmp_path):
     from streamgru.cluster import ShardLostError
 
@@ -424,6 +428,7 @@ def test_a_killed_shard_restores_its_checkpoint_and_names_the_lost_keys(ray_loca
         eng.shutdown()
 
 
+@pytest.mark.slow  # starts Ray actors
 def test_without_checkpoints_a_lost_shard_names_all_its_keys(ray_local):
     from streamgru.cluster import ShardLostError
 
@@ -441,6 +446,7 @@ def test_without_checkpoints_a_lost_shard_names_all_its_keys(ray_local):
         eng.shutdown()
 
 
+@pytest.mark.slow  # starts Ray actors
 def test_background_checkpoints(ray_local, tmp_path):
     from streamgru.cluster import ShardedEngine
 
@@ -460,6 +466,7 @@ def test_background_checkpoints(ray_local, tmp_path):
         eng.shutdown()
 
 
+@pytest.mark.slow  # starts Ray actors
 def test_benchmark_smoke(ray_local):
     from streamgru.cluster import run_cluster_benchmark
 
@@ -472,6 +479,7 @@ def test_benchmark_smoke(ray_local):
     assert 0 < r["derived"]["scaling_efficiency_pipelined"] and "events/s" in lines[0]
 
 
+@pytest.mark.slow  # starts Ray actors
 def test_a_step_refused_by_one_shard_says_which_rows_other_shards_applied(ray_local):
     # One GRU whose candidate overflows when input column 0 is large (as in test_faults): the
     # shard holding the poisoned key refuses its rows and changes nothing; the other shard's rows

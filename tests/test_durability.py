@@ -94,6 +94,7 @@ def _count(c):
     return 800 + (c % 7) * 100
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_save_state_survives_sigkill_at_random_moments(tmp_path):
     path = tmp_path / "snap.sgru"

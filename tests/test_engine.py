@@ -8,6 +8,7 @@ import threading
 import numpy as np
 import oracle
 import pytest
+from helpers import OracleStreams
 
 import streamgru
 from streamgru import Engine, GRUModel
@@ -35,32 +36,21 @@ def regime(request, monkeypatch):
     return request.param
 
 
-def feed_oracle(model, states, keys, x):
-    """Feed rows one at a time into per-key float64 oracle states; returns outputs (n, out)."""
-    ys = []
-    for k, row in zip(keys, x):
-        s = states.get(k, np.zeros(model.state_size))
-        y, s2 = oracle.step(model, s[None, :], row[None, :])
-        states[k] = s2[0]
-        ys.append(y[0])
-    return np.array(ys)
-
-
 @pytest.mark.nojit
 def test_interleaved_streams_match_oracle(dtype, regime):
     model = small_model()
     eng = Engine(model, dtype=dtype, capacity=2)
     rng = np.random.default_rng(1)
     keys_pool = [f"s{i}" for i in range(7)]
-    ref = {}
+    ref = OracleStreams(model)
     for _ in range(12):
         n = int(rng.integers(1, 9))
         keys = list(rng.choice(keys_pool, size=n))  # duplicates happen
         x = rng.normal(size=(n, 5))
         y = eng.step(keys, x.astype(dtype))
-        y_ref = feed_oracle(model, ref, keys, x.astype(dtype).astype(np.float64))
+        y_ref = ref.step(keys, x.astype(dtype).astype(np.float64))
         np.testing.assert_allclose(y, y_ref, atol=TOL[dtype], rtol=0)
-    for k, s in ref.items():
+    for k, s in ref.states.items():
         np.testing.assert_allclose(eng.state(k), s, atol=TOL[dtype], rtol=0)
 
 
@@ -127,12 +117,12 @@ def test_capacity_growth_mid_stream(dtype, regime):
     model = small_model(seed=7)
     eng = Engine(model, dtype=dtype, capacity=1)
     rng = np.random.default_rng(5)
-    ref = {}
+    ref = OracleStreams(model)
     for round_ in range(6):
         keys = [f"k{i}" for i in range(3 * round_ + 1)]  # more keys every round: forces growth
         x = rng.normal(size=(len(keys), 5))
         y = eng.step(keys, x)
-        np.testing.assert_allclose(y, feed_oracle(model, ref, keys, x.astype(dtype)),
+        np.testing.assert_allclose(y, ref.step(keys, x.astype(dtype)),
                                    atol=TOL[dtype], rtol=0)
     assert eng.capacity >= 16 and len(eng) == 16
 

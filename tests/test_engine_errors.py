@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from helpers import assert_unchanged, snapshot
 
 from streamgru import Engine, GRUModel
 
@@ -11,17 +12,6 @@ def eng():
     e = Engine(GRUModel.random(4, [6], dense_after=[(2, "identity")], seed=2))
     e.step(["a", "b"], np.ones((2, 4), np.float32))
     return e
-
-
-def snapshot(e):
-    return {k: e.state(k) for k in e.keys()}, e.capacity
-
-
-def assert_unchanged(e, snap):
-    states, cap = snap
-    assert sorted(e.keys()) == sorted(states)
-    for k, s in states.items():
-        np.testing.assert_array_equal(e.state(k), s)
 
 
 BAD_STEP = [

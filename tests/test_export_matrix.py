@@ -168,12 +168,14 @@ def test_torch_legacy_exporter(tmp_path, kind, dynamic, with_h0, T):
     _check_torch_row(tmp_path, kind, "legacy", dynamic, with_h0, T)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, dynamic, with_h0, T", DYNAMO, ids=_ids(DYNAMO))
 def test_torch_dynamo_exporter(tmp_path, kind, dynamic, with_h0, T):
     pytest.importorskip("onnxscript")
     _check_torch_row(tmp_path, kind, "dynamo", dynamic, with_h0, T)
 
 
+@pytest.mark.slow
 def test_dynamo_time_declared_dynamic_then_specialised(tmp_path):
     """The dynamo exporter, in a fresh process, keeps a dynamic time axis symbolic at the input
     but writes its length into a Reshape ([5, -1, 5]: time, batch, features): the Reshape keeps
@@ -201,6 +203,7 @@ def test_dynamo_time_declared_dynamic_then_specialised(tmp_path):
 
 # --------------------------------------------------------------------------- convert --check
 
+@pytest.mark.slow
 @pytest.mark.parametrize("row", [("gru_linear_heads", "legacy", True, True, 5),
                                  ("gru2_batch_first", "legacy", False, False, 1),
                                  ("gru1", "dynamo", True, False, 5)],

@@ -8,6 +8,7 @@ oracle, or the states read before the refused call (an untouched copy), never nu
 import numpy as np
 import oracle
 import pytest
+from helpers import assert_unchanged, snapshot
 from numba import config
 
 from streamgru import Engine, GRUModel
@@ -45,17 +46,6 @@ def rows(n, seed):
     x = np.random.default_rng(seed).normal(size=(n, I))
     x[:, 0] = 0.0
     return x
-
-
-def snapshot(eng):
-    return {k: eng.state(k) for k in eng.keys()}
-
-
-def assert_unchanged(eng, snap):
-    assert len(eng) == len(eng.keys()) == len(snap)
-    assert sorted(eng.keys(), key=repr) == sorted(snap, key=repr)
-    for k, s in snap.items():
-        np.testing.assert_array_equal(eng.state(k), s)
 
 
 # ----------------------------------------------------------------------------------------------

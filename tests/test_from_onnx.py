@@ -8,7 +8,6 @@ dtypes once it exists). onnxruntime has no float64 GRU kernel, so comparisons us
 tolerances (1e-5) against it.
 """
 
-import pathlib
 import warnings
 
 import numpy as np
@@ -23,7 +22,6 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from converters.from_onnx import from_onnx  # noqa: E402
 from streamgru.errors import UnsupportedModelError  # noqa: E402
 
-HAVE_ENGINE = (pathlib.Path(__file__).parents[1] / "streamgru" / "engine.py").exists()
 F = TensorProto.FLOAT
 RNG = np.random.default_rng(1234)
 
@@ -46,18 +44,17 @@ def stream_outputs(model, xs, states):
         for s in order.permutation(n):
             y, new = oracle.step(model, st[s:s + 1], xs[s, t:t + 1])
             ys[s, t], st[s] = y[0], new[0]
-    if HAVE_ENGINE:
-        import streamgru
+    import streamgru
 
-        for dt, tol in (("float32", 1e-5), ("float64", 1e-9)):
-            eng = streamgru.Engine(model, dtype=dt)
-            for s in range(n):
-                eng.open(f"s{s}", state=states[s].astype(dt))
-            for t in range(T):
-                for group in np.array_split(order.permutation(n), 2):
-                    if len(group):
-                        out = eng.step([f"s{s}" for s in group], xs[group, t].astype(dt))
-                        np.testing.assert_allclose(out, ys[group, t], rtol=tol, atol=tol)
+    for dt, tol in (("float32", 1e-5), ("float64", 1e-9)):
+        eng = streamgru.Engine(model, dtype=dt)
+        for s in range(n):
+            eng.open(f"s{s}", state=states[s].astype(dt))
+        for t in range(T):
+            for group in np.array_split(order.permutation(n), 2):
+                if len(group):
+                    out = eng.step([f"s{s}" for s in group], xs[group, t].astype(dt))
+                    np.testing.assert_allclose(out, ys[group, t], rtol=tol, atol=tol)
     return ys
 
 
@@ -132,6 +129,7 @@ def test_torch_export_matches_onnxruntime(tmp_path, dynamo, num_layers):
     np.testing.assert_allclose(ys, y_t.numpy(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_torch_dynamo_unoptimized_constant_folds_weights(tmp_path):
     """optimize=False keeps W/R rebuilt from torch-order tensors through Slice/Concat."""
     pytest.importorskip("onnxscript")
@@ -150,6 +148,7 @@ def test_torch_dynamo_unoptimized_constant_folds_weights(tmp_path):
     np.testing.assert_allclose(ys, y_ort.transpose(1, 0, 2), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
 def test_torch_last_step_head_dynamic_axes(tmp_path, dynamo):
     """fc(y[:, -1]) with dynamic batch/time: the graph's output is ours at the final step."""

@@ -180,6 +180,7 @@ def child(directory):
                       "counts": counts}))
 
 
+@pytest.mark.slow
 def test_every_loader_survives_damaged_files(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("onnx")

@@ -20,6 +20,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from helpers import snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -97,10 +98,6 @@ def make_engine(kind, bounded):
     return eng, evicted
 
 
-def snapshot(eng):
-    return {k: eng.state(k) for k in eng.keys()}
-
-
 def check(eng, evicted, call, on_success):
     before, n_evicted = snapshot(eng), len(evicted)
     try:
@@ -147,6 +144,7 @@ def step_args(draw, kind):
     return keys, x
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["int", "str"])
 @pytest.mark.parametrize("bounded", [False, True])
 @SETTINGS

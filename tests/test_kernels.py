@@ -4,6 +4,7 @@ clip, both linear_before_reset variants, multi-layer stacks with dense layers, 2
 import numpy as np
 import oracle
 import pytest
+from helpers import torch_to_canonical
 
 from streamgru import DenseLayer, Engine, GRULayer, GRUModel
 from streamgru import engine as engine_mod
@@ -122,12 +123,9 @@ def test_against_torch_nn_gru(dtype, tdtype):
     net = torch.nn.GRU(I, H, num_layers=L).to(getattr(torch, tdtype))
     sd = {k: v.detach().double().numpy() for k, v in net.state_dict().items()}
 
-    def zrn(a):  # torch stores gates (r, z, n); ours are (z, r, n)
-        return np.concatenate([a[H:2 * H], a[:H], a[2 * H:]])
-
-    layers = [GRULayer(I if k == 0 else H, H, zrn(sd[f"weight_ih_l{k}"]),
-                       zrn(sd[f"weight_hh_l{k}"]), zrn(sd[f"bias_ih_l{k}"]),
-                       zrn(sd[f"bias_hh_l{k}"]), linear_before_reset=1) for k in range(L)]
+    layers = [GRULayer(I if k == 0 else H, H, torch_to_canonical(sd[f"weight_ih_l{k}"]),
+                       torch_to_canonical(sd[f"weight_hh_l{k}"]), torch_to_canonical(sd[f"bias_ih_l{k}"]),
+                       torch_to_canonical(sd[f"bias_hh_l{k}"]), linear_before_reset=1) for k in range(L)]
     model = GRUModel(layers)
     eng = Engine(model, dtype=dtype)
     rng = np.random.default_rng(1)

@@ -8,8 +8,8 @@ float64 oracle, never against the engine itself.
 """
 
 import numpy as np
-import oracle
 import pytest
+from helpers import OracleStreams, snapshot
 
 from streamgru import Engine, GRUModel
 from streamgru import engine as engine_mod
@@ -50,29 +50,11 @@ def x(n, seed=0):
     return np.random.default_rng(seed).normal(size=(n, 3)).astype(np.float32)
 
 
-class Reference:
-    """Per-key float64 oracle states, fed row by row."""
-
-    def __init__(self, m):
-        self.m = m
-        self.states = {}
-
-    def step(self, keys, xs):
-        for k, row in zip(keys, xs):
-            s = self.states.get(k, np.zeros(self.m.state_size))
-            _, s2 = oracle.step(self.m, s[None, :], row[None, :].astype(np.float64))
-            self.states[k] = s2[0]
-
-
-def snapshot(eng):
-    return {k: eng.state(k) for k in eng.keys()}
-
-
 # --------------------------------------------------------------------------- max_streams
 
 def test_lru_eviction_hands_final_state_to_on_evict():
     m, rec = model(), Recorder()
-    ref = Reference(m)
+    ref = OracleStreams(m)
     eng = Engine(m, max_streams=3, on_evict=rec)
     for i, keys in enumerate([["a", "b", "c"], ["a"], ["b"], ["d"], ["e", "a"]]):
         xs = x(len(keys), i)
@@ -125,7 +107,7 @@ def test_buffer_never_grows_past_max_streams():
 def test_large_batch_through_the_parallel_kernel(monkeypatch):
     monkeypatch.setattr(engine_mod, "PARALLEL_MIN_ROWS", 1)
     m, rec = model(), Recorder()
-    ref = Reference(m)
+    ref = OracleStreams(m)
     eng = Engine(m, max_streams=100, on_evict=rec)
     for i in range(5):
         keys = [f"k{j}" for j in range(i * 40, i * 40 + 80)]
@@ -233,14 +215,14 @@ def test_reads_see_expired_streams_until_the_next_mutating_call():
 def test_expired_key_in_the_batch_restarts_from_zeros():
     m, clock, rec = model(), Clock(), Recorder()
     eng = Engine(m, idle_timeout=10, on_evict=rec, clock=clock)
-    ref = Reference(m)
+    ref = OracleStreams(m)
     eng.step(["a"], x(1, 1))
     ref.step(["a"], x(1, 1))
     clock.t += 10
     eng.step(["a"], x(1, 2))  # a expired before this call: evicted, then a new stream
     assert rec.keys == ["a"]
     np.testing.assert_allclose(rec.got[0][1], ref.states["a"], atol=TOL)
-    fresh = Reference(m)
+    fresh = OracleStreams(m)
     fresh.step(["a"], x(1, 2))
     np.testing.assert_allclose(eng.state("a"), fresh.states["a"], atol=TOL)
 

@@ -9,7 +9,6 @@ against onnxruntime. Reverse and bidirectional cases must be refused.
 """
 
 import importlib.util
-import pathlib
 
 import numpy as np
 import pytest
@@ -22,8 +21,6 @@ from onnx import helper, numpy_helper  # noqa: E402
 
 from converters.from_onnx import from_onnx  # noqa: E402
 from streamgru.errors import UnsupportedModelError  # noqa: E402
-
-HAVE_ENGINE = (pathlib.Path(__file__).parents[1] / "streamgru" / "engine.py").exists()
 
 
 def _cases():
@@ -105,8 +102,7 @@ def test_onnx_gru_case(case):
         assert "clip" not in attrs and "activations" not in attrs
     else:
         _check_ort(proto, node, inputs, present, y_h, hs)
-    if HAVE_ENGINE:
-        _check_engine(model, xs, ys)
+    _check_engine(model, xs, ys)
 
 
 def _check_ort(proto, node, inputs, present, y_h, hs):

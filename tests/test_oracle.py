@@ -19,6 +19,7 @@ import functools
 import numpy as np
 import oracle
 import pytest
+from helpers import torch_to_canonical
 
 from streamgru.model import DenseLayer, GRULayer, GRUModel
 
@@ -66,12 +67,6 @@ def _oracle_steps(model, x, h0):
 TORCH_TOL = 1e-10
 
 
-def _zrn(a):
-    """PyTorch stacks GRU gate blocks as (r, z, n); the canonical order is ONNX's (z, r, n)."""
-    r, z, n = np.split(a, 3, axis=0)
-    return np.concatenate([z, r, n], axis=0)
-
-
 def _np(p):
     return p.detach().numpy().astype(np.float64)
 
@@ -98,10 +93,10 @@ def _torch_stack(num_layers, bias, act, seed=0):
     if act:
         layers.append(DenseLayer(I0, I, _np(before.weight), _np(before.bias), activation=act))
     for k in range(num_layers):
-        W = _zrn(_np(getattr(gru, f"weight_ih_l{k}")))
-        R = _zrn(_np(getattr(gru, f"weight_hh_l{k}")))
-        Wb = _zrn(_np(getattr(gru, f"bias_ih_l{k}"))) if bias else None
-        Rb = _zrn(_np(getattr(gru, f"bias_hh_l{k}"))) if bias else None  # b_hn is Rb_n
+        W = torch_to_canonical(_np(getattr(gru, f"weight_ih_l{k}")))
+        R = torch_to_canonical(_np(getattr(gru, f"weight_hh_l{k}")))
+        Wb = torch_to_canonical(_np(getattr(gru, f"bias_ih_l{k}"))) if bias else None
+        Rb = torch_to_canonical(_np(getattr(gru, f"bias_hh_l{k}"))) if bias else None  # b_hn is Rb_n
         # PyTorch applies r to (W_hn h + b_hn): linear_before_reset=1.
         layers.append(GRULayer(I if k == 0 else H, H, W, R, Wb, Rb, linear_before_reset=1))
     if act:
@@ -165,8 +160,9 @@ def test_torch_comparison_detects_gate_order_and_reset_placement():
     linear_before_reset=0, moves the oracle far outside the tolerance."""
     model, torch_step, _, (I0, H) = _torch_stack(1, True, None)
     gru = model.layers[0]
-    unswapped = GRUModel([GRULayer(gru.input_size, H, _zrn(gru.W), _zrn(gru.R), _zrn(gru.Wb),
-                                   _zrn(gru.Rb), linear_before_reset=1)])
+    swap = torch_to_canonical  # swapping the first two blocks again undoes the swap
+    unswapped = GRUModel([GRULayer(gru.input_size, H, swap(gru.W), swap(gru.R), swap(gru.Wb),
+                                   swap(gru.Rb), linear_before_reset=1)])
     lbr0 = GRUModel([GRULayer(gru.input_size, H, gru.W, gru.R, gru.Wb, gru.Rb,
                               linear_before_reset=0)])
     rng = np.random.default_rng(2)

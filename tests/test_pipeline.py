@@ -9,6 +9,7 @@ import time
 import numpy as np
 import oracle
 import pytest
+from helpers import OracleStreams
 
 from streamgru.formats import load_state
 from streamgru.pipeline import parse_line
@@ -34,12 +35,7 @@ def oracle_outputs(model, events, missing="refuse"):
     if missing != "refuse":
         ref = oracle.MissingStreams(model, missing)
         return np.array([ref.feed(k, x) for k, x in events])
-    states, ys = {}, []
-    for k, x in events:
-        s = states.get(k, np.zeros((1, model.state_size)))
-        y, states[k] = oracle.step(model, s, np.array([x]))
-        ys.append(y[0])
-    return np.array(ys)
+    return OracleStreams(model).step([k for k, _ in events], [x for _, x in events])
 
 
 def parse_outputs(text):
@@ -166,6 +162,7 @@ def _wait_for_checkpoint(model, state, lines, timeout=30.0):
     raise AssertionError(f"no checkpoint covering {lines} lines within {timeout} s")
 
 
+@pytest.mark.slow
 def test_kill_9_sigterm_and_restart_continue_every_stream_from_the_checkpoint(model_file, tmp_path):
     model, path = model_file
     events = make_events(150, seed=5)

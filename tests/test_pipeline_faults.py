@@ -17,8 +17,8 @@ import sys
 import textwrap
 
 import numpy as np
-import oracle
 import pytest
+from helpers import OracleStreams
 from test_pipeline import (
     CMD,
     checkpoint_meta,
@@ -39,11 +39,9 @@ from streamgru.pipeline import parse_line
 
 def oracle_states(model, events):
     """Float64 reference: each key's state after stepping ``events`` in order."""
-    states = {}
-    for k, x in events:
-        _, states[k] = oracle.step(model, states.get(k, np.zeros((1, model.state_size))),
-                                   np.array([x]))
-    return {k: s[0] for k, s in states.items()}
+    ref = OracleStreams(model)
+    ref.step([k for k, _ in events], [x for _, x in events])
+    return ref.states
 
 
 def checkpoint_states(model, state):
@@ -565,6 +563,7 @@ def _property_input(seed=21):
     return "".join(line + "\n" for line in lines), good
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork") or sys.platform != "linux",
                     reason="forks children, uses Linux pipe sizes and RLIMIT_FSIZE")
 def test_resume_as_told_equals_an_uninterrupted_run(model_file, tmp_path):

@@ -33,6 +33,7 @@ def section_blocks(path, section=SECTION):
     return python, shell
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")  # torch's exporter deprecation/tracer warnings
 def test_bring_your_model_examples_run(tmp_path, monkeypatch, capsys):
     pytest.importorskip("torch")

@@ -12,6 +12,7 @@ import llvmlite.binding as ll
 import numpy as np
 import oracle
 import pytest
+from helpers import OracleStreams
 
 from streamgru import Engine, GRUModel, isa
 from streamgru import engine as engine_mod
@@ -102,19 +103,16 @@ def test_every_row_count_against_oracle_and_separate_calls(dtype, lbr, regime, m
     model = model_with_uneven_panels(lbr)
     rng = np.random.default_rng(7)
     batch, single = Engine(model, dtype=dtype), Engine(model, dtype=dtype)
-    ref = {}
+    ref = OracleStreams(model)
     for n in list(range(1, 15)) + [23]:
         keys = list(range(n))
         x = rng.normal(size=(n, 5)).astype(dtype)
         y = batch.step(keys, x)
         y_sep = np.concatenate([single.step([k], x[i:i + 1]) for i, k in enumerate(keys)])
         np.testing.assert_array_equal(y, y_sep)
-        states = np.stack([ref.get(k, np.zeros(model.state_size)) for k in keys])
-        y_ref, states = oracle.step(model, states, x.astype(np.float64))
-        ref.update(zip(keys, states))
-        np.testing.assert_allclose(y, y_ref, atol=TOL[dtype], rtol=0)
+        np.testing.assert_allclose(y, ref.step(keys, x), atol=TOL[dtype], rtol=0)
     xs = rng.normal(size=(11, 5)).astype(dtype)
-    ys_ref, s_ref = oracle.run(model, xs, ref[0])
+    ys_ref, s_ref = oracle.run(model, xs, ref.state(0))
     np.testing.assert_allclose(batch.run(0, xs), ys_ref, atol=TOL[dtype], rtol=0)
     np.testing.assert_allclose(batch.state(0), s_ref, atol=TOL[dtype], rtol=0)
 
@@ -176,6 +174,7 @@ BUILDS = {
 
 
 @pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="compiles kernels")
+@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("STREAMGRU_TILE") is not None
                     or os.environ.get("NUMBA_CPU_NAME") is not None,
                     reason="already inside a subprocess build")

@@ -1,0 +1,199 @@
+"""Export a :class:`streamgru.GRUModel` as an ONNX graph of one time step for a batch of streams.
+
+The graph is what a user of onnxruntime runs around a state store of their own: it takes the
+rows of this call and their states, and returns the outputs and the new states. Every GRU layer
+is one ONNX ``GRU`` node run on a sequence of length 1 (the canonical layout is ONNX's, so the
+tensors are copied without reordering: ``W[None]``, ``R[None]``, ``B = [Wb; Rb][None]``), with
+its activations, their alpha/beta, ``clip`` and ``linear_before_reset``; every Dense layer is
+``MatMul`` + ``Add`` + its activation.
+
+Graph signature (float32)::
+
+    x          (batch, input_size)      one row per stream of this call
+    state      (batch, state_size)      the streams' states: the GRU layers' h concatenated
+                                        in layer order (``model.state_slices``)
+    y          (batch, output_size)
+    state_out  (batch, state_size)      the new states, same layout
+
+With ``sequence=True`` the graph advances every stream over a whole sequence in one call:
+``x`` is (time, batch, input_size), ``y`` is (time, batch, output_size) and ``state_out`` is the
+state after the last step.
+
+onnxruntime reads ``activation_alpha``/``activation_beta`` in order, one value per activation
+that takes the parameter, and its defaults differ from the ONNX operators' for Affine, ScaledTanh
+and ThresholdedRelu (see :mod:`converters.from_onnx`): the export writes every value explicitly,
+so no default is ever relied on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from streamgru.model import GRUModel
+
+from ._util import ONNX_RNN_ACTIVATIONS, require
+
+__all__ = ["to_onnx"]
+
+# Dense activations that are one ONNX operator, with the attributes taken from the triple.
+_DENSE_OPS = {
+    "relu": ("Relu", ()),
+    "tanh": ("Tanh", ()),
+    "sigmoid": ("Sigmoid", ()),
+    "softsign": ("Softsign", ()),
+    "softplus": ("Softplus", ()),
+    "leakyrelu": ("LeakyRelu", ("alpha",)),
+    "elu": ("Elu", ("alpha",)),
+    "thresholdedrelu": ("ThresholdedRelu", ("alpha",)),
+    "hardsigmoid": ("HardSigmoid", ("alpha", "beta")),
+}
+
+# onnxruntime 1.17 .. 1.31 read IR versions up to 10.
+_IR_VERSION = 10
+
+
+def to_onnx(model, path=None, opset=17, *, sequence=False):
+    """Export ``model`` as an ONNX graph: ``(x, state) -> (y, state_out)`` for a batch.
+
+    Parameters
+    ----------
+    model : GRUModel
+    path : str or os.PathLike, optional
+        Where to write the ``.onnx`` file. None (default): only return the graph.
+    opset : int
+        ONNX opset of the default domain, 14 or later (``GRU`` with ``layout``; ``Squeeze`` and
+        ``Unsqueeze`` taking axes as an input).
+    sequence : bool
+        False (default): one step, ``x`` (batch, input_size). True: ``x`` (time, batch,
+        input_size), every step's output, the state after the last step.
+
+    Returns
+    -------
+    onnx.ModelProto
+        Checked with ``onnx.checker``; float32 whatever the model's dtype.
+
+    Examples
+    --------
+    >>> import numpy as np, onnxruntime as ort
+    >>> from streamgru import GRUModel
+    >>> from converters import to_onnx
+    >>> model = GRUModel.random(3, [8, 4], dense_after=[(2, "softmax")])
+    >>> sess = ort.InferenceSession(to_onnx(model).SerializeToString())
+    >>> y, state = sess.run(None, {"x": np.ones((5, 3), np.float32),
+    ...                            "state": np.zeros((5, 12), np.float32)})
+    >>> y.shape, state.shape
+    ((5, 2), (5, 12))
+    """
+    onnx = require("onnx", "onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    if not isinstance(model, GRUModel):
+        raise TypeError(f"model: expected a GRUModel, got {type(model).__name__}")
+    if isinstance(opset, bool) or not isinstance(opset, (int, np.integer)):
+        raise TypeError(f"opset: expected an int, got {opset!r}")
+    if opset < 14:
+        raise ValueError(f"opset: expected 14 or later (Squeeze/Unsqueeze axes as inputs, GRU "
+                         f"layout), got {opset}")
+    if not isinstance(sequence, (bool, np.bool_)):
+        raise TypeError(f"sequence: expected a bool, got {sequence!r}")
+
+    f32 = np.float32
+    nodes, inits = [], []
+
+    def const(name, value):
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def node(op, inputs, output, **attrs):
+        nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
+        return output
+
+    axis0, axis1 = const("axis0", np.array([0], np.int64)), const("axis1", np.array([1], np.int64))
+    lead = ["time", "batch"] if sequence else ["batch"]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, lead + [model.input_size]),
+              helper.make_tensor_value_info("state", TensorProto.FLOAT,
+                                            ["batch", model.state_size])]
+    # The data path runs on (time, batch, features); one step is time = 1.
+    cur = "x" if sequence else node("Unsqueeze", ["x", axis0], "x_seq")
+    state_parts, gi = [], 0
+    for i, layer in enumerate(model.layers):
+        if layer.kind == "gru":
+            sl = model.state_slices[gi]
+            start = const(f"layers.{i}.start", np.array([sl.start], np.int64))
+            stop = const(f"layers.{i}.stop", np.array([sl.stop], np.int64))
+            h = node("Slice", ["state", start, stop, axis1], f"layers.{i}.h")
+            h0 = node("Unsqueeze", [h, axis0], f"layers.{i}.initial_h")
+            W = const(f"layers.{i}.W", layer.W.astype(f32)[None])
+            R = const(f"layers.{i}.R", layer.R.astype(f32)[None])
+            B = const(f"layers.{i}.B", np.concatenate([layer.Wb, layer.Rb]).astype(f32)[None])
+            attrs = _gru_attributes(layer)
+            nodes.append(helper.make_node("GRU", [cur, W, R, B, "", h0],
+                                          [f"layers.{i}.Y", f"layers.{i}.Y_h"],
+                                          name=f"layers.{i}.gru", **attrs))
+            # Y: (time, num_directions=1, batch, H); Y_h: (1, batch, H).
+            cur = node("Squeeze", [f"layers.{i}.Y", axis1], f"layers.{i}.out")
+            state_parts.append(node("Squeeze", [f"layers.{i}.Y_h", axis0], f"layers.{i}.h_out"))
+            gi += 1
+        else:
+            Wt = const(f"layers.{i}.W", layer.W.T.astype(f32))  # MatMul: data @ W.T
+            b = const(f"layers.{i}.b", layer.b.astype(f32))
+            cur = node("Add", [node("MatMul", [cur, Wt], f"layers.{i}.matmul"), b],
+                       f"layers.{i}.affine")
+            cur = _dense_activation(layer.activation, cur, f"layers.{i}", node, const)
+    node("Identity" if sequence else "Squeeze", [cur] if sequence else [cur, axis0], "y")
+    node("Concat", state_parts, "state_out", axis=1)
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, lead + [model.output_size]),
+               helper.make_tensor_value_info("state_out", TensorProto.FLOAT,
+                                             ["batch", model.state_size])]
+    graph = helper.make_graph(nodes, "streamgru_sequence" if sequence else "streamgru_step",
+                              inputs, outputs, inits)
+    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", int(opset))],
+                                   ir_version=_IR_VERSION, producer_name="streamgru")
+    onnx.checker.check_model(onnx_model)
+    if path is not None:
+        onnx.save_model(onnx_model, path)
+    return onnx_model
+
+
+def _gru_attributes(layer):
+    """The ``GRU`` node's attributes: every activation parameter written out (see the module)."""
+    attrs = {"hidden_size": layer.hidden_size, "linear_before_reset": layer.linear_before_reset}
+    names, alphas, betas = [], [], []
+    for name, alpha, beta in (layer.f, layer.g):
+        onnx_name, uses_alpha, uses_beta, _, _ = ONNX_RNN_ACTIVATIONS[name]
+        if name == "identity":  # not an RNN activation in ONNX: Affine(1, 0) is the same function
+            alpha, beta = 1.0, 0.0
+        names.append(onnx_name)
+        if uses_alpha:
+            alphas.append(alpha)
+        if uses_beta:
+            betas.append(beta)
+    if names != ["Sigmoid", "Tanh"]:
+        attrs["activations"] = names
+    if alphas:
+        attrs["activation_alpha"] = alphas
+    if betas:
+        attrs["activation_beta"] = betas
+    if layer.clip is not None:
+        attrs["clip"] = float(layer.clip)
+    return attrs
+
+
+def _dense_activation(spec, cur, prefix, node, const):
+    """Append the nodes of a Dense layer's activation after ``cur``; returns the output name."""
+    name, alpha, beta = spec
+    out = f"{prefix}.out"
+    if name == "identity":
+        return node("Identity", [cur], out)
+    if name == "softmax":
+        return node("Softmax", [cur], out, axis=-1)
+    if name == "affine":  # no Affine operator outside the RNN ops since opset 10
+        scaled = node("Mul", [cur, const(f"{prefix}.alpha", np.float32(alpha))], f"{prefix}.scaled")
+        return node("Add", [scaled, const(f"{prefix}.beta", np.float32(beta))], out)
+    if name == "scaledtanh":  # alpha * tanh(beta * x)
+        inner = node("Mul", [cur, const(f"{prefix}.beta", np.float32(beta))], f"{prefix}.inner")
+        t = node("Tanh", [inner], f"{prefix}.tanh")
+        return node("Mul", [t, const(f"{prefix}.alpha", np.float32(alpha))], out)
+    op, params = _DENSE_OPS[name]
+    values = {"alpha": alpha, "beta": beta}
+    return node(op, [cur], out, **{p: float(values[p]) for p in params})

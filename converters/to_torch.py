@@ -1,0 +1,178 @@
+"""Export a :class:`streamgru.GRUModel` as a PyTorch module of one time step for a batch of streams.
+
+``to_torch(model)(x, state) -> (y, state_out)`` with ``x`` (batch, input_size), ``state`` and
+``state_out`` (batch, state_size): the GRU layers' h concatenated in layer order
+(``model.state_slices``), the engine's layout of a stream's state.
+
+A GRU layer torch can run natively (sigmoid and tanh, ``linear_before_reset=1``, no ``clip``) is an
+``nn.GRUCell`` holding the weights in PyTorch's gate order (r, z, n), so a user gets torch's own
+kernel. Any other GRU layer (other activations with their alpha/beta, ``clip``,
+``linear_before_reset=0``) is a small module that computes the canonical equations of
+:mod:`streamgru.model` with torch operations, on the canonical layout. A Dense layer is an
+``nn.Linear`` followed by its activation. The module has the model's dtype (float32 or float64).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from streamgru.model import GRUModel
+
+from ._util import require, swap_rz
+
+__all__ = ["to_torch"]
+
+
+def to_torch(model):
+    """Export ``model`` as an ``nn.Module`` with ``forward(x, state) -> (y, state_out)``.
+
+    Parameters
+    ----------
+    model : GRUModel
+
+    Returns
+    -------
+    torch.nn.Module
+        In eval mode, in the model's dtype; ``x`` (batch, input_size) and ``state`` (batch,
+        state_size) in, ``y`` (batch, output_size) and ``state_out`` (batch, state_size) out.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from streamgru import GRUModel
+    >>> from converters import to_torch
+    >>> net = to_torch(GRUModel.random(3, [8, 4], dense_after=[(2, "softmax")]))
+    >>> y, state = net(torch.ones(5, 3), torch.zeros(5, 12))
+    >>> tuple(y.shape), tuple(state.shape)
+    ((5, 2), (5, 12))
+    """
+    torch = require("torch", "torch")
+    if not isinstance(model, GRUModel):
+        raise TypeError(f"model: expected a GRUModel, got {type(model).__name__}")
+    dtype = torch.float64 if model.dtype == np.float64 else torch.float32
+    np_dtype = model.dtype
+
+    def tensor(a):
+        return torch.nn.Parameter(torch.from_numpy(np.array(a, np_dtype)), requires_grad=False)
+
+    layers = []
+    for layer in model.layers:
+        if layer.kind == "gru":
+            if _native(layer):
+                cell = torch.nn.GRUCell(layer.input_size, layer.hidden_size, dtype=dtype)
+                # Canonical (z, r, n) -> PyTorch's (r, z, n): the same swap as the importer's.
+                cell.weight_ih, cell.weight_hh = tensor(swap_rz(layer.W)), tensor(swap_rz(layer.R))
+                cell.bias_ih, cell.bias_hh = tensor(swap_rz(layer.Wb)), tensor(swap_rz(layer.Rb))
+            else:
+                cell = _classes(torch)["gru"](layer, tensor)
+            layers.append(cell)
+        else:
+            linear = torch.nn.Linear(layer.in_features, layer.out_features, dtype=dtype)
+            linear.weight, linear.bias = tensor(layer.W), tensor(layer.b)
+            layers.append(torch.nn.Sequential(linear, _classes(torch)["act"](layer.activation)))
+    return _classes(torch)["step"](layers, [s.stop - s.start for s in model.state_slices]).eval()
+
+
+def _native(layer):
+    return (layer.f[0] == "sigmoid" and layer.g[0] == "tanh" and layer.linear_before_reset == 1
+            and layer.clip is None)
+
+
+_CLASSES = {}
+
+
+def _classes(torch):
+    """The module classes, defined once on first use so that importing this module needs no torch."""
+    if _CLASSES:
+        return _CLASSES
+    nn = torch.nn
+
+    class Activation(nn.Module):
+        """One activation of :mod:`streamgru.activations`, with its alpha and beta."""
+
+        def __init__(self, spec):
+            super().__init__()
+            self.name, self.alpha, self.beta = spec
+
+        def forward(self, v):
+            name, alpha, beta = self.name, self.alpha, self.beta
+            if name == "identity":
+                return v
+            if name == "sigmoid":
+                return torch.sigmoid(v)
+            if name == "tanh":
+                return torch.tanh(v)
+            if name == "relu":
+                return torch.relu(v)
+            if name == "hardsigmoid":
+                return torch.clamp(alpha * v + beta, 0.0, 1.0)
+            if name == "leakyrelu":
+                return torch.where(v >= 0, v, alpha * v)
+            if name == "affine":
+                return alpha * v + beta
+            if name == "thresholdedrelu":
+                return torch.where(v > alpha, v, torch.zeros_like(v))
+            if name == "scaledtanh":
+                return alpha * torch.tanh(beta * v)
+            if name == "elu":
+                return torch.where(v >= 0, v, alpha * torch.expm1(torch.clamp(v, max=0.0)))
+            if name == "softsign":
+                return v / (1.0 + torch.abs(v))
+            if name == "softplus":
+                return torch.logaddexp(v, torch.zeros_like(v))
+            if name == "softmax":
+                return torch.softmax(v, dim=-1)
+            raise ValueError(f"activation: expected a streamgru activation, got {name!r}")
+
+        def extra_repr(self):
+            return f"{self.name}, alpha={self.alpha}, beta={self.beta}"
+
+    class GRUStep(nn.Module):
+        """A GRU layer in the canonical layout (z, r, n), any activations, clip and
+        linear_before_reset: the equations of streamgru.model, written with torch operations."""
+
+        def __init__(self, layer, tensor):
+            super().__init__()
+            self.hidden_size = layer.hidden_size
+            self.linear_before_reset = layer.linear_before_reset
+            self.clip = layer.clip
+            self.W, self.R = tensor(layer.W), tensor(layer.R)  # (3H, I), (3H, H)
+            self.Wb, self.Rb = tensor(layer.Wb), tensor(layer.Rb)  # (3H,)
+            self.f, self.g = Activation(layer.f), Activation(layer.g)
+
+        def _c(self, v):
+            return v if self.clip is None else torch.clamp(v, -self.clip, self.clip)
+
+        def forward(self, x, h):
+            H = self.hidden_size
+            gx = x @ self.W.T + self.Wb  # (batch, 3H)
+            R, Rb = self.R, self.Rb
+            z = self.f(self._c(gx[:, :H] + h @ R[:H].T + Rb[:H]))
+            r = self.f(self._c(gx[:, H:2 * H] + h @ R[H:2 * H].T + Rb[H:2 * H]))
+            if self.linear_before_reset:
+                n = self.g(self._c(gx[:, 2 * H:] + r * (h @ R[2 * H:].T + Rb[2 * H:])))
+            else:
+                n = self.g(self._c(gx[:, 2 * H:] + (r * h) @ R[2 * H:].T + Rb[2 * H:]))
+            return (1.0 - z) * n + z * h
+
+    class StreamgruStep(nn.Module):
+        """One step of a GRUModel: ``forward(x, state) -> (y, state_out)`` (see to_torch)."""
+
+        def __init__(self, layers, state_widths):
+            super().__init__()
+            self.layers = nn.ModuleList(layers)
+            self.state_widths = list(state_widths)
+
+        def forward(self, x, state):
+            hs = torch.split(state, self.state_widths, dim=1)
+            new, v = [], x
+            for layer in self.layers:
+                if isinstance(layer, (nn.GRUCell, GRUStep)):
+                    v = layer(v, hs[len(new)])
+                    new.append(v)
+                else:
+                    v = layer(v)
+            return v, torch.cat(new, dim=1)
+
+    _CLASSES.update(act=Activation, gru=GRUStep, step=StreamgruStep)
+    return _CLASSES

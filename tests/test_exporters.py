@@ -1,0 +1,191 @@
+"""converters.to_onnx and converters.to_torch: one step for a batch, ``(x, state) -> (y,
+state_out)``, checked against the float64 oracle and the engine with onnxruntime and torch
+running the exported graph and module, on models that together use every activation (with
+alpha/beta), clip, both linear_before_reset values and Dense layers between GRU layers.
+"""
+
+import numpy as np
+import oracle
+import pytest
+
+import converters
+from streamgru import Engine
+from streamgru.model import DenseLayer, GRULayer, GRUModel
+
+STEPS, STREAMS = 4, 5
+
+
+def _layers(spec, input_size, seed, dtype):
+    """Layers from ("gru", H, f, g, lbr, clip) / ("dense", out, activation), small weights."""
+    rng = np.random.default_rng(seed)
+    layers, width = [], input_size
+
+    def u(*shape):
+        return rng.uniform(-0.6, 0.6, shape).astype(dtype)
+
+    for item in spec:
+        if item[0] == "gru":
+            _, H, f, g, lbr, clip = item
+            layers.append(GRULayer(width, H, u(3 * H, width), u(3 * H, H), u(3 * H), u(3 * H),
+                                   linear_before_reset=lbr, f=f, g=g, clip=clip))
+        else:
+            _, H, act = item
+            layers.append(DenseLayer(width, H, u(H, width), u(H), act))
+        width = H
+    return GRUModel(layers)
+
+
+# Together: all 12 GRU activations in f or g, all 13 Dense activations, clip, both lbr values.
+SPECS = {
+    "gates": [("dense", 4, ("scaledtanh", 0.7, 1.3)),
+              ("gru", 5, ("hardsigmoid", 0.3, 0.45), ("leakyrelu", 0.2), 0, 1.5),
+              ("dense", 6, ("affine", 0.5, 0.2)),
+              ("gru", 4, "sigmoid", "tanh", 1, None),
+              ("dense", 5, ("elu", 0.7)),
+              ("gru", 3, "identity", "softsign", 1, 3.0),
+              ("dense", 2, "softmax")],
+    "more": [("gru", 4, "relu", "softplus", 0, None),
+             ("dense", 5, ("hardsigmoid", 0.25, 0.4)),
+             ("gru", 3, ("affine", 0.5, 0.5), ("scaledtanh", 0.9, 1.1), 1, None),
+             ("dense", 4, ("thresholdedrelu", 0.1)),
+             ("gru", 4, ("thresholdedrelu", 0.05), ("elu", 1.2), 0, 0.8),
+             ("dense", 4, ("leakyrelu", 0.05)), ("dense", 4, "relu"), ("dense", 4, "softsign"),
+             ("dense", 4, "softplus"), ("dense", 4, "sigmoid"), ("dense", 4, "tanh"),
+             ("dense", 3, "identity")],
+    "plain_lbr0": [("gru", 6, "sigmoid", "tanh", 0, None)],
+}
+
+
+def _model(name, dtype=np.float32):
+    return _layers(SPECS[name], 3, seed=len(name), dtype=dtype)
+
+
+def _inputs(model, seed=0):
+    rng = np.random.default_rng(seed)
+    xs = rng.normal(size=(STEPS, STREAMS, model.input_size)).astype(np.float32)
+    state0 = rng.uniform(-0.5, 0.5, (STREAMS, model.state_size)).astype(np.float32)
+    return xs, state0
+
+
+def _oracle_steps(model, xs, state0):
+    """Every step's (y, state) from the float64 oracle, the state carried from step to step."""
+    out, s = [], state0.astype(np.float64)
+    for x in xs:
+        y, s = oracle.step(model, s, x)
+        out.append((y, s))
+    return out
+
+
+def _engine_steps(model, xs, state0, dtype):
+    eng = Engine(model, dtype=dtype)
+    keys = list(range(STREAMS))
+    for k in keys:
+        eng.open(k, state0[k])
+    out = []
+    for x in xs:
+        y = eng.step(keys, x)
+        out.append((y, np.stack([eng.state(k) for k in keys])))
+    return out
+
+
+def _run_steps(forward, xs, state0):
+    """Feed each step's state_out back as the next step's state."""
+    out, s = [], state0
+    for x in xs:
+        y, s = forward(x, s)
+        out.append((y, s))
+    return out
+
+
+def _close(got, want, atol):
+    for t, ((y, s), (y_ref, s_ref)) in enumerate(zip(got, want, strict=True)):
+        np.testing.assert_allclose(y, y_ref, atol=atol, rtol=0, err_msg=f"y at step {t}")
+        np.testing.assert_allclose(s, s_ref, atol=atol, rtol=0, err_msg=f"state at step {t}")
+
+
+def _ort_forward(onnx_model):
+    ort = pytest.importorskip("onnxruntime")
+    sess = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return lambda x, s: sess.run(["y", "state_out"], {"x": x, "state": s})
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_onnx_export_runs_in_onnxruntime_as_the_oracle_and_the_engine(name):
+    pytest.importorskip("onnx")
+    model = _model(name)
+    xs, state0 = _inputs(model)
+    got = _run_steps(_ort_forward(converters.to_onnx(model)), xs, state0)
+    _close(got, _oracle_steps(model, xs, state0), atol=1e-5)
+    _close(got, _engine_steps(model, xs, state0, "float32"), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_torch_export_runs_as_the_oracle_and_the_engine(name, dtype):
+    torch = pytest.importorskip("torch")
+    model = _model(name, np.dtype(dtype))
+    net = converters.to_torch(model)
+    xs, state0 = _inputs(model)
+
+    def forward(x, s):
+        with torch.no_grad():
+            y, s2 = net(torch.from_numpy(x.astype(dtype)), torch.from_numpy(s.astype(dtype)))
+        return y.numpy(), s2.numpy()
+
+    got = _run_steps(forward, xs, state0)
+    assert got[0][0].dtype == np.dtype(dtype)
+    tol = {"float32": 1e-5, "float64": 1e-12}[dtype]
+    _close(got, _oracle_steps(model, xs, state0), atol=tol)
+    _close(got, _engine_steps(model, xs, state0, dtype), atol=max(tol, 1e-9))
+
+
+def test_torch_export_uses_grucell_where_torch_runs_the_layer_natively():
+    torch = pytest.importorskip("torch")
+    net = converters.to_torch(_model("gates"))
+    cells = [m for m in net.layers if isinstance(m, torch.nn.GRUCell)]
+    assert len(cells) == 1 and cells[0].hidden_size == 4  # the sigmoid/tanh, lbr=1, no-clip layer
+    # and torch's importer reads that cell back to the same canonical weights
+    back = converters.from_torch(cells[0])
+    np.testing.assert_array_equal(back.layers[0].W, _model("gates").layers[3].W)
+
+
+def test_onnx_sequence_export_equals_the_oracle_run():
+    pytest.importorskip("onnx")
+    model = _model("gates")
+    xs, state0 = _inputs(model)
+    forward = _ort_forward(converters.to_onnx(model, sequence=True))
+    ys, state = forward(xs, state0)  # (T, batch, ...): the whole sequence in one call
+    ref = _oracle_steps(model, xs, state0)
+    np.testing.assert_allclose(ys, np.stack([y for y, _ in ref]), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(state, ref[-1][1], atol=1e-5, rtol=0)
+
+
+def test_onnx_export_writes_the_file_and_reads_back_through_from_onnx(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    model = _model("more")
+    path = tmp_path / "m.onnx"
+    proto = converters.to_onnx(model, path, opset=18)
+    assert onnx.load(str(path)) == proto
+    assert proto.opset_import[0].version == 18
+    assert [i.name for i in proto.graph.input] == ["x", "state"]
+    assert [o.name for o in proto.graph.output] == ["y", "state_out"]
+    back = converters.from_onnx(str(path))
+    xs, state0 = _inputs(model)
+    # from_onnx folds some Dense activations into their neighbours: compare what they compute.
+    _close(_oracle_steps(back, xs, state0), _oracle_steps(model, xs, state0), atol=1e-6)
+
+
+def test_exporters_refuse_bad_arguments():
+    pytest.importorskip("onnx")
+    model = _model("plain_lbr0")
+    with pytest.raises(TypeError, match=r"^model: expected a GRUModel, got str"):
+        converters.to_onnx("m.sgru")
+    with pytest.raises(ValueError, match=r"^opset: expected 14 or later"):
+        converters.to_onnx(model, opset=13)
+    with pytest.raises(TypeError, match=r"^opset: expected an int, got '17'"):
+        converters.to_onnx(model, opset="17")
+    with pytest.raises(TypeError, match=r"^sequence: expected a bool, got 1"):
+        converters.to_onnx(model, sequence=1)
+    pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=r"^model: expected a GRUModel, got list"):
+        converters.to_torch(list(model.layers))

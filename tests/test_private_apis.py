@@ -1,0 +1,163 @@
+"""The engine and kernels lean on three things Numba does not promise: the compiled entry point of
+a dispatcher (``_compiled``), the thread-local thread-count accessors (``_get_num_threads`` /
+``_set_num_threads``) and LLVM intrinsics that address rows with ``shape[1]`` as the stride.
+Each has a fallback or a guard; these tests force the fallback and check the results still match
+the float64 oracle, and that an intrinsic refuses, at typing time, an array it cannot read.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numba
+import numpy as np
+import pytest
+from helpers import OracleStreams
+
+import streamgru.engine as engine_mod
+import streamgru.kernels as K
+from streamgru import Engine, GRUModel
+
+needs_jit = pytest.mark.skipif(numba.config.DISABLE_JIT, reason="intrinsics need the compiler")
+
+
+def _model():
+    return GRUModel.random(4, [6, 5], dense_after=[(3, "tanh")], seed=7)
+
+
+def _one_event_steps(eng, ref, key, n, seed=0):
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        x = rng.normal(size=(1, 4)).astype(np.float32)
+        np.testing.assert_allclose(eng.step([key], x), ref.step([key], x), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(eng.state(key), ref.state(key), atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------- entry points
+
+
+def test_compiled_returns_the_dispatcher_when_there_is_no_entry_point():
+    class NoOverloads:  # what a Numba without ``overloads[...].entry_point`` looks like
+        overloads = {}
+
+    kernel = NoOverloads()
+    assert engine_mod._compiled(kernel, (np.zeros(2),)) is kernel
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_one_event_path_through_the_dispatcher_matches_the_oracle(monkeypatch, wide):
+    """With the entry-point lookup failing (as on a Numba that moved it), the one-event path keeps
+    calling the dispatcher: same results. ``wide`` takes the weight-split kernel instead."""
+    model = _model()
+    if wide:
+        monkeypatch.setattr(engine_mod, "WIDE_MIN_MACS", 0)
+    eng = Engine(model, threads=2 if wide else 1)
+    eng.open("k")
+    _one_event_steps(eng, OracleStreams(model), "k", 2)  # compiled: entry points in use
+    if not numba.config.DISABLE_JIT:
+        assert (eng._wide1 if wide else eng._run1) not in (K.step_wide, K.run_sequence)
+
+    def no_typeof(value):
+        raise AttributeError("typeof moved")
+
+    monkeypatch.setattr(numba, "typeof", no_typeof)
+    eng = Engine(model, threads=2 if wide else 1)
+    eng.open("k")
+    _one_event_steps(eng, OracleStreams(model), "k", 5)
+    assert (eng._wide1 if wide else eng._run1) is (K.step_wide if wide else K.run_sequence)
+
+
+# ---------------------------------------------------------------------------- thread count
+
+
+def test_thread_switch_with_the_public_pair_matches_the_oracle_and_restores(monkeypatch):
+    """Numba's public get/set_num_threads in place of the thread-local accessors (the import
+    fallback): a parallel step switches to the engine's count and back."""
+    monkeypatch.setattr(engine_mod, "_get_num_threads", numba.get_num_threads)
+    monkeypatch.setattr(engine_mod, "_set_num_threads", numba.set_num_threads)
+    model = _model()
+    eng = Engine(model, threads=2)
+    keys = list(range(engine_mod.PARALLEL_MIN_ROWS))  # enough rows for the parallel kernel
+    x = np.random.default_rng(1).normal(size=(len(keys), 4)).astype(np.float32)
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        y = eng.step(keys, x)
+        assert numba.get_num_threads() == 1  # the caller's setting is restored
+    finally:
+        numba.set_num_threads(before)
+    np.testing.assert_allclose(y, OracleStreams(model).step(keys, x), atol=1e-5, rtol=0)
+
+
+def test_engine_falls_back_to_the_public_thread_pair_when_the_private_one_moves():
+    """The ImportError branch itself, in a fresh interpreter where the private names are gone."""
+    code = textwrap.dedent("""
+        import builtins, numba, numpy as np
+        real = builtins.__import__
+
+        def fake(name, globals=None, locals=None, fromlist=(), level=0):
+            if name == "numba.np.ufunc.parallel" and "_get_num_threads" in (fromlist or ()):
+                raise ImportError("moved in this Numba")
+            return real(name, globals, locals, fromlist, level)
+
+        builtins.__import__ = fake
+        import streamgru.engine as E
+        builtins.__import__ = real
+        assert E._get_num_threads is numba.get_num_threads
+        assert E._set_num_threads is numba.set_num_threads
+        from helpers import OracleStreams
+        from streamgru import Engine, GRUModel
+        model = GRUModel.random(4, [6], dense_after=[(3, "tanh")], seed=7)
+        numba.set_num_threads(1)
+        keys = list(range(E.PARALLEL_MIN_ROWS))
+        x = np.random.default_rng(1).normal(size=(len(keys), 4)).astype(np.float32)
+        y = Engine(model, threads=2).step(keys, x)
+        assert numba.get_num_threads() == 1
+        print(float(np.abs(y - OracleStreams(model).step(keys, x)).max()))
+    """)
+    here = os.path.dirname(__file__)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert float(r.stdout.strip().splitlines()[-1]) < 1e-5
+
+
+# ---------------------------------------------------------------------------- intrinsics
+
+
+@needs_jit
+@pytest.mark.parametrize("make, call, message", [
+    (lambda: np.zeros((4, 8), np.float32, order="F"), "w",
+     r"_prefetch_w: A: expected a C-contiguous 2-D array .*got array\(float32, 2d, F\)"),
+    (lambda: np.zeros((4, 8, 2), np.float32), "w",
+     r"_prefetch_w: A: expected a C-contiguous 2-D array .*got array\(float32, 3d, C\)"),
+    (lambda: np.zeros((8, 4), np.float32)[:, 1], "r",
+     r"_prefetch_r: A: expected a C-contiguous 1-D array .*got array\(float32, 1d, A\)"),
+])
+def test_prefetch_refuses_an_array_it_cannot_address(make, call, message):
+    from numba.core.errors import TypingError
+
+    if call == "w":
+        fn = numba.njit(lambda A: K._prefetch_w(A, 1, 2))
+    else:
+        fn = numba.njit(lambda A: K._prefetch_r(A, 1))
+    with pytest.raises(TypingError, match=message):
+        fn(make())
+    fn(np.ascontiguousarray(make()) if make().ndim <= 2 else np.zeros((4, 8), np.float32))
+
+
+@needs_jit
+def test_tile_refuses_a_strided_matrix_and_mixed_dtypes():
+    from numba.core.errors import TypingError
+
+    tile = K._make_tile(1, 1, False)
+    fn = numba.njit(lambda A, P, C: tile(A, 0, 0, 1, P, 0, 0, C, 0, 0))
+    A, P, C = np.ones((2, 3), np.float32), np.zeros(64, np.float32), np.zeros((2, 32), np.float32)
+    with pytest.raises(TypingError, match=r"tile: A: expected a C-contiguous 2-D array"):
+        fn(np.asfortranarray(A), P, C)
+    with pytest.raises(TypingError, match=r"tile: C: expected a C-contiguous 2-D float32 array"):
+        fn(A, P, C.astype(np.float64))
+    fn(A, P, C)  # the layout the kernels pass compiles and runs
