@@ -189,10 +189,12 @@ def main(argv=None):
     bench_arguments(p)
     p.set_defaults(func=_bench)
 
-    p = sub.add_parser("warmup", help="compile every kernel a model's engines can call into "
-                                       "Numba's on-disk cache, so that a new process on this kind "
-                                       "of CPU compiles nothing (run it at image build or first "
-                                       "start; see NUMBA_CACHE_DIR in docs/operations.md)")
+    help_ = ("compile every kernel a model's engines can call into Numba's on-disk cache, so "
+             "that a new process on this kind of CPU compiles nothing (run it at image build or "
+             "first start; the cache is $NUMBA_CACHE_DIR if set, else __pycache__ next to "
+             "streamgru/kernels.py if writable, else the user's cache directory: see "
+             "docs/operations.md, Cold start)")
+    p = sub.add_parser("warmup", help=help_, description=help_)
     p.add_argument("model", help="model file (the kernels depend on its dtype, not its sizes)")
     p.add_argument("--dtype", nargs="+", choices=("float32", "float64"), default=["float32"],
                    help="engine dtype(s) to prepare (default float32)")
