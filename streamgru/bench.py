@@ -55,6 +55,8 @@ __all__ = [
     "main_bench",
     "add_arguments",
     "run_bench",
+    "start_times",
+    "format_start_times",
 ]
 
 CONTENDERS = ("streamgru", "ort_run", "ort_iobinding", "torch")
@@ -475,6 +477,81 @@ def sgemm_gflops(threads, size=2048, clean_env=True):
     res = subprocess.run([sys.executable, "-c", _SGEMM, str(size)], env=env, capture_output=True,
                          text=True, timeout=300, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# A new process's start, in phases (seconds of wall clock): import and load the model and build
+# the engine; the first one-event step (of a new stream); the first batch; the first run.
+_START_PHASES = ("import+load", "first step", "first batch", "first run")
+_START_CHILD = """
+import json, sys, time
+t0 = time.perf_counter()
+import numpy as np
+import streamgru
+model = streamgru.load(sys.argv[1])
+engine = streamgru.Engine(model)
+t1 = time.perf_counter()
+engine.step(["first"], np.zeros((1, model.input_size), np.float32))
+t2 = time.perf_counter()
+n = int(sys.argv[2])
+engine.step([f"s{i}" for i in range(n)], np.zeros((n, model.input_size), np.float32))
+t3 = time.perf_counter()
+engine.run("first", np.zeros((100, model.input_size), np.float32))
+t4 = time.perf_counter()
+print(json.dumps([t1 - t0, t2 - t1, t3 - t2, t4 - t3]))
+"""
+
+
+def start_times(path, batch=256, timeout=1800):
+    """Cold and warm start of a new process serving the model file ``path``.
+
+    Two fresh processes share an empty Numba cache directory (``NUMBA_CACHE_DIR``, a temporary
+    directory removed afterwards): the first compiles every kernel it calls (cold: a new
+    machine, or a container without a warmed cache), the second loads them (warm). Each times
+    the phases of ``_START_PHASES``. Wall-clock seconds: on a busy machine, repeat and compare
+    medians.
+
+    Returns
+    -------
+    dict
+        ``{"cold": {phase: seconds}, "warm": {phase: seconds}}``.
+    """
+    import subprocess
+    import tempfile
+
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="streamgru-start-") as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        for label in ("cold", "warm"):
+            res = subprocess.run([sys.executable, "-c", _START_CHILD, str(path), str(batch)],
+                                 env=env, capture_output=True, text=True, timeout=timeout)
+            if res.returncode != 0:
+                raise RuntimeError(f"start timing: the {label} process failed: "
+                                   f"{res.stderr.strip().splitlines()[-1:]}")
+            out[label] = dict(zip(_START_PHASES, json.loads(res.stdout.strip().splitlines()[-1])))
+    return out
+
+
+def format_start_times(times):
+    """The table of :func:`start_times`, with the cold/warm ratio of the time to a first step.
+
+    Examples
+    --------
+    >>> t = {"cold": dict(zip(_START_PHASES, (0.5, 3.0, 9.0, 4.0))),
+    ...      "warm": dict(zip(_START_PHASES, (0.5, 0.3, 0.1, 0.1)))}
+    >>> print(format_start_times(t))  # doctest: +NORMALIZE_WHITESPACE
+    start (s)  import+load  first step  first batch  first run  total
+    cold               0.5         3.0          9.0        4.0   16.5
+    warm               0.5         0.3          0.1        0.1    1.0
+    to a first step (import and load included): cold 3.5 s, warm 0.8 s, 4.4x
+    """
+    lines = ["start (s)  " + "  ".join(_START_PHASES) + "  total"]
+    for label, t in times.items():
+        cells = [f"{t[p]:{len(p)}.1f}" for p in _START_PHASES]
+        lines.append(f"{label:9s}  " + "  ".join(cells) + f"  {sum(t.values()):5.1f}")
+    cold, warm = (times[k]["import+load"] + times[k]["first step"] for k in ("cold", "warm"))
+    lines.append(f"to a first step (import and load included): cold {cold:.1f} s, "
+                 f"warm {warm:.1f} s, {cold / warm:.1f}x")
+    return "\n".join(lines)
 
 
 def machine_info():

@@ -6,6 +6,7 @@
 ``streamgru demo``            many simulated streams through one engine, with latency figures
 ``streamgru run MODEL``       the engine in a shell pipeline: events in, one output line per event
 ``streamgru bench [--quick]`` streamgru against onnxruntime and PyTorch: table, JSON, plot
+``streamgru warmup MODEL``    compile every kernel into Numba's cache, so a new process starts at once
 """
 
 from __future__ import annotations
@@ -35,6 +36,16 @@ def load_model_arg(path, what="model"):
 def _info(args):
     from .isa import TILE
 
+    if args.timing:
+        from .bench import format_start_times, start_times
+        from .demo import DEFAULT_MODEL
+
+        path = args.file if args.file is not None else DEFAULT_MODEL
+        load_model_arg(path, "file")
+        print(f"kernels: {TILE.describe()}")
+        print(f"start of a new process serving {path} (wall clock; one run each):")
+        print(format_start_times(start_times(path)))
+        return 0
     if args.file is None:
         print(f"kernels: {TILE.describe()}")
         return 0
@@ -101,6 +112,29 @@ def _bench(args):
     return run_bench(args)
 
 
+def _warmup(args):
+    import time
+
+    from . import kernels
+    from .engine import Engine
+    from .isa import TILE
+
+    model = load_model_arg(args.model)
+    where = kernels.cache_dir()
+    print(f"kernels: {TILE.describe()}")
+    print(f"cache: {where}" if where else
+          "cache: none (NUMBA_DISABLE_JIT or STREAMGRU_TILE is set: every process compiles)")
+    for dtype in dict.fromkeys(args.dtype):
+        t0 = time.perf_counter()
+        done = Engine(model, dtype=dtype, threads=args.threads).warmup()
+        seconds = time.perf_counter() - t0
+        compiled = sorted(k for k, (_, c) in done.items() if c)
+        loaded = sorted(k for k, (h, c) in done.items() if h and not c)
+        print(f"{dtype}: {seconds:.1f} s; compiled: {', '.join(compiled) or 'nothing'}; "
+              f"loaded from the cache: {', '.join(loaded) or 'nothing'}")
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="streamgru", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +142,10 @@ def main(argv=None):
     p = sub.add_parser("info", help="describe a model file and the kernels' product tile")
     p.add_argument("file", nargs="?", default=None,
                    help="model file (omit it to show only the product tile in use)")
+    p.add_argument("--timing", action="store_true",
+                   help="time a new process's start with an empty and with a filled kernel "
+                        "cache: import and load, first step, first batch, first run (FILE, or "
+                        "the shipped default model; about a minute)")
     p.set_defaults(func=_info)
 
     p = sub.add_parser("convert", help="import a foreign model into the native .sgru format")
@@ -153,6 +191,20 @@ def main(argv=None):
 
     bench_arguments(p)
     p.set_defaults(func=_bench)
+
+    help_ = ("compile every kernel a model's engines can call into Numba's on-disk cache, so "
+             "that a new process on this kind of CPU compiles nothing (run it at image build or "
+             "first start; the cache is $NUMBA_CACHE_DIR if set, else __pycache__ next to "
+             "streamgru/kernels.py if writable, else the user's cache directory: see "
+             "docs/operations.md, Cold start)")
+    p = sub.add_parser("warmup", help=help_, description=help_)
+    p.add_argument("model", help="model file (the kernels depend on its dtype, not its sizes)")
+    p.add_argument("--dtype", nargs="+", choices=("float32", "float64"), default=["float32"],
+                   help="engine dtype(s) to prepare (default float32)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="Numba threads of the engine (default: Numba's own setting); the "
+                        "kernels of every thread count are prepared either way")
+    p.set_defaults(func=_warmup)
 
     args = parser.parse_args(argv)
     try:

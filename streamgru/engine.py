@@ -296,7 +296,7 @@ class Engine:
         self._shape1 = (1, model.input_size)
         self._slot1 = np.zeros(1, np.int64)  # the one-event fast path's slots array
         self._flip = 0  # the one-event path's weight direction, alternated per call
-        self._run1, self._wide1 = K.run_sequence, K.step_wide  # the one-event path's kernels
+        self._run1, self._wide1 = K.step_one, K.step_wide  # the one-event path's kernels
         numba.get_num_threads()  # launches Numba's thread pool, which _get_num_threads assumes
         self._macs_per_row = sum(layer.W.size + getattr(layer, "R", layer.W[:0]).size
                                  for layer in model.layers)
@@ -367,8 +367,8 @@ class Engine:
                             args = (p.params, p.table, p.fp, store.states, slot, x, out,
                                     self._run_scratch, self.check_finite, self._flip)
                             bad = self._run1(*args)
-                            if self._run1 is K.run_sequence:
-                                self._run1 = _compiled(K.run_sequence, args)
+                            if self._run1 is K.step_one:
+                                self._run1 = _compiled(K.step_one, args)
                         else:  # large layers: split the weights over threads (see _kernel)
                             slot1 = self._slot1
                             slot1[0] = slot
@@ -653,6 +653,55 @@ class Engine:
                 self._touch([k])
             self._m_ran(T, len(opened), t0)
             return out
+
+    def warmup(self):
+        """Make every kernel this engine's dtype can call ready, so that no later call compiles.
+
+        Loads each kernel from Numba's on-disk cache or compiles it there: the one-event path,
+        the batch kernels (serial, parallel over rows, parallel over weight panels), both
+        ``run`` kernels and the int-key table's kernels, whatever the thread count. The kernels
+        depend on the dtype and the CPU, not on the model's sizes: after this, a new process
+        on a CPU of the same kind (and with the same cache directory) loads them instead of
+        compiling them. Stream states are untouched; no kernel runs on them.
+
+        Returns
+        -------
+        dict
+            ``{kernel name: (signatures loaded from the cache, signatures compiled)}`` for each
+            kernel this call made ready (see ``kernels.cache_dir()`` for where they live).
+
+        Examples
+        --------
+        >>> from streamgru import Engine, GRUModel
+        >>> engine = Engine(GRUModel.random(3, 8))
+        >>> _ = engine.warmup()  # loads (or compiles) once per process; then steps compile nothing
+        """
+        before = K.cache_counts()
+        with self._lock:
+            p, store = self._packed, self._store
+            x = np.zeros(self._shape1, self.dtype)
+            out = np.zeros((1, self._n_out), self.dtype)
+            one = (p.params, p.table, p.fp, store.states, 0, x, out, self._run_scratch,
+                   self.check_finite, 0)
+            many = (p.params, p.table, p.fp, store.states, np.zeros(1, np.int64), x, out,
+                    self._scratch, self._iwork, store.mark, self.check_finite)
+            for kernel, args in ((K.step_one, one), (K.run_sequence, one),
+                                 (K.run_sequence_wide, one[:-1]), (K.step_serial, many),
+                                 (K.step_parallel, many), (K.step_wide, many)):
+                K.compile_for(kernel, args)
+        # The int-key table's kernels, through the verbs of a throwaway engine: a batch of int
+        # keys opens them (lookup), the next call inserts them, a close deletes one.
+        spare = Engine(self.model, dtype=self.dtype, capacity=INT_TABLE_MIN_ROWS,
+                       threads=self.threads, check_finite=self.check_finite)
+        keys = np.arange(INT_TABLE_MIN_ROWS, dtype=np.int64)
+        xs = np.zeros((INT_TABLE_MIN_ROWS, self.model.input_size), self.dtype)
+        spare.step(keys, xs)
+        spare.step(keys, xs)
+        spare.close(0)
+        after = K.cache_counts()
+        return {name: (after[name][0] - before.get(name, (0, 0))[0],
+                       after[name][1] - before.get(name, (0, 0))[1])
+                for name in after if after[name] != before.get(name)}
 
     # ------------------------------------------------------------------------------------------
     # stream lifecycle
@@ -1282,13 +1331,27 @@ class Engine:
 
     def _kernel(self, n):
         """The step kernel for n rows: serial, parallel over rows, or parallel over weight panels
-        (few rows, large layers: each thread streams its share of the weights once)."""
+        (few rows, large layers: each thread streams its share of the weights once); one row
+        where the one-event path would run the one-event kernel goes there too (:meth:`_single`)."""
+        if n == 1 and (self._par_threads == 1 or self._macs_per_row < WIDE_MIN_MACS):
+            return self._single
         if self._par_threads > 1:
             if n >= PARALLEL_MIN_ROWS:
                 return K.step_parallel
             if n * self._macs_per_row >= WIDE_MIN_MACS:
                 return K.step_wide
         return K.step_serial
+
+    def _single(self, params, table, fp, state, slots, x, out, scratch, iwork, mark,
+                check_finite):
+        """A batch kernel's call for one row, made with the one-event kernel (the same bits as
+        step_serial): the first call on a new stream then compiles no more than the one-event
+        path does. Sets the plan-order flags that :meth:`_refuse` reads, as the batch kernels do."""
+        bad = K.step_one(params, table, fp, state, int(slots[0]), x, out, scratch, check_finite, 0)
+        nm = (iwork.shape[0] - 1) // 4
+        iwork[0] = 0
+        iwork[3 * nm + 1] = bad == K.PRODUCED_NONFINITE
+        return bad
 
     def __repr__(self):
         return (f"Engine({self.model!r}, dtype={self.dtype.name!r}, streams={len(self)}, "

@@ -49,6 +49,7 @@ compiled signature per dtype.
 """
 
 import math
+import warnings
 
 import numpy as np
 from llvmlite import ir
@@ -84,15 +85,38 @@ SERIAL_WAVE_ROWS = 32
 # Return code of a step/run kernel whose result would have held NaN/inf (state restored).
 PRODUCED_NONFINITE = -2
 
-# Numba keys its on-disk cache by the target CPU, not by the tile chosen at import: the tile
-# follows from the target unless STREAMGRU_TILE forces one, and then nothing is cached (a forced
-# build must neither load another tile's kernels nor leave its own for a normal process).
-_JIT = dict(cache=not TILE.forced, fastmath=FASTMATH, error_model="numpy", nogil=True)
-
 
 def panel_width(dtype):
     """NR: the number of output columns one weight panel holds for ``dtype``."""
     return TILE.panel_width(dtype)
+
+
+def _cacheable():
+    """Whether Numba has a writable cache directory for this file (see :func:`cache_dir`).
+
+    Without one, ``cache=True`` makes Numba raise at import ("no locator available"): a
+    read-only install whose user has no writable home, say. The kernels then compile in every
+    process instead, and a warning says how to give them a cache.
+    """
+    from numba.core.caching import FunctionCache
+
+    try:
+        FunctionCache(panel_width)
+    except RuntimeError:
+        warnings.warn("streamgru: Numba finds no writable cache directory for its kernels (not "
+                      "NUMBA_CACHE_DIR, not __pycache__ next to streamgru/kernels.py, not the "
+                      "user's cache directory), so every process compiles them on first use; "
+                      "set NUMBA_CACHE_DIR to a writable directory (docs/operations.md)",
+                      RuntimeWarning, stacklevel=2)
+        return False
+    return True
+
+
+# Numba keys its on-disk cache by the target CPU, not by the tile chosen at import: the tile
+# follows from the target unless STREAMGRU_TILE forces one, and then nothing is cached (a forced
+# build must neither load another tile's kernels nor leave its own for a normal process).
+_JIT = dict(cache=not TILE.forced and not config.DISABLE_JIT and _cacheable(),
+            fastmath=FASTMATH, error_model="numpy", nogil=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -513,15 +537,17 @@ def _gemm_rows_fit(params, woff, boff, K, p0, p1, src, rows, s0, dst, d0, r0, r1
 # The product every kernel calls: the tile's own (the target decides; see streamgru.isa).
 _gemm = _gemm_ksplit if _KU > 1 else _gemm_fit
 _gemm_rows = _gemm_rows_ksplit if _KU > 1 else _gemm_rows_fit
+# The one-row tiles, all that step_one compiles: _NP_D panels at once, and one panel.
+_row_tile, _row_tile1 = (_tile1, _tile1) if _KU > 1 else (_tile_d, _tile_d1)
 
 
-@njit(**_JIT)
+@njit(inline="always", **_JIT)
 def _groups(npan):
     """Number of PANEL_GROUP-panel groups covering npan panels (the last may be short)."""
     return (npan + PANEL_GROUP - 1) // PANEL_GROUP
 
 
-@njit(**_JIT)
+@njit(inline="always", **_JIT)
 def _group(g, npan):
     """(p0, p1): the panels of group g of npan panels."""
     return g * PANEL_GROUP, min(npan, (g + 1) * PANEL_GROUP)
@@ -541,6 +567,29 @@ def _gemm_all(params, woff, boff, K, npan, src, s0, dst, d0, r0, r1, rev):
                   s0, dst, d0, r0, r1)
     else:
         _gemm(params, woff, boff, K, 0, npan, src, s0, dst, d0, r0, r1)
+
+
+@njit(**_JIT)
+def _gemv(params, woff, boff, K, npan, src, si, s0, dst, di, d0, rev):
+    """dst[di, d0:d0 + npan*NR] = src[si, s0:s0+K] @ panels 0..npan-1 + bias: one row, last
+    group of PANEL_GROUP panels first when ``rev`` (see :func:`_gemm_all`).
+
+    The same tiles as :func:`_gemm` takes for one row, panel for panel, so the same bits; the
+    one-event kernel calls this instead so that it does not compile the many-row tiles (a
+    first step on an empty cache then costs a fraction of the compile time).
+    """
+    nr = 2 * VEC_BYTES // params.itemsize
+    ng = _groups(npan)
+    for q in range(ng):
+        g = ng - 1 - q if rev else q
+        p0, p1 = _group(g, npan)
+        if p1 - p0 == _NP_D:
+            _row_tile(src, si, s0, K, params, woff + p0 * K * nr, boff + p0 * nr, dst, di,
+                      d0 + p0 * nr)
+        else:
+            for p in range(p0, p1):
+                _row_tile1(src, si, s0, K, params, woff + p * K * nr, boff + p * nr, dst, di,
+                           d0 + p * nr)
 
 
 def _emit_prefetch(builder, ptr, rw, locality):
@@ -720,6 +769,13 @@ def _act(A, i, lo, hi, kind, alpha, beta, clip, fast):
 # the step: a block of rows through every layer
 
 
+# Helpers without floating-point arithmetic (copies, checks, index arithmetic) are inlined into
+# their callers at Numba's IR level (inline="always"): on an empty cache every separately
+# compiled function costs a compile and machine code of its own. The arithmetic helpers stay
+# separate functions: each is optimised on its own before LLVM inlines it, so the fast-math
+# rewrites (reassociation, fused multiply-add) come out the same in every caller, and the fused
+# cell and the general path, or a batch and separate calls, give the same bits (test_kernels).
+#
 # Per-row helpers take 2-D arrays and row indices and slice them themselves: a view made in the
 # caller's row loop and passed to a call costs an atomic reference-count increment and decrement
 # (Numba's runtime), ~10% of a step at H=128 with a dozen views per row; views made and used
@@ -769,7 +825,7 @@ def _update(S, gi, GX, st, si, so, H, D, di, d0):
         h[k] = hn
 
 
-@njit(**_JIT)
+@njit(inline="always", **_JIT)
 def _std32(fast, fk, gk, clip):
     """Whether a linear_before_reset=1 layer is the standard float32 cell (sigmoid gates, tanh
     candidate, no clip), which :func:`_cell_std32` computes."""
@@ -835,7 +891,7 @@ def _cell_lbr0_n(S, gi, wi, GX, GH, st, si, so, H, gk, ga, gb, clip, fast, D, di
     _update(S, gi, GX, st, si, so, H, D, di, d0)
 
 
-@njit(**_JIT)
+@njit(inline="always", **_JIT)
 def _copy_row(src, si, s0, dst, di, d0, m):
     """dst[di, d0:d0+m] = src[si, s0:s0+m]."""
     a = src[si, s0:s0 + m]
@@ -888,7 +944,7 @@ def _dense_out(table, scratch, r0, r1, cur, out, order):
             _copy_row(scratch, i, cur, out, order[i], 0, out.shape[1])
 
 
-@njit(**_JIT)
+@njit(inline="always", **_JIT)
 def _nonfinite(A, i, lo, hi):
     """How many of A[i, lo:hi] are NaN or +-inf.
 
@@ -1207,7 +1263,7 @@ def step_wide(params, table, fp, state, slots, x, out, scratch, iwork, mark, che
 # a sequence for one stream
 
 
-@njit(**_JIT)
+@njit(inline="always", **_JIT)
 def _first_nonfinite_row(xs):
     """Index of the first row of xs holding NaN/inf, or -1 (one branch per row; the scan of a
     row vectorises, see :func:`_nonfinite`)."""
@@ -1217,7 +1273,7 @@ def _first_nonfinite_row(xs):
     return -1
 
 
-@njit(**_JIT)
+@njit(inline="always", **_JIT)
 def _rows_in(xs, scratch, A):
     """scratch[t, A:A+I] = xs[t] for every step t."""
     n_in = xs.shape[1]
@@ -1228,7 +1284,7 @@ def _rows_in(xs, scratch, A):
             row[k] = xr[k]
 
 
-@njit(**_JIT)
+@njit(inline="always", **_JIT)
 def _rows_out(scratch, cur, out):
     """out[t] = scratch[t, cur:cur+O] for every step t."""
     n_out = out.shape[1]
@@ -1239,7 +1295,7 @@ def _rows_out(scratch, cur, out):
             o[k] = src[k]
 
 
-@njit(**_JIT)
+@njit(inline="always", **_JIT)
 def _check_run(state, slot, out, scratch, n, BK):
     """The end of a sequence kernel: -1 if the stream's new state and every output row are
     finite; otherwise put the state backed up in scratch[n, BK:] back and return
@@ -1251,6 +1307,76 @@ def _check_run(state, slot, out, scratch, n, BK):
         return -1
     _copy_row(scratch, n, BK, state, slot, 0, state.shape[1])
     return PRODUCED_NONFINITE
+
+
+@njit(**_JIT)
+def step_one(params, table, fp, state, slot, x, out, scratch, check_finite, flip):
+    """One step of one stream (state row ``slot``): x (1, input_size) -> out (1, output_size).
+
+    The one-event path: the arithmetic of :func:`run_sequence` for T = 1, bit for bit, with
+    every product over one row (:func:`_gemv`), so that a process with an empty cache compiles
+    only the one-row tiles before its first step. Products read x and the state row in place.
+    ``scratch``: (2, table[0, T_LW]) or more; row 0 holds the layer inputs/outputs and input
+    projections, row 1 the recurrent workspace and the state's backup. ``flip``: as in
+    :func:`run_sequence`. Returns 0 if x holds NaN/inf (state untouched),
+    PRODUCED_NONFINITE (state restored) or -1.
+    """
+    fast = params.itemsize == 4
+    rev = flip != 0
+    if check_finite and _first_nonfinite_row(x) >= 0:
+        return 0
+    # Row indices as int64 variables, not literals: a literal argument compiles its own
+    # specialization of every helper it reaches.
+    r0 = np.int64(0)
+    w1 = np.int64(1)
+    GX = table[0, T_LGX]
+    GH = table[0, T_LGH]
+    T = table[0, T_LT]
+    _copy_row(state, slot, r0, scratch, w1, table[0, T_LBK], state.shape[1])  # backup
+    src = x  # the first layer reads x[0, 0:K], the others their input in scratch row 0
+    s0 = r0
+    cur = table[0, T_LA]
+    nxt = table[0, T_LB]
+    for l in range(table.shape[0]):
+        K = table[l, T_IN]
+        M = table[l, T_OUT]
+        if table[l, T_KIND] == KIND_DENSE:
+            _gemv(params, table[l, T_W], table[l, T_BW], K, table[l, T_NPW], src, r0, s0,
+                  scratch, r0, nxt, rev)
+            _act(scratch, r0, nxt, nxt + M, table[l, T_F], fp[l, F_FA], fp[l, F_FB],
+                 fp[l, F_CLIP], fast)
+        else:
+            H = M
+            so = table[l, T_SOFF]
+            clip = fp[l, F_CLIP]
+            fk, fa, fb = table[l, T_F], fp[l, F_FA], fp[l, F_FB]
+            gk, ga, gb = table[l, T_G], fp[l, F_GA], fp[l, F_GB]
+            if rev:  # the recurrent product first (see run_sequence)
+                _gemv(params, table[l, T_R], table[l, T_BR], H, table[l, T_NPR], state, slot,
+                      so, scratch, w1, GH, rev)
+            _gemv(params, table[l, T_W], table[l, T_BW], K, table[l, T_NPW], src, r0, s0,
+                  scratch, r0, GX, rev)
+            if not rev:
+                _gemv(params, table[l, T_R], table[l, T_BR], H, table[l, T_NPR], state, slot,
+                      so, scratch, w1, GH, rev)
+            # the new h goes to the state row and to this layer's output
+            if table[l, T_LBR] == 1 and _std32(fast, fk, gk, clip):
+                _cell_std32(scratch, r0, w1, GX, GH, state, slot, so, H, scratch, r0, nxt)
+            elif table[l, T_LBR] == 1:
+                _cell_lbr1(scratch, r0, w1, GX, GH, state, slot, so, H, fk, fa, fb, gk, ga, gb,
+                           clip, fast, scratch, r0, nxt)
+            else:
+                _cell_lbr0_zr(scratch, r0, w1, GX, GH, T, state, slot, so, H, fk, fa, fb, clip,
+                              fast)
+                _gemv(params, table[l, T_RN], table[l, T_BRN], H, table[l, T_NPRN], scratch, w1,
+                      T, scratch, w1, GH, rev)
+                _cell_lbr0_n(scratch, r0, w1, GX, GH, state, slot, so, H, gk, ga, gb, clip,
+                             fast, scratch, r0, nxt)
+        cur, nxt = nxt, cur
+        src = scratch
+        s0 = cur
+    _copy_row(scratch, r0, cur, out, r0, r0, out.shape[1])
+    return _check_run(state, slot, out, scratch, w1, table[0, T_LBK])
 
 
 @njit(**_JIT)
@@ -1266,8 +1392,9 @@ def run_sequence(params, table, fp, state, slot, xs, out, scratch, check_finite,
     ``flip`` (only for T = 1): read each layer's weights backwards, recurrent product first. A
     single step reads every weight once; when a layer's weights outgrow the core's L2, a cache
     keeps the part read last, so a caller alternating ``flip`` from call to call starts each
-    step on weights still in L2 (the one-event path does; at I=H=256, 1.5 MiB of weights, the
-    products take ~14 us instead of ~17.5). Results are bit-identical either way.
+    step on weights still in L2 (the engine does, here and in :func:`step_one`; at I=H=256,
+    1.5 MiB of weights, the products take ~14 us instead of ~17.5). Results are bit-identical
+    either way.
     """
     fast = params.itemsize == 4
     n = xs.shape[0]
@@ -1430,9 +1557,53 @@ def scatter_rows(state, slots, src):
 def compiled_signatures():
     """{kernel name: number of compiled signatures}: lets tests prove nothing recompiles."""
     return {f.__name__: len(f.signatures)
-            for f in (step_serial, step_parallel, step_wide, run_sequence, run_sequence_wide,
-                      table_lookup, table_insert, table_delete, gather_rows,
+            for f in (step_one, step_serial, step_parallel, step_wide, run_sequence,
+                      run_sequence_wide, table_lookup, table_insert, table_delete, gather_rows,
                       scatter_rows)}
+
+
+def compile_for(kernel, args):
+    """Make ``kernel`` ready for the types of ``args`` without running it: load it from Numba's
+    on-disk cache, or compile it (and save it there).
+
+    Returns "compiled", "loaded" (from the cache), "ready" (already in this process) or
+    "nojit" (NUMBA_DISABLE_JIT: kernels are plain Python).
+    """
+    if config.DISABLE_JIT:
+        return "nojit"
+    from numba import typeof
+
+    sig = tuple(typeof(a) for a in args)
+    if sig in kernel.overloads:
+        return "ready"
+    hits = sum(kernel.stats.cache_hits.values())
+    kernel.compile(sig)
+    return "loaded" if sum(kernel.stats.cache_hits.values()) > hits else "compiled"
+
+
+def cache_counts():
+    """{public kernel name: (signatures loaded from the on-disk cache, signatures compiled)} in
+    this process so far (a signature counts as compiled when the cache did not have it). Tests
+    use it to prove that a process after ``streamgru warmup`` compiles nothing."""
+    if config.DISABLE_JIT:
+        return {}
+    return {name: (sum(f.stats.cache_hits.values()), sum(f.stats.cache_misses.values()))
+            for name, f in globals().items()
+            if not name.startswith("_") and hasattr(f, "stats") and hasattr(f, "py_func")}
+
+
+def cache_dir():
+    """The directory where Numba keeps these kernels' compiled code, or None when they are not
+    cached (NUMBA_DISABLE_JIT, or a tile forced by STREAMGRU_TILE).
+
+    Numba picks it per source file when the module is imported: ``$NUMBA_CACHE_DIR`` if set;
+    else ``__pycache__`` next to this file if writable; else a user-wide directory
+    (``$XDG_CACHE_HOME/numba`` or ``~/.cache/numba`` on Linux) if it can create it
+    (docs/operations.md, "Cold start").
+    """
+    if not _JIT["cache"]:
+        return None
+    return step_one.stats.cache_path
 
 
 # ----------------------------------------------------------------------------------------------

@@ -348,5 +348,5 @@ def test_one_event_path_equals_batch_path_for_every_input_form(dtype, threads, m
                 eng.step([2000 + i for i in range(40)], np.zeros((40, 5), dtype))
     for key in range(3):
         np.testing.assert_array_equal(fast.state(key), ref.state(key))
-    if hasattr(kernels.run_sequence, "overloads"):  # compiled: the direct entry point was used
-        assert (fast._run1 is not kernels.run_sequence) or (fast._wide1 is not kernels.step_wide)
+    if hasattr(kernels.step_one, "overloads"):  # compiled: the direct entry point was used
+        assert (fast._run1 is not kernels.step_one) or (fast._wide1 is not kernels.step_wide)

@@ -259,7 +259,7 @@ FAULTS = [
     (ONE, "kernels.step_serial", lambda e: e.step(["a", "n1"], rows(2, 0))),
     (INTS, "StateStore.grow", lambda e: e.step(np.arange(100, 200), rows(100, 0))),  # int table
     (ONE, "kernels.run_sequence", lambda e: e.run("n1", rows(3, 0))),
-    (ONE, "kernels.run_sequence", lambda e: e.step(["a"], rows(1, 0).astype(np.float32))),
+    (ONE, "kernels.step_one", lambda e: e.step(["a"], rows(1, 0).astype(np.float32))),
     (TWO, "StateStore.grow", lambda e: e.open("n1")),
     (TWO, "StateStore.grow", lambda e: e.set_state("n1", np.ones(H))),
 ]
@@ -270,7 +270,7 @@ def fail_with(monkeypatch, inject, exc, eng):
     target = {"Engine": Engine, "StateStore": StateStore, "kernels": K,
               "IntSlotTable": IntSlotTable}[owner]
     monkeypatch.setattr(target, name, boom(exc("injected")))
-    if inject == "kernels.run_sequence":  # the one-event path's cached entry point
+    if inject == "kernels.step_one":  # the one-event path's cached entry point
         monkeypatch.setattr(eng, "_run1", boom(exc("injected")))
 
 

@@ -41,7 +41,10 @@ def check_against_oracle(model, dtype, steps=200, n=3, seed=0, regime="serial", 
     worst = 0.0
     for _ in range(steps):
         x = rng.normal(size=(n, model.input_size)).astype(dtype)
-        y = eng.step(list(range(n)), x)
+        if regime == "one":  # one event per call: the one-event kernel
+            y = np.concatenate([eng.step([i], x[i:i + 1]) for i in range(n)])
+        else:
+            y = eng.step(list(range(n)), x)
         y_ref, ref = oracle.step(model, ref, x)
         worst = max(worst, np.abs(y - y_ref).max())
         np.testing.assert_allclose(y, y_ref, atol=TOL[dtype], rtol=0)
@@ -52,7 +55,7 @@ def check_against_oracle(model, dtype, steps=200, n=3, seed=0, regime="serial", 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("lbr", [0, 1])
-@pytest.mark.parametrize("regime", ["serial", "parallel", "wide"])
+@pytest.mark.parametrize("regime", ["serial", "parallel", "wide", "one"])
 def test_multilayer_with_dense_before_and_after(dtype, lbr, regime, monkeypatch):
     rng = np.random.default_rng(lbr)
     model = GRUModel([
@@ -239,3 +242,27 @@ def test_fused_standard_cell_equals_general_path_bit_for_bit(regime, monkeypatch
     xs = rng.normal(size=(9, 7)).astype(np.float32)
     np.testing.assert_array_equal(ef.run(0, xs), eg.run(0, xs))
     np.testing.assert_array_equal(ef.state(0), eg.state(0))
+
+
+def test_import_without_a_writable_cache_directory_warns_and_compiles():
+    """With no writable cache directory anywhere, ``cache=True`` made Numba raise at import;
+    the kernels now compile in each process instead, after a warning that names the fix. No
+    kernel compiles here: the subprocess only imports."""
+    import os
+    import subprocess
+    import sys
+
+    from numba import config
+
+    if not hasattr(config, "CACHE_LOCATOR_CLASSES"):
+        pytest.skip("this Numba cannot restrict its cache locators")
+    # Only the NUMBA_CACHE_DIR locator, pointed at a path no one can create.
+    env = dict(os.environ, NUMBA_CACHE_LOCATOR_CLASSES="UserProvidedCacheLocator",
+               NUMBA_CACHE_DIR=os.path.join(os.devnull, "cache"))
+    env.pop("NUMBA_DISABLE_JIT", None)
+    env.pop("STREAMGRU_TILE", None)
+    r = subprocess.run([sys.executable, "-c", "import streamgru.kernels as K; print(K.cache_dir())"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "None"
+    assert "no writable cache directory" in r.stderr and "NUMBA_CACHE_DIR" in r.stderr
