@@ -652,8 +652,7 @@ class Engine:
             store = StateStore(self.model.state_size, self.dtype,
                                max(self._store.capacity, len(keys), 1), track=self._track,
                                limit=self.max_streams)
-            for k in keys:
-                store.open(k)
+            store.slots(keys)  # one batch: int keys go into the table in one kernel call
             if self._track:  # every loaded stream counts as used now, in the file's order
                 self._now = self._clock() if self.idle_timeout is not None else 0.0
                 store.touch(keys, self._now)
