@@ -322,7 +322,9 @@ class Engine:
                 tk = type(k)
                 store = self._store
                 if tk is store.key_kind and (tk is str or _I64_MIN <= k <= _I64_MAX):
-                    slot = store.slot_of.get(k)
+                    slot = store.hot.get(k)  # a dict: int keys seen lately, every str key
+                    if slot is None:
+                        slot = store.slot_of.get(k)
                     xf = x.flags
                     if slot is not None and x.dtype == self.dtype and x.shape == self._shape1 \
                             and xf.c_contiguous and xf.writeable and xf.aligned \

@@ -1412,9 +1412,9 @@ def compiled_signatures():
 # int key -> slot table (open addressing, linear probing; see state.IntSlotTable)
 # tab: (2 * size,) int64, size a prime below 2**31; cell j is tab[2j] (key), tab[2j + 1] (slot,
 # TAB_EMPTY or TAB_TOMB): a probe reads one cache line. A key's probe starts at its home cell,
-# (key mod size) * mult mod size with mult < 2**32 (no int64 overflow): sequential or strided keys
-# spread over the table as a multiple of a Weyl sequence. Python computes the same home as
-# key * mult % size (exact integers), so a single key is found without a kernel call.
+# (key mod size) * mult mod size with mult < size (no int64 overflow; the table picks mult).
+# Python computes the same home as key * mult % size (exact integers), so a single key is found
+# without a kernel call.
 
 TAB_EMPTY = -1
 TAB_TOMB = -2

@@ -163,8 +163,9 @@ class SlotBuffer:
         return undo
 
 
-_MULT = 2654435761  # the table's hash multiplier (< 2**32, see kernels.table_lookup)
-_SIZE_MAX = 2**31 - 1  # largest table (a prime below this): (size - 1) * _MULT fits an int64
+_SIZE_MAX = 2**31 - 1  # largest table (a prime below this): (size - 1)**2 fits an int64
+_PHI = 0.6180339887498949  # 1/golden ratio
+HOT_MAX = 4096  # keys in IntSlotTable.hot (~100 bytes each)
 
 
 def _is_prime(n):
@@ -210,6 +211,10 @@ class IntSlotTable:
     def __init__(self, expected=0):
         self.live = 0  # open keys
         self.used = 0  # open keys + tombstones
+        # key -> slot of keys found one at a time lately (at most HOT_MAX): a dict lookup
+        # (C-level, ~40 ns) for the one-event fast path where the table probe in Python costs
+        # ~3x that. Cleared when full; a key leaves it when it is deleted.
+        self.hot = {}
         self._alloc(self._size_for(expected))
 
     @staticmethod
@@ -225,18 +230,27 @@ class IntSlotTable:
     def _alloc(self, size):
         tab = np.zeros(2 * size, np.int64)
         tab[1::2] = K.TAB_EMPTY
+        # Home of key k: (k mod size) * mult mod size with mult/size ~ 1/phi, i.e. Fibonacci
+        # hashing modulo a prime: consecutive keys land ~0.38 of the table apart and never
+        # bunch up (a multiplier whose ratio to the size is near a simple fraction would stack
+        # consecutive keys a few cells apart: probe chains of hundreds measured).
+        self.mult = int(size * _PHI)
         self.tab, self.size, self._cells, self._mv = tab, size, 2 * size, memoryview(tab)
 
     def get(self, key, default=None):
         if type(key) is not int:  # a str (or np.int64) never matches: no arithmetic on it
             return default
         t = self._mv
-        j = key * _MULT % self.size * 2  # the kernels' home cell, in exact integers
+        j = key * self.mult % self.size * 2  # the kernels' home cell, in exact integers
         while True:
             s = t[j + 1]
             if s == K.TAB_EMPTY:
                 return default
             if t[j] == key and s >= 0:
+                hot = self.hot
+                if len(hot) >= HOT_MAX:
+                    hot.clear()
+                hot[key] = s
                 return s
             j += 2
             if j == self._cells:
@@ -274,7 +288,7 @@ class IntSlotTable:
     def lookup(self, keys):
         """Slots of ``keys`` (int64 array); -1 for keys not open. Returns (slots, n_missing)."""
         out = np.empty(keys.shape[0], np.int64)
-        return out, K.table_lookup(self.tab, _MULT, keys, out)
+        return out, K.table_lookup(self.tab, self.mult, keys, out)
 
     def make_room(self, count):
         """Before :meth:`insert` of ``count`` keys: rebuild (allocating, changing nothing on
@@ -282,25 +296,26 @@ class IntSlotTable:
         if 2 * (self.used + count) > self.size:
             size = self._size_for(self.live + count)
             ks, ss = self._live()
-            old = self.tab, self.size, self._cells, self._mv
+            old = self.tab, self.size, self._cells, self._mv, self.mult
             self._alloc(size)
             try:
-                K.table_insert(self.tab, _MULT, ks, ss)
+                K.table_insert(self.tab, self.mult, ks, ss)
             except BaseException:
-                self.tab, self.size, self._cells, self._mv = old
+                self.tab, self.size, self._cells, self._mv, self.mult = old
                 raise
             self.used = self.live
 
     def insert(self, keys, slots):
         """Add ``keys`` (int64 array, none of them open, no duplicates) at ``slots``; call
         :meth:`make_room` first."""
-        K.table_insert(self.tab, _MULT, keys, slots)
+        K.table_insert(self.tab, self.mult, keys, slots)
         self.live += keys.shape[0]
         self.used += keys.shape[0]
 
     def delete(self, key):
-        if K.table_delete(self.tab, _MULT, key):
+        if K.table_delete(self.tab, self.mult, key):
             self.live -= 1
+        self.hot.pop(key, None)
 
 
 class StateStore:
@@ -320,6 +335,10 @@ class StateStore:
         ``top`` up were never handed out.
     slot_of : dict or IntSlotTable
         ``key -> slot``: a dict for str keys, an :class:`IntSlotTable` for int keys.
+    hot : dict
+        ``key -> slot`` for some open keys, for one-key lookups at dict speed: ``slot_of``
+        itself for str keys, the table's recently found keys for int keys. A key missing
+        from it may still be open: ask ``slot_of``.
     recency : OrderedDict or None
         ``key -> time last used``, least recently used first; None when not tracked.
     limit : int or None
@@ -341,6 +360,7 @@ class StateStore:
         self.n_free = 0
         self._free_peak = 0  # deepest the free stack has been (its pages stay committed)
         self.slot_of = {}  # becomes an IntSlotTable when the first key is an int
+        self.hot = self.slot_of  # some open keys -> slot (see the class docstring)
         self.key_kind = None  # int or str, fixed by the first key
         self.recency = OrderedDict() if track else None
         self.limit = limit
@@ -450,12 +470,13 @@ class StateStore:
         table.make_room(m)
         slots = self._take(m)
         opened = new.tolist()
-        n_free, top, kind, slot_of = self.n_free, self.top, self.key_kind, self.slot_of
+        n_free, top, kind, slot_of, hot = self.n_free, self.top, self.key_kind, self.slot_of, \
+            self.hot
         try:
             self.states[slots] = 0
             table.insert(new, slots)
             self._took(m)
-            self.key_kind, self.slot_of = int, table
+            self.key_kind, self.slot_of, self.hot = int, table, table.hot
             if self.recency is not None:
                 for k in opened:
                     self.recency[k] = -np.inf
@@ -465,7 +486,8 @@ class StateStore:
                     self.recency.pop(k, None)
                 if table.get(k) is not None:
                     table.delete(k)
-            self.n_free, self.top, self.key_kind, self.slot_of = n_free, top, kind, slot_of
+            self.n_free, self.top, self.key_kind, self.slot_of, self.hot = \
+                n_free, top, kind, slot_of, hot
             raise
         return slots, opened
 
@@ -482,7 +504,7 @@ class StateStore:
             self.recency.pop(key, None)
         if not self.slot_of:
             self.key_kind = None
-            self.slot_of = {}
+            self.slot_of = self.hot = {}
         return slot
 
     def slots_array(self, keys):
@@ -542,11 +564,14 @@ class StateStore:
         row = self.states.shape[1] * self.dtype.itemsize
         parts = {"states": self.top * row, "mark": self.top * self.mark.itemsize,
                  "free_stack": self._free_peak * self.free_stack.itemsize}
+        def obj(o):  # what the allocator hands out: 16-byte granules
+            return -(-sys.getsizeof(o) // 16) * 16
+
         if isinstance(self.slot_of, IntSlotTable):
             parts["key_table"] = self.slot_of.tab.nbytes
+            hot = self.slot_of.hot  # bounded (HOT_MAX keys), whatever the number of streams
+            parts["hot_keys"] = sys.getsizeof(hot) + sum(obj(k) + obj(s) for k, s in hot.items())
         else:
-            def obj(o):  # what the allocator hands out: 16-byte granules
-                return -(-sys.getsizeof(o) // 16) * 16
             parts["key_dict"] = sys.getsizeof(self.slot_of)
             parts["key_objects"] = sum(map(obj, self.slot_of))
             # ints up to 256 are shared by the interpreter; larger slots are objects of their own

@@ -6,7 +6,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from streamgru.state import IntSlotTable, SlotBuffer, StateStore, normalize_key
+from streamgru.state import HOT_MAX, IntSlotTable, SlotBuffer, StateStore, normalize_key
 
 
 def test_normalize_key():
@@ -197,3 +197,22 @@ def test_opening_int_keys_that_is_interrupted_midway_changes_nothing(monkeypatch
     assert 3 not in st.slot_of and 4 not in st.slot_of
     slots, opened = st.slots_array(np.array([3, 4], np.int64))
     assert opened == [3, 4] and sorted(slots.tolist()) == [0, 2]
+
+
+def test_hot_keys_never_outlive_their_stream_and_stay_bounded():
+    st = StateStore(1, np.float64, capacity=4)
+    st.slots_array(np.array([10, 11], np.int64))
+    assert st.slot_of.get(10) == 0 and st.hot == {10: 0}
+    st.close(10)
+    assert st.hot.get(10) is None and st.slot_of.get(10) is None
+    st.slots_array(np.array([12], np.int64))  # slot 0 again, for another key
+    assert st.slot_of.get(12) == 0 and st.slot_of.get(10) is None and st.hot == {12: 0}
+    ks = np.arange(100, 100 + HOT_MAX + 10, dtype=np.int64)
+    st.slots_array(ks)
+    for k in ks.tolist():
+        assert st.slot_of.get(k) is not None and len(st.hot) <= HOT_MAX
+    st.close(11)
+    st.close(12)
+    for k in ks.tolist():
+        st.close(k)
+    assert st.hot == {} and st.slot_of == {} and st.hot is st.slot_of
