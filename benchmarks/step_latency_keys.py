@@ -14,6 +14,7 @@ the per-process medians (microseconds per ``Engine.step`` call, one thread). Reg
   workload of ``streamgru bench``.
 
 Each with int keys (a list for n=1, a numpy int64 array for n=4096) and str keys (lists).
+``--lookups`` times only what the one-event path does to find an int key, before and now.
 """
 
 import argparse
@@ -62,13 +63,56 @@ def child(seconds):
     print(json.dumps(out))
 
 
+def lookups(rounds):
+    """ns per one-key lookup as the one-event path does it, int keys among 1,000,000 open: the
+    previous index (a dict) against the store's (``hot`` dict, then the table), interleaved in
+    one process so that a shared machine's noise hits both; min and median over ``rounds``."""
+    import time
+
+    from streamgru.state import StateStore
+
+    n = 1_000_000
+    keys = np.arange(n, dtype=np.int64) + 1_000_000_000
+    st = StateStore(1, np.float32, 16)
+    st.slots_array(keys)
+    old = dict(zip(keys.tolist(), range(n)))
+    rng = np.random.default_rng(0)
+    cases = {"hot": [1_000_012_345] * 65_536,
+             "random of 1M": (rng.integers(0, n, 65_536) + 1_000_000_000).tolist()}
+
+    def new_get(k, store=st):
+        slot = store.hot.get(k)
+        if slot is None:
+            slot = store.slot_of.get(k)
+        return slot
+
+    def old_get(k, get=old.get):
+        return get(k)
+
+    res = {}
+    for _ in range(rounds):
+        for case, ks in cases.items():
+            for name, get in (("dict (before)", old_get), ("hot + table (now)", new_get)):
+                t0 = time.perf_counter_ns()
+                for k in ks:
+                    get(k)
+                res.setdefault(f"{case}: {name}", []).append((time.perf_counter_ns() - t0) / len(ks))
+    for g, v in res.items():
+        print(f"{g}: min {min(v):.0f} ns, median {statistics.median(v):.0f} ns")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--against", help="a directory holding another streamgru package")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=1.0)
     p.add_argument("--child", action="store_true")
+    p.add_argument("--lookups", action="store_true",
+                   help="instead: the one-key lookup alone, before against now (this tree)")
     args = p.parse_args()
+    if args.lookups:
+        lookups(max(args.rounds, 9))
+        return
     if args.child:
         child(args.seconds)
         return
