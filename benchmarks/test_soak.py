@@ -23,8 +23,10 @@ def test_reduced_soak_keeps_the_store_bounded_and_loses_nothing():
     assert eng.capacity <= 400 and len(eng) <= 400
     # The store's own structures are exactly as large as the open streams, no larger.
     assert len(store.slot_of) == len(store.recency) == len(eng)
-    assert len(store.free) + len(store.slot_of) == store.capacity
-    assert sum(k is not None for k in store.key_of) == len(eng)
-    assert len(store.key_of) == store.capacity == store.states.shape[0]
+    assert store.available + len(store.slot_of) == store.capacity
+    assert store.n_free + len(store.slot_of) == store.top <= store.capacity
+    free = store.free_stack[:store.n_free].tolist()
+    assert len(set(free) | set(store.slot_of.values())) == store.top  # every slot exactly once
+    assert store.free_stack.shape[0] == store.capacity == store.states.shape[0]
     assert np.isfinite(store.states[list(store.slot_of.values())]).all()
     assert len(r["samples"]) == 12

@@ -353,7 +353,9 @@ class Engine:
                 tk = type(k)
                 store = self._store
                 if tk is store.key_kind and (tk is str or _I64_MIN <= k <= _I64_MAX):
-                    slot = store.slot_of.get(k)
+                    slot = store.hot.get(k)  # a dict: int keys seen lately, every str key
+                    if slot is None:
+                        slot = store.slot_of.get(k)
                     xf = x.flags
                     if slot is not None and x.dtype == self.dtype and x.shape == self._shape1 \
                             and xf.c_contiguous and xf.writeable and xf.aligned \
@@ -997,8 +999,7 @@ class Engine:
                                max(self._store.capacity, len(keys), 1), track=self._track,
                                limit=self.max_streams, missing=self.missing,
                                memory=self.model.input_size if keep_last else 0)
-            for k in keys:
-                store.open(k)
+            store.slots(keys)  # one batch: int keys go into the table in one kernel call
             if self._track:  # every loaded stream counts as used now, in the file's order
                 self._now = self._clock() if self.idle_timeout is not None else 0.0
                 store.touch(keys, self._now)

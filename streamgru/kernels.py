@@ -1608,43 +1608,48 @@ def cache_dir():
 
 # ----------------------------------------------------------------------------------------------
 # int key -> slot table (open addressing, linear probing; see state.IntSlotTable)
-# tkeys, tvals: (cap,) int64, cap a power of two; tvals[i] is a slot, TAB_EMPTY or TAB_TOMB.
-# hashes are computed by the caller (numpy, vectorised): the probe starts at hashes[i].
+# tab: (2 * size,) int64, size a prime below 2**31; cell j is tab[2j] (key), tab[2j + 1] (slot,
+# TAB_EMPTY or TAB_TOMB): a probe reads one cache line. A key's probe starts at its home cell,
+# (key mod size) * mult mod size with mult < size (no int64 overflow; the table picks mult).
+# Python computes the same home as key * mult % size (exact integers), so a single key is found
+# without a kernel call.
 
 TAB_EMPTY = -1
 TAB_TOMB = -2
 
 
-# How many keys ahead table_lookup prefetches the table lines it will probe: a large table is far
+# How many keys ahead table_lookup prefetches the cells it will probe: a large table is far
 # bigger than the caches and each probe would otherwise wait for memory (~2x faster at 100,000
 # keys, 4,096 lookups).
 TAB_PREFETCH = 16
 
 
 @njit(**_JIT)
-def table_lookup(tkeys, tvals, keys, hashes, out):
+def table_lookup(tab, mult, keys, out):
     """out[i] = slot of keys[i], or -1 when absent. Returns the number of absent keys."""
-    mask = tkeys.shape[0] - 1
-    missing = 0
+    size = tab.shape[0] // 2
     n = keys.shape[0]
+    for i in range(n):  # homes first (into out), so that probes can be prefetched ahead
+        out[i] = 2 * ((keys[i] % size) * mult % size)
     for i in range(min(n, TAB_PREFETCH)):
-        _prefetch_r(tvals, hashes[i])
-        _prefetch_r(tkeys, hashes[i])
+        _prefetch_r(tab, out[i])
+    missing = 0
     for i in range(n):
         if i + TAB_PREFETCH < n:
-            _prefetch_r(tvals, hashes[i + TAB_PREFETCH])
-            _prefetch_r(tkeys, hashes[i + TAB_PREFETCH])
+            _prefetch_r(tab, out[i + TAB_PREFETCH])
         k = keys[i]
-        j = hashes[i]
+        j = out[i]
         s = -1
         while True:
-            v = tvals[j]
+            v = tab[j + 1]
             if v == TAB_EMPTY:
                 break
-            if v >= 0 and tkeys[j] == k:
+            if v >= 0 and tab[j] == k:
                 s = v
                 break
-            j = (j + 1) & mask
+            j += 2
+            if j == tab.shape[0]:
+                j = 0
         out[i] = s
         if s < 0:
             missing += 1
@@ -1652,43 +1657,35 @@ def table_lookup(tkeys, tvals, keys, hashes, out):
 
 
 @njit(**_JIT)
-def table_insert(tkeys, tvals, keys, slots, hashes):
-    """Insert (or update) keys[i] -> slots[i]; the caller keeps the table at most half full."""
-    mask = tkeys.shape[0] - 1
+def table_insert(tab, mult, keys, slots):
+    """Add keys[i] -> slots[i] for keys not in the table (the caller checks, and keeps the table
+    at most half full counting tombstones)."""
+    size = tab.shape[0] // 2
     for i in range(keys.shape[0]):
-        k = keys[i]
-        j = hashes[i]
-        free = -1
-        while True:
-            v = tvals[j]
-            if v == TAB_EMPTY:
-                if free < 0:
-                    free = j
-                break
-            if v == TAB_TOMB:
-                if free < 0:
-                    free = j
-            elif tkeys[j] == k:
-                free = j
-                break
-            j = (j + 1) & mask
-        tkeys[free] = k
-        tvals[free] = slots[i]
+        j = 2 * ((keys[i] % size) * mult % size)
+        while tab[j + 1] >= 0:  # the first empty or deleted cell
+            j += 2
+            if j == tab.shape[0]:
+                j = 0
+        tab[j] = keys[i]
+        tab[j + 1] = slots[i]
 
 
 @njit(**_JIT)
-def table_delete(tkeys, tvals, key, h):
+def table_delete(tab, mult, key):
     """Remove ``key`` (leaving a tombstone). Returns 1 if it was present, else 0."""
-    mask = tkeys.shape[0] - 1
-    j = h
+    size = tab.shape[0] // 2
+    j = 2 * ((key % size) * mult % size)
     while True:
-        v = tvals[j]
+        v = tab[j + 1]
         if v == TAB_EMPTY:
             return 0
-        if v >= 0 and tkeys[j] == key:
-            tvals[j] = TAB_TOMB
+        if v >= 0 and tab[j] == key:
+            tab[j + 1] = TAB_TOMB
             return 1
-        j = (j + 1) & mask
+        j += 2
+        if j == tab.shape[0]:
+            j = 0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,14 +11,20 @@ Every mutating method allocates before it changes anything (a ``MemoryError`` le
 as it was), and :meth:`StateStore.slots` closes the keys it opened if anything at all goes wrong,
 ``KeyboardInterrupt`` included.
 
-Slots of closed streams are reused. When no slot is free the buffer grows (doubling, but never
-past ``limit`` when one is set): rows are copied into the new buffer, so every stream keeps its slot
-and its state.
+Slots of closed streams are reused. When no slot is free the buffers grow (doubling, but never
+past ``limit`` when one is set) and every stream keeps its slot and its state. The per-slot arrays
+live in anonymous memory maps: untouched rows commit no memory, and growing moves the mapping
+instead of copying it, so growth never holds two copies of the states (see :class:`SlotBuffer`).
+
+Memory per open stream besides its state (docs/scaling.md has the measurements): int keys live in
+an :class:`IntSlotTable` (32-48 bytes), str keys in a dict (the key object, a slot object and the
+entry: ~130 bytes for a 13-character key); each slot also has a ``mark`` (8 bytes).
 
 Missing input values: with ``memory`` > 0 (the engine's ``missing="last"`` policy) the store also
-keeps ``last``, each slot's last observed input values. That row belongs to the stream like its
-state: zeroed when the key is opened (never observed), copied by :meth:`StateStore.grow`, given
-back by :meth:`StateStore.restore`; closing a key drops it with the slot.
+keeps ``last``, each slot's last observed input values, one more per-slot buffer. That row belongs
+to the stream like its state: zeroed when the key is opened (never observed), kept by
+:meth:`StateStore.grow`, given back by :meth:`StateStore.restore`; closing a key drops it with the
+slot.
 
 Recency (for eviction): when the engine tracks it, ``recency`` is an ``OrderedDict`` of open keys
 to the clock time they were last used, least recently used first. Keeping it up to date costs one
@@ -27,6 +33,9 @@ to the clock time they were last used, least recently used first. Keeping it up 
 
 from __future__ import annotations
 
+import errno
+import mmap
+import sys
 from collections import OrderedDict
 
 import numpy as np
@@ -89,72 +98,251 @@ def raise_nul(key, what):
                      f"arrays drop trailing NULs, so such a key could alias another)")
 
 
-_FIB = np.uint64(11400714819323198485)  # 2**64 / golden ratio: Fibonacci hashing
+def _anonymous(nbytes):
+    """A private anonymous memory map of ``nbytes`` (zero pages, committed only when written)."""
+    try:
+        m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
+    except OSError as exc:
+        if exc.errno == errno.ENOMEM:
+            raise MemoryError(f"cannot map {nbytes} bytes for stream states") from None
+        raise
+    _huge_pages(m)
+    return m
+
+
+def _huge_pages(m):
+    """Ask for transparent huge pages, as numpy does for its large arrays: the kernels gather
+    rows scattered over the whole buffer, and with 4 KiB pages nearly every row costs a TLB miss
+    (a step of 4,096 of 100,000 streams measured ~20% slower without)."""
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            m.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # not supported by this kernel: 4 KiB pages it is
+            pass
+
+
+class SlotBuffer:
+    """One per-slot array, ``(capacity, width)`` (``width`` 0: ``(capacity,)``), kept in a private
+    anonymous memory map.
+
+    Rows never written cost no memory (their pages are not committed), and :meth:`resize` moves
+    the mapping (``mremap``) rather than copying it, so growing never needs the old and the new
+    buffer at once. Where the mapping cannot move (an array over it is still alive somewhere, or
+    the system has no ``mremap``), it is copied into a new one, as a numpy buffer would be.
+    """
+
+    def __init__(self, capacity, width, dtype):
+        self.width, self.dtype = int(width), np.dtype(dtype)
+        self.capacity = int(capacity)
+        self._map = _anonymous(self._nbytes(self.capacity))
+
+    def _nbytes(self, capacity):
+        page = mmap.PAGESIZE
+        nbytes = capacity * max(self.width, 1) * self.dtype.itemsize
+        return max(page, -(-nbytes // page) * page)
+
+    def array(self):
+        """A numpy view of the buffer: drop every view before :meth:`resize` (mremap cannot move
+        a mapping that is exported)."""
+        a = np.frombuffer(self._map, self.dtype, self.capacity * max(self.width, 1))
+        return a.reshape(self.capacity, self.width) if self.width else a
+
+    def resize(self, capacity, used):
+        """Make room for ``capacity`` rows, keeping the first ``used``; new rows read as zero.
+
+        Returns a function that undoes the resize (it allocates nothing). A MemoryError leaves
+        the buffer as it was.
+        """
+        old_map, old_cap = self._map, self.capacity
+        nbytes = self._nbytes(capacity)
+        try:
+            self._map.resize(nbytes)  # mremap: page tables move, no byte is copied
+            _huge_pages(self._map)  # the advice covers the mapping as it was: renew it
+        except OSError as exc:
+            if exc.errno == errno.ENOMEM:
+                raise MemoryError(f"cannot map {nbytes} bytes for stream states") from None
+            moved = False
+        except (BufferError, SystemError, TypeError):  # still exported; no mremap here
+            moved = False
+        else:
+            moved = True
+        if not moved:
+            new = _anonymous(nbytes)
+            n = min(used * max(self.width, 1) * self.dtype.itemsize, nbytes)
+            np.frombuffer(new, np.uint8, n)[:] = np.frombuffer(old_map, np.uint8, n)
+            self._map = new
+        self.capacity = int(capacity)
+
+        def undo():
+            if moved:
+                self._map.resize(self._nbytes(old_cap))  # shrinking in place: never fails
+            else:
+                self._map = old_map
+            self.capacity = old_cap
+
+        return undo
+
+
+_SIZE_MAX = 2**31 - 1  # largest table (a prime below this): (size - 1)**2 fits an int64
+_PHI = 0.6180339887498949  # 1/golden ratio
+HOT_MAX = 4096  # keys in IntSlotTable.hot (~100 bytes each)
+
+
+def _is_prime(n):
+    """Deterministic Miller-Rabin for n < 3.4e14 (bases 2, 3, 5, 7, 11, 13, 17)."""
+    if n < 2:
+        return False
+    for p in (2, 3, 5, 7, 11, 13, 17):
+        if n % p == 0:
+            return n == p
+    d, r = n - 1, 0
+    while d % 2 == 0:
+        d, r = d // 2, r + 1
+    for a in (2, 3, 5, 7, 11, 13, 17):
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(r - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def _next_prime(n):
+    while not _is_prime(n):
+        n += 1
+    return n
 
 
 class IntSlotTable:
-    """A compiled mirror of ``StateStore.slot_of`` for int keys: a batch of keys in an int array
-    maps to slots in one kernel call instead of one dict lookup per key.
+    """The key -> slot map of an int-key store: open addressing with linear probing in one int64
+    array (see the table kernels in :mod:`streamgru.kernels`), 16 bytes a cell, at most half full
+    counting tombstones and rebuilt to a third full when that would be exceeded: 32-48 bytes per
+    open stream, against ~100 for a dict of Python ints (entry, key object, slot object).
 
-    Open addressing with linear probing over ``keys``/``vals`` (int64, power-of-two size, at most
-    half full counting tombstones). Opened keys queue in ``pending`` and are inserted in one batch
-    before the next lookup; a close deletes at once.
+    It reads like the dict it replaces (``get``, ``in``, ``[]``, ``len``, iteration; keys iterate
+    in slot order). One key is found in Python (the same home cell as the kernels, no kernel
+    call); an array of keys in one kernel call (:meth:`lookup`).
     """
 
-    def __init__(self, items=()):
-        items = list(items)
-        self.pending = []
-        self._build(items)
+    def __init__(self, expected=0):
+        self.live = 0  # open keys
+        self.used = 0  # open keys + tombstones
+        # key -> slot of keys found one at a time lately (at most HOT_MAX): a dict lookup
+        # (C-level, ~40 ns) for the one-event fast path where the table probe in Python costs
+        # ~3x that. Cleared when full; a key leaves it when it is deleted.
+        self.hot = {}
+        self._alloc(self._size_for(expected))
 
-    def _build(self, items):
-        """Rebuild from ``items``; everything is allocated before any attribute changes."""
-        cap = 1024
-        while cap < 4 * max(len(items), 1):
-            cap *= 2
-        bits = cap.bit_length() - 1
-        keys = np.zeros(cap, np.int64)
-        vals = np.full(cap, K.TAB_EMPTY, np.int64)
-        if items:
-            ks = np.fromiter((k for k, _ in items), np.int64, len(items))
-            ss = np.fromiter((s for _, s in items), np.int64, len(items))
-            hs = ((ks.view(np.uint64) * _FIB) >> np.uint64(64 - bits)).astype(np.int64)
-            K.table_insert(keys, vals, ks, ss, hs)
-        self.bits, self.keys, self.vals = bits, keys, vals
-        self.used = len(items)  # live entries + tombstones
+    @staticmethod
+    def _size_for(count):
+        size = _next_prime(max(3 * count, 1021))
+        if size > _SIZE_MAX:
+            size = _next_prime(2 * count + 1)
+            if size > _SIZE_MAX:
+                raise MemoryError(f"an int-key engine holds at most {(_SIZE_MAX - 1) // 2} "
+                                  f"streams, got {count}")
+        return size
 
-    def hash(self, keys):
-        """Probe start for each key (int64 array): the top bits of key * 2**64/phi."""
-        # uint64 array arithmetic wraps silently, which is the point here.
-        return ((keys.view(np.uint64) * _FIB) >> np.uint64(64 - self.bits)).astype(np.int64)
+    def _alloc(self, size):
+        tab = np.zeros(2 * size, np.int64)
+        tab[1::2] = K.TAB_EMPTY
+        # Home of key k: (k mod size) * mult mod size with mult/size ~ 1/phi, i.e. Fibonacci
+        # hashing modulo a prime: consecutive keys land ~0.38 of the table apart and never
+        # bunch up (a multiplier whose ratio to the size is near a simple fraction would stack
+        # consecutive keys a few cells apart: probe chains of hundreds measured).
+        self.mult = int(size * _PHI)
+        self.tab, self.size, self._cells, self._mv = tab, size, 2 * size, memoryview(tab)
 
-    def flush(self, live):
-        """Insert the pending (key, slot) pairs; ``live`` is the current number of int keys."""
-        if not self.pending:
-            return
-        items = self.pending
-        if 2 * (self.used + len(items)) > self.keys.shape[0]:
-            self._build(list(live.items()))  # too full (or too many tombstones)
-        else:
-            ks = np.fromiter((k for k, _ in items), np.int64, len(items))
-            ss = np.fromiter((s for _, s in items), np.int64, len(items))
-            K.table_insert(self.keys, self.vals, ks, ss, self.hash(ks))
-            self.used += len(items)
-        self.pending = []  # only once they are in: a failure above keeps them queued
+    def get(self, key, default=None):
+        if type(key) is not int:  # a str (or np.int64) never matches: no arithmetic on it
+            return default
+        t = self._mv
+        j = key * self.mult % self.size * 2  # the kernels' home cell, in exact integers
+        while True:
+            s = t[j + 1]
+            if s == K.TAB_EMPTY:
+                return default
+            if t[j] == key and s >= 0:
+                hot = self.hot
+                if len(hot) >= HOT_MAX:
+                    hot.clear()
+                hot[key] = s
+                return s
+            j += 2
+            if j == self._cells:
+                j = 0
 
-    def delete(self, key, live):
-        self.flush(live)
-        k = np.array([key], np.int64)
-        K.table_delete(self.keys, self.vals, key, int(self.hash(k)[0]))
+    def __contains__(self, key):
+        return self.get(key) is not None
 
-    def lookup(self, keys, live):
+    def __getitem__(self, key):
+        s = self.get(key)
+        if s is None:
+            raise KeyError(key)
+        return s
+
+    def __len__(self):
+        return self.live
+
+    def _live(self):
+        """(keys, slots) of the open keys, in slot order."""
+        cells = self.tab.reshape(-1, 2)
+        cells = cells[cells[:, 1] >= 0]
+        cells = cells[np.argsort(cells[:, 1], kind="stable")]
+        return cells[:, 0], cells[:, 1]
+
+    def __iter__(self):
+        return iter(self._live()[0].tolist())
+
+    def items(self):
+        ks, ss = self._live()
+        return list(zip(ks.tolist(), ss.tolist()))
+
+    def values(self):
+        return self._live()[1].tolist()
+
+    def lookup(self, keys):
         """Slots of ``keys`` (int64 array); -1 for keys not open. Returns (slots, n_missing)."""
-        self.flush(live)
         out = np.empty(keys.shape[0], np.int64)
-        return out, K.table_lookup(self.keys, self.vals, keys, self.hash(keys), out)
+        return out, K.table_lookup(self.tab, self.mult, keys, out)
+
+    def make_room(self, count):
+        """Before :meth:`insert` of ``count`` keys: rebuild (allocating, changing nothing on
+        failure) if they would fill more than half the table."""
+        if 2 * (self.used + count) > self.size:
+            size = self._size_for(self.live + count)
+            ks, ss = self._live()
+            old = self.tab, self.size, self._cells, self._mv, self.mult
+            self._alloc(size)
+            try:
+                K.table_insert(self.tab, self.mult, ks, ss)
+            except BaseException:
+                self.tab, self.size, self._cells, self._mv, self.mult = old
+                raise
+            self.used = self.live
+
+    def insert(self, keys, slots):
+        """Add ``keys`` (int64 array, none of them open, no duplicates) at ``slots``; call
+        :meth:`make_room` first."""
+        K.table_insert(self.tab, self.mult, keys, slots)
+        self.live += keys.shape[0]
+        self.used += keys.shape[0]
+
+    def delete(self, key):
+        if K.table_delete(self.tab, self.mult, key):
+            self.live -= 1
+        self.hot.pop(key, None)
 
 
 class StateStore:
-    """Key-to-slot map plus the state buffer.
+    """Key-to-slot map plus the per-slot arrays (states, marks).
+
+    Every per-slot array is a :class:`SlotBuffer` in ``_buffers`` and follows the store through
+    :meth:`grow` (in one place, all or nothing); ``_views`` refreshes the array attributes.
 
     Attributes
     ----------
@@ -162,10 +350,19 @@ class StateStore:
         Row ``slot`` is the state of the stream in that slot; free rows hold garbage.
     mark : (capacity,) int64
         All zero between kernel calls (the kernels' duplicate-key scratch).
+    free_stack : (capacity,) int64
+        ``free_stack[:n_free]``: slots of closed streams, reused last-closed first; slots from
+        ``top`` up were never handed out.
+    slot_of : dict or IntSlotTable
+        ``key -> slot``: a dict for str keys, an :class:`IntSlotTable` for int keys.
+    hot : dict
+        ``key -> slot`` for some open keys, for one-key lookups at dict speed: ``slot_of``
+        itself for str keys, the table's recently found keys for int keys. A key missing
+        from it may still be open: ask ``slot_of``.
     recency : OrderedDict or None
         ``key -> time last used``, least recently used first; None when not tracked.
     limit : int or None
-        The buffer never grows past this many rows (the engine's ``max_streams``).
+        The buffers never grow past this many rows (the engine's ``max_streams``).
     missing : str
         The engine's missing-value policy (``Engine(missing=...)``), kept with the store it
         shapes; the store itself only reads it through ``memory``.
@@ -178,21 +375,41 @@ class StateStore:
                  memory=0):
         self.state_size = int(state_size)
         self.dtype = np.dtype(dtype)
-        self.states = np.zeros((capacity, max(self.state_size, 1)), self.dtype)
-        self.mark = np.zeros(capacity, np.int64)
-        self.slot_of: dict = {}
-        self.key_of: list = [None] * capacity
-        self.free: list = list(range(capacity - 1, -1, -1))  # pop() hands out slot 0 first
+        capacity = int(capacity)
+        self._buffers = {
+            "states": SlotBuffer(capacity, max(self.state_size, 1), self.dtype),
+            "mark": SlotBuffer(capacity, 0, np.int64),
+            "free_stack": SlotBuffer(capacity, 0, np.int64),
+        }
+        if memory:
+            self._buffers["last"] = SlotBuffer(capacity, int(memory), self.dtype)
+        self.missing = missing
+        self._capacity = capacity
+        self._views()
+        self.top = 0
+        self.n_free = 0
+        self._free_peak = 0  # deepest the free stack has been (its pages stay committed)
+        self.slot_of = {}  # becomes an IntSlotTable when the first key is an int
+        self.hot = self.slot_of  # some open keys -> slot (see the class docstring)
         self.key_kind = None  # int or str, fixed by the first key
         self.recency = OrderedDict() if track else None
         self.limit = limit
-        self.itable = None  # IntSlotTable, built on the first int-array lookup
-        self.missing = missing
-        self.last = np.zeros((capacity, memory), self.dtype) if memory else None
+
+    def _views(self):
+        b = self._buffers
+        self.states = b["states"].array()
+        self.mark = b["mark"].array()
+        self.free_stack = b["free_stack"].array()
+        self.last = b["last"].array() if "last" in b else None
 
     @property
     def capacity(self):
-        return self.states.shape[0]
+        return self._capacity
+
+    @property
+    def available(self):
+        """Slots that can be handed out without growing."""
+        return self.n_free + self._capacity - self.top
 
     def __len__(self):
         return len(self.slot_of)
@@ -211,29 +428,45 @@ class StateStore:
                 )
 
     def grow(self, needed):
-        """Make room for ``needed`` more streams. Every new buffer and list is built first and
-        assigned last, so a MemoryError leaves the store as it was."""
-        cap = self.capacity
+        """Make room for ``needed`` more streams: every per-slot buffer is resized (doubling,
+        never past ``limit``), keeping every stream in its slot. The buffers' mappings move
+        rather than copy (see :class:`SlotBuffer`), and pages are committed only as streams
+        arrive, so doubling costs address space, not memory. All or nothing: on any failure
+        the resized buffers are put back as they were."""
+        cap = self._capacity
         new_cap = max(2 * cap, cap + needed, 16)
         if self.limit is not None:  # the engine never holds more than `limit` streams
             new_cap = min(new_cap, max(self.limit, cap + needed))
-        states = np.zeros((new_cap, self.states.shape[1]), self.dtype)
-        states[:cap] = self.states
-        mark = np.zeros(new_cap, np.int64)
-        last = None
-        if self.last is not None:
-            last = np.zeros((new_cap, self.last.shape[1]), self.dtype)
-            last[:cap] = self.last
-        key_of = self.key_of + [None] * (new_cap - cap)
-        free = list(range(new_cap - 1, cap - 1, -1)) + self.free
-        self.states, self.mark, self.key_of, self.free = states, mark, key_of, free
-        if last is not None:
-            self.last = last
+        undo = []
+        try:
+            # no view may pin the mappings
+            self.states = self.mark = self.free_stack = self.last = None
+            for buf in self._buffers.values():
+                undo.append(buf.resize(new_cap, self.top))
+        except BaseException:
+            for u in reversed(undo):
+                u()
+            self._views()
+            raise
+        self._capacity = new_cap
+        self._views()
 
     def reserve(self, count):
         """Grow now if fewer than ``count`` slots are free (allocate before opening)."""
-        if len(self.free) < count:
-            self.grow(count - len(self.free))
+        if self.available < count:
+            self.grow(count - self.available)
+
+    def _take(self, count):
+        """The ``count`` slots the next opens get (closed slots first, last closed first),
+        as an int64 array; nothing changes until :meth:`_took`."""
+        a = min(count, self.n_free)
+        reused = self.free_stack[self.n_free - a:self.n_free][::-1]
+        return np.concatenate([reused, np.arange(self.top, self.top + count - a)])
+
+    def _took(self, count):
+        a = min(count, self.n_free)
+        self.n_free -= a
+        self.top += count - a
 
     def open(self, key):
         """Give ``key`` (canonical, not yet open) a zeroed slot and return it.
@@ -241,57 +474,100 @@ class StateStore:
         A str key must be encodable as UTF-8 (a lone surrogate is not): snapshots store keys in
         UTF-8, and a stream that could not be saved is refused here, when it is opened.
         """
-        if isinstance(key, str) and ("\x00" in key or not key.isascii()):
+        if type(key) is int:
+            slots, _ = self._open_ints(np.array([key], np.int64))
+            return int(slots[0])
+        if "\x00" in key or not key.isascii():
             _check_str_key(key, "key")
-        if not self.free:
-            self.grow(1)
-        if self.itable is not None and type(key) is int:
-            self.itable.pending.append((key, -1))  # room in the queue first; slot set below
-        slot = self.free.pop()
+        self.reserve(1)
+        slot = int(self._take(1)[0])
         self.states[slot] = 0
         if self.last is not None:
             self.last[slot] = 0
         self.slot_of[key] = slot
-        self.key_of[slot] = key
-        if self.key_kind is None:
-            self.key_kind = str if isinstance(key, str) else int
-        if self.itable is not None and type(key) is int:
-            self.itable.pending[-1] = (key, slot)
+        self._took(1)
+        self.key_kind = str
         if self.recency is not None:
             # Listed at once (a placeholder time the caller's touch replaces), so keys() and
             # len() never disagree, even while a call that opened it is still running.
             self.recency[key] = -np.inf
         return slot
 
+    def _open_ints(self, new):
+        """Open the int keys ``new`` (int64 array, none open, no duplicates); returns (their
+        slots, them as a list). All or nothing."""
+        m = new.shape[0]
+        if m == 0:
+            return new.copy(), []
+        self.reserve(m)
+        table = self.slot_of if self.key_kind is int else IntSlotTable(m)
+        table.make_room(m)
+        slots = self._take(m)
+        opened = new.tolist()
+        n_free, top, kind, slot_of, hot = self.n_free, self.top, self.key_kind, self.slot_of, \
+            self.hot
+        try:
+            self.states[slots] = 0
+            if self.last is not None:
+                self.last[slots] = 0
+            table.insert(new, slots)
+            self._took(m)
+            self.key_kind, self.slot_of, self.hot = int, table, table.hot
+            if self.recency is not None:
+                for k in opened:
+                    self.recency[k] = -np.inf
+        except BaseException:  # KeyboardInterrupt too: put every count back
+            for k in opened:
+                if self.recency is not None:
+                    self.recency.pop(k, None)
+                if table.get(k) is not None:
+                    table.delete(k)
+            self.n_free, self.top, self.key_kind, self.slot_of, self.hot = \
+                n_free, top, kind, slot_of, hot
+            raise
+        return slots, opened
+
     def close(self, key):
         slot = self.slot_of[key]
-        if self.itable is not None and len(self.slot_of) > 1:
-            # First, while the key is still open: the only step here that may allocate
-            # (flushing queued keys) runs before anything changes.
-            self.itable.delete(key, self.slot_of)
-        self.free.append(slot)
-        del self.slot_of[key]
+        if self.key_kind is int:
+            self.slot_of.delete(key)  # first: the one step here that may fail
+        else:
+            del self.slot_of[key]
+        self.free_stack[self.n_free] = slot
+        self.n_free += 1
+        self._free_peak = max(self._free_peak, self.n_free)
         if self.recency is not None:
             self.recency.pop(key, None)
-        self.key_of[slot] = None
         if not self.slot_of:
             self.key_kind = None
-            self.itable = None
+            self.slot_of = self.hot = {}
         return slot
 
     def slots_array(self, keys):
-        """As :meth:`slots` for an int64 array of keys (an int-key engine, or an empty one):
-        open keys map in one kernel call; only a batch with new keys takes the general path."""
+        """As :meth:`slots` for an int64 array of keys (an int-key engine, or an empty one): open
+        keys map in one kernel call; new keys are opened in one more."""
         if self.key_kind is int:
-            if self.itable is None:
-                self.itable = IntSlotTable(self.slot_of.items())
-            out, missing = self.itable.lookup(keys, self.slot_of)
+            out, missing = self.slot_of.lookup(keys)
             if missing == 0:
                 return out, []
-        return self.slots(keys.tolist())
+            miss = keys[out < 0]
+        else:
+            miss = keys
+        uniq, first = np.unique(miss, return_index=True)
+        _, opened = self._open_ints(uniq[np.argsort(first, kind="stable")])  # batch order
+        try:
+            out, _ = self.slot_of.lookup(keys)
+        except BaseException:
+            self.rollback(opened)
+            raise
+        return out, opened
 
     def slots(self, keys):
         """Slots of canonical ``keys``, opening unknown ones. Returns (slots, newly opened keys)."""
+        if not keys:
+            return np.empty(0, np.int64), []
+        if self.key_kind is int or (self.key_kind is None and type(keys[0]) is int):
+            return self.slots_array(np.fromiter(keys, np.int64, len(keys)))
         slot_of = self.slot_of
         # Common case, every key already open: one C-level pass instead of a Python loop.
         found = list(map(slot_of.get, keys))
@@ -311,6 +587,36 @@ class StateStore:
             self.rollback(opened)
             raise
         return out, opened
+
+    def footprint(self):
+        """Bytes held per component, as committed memory: rows ever handed out (``top``) of the
+        per-slot arrays, the deepest the free stack has been, the key map (for str keys the dict
+        and the key and slot objects it holds; O(streams) to count) and the recency order.
+
+        Returns
+        -------
+        dict of str to int
+        """
+        row = self.states.shape[1] * self.dtype.itemsize
+        parts = {"states": self.top * row, "mark": self.top * self.mark.itemsize,
+                 "free_stack": self._free_peak * self.free_stack.itemsize}
+        def obj(o):  # what the allocator hands out: 16-byte granules
+            return -(-sys.getsizeof(o) // 16) * 16
+
+        if isinstance(self.slot_of, IntSlotTable):
+            parts["key_table"] = self.slot_of.tab.nbytes
+            hot = self.slot_of.hot  # bounded (HOT_MAX keys), whatever the number of streams
+            parts["hot_keys"] = sys.getsizeof(hot) + sum(obj(k) + obj(s) for k, s in hot.items())
+        else:
+            parts["key_dict"] = sys.getsizeof(self.slot_of)
+            parts["key_objects"] = sum(map(obj, self.slot_of))
+            # ints up to 256 are shared by the interpreter; larger slots are objects of their own
+            parts["slot_objects"] = sum(obj(s) for s in self.slot_of.values() if s > 256)
+        if self.last is not None:
+            parts["last_observed"] = self.top * self.last.shape[1] * self.dtype.itemsize
+        if self.recency is not None:
+            parts["recency"] = sys.getsizeof(self.recency)
+        return parts
 
     def touch(self, keys, now):
         """Mark ``keys`` (open, canonical) as used at ``now``, in order: the last is the most recent."""

@@ -350,3 +350,23 @@ def test_one_event_path_equals_batch_path_for_every_input_form(dtype, threads, m
         np.testing.assert_array_equal(fast.state(key), ref.state(key))
     if hasattr(kernels.step_one, "overloads"):  # compiled: the direct entry point was used
         assert (fast._run1 is not kernels.step_one) or (fast._wide1 is not kernels.step_wide)
+
+
+def test_one_event_int_steps_match_oracle_through_close_reopen_and_growth():
+    """The one-event path finds int keys through the store's hot dict: a closed key must never
+    be served its old slot (now another stream's), whichever path opened or reopened it."""
+    model = small_model()
+    eng = Engine(model, capacity=2)
+    rng = np.random.default_rng(3)
+    ref = OracleStreams(model)
+    for _ in range(300):
+        k = int(rng.integers(-6, 10))
+        if rng.random() < 0.15 and k in eng:
+            eng.close(k)
+            ref.states.pop(k)
+            continue
+        x = rng.normal(size=(1, 5)).astype(np.float32)
+        y = eng.step([k] if rng.random() < 0.7 else np.array([k]), x)
+        np.testing.assert_allclose(y, ref.step([k], x.astype(np.float64)),
+                                   rtol=1e-4, atol=TOL["float32"])
+    assert eng.capacity > 2 and sorted(eng.keys()) == sorted(ref.states)

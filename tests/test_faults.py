@@ -309,21 +309,27 @@ def test_close_that_fails_in_the_int_table_keeps_the_stream(exc, monkeypatch):
     assert_unchanged(eng, snapshot(twin))
 
 
-def test_load_state_that_fails_midway_keeps_the_old_streams(tmp_path, monkeypatch):
+@pytest.mark.parametrize("keys", [[1, 2, 3], ["a", "b", "c"]])
+def test_load_state_that_fails_midway_keeps_the_old_streams(keys, tmp_path, monkeypatch):
     eng = Engine(MODEL)
-    eng.step([1, 2, 3], rows(3, 0))
+    eng.step(keys, rows(3, 0))
     eng.save_state(tmp_path / "s.sgru")
-    eng.step([4], rows(1, 1))
+    eng.step(keys[:1], rows(1, 1))
     before = snapshot(eng)
     calls = []
 
-    def open_then_fail(self, key, _open=StateStore.open):
+    def open_then_fail(self, key, _open=StateStore.open):  # str keys open one at a time
         calls.append(key)
         if len(calls) == 2:
             raise KeyboardInterrupt("injected")
         return _open(self, key)
 
+    def insert_then_fail(self, ks, slots, _insert=IntSlotTable.insert):  # int keys: one batch
+        _insert(self, ks, slots)
+        raise KeyboardInterrupt("injected")
+
     monkeypatch.setattr(StateStore, "open", open_then_fail)
+    monkeypatch.setattr(IntSlotTable, "insert", insert_then_fail)
     with pytest.raises(KeyboardInterrupt):
         eng.load_state(tmp_path / "s.sgru")
     assert_unchanged(eng, before)
