@@ -43,15 +43,6 @@ def test_info_on_bad_file_is_a_clear_error(tmp_path, capsys):
     assert "streamgru info: error:" in err and "header" in err
 
 
-@pytest.mark.slow
-def test_console_script_demo_runs():
-    r = subprocess.run([sys.executable, "-m", "streamgru.cli", "demo", "--seconds", "0.3",
-                        "--streams", "300", "--batch", "64"], capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert "events/s" in r.stdout and "p99" in r.stdout
-
-
 # ---------------------------------------------------------------------------- convert --check
 
 FIX = pathlib.Path(__file__).parent / "fixtures"
