@@ -114,6 +114,23 @@ def test_one_event_step(benchmark, variant):
     assert y.shape == (1, engine.model.output_size) and np.isfinite(y).all()
 
 
+def rotating_rounds(engines, rounds, calls):
+    """Time ``calls`` steps of each ``(engine, keys, x)`` in turn for ``rounds`` rounds, the
+    order rotating by one engine per round (no engine always runs first, after a cold cache).
+    Returns one list per engine of its per-round us per call."""
+    per = [[] for _ in engines]
+    for r in range(rounds):
+        shift = r % len(engines)
+        for j in list(range(shift, len(engines))) + list(range(shift)):
+            engine, keys, x = engines[j]
+            step = engine.step
+            t = time.perf_counter()
+            for _ in range(calls):
+                step(keys, x)
+            per[j].append((time.perf_counter() - t) / calls * 1e6)
+    return per
+
+
 def interleaved(rounds=1000, calls=500, copies=4):
     """Alternate ``calls`` one-event steps of ``2 * copies`` engines for ``rounds`` rounds
     (rotating their order): ``copies`` with stats and ``copies`` without. Several of each,
@@ -122,18 +139,8 @@ def interleaved(rounds=1000, calls=500, copies=4):
     Returns the median us per call with and without stats, and the median per-round ratios
     (all with) / (all without) and (second half without) / (first half without)."""
     on, off = build_copy(strip=False), build_copy(strip=True)
-    engines = [("on", make_engine(on)) for _ in range(copies)]
-    engines += [("off", make_engine(off)) for _ in range(copies)]
-    per = [[] for _ in engines]
-    for r in range(rounds):
-        shift = r % len(engines)
-        for j in list(range(shift, len(engines))) + list(range(shift)):
-            engine, keys, x = engines[j][1]
-            step = engine.step
-            t = time.perf_counter()
-            for _ in range(calls):
-                step(keys, x)
-            per[j].append((time.perf_counter() - t) / calls * 1e6)
+    engines = [make_engine(on) for _ in range(copies)] + [make_engine(off) for _ in range(copies)]
+    per = rotating_rounds(engines, rounds, calls)
     med = statistics.median
     rows = list(zip(*per))  # per round: one time per engine
     half = copies // 2

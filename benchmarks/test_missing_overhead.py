@@ -19,11 +19,10 @@ per-call times and per-round ratios to ``before``.
 import re
 import statistics
 import sys
-import time
 
 import numpy as np
 import pytest
-from test_metrics_overhead import build_package
+from test_metrics_overhead import build_package, rotating_rounds
 
 from streamgru.bench import machine_info
 
@@ -72,15 +71,7 @@ def interleaved(n, rounds=300, calls=300):
     median us per call of each and the median per-round ratio of each to ``before``."""
     variants = ("before",) + POLICIES
     engines = [make_engine(v, n) for v in variants]
-    per = [[] for _ in engines]
-    for r in range(rounds):
-        for j in [(r + i) % len(engines) for i in range(len(engines))]:
-            engine, keys, x = engines[j]
-            step = engine.step
-            t = time.perf_counter()
-            for _ in range(calls):
-                step(keys, x)
-            per[j].append((time.perf_counter() - t) / calls * 1e6)
+    per = rotating_rounds(engines, rounds, calls)
     med = statistics.median
     times = {v: med(p) for v, p in zip(variants, per)}
     ratios = {v: med(a / b for a, b in zip(p, per[0])) for v, p in zip(variants, per)}
