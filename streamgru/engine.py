@@ -446,9 +446,9 @@ class Engine:
         args = (p.params, p.table, p.fp, self._store.states, slots, x, out, self._scratch,
                 self._iwork, self._store.mark, self.check_finite)
         kernel = self._kernel(len(slots))
-        if kernel is not K.step_serial:
+        if kernel is K.step_parallel or kernel is K.step_wide:  # Numba threads: set their count
             return self._parallel(kernel, args)
-        return K.step_serial(*args)
+        return kernel(*args)  # step_serial, or the one-event kernel for one row (_single)
 
     def _run_rows(self, slot, xs, out):
         """One sequence kernel call: stream ``slot`` over ``xs`` (T, input_size), outputs into
