@@ -428,7 +428,7 @@ def run_demo(streams=4096, batch=256, events=None, seconds=20.0, threads=None, m
     --------
     >>> import io
     >>> from streamgru.demo import run_demo
-    >>> r = run_demo(streams=80, batch=32, ort=False, plot=None, out=io.StringIO())
+    >>> r = run_demo(streams=80, batch=32, ort=False, plot=None, out=io.StringIO(), seconds=600)
     >>> r.accuracy["streamgru"] == r.reference_accuracy, r.contenders[0].events
     (True, 8000)
     """

@@ -16,3 +16,21 @@ def model_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "m.sgru"
     model.save(path)
     return model, path
+
+
+def pytest_collection_finish(session):
+    """Start the subprocess jobs of the selected tests that will run (see tests/background.py)."""
+    import background
+
+    names = []
+    for item in session.items:
+        if any(m.args and m.args[0] is True for m in item.iter_markers("skipif")):
+            continue
+        names += [m.args[0] for m in item.iter_markers("background")]
+    background.start(names)
+
+
+def pytest_sessionfinish(session):
+    import background
+
+    background.shutdown()

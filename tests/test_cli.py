@@ -5,10 +5,11 @@ import io
 import json
 import os
 import pathlib
-import subprocess
 import sys
+import tempfile
 import warnings
 
+import background
 import pytest
 
 from streamgru import GRUModel
@@ -170,28 +171,43 @@ print(json.dumps(kernels.cache_counts()))
 """
 
 
-def test_warmup_leaves_nothing_to_compile_for_a_new_process(tmp_path):
-    """After ``streamgru warmup`` in a process with an empty cache directory, a new process's
-    first step, batch and run, on every route and both thread settings, compile nothing: every
-    kernel is loaded from the cache. The one test that compiles every kernel from scratch (tens
-    of seconds): counting compilations instead of timing them makes it exact."""
+@background.job("warmup")
+def _warmup_then_first_calls():
+    """``streamgru warmup`` into an empty cache directory, then the first calls in a new process:
+    (warmup's CompletedProcess, the new process's), or the reason to skip."""
     from streamgru.isa import TILE
 
     if TILE.forced:
-        pytest.skip("STREAMGRU_TILE is set: kernels are not cached")
-    model = GRUModel.random(3, [5], dense_after=[(2, "softmax")], seed=1)
-    path = tmp_path / "m.sgru"
-    model.save(path)
-    cache = tmp_path / "cache"
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache), NUMBA_NUM_THREADS="2")
-    r = subprocess.run([sys.executable, "-m", "streamgru.cli", "warmup", str(path)], env=env,
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr
-    assert f"cache: {cache}" in r.stdout and "compiled: " in r.stdout and "step_one" in r.stdout
-    r = subprocess.run([sys.executable, "-c", _FIRST_CALLS, str(path)], env=env,
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr
-    counts = json.loads(r.stdout.strip().splitlines()[-1])
+        return "STREAMGRU_TILE is set: kernels are not cached"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / "m.sgru"
+        GRUModel.random(3, [5], dense_after=[(2, "softmax")], seed=1).save(path)
+        cache = pathlib.Path(tmp) / "cache"
+        env = dict(os.environ, NUMBA_CACHE_DIR=str(cache), NUMBA_NUM_THREADS="2")
+        warm = background.run([sys.executable, "-m", "streamgru.cli", "warmup", str(path)],
+                              env=env, timeout=900)
+        first = background.run([sys.executable, "-c", _FIRST_CALLS, str(path)], env=env,
+                               timeout=900)
+        return warm, first, cache
+
+
+@pytest.mark.background("warmup")
+@pytest.mark.slow
+def test_warmup_leaves_nothing_to_compile_for_a_new_process():
+    """After ``streamgru warmup`` in a process with an empty cache directory, a new process's
+    first step, batch and run, on every route and both thread settings, compile nothing: every
+    kernel is loaded from the cache. The one test that compiles every kernel from scratch (tens
+    of seconds, run beside the suite: tests/background.py): counting compilations instead of
+    timing them makes it exact."""
+    got = background.result("warmup")
+    if isinstance(got, str):
+        pytest.skip(got)
+    warm, first, cache = got
+    assert warm.returncode == 0, warm.stderr
+    assert f"cache: {cache}" in warm.stdout and "compiled: " in warm.stdout
+    assert "step_one" in warm.stdout
+    assert first.returncode == 0, first.stderr
+    counts = json.loads(first.stdout.strip().splitlines()[-1])
     assert {k: c for k, (_, c) in counts.items() if c} == {}  # nothing compiled
     used = ("step_one", "step_serial", "step_parallel", "step_wide", "run_sequence",
             "run_sequence_wide", "table_lookup", "table_insert", "table_delete")

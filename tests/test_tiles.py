@@ -5,9 +5,9 @@ and every configuration against the float64 oracle, including those this host wo
 import os
 import pathlib
 import re
-import subprocess
 import sys
 
+import background
 import llvmlite.binding as ll
 import numpy as np
 import oracle
@@ -173,41 +173,62 @@ BUILDS = {
 }
 
 
-@pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="compiles kernels")
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("STREAMGRU_TILE") is not None
-                    or os.environ.get("NUMBA_CPU_NAME") is not None,
-                    reason="already inside a subprocess build")
-@pytest.mark.parametrize("build", sorted(BUILDS))
-def test_other_builds_against_oracle(build):
-    """Build the kernels for another target (or with a forced tile) in a subprocess, and run
-    the row-count test above there (float32: one compile per kernel)."""
-    name, env_extra = BUILDS[build]
+def _build_skip_reason(build):
     if build == "haswell" and not _host_runs_haswell_code():
-        pytest.skip("host cannot run AVX2+FMA code")
+        return "host cannot run AVX2+FMA code"
     if build == "haswell" and isa.TILE.name == "avx2" and not isa.TILE.forced:
         # An AVX2 host's own build is the AVX2 build: every other test of the suite runs it.
         # On an AVX-512 host this is what exercises the AVX2 path (45 s of compiling).
-        pytest.skip("the host's own build is the AVX2 build")
+        return "the host's own build is the AVX2 build"
     if build == "x86-64" and not ll.get_process_triple().startswith("x86_64"):
-        pytest.skip("x86-64 only")
-    name = name or env_extra["STREAMGRU_TILE"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), **env_extra)
+        return "x86-64 only"
+    return None
+
+
+def _other_build(build):
+    """Run the row-count tests above in a subprocess for ``build``: (tile name printed there,
+    pytest's CompletedProcess), or the reason to skip."""
+    reason = _build_skip_reason(build)
+    if reason:
+        return reason
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **BUILDS[build][1])
     env.pop("NUMBA_DISABLE_JIT", None)
-    res = subprocess.run(
+    res = background.run(
         [sys.executable, "-c", "from streamgru.isa import TILE; print(TILE.name, TILE.describe())"],
-        env=env, capture_output=True, text=True, timeout=60)
+        env=env, timeout=60)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.split()[0] == name, res.stdout
     # The forced build is compiled afresh every run: there only the serial kernels (the
     # panel-parallel one runs the same products, tested in the cached builds).
     select = "(every_row_count or longer_than) and float32 or kernels_and_packing"
     if build == "forced":
         select = "(every_row_count and serial or longer_than) and float32 or kernels_and_packing"
-    res = subprocess.run(
+    tests = background.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
          str(ROOT / "tests" / "test_tiles.py"), "-k", select],
-        env=env, capture_output=True, text=True, timeout=540, cwd=ROOT)
+        env=env, timeout=540, cwd=ROOT)
+    return res.stdout.split()[0], tests
+
+
+for _build in BUILDS:
+    background.job(f"tiles-{_build}")(lambda build=_build: _other_build(build))
+
+
+@pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="compiles kernels")
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("STREAMGRU_TILE") is not None
+                    or os.environ.get("NUMBA_CPU_NAME") is not None,
+                    reason="already inside a subprocess build")
+@pytest.mark.parametrize("build", [pytest.param(b, marks=pytest.mark.background(f"tiles-{b}"))
+                                   for b in sorted(BUILDS)])
+def test_other_builds_against_oracle(build):
+    """Build the kernels for another target (or with a forced tile) in a subprocess, and run
+    the row-count test above there (float32: one compile per kernel). The subprocess starts
+    when collection ends and runs beside the suite (tests/background.py)."""
+    got = background.result(f"tiles-{build}")
+    if isinstance(got, str):
+        pytest.skip(got)
+    name, res = got
+    assert name == (BUILDS[build][0] or BUILDS[build][1]["STREAMGRU_TILE"])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     passed = 4 if build == "forced" else 6
     assert re.search(rf"\b{passed} passed", res.stdout), res.stdout[-1000:]
