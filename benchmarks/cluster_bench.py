@@ -6,7 +6,7 @@ Run (a few minutes with the defaults; needs the ``ray`` extra)::
     .venv/bin/python benchmarks/cluster_bench.py --keys 10000 --batches 20 --no-fill   # a quick look
 
 The workload, the contenders (local ``Engine`` 1 and 2 threads; 1 and 2 shards, sync and
-pipelined) and the time breakdown are described at ``streamgru.cluster.run_cluster_benchmark``,
+pipelined) and the time breakdown are described at ``streamgru.harness.cluster_bench.run_cluster_benchmark``,
 which does the work (``streamgru bench --cluster`` calls it too). Ray runs locally, over
 127.0.0.1 only. Results and the command that produced them go in docs/scaling.md.
 """
@@ -21,7 +21,7 @@ import sys
 if __package__ in (None, ""):  # run as a script from a checkout
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from streamgru.cluster import run_cluster_benchmark  # noqa: E402
+from streamgru.harness.cluster_bench import run_cluster_benchmark  # noqa: E402
 
 
 def main(argv=None):

@@ -37,7 +37,7 @@ def child(seconds):
     import numba
 
     from streamgru import Engine, GRUModel
-    from streamgru.bench import time_calls
+    from streamgru.harness.bench import time_calls
 
     numba.set_num_threads(1)
     rng = np.random.default_rng(0)

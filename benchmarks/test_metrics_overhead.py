@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 import streamgru
-from streamgru.bench import machine_info
+from streamgru.harness.bench import machine_info
 
 SRC = pathlib.Path(streamgru.__file__).parent
 # A metric statement of step/run: a counter bump, the clock read for the sampled timing, the

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from test_metrics_overhead import build_package, rotating_rounds
 
-from streamgru.bench import machine_info
+from streamgru.harness.bench import machine_info
 
 POLICIES = ("refuse", "skip", "zero", "last")
 # The clean path's missing-value statement in step(): "if store.last is not None:" and its body.

@@ -6,7 +6,7 @@ so the table compares like with like. Run the full grid with ``make bench`` (or
 ``--benchmark-disable`` so the suite cannot rot. Timings are never asserted.
 
 The baselines do what a user must do around onnxruntime/torch: look the keys up in a store,
-gather the batch's states, run, scatter the new states back (``streamgru.bench.UserStore``).
+gather the batch's states, run, scatter the new states back (``streamgru.harness.bench.UserStore``).
 """
 
 import numpy as np
@@ -14,7 +14,7 @@ import pytest
 import workloads as W
 from conftest import REMOVED_ENV
 
-from streamgru.bench import batches, machine_info, make_model
+from streamgru.harness.bench import batches, machine_info, make_model
 
 INFO = machine_info()
 CASES = [(wl, c, t) for wl in W.workloads() for t in W.thread_counts() for c in W.CONTENDERS

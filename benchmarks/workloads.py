@@ -1,7 +1,7 @@
 """Seeded workloads and contenders for the pytest-benchmark suite (shared with `streamgru bench`).
 
 The workloads, the fair user-side state store and the onnxruntime / PyTorch contenders live in
-:mod:`streamgru.bench`; this module adds the float64 numpy oracle (tests/oracle.py) as a contender
+:mod:`streamgru.harness.bench`; this module adds the float64 numpy oracle (tests/oracle.py) as a contender
 and picks the grid: the full one, or a reduced one for the smoke run (``--benchmark-disable``).
 """
 
@@ -10,10 +10,10 @@ import os
 import numpy as np
 import oracle
 
-from streamgru.bench import (
+from streamgru.harness.bench import (
     UserStore,
+    UserStoreContender,
     Workload,
-    _Baseline,
     make_contender,
     standard_workloads,
 )
@@ -45,7 +45,7 @@ def thread_counts():
     return sorted({1, os.cpu_count() or 1}) if full() else [1]
 
 
-class OracleContender(_Baseline):
+class OracleContender(UserStoreContender):
     """The float64 numpy reference (tests/oracle.py) behind the same gather/run/scatter store."""
 
     name = "numpy_oracle"

@@ -37,8 +37,8 @@ def _info(args):
     from .isa import TILE
 
     if args.timing:
-        from .bench import format_start_times, start_times
-        from .demo import DEFAULT_MODEL
+        from .harness.bench import format_start_times, start_times
+        from .harness.demo import DEFAULT_MODEL
 
         path = args.file if args.file is not None else DEFAULT_MODEL
         load_model_arg(path, "file")
@@ -93,7 +93,7 @@ def _convert(args):
 
 
 def _demo(args):
-    from .demo import main as demo_main
+    from .harness.demo import main as demo_main
 
     if args.model is not None:  # a bad model file is a usage error (exit 2), like in every verb
         load_model_arg(args.model, "--model")
@@ -107,7 +107,7 @@ def _run(args):
 
 
 def _bench(args):
-    from .bench import run_bench
+    from .harness.bench import run_bench
 
     return run_bench(args)
 
@@ -187,7 +187,7 @@ def main(argv=None):
 
     p = sub.add_parser("bench", help="time streamgru against onnxruntime and PyTorch on the "
                                       "standard workloads; print a table, write JSON and a plot")
-    from .bench import add_arguments as bench_arguments
+    from .harness.bench import add_arguments as bench_arguments
 
     bench_arguments(p)
     p.set_defaults(func=_bench)

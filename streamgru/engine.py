@@ -52,7 +52,6 @@ import os
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numba
@@ -62,7 +61,7 @@ from . import kernels as K
 from .errors import FormatError, NonFiniteError
 from .model import GRUModel
 from .packing import pack
-from .state import StateStore, check_str_keys, normalize_key
+from .state import StateStore, normalize_key, normalize_keys
 
 __all__ = ["Engine", "LoadedState", "MISSING_POLICIES", "check_missing"]
 
@@ -1216,28 +1215,8 @@ class Engine:
     # validation helpers (the public boundary)
 
     def _keys_arg(self, keys, what):
-        if isinstance(keys, np.ndarray):
-            if keys.ndim != 1:
-                raise ValueError(f"{what}: expected a 1-D sequence of keys, got an array of "
-                                 f"shape {keys.shape}")
-            if keys.dtype.kind not in "iuU" or keys.dtype.kind == "b":
-                raise TypeError(f"{what}: expected integer or str keys, got an array of dtype "
-                                f"{keys.dtype}")
-            if keys.dtype.kind == "u" and keys.size and keys.max() > np.iinfo(np.int64).max:
-                raise ValueError(f"{what}: expected keys within int64, got {keys.max()}")
-            ks = keys.tolist()
-            if keys.dtype.kind == "U":  # NULs (trailing ones are gone already), surrogates
-                check_str_keys(ks, what)
-            # The array's dtype says every key's kind: check one, not each.
-            self._store.check_kind(ks[:1], what)
-            return ks
-        elif isinstance(keys, (str, bytes)) or not isinstance(keys, Sequence):
-            raise TypeError(f"{what}: expected a sequence of int or str keys, got "
-                            f"{type(keys).__name__}; wrap a single key in a list: [key]")
-        else:
-            ks = [normalize_key(k, f"{what}[{i}]") for i, k in enumerate(keys)]
-        self._store.check_kind(ks, what)
-        return ks
+        ks, _ = normalize_keys(keys, self._store.key_kind, what)
+        return ks.tolist() if isinstance(ks, np.ndarray) else ks
 
     def _int_keys(self, keys, what):
         """A 1-D integer key array as int64 (C-contiguous), refusing uint64 keys past int64."""

@@ -37,12 +37,13 @@ import errno
 import mmap
 import sys
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import numpy as np
 
 from . import kernels as K
 
-__all__ = ["StateStore", "normalize_key", "check_str_keys"]
+__all__ = ["StateStore", "normalize_key", "normalize_keys", "check_kind", "check_str_keys"]
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 
@@ -61,6 +62,82 @@ def normalize_key(key, what="key"):
             raise ValueError(f"{what}: expected an int within int64, got {k}")
         return k
     raise TypeError(f"{what}: expected an int or str stream key, got {type(key).__name__} {key!r}")
+
+
+def normalize_keys(keys, kind=None, what="keys"):
+    """Validate a batch of stream keys (the one check ``Engine`` and ``ShardedEngine`` share).
+
+    Parameters
+    ----------
+    keys : sequence of int or str, or 1-D integer or str array
+    kind : {int, str, None}
+        The kind of key the engine already holds (None: the batch's first key decides).
+    what : str
+        The argument's name, for error messages.
+
+    Returns
+    -------
+    keys : numpy.ndarray of int64 or list
+        An integer array comes back as an int64 array (no per-key Python objects: the caller
+        chooses); anything else as a list of canonical keys (:func:`normalize_key`).
+    kind : {int, str, None}
+        The kind of these keys (``kind`` if given; None for an empty batch and no ``kind``).
+
+    Raises
+    ------
+    TypeError
+        Not a sequence of keys, a key that is neither int nor str (bools and floats included),
+        or keys of mixed kinds or of another kind than ``kind``.
+    ValueError
+        A multi-dimensional array, an int outside int64, a str key with NUL or not encodable as
+        UTF-8.
+
+    Examples
+    --------
+    >>> normalize_keys(["a", "b"])
+    (['a', 'b'], <class 'str'>)
+    >>> normalize_keys([1, "a"])
+    Traceback (most recent call last):
+    ...
+    TypeError: keys: expected all keys to be ints (an engine holds one kind of key), got str 'a'
+    """
+    if isinstance(keys, np.ndarray):
+        if keys.ndim != 1:
+            raise ValueError(f"{what}: expected a 1-D sequence of keys, got an array of "
+                             f"shape {keys.shape}")
+        if keys.dtype.kind not in "iuU" or keys.dtype.kind == "b":
+            raise TypeError(f"{what}: expected integer or str keys, got an array of dtype "
+                            f"{keys.dtype}")
+        if keys.dtype.kind == "u" and keys.size and keys.max() > _I64_MAX:
+            raise ValueError(f"{what}: expected keys within int64, got {keys.max()}")
+        if keys.dtype.kind == "U":
+            ks = keys.tolist()
+            check_str_keys(ks, what)  # NULs (trailing ones are gone already), surrogates
+        else:
+            ks = keys.astype(np.int64, copy=False)
+        # The array's dtype says every key's kind: check one, not each.
+        return ks, check_kind(ks[:1].tolist() if isinstance(ks, np.ndarray) else ks[:1], kind, what)
+    if isinstance(keys, (str, bytes)) or not isinstance(keys, Sequence):
+        raise TypeError(f"{what}: expected a sequence of int or str keys, got "
+                        f"{type(keys).__name__}; wrap a single key in a list: [key]")
+    ks = [normalize_key(k, f"{what}[{i}]") for i, k in enumerate(keys)]
+    return ks, check_kind(ks, kind, what)
+
+
+def check_kind(keys, kind=None, what="keys"):
+    """Refuse canonical keys whose kind (int/str) differs from each other or from ``kind`` (the
+    kind the engine holds; None: the first key decides). Returns the kind (None if neither
+    ``kind`` nor a key gave one)."""
+    for k in keys:
+        t = str if isinstance(k, str) else int
+        if kind is None:
+            kind = t
+        elif t is not kind:
+            raise TypeError(
+                f"{what}: expected all keys to be {kind.__name__}s (an engine holds one kind "
+                f"of key), got {t.__name__} {k!r}"
+            )
+    return kind
 
 
 def _check_str_key(key, what):
@@ -416,16 +493,7 @@ class StateStore:
 
     def check_kind(self, keys, what="keys"):
         """Refuse keys whose kind (int/str) differs from each other or from the engine's."""
-        kind = self.key_kind
-        for k in keys:
-            t = str if isinstance(k, str) else int
-            if kind is None:
-                kind = t
-            elif t is not kind:
-                raise TypeError(
-                    f"{what}: expected all keys to be {kind.__name__}s (an engine holds one kind "
-                    f"of key), got {t.__name__} {k!r}"
-                )
+        check_kind(keys, self.key_kind, what)
 
     def grow(self, needed):
         """Make room for ``needed`` more streams: every per-slot buffer is resized (doubling,

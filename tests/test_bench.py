@@ -43,7 +43,7 @@ def test_baselines_agree_with_oracle_including_duplicate_keys():
     """The fair baselines (user-side store, waves for repeated keys) compute the same steps."""
     import oracle
 
-    from streamgru.bench import CONTENDERS, UserStore, Workload, batches, make_contender, make_model
+    from streamgru.harness.bench import CONTENDERS, UserStore, Workload, batches, make_contender, make_model
 
     wl = Workload("t", 8, 16, 12, streams=10, keys="duplicates", layers="stack")
     model = make_model(wl)
@@ -81,7 +81,7 @@ def test_sequence_baseline_agrees_with_oracle_and_keeps_the_state():
     pytest.importorskip("onnxruntime")
     import oracle
 
-    from streamgru.bench import make_contender
+    from streamgru.harness.bench import make_contender
     from streamgru.model import GRUModel
 
     model = GRUModel.random(3, [5, 4], dense_after=[(2, "tanh")], seed=1)
@@ -100,7 +100,7 @@ def test_onnx_baseline_runs_every_gru_attribute():
     pytest.importorskip("onnxruntime")
     from helpers import OracleStreams
 
-    from streamgru.bench import make_contender
+    from streamgru.harness.bench import make_contender
     from streamgru.model import DenseLayer, GRULayer, GRUModel
 
     rng = np.random.default_rng(3)

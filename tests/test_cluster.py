@@ -91,7 +91,8 @@ def test_shard_of_refuses_bad_input():
         shard_of([1, 1.5], 2)
     with pytest.raises(TypeError, match=r"keys\[0\]: expected an int or str stream key, got bool"):
         shard_of([True], 2)
-    with pytest.raises(TypeError, match="keys: expected all keys to be ints, got str 'a'"):
+    with pytest.raises(TypeError, match=r"keys: expected all keys to be ints \(an engine holds one kind of "
+                       r"key\), got str 'a'"):
         shard_of([1, "a"], 2)
     with pytest.raises(TypeError, match="keys: expected integer or str keys, got an array of dtype float64"):
         shard_of(np.zeros(3), 2)
@@ -215,8 +216,10 @@ def test_sharded_engine_matches_one_engine_and_the_oracle(ray_local):
             eng.step([1, 2, 777], x)
         with pytest.raises(ValueError, match=r"x: expected shape \(2, 3\) \(len\(keys\) = 2\), got \(3, 3\)"):
             eng.step([1, 2], np.ones((3, 3)))
-        with pytest.raises(TypeError, match="keys: expected int keys"):
+        with pytest.raises(TypeError, match="keys: expected all keys to be ints"):
             eng.step(["a"], np.ones((1, 3)))
+        with pytest.raises(TypeError, match="key: expected all keys to be ints"):  # as Engine
+            eng.state("a")
         with pytest.raises(TypeError, match="x: expected a float32 or float64 array, got dtype int64"):
             eng.step([1], np.ones((1, 3), np.int64))
         with pytest.raises(KeyError, match="unknown key 999"):
@@ -468,7 +471,7 @@ def test_background_checkpoints(ray_local, tmp_path):
 
 @pytest.mark.slow  # starts Ray actors
 def test_benchmark_smoke(ray_local):
-    from streamgru.cluster import run_cluster_benchmark
+    from streamgru.harness.cluster_bench import run_cluster_benchmark
 
     lines = []
     r = run_cluster_benchmark(keys=500, batch=32, batches=3, warmup=1, hidden=8, input_size=3,
@@ -476,6 +479,8 @@ def test_benchmark_smoke(ray_local):
     assert set(r["sharded"]) == {1, 2} and set(r["local"]) == {"1t", "2t"}
     for s in r["sharded"].values():
         assert s["sync"]["events_per_s"] > 0 and s["streams"] == 500 and s["checkpoint_bytes"] > 0
+        t = s["sync"]["per_batch_ms"]  # measured around step_async / result(), per batch
+        assert t["driver"] > 0 and t["wait"] > 0 and t["engine_sum"] > 0
     assert 0 < r["derived"]["scaling_efficiency_pipelined"] and "events/s" in lines[0]
 
 

@@ -9,10 +9,8 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import OracleStreams
 
-from streamgru import GRUModel
-from streamgru.demo import DATA_DIR, DEFAULT_MODEL, load_default, make_workload, run_demo
+from streamgru.harness.demo import DATA_DIR, DEFAULT_MODEL, load_default, make_workload, run_demo
 
 torch = pytest.importorskip("torch")
 
@@ -91,26 +89,6 @@ def test_workload_replays_each_recording_in_order():
     assert any(np.diff(np.flatnonzero(w.keys == d)).max() > 1 for d in range(10))
 
 
-def test_onnx_step_with_user_side_store_matches_the_oracle():
-    ort = pytest.importorskip("onnxruntime")
-    from streamgru.demo import _UserStateStore
-
-    model = GRUModel.random(3, [6, 5], dense_before=[(4, "relu")], dense_after=[(2, "sigmoid")],
-                            linear_before_reset=0, seed=2)
-    from converters import to_onnx
-
-    sess = ort.InferenceSession(to_onnx(model).SerializeToString(),
-                                providers=["CPUExecutionProvider"])
-    store = _UserStateStore(model, capacity=2)  # grows
-    rng = np.random.default_rng(0)
-    ref = OracleStreams(model)
-    for _ in range(6):
-        keys = rng.integers(0, 5, size=7)  # repeated keys within a call
-        x = rng.normal(size=(7, 3)).astype(np.float32)
-        got = store.step(sess, keys, x)
-        np.testing.assert_allclose(got, ref.step(keys.tolist(), x), atol=1e-5, rtol=0)
-
-
 @pytest.mark.slow
 def test_demo_command_prints_the_table_and_writes_the_plot(tmp_path):
     png = tmp_path / "demo.png"
@@ -132,7 +110,7 @@ def test_accuracy_with_dropped_values_equals_torch_applying_each_policy(default)
     """The demo's per-policy numbers, against PyTorch on the inputs each policy stands for: the
     outputs at each recording's end, and the accuracies printed."""
     from converters.verify import reference_inputs
-    from streamgru.demo import drop_readings, missing_accuracy, replay_with_missing
+    from streamgru.harness.demo import drop_readings, missing_accuracy, replay_with_missing
 
     got = missing_accuracy(default.model, default.x, default.y, rate=0.1, seed=0, batch=64)
     x = drop_readings(default.x, 0.1, seed=0)

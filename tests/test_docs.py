@@ -14,7 +14,9 @@ def _modules():
     names = []
     for pkg in (streamgru, converters):
         names.append(pkg.__name__)
-        names += [f"{pkg.__name__}.{m.name}" for m in pkgutil.iter_modules(pkg.__path__)]
+        # subpackages too (streamgru.cluster, streamgru.harness)
+        names += [m.name for m in pkgutil.walk_packages(pkg.__path__, f"{pkg.__name__}.",
+                                                        onerror=lambda name: None)]
     return sorted(names)
 
 

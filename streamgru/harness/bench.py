@@ -21,7 +21,7 @@ Thread counts are set explicitly for every contender (onnxruntime ``intra_op_num
 
 Examples
 --------
->>> from streamgru.bench import main_bench  # doctest: +SKIP
+>>> from streamgru.harness.bench import main_bench  # doctest: +SKIP
 >>> main_bench(["--quick", "--json", "bench.json"])  # doctest: +SKIP
 """
 
@@ -38,13 +38,15 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import Engine, GRUModel
-from .isa import TILE
+from ..engine import Engine
+from ..isa import TILE
+from ..model import GRUModel
 
 __all__ = [
     "Workload",
     "UserStore",
     "StreamgruContender",
+    "UserStoreContender",
     "OrtContender",
     "TorchContender",
     "make_contender",
@@ -56,6 +58,7 @@ __all__ = [
     "add_arguments",
     "run_bench",
     "start_times",
+    "time_calls",
     "format_start_times",
 ]
 
@@ -230,8 +233,10 @@ class StreamgruContender:
         return {"threads": self.threads}
 
 
-class _Baseline:
-    """Shared gather / run / scatter logic of the framework contenders."""
+class UserStoreContender:
+    """A contender that keeps the streams' states in a :class:`UserStore`: the gather / run /
+    scatter of the framework contenders. A subclass sets ``name`` and implements
+    ``_forward(x, states) -> (y, new_states)`` (or overrides ``_step_rows``)."""
 
     def __init__(self, model, threads):
         self.model = model
@@ -278,7 +283,7 @@ def _check_same_weights(model, other, who):
                 raise RuntimeError(f"{who}: converter read different {nm} for a {a.kind} layer")
 
 
-class OrtContender(_Baseline):
+class OrtContender(UserStoreContender):
     """onnxruntime, ``run`` or (``iobinding=True``) ``run_with_iobinding`` on pre-bound buffers."""
 
     def __init__(self, model, threads, iobinding=False):
@@ -368,7 +373,7 @@ class OrtSequence:
         return {"threads": self.threads, "intra_op_num_threads": self.threads}
 
 
-class TorchContender(_Baseline):
+class TorchContender(UserStoreContender):
     """PyTorch: ``converters.to_torch`` (``nn.GRUCell`` per GRU layer, ``nn.Linear`` + activation
     per Dense layer) under ``torch.inference_mode``."""
 
@@ -582,7 +587,7 @@ def machine_info():
             info[mod] = __import__(mod).__version__
         except ImportError:
             info[mod] = None
-    from . import __version__
+    from .. import __version__
 
     info["streamgru"] = __version__
     info["tile"] = TILE.as_dict()
@@ -767,7 +772,7 @@ def run_bench(args):
             raise ValueError(f"--contenders: expected names from {','.join(CONTENDERS)}, got {c!r}")
     model = None
     if args.model:
-        from .formats import load
+        from ..formats import load
 
         model = load(args.model)
         wls = [Workload(f"step n={n} ({os.path.basename(args.model)})", model.input_size,
@@ -821,10 +826,10 @@ def run_bench(args):
 
 
 def _run_cluster(args):
-    """``streamgru bench --cluster``: see :func:`streamgru.cluster.run_cluster_benchmark`."""
+    """``streamgru bench --cluster``: see :func:`streamgru.harness.cluster_bench.run_cluster_benchmark`."""
     if args.keys < 1:
         raise ValueError(f"--keys: expected a positive int, got {args.keys}")
-    from .cluster import run_cluster_benchmark
+    from .cluster_bench import run_cluster_benchmark
 
     res = run_cluster_benchmark(keys=args.keys, batches=40 if args.quick else 200,
                                 fill=not args.quick)

@@ -14,8 +14,9 @@ a device may appear twice in one micro-batch when the batch spans two ticks.
 Each micro-batch is one call of ``Engine.step(keys, x)``, timed alone. When onnxruntime is
 installed the same events go through an ONNX model made from the same weights (ONNX ``GRU``,
 ``MatMul``, ``Add``, ``Softmax``) with the states kept where a user would keep them: a
-key -> slot dict and one array per layer; every micro-batch gathers its streams' states, runs,
-and scatters the new states back (a device listed twice in a batch is run in two waves, since
+key -> slot dict and one ``(streams, state_size)`` array (``streamgru bench``'s
+:class:`~streamgru.harness.bench.OrtContender`); every micro-batch gathers its streams' states,
+runs, and scatters the new states back (a device listed twice in a batch is run in two waves, since
 one ORT call steps every row from the same old state). That user-side work is inside the timing.
 
 The accuracy is read at each device's last step; every device replaying the same recording
@@ -41,14 +42,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .formats import load
-from .isa import TILE
-from .model import GRUModel
+from ..formats import load
+from ..isa import TILE
+from ..model import GRUModel
 
 __all__ = ["DATA_DIR", "DEFAULT_MODEL", "DefaultData", "DemoResult", "drop_readings",
            "load_default", "make_workload", "missing_accuracy", "replay_with_missing", "run_demo"]
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"  # streamgru/data: package data
 DEFAULT_MODEL = DATA_DIR / "basic_motions_gru.sgru"
 HELDOUT = DATA_DIR / "basic_motions_heldout.npz"
 RECORD = DATA_DIR / "basic_motions_gru.json"
@@ -88,7 +89,7 @@ def load_default():
 
     Examples
     --------
-    >>> from streamgru.demo import load_default
+    >>> from streamgru.harness.demo import load_default
     >>> d = load_default()
     >>> d.model.input_size, d.model.output_size, d.x.shape, d.classes[:2]
     (6, 4, (40, 100, 6), ('Standing', 'Running'))
@@ -182,7 +183,7 @@ class DemoResult:
 
 
 def _run_engine(model, w, batch, threads, seconds, progress):
-    from .engine import Engine
+    from ..engine import Engine
 
     warm = Engine(model, threads=threads)
     warm.step(np.arange(batch), w.x[:batch])  # JIT compile/load outside the timing
@@ -192,25 +193,14 @@ def _run_engine(model, w, batch, threads, seconds, progress):
 
 
 def _run_ort(model, w, batch, threads, seconds, progress):
-    import onnxruntime as ort
+    from .bench import OrtContender
 
-    from converters import to_onnx
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or 0  # 0: onnxruntime's default (one per core)
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    sess = ort.InferenceSession(to_onnx(model).SerializeToString(), so,
-                                providers=["CPUExecutionProvider"])
-    store = _UserStateStore(model, capacity=1024)
-
-    def step(keys, x):
-        return store.step(sess, keys, x)
-
-    step(np.arange(-batch, 0), w.x[:batch])  # warm-up, on keys no device uses
-    store.clear()
+    # The user-side store around onnxruntime (key -> slot, gather, run, scatter; waves for a
+    # device listed twice), as `streamgru bench` runs it. intra_op 0: onnxruntime's default.
+    ort = OrtContender(model, threads or 0)
+    ort.step(np.arange(-batch, 0), w.x[:batch])  # warm-up, on keys no device uses
     return _drive("onnxruntime", f"intra_op {threads or 'default'}", w, batch, seconds, progress,
-                  step, model.output_size)
+                  ort.step, model.output_size)
 
 
 def _drive(name, threads, w, batch, seconds, progress, step, n_out):
@@ -242,51 +232,6 @@ def _drive(name, threads, w, batch, seconds, progress, step, n_out):
     bar.close()
     note = "" if events == E else f"stopped after {seconds:g} s"
     return Contender(name, threads, lat[:n_done], events, final, done, note)
-
-
-class _UserStateStore:
-    """What a user writes around onnxruntime: key -> slot dict, one (capacity, state_size) array,
-    gather before and scatter after every call of ``converters.to_onnx``'s graph."""
-
-    def __init__(self, model, capacity):
-        self.n_out = model.output_size
-        self.capacity = capacity
-        self.states = np.zeros((capacity, model.state_size), np.float32)
-        self.slot_of = {}
-
-    def clear(self):
-        self.slot_of.clear()
-        self.states[:] = 0
-
-    def _slots(self, keys):
-        slot_of = self.slot_of
-        slots = np.fromiter((slot_of.setdefault(k, len(slot_of)) for k in keys.tolist()),
-                            np.int64, keys.size)
-        if len(slot_of) > self.capacity:
-            cap = max(len(slot_of), 2 * self.capacity)
-            self.states = np.concatenate([self.states, np.zeros((cap - self.capacity,
-                                                                 self.states.shape[1]), np.float32)])
-            self.capacity = cap
-        return slots
-
-    def step(self, sess, keys, x):
-        slots = self._slots(keys)
-        if np.unique(slots).size == slots.size:
-            return self._run(sess, slots, x)
-        # A stream listed twice: its second row must see the state after its first.
-        seen, wave = {}, np.empty(slots.size, np.int64)
-        for i, s in enumerate(slots.tolist()):
-            wave[i] = seen.get(s, 0)
-            seen[s] = wave[i] + 1
-        out = np.empty((slots.size, self.n_out), np.float32)
-        for v in range(int(wave.max()) + 1):
-            rows = np.flatnonzero(wave == v)
-            out[rows] = self._run(sess, slots[rows], x[rows])
-        return out
-
-    def _run(self, sess, slots, x):
-        y, self.states[slots] = sess.run(["y", "state_out"], {"x": x, "state": self.states[slots]})
-        return y  # the states of this call gathered, then scattered back
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,7 +317,7 @@ def replay_with_missing(model, x, policy, rate=0.1, seed=0, batch=256, threads=N
     -------
     numpy.ndarray, (n, output_size) float32
     """
-    from .engine import Engine
+    from ..engine import Engine
 
     x = np.asarray(x)
     w = make_workload(drop_readings(x, rate, seed), streams=x.shape[0], seed=seed)
@@ -427,8 +372,9 @@ def run_demo(streams=4096, batch=256, events=None, seconds=20.0, threads=None, m
     Examples
     --------
     >>> import io
-    >>> from streamgru.demo import run_demo
-    >>> r = run_demo(streams=80, batch=32, ort=False, plot=None, out=io.StringIO(), seconds=600)
+    >>> from streamgru.harness.demo import run_demo
+    >>> r = run_demo(streams=80, batch=32, seconds=600, ort=False, plot=None,
+    ...              out=io.StringIO())  # seconds: never cut short, even on a loaded machine
     >>> r.accuracy["streamgru"] == r.reference_accuracy, r.contenders[0].events
     (True, 8000)
     """

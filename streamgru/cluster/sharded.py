@@ -1,21 +1,7 @@
-"""ShardedEngine: streams sharded across Ray actors, one ``Engine`` per actor (optional extra ``ray``).
+"""The sharded engine: ``ShardedEngine`` in the driver, one ``Engine`` per Ray actor (needs Ray).
 
-Install with ``pip install streamgru[ray]``. Everything except :func:`shard_of` needs Ray.
-
-Placement
----------
-A key's shard is chosen by rendezvous (highest-random-weight) hashing, which depends only on the
-key and the shard count, never on Python's per-process ``hash()``: every client, in every process,
-routes a key to the same shard, and going from N to N+1 shards moves only the keys whose new
-owner is the new shard (about 1/(N+1) of them); going from N to N-1 moves only the keys of the
-removed shard. Precisely (all arithmetic modulo 2**64, ``mix`` is SplitMix64's finalizer)::
-
-    digest(int k) = mix(uint64(k) ^ 0x5354524541474955)           # vectorised over int arrays
-    digest(str k) = blake2b(b"s" + utf8(k), digest_size=8) as little-endian uint64
-    score(k, s)   = mix(digest(k) ^ mix(s + 0x9E3779B97F4A7C15))
-    shard(k)      = argmax over s in 0..N-1 of score(k, s)  (ties: the lowest s)
-
-Shards are numbered 0..N-1; ``resize(n)`` adds shards at the top or removes them from the top.
+Placement: a stream's shard is :func:`~streamgru.cluster.shard_of` (rendezvous hashing, stable
+across processes; see :mod:`streamgru.cluster.placement`).
 
 State policy (as on ``Engine``, per stream)
 -------------------------------------------
@@ -72,146 +58,29 @@ Examples
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 import threading
 import time
 import uuid
 import warnings
 import weakref
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from .engine import check_missing, float_matrix
-from .errors import FormatError, NonFiniteError
-from .model import GRUModel
-from .state import check_str_keys, normalize_key
+from ..engine import check_missing, float_matrix
+from ..errors import FormatError, NonFiniteError
+from ..model import GRUModel
+from ..state import check_kind, normalize_key, normalize_keys
+from .placement import PLACEMENT, owners, positive_int
 
-__all__ = ["ShardedEngine", "ShardLostError", "StepFuture", "shard_of", "start_local_ray",
-           "run_cluster_benchmark", "MANIFEST_FORMAT"]
+__all__ = ["ShardedEngine", "ShardLostError", "StepFuture", "start_local_ray", "MANIFEST_FORMAT"]
 
 MANIFEST_FORMAT = "streamgru-sharded-state"
 MANIFEST_VERSION = "1"
 MANIFEST_NAME = "manifest.json"
-PLACEMENT = "rendezvous-splitmix64-blake2b-v1"
-
-_U64 = np.uint64
-_INT_TAG = _U64(0x5354524541474955)
-_SHARD_SALT = 0x9E3779B97F4A7C15
 _DTYPES = ("float32", "float64")
-
-
-# ----------------------------------------------------------------------------------------------
-# placement (no Ray needed)
-
-
-def _mix64(z):
-    """SplitMix64's finalizer on a uint64 array (wraps modulo 2**64, no warnings for arrays)."""
-    z = z ^ (z >> _U64(30))
-    z = z * _U64(0xBF58476D1CE4E5B9)
-    z = z ^ (z >> _U64(27))
-    z = z * _U64(0x94D049BB133111EB)
-    return z ^ (z >> _U64(31))
-
-
-def _digests(keys):
-    """uint64 digests of canonical keys: an int64 array, or a list of all-int or all-str keys."""
-    if isinstance(keys, np.ndarray):
-        return _mix64(keys.astype(np.int64, copy=False).view(_U64) ^ _INT_TAG)
-    if keys and isinstance(keys[0], str):
-        b2 = hashlib.blake2b
-        return np.fromiter((int.from_bytes(b2(b"s" + k.encode("utf-8"), digest_size=8).digest(),
-                                           "little") for k in keys), _U64, len(keys))
-    return _mix64(np.array(keys, dtype=np.int64).reshape(-1).view(_U64) ^ _INT_TAG)
-
-
-def _owners(keys, shards):
-    """Shard index (int64) of each canonical key under ``shards`` shards."""
-    n = len(keys)
-    if shards == 1 or n == 0:
-        return np.zeros(n, np.int64)
-    seeds = _mix64(np.arange(shards, dtype=_U64) + _U64(_SHARD_SALT))
-    return np.argmax(_mix64(_digests(keys)[:, None] ^ seeds[None, :]), axis=1).astype(np.int64)
-
-
-def shard_of(keys, shards):
-    """The shard of each key under ``shards`` shards (rendezvous hashing; see the module docstring).
-
-    Stable across processes, machines and Python versions; ints and strs never share a digest
-    function (``1`` and ``"1"`` are placed independently).
-
-    Parameters
-    ----------
-    keys : int, str, sequence of int or str, or 1-D integer array
-    shards : int
-        Number of shards, at least 1.
-
-    Returns
-    -------
-    int (for one key) or numpy.ndarray of int64 (for a sequence)
-
-    Examples
-    --------
-    >>> from streamgru.cluster import shard_of
-    >>> shard_of([1, 2, 3], 1).tolist()
-    [0, 0, 0]
-    >>> int(shard_of("sensor-17", 4)) == int(shard_of(["sensor-17"], 4)[0])
-    True
-    """
-    shards = _check_shards(shards, "shards")
-    if isinstance(keys, (str, int, np.integer)) and not isinstance(keys, (bool, np.bool_)):
-        return int(_owners([normalize_key(keys, "keys")], shards)[0])
-    ks, _ = _canonical_keys(keys, None, "keys")
-    return _owners(ks, shards)
-
-
-def _check_shards(n, what):
-    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"{what}: expected a positive int, got {n!r}")
-    return int(n)
-
-
-def _canonical_keys(keys, kind, what):
-    """Validate a batch of keys. Returns (int64 array or list of str, kind: int/str/None)."""
-    if isinstance(keys, np.ndarray):
-        if keys.ndim != 1:
-            raise ValueError(f"{what}: expected a 1-D sequence of keys, got an array of shape "
-                             f"{keys.shape}")
-        if keys.dtype.kind in "iu" and keys.dtype != np.bool_:
-            if keys.dtype.kind == "u" and keys.size and keys.max() > np.iinfo(np.int64).max:
-                raise ValueError(f"{what}: expected keys within int64, got {keys.max()}")
-            ks, got = keys.astype(np.int64, copy=False), int
-        elif keys.dtype.kind == "U":
-            ks, got = keys.tolist(), str
-            check_str_keys(ks, what)  # as Engine: NULs could alias, surrogates cannot be saved
-        else:
-            raise TypeError(f"{what}: expected integer or str keys, got an array of dtype "
-                            f"{keys.dtype}")
-        if len(ks) == 0:
-            got = None
-    elif isinstance(keys, (str, bytes)) or not isinstance(keys, Sequence):
-        raise TypeError(f"{what}: expected a sequence of int or str keys, got "
-                        f"{type(keys).__name__}; wrap a single key in a list: [key]")
-    else:
-        ks = [normalize_key(k, f"{what}[{i}]") for i, k in enumerate(keys)]
-        got = None
-        for k in ks:
-            t = str if isinstance(k, str) else int
-            if got is None:
-                got = t
-            elif t is not got:
-                raise TypeError(f"{what}: expected all keys to be {got.__name__}s, got "
-                                f"{t.__name__} {k!r}")
-        if got is int:
-            ks = np.array(ks, dtype=np.int64)
-    if kind is not None and got is not None and got is not kind:
-        raise TypeError(f"{what}: expected {kind.__name__} keys (this engine holds {kind.__name__} "
-                        f"keys; the first key decides), got {got.__name__} keys")
-    return ks, got
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,8 +199,8 @@ class _Shard:
     def __init__(self, model_bytes, dtype, capacity, threads, shard, missing="refuse"):
         import ray
 
-        from .engine import Engine
-        from .formats import model_from_bytes
+        from ..engine import Engine
+        from ..formats import model_from_bytes
 
         self._Engine = Engine
         self.model = model_from_bytes(model_bytes)
@@ -434,7 +303,7 @@ class _Shard:
 
     def _load(self, files, shards, saved_shards):
         """A new Engine holding this shard's keys from a snapshot of ``saved_shards`` files."""
-        from .formats import load_state
+        from ..formats import load_state
 
         fp, size = self.model.fingerprint, self.model.state_size
         if saved_shards == shards:  # same count, same placement: this shard's own file
@@ -454,7 +323,7 @@ class _Shard:
                 raise NonFiniteError(f"{f}: expected finite states, got NaN/inf in the states of "
                                      f"key(s) {', '.join(repr(k) for k in bad[:10])}", bad)
             ks = np.array(keys, np.int64) if not isinstance(keys[0], str) else keys
-            for i in np.flatnonzero(_owners(ks, shards) == self.shard):
+            for i in np.flatnonzero(owners(ks, shards) == self.shard):
                 eng.set_state(keys[i], states[i, :size])
                 if states.shape[1] > size:
                     eng.set_last_observed(keys[i], states[i, size:])
@@ -595,11 +464,11 @@ class ShardedEngine:
         if not isinstance(model, GRUModel):
             raise TypeError(f"model: expected a streamgru.GRUModel, got {type(model).__name__}")
         check_missing(missing, check_finite)
-        shards = _check_shards(shards, "shards")
+        shards = positive_int(shards, "shards")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype: expected 'float32' or 'float64', got {dtype!r}")
-        threads_per_shard = _check_shards(threads_per_shard, "threads_per_shard")
-        capacity = _check_shards(capacity, "capacity")
+        threads_per_shard = positive_int(threads_per_shard, "threads_per_shard")
+        capacity = positive_int(capacity, "capacity")
         if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < -1:
             raise ValueError(f"max_restarts: expected an int >= -1 (-1: unlimited), got "
                              f"{max_restarts!r}")
@@ -616,7 +485,7 @@ class ShardedEngine:
         ray = _ray()
         if not ray.is_initialized():
             ray.init(address=address, include_dashboard=False)
-        from .formats import model_to_bytes
+        from ..formats import model_to_bytes
 
         self.model = model
         self.dtype = np.dtype(dtype)
@@ -640,7 +509,6 @@ class ShardedEngine:
         self._losses = []  # every _Loss, in order
         self._pending = []  # ShardLostErrors met by the checkpoint thread, raised by the next call
         self._closed = False
-        self.timing = {"route": 0.0, "submit": 0.0, "wait": 0.0, "gather": 0.0, "calls": 0}
         self._add_actors(range(shards))
         self._stop = threading.Event()
         self._thread = None
@@ -728,10 +596,9 @@ class ShardedEngine:
         ``step_async(k, x1)`` then ``step_async(k, x2)`` steps ``k`` with x1 then x2. Wait with
         ``fut.result()`` or ``await fut``.
         """
-        t0 = time.perf_counter()
         with self._lock:
             self._live()
-            ks, kind = _canonical_keys(keys, self._kind, "keys")
+            ks, kind = self._keys(keys)
             n = len(ks)
             x = self._matrix(x, "x", n, "len(keys)")
             if self.check_finite and n and not np.isfinite(x).all() \
@@ -748,14 +615,13 @@ class ShardedEngine:
             if kind is not None:
                 self._kind = kind
             N = len(self._actors)
-            owners = _owners(ks, N)
-            t1 = time.perf_counter()
+            own = owners(ks, N)
             parts = []
             if N == 1 or n == 0:
                 groups = [(0, None)] if n else []
             else:
-                order = np.argsort(owners, kind="stable")
-                bounds = np.searchsorted(owners[order], np.arange(N + 1))
+                order = np.argsort(own, kind="stable")
+                bounds = np.searchsorted(own[order], np.arange(N + 1))
                 groups = [(s, order[bounds[s]:bounds[s + 1]]) for s in range(N)
                           if bounds[s + 1] > bounds[s]]
             for s, rows in groups:
@@ -767,16 +633,11 @@ class ShardedEngine:
                     sk, sx = [ks[i] for i in rows], x[rows]
                 self._dirty[s].update(sk.tolist() if isinstance(sk, np.ndarray) else sk)
                 parts.append((s, self._instance[s], self._actors[s].step.remote(sk, sx), rows, sk))
-            t2 = time.perf_counter()
-            self.timing["route"] += t1 - t0
-            self.timing["submit"] += t2 - t1
-            self.timing["calls"] += 1
         return StepFuture(self, n, parts)
 
     def _collect(self, n, parts, timeout):
         """Wait for a step's parts; returns (outputs, None) or (None, error)."""
         ray = _ray()
-        t0 = time.perf_counter()
         refs = [p[2] for p in parts]
         try:
             vals = ray.get(refs, timeout=timeout)
@@ -785,7 +646,6 @@ class ShardedEngine:
                                f"(the future stays valid: call result() again)") from None
         except Exception:
             vals = None
-        t1 = time.perf_counter()
         out = np.empty((n, self.model.output_size), self.dtype)
         if vals is not None and not any(type(v) is _Recovered for v in vals):
             for (_, _, _, rows, _), v in zip(parts, vals):
@@ -793,8 +653,6 @@ class ShardedEngine:
                     out = v if v.flags.writeable else v.copy()  # Ray hands out read-only views
                 else:
                     out[rows] = v
-            self.timing["wait"] += t1 - t0
-            self.timing["gather"] += time.perf_counter() - t1
             return out, None
         # slow path: find which parts failed and why
         applied = np.zeros(n, bool)
@@ -924,15 +782,21 @@ class ShardedEngine:
                     self._kind = type(k)
             return out
 
+    def _keys(self, keys):
+        """A validated batch of keys (as ``Engine`` validates them) and its kind: int keys as an
+        int64 array (placement and the split over shards are vectorised), str keys as a list."""
+        ks, kind = normalize_keys(keys, self._kind, "keys")
+        if kind is int and not isinstance(ks, np.ndarray):
+            ks = np.array(ks, dtype=np.int64)
+        return ks, kind
+
     def _key(self, key):
         k = normalize_key(key, "key")
-        if self._kind is not None and not isinstance(k, self._kind):
-            raise TypeError(f"key: expected a {self._kind.__name__} key (this engine holds "
-                            f"{self._kind.__name__} keys), got {type(k).__name__} {k!r}")
+        check_kind([k], self._kind, "key")  # as Engine's one-key verbs
         return k
 
     def _shard(self, k):
-        return int(_owners([k], len(self._actors))[0])
+        return int(owners([k], len(self._actors))[0])
 
     def _call(self, s, verb, *args):
         return self._gather([(s, self._actors[s].call.remote(verb, *args))])[0]
@@ -1054,7 +918,7 @@ class ShardedEngine:
         -------
         int : the number of streams moved.
         """
-        n = _check_shards(shards, "shards")
+        n = positive_int(shards, "shards")
         ray = _ray()
         with self._lock:
             self._live()
@@ -1068,7 +932,7 @@ class ShardedEngine:
                     moving.append(([], np.zeros(0, np.int64)))
                     continue
                 arr = ks if isinstance(ks[0], str) else np.array(ks, np.int64)
-                own = _owners(arr, n)
+                own = owners(arr, n)
                 idx = np.flatnonzero(own != s)
                 moving.append(([ks[i] for i in idx], own[idx]))
             if n > old:
@@ -1165,7 +1029,7 @@ class ShardedEngine:
             "files": [{"shard": i, "file": f, "count": int(c)}
                       for i, (f, c) in enumerate(zip(names, counts))],
         }
-        from .formats import write_atomic
+        from ..formats import write_atomic
 
         write_atomic(d / MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
         if previous is not None:
@@ -1370,321 +1234,3 @@ def _checkpoint_loop(ref, stop, every):
             warnings.warn(f"streamgru checkpoint failed: {type(exc).__name__}: {exc}", RuntimeWarning,
                           stacklevel=1)
         del eng
-
-
-# ----------------------------------------------------------------------------------------------
-# benchmark (benchmarks/cluster_bench.py and `streamgru bench --cluster` call this)
-#
-# The event stream: `batches` batches of `batch` events; keys drawn from a Zipf law of exponent
-# `zipf` over `keys` keys (rank r has probability proportional to r**-zipf; ranks mapped to keys by
-# a random permutation so hot keys spread over the shards). With `fill`, every key is opened first
-# (not timed), so the shards hold all `keys` streams. Contenders: a local Engine with 1 and 2 Numba
-# threads (the same work without a Ray hop), then N shards: `sync` (one step at a time: latency)
-# and `pipelined` (step_async, `depth` batches in flight: throughput). Per sync batch: route (hash
-# + split in the driver), submit (serialization + task submission), wait (Ray transport + the
-# actors' work), gather, and the time inside Engine.step in the actors.
-
-
-def zipf_events(keys, n_events, exponent, seed):
-    """int64 keys of ``n_events`` events, Zipf(``exponent``) over ``keys`` keys, seeded."""
-    rng = np.random.default_rng(seed)
-    w = np.arange(1, keys + 1, dtype=np.float64) ** -exponent
-    cdf = np.cumsum(w)
-    cdf /= cdf[-1]
-    ranks = np.minimum(np.searchsorted(cdf, rng.random(n_events)), keys - 1)
-    return rng.permutation(keys).astype(np.int64)[ranks]
-
-
-def _pct(a, q):
-    return float(np.percentile(np.asarray(a), q)) if len(a) else float("nan")
-
-
-def _fill(step, keys, input_size, dtype, chunk=16384):
-    x = np.zeros((chunk, input_size), dtype)
-    for lo in range(0, keys, chunk):
-        k = np.arange(lo, min(keys, lo + chunk), dtype=np.int64)
-        step(k, x[:len(k)])
-
-
-class _Contender:
-    """One engine under test: a local Engine (shards=None) or a ShardedEngine."""
-
-    def __init__(self, name, eng, shards):
-        self.name, self.eng, self.shards = name, eng, shards
-        self.lat, self.sync_rate, self.pipe_rate = [], [], []
-        self.timing = {"route": 0.0, "submit": 0.0, "wait": 0.0, "gather": 0.0}
-        self.busy = None
-        self.n_sync = 0
-
-    def sync(self, ks, xs):
-        eng = self.eng
-        if self.shards is not None:
-            t_before = dict(eng.timing)
-            b_before = [s["engine_seconds"] for s in eng.stats()]
-        t0 = time.perf_counter()
-        for k, x in zip(ks, xs):
-            t = time.perf_counter()
-            eng.step(k, x)
-            self.lat.append(time.perf_counter() - t)
-        self.sync_rate.append(sum(len(k) for k in ks) / (time.perf_counter() - t0))
-        self.n_sync += len(ks)
-        if self.shards is not None:
-            for key in self.timing:
-                self.timing[key] += eng.timing[key] - t_before[key]
-            busy = [s["engine_seconds"] - b for s, b in zip(eng.stats(), b_before)]
-            self.busy = busy if self.busy is None else [a + b for a, b in zip(self.busy, busy)]
-
-    def pipelined(self, ks, xs, depth):
-        if self.shards is None:
-            return
-        pending = []
-        t0 = time.perf_counter()
-        for k, x in zip(ks, xs):
-            pending.append(self.eng.step_async(k, x))
-            if len(pending) >= depth:
-                pending.pop(0).result()
-        for f in pending:
-            f.result()
-        self.pipe_rate.append(sum(len(k) for k in ks) / (time.perf_counter() - t0))
-
-    def result(self, depth):
-        r = {"events_per_s": float(np.median(self.sync_rate)),
-             "events_per_s_rounds": [round(v) for v in self.sync_rate],
-             "p50_ms": _pct(self.lat, 50) * 1e3, "p99_ms": _pct(self.lat, 99) * 1e3}
-        if self.shards is None:
-            return r
-        nb = max(self.n_sync, 1)
-        tm = {k: v / nb * 1e3 for k, v in self.timing.items()}
-        tm["engine_max_shard"] = max(self.busy) / nb * 1e3
-        tm["engine_sum"] = sum(self.busy) / nb * 1e3
-        r["per_batch_ms"] = tm
-        return {"sync": r, "pipelined": {"events_per_s": float(np.median(self.pipe_rate)),
-                                         "events_per_s_rounds": [round(v) for v in self.pipe_rate],
-                                         "depth": depth}}
-
-
-def run_cluster_benchmark(keys=1_000_000, batch=1024, batches=200, warmup=20, zipf=1.1,
-                          input_size=16, hidden=128, outputs=8, shards=(1, 2), depth=4, rounds=5,
-                          fill=True, seed=0, local=True, actor_options=None, out=print):
-    """Step a Zipf event stream through local Engines and 1..N shards; print a table, return a dict.
-
-    All contenders are built first, then run side by side: in each of ``rounds`` rounds every
-    contender steps the same next slice of ``batches / rounds`` batches one at a time (sync),
-    and the shards step a further slice with ``depth`` batches in flight (pipelined). Rates are
-    the median over rounds, latencies pooled, so a change of machine load hits every contender
-    alike.
-
-    Parameters
-    ----------
-    keys : int
-        Number of distinct stream keys (the Zipf law's support).
-    batch, batches, warmup : int
-        Events per batch, timed batches (per mode), untimed warm-up batches.
-    zipf : float
-        Exponent of the Zipf law (rank r has probability proportional to r**-zipf; ranks are
-        mapped to keys by a seeded permutation, so hot keys spread over the shards).
-    input_size, hidden, outputs : int
-        The model: ``GRUModel.random(input_size, [hidden], dense_after=[(outputs, "identity")])``
-        (no dense head if ``outputs`` is 0), float32. Each event's output row travels back to the
-        driver, so large outputs cost Ray transfer time.
-    shards : sequence of int
-        Shard counts to run (each a ``ShardedEngine`` with one Numba thread per shard).
-    depth : int
-        Batches in flight in the pipelined runs.
-    rounds : int
-        Interleaved rounds (see above).
-    fill : bool
-        Open every key first (untimed), so the shards hold ``keys`` streams; then also time a
-        ``save_state`` of them and read the actors' resident memory.
-    local : bool
-        Also run a local ``Engine`` (1 and 2 Numba threads) on the same batches: the same work
-        without the Ray hop.
-    actor_options : dict, optional
-        Passed to ``ShardedEngine`` (default ``{"num_cpus": 0}``: all contenders exist at once).
-    out : callable or None
-        Receives the formatted table (default ``print``).
-
-    Returns
-    -------
-    dict with ``config``, ``machine`` (CPU, load average, versions), ``local``, ``sharded`` (per
-    shard count: ``sync`` events/s, p50/p99 ms and a per-batch time breakdown -- route and submit
-    in the driver, wait for the answers, gather, and the time inside ``Engine.step`` in the
-    actors; ``pipelined`` events/s; streams, actor memory, checkpoint size and time) and
-    ``derived`` (scaling efficiency 2 shards / (2 x 1 shard), Ray-hop cost).
-
-    Starts a loopback-only local Ray (``start_local_ray``) if Ray is not initialized, and stops it
-    at the end; an initialized Ray is used as it is.
-
-    Examples
-    --------
-    >>> from streamgru.cluster import run_cluster_benchmark
-    >>> r = run_cluster_benchmark(keys=1000, batch=64, batches=10, warmup=2, fill=False,
-    ...                           out=None)                          # doctest: +SKIP
-    >>> sorted(r["sharded"])                                         # doctest: +SKIP
-    [1, 2]
-    """
-    from .engine import Engine
-
-    rounds = max(1, min(rounds, batches))
-    ray = _ray()
-    started = False
-    if not ray.is_initialized():
-        start_local_ray(num_cpus=max(2, max(shards)))
-        started = True
-    contenders = []
-    try:
-        model = GRUModel.random(input_size, [hidden], seed=seed,
-                                dense_after=[(outputs, "identity")] if outputs else ())
-        total = warmup + 2 * batches
-        ev = zipf_events(keys, total * batch, zipf, seed)
-        ks = [ev[i * batch:(i + 1) * batch] for i in range(total)]
-        rng = np.random.default_rng(seed + 1)
-        xs = [rng.standard_normal((batch, input_size), dtype=np.float32) for _ in range(total)]
-        res = {
-            "config": {"keys": keys, "batch": batch, "batches": batches, "warmup": warmup,
-                       "zipf": zipf, "input_size": input_size, "hidden": hidden, "outputs": outputs,
-                       "state_size": model.state_size, "depth": depth, "rounds": rounds,
-                       "fill": fill, "seed": seed,
-                       "distinct_keys_in_timed_events": int(np.unique(ev[warmup * batch:]).size)},
-            "machine": _machine(),
-            "local": {},
-            "sharded": {},
-        }
-        extra = {}
-        if local:
-            for th in (1, 2):
-                eng = Engine(model, threads=th, capacity=keys if fill else 1024)
-                if fill:
-                    _fill(eng.step, keys, input_size, np.float32)
-                contenders.append(_Contender(f"{th}t", eng, None))
-        opts = {"num_cpus": 0} if actor_options is None else actor_options
-        for n in shards:
-            eng = ShardedEngine(model, shards=n, threads_per_shard=1, actor_options=opts,
-                                capacity=int(keys / n * 1.1) + 16 if fill else 1024)
-            contenders.append(_Contender(n, eng, n))
-            if fill:
-                t = time.perf_counter()
-                _fill(eng.step, keys, input_size, np.float32)
-                extra[n] = {"fill_s": time.perf_counter() - t}
-        for c in contenders:
-            for i in range(warmup):
-                c.eng.step(ks[i], xs[i])
-        bounds = np.linspace(0, batches, rounds + 1).astype(int)
-        for r in range(rounds):
-            lo, hi = warmup + bounds[r], warmup + bounds[r + 1]
-            for c in contenders:
-                c.sync(ks[lo:hi], xs[lo:hi])
-                c.pipelined(ks[batches + lo:batches + hi], xs[batches + lo:batches + hi], depth)
-        for c in contenders:
-            if c.shards is None:
-                res["local"][c.name] = c.result(depth)
-                continue
-            r = c.result(depth)
-            st = c.eng.stats()
-            r.update(streams=len(c.eng), rows_per_shard=[s["rows"] for s in st],
-                     rss_bytes_per_shard=[s["rss_bytes"] for s in st], **extra.get(c.shards, {}))
-            if fill:
-                with tempfile.TemporaryDirectory(prefix="sgru-ckpt-") as d:
-                    t = time.perf_counter()
-                    m = c.eng.save_state(d)
-                    r["checkpoint_s"] = time.perf_counter() - t
-                    r["checkpoint_bytes"] = sum(os.path.getsize(os.path.join(d, e["file"]))
-                                                for e in m["files"])
-                r["rss_bytes_per_shard_after_save"] = [s["rss_bytes"] for s in c.eng.stats()]
-            res["sharded"][c.shards] = r
-        _derive(res, contenders)
-        res["machine"]["loadavg_after"] = _loadavg()
-        if out is not None:
-            out(format_table(res))
-        return res
-    finally:
-        for c in contenders:
-            if c.shards is not None:
-                c.eng.shutdown()
-        if started:
-            ray.shutdown()
-
-
-def _derive(res, contenders):
-    sh = res["sharded"]
-    d = {}
-    by = {c.shards: c for c in contenders if c.shards is not None}
-    if 1 in by and 2 in by:  # per round, side by side, then the median
-        for mode, attr in (("pipelined", "pipe_rate"), ("sync", "sync_rate")):
-            eff = [b / (2 * a) for a, b in zip(getattr(by[1], attr), getattr(by[2], attr))]
-            d[f"scaling_efficiency_{mode}"] = float(np.median(eff))
-    loc = next((c for c in contenders if c.name == "1t"), None)
-    if loc is not None and 1 in sh:
-        d["ray_hop_ms_p50"] = sh[1]["sync"]["p50_ms"] - res["local"]["1t"]["p50_ms"]
-        d["local_1t_over_1_shard_sync"] = float(np.median(
-            [a / b for a, b in zip(loc.sync_rate, by[1].sync_rate)]))
-        d["local_1t_over_1_shard_pipelined"] = float(np.median(
-            [a / b for a, b in zip(loc.sync_rate, by[1].pipe_rate)]))
-    res["derived"] = d
-
-
-def _loadavg():
-    try:
-        return list(os.getloadavg())
-    except (OSError, AttributeError):
-        return None
-
-
-def _machine():
-    import platform
-
-    import numba
-
-    try:
-        import ray
-
-        rv = ray.__version__
-    except ImportError:
-        rv = None
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "loadavg_before": _loadavg(),
-            "python": platform.python_version(),
-            "numpy": np.__version__, "numba": numba.__version__, "ray": rv,
-            "platform": platform.platform()}
-
-
-def format_table(res):
-    """The results of :func:`run_cluster_benchmark` as a text table."""
-    c, m = res["config"], res["machine"]
-    la = m.get("loadavg_before")
-    lines = [f"Zipf({c['zipf']}) events over {c['keys']:,} keys, batches of {c['batch']}, "
-             f"{c['batches']} timed batches per mode in {c['rounds']} interleaved rounds "
-             f"({c['distinct_keys_in_timed_events']:,} distinct keys), I={c['input_size']} "
-             f"H={c['hidden']} outputs={c['outputs']} float32, fill={c['fill']}; {m['cores']} cores, "
-             f"load average {la[0]:.1f} before, {m['loadavg_after'][0]:.1f} after" if la else "",
-             f"{'contender':<24}{'events/s':>12}{'p50 ms':>9}{'p99 ms':>9}"]
-    for name, r in res["local"].items():
-        lines.append(f"{'local Engine ' + name:<24}{r['events_per_s']:>12,.0f}{r['p50_ms']:>9.2f}"
-                     f"{r['p99_ms']:>9.2f}")
-    for n, r in res["sharded"].items():
-        s = r["sync"]
-        lines.append(f"{f'{n} shard(s), sync':<24}{s['events_per_s']:>12,.0f}{s['p50_ms']:>9.2f}"
-                     f"{s['p99_ms']:>9.2f}")
-        p = r["pipelined"]
-        label = f"{n} shard(s), {p['depth']} in flight"
-        lines.append(f"{label:<24}{p['events_per_s']:>12,.0f}")
-    lines.append("where the time goes, per sync batch (ms): route / submit / wait / gather | "
-                 "inside Engine.step (slowest shard, sum of shards)")
-    for n, r in res["sharded"].items():
-        t = r["sync"]["per_batch_ms"]
-        lines.append(f"  {n} shard(s): {t['route']:.3f} / {t['submit']:.3f} / {t['wait']:.3f} / "
-                     f"{t['gather']:.3f} | {t['engine_max_shard']:.3f}, {t['engine_sum']:.3f}")
-    for n, r in res["sharded"].items():
-        if r.get("checkpoint_s") is not None:
-            rss = "+".join(f"{b / 1e6:.0f}" for b in r["rss_bytes_per_shard"] if b)
-            lines.append(f"  {n} shard(s): {r['streams']:,} streams, actor RSS {rss} MB; save_state "
-                         f"{r['checkpoint_s']:.2f} s for {r['checkpoint_bytes'] / 1e6:.0f} MB; fill "
-                         f"{r['fill_s']:.1f} s")
-    for k, v in res.get("derived", {}).items():
-        lines.append(f"{k}: {v:.3f}")
-    return "\n".join(lines)
