@@ -18,12 +18,15 @@ oracle bug or the other way round.
 """
 
 import functools
+import json
+from pathlib import Path
 
 import numpy as np
 import oracle
 import pytest
 from helpers import LSTMSpec, torch_to_canonical
 
+import streamgru
 from converters._util import ifco_to_iofc, iofc_to_ifco, keras_lstm_tensors
 from streamgru.model import DenseLayer, GRULayer, GRUModel
 
@@ -924,3 +927,58 @@ def test_ort_lstm_float64_support_is_used_if_present():
     feeds = _lstm_problem(2, 3, seed=4, steps=3)
     assert feeds["X"].dtype == dt
     assert _ort_lstm_run(feeds)[0].dtype == dt
+
+
+# The shipped LSTM classifier (examples/train_default_model.py --cell lstm).
+
+LSTM_DATA = Path(streamgru.__file__).resolve().parent / "data"
+
+
+@needs_torch
+def test_shipped_lstm_classifier_oracle_reproduces_torch_heldout_accuracy():
+    """The shipped weights through the float64 oracle give torch's held-out accuracy at sequence
+    end, which is also the one the training record states; every step's probabilities agree
+    to float32 rounding."""
+    from safetensors.numpy import load_file
+
+    weights = load_file(LSTM_DATA / "basic_motions_lstm.safetensors")
+    record = json.loads((LSTM_DATA / "basic_motions_lstm.json").read_text())
+    with np.load(LSTM_DATA / "basic_motions_heldout.npz") as f:
+        x, y = f["x"], f["y"]
+    num_layers = sum(k.startswith("lstm.weight_ih_l") for k in weights)
+    H = weights["lstm.weight_hh_l0"].shape[1]
+    assert (num_layers, H) == (record["hyper_parameters"]["num_layers"],
+                               record["hyper_parameters"]["hidden_size"])
+
+    # torch, from the same weights
+    lstm = torch.nn.LSTM(6, H, num_layers=num_layers, batch_first=True)
+    head = torch.nn.Linear(H, 4)
+    lstm.load_state_dict({k[5:]: torch.from_numpy(v) for k, v in weights.items()
+                          if k.startswith("lstm.")})
+    head.load_state_dict({k[7:]: torch.from_numpy(v) for k, v in weights.items()
+                          if k.startswith("head.0.")})
+    with torch.no_grad():
+        prob_torch = torch.softmax(head(lstm(torch.from_numpy(x))[0]), dim=-1).numpy()
+    acc_torch = float((prob_torch[:, -1].argmax(axis=-1) == y).mean())
+
+    # the oracle, through the canonical reorder
+    specs = [LSTMSpec(*(ifco_to_iofc(weights[f"lstm.{n}_l{k}"])
+                        for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")))
+             for k in range(num_layers)]
+    layers = specs + [DenseLayer(H, 4, weights["head.0.weight"], weights["head.0.bias"],
+                                 activation="softmax")]
+    s = np.zeros((len(x), sum(spec.state_size for spec in specs)))
+    probs = []
+    for t in range(x.shape[1]):
+        p, s = oracle.lstm_step(layers, s, x[:, t])
+        probs.append(p)
+    prob_oracle = np.stack(probs, axis=1)
+    acc_oracle = float((prob_oracle[:, -1].argmax(axis=-1) == y).mean())
+
+    assert acc_oracle == acc_torch == record["heldout_accuracy_at_sequence_end"]["torch"]
+    for k, acc in record["heldout_accuracy_after_k_steps_torch"].items():  # early steps differ
+        t = int(k) - 1
+        assert (prob_oracle[:, t].argmax(-1) == y).mean() == (prob_torch[:, t].argmax(-1) == y).mean() == acc
+    assert record["heldout_accuracy_at_sequence_end"]["n"] == len(y) == 40
+    np.testing.assert_allclose(prob_oracle, prob_torch, atol=1e-4)
+    assert acc_torch >= 0.9  # a classifier worth shipping, not a chance-level one
