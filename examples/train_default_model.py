@@ -205,11 +205,11 @@ def fold_scaling(net, mean, std, torch):
         net.rnn.bias_ih_l0.copy_((b - (W / s) @ m).float())
 
 
-def save_lstm(net, out, torch_acc, n_heldout, acc_after, min_margin, data, training, versions,
-              t_start):
-    """Write the LSTM's weights (safetensors) and training record; the .sgru format cannot hold
-    an LSTM yet, so there is no engine check: tests/test_oracle.py checks the shipped weights
-    against the float64 oracle instead."""
+def save_lstm(net, out, *, evaluation, data, training, versions, t_start):
+    """Write the LSTM's weights (safetensors) and training record; ``evaluation``, ``data``,
+    ``training``, ``versions`` are the record's sections shared with the GRU's. The .sgru format
+    cannot hold an LSTM yet, so there is no engine check: tests/test_oracle.py checks the shipped
+    weights against the float64 oracle instead."""
     from safetensors.numpy import save_file
 
     tensors = {k: np.ascontiguousarray(v.detach().numpy(), dtype=np.float32)
@@ -229,16 +229,16 @@ def save_lstm(net, out, torch_acc, n_heldout, acc_after, min_margin, data, train
                         f"raw inputs",
         "hyper_parameters": {"hidden_size": LSTM_HIDDEN, "num_layers": LSTM_LAYERS},
         "data": data,
-        "heldout_accuracy_at_sequence_end": {"torch": torch_acc, "n": n_heldout},
-        "heldout_accuracy_after_k_steps_torch": acc_after,
-        "min_top2_margin_at_end": min_margin,
+        **evaluation,
         "training": {**training, "runtime_s": round(runtime, 1)},
         "versions": versions,
         "script": "examples/train_default_model.py --cell lstm",
     }
     (out / f"{LSTM_STEM}.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"held-out accuracy at sequence end (torch): {torch_acc:.4f}; after k steps: "
-          f"{acc_after}; smallest top-2 margin at the end: {min_margin:.3f}")
+    print(f"held-out accuracy at sequence end (torch): "
+          f"{evaluation['heldout_accuracy_at_sequence_end']['torch']:.4f}; after k steps: "
+          f"{evaluation['heldout_accuracy_after_k_steps_torch']}; smallest top-2 margin at the "
+          f"end: {evaluation['min_top2_margin_at_end']:.3f}")
     print(f"wrote {path} ({path.stat().st_size} bytes), {LSTM_STEM}.json in {runtime:.0f} s")
     return 0
 
@@ -301,8 +301,11 @@ def main(argv=None):
     versions = {"python": platform.python_version(), "torch": torch.__version__,
                 "numpy": np.__version__, "streamgru": streamgru.__version__}
     if args.cell == "lstm":
-        return save_lstm(net, args.out, torch_acc, len(y_test), acc_after, min_margin, data,
-                         training, versions, t_start)
+        evaluation = {"heldout_accuracy_at_sequence_end": {"torch": torch_acc, "n": len(y_test)},
+                      "heldout_accuracy_after_k_steps_torch": acc_after,
+                      "min_top2_margin_at_end": min_margin}
+        return save_lstm(net, args.out, evaluation=evaluation, data=data, training=training,
+                         versions=versions, t_start=t_start)
 
     model = converters.from_torch(net)
     engine = streamgru.Engine(model)
