@@ -65,6 +65,8 @@ def _activation_triple(spec):
     takes. Parameters not given are 0.0; a test that uses a parameterised activation passes its
     parameters explicitly."""
     name, *params = (spec,) if isinstance(spec, str) else spec
+    if len(params) > 2:
+        raise ValueError(f"activation: expected (name[, alpha[, beta]]), got {spec!r}")
     params = [float(p) for p in params] + [0.0] * (2 - len(params))
     return (name.lower(), params[0], params[1])
 
@@ -76,8 +78,8 @@ class LSTMSpec:
 
     Attributes
     ----------
-    W : (4*H, I), R : (4*H, P), Wb, Rb : (4*H,)
-        Gate blocks in the order i, o, f, c; P is ``proj_size`` with a projection, else H.
+    W : (4*H, I), R : (4*H, H_out), Wb, Rb : (4*H,)
+        Gate blocks in the order i, o, f, c; H_out is ``proj_size`` with a projection, else H.
     P : (3*H,) or None
         Peepholes i, o, f.
     proj : (proj_size, H) or None
@@ -97,9 +99,9 @@ class LSTMSpec:
     proj: np.ndarray | None = None
     input_forget: int = 0
     clip: float | None = None
-    f: tuple = "sigmoid"
-    g: tuple = "tanh"
-    h: tuple = "tanh"
+    f: str | tuple = "sigmoid"
+    g: str | tuple = "tanh"
+    h: str | tuple = "tanh"
     kind: ClassVar[str] = "lstm"
 
     def __post_init__(self):

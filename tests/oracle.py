@@ -127,10 +127,11 @@ def tail(model, h):
 def lstm_cell(layer, x, h, c):
     """One LSTM step for a batch, from the ONNX LSTM equations (docs/lstm.md), all float64.
 
-    x (n, I), h (n, P), c (n, H) -> (h' (n, P), c' (n, H)), with P = proj_size if ``layer.proj``
-    is set, else H. ``layer`` has ``W`` (4H, I), ``R`` (4H, P), ``Wb``, ``Rb`` (4H,) in gate order
-    i, o, f, c; ``P`` (3H,) peepholes i, o, f or None; ``proj`` (proj_size, H) or None; ``clip``
-    (float or None); ``input_forget`` (0/1); ``f``, ``g``, ``h`` (name, alpha, beta) triples.
+    x (n, I), h (n, H_out), c (n, H) -> (h' (n, H_out), c' (n, H)), with H_out = proj_size if
+    ``layer.proj`` is set, else H. ``layer`` has ``W`` (4H, I), ``R`` (4H, H_out), ``Wb``,
+    ``Rb`` (4H,) in gate order i, o, f, c; ``P`` (3H,) peepholes i, o, f or None; ``proj``
+    (proj_size, H) or None; ``clip`` (float or None); ``input_forget`` (0/1); ``f``, ``g``, ``h``
+    (name, alpha, beta) triples.
     """
     W, R = layer.W.astype(np.float64), layer.R.astype(np.float64)
     Wb, Rb = layer.Wb.astype(np.float64), layer.Rb.astype(np.float64)
@@ -166,11 +167,14 @@ def lstm_step(layers, state, x):
     """Advance a batch of streams one step through a stack of LSTM and Dense layers.
 
     ``layers``: objects with ``kind`` "lstm" (see :func:`lstm_cell`) or "dense". state (n, S)
-    holds each LSTM layer's h (P wide) then c (H wide), layers in order; x (n, I) ->
+    holds each LSTM layer's h (H_out wide) then c (H wide), layers in order; x (n, I) ->
     (y (n, output_size), new state (n, S)), float64.
     """
     v = np.asarray(x, dtype=np.float64)
     state = np.array(state, dtype=np.float64)
+    width = sum(layer.R.shape[1] + layer.W.shape[0] // 4 for layer in layers if layer.kind == "lstm")
+    if state.shape[1] != width:
+        raise ValueError(f"state: expected {width} values per stream, got {state.shape[1]}")
     new_state = state.copy()
     at = 0
     for layer in layers:
@@ -183,8 +187,6 @@ def lstm_step(layers, state, x):
         new_state[:, at:at + hw] = v
         new_state[:, at + hw:at + hw + cw] = c
         at += hw + cw
-    if at != state.shape[1]:
-        raise ValueError(f"state: expected {at} values per stream, got {state.shape[1]}")
     return v, new_state
 
 

@@ -626,7 +626,7 @@ def _torch_lstm(num_layers, bias, proj_size, seed=0):
 
 
 def _lstm_flat_state(h, c):
-    """torch h (L, n, P), c (L, n, H) -> oracle state (n, L * (P + H)): per layer h then c."""
+    """torch h (L, n, H_out), c (L, n, H) -> oracle state (n, L * (H_out + H)): per layer h, c."""
     return np.concatenate([np.concatenate([_np(h[k]), _np(c[k])], axis=1)
                            for k in range(h.shape[0])], axis=1)
 
