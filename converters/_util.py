@@ -124,3 +124,43 @@ def keras_dense_layer(kernel, b, activation, out_dtype):
     """A DenseLayer from a Keras-layout ``kernel`` (in, out): ours is PyTorch's (out, in)."""
     return DenseLayer(kernel.shape[0], kernel.shape[1], cast(kernel.T, out_dtype),
                       None if b is None else cast(b, out_dtype), activation)
+
+
+# LSTM layouts (docs/lstm.md). Both reorders are pure numpy and build no layer, so the oracle
+# tests check them against torch before any converter uses them.
+__all__ += ["ifco_to_iofc", "iofc_to_ifco", "keras_lstm_tensors"]
+
+
+def ifco_to_iofc(a):
+    """LSTM gate blocks along axis 0: PyTorch's (i, f, g, o) and Keras's (i, f, c, o) -> the
+    canonical (i, o, f, c).
+
+    Both frameworks put the output gate last and the cell candidate (torch's g, Keras's c) third;
+    ONNX, and so the canonical layout, puts the output gate second. ``a``: (4*H, ...) weights or
+    (4*H,) biases.
+    """
+    i, f, c, o = np.split(np.asarray(a), 4, axis=0)
+    return np.concatenate([i, o, f, c], axis=0)
+
+
+def iofc_to_ifco(a):
+    """The inverse of :func:`ifco_to_iofc`: canonical (i, o, f, c) -> PyTorch/Keras (i, f, c, o)
+    along axis 0, for the exporters."""
+    i, o, f, c = np.split(np.asarray(a), 4, axis=0)
+    return np.concatenate([i, f, c, o], axis=0)
+
+
+def keras_lstm_tensors(kernel, recurrent, bias):
+    """Canonical ``(W, R, Wb, Rb)`` from Keras ``LSTM`` tensors.
+
+    Keras stores ``kernel`` (I, 4H) and ``recurrent_kernel`` (H, 4H) with the gate blocks
+    (i, f, c, o) along the columns: transposed, they are PyTorch's layout, reordered by
+    :func:`ifco_to_iofc`. Keras has one bias (4H,) (or None: ``use_bias=False``) added once,
+    which is ``Wb``; ``Rb`` is zero.
+    """
+    kernel, recurrent = np.asarray(kernel), np.asarray(recurrent)
+    W = np.ascontiguousarray(ifco_to_iofc(kernel.T))
+    R = np.ascontiguousarray(ifco_to_iofc(recurrent.T))
+    dt = np.result_type(kernel, recurrent)
+    Wb = np.zeros(W.shape[0], dt) if bias is None else ifco_to_iofc(bias)
+    return W, R, Wb, np.zeros(W.shape[0], dt)

@@ -32,6 +32,20 @@ Run (from the repository root, torch 2.13.0 CPU)::
     python examples/train_default_model.py   # ~1 minute on one core of the 2-core dev machine
 
 Seeded and single-threaded: a rerun with the same versions writes the same weights.
+
+The LSTM model (``--cell lstm``)
+--------------------------------
+The same data, split, augmentation, loss, optimiser, seed and input folding train
+LSTM(6->32) -> LSTM(32->32) -> Dense(32->4, softmax) (``LSTM_HIDDEN``, ``LSTM_LAYERS``). The native
+``.sgru`` format cannot hold an LSTM yet, so it ships as
+``basic_motions_lstm.safetensors`` (the PyTorch ``state_dict``: ``lstm.weight_ih_l{k}``,
+``lstm.weight_hh_l{k}``, ``lstm.bias_ih_l{k}``, ``lstm.bias_hh_l{k}``, ``head.0.weight``,
+``head.0.bias``, float32, input scaling folded into layer 0) and ``basic_motions_lstm.json``
+(the training record, PyTorch's held-out accuracy and the weights' SHA-256). It does not rewrite
+the GRU's files or the held-out split. ``tests/test_oracle.py`` checks that the float64 oracle
+reproduces PyTorch's held-out accuracy from the shipped weights::
+
+    python examples/train_default_model.py --cell lstm
 """
 
 from __future__ import annotations
@@ -59,6 +73,9 @@ SHA256 = {
 STEM = "basic_motions_gru"
 HIDDEN = 64
 LAYERS = 2
+LSTM_STEM = "basic_motions_lstm"
+LSTM_HIDDEN = 32
+LSTM_LAYERS = 2
 
 
 def find_basic_motions():
@@ -102,7 +119,8 @@ def sha256(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def build_torch(torch):
+def build_torch(torch, cell="gru"):
+    """The untrained network for ``cell`` ("gru" or "lstm"); ``net.rnn`` is its recurrent stack."""
     nn = torch.nn
 
     class ActivityGRU(nn.Module):
@@ -114,10 +132,29 @@ def build_torch(torch):
             # An nn.Sequential so that from_torch sees the softmax (see converters.from_torch).
             self.head = nn.Sequential(nn.Linear(HIDDEN, len(CLASSES)), nn.Softmax(dim=-1))
 
+        @property
+        def rnn(self):
+            return self.gru
+
         def forward(self, x):
             return self.head[0](self.gru(x)[0])
 
-    return ActivityGRU()
+    class ActivityLSTM(nn.Module):
+        """LSTM stack + per-step softmax head. ``forward`` returns logits (n, T, 4)."""
+
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(6, LSTM_HIDDEN, num_layers=LSTM_LAYERS, batch_first=True)
+            self.head = nn.Sequential(nn.Linear(LSTM_HIDDEN, len(CLASSES)), nn.Softmax(dim=-1))
+
+        @property
+        def rnn(self):
+            return self.lstm
+
+        def forward(self, x):
+            return self.head[0](self.lstm(x)[0])
+
+    return ActivityGRU() if cell == "gru" else ActivityLSTM()
 
 
 def step_weights(T, torch):
@@ -157,14 +194,53 @@ def train(net, x, y, torch, epochs, seed):
 
 
 def fold_scaling(net, mean, std, torch):
-    """Make the network take raw inputs: fold ``(x - mean) / std`` into layer 0's W_ih, b_ih."""
+    """Make the network take raw inputs: fold ``(x - mean) / std`` into layer 0's W_ih, b_ih
+    (every gate block alike, so it holds for the GRU's and the LSTM's layouts)."""
     with torch.no_grad():
-        W = net.gru.weight_ih_l0.double()
-        b = net.gru.bias_ih_l0.double()
+        W = net.rnn.weight_ih_l0.double()
+        b = net.rnn.bias_ih_l0.double()
         m = torch.from_numpy(mean.astype(np.float64))
         s = torch.from_numpy(std.astype(np.float64))
-        net.gru.weight_ih_l0.copy_((W / s).float())
-        net.gru.bias_ih_l0.copy_((b - (W / s) @ m).float())
+        net.rnn.weight_ih_l0.copy_((W / s).float())
+        net.rnn.bias_ih_l0.copy_((b - (W / s) @ m).float())
+
+
+def save_lstm(net, out, *, evaluation, data, training, versions, t_start):
+    """Write the LSTM's weights (safetensors) and training record; ``evaluation``, ``data``,
+    ``training``, ``versions`` are the record's sections shared with the GRU's. The .sgru format
+    cannot hold an LSTM yet, so there is no engine check: tests/test_oracle.py checks the shipped
+    weights against the float64 oracle instead."""
+    from safetensors.numpy import save_file
+
+    tensors = {k: np.ascontiguousarray(v.detach().numpy(), dtype=np.float32)
+               for k, v in net.state_dict().items()}
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{LSTM_STEM}.safetensors"
+    save_file(tensors, path, metadata={"script": "examples/train_default_model.py --cell lstm"})
+    runtime = time.perf_counter() - t_start
+    record = {
+        "model_file": path.name,
+        "weights_sha256": sha256(path),
+        "format": "PyTorch state_dict (nn.LSTM 'lstm.*' batch_first, nn.Linear 'head.0.*'), "
+                  "float32; the .sgru format cannot hold an LSTM yet",
+        "task": "per-step activity classification (probabilities of the 4 classes at every step)",
+        "classes": list(CLASSES),
+        "architecture": f"LSTM(6->{LSTM_HIDDEN}) x{LSTM_LAYERS}, Dense({LSTM_HIDDEN}->4, softmax); "
+                        f"raw inputs",
+        "hyper_parameters": {"hidden_size": LSTM_HIDDEN, "num_layers": LSTM_LAYERS},
+        "data": data,
+        **evaluation,
+        "training": {**training, "runtime_s": round(runtime, 1)},
+        "versions": versions,
+        "script": "examples/train_default_model.py --cell lstm",
+    }
+    (out / f"{LSTM_STEM}.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"held-out accuracy at sequence end (torch): "
+          f"{evaluation['heldout_accuracy_at_sequence_end']['torch']:.4f}; after k steps: "
+          f"{evaluation['heldout_accuracy_after_k_steps_torch']}; smallest top-2 margin at the "
+          f"end: {evaluation['min_top2_margin_at_end']:.3f}")
+    print(f"wrote {path} ({path.stat().st_size} bytes), {LSTM_STEM}.json in {runtime:.0f} s")
+    return 0
 
 
 def main(argv=None):
@@ -172,6 +248,8 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=600)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "streamgru" / "data")
+    ap.add_argument("--cell", choices=("gru", "lstm"), default="gru",
+                    help="gru: the default model (.sgru); lstm: the LSTM model (safetensors)")
     args = ap.parse_args(argv)
 
     import torch
@@ -197,19 +275,37 @@ def main(argv=None):
 
     mean = x_train.reshape(-1, 6).mean(axis=0)
     std = x_train.reshape(-1, 6).std(axis=0) + 1e-3
-    net = build_torch(torch)
+    net = build_torch(torch, args.cell)
     train(net, (x_train - mean) / std, y_train, torch, args.epochs, args.seed)
     net.eval()
     fold_scaling(net, mean, std, torch)
 
     # The reference: PyTorch on raw inputs, probability at every step.
     with torch.no_grad():
-        prob = net.head(net.gru(torch.from_numpy(x_test))[0]).numpy()
+        prob = net.head(net.rnn(torch.from_numpy(x_test))[0]).numpy()
     pred = prob.argmax(axis=-1)  # (40, 100)
     torch_acc = float((pred[:, -1] == y_test).mean())
     top2 = np.sort(prob[:, -1], axis=-1)[:, -2:]
     min_margin = float((top2[:, 1] - top2[:, 0]).min())
     acc_after = {str(k): float((pred[:, k - 1] == y_test).mean()) for k in (10, 20, 50, 100)}
+    data = {
+        "name": "BasicMotions (UEA multivariate TSC archive, Bagnall et al. 2018)",
+        "source": "aeon 1.6.0 wheel: aeon/datasets/data/BasicMotions/",
+        "sha256": digests,
+        "train": list(x_train.shape), "heldout": list(x_test.shape),
+        "heldout_file": "basic_motions_heldout.npz",
+    }
+    training = {"seed": args.seed, "epochs": args.epochs, "optimizer": "Adam lr 3e-3, cosine",
+                "augmentation": "random crops of 40..100 steps, gain 10%, noise 0.05",
+                "threads": 1}
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "numpy": np.__version__, "streamgru": streamgru.__version__}
+    if args.cell == "lstm":
+        evaluation = {"heldout_accuracy_at_sequence_end": {"torch": torch_acc, "n": len(y_test)},
+                      "heldout_accuracy_after_k_steps_torch": acc_after,
+                      "min_top2_margin_at_end": min_margin}
+        return save_lstm(net, args.out, evaluation=evaluation, data=data, training=training,
+                         versions=versions, t_start=t_start)
 
     model = converters.from_torch(net)
     engine = streamgru.Engine(model)
@@ -228,23 +324,14 @@ def main(argv=None):
         "task": "per-step activity classification (probabilities of the 4 classes at every step)",
         "classes": list(CLASSES),
         "architecture": f"GRU(6->{HIDDEN}) x{LAYERS}, Dense({HIDDEN}->4, softmax); raw inputs",
-        "data": {
-            "name": "BasicMotions (UEA multivariate TSC archive, Bagnall et al. 2018)",
-            "source": "aeon 1.6.0 wheel: aeon/datasets/data/BasicMotions/",
-            "sha256": digests,
-            "train": list(x_train.shape), "heldout": list(x_test.shape),
-            "heldout_file": "basic_motions_heldout.npz",
-        },
+        "data": data,
         "heldout_accuracy_at_sequence_end": {"torch": torch_acc, "streamgru": engine_acc,
                                              "n": len(y_test)},
         "heldout_accuracy_after_k_steps_torch": acc_after,
         "min_top2_margin_at_end": min_margin,
         "max_abs_diff_torch_vs_streamgru_float32": max_diff,
-        "training": {"seed": args.seed, "epochs": args.epochs, "optimizer": "Adam lr 3e-3, cosine",
-                     "augmentation": "random crops of 40..100 steps, gain 10%, noise 0.05",
-                     "threads": 1, "runtime_s": round(runtime, 1)},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "numpy": np.__version__, "streamgru": streamgru.__version__},
+        "training": {**training, "runtime_s": round(runtime, 1)},
+        "versions": versions,
         "script": "examples/train_default_model.py",
     }
     (args.out / f"{STEM}.json").write_text(json.dumps(record, indent=2) + "\n")

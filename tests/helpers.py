@@ -4,6 +4,9 @@ Only what several files need lives here; each helper is obviously correct on its
 references they compute come from the float64 oracle, never from the engine.
 """
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import numpy as np
 import oracle
 
@@ -55,3 +58,100 @@ def torch_to_canonical(a):
     independently of the converters so that tests of the converters' swap are not circular."""
     r, z, n = np.split(np.asarray(a), 3, axis=0)
     return np.concatenate([z, r, n], axis=0)
+
+
+def _activation_triple(spec):
+    """``"tanh"`` or ``("leakyrelu", 0.2)`` -> ``("leakyrelu", 0.2, 0.0)``: what ``oracle.act``
+    takes. Parameters not given are 0.0; a test that uses a parameterised activation passes its
+    parameters explicitly."""
+    name, *params = (spec,) if isinstance(spec, str) else spec
+    if len(params) > 2:
+        raise ValueError(f"activation: expected (name[, alpha[, beta]]), got {spec!r}")
+    params = [float(p) for p in params] + [0.0] * (2 - len(params))
+    return (name.lower(), params[0], params[1])
+
+
+@dataclass(frozen=True)
+class LSTMSpec:
+    """An LSTM layer in the canonical layout of docs/lstm.md, for the float64 oracle
+    (``oracle.lstm_cell``), until the model has an LSTM layer class.
+
+    Attributes
+    ----------
+    W : (4*H, I), R : (4*H, H_out), Wb, Rb : (4*H,)
+        Gate blocks in the order i, o, f, c; H_out is ``proj_size`` with a projection, else H.
+    P : (3*H,) or None
+        Peepholes i, o, f.
+    proj : (proj_size, H) or None
+        PyTorch's ``weight_hr``.
+    input_forget : int
+        1 couples the gates: f = 1 - i.
+    clip : float or None
+    f, g, h : activation name or (name, alpha, beta)
+        Gate, cell-candidate and cell-output activations.
+    """
+
+    W: np.ndarray
+    R: np.ndarray
+    Wb: np.ndarray
+    Rb: np.ndarray
+    P: np.ndarray | None = None
+    proj: np.ndarray | None = None
+    input_forget: int = 0
+    clip: float | None = None
+    f: str | tuple = "sigmoid"
+    g: str | tuple = "tanh"
+    h: str | tuple = "tanh"
+    kind: ClassVar[str] = "lstm"
+
+    def __post_init__(self):
+        for name in ("f", "g", "h"):
+            object.__setattr__(self, name, _activation_triple(getattr(self, name)))
+        H, P = self.hidden_size, self.output_size
+        shapes = {"W": (4 * H, self.input_size), "R": (4 * H, P), "Wb": (4 * H,), "Rb": (4 * H,),
+                  "P": (3 * H,), "proj": (P, H)}
+        for name, shape in shapes.items():
+            value = getattr(self, name)
+            if value is not None and np.shape(value) != shape:
+                raise ValueError(f"{name}: expected shape {shape}, got {np.shape(value)}")
+
+    @property
+    def input_size(self):
+        return self.W.shape[1]
+
+    @property
+    def hidden_size(self):
+        return self.W.shape[0] // 4
+
+    @property
+    def proj_size(self):
+        """0 without a projection, as in PyTorch."""
+        return 0 if self.proj is None else self.proj.shape[0]
+
+    @property
+    def output_size(self):
+        """The width of h: ``proj_size`` with a projection, else ``hidden_size``."""
+        return self.proj_size or self.hidden_size
+
+    @property
+    def state_size(self):
+        """h then c: ``output_size + hidden_size`` values per stream."""
+        return self.output_size + self.hidden_size
+
+    @classmethod
+    def random(cls, input_size, hidden_size, seed, *, proj_size=0, peepholes=False, scale=0.5,
+               **kwargs):
+        """Seeded float64 weights of a bounded recurrence (scaled by 1/sqrt(fan-in)); ``kwargs``
+        set the other attributes (``clip``, ``input_forget``, ``f``, ``g``, ``h``)."""
+        rng = np.random.default_rng(seed)
+        I, H = input_size, hidden_size
+        P = proj_size or H
+        return cls(
+            W=rng.normal(scale=scale / np.sqrt(I), size=(4 * H, I)),
+            R=rng.normal(scale=scale / np.sqrt(P), size=(4 * H, P)),
+            Wb=rng.normal(scale=0.3, size=4 * H),
+            Rb=rng.normal(scale=0.3, size=4 * H),
+            P=rng.normal(scale=0.5, size=3 * H) if peepholes else None,
+            proj=rng.normal(scale=1.0 / np.sqrt(H), size=(P, H)) if proj_size else None,
+            **kwargs,
+        )

@@ -120,6 +120,76 @@ def tail(model, h):
     return v
 
 
+# The LSTM (docs/lstm.md): the ONNX LSTM equations plus PyTorch's projection, for layers that
+# have no model class yet (tests/helpers.LSTMSpec); checked against torch and onnxruntime in
+# tests/test_oracle.py.
+
+def lstm_cell(layer, x, h, c):
+    """One LSTM step for a batch, from the ONNX LSTM equations (docs/lstm.md), all float64.
+
+    x (n, I), h (n, H_out), c (n, H) -> (h' (n, H_out), c' (n, H)), with H_out = proj_size if
+    ``layer.proj`` is set, else H. ``layer`` has ``W`` (4H, I), ``R`` (4H, H_out), ``Wb``,
+    ``Rb`` (4H,) in gate order i, o, f, c; ``P`` (3H,) peepholes i, o, f or None; ``proj``
+    (proj_size, H) or None; ``clip`` (float or None); ``input_forget`` (0/1); ``f``, ``g``, ``h``
+    (name, alpha, beta) triples.
+    """
+    W, R = layer.W.astype(np.float64), layer.R.astype(np.float64)
+    Wb, Rb = layer.Wb.astype(np.float64), layer.Rb.astype(np.float64)
+    H = W.shape[0] // 4
+    Wi, Wo, Wf, Wc = np.split(W, 4)
+    Ri, Ro, Rf, Rc = np.split(R, 4)
+    bi, bo, bf, bc = np.split(Wb, 4)
+    ri, ro, rf, rc = np.split(Rb, 4)
+    if layer.P is None:
+        pi = po = pf = np.zeros(H)
+    else:
+        pi, po, pf = np.split(layer.P.astype(np.float64), 3)
+
+    def clip(v):
+        return v if layer.clip is None else np.clip(v, -layer.clip, layer.clip)
+
+    x, h, c = (np.asarray(v, dtype=np.float64) for v in (x, h, c))
+    i = act(*layer.f, clip(x @ Wi.T + bi + h @ Ri.T + ri + pi * c))
+    if layer.input_forget:
+        f = 1.0 - i
+    else:
+        f = act(*layer.f, clip(x @ Wf.T + bf + h @ Rf.T + rf + pf * c))
+    cand = act(*layer.g, clip(x @ Wc.T + bc + h @ Rc.T + rc))
+    c_new = f * c + i * cand
+    o = act(*layer.f, clip(x @ Wo.T + bo + h @ Ro.T + ro + po * c_new))
+    h_new = o * act(*layer.h, c_new)
+    if layer.proj is not None:
+        h_new = h_new @ layer.proj.astype(np.float64).T
+    return h_new, c_new
+
+
+def lstm_step(layers, state, x):
+    """Advance a batch of streams one step through a stack of LSTM and Dense layers.
+
+    ``layers``: objects with ``kind`` "lstm" (see :func:`lstm_cell`) or "dense". state (n, S)
+    holds each LSTM layer's h (H_out wide) then c (H wide), layers in order; x (n, I) ->
+    (y (n, output_size), new state (n, S)), float64.
+    """
+    v = np.asarray(x, dtype=np.float64)
+    state = np.array(state, dtype=np.float64)
+    width = sum(layer.R.shape[1] + layer.W.shape[0] // 4 for layer in layers if layer.kind == "lstm")
+    if state.shape[1] != width:
+        raise ValueError(f"state: expected {width} values per stream, got {state.shape[1]}")
+    new_state = state.copy()
+    at = 0
+    for layer in layers:
+        if layer.kind != "lstm":
+            v = dense(layer, v)
+            continue
+        hw, cw = layer.R.shape[1], layer.W.shape[0] // 4
+        h, c = state[:, at:at + hw], state[:, at + hw:at + hw + cw]
+        v, c = lstm_cell(layer, v, h, c)
+        new_state[:, at:at + hw] = v
+        new_state[:, at + hw:at + hw + cw] = c
+        at += hw + cw
+    return v, new_state
+
+
 class MissingStreams:
     """Streams under a missing-value policy ("skip", "zero", "last"), fed one row at a time:
     per-key float64 states and last observed values, written from the policy's definition.

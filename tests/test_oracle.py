@@ -12,15 +12,22 @@ oracle bug or the other way round.
    non-default alpha/beta, and ``clip``. How ORT reads ``activation_alpha``/``activation_beta``
    is pinned down by experiment in ``test_ort_alpha_beta_consumption_rule`` (see ``_ort_params``).
 3. Dense activations against their torch functional equivalents.
+4. The LSTM oracle (``oracle.lstm_cell``): against ``torch.nn.LSTM`` (float64, with proj_size)
+   through ``converters._util.ifco_to_iofc``, against onnxruntime's ``LSTM`` operator, and on the
+   shipped LSTM classifier (torch's held-out accuracy).
 """
 
 import functools
+import json
+from pathlib import Path
 
 import numpy as np
 import oracle
 import pytest
-from helpers import torch_to_canonical
+from helpers import LSTMSpec, torch_to_canonical
 
+import streamgru
+from converters._util import ifco_to_iofc, iofc_to_ifco, keras_lstm_tensors
 from streamgru.model import DenseLayer, GRULayer, GRUModel
 
 try:
@@ -579,3 +586,399 @@ def test_oracle_dense_matches_torch(case):
         assert _max_err(oracle.act(name, a * 1.5 + 0.1, be, pre), want) > 1e3 * DENSE_TOL
     if name in ("hardsigmoid", "affine", "scaledtanh"):
         assert _max_err(oracle.act(name, a, be * 1.5 + 0.1, pre), want) > 1e3 * DENSE_TOL
+
+
+# --------------------------------------------------------------------------------------------
+# 4. The LSTM oracle (oracle.lstm_cell / lstm_step, docs/lstm.md)
+# --------------------------------------------------------------------------------------------
+#
+# Layers are helpers.LSTMSpec objects (no model class yet). The torch checks go through
+# converters._util.ifco_to_iofc, so they test that reorder too.
+
+LSTM_T = 20
+
+
+def _lstm_oracle_steps(layers, x, s0):
+    """x (T, n, I), s0 (n, S) -> ys (T, n, O), states (T, n, S) via oracle.lstm_step."""
+    ys, states, s = [], [], s0
+    for t in range(x.shape[0]):
+        y, s = oracle.lstm_step(layers, s, x[t])
+        ys.append(y)
+        states.append(s)
+    return np.stack(ys), np.stack(states)
+
+
+def _torch_lstm(num_layers, bias, proj_size, seed=0):
+    """A float64 torch.nn.LSTM (I=4, H=5) and the same layers as LSTMSpecs."""
+    torch.manual_seed(seed)
+    I, H = 4, 5
+    lstm = torch.nn.LSTM(I, H, num_layers=num_layers, bias=bias, proj_size=proj_size).double()
+    specs = []
+    for k in range(num_layers):
+        W = ifco_to_iofc(_np(getattr(lstm, f"weight_ih_l{k}")))
+        R = ifco_to_iofc(_np(getattr(lstm, f"weight_hh_l{k}")))
+        zeros = np.zeros(4 * H)
+        Wb = ifco_to_iofc(_np(getattr(lstm, f"bias_ih_l{k}"))) if bias else zeros
+        Rb = ifco_to_iofc(_np(getattr(lstm, f"bias_hh_l{k}"))) if bias else zeros
+        proj = _np(getattr(lstm, f"weight_hr_l{k}")) if proj_size else None  # used as is
+        specs.append(LSTMSpec(W, R, Wb, Rb, proj=proj))
+    return lstm, specs
+
+
+def _lstm_flat_state(h, c):
+    """torch h (L, n, H_out), c (L, n, H) -> oracle state (n, L * (H_out + H)): per layer h, c."""
+    return np.concatenate([np.concatenate([_np(h[k]), _np(c[k])], axis=1)
+                           for k in range(h.shape[0])], axis=1)
+
+
+@needs_torch
+@pytest.mark.parametrize("proj_size", [0, 3], ids=["noproj", "proj3"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_lstm_oracle_matches_torch_step_by_step(num_layers, bias, proj_size):
+    lstm, specs = _torch_lstm(num_layers, bias, proj_size)
+    P, H = proj_size or 5, 5
+    assert sum(s.state_size for s in specs) == num_layers * (P + H)
+    rng = np.random.default_rng(5)
+    x = rng.normal(scale=1.5, size=(LSTM_T, N, 4))
+    h0 = rng.normal(scale=0.7, size=(num_layers, N, P))  # nonzero initial h and c
+    c0 = rng.normal(scale=1.5, size=(num_layers, N, H))
+    h, c = torch.from_numpy(h0), torch.from_numpy(c0)
+    s = _lstm_flat_state(h, c)
+    with torch.no_grad():
+        for t in range(LSTM_T):
+            y_t, (h, c) = lstm(torch.from_numpy(x[t:t + 1]), (h, c))
+            y_o, s = oracle.lstm_step(specs, s, x[t])
+            np.testing.assert_allclose(y_o, _np(y_t[0]), rtol=TORCH_TOL, atol=TORCH_TOL,
+                                       err_msg=f"output at step {t}")
+            np.testing.assert_allclose(s, _lstm_flat_state(h, c), rtol=TORCH_TOL,
+                                       atol=TORCH_TOL, err_msg=f"state at step {t}")
+        # The whole sequence in one torch call, against the oracle's steps.
+        y_seq, _ = lstm(torch.from_numpy(x), (torch.from_numpy(h0), torch.from_numpy(c0)))
+    ys, _ = _lstm_oracle_steps(specs, x, _lstm_flat_state(torch.from_numpy(h0),
+                                                          torch.from_numpy(c0)))
+    np.testing.assert_allclose(ys, _np(y_seq), rtol=TORCH_TOL, atol=TORCH_TOL)
+
+
+@needs_torch
+def test_lstm_torch_comparison_detects_gate_order_and_state_layout():
+    """The comparison above can fail: torch's (i, f, g, o) order left in place, or the state read
+    as c then h, lands far outside the tolerance."""
+    lstm, (spec,) = _torch_lstm(1, True, 3)
+    rng = np.random.default_rng(6)
+    x = rng.normal(scale=1.5, size=(5, N, 4))
+    h, c = torch.from_numpy(rng.normal(size=(1, N, 3))), torch.from_numpy(rng.normal(size=(1, N, 5)))
+    s0 = _lstm_flat_state(h, c)
+    with torch.no_grad():
+        want = _np(lstm(torch.from_numpy(x), (h, c))[0])
+    back = iofc_to_ifco
+    np.testing.assert_array_equal(back(spec.W), np.concatenate(  # the inverse, written out
+        [spec.W[:5], spec.W[10:15], spec.W[15:], spec.W[5:10]]))
+    np.testing.assert_array_equal(ifco_to_iofc(back(spec.W)), spec.W)
+    unordered = LSTMSpec(back(spec.W), back(spec.R), back(spec.Wb), back(spec.Rb), proj=spec.proj)
+    c_then_h = np.concatenate([_np(c[0]), _np(h[0])], axis=1)
+    assert _max_err(_lstm_oracle_steps([spec], x, s0)[0], want) < TORCH_TOL
+    assert _max_err(_lstm_oracle_steps([unordered], x, s0)[0], want) > 1e-3
+    assert _max_err(_lstm_oracle_steps([spec], x, c_then_h)[0], want) > 1e-3
+
+
+def _keras_lstm_cell(kernel, recurrent, bias, x, h, c):
+    """Keras's LSTMCell.call, transcribed (keras/src/layers/rnn/lstm.py): one fused product,
+    split into (i, f, c, o) column blocks; default activations."""
+    z = x @ kernel + h @ recurrent + bias
+    zi, zf, zc, zo = np.split(z, 4, axis=1)
+    sig = lambda v: 1.0 / (1.0 + np.exp(-v))  # noqa: E731
+    c = sig(zf) * c + sig(zi) * np.tanh(zc)
+    return sig(zo) * np.tanh(c), c
+
+
+def test_lstm_keras_layout_through_keras_lstm_tensors():
+    """Keras is not installed here: keras_lstm_tensors is checked against a transcription of
+    Keras's cell, and the check fails without the reorder."""
+    rng = np.random.default_rng(7)
+    I, H = 3, 4
+    kernel, recurrent = rng.normal(size=(I, 4 * H)) * 0.6, rng.normal(size=(H, 4 * H)) * 0.4
+    bias = rng.normal(size=4 * H) * 0.3
+    spec = LSTMSpec(*keras_lstm_tensors(kernel, recurrent, bias))
+    assert np.all(spec.Rb == 0)
+    x = rng.normal(size=(6, N, I))
+    h, c = rng.normal(size=(N, H)), rng.normal(size=(N, H))
+    ys, _ = _lstm_oracle_steps([spec], x, np.concatenate([h, c], axis=1))
+    want = []
+    for t in range(6):
+        h, c = _keras_lstm_cell(kernel, recurrent, bias, x[t], h, c)
+        want.append(h)
+    np.testing.assert_allclose(ys, want, rtol=1e-12, atol=1e-12)
+    plain = LSTMSpec(kernel.T, recurrent.T, bias, np.zeros(4 * H))  # transposed, not reordered
+    assert _max_err(_lstm_oracle_steps([plain], x, np.zeros((N, 2 * H)))[0],
+                    _lstm_oracle_steps([spec], x, np.zeros((N, 2 * H)))[0]) > 1e-3
+
+
+# onnxruntime's LSTM operator. Same tolerance reasoning as the GRU's (section 2): ORT 1.32 runs
+# LSTM in float32 only ("LSTM operator does not support double yet"; probed below, switching to
+# float64 should a later version have it), and reads activation_alpha/_beta by the same cursor
+# rule over the three activations f, g, h (_ort_params). It accepts all eleven RNN activations
+# in each of the three positions, so every one is checked against it; none is left untested.
+
+
+def _ort_lstm_session(I, H, dtype, quiet=False, **attrs):
+    et = TensorProto.FLOAT if dtype == np.float32 else TensorProto.DOUBLE
+    node = helper.make_node("LSTM", ["X", "W", "R", "B", "", "initial_h", "initial_c", "P"],
+                            ["Y", "Y_h", "Y_c"], hidden_size=H, **attrs)
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [node], "lstm",
+        [vi("X", et, ["T", "N", I]), vi("W", et, [1, 4 * H, I]), vi("R", et, [1, 4 * H, H]),
+         vi("B", et, [1, 8 * H]), vi("initial_h", et, [1, "N", H]),
+         vi("initial_c", et, [1, "N", H]), vi("P", et, [1, 3 * H])],
+        [vi("Y", et, ["T", 1, "N", H]), vi("Y_h", et, [1, "N", H]), vi("Y_c", et, [1, "N", H])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 22)], ir_version=10)
+    onnx.checker.check_model(model)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    if quiet:
+        so.log_severity_level = 4
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+@functools.lru_cache(maxsize=1)
+def _ort_lstm_dtype():
+    """float64 if this onnxruntime runs LSTM in double, else float32 (1.32: float32 only)."""
+    feeds = {k: np.zeros(s) for k, s in [("X", (1, 1, 1)), ("W", (1, 4, 1)), ("R", (1, 4, 1)),
+                                         ("B", (1, 8)), ("initial_h", (1, 1, 1)),
+                                         ("initial_c", (1, 1, 1)), ("P", (1, 3))]}
+    try:
+        _ort_lstm_session(1, 1, np.float64, quiet=True).run(None, feeds)
+    except Exception as exc:  # noqa: BLE001  (NOT_IMPLEMENTED or RUNTIME_EXCEPTION by version)
+        if "double" not in str(exc) and "implementation" not in str(exc).lower():
+            raise
+        return np.float32
+    return np.float64
+
+
+def _lstm_problem(I, H, seed, peepholes=True, scale=0.5, steps=LSTM_T, f_bias=0.0):
+    """An LSTMSpec and ORT feeds for it (tensors rounded to the ORT dtype), nonzero h0 and c0.
+
+    ``f_bias`` shifts the forget gate's bias: with an f unbounded above (Relu, Softplus, ...)
+    a forget gate > 1 makes C grow geometrically."""
+    dt = _ort_lstm_dtype()
+    spec = LSTMSpec.random(I, H, seed, peepholes=peepholes, scale=scale)
+    rng = np.random.default_rng(seed + 1000)
+    Wb = spec.Wb.copy()
+    Wb[2 * H:3 * H] += f_bias
+    feeds = {
+        "X": rng.normal(size=(steps, N, I)), "W": spec.W[None], "R": spec.R[None],
+        "B": np.concatenate([Wb, spec.Rb])[None],
+        "initial_h": rng.normal(scale=0.5, size=(1, N, H)),
+        "initial_c": rng.normal(scale=1.0, size=(1, N, H)),
+        "P": (spec.P if peepholes else np.zeros(3 * H))[None],
+    }
+    return {k: v.astype(dt) for k, v in feeds.items()}
+
+
+def _lstm_oracle_vs_feeds(feeds, peepholes=True, **kw):
+    """Oracle (Y (T, n, H), final c (n, H)) for an ONNX LSTM node's feeds; ``kw``: the spec's
+    clip, input_forget, f, g, h."""
+    H = feeds["R"].shape[2]
+    spec = LSTMSpec(feeds["W"][0], feeds["R"][0], feeds["B"][0, :4 * H], feeds["B"][0, 4 * H:],
+                    P=feeds["P"][0] if peepholes else None, **kw)
+    s0 = np.concatenate([feeds["initial_h"][0], feeds["initial_c"][0]], axis=1)
+    ys, states = _lstm_oracle_steps([spec], feeds["X"], s0)
+    return ys, states[-1][:, H:]
+
+
+def _ort_lstm_run(feeds, **attrs):
+    """ORT's Y (T, n, H) and final c (n, H)."""
+    I, H = feeds["W"].shape[2], feeds["R"].shape[2]
+    y, y_h, y_c = _ort_lstm_session(I, H, _ort_lstm_dtype(), **attrs).run(None, feeds)
+    np.testing.assert_array_equal(y[-1], y_h)
+    return y[:, 0], y_c[0]
+
+
+def _assert_lstm_close(got, want):
+    tol = ORT_TOL[_ort_lstm_dtype()]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=tol, atol=tol)
+
+
+def _lstm_far(got, feeds, peepholes=True, **kw):
+    """True when the oracle with these (deliberately wrong) settings is > 100 x tol from ORT."""
+    with np.errstate(all="ignore"):
+        other = _lstm_oracle_vs_feeds(feeds, peepholes, **kw)
+    return _max_err(other[0], got[0]) > 100 * ORT_TOL[_ort_lstm_dtype()]
+
+
+def _lstm_first_step_by_hand(feeds, clip=None, o_reads_old_c=False, clip_c=False):
+    """ORT's first output h (n, H) with default activations, computed by hand from the ONNX
+    equations, and two readings the spec's text leaves open: the output gate's peephole reading
+    the old C, and clip applied to C before h."""
+    H = feeds["R"].shape[2]
+    c = feeds["initial_c"][0].astype(np.float64)
+    z = (feeds["X"][0] @ feeds["W"][0].T + feeds["initial_h"][0] @ feeds["R"][0].T
+         + feeds["B"][0, :4 * H] + feeds["B"][0, 4 * H:]).astype(np.float64)
+    zi, zo, zf, zc = np.split(z, 4, axis=1)
+    pi, po, pf = np.split(feeds["P"][0].astype(np.float64), 3)
+    k = (lambda v: v) if clip is None else (lambda v: np.clip(v, -clip, clip))
+    sig = lambda v: 1.0 / (1.0 + np.exp(-v))  # noqa: E731
+    c1 = sig(k(zf + pf * c)) * c + sig(k(zi + pi * c)) * np.tanh(k(zc))
+    o = sig(k(zo + po * (c if o_reads_old_c else c1)))
+    return o * np.tanh(np.clip(c1, -clip, clip) if clip_c else c1)
+
+
+@needs_ort
+def test_lstm_oracle_matches_onnxruntime_peepholes():
+    feeds = _lstm_problem(3, 5, seed=0)
+    got = _ort_lstm_run(feeds)
+    _assert_lstm_close(got, _lstm_oracle_vs_feeds(feeds))
+    assert _lstm_far(got, feeds, peepholes=False)
+    # The output gate's peephole reads the new C', as the oracle does; the old C is far away.
+    tol = ORT_TOL[_ort_lstm_dtype()]
+    np.testing.assert_allclose(_lstm_first_step_by_hand(feeds), got[0][0], rtol=tol, atol=tol)
+    assert _max_err(_lstm_first_step_by_hand(feeds, o_reads_old_c=True), got[0][0]) > 100 * tol
+
+
+@needs_ort
+def test_lstm_oracle_matches_onnxruntime_without_peepholes():
+    feeds = _lstm_problem(3, 5, seed=1, peepholes=False)
+    got = _ort_lstm_run(feeds)
+    _assert_lstm_close(got, _lstm_oracle_vs_feeds(feeds, peepholes=False))
+
+
+@needs_ort
+def test_lstm_oracle_matches_onnxruntime_input_forget():
+    feeds = _lstm_problem(3, 5, seed=2)
+    got = _ort_lstm_run(feeds, input_forget=1)
+    _assert_lstm_close(got, _lstm_oracle_vs_feeds(feeds, input_forget=1))
+    assert _lstm_far(got, feeds, input_forget=0)
+
+
+@needs_ort
+def test_lstm_oracle_matches_onnxruntime_clip():
+    """Clip clamps the gate and candidate pre-activations, not the cell state that h reads: the
+    weights and the initial C are large enough that both exceed the clip."""
+    clip = 0.8
+    feeds = _lstm_problem(3, 5, seed=3, scale=2.5)
+    feeds["initial_c"] *= 4
+    got = _ort_lstm_run(feeds, clip=clip)
+    _assert_lstm_close(got, _lstm_oracle_vs_feeds(feeds, clip=clip))
+    assert _lstm_far(got, feeds, clip=None)
+    assert _lstm_far(got, feeds, clip=1.2 * clip)
+    tol = ORT_TOL[_ort_lstm_dtype()]
+    np.testing.assert_allclose(_lstm_first_step_by_hand(feeds, clip), got[0][0], rtol=tol, atol=tol)
+    assert _max_err(_lstm_first_step_by_hand(feeds, clip, clip_c=True), got[0][0]) > 100 * tol
+
+
+_LSTM_POSITIONS = {"f": 0, "g": 1, "h": 2}
+_LSTM_ACTS = [(pos, name) for pos in _LSTM_POSITIONS for name in ONNX_ACTIVATIONS
+              if name != ("Sigmoid", "Tanh", "Tanh")[_LSTM_POSITIONS[pos]]]
+
+
+@needs_ort
+@pytest.mark.parametrize("pos,name", _LSTM_ACTS, ids=[f"{p}-{n}" for p, n in _LSTM_ACTS])
+def test_lstm_oracle_matches_onnxruntime_activation(pos, name):
+    """Each activation in each of the positions f, g, h, with explicit non-default alpha/beta,
+    the other two at their defaults (peepholes on)."""
+    names = ["Sigmoid", "Tanh", "Tanh"]
+    names[_LSTM_POSITIONS[pos]] = name
+    params = ONNX_ACTIVATIONS[name]
+    attrs = {"activations": names}
+    if name in _ORT_TAKES_ALPHA:
+        attrs["activation_alpha"] = [params[0]]
+    if name in _ORT_TAKES_BETA:
+        attrs["activation_beta"] = [params[1]]
+    unbounded_gate = pos == "f" and name in _UNBOUNDED_ABOVE + ("Affine",)
+    feeds = _lstm_problem(3, 4, seed=len(name) + 10 * _LSTM_POSITIONS[pos],
+                          f_bias=-3.0 if unbounded_gate else 0.0)
+    got = _ort_lstm_run(feeds, **attrs)
+    assert all(np.isfinite(v).all() and np.abs(v).max() < 1e3 for v in got)  # a meaningful run
+    acts = dict(zip("fgh", (n.lower() for n in names)))
+    acts[pos] = (name.lower(), *params)
+    _assert_lstm_close(got, _lstm_oracle_vs_feeds(feeds, **acts))
+    # The check can fail: the activation at its default parameters (or, parameter-free, the
+    # position's default activation) is far away.
+    wrong = dict(acts)
+    wrong[pos] = name.lower() if params else ("sigmoid", "tanh", "tanh")[_LSTM_POSITIONS[pos]]
+    assert _lstm_far(got, feeds, **wrong)
+
+
+@needs_ort
+def test_lstm_oracle_matches_onnxruntime_alpha_beta_over_three_activations():
+    """ORT's cursor rule over f, g, h: HardSigmoid takes alpha[0], beta[0]; Tanh nothing;
+    ScaledTanh alpha[1], beta[1] (positionally it would read alpha[2], beta[2])."""
+    names, alphas, betas = ["HardSigmoid", "Tanh", "ScaledTanh"], [0.3, 0.8, 0.5], [0.6, 1.5, 2.0]
+    explicit = _ort_params(names, alphas, betas)
+    assert explicit[2] == ("ScaledTanh", 0.8, 1.5)
+    feeds = _lstm_problem(3, 4, seed=21)
+    got = _ort_lstm_run(feeds, activations=names, activation_alpha=alphas, activation_beta=betas)
+    acts = {k: (n.lower(), a, b) for k, (n, a, b) in zip("fgh", explicit)}
+    _assert_lstm_close(got, _lstm_oracle_vs_feeds(feeds, **acts))
+    positional = _positional_params(names, alphas, betas)
+    assert positional != explicit
+    assert _lstm_far(got, feeds, **{k: (n.lower(), a, b) for k, (n, a, b) in zip("fgh", positional)})
+
+
+@needs_ort
+def test_ort_lstm_float64_support_is_used_if_present():
+    """Records the float64 finding: ORT 1.32 has no double LSTM; _ort_lstm_dtype switches the
+    LSTM checks to float64 at 1e-9 if a later ORT gains one."""
+    dt = _ort_lstm_dtype()
+    feeds = _lstm_problem(2, 3, seed=4, steps=3)
+    assert feeds["X"].dtype == dt
+    assert _ort_lstm_run(feeds)[0].dtype == dt
+
+
+# The shipped LSTM classifier (examples/train_default_model.py --cell lstm).
+
+LSTM_DATA = Path(streamgru.__file__).resolve().parent / "data"
+
+
+@needs_torch
+def test_shipped_lstm_classifier_oracle_reproduces_torch_heldout_accuracy():
+    """The shipped weights through the float64 oracle give torch's held-out accuracy at sequence
+    end, which is also the one the training record states; every step's probabilities agree
+    to float32 rounding."""
+    from safetensors.numpy import load_file
+
+    weights = load_file(LSTM_DATA / "basic_motions_lstm.safetensors")
+    record = json.loads((LSTM_DATA / "basic_motions_lstm.json").read_text())
+    with np.load(LSTM_DATA / "basic_motions_heldout.npz") as f:
+        x, y = f["x"], f["y"]
+    num_layers = sum(k.startswith("lstm.weight_ih_l") for k in weights)
+    H = weights["lstm.weight_hh_l0"].shape[1]
+    assert (num_layers, H) == (record["hyper_parameters"]["num_layers"],
+                               record["hyper_parameters"]["hidden_size"])
+
+    # torch, from the same weights
+    lstm = torch.nn.LSTM(6, H, num_layers=num_layers, batch_first=True)
+    head = torch.nn.Linear(H, 4)
+    lstm.load_state_dict({k[5:]: torch.from_numpy(v) for k, v in weights.items()
+                          if k.startswith("lstm.")})
+    head.load_state_dict({k[7:]: torch.from_numpy(v) for k, v in weights.items()
+                          if k.startswith("head.0.")})
+    with torch.no_grad():
+        prob_torch = torch.softmax(head(lstm(torch.from_numpy(x))[0]), dim=-1).numpy()
+    acc_torch = float((prob_torch[:, -1].argmax(axis=-1) == y).mean())
+
+    # the oracle, through the canonical reorder
+    specs = [LSTMSpec(*(ifco_to_iofc(weights[f"lstm.{n}_l{k}"])
+                        for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")))
+             for k in range(num_layers)]
+    layers = specs + [DenseLayer(H, 4, weights["head.0.weight"], weights["head.0.bias"],
+                                 activation="softmax")]
+    s = np.zeros((len(x), sum(spec.state_size for spec in specs)))
+    probs = []
+    for t in range(x.shape[1]):
+        p, s = oracle.lstm_step(layers, s, x[:, t])
+        probs.append(p)
+    prob_oracle = np.stack(probs, axis=1)
+    acc_oracle = float((prob_oracle[:, -1].argmax(axis=-1) == y).mean())
+
+    assert acc_oracle == acc_torch == record["heldout_accuracy_at_sequence_end"]["torch"]
+    for k, acc in record["heldout_accuracy_after_k_steps_torch"].items():  # early steps differ
+        t = int(k) - 1
+        assert (prob_oracle[:, t].argmax(-1) == y).mean() == (prob_torch[:, t].argmax(-1) == y).mean() == acc
+    assert record["heldout_accuracy_at_sequence_end"]["n"] == len(y) == 40
+    np.testing.assert_allclose(prob_oracle, prob_torch, atol=1e-4)
+    assert acc_torch >= 0.9  # a classifier worth shipping, not a chance-level one
