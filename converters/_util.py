@@ -73,14 +73,8 @@ def cast(arr, out_dtype):
 
 
 def cast_layer(layer, dtype):
-    """A copy of a GRULayer or DenseLayer with every tensor in ``dtype``."""
-    if isinstance(layer, GRULayer):
-        return GRULayer(layer.input_size, layer.hidden_size, layer.W.astype(dtype),
-                        layer.R.astype(dtype), layer.Wb.astype(dtype), layer.Rb.astype(dtype),
-                        linear_before_reset=layer.linear_before_reset, f=layer.f, g=layer.g,
-                        clip=layer.clip)
-    return DenseLayer(layer.in_features, layer.out_features, layer.W.astype(dtype),
-                      layer.b.astype(dtype), layer.activation)
+    """A copy of ``layer`` (any :class:`streamgru.Layer`) with every tensor in ``dtype``."""
+    return layer.astype(dtype)
 
 
 def check_keys(cfg, allowed, where, what="configuration keys"):
