@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FormatError, NonFiniteError, UnsupportedModelError
-from .layers import LAYER_KINDS
+from .layers import layer_class
 from .model import Model
 
 __all__ = ["save_model", "load_model", "model_to_bytes", "model_from_bytes", "save_state", "load_state",
@@ -410,14 +410,12 @@ def _model_from_bytes(buf: bytes, path) -> Model:
         for i, cfg in enumerate(config["layers"]):
             t = {name[len(f"layers.{i}."):]: arr for name, arr in tensors.items()
                  if name.startswith(f"layers.{i}.")}
-            kind = cfg["kind"] if isinstance(cfg, dict) else None
-            if not isinstance(kind, str) or kind not in LAYER_KINDS:
-                raise FormatError(f"{path}: layers[{i}]: expected kind "
-                                  f"{' or '.join(map(repr, LAYER_KINDS))}, got {kind!r}; a "
-                                  f"file from a newer streamgru may hold a layer kind this "
-                                  f"one does not run (upgrade streamgru)")
+            try:
+                cls = layer_class(cfg["kind"] if isinstance(cfg, dict) else None)
+            except ValueError as exc:  # the registry lists the kinds this streamgru runs
+                raise FormatError(f"{path}: layers[{i}]: {exc}") from None
             try:  # the layer names its bad argument ("R: expected finite values ..."): say whose
-                layers.append(LAYER_KINDS[kind].from_config(cfg, t))
+                layers.append(cls.from_config(cfg, t))
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"layers.{i}.{exc}") from None
         model = Model(layers, source=meta.get("source") or None)

@@ -14,7 +14,8 @@ def _modules():
     names = []
     for pkg in (streamgru, converters):
         names.append(pkg.__name__)
-        names += [f"{pkg.__name__}.{m.name}" for m in pkgutil.iter_modules(pkg.__path__)]
+        # walk_packages: the modules of subpackages (streamgru.layers.gru) too.
+        names += [m.name for m in pkgutil.walk_packages(pkg.__path__, f"{pkg.__name__}.")]
     return sorted(names)
 
 

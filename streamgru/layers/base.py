@@ -121,8 +121,10 @@ class Layer:
             raise TypeError(f"dtype: expected 'float32' or 'float64', got {dtype!r}") from None
         if dt.type not in _FLOAT_DTYPES:
             raise ValueError(f"dtype: expected 'float32' or 'float64', got {dtype!r}")
-        return type(self).from_config(self.config(),
-                                      {k: t.astype(dt) for k, t in self.tensors().items()})
+        # A value beyond float32's range becomes inf, which from_config refuses naming the tensor.
+        with np.errstate(over="ignore"):
+            tensors = {k: t.astype(dt) for k, t in self.tensors().items()}
+        return type(self).from_config(self.config(), tensors)
 
 
 def layer_class(kind):
@@ -140,7 +142,7 @@ def layer_class(kind):
     """
     cls = LAYER_KINDS.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise ValueError(f"kind: expected one of {', '.join(map(repr, LAYER_KINDS))}, got "
+        raise ValueError(f"kind: expected one of {', '.join(map(repr, sorted(LAYER_KINDS)))}, got "
                          f"{kind!r}; a file written by a newer streamgru may use a layer kind "
                          f"this one does not know (upgrade streamgru)")
     return cls
