@@ -148,6 +148,28 @@ class Model:
         """The widest dtype among the stored tensors (float32 or float64)."""
         return np.result_type(*[t for layer in self._layers for t in layer.tensors().values()])
 
+    def astype(self, dtype):
+        """A copy of the model with every tensor in ``dtype`` (float32 or float64).
+
+        Same layers, source and notes; a new fingerprint (the tensors' bytes differ). A weight
+        beyond float32's range is refused (ValueError naming the tensor), never made inf.
+
+        Examples
+        --------
+        >>> m = Model.random(3, 4, dtype="float64")
+        >>> m.astype("float32").dtype, m.astype("float32").config() == m.config()
+        (dtype('float32'), True)
+        """
+        layers = []
+        for i, layer in enumerate(self._layers):
+            try:
+                layers.append(layer.astype(dtype))
+            except ValueError as exc:
+                if str(exc).startswith("dtype:"):
+                    raise
+                raise ValueError(f"layers[{i}].{exc}") from None
+        return type(self)(layers, source=self.source, notes=self.notes)
+
     def config(self):
         """JSON-ready description of the layers (no tensors)."""
         return {"layers": [layer.config() for layer in self._layers]}

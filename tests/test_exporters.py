@@ -189,3 +189,33 @@ def test_exporters_refuse_bad_arguments():
     pytest.importorskip("torch")
     with pytest.raises(TypeError, match=r"^model: expected a GRUModel, got list"):
         converters.to_torch(list(model.layers))
+
+
+def test_onnx_export_refuses_a_float64_model_and_exports_it_cast_on_request():
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    # Why float64 is refused: onnxruntime cannot run a float64 GRU node at all. If a release
+    # adds the kernel, this fails, and to_onnx can export float64 instead of refusing it.
+    H, W, R = 2, np.ones((1, 6, 1)), np.ones((1, 6, 2))
+    graph = helper.make_graph(
+        [helper.make_node("GRU", ["x", "W", "R"], ["Y"], hidden_size=H)], "double_gru",
+        [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [1, 1, 1])],
+        [helper.make_tensor_value_info("Y", TensorProto.DOUBLE, [1, 1, 1, H])],
+        [numpy_helper.from_array(W, "W"), numpy_helper.from_array(R, "R")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    onnx.checker.check_model(proto)
+    with pytest.raises(Exception, match="GRU operator does not support double"):
+        ort.InferenceSession(proto.SerializeToString(),
+                             providers=["CPUExecutionProvider"]).run(None, {"x": np.ones((1, 1, 1))})
+
+    model = _model("gates", np.float64)
+    with pytest.raises(ValueError, match=r"^model: expected a float32 model, got float64; "
+                                         r"onnxruntime's GRU operator has no float64 kernel.*"
+                                         r"model\.astype\('float32'\)"):
+        converters.to_onnx(model)
+    # Rounded on purpose: the graph runs the float32 weights, against the float64 oracle.
+    xs, state0 = _inputs(model)
+    got = _run_steps(_ort_forward(converters.to_onnx(model.astype("float32"))), xs, state0)
+    _close(got, _oracle_steps(model, xs, state0), atol=1e-5)

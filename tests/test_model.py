@@ -231,8 +231,22 @@ def test_astype_of_every_kind(kind):
 
 def test_astype_refuses_a_weight_beyond_float32():
     layer = DenseLayer(1, 1, np.array([[1e300]]))
-    with pytest.raises(ValueError, match="W: expected finite values, got inf"):
+    with pytest.raises(ValueError, match=r"^W: expected values within float32's range, got max "
+                                         r"\|v\| = 1e\+300; keep this layer in float64"):
         layer.astype(np.float32)
+    m = Model([GRULayer(1, 1, np.ones((3, 1)), np.ones((3, 1)), linear_before_reset=1), layer])
+    with pytest.raises(ValueError, match=r"^layers\[1\]\.W: expected values within float32"):
+        m.astype("float32")
+
+
+def test_model_astype_keeps_everything_but_the_dtype():
+    m = Model.random(3, [4, 2], dense_after=[(2, "softmax")], dtype=np.float64)
+    m32 = m.astype("float32")
+    assert m32.dtype == np.float32 and m32.config() == m.config() and m32.source == m.source
+    for (k, a), (k2, b) in zip(m.named_tensors().items(), m32.named_tensors().items(), strict=True):
+        assert k == k2
+        np.testing.assert_array_equal(b, a.astype(np.float32))
+    assert m32.fingerprint != m.fingerprint
 
 
 def test_state_slices_over_a_mixed_stack():

@@ -121,10 +121,14 @@ class Layer:
             raise TypeError(f"dtype: expected 'float32' or 'float64', got {dtype!r}") from None
         if dt.type not in _FLOAT_DTYPES:
             raise ValueError(f"dtype: expected 'float32' or 'float64', got {dtype!r}")
-        # A value beyond float32's range becomes inf, which from_config refuses naming the tensor.
-        with np.errstate(over="ignore"):
-            tensors = {k: t.astype(dt) for k, t in self.tensors().items()}
-        return type(self).from_config(self.config(), tensors)
+        big = float(np.finfo(dt).max)
+        for name, t in self.tensors().items():
+            top = float(np.abs(t).max()) if t.size else 0.0
+            if top > big:  # the cast would make it inf
+                raise ValueError(f"{name}: expected values within {dt.name}'s range, got max "
+                                 f"|v| = {top:.3g}; keep this layer in float64")
+        return type(self).from_config(self.config(),
+                                      {k: t.astype(dt) for k, t in self.tensors().items()})
 
 
 def layer_class(kind):
