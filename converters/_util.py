@@ -20,8 +20,8 @@ import numpy as np
 from streamgru.errors import UnsupportedModelError
 from streamgru.model import DenseLayer, GRULayer
 
-__all__ = ["require", "target_dtype", "cast", "cast_layer", "check_keys", "swap_rz", "keras_gru_layer",
-           "keras_dense_layer", "ONNX_RNN_ACTIVATIONS", "UnsupportedModelError"]
+__all__ = ["require", "target_dtype", "cast", "cast_layer", "check_keys", "exported_kinds", "swap_rz",
+           "keras_gru_layer", "keras_dense_layer", "ONNX_RNN_ACTIVATIONS", "UnsupportedModelError"]
 
 # Canonical name -> (ONNX RNN activation name, takes alpha, takes beta, onnxruntime's default
 # alpha, default beta) (onnxruntime's rnn_helpers.cc; its defaults for Affine, ScaledTanh and
@@ -88,6 +88,16 @@ def check_keys(cfg, allowed, where, what="configuration keys"):
             f"{where}: {what} {extra} are not implemented by streamgru; refusing rather than "
             f"ignoring them"
         )
+
+
+def exported_kinds(model, table, exporter):
+    """Refuse a model holding a layer kind that ``table`` (kind -> its export) has no entry for,
+    naming the layer, before anything is built."""
+    for i, layer in enumerate(model.layers):
+        if layer.kind not in table:
+            raise UnsupportedModelError(f"model: layers[{i}] is a {layer.kind!r} layer, which "
+                                        f"{exporter} does not export (it maps "
+                                        f"{', '.join(map(repr, table))})")
 
 
 def swap_rz(a):

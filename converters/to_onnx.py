@@ -39,7 +39,7 @@ import numpy as np
 
 from streamgru.model import GRUModel
 
-from ._util import ONNX_RNN_ACTIVATIONS, UnsupportedModelError, require
+from ._util import ONNX_RNN_ACTIVATIONS, exported_kinds, require
 
 __all__ = ["to_onnx"]
 
@@ -111,16 +111,12 @@ def to_onnx(model, path=None, opset=17, *, sequence=False):
                          f"layout), got {opset}")
     if not isinstance(sequence, (bool, np.bool_)):
         raise TypeError(f"sequence: expected a bool, got {sequence!r}")
+    exported_kinds(model, _LAYER_NODES, "to_onnx")
     if model.dtype != np.float32:
         raise ValueError(f"model: expected a float32 model, got {model.dtype}; onnxruntime's GRU "
                          f"operator has no float64 kernel, so a float64 graph could not run: "
                          f"export to_onnx(model.astype('float32')) to round it on purpose, or "
                          f"use converters.to_torch(model) for a float64 step")
-    for i, layer in enumerate(model.layers):
-        if layer.kind not in _LAYER_NODES:
-            raise UnsupportedModelError(f"model: layers[{i}] is a {layer.kind!r} layer, which "
-                                        f"to_onnx does not export (it maps "
-                                        f"{', '.join(map(repr, _LAYER_NODES))})")
 
     g = _Graph(helper, numpy_helper)
     node, const = g.node, g.const

@@ -7,6 +7,8 @@ references they compute come from the float64 oracle, never from the engine.
 import numpy as np
 import oracle
 
+from streamgru import Layer
+
 
 class OracleStreams:
     """Per-key float64 oracle states, fed row by row in call order (a repeated key in one call is
@@ -55,3 +57,35 @@ def torch_to_canonical(a):
     independently of the converters so that tests of the converters' swap are not circular."""
     r, z, n = np.split(np.asarray(a), 3, axis=0)
     return np.concatenate([z, r, n], axis=0)
+
+
+class Accumulator(Layer, register=False):
+    """A layer kind known only to the protocol, for tests of code that must not branch on kinds:
+    never registered, nothing can run it; recurrent, with a state (2n) wider than its output
+    (n), as an LSTM's is."""
+
+    kind = "accumulator"
+    recurrent = True
+
+    def __init__(self, n, scale):
+        self.input_size = self.output_size = n
+        self.state_size = 2 * n
+        self.scale = np.array(scale, np.float32)
+        self.scale.setflags(write=False)
+
+    def tensors(self):
+        return {"scale": self.scale}
+
+    def config(self):
+        return {"kind": self.kind, "n": self.input_size}
+
+    @classmethod
+    def from_config(cls, cfg, tensors):
+        return cls(cfg["n"], tensors["scale"])
+
+    @property
+    def macs(self):
+        return self.input_size
+
+    def describe(self):
+        return "accumulator"

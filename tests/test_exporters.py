@@ -7,9 +7,11 @@ alpha/beta), clip, both linear_before_reset values and Dense layers between GRU 
 import numpy as np
 import oracle
 import pytest
+from helpers import Accumulator
 
 import converters
 from streamgru import Engine
+from streamgru.errors import UnsupportedModelError
 from streamgru.model import DenseLayer, GRULayer, GRUModel
 
 STEPS, STREAMS = 4, 5
@@ -219,3 +221,16 @@ def test_onnx_export_refuses_a_float64_model_and_exports_it_cast_on_request():
     xs, state0 = _inputs(model)
     got = _run_steps(_ort_forward(converters.to_onnx(model.astype("float32"))), xs, state0)
     _close(got, _oracle_steps(model, xs, state0), atol=1e-5)
+
+
+def test_exporters_refuse_a_layer_kind_they_do_not_map():
+    pytest.importorskip("onnx")
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    model = GRUModel([GRULayer(2, 3, rng.normal(size=(9, 2)), rng.normal(size=(9, 3)),
+                               linear_before_reset=1), Accumulator(3, np.ones(3))])
+    for export in (converters.to_onnx, converters.to_torch):
+        with pytest.raises(UnsupportedModelError,
+                           match=rf"^model: layers\[1\] is a 'accumulator' layer, which "
+                                 rf"{export.__name__} does not export \(it maps 'gru', 'dense'\)"):
+            export(model)

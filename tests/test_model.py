@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers import Accumulator
 
 import streamgru
 from streamgru import LAYER_KINDS, DenseLayer, GRULayer, GRUModel, Layer, Model
@@ -133,37 +134,6 @@ def test_random_model_is_seeded():
 
 # ----------------------------------------------------------------------------------------------
 # the layer protocol
-
-
-class Accumulator(Layer, register=False):
-    """A recurrent kind for these tests only (never registered): state [sum; count] of width 2n,
-    output the running mean, so its state is wider than its output, as an LSTM's is."""
-
-    kind = "accumulator"
-    recurrent = True
-
-    def __init__(self, n, scale):
-        self.input_size = self.output_size = n
-        self.state_size = 2 * n
-        self.scale = np.array(scale, np.float32)
-        self.scale.setflags(write=False)
-
-    def tensors(self):
-        return {"scale": self.scale}
-
-    def config(self):
-        return {"kind": self.kind, "n": self.input_size}
-
-    @classmethod
-    def from_config(cls, cfg, tensors):
-        return cls(cfg["n"], tensors["scale"])
-
-    @property
-    def macs(self):
-        return self.input_size
-
-    def describe(self):
-        return "accumulator"
 
 
 def example_layers():
