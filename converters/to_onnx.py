@@ -24,10 +24,10 @@ that takes the parameter, and its defaults differ from the ONNX operators' for A
 and ThresholdedRelu (see :mod:`converters.from_onnx`): the export writes every value explicitly,
 so no default is ever relied on.
 
-The graph is float32 only: onnxruntime's ``GRU`` operator has no float64 kernel (a double graph
-fails at run time with "GRU operator does not support double yet"), so a float64 model is
-refused rather than silently rounded; ``to_onnx(model.astype("float32"))`` exports it rounded
-on purpose, and :func:`converters.to_torch` exports a float64 step.
+The graph is float32 (``dtype="float32"``, the only value): onnxruntime's ``GRU`` operator has
+no float64 kernel (a double graph fails at run time with "GRU operator does not support double
+yet"), so a float64 model's weights are rounded to float32, as ``Engine(model)`` rounds them by
+default, and ``dtype="float64"`` is refused; :func:`converters.to_torch` exports a float64 step.
 
 Each layer kind has one function in :data:`_LAYER_NODES` that appends its nodes; a kind without
 one is refused naming the layer.
@@ -60,7 +60,7 @@ _DENSE_OPS = {
 _IR_VERSION = 10
 
 
-def to_onnx(model, path=None, opset=17, *, sequence=False):
+def to_onnx(model, path=None, opset=17, *, sequence=False, dtype="float32"):
     """Export ``model`` as an ONNX graph: ``(x, state) -> (y, state_out)`` for a batch.
 
     Parameters
@@ -75,6 +75,10 @@ def to_onnx(model, path=None, opset=17, *, sequence=False):
         False (default): one step, ``x`` (batch, input_size). True: ``x`` (time, batch,
         input_size), every step's output, the state after the last step.
 
+    dtype : {"float32"}
+        The graph's dtype: a float64 model's weights are rounded to float32. "float64" is
+        refused (onnxruntime cannot run a float64 ``GRU``; see the module docstring).
+
     Returns
     -------
     onnx.ModelProto
@@ -83,7 +87,7 @@ def to_onnx(model, path=None, opset=17, *, sequence=False):
     Raises
     ------
     ValueError
-        A float64 model (onnxruntime cannot run a float64 ``GRU``; see the module docstring).
+        ``dtype`` other than "float32".
     UnsupportedModelError
         A layer kind this exporter does not map.
 
@@ -112,11 +116,17 @@ def to_onnx(model, path=None, opset=17, *, sequence=False):
     if not isinstance(sequence, (bool, np.bool_)):
         raise TypeError(f"sequence: expected a bool, got {sequence!r}")
     exported_kinds(model, _LAYER_NODES, "to_onnx")
-    if model.dtype != np.float32:
-        raise ValueError(f"model: expected a float32 model, got {model.dtype}; onnxruntime's GRU "
-                         f"operator has no float64 kernel, so a float64 graph could not run: "
-                         f"export to_onnx(model.astype('float32')) to round it on purpose, or "
-                         f"use converters.to_torch(model) for a float64 step")
+    try:
+        dt = None if dtype is None else np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt == np.float64:
+        raise ValueError(f"dtype: expected 'float32', got {dtype!r}; onnxruntime's GRU operator "
+                         f"has no float64 kernel, so a float64 graph could not run: export "
+                         f"float32, or use converters.to_torch(model) for a float64 step")
+    if dt != np.float32:
+        raise ValueError(f"dtype: expected 'float32', got {dtype!r}")
+    model = model.astype("float32")  # rounds a float64 model's weights; a copy otherwise
 
     g = _Graph(helper, numpy_helper)
     node, const = g.node, g.const

@@ -193,13 +193,13 @@ def test_exporters_refuse_bad_arguments():
         converters.to_torch(list(model.layers))
 
 
-def test_onnx_export_refuses_a_float64_model_and_exports_it_cast_on_request():
+def test_onnx_export_is_float32_and_refuses_float64():
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     from onnx import TensorProto, helper, numpy_helper
 
-    # Why float64 is refused: onnxruntime cannot run a float64 GRU node at all. If a release
-    # adds the kernel, this fails, and to_onnx can export float64 instead of refusing it.
+    # Why dtype="float64" is refused: onnxruntime cannot run a float64 GRU node at all. If a
+    # release adds the kernel, this fails, and to_onnx can export float64 instead.
     H, W, R = 2, np.ones((1, 6, 1)), np.ones((1, 6, 2))
     graph = helper.make_graph(
         [helper.make_node("GRU", ["x", "W", "R"], ["Y"], hidden_size=H)], "double_gru",
@@ -213,14 +213,22 @@ def test_onnx_export_refuses_a_float64_model_and_exports_it_cast_on_request():
                              providers=["CPUExecutionProvider"]).run(None, {"x": np.ones((1, 1, 1))})
 
     model = _model("gates", np.float64)
-    with pytest.raises(ValueError, match=r"^model: expected a float32 model, got float64; "
-                                         r"onnxruntime's GRU operator has no float64 kernel.*"
-                                         r"model\.astype\('float32'\)"):
-        converters.to_onnx(model)
-    # Rounded on purpose: the graph runs the float32 weights, against the float64 oracle.
+    for dtype in ("float64", np.float64):
+        with pytest.raises(ValueError, match=r"^dtype: expected 'float32', got .*float64.*; "
+                                             r"onnxruntime's GRU operator has no float64 kernel"):
+            converters.to_onnx(model, dtype=dtype)
+    with pytest.raises(ValueError, match=r"^dtype: expected 'float32', got 'int8'"):
+        converters.to_onnx(model, dtype="int8")
+    # The default rounds the float64 weights to float32 (documented); the graph runs them.
+    proto = converters.to_onnx(model)
+    assert {t.data_type for t in proto.graph.initializer} == {TensorProto.FLOAT, TensorProto.INT64}
     xs, state0 = _inputs(model)
-    got = _run_steps(_ort_forward(converters.to_onnx(model.astype("float32"))), xs, state0)
-    _close(got, _oracle_steps(model, xs, state0), atol=1e-5)
+    _close(_run_steps(_ort_forward(proto), xs, state0), _oracle_steps(model, xs, state0), atol=1e-5)
+    # A weight float32 cannot hold is refused, naming it, rather than exported as inf.
+    big = GRUModel([*model.layers[:2], DenseLayer(5, 1, np.full((1, 5), 1e300))])
+    with pytest.raises(ValueError, match=r"^layers\[2\]\.W: expected values within float32's "
+                                         r"range"):
+        converters.to_onnx(big)
 
 
 def test_exporters_refuse_a_layer_kind_they_do_not_map():
