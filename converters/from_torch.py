@@ -16,7 +16,7 @@ PyTorch computes (gates r, z, n; ``b_hn`` inside the reset product)::
     h' = (1 - z) * n + z * h
 
 which is streamgru's canonical GRU with ``linear_before_reset=1``, ``Wb = b_ih``, ``Rb = b_hh``,
-once the r and z blocks are swapped (see :mod:`streamgru.model`).
+once the r and z blocks are swapped (see :mod:`streamgru.layers.gru`).
 
 Order of the layers
 -------------------

@@ -8,7 +8,7 @@ A GRU layer torch can run natively (sigmoid and tanh, ``linear_before_reset=1``,
 ``nn.GRUCell`` holding the weights in PyTorch's gate order (r, z, n), so a user gets torch's own
 kernel. Any other GRU layer (other activations with their alpha/beta, ``clip``,
 ``linear_before_reset=0``) is a small module that computes the canonical equations of
-:mod:`streamgru.model` with torch operations, on the canonical layout. A Dense layer is an
+:mod:`streamgru.layers.gru` with torch operations, on the canonical layout. A Dense layer is an
 ``nn.Linear`` followed by its activation. The module has the model's dtype (float32 or float64).
 Each layer kind has one function in :data:`_LAYER_MODULES`; a kind without one is refused.
 
@@ -136,7 +136,7 @@ def _classes(torch):
 
     class GRUStep(nn.Module):
         """A GRU layer in the canonical layout (z, r, n), any activations, clip and
-        linear_before_reset: the equations of streamgru.model, written with torch operations."""
+        linear_before_reset: the equations of streamgru.layers.gru, written with torch operations."""
 
         def __init__(self, layer, tensor):
             super().__init__()
