@@ -20,8 +20,8 @@ import numpy as np
 from streamgru.errors import UnsupportedModelError
 from streamgru.model import DenseLayer, GRULayer
 
-__all__ = ["require", "target_dtype", "cast", "cast_layer", "check_keys", "swap_rz", "keras_gru_layer",
-           "keras_dense_layer", "ONNX_RNN_ACTIVATIONS", "UnsupportedModelError"]
+__all__ = ["require", "target_dtype", "cast", "cast_layer", "check_keys", "exported_kinds", "swap_rz",
+           "keras_gru_layer", "keras_dense_layer", "ONNX_RNN_ACTIVATIONS", "UnsupportedModelError"]
 
 # Canonical name -> (ONNX RNN activation name, takes alpha, takes beta, onnxruntime's default
 # alpha, default beta) (onnxruntime's rnn_helpers.cc; its defaults for Affine, ScaledTanh and
@@ -73,14 +73,8 @@ def cast(arr, out_dtype):
 
 
 def cast_layer(layer, dtype):
-    """A copy of a GRULayer or DenseLayer with every tensor in ``dtype``."""
-    if isinstance(layer, GRULayer):
-        return GRULayer(layer.input_size, layer.hidden_size, layer.W.astype(dtype),
-                        layer.R.astype(dtype), layer.Wb.astype(dtype), layer.Rb.astype(dtype),
-                        linear_before_reset=layer.linear_before_reset, f=layer.f, g=layer.g,
-                        clip=layer.clip)
-    return DenseLayer(layer.in_features, layer.out_features, layer.W.astype(dtype),
-                      layer.b.astype(dtype), layer.activation)
+    """A copy of ``layer`` (any :class:`streamgru.Layer`) with every tensor in ``dtype``."""
+    return layer.astype(dtype)
 
 
 def check_keys(cfg, allowed, where, what="configuration keys"):
@@ -94,6 +88,16 @@ def check_keys(cfg, allowed, where, what="configuration keys"):
             f"{where}: {what} {extra} are not implemented by streamgru; refusing rather than "
             f"ignoring them"
         )
+
+
+def exported_kinds(model, table, exporter):
+    """Refuse a model holding a layer kind that ``table`` (kind -> its export) has no entry for,
+    naming the layer, before anything is built."""
+    for i, layer in enumerate(model.layers):
+        if layer.kind not in table:
+            raise UnsupportedModelError(f"model: layers[{i}] is a {layer.kind!r} layer, which "
+                                        f"{exporter} does not export (it maps "
+                                        f"{', '.join(map(repr, table))})")
 
 
 def swap_rz(a):

@@ -16,7 +16,7 @@ PyTorch computes (gates r, z, n; ``b_hn`` inside the reset product)::
     h' = (1 - z) * n + z * h
 
 which is streamgru's canonical GRU with ``linear_before_reset=1``, ``Wb = b_ih``, ``Rb = b_hh``,
-once the r and z blocks are swapped (see :mod:`streamgru.model`).
+once the r and z blocks are swapped (see :mod:`streamgru.layers.gru`).
 
 Order of the layers
 -------------------
@@ -762,6 +762,7 @@ def _order_by_shape(blocks, what, *, keyed=True, top=True):
     found = []
     n = len(blocks)
     cap = n + _MAX_CANDIDATES  # room for every rotation of one cycle, plus a few more
+    edges = [(b[0].input_size, b[-1].output_size) for b in blocks]
 
     def extend(path, used):
         if len(found) > cap:
@@ -774,13 +775,18 @@ def _order_by_shape(blocks, what, *, keyed=True, top=True):
                 continue
             if path and blocks[path[-1]][-1].output_size != blocks[i][0].input_size:
                 continue
-            path.append(i)
             used.add(i)
-            extend(path, used)
+            # Enter only a branch that some complete order finishes: without this, shapes that
+            # almost chain (twelve Linear(8, 8) and one that fits nowhere) make the search try
+            # every permutation, 12! of them, before it can refuse.
+            if _chainable([edges[j] for j in range(n) if j not in used], edges[i][1]):
+                path.append(i)
+                extend(path, used)
+                path.pop()
             used.discard(i)
-            path.pop()
 
-    extend([], set())
+    if _chainable(edges, None):
+        extend([], set())
     shapes = ", ".join(
         u.describe() for b in blocks for u in b
     )
@@ -815,6 +821,35 @@ def _order_by_shape(blocks, what, *, keyed=True, top=True):
                "would say where it starts" if cycle and not keyed and not symmetric else "")
         )
     return [u for i in found[0] for u in blocks[i]]
+
+
+def _chainable(edges, start):
+    """True when the blocks of ``edges`` ((input size, output size) each) can all be put in one
+    order in which each output size is the next input size, the first taking ``start`` (None:
+    any). Each block is an edge from its input size to its output size, and such an order is an
+    Eulerian trail of that multigraph: one exists when the edges are connected and every size is
+    entered as often as it is left, except that the trail's first size may be left once more
+    and its last entered once more."""
+    if not edges:
+        return True
+    balance, links = {}, {}
+    for a, b in edges:
+        balance[a] = balance.get(a, 0) + 1
+        balance[b] = balance.get(b, 0) - 1
+        links.setdefault(a, set()).add(b)
+        links.setdefault(b, set()).add(a)
+    heads = [v for v, d in balance.items() if d == 1]
+    if any(abs(d) > 1 for d in balance.values()) or len(heads) > 1:
+        return False
+    if start is not None and (heads[0] != start if heads else start not in links):
+        return False
+    root = heads[0] if heads else next(iter(links))
+    seen, todo = {root}, [root]
+    while todo:
+        for w in links[todo.pop()] - seen:
+            seen.add(w)
+            todo.append(w)
+    return len(seen) == len(links)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Export a :class:`streamgru.GRUModel` as an ONNX graph of one time step for a batch of streams.
+"""Export a :class:`streamgru.Model` as an ONNX graph of one time step for a batch of streams.
 
 The graph is what a user of onnxruntime runs around a state store of their own: it takes the
 rows of this call and their states, and returns the outputs and the new states. Every GRU layer
@@ -10,8 +10,8 @@ its activations, their alpha/beta, ``clip`` and ``linear_before_reset``; every D
 Graph signature (float32)::
 
     x          (batch, input_size)      one row per stream of this call
-    state      (batch, state_size)      the streams' states: the GRU layers' h concatenated
-                                        in layer order (``model.state_slices``)
+    state      (batch, state_size)      the streams' states: the recurrent layers' states
+                                        concatenated in layer order (``model.state_slices``)
     y          (batch, output_size)
     state_out  (batch, state_size)      the new states, same layout
 
@@ -23,6 +23,14 @@ onnxruntime reads ``activation_alpha``/``activation_beta`` in order, one value p
 that takes the parameter, and its defaults differ from the ONNX operators' for Affine, ScaledTanh
 and ThresholdedRelu (see :mod:`converters.from_onnx`): the export writes every value explicitly,
 so no default is ever relied on.
+
+The graph is float32 (``dtype="float32"``, the only value): onnxruntime's ``GRU`` operator has
+no float64 kernel (a double graph fails at run time with "GRU operator does not support double
+yet"), so a float64 model's weights are rounded to float32, as ``Engine(model)`` rounds them by
+default, and ``dtype="float64"`` is refused; :func:`converters.to_torch` exports a float64 step.
+
+Each layer kind has one function in :data:`_LAYER_NODES` that appends its nodes; a kind without
+one is refused naming the layer.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import numpy as np
 
 from streamgru.model import GRUModel
 
-from ._util import ONNX_RNN_ACTIVATIONS, require
+from ._util import ONNX_RNN_ACTIVATIONS, exported_kinds, require
 
 __all__ = ["to_onnx"]
 
@@ -52,7 +60,7 @@ _DENSE_OPS = {
 _IR_VERSION = 10
 
 
-def to_onnx(model, path=None, opset=17, *, sequence=False):
+def to_onnx(model, path=None, opset=17, *, sequence=False, dtype="float32"):
     """Export ``model`` as an ONNX graph: ``(x, state) -> (y, state_out)`` for a batch.
 
     Parameters
@@ -67,10 +75,21 @@ def to_onnx(model, path=None, opset=17, *, sequence=False):
         False (default): one step, ``x`` (batch, input_size). True: ``x`` (time, batch,
         input_size), every step's output, the state after the last step.
 
+    dtype : {"float32"}
+        The graph's dtype: a float64 model's weights are rounded to float32. "float64" is
+        refused (onnxruntime cannot run a float64 ``GRU``; see the module docstring).
+
     Returns
     -------
     onnx.ModelProto
-        Checked with ``onnx.checker``; float32 whatever the model's dtype.
+        Checked with ``onnx.checker``; float32.
+
+    Raises
+    ------
+    ValueError
+        ``dtype`` other than "float32".
+    UnsupportedModelError
+        A layer kind this exporter does not map.
 
     Examples
     --------
@@ -96,63 +115,93 @@ def to_onnx(model, path=None, opset=17, *, sequence=False):
                          f"layout), got {opset}")
     if not isinstance(sequence, (bool, np.bool_)):
         raise TypeError(f"sequence: expected a bool, got {sequence!r}")
+    exported_kinds(model, _LAYER_NODES, "to_onnx")
+    try:
+        dt = None if dtype is None else np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt == np.float64:
+        raise ValueError(f"dtype: expected 'float32', got {dtype!r}; onnxruntime's GRU operator "
+                         f"has no float64 kernel, so a float64 graph could not run: export "
+                         f"float32, or use converters.to_torch(model) for a float64 step")
+    if dt != np.float32:
+        raise ValueError(f"dtype: expected 'float32', got {dtype!r}")
+    model = model.astype("float32")  # rounds a float64 model's weights; a copy otherwise
 
-    f32 = np.float32
-    nodes, inits = [], []
-
-    def const(name, value):
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
-        return name
-
-    def node(op, inputs, output, **attrs):
-        nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
-        return output
-
-    axis0, axis1 = const("axis0", np.array([0], np.int64)), const("axis1", np.array([1], np.int64))
+    g = _Graph(helper, numpy_helper)
+    node, const = g.node, g.const
     lead = ["time", "batch"] if sequence else ["batch"]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, lead + [model.input_size]),
               helper.make_tensor_value_info("state", TensorProto.FLOAT,
                                             ["batch", model.state_size])]
     # The data path runs on (time, batch, features); one step is time = 1.
-    cur = "x" if sequence else node("Unsqueeze", ["x", axis0], "x_seq")
-    state_parts, gi = [], 0
+    cur = "x" if sequence else node("Unsqueeze", ["x", g.axis0], "x_seq")
+    state_parts, slices = [], iter(model.state_slices)
     for i, layer in enumerate(model.layers):
-        if layer.kind == "gru":
-            sl = model.state_slices[gi]
-            start = const(f"layers.{i}.start", np.array([sl.start], np.int64))
-            stop = const(f"layers.{i}.stop", np.array([sl.stop], np.int64))
-            h = node("Slice", ["state", start, stop, axis1], f"layers.{i}.h")
-            h0 = node("Unsqueeze", [h, axis0], f"layers.{i}.initial_h")
-            W = const(f"layers.{i}.W", layer.W.astype(f32)[None])
-            R = const(f"layers.{i}.R", layer.R.astype(f32)[None])
-            B = const(f"layers.{i}.B", np.concatenate([layer.Wb, layer.Rb]).astype(f32)[None])
-            attrs = _gru_attributes(layer)
-            nodes.append(helper.make_node("GRU", [cur, W, R, B, "", h0],
-                                          [f"layers.{i}.Y", f"layers.{i}.Y_h"],
-                                          name=f"layers.{i}.gru", **attrs))
-            # Y: (time, num_directions=1, batch, H); Y_h: (1, batch, H).
-            cur = node("Squeeze", [f"layers.{i}.Y", axis1], f"layers.{i}.out")
-            state_parts.append(node("Squeeze", [f"layers.{i}.Y_h", axis0], f"layers.{i}.h_out"))
-            gi += 1
-        else:
-            Wt = const(f"layers.{i}.W", layer.W.T.astype(f32))  # MatMul: data @ W.T
-            b = const(f"layers.{i}.b", layer.b.astype(f32))
-            cur = node("Add", [node("MatMul", [cur, Wt], f"layers.{i}.matmul"), b],
-                       f"layers.{i}.affine")
-            cur = _dense_activation(layer.activation, cur, f"layers.{i}", node, const)
-    node("Identity" if sequence else "Squeeze", [cur] if sequence else [cur, axis0], "y")
+        prefix = f"layers.{i}"
+        h = None
+        if layer.state_size:  # this layer's columns of the state input
+            sl = next(slices)
+            start = const(f"{prefix}.start", np.array([sl.start], np.int64))
+            stop = const(f"{prefix}.stop", np.array([sl.stop], np.int64))
+            h = node("Slice", ["state", start, stop, g.axis1], f"{prefix}.h")
+        cur, h_out = _LAYER_NODES[layer.kind](g, layer, prefix, cur, h)
+        if h_out is not None:
+            state_parts.append(h_out)
+    node("Identity" if sequence else "Squeeze", [cur] if sequence else [cur, g.axis0], "y")
     node("Concat", state_parts, "state_out", axis=1)
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, lead + [model.output_size]),
                helper.make_tensor_value_info("state_out", TensorProto.FLOAT,
                                              ["batch", model.state_size])]
-    graph = helper.make_graph(nodes, "streamgru_sequence" if sequence else "streamgru_step",
-                              inputs, outputs, inits)
+    graph = helper.make_graph(g.nodes, "streamgru_sequence" if sequence else "streamgru_step",
+                              inputs, outputs, g.inits)
     onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", int(opset))],
                                    ir_version=_IR_VERSION, producer_name="streamgru")
     onnx.checker.check_model(onnx_model)
     if path is not None:
         onnx.save_model(onnx_model, path)
     return onnx_model
+
+
+class _Graph:
+    """The nodes and initializers of the graph being built, and the two axis constants."""
+
+    def __init__(self, helper, numpy_helper):
+        self.helper, self.numpy_helper = helper, numpy_helper
+        self.nodes, self.inits = [], []
+        self.axis0 = self.const("axis0", np.array([0], np.int64))
+        self.axis1 = self.const("axis1", np.array([1], np.int64))
+
+    def const(self, name, value):
+        self.inits.append(self.numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def node(self, op, inputs, output, **attrs):
+        self.nodes.append(self.helper.make_node(op, inputs, [output], name=output, **attrs))
+        return output
+
+
+def _gru_nodes(g, layer, prefix, cur, h):
+    """One ONNX ``GRU`` node on the (time, batch, I) data ``cur`` from the layer's state columns
+    ``h`` (batch, H); returns (its output sequence, its new state (batch, H))."""
+    h0 = g.node("Unsqueeze", [h, g.axis0], f"{prefix}.initial_h")
+    W = g.const(f"{prefix}.W", layer.W[None])
+    R = g.const(f"{prefix}.R", layer.R[None])
+    B = g.const(f"{prefix}.B", np.concatenate([layer.Wb, layer.Rb])[None])
+    g.nodes.append(g.helper.make_node("GRU", [cur, W, R, B, "", h0],
+                                      [f"{prefix}.Y", f"{prefix}.Y_h"], name=f"{prefix}.gru",
+                                      **_gru_attributes(layer)))
+    # Y: (time, num_directions=1, batch, H); Y_h: (1, batch, H).
+    out = g.node("Squeeze", [f"{prefix}.Y", g.axis1], f"{prefix}.out")
+    return out, g.node("Squeeze", [f"{prefix}.Y_h", g.axis0], f"{prefix}.h_out")
+
+
+def _dense_nodes(g, layer, prefix, cur, h):
+    """``MatMul`` + ``Add`` + the activation on every step; no state (``h`` is None)."""
+    Wt = g.const(f"{prefix}.W", layer.W.T)  # MatMul: data @ W.T
+    b = g.const(f"{prefix}.b", layer.b)
+    cur = g.node("Add", [g.node("MatMul", [cur, Wt], f"{prefix}.matmul"), b], f"{prefix}.affine")
+    return _dense_activation(layer.activation, cur, prefix, g.node, g.const), None
 
 
 def _gru_attributes(layer):
@@ -197,3 +246,8 @@ def _dense_activation(spec, cur, prefix, node, const):
     op, params = _DENSE_OPS[name]
     values = {"alpha": alpha, "beta": beta}
     return node(op, [cur], out, **{p: float(values[p]) for p in params})
+
+
+#: layer kind -> f(graph, layer, prefix, data, state columns or None) -> (data out, new state
+#: or None): appends the nodes of one layer.
+_LAYER_NODES = {"gru": _gru_nodes, "dense": _dense_nodes}

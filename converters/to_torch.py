@@ -1,4 +1,4 @@
-"""Export a :class:`streamgru.GRUModel` as a PyTorch module of one time step for a batch of streams.
+"""Export a :class:`streamgru.Model` as a PyTorch module of one time step for a batch of streams.
 
 ``to_torch(model)(x, state) -> (y, state_out)`` with ``x`` (batch, input_size), ``state`` and
 ``state_out`` (batch, state_size): the GRU layers' h concatenated in layer order
@@ -8,8 +8,11 @@ A GRU layer torch can run natively (sigmoid and tanh, ``linear_before_reset=1``,
 ``nn.GRUCell`` holding the weights in PyTorch's gate order (r, z, n), so a user gets torch's own
 kernel. Any other GRU layer (other activations with their alpha/beta, ``clip``,
 ``linear_before_reset=0``) is a small module that computes the canonical equations of
-:mod:`streamgru.model` with torch operations, on the canonical layout. A Dense layer is an
+:mod:`streamgru.layers.gru` with torch operations, on the canonical layout. A Dense layer is an
 ``nn.Linear`` followed by its activation. The module has the model's dtype (float32 or float64).
+Each layer kind has one function in :data:`_LAYER_MODULES`; a kind without one is refused.
+
+``converters.verify(model, to_torch(model))`` runs the module as the reference, one call per step.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 
 from streamgru.model import GRUModel
 
-from ._util import require, swap_rz
+from ._util import exported_kinds, require, swap_rz
 
 __all__ = ["to_torch"]
 
@@ -55,22 +58,26 @@ def to_torch(model):
     def tensor(a):
         return torch.nn.Parameter(torch.from_numpy(np.array(a, np_dtype)), requires_grad=False)
 
-    layers = []
-    for layer in model.layers:
-        if layer.kind == "gru":
-            if _native(layer):
-                cell = torch.nn.GRUCell(layer.input_size, layer.hidden_size, dtype=dtype)
-                # Canonical (z, r, n) -> PyTorch's (r, z, n): the same swap as the importer's.
-                cell.weight_ih, cell.weight_hh = tensor(swap_rz(layer.W)), tensor(swap_rz(layer.R))
-                cell.bias_ih, cell.bias_hh = tensor(swap_rz(layer.Wb)), tensor(swap_rz(layer.Rb))
-            else:
-                cell = _classes(torch)["gru"](layer, tensor)
-            layers.append(cell)
-        else:
-            linear = torch.nn.Linear(layer.in_features, layer.out_features, dtype=dtype)
-            linear.weight, linear.bias = tensor(layer.W), tensor(layer.b)
-            layers.append(torch.nn.Sequential(linear, _classes(torch)["act"](layer.activation)))
-    return _classes(torch)["step"](layers, [s.stop - s.start for s in model.state_slices]).eval()
+    exported_kinds(model, _LAYER_MODULES, "to_torch")
+    layers = [_LAYER_MODULES[layer.kind](torch, layer, tensor, dtype) for layer in model.layers]
+    widths = [layer.state_size for layer in model.layers]
+    return _classes(torch)["step"](layers, widths).eval()
+
+
+def _gru_module(torch, layer, tensor, dtype):
+    if _native(layer):
+        cell = torch.nn.GRUCell(layer.input_size, layer.hidden_size, dtype=dtype)
+        # Canonical (z, r, n) -> PyTorch's (r, z, n): the same swap as the importer's.
+        cell.weight_ih, cell.weight_hh = tensor(swap_rz(layer.W)), tensor(swap_rz(layer.R))
+        cell.bias_ih, cell.bias_hh = tensor(swap_rz(layer.Wb)), tensor(swap_rz(layer.Rb))
+        return cell
+    return _classes(torch)["gru"](layer, tensor)
+
+
+def _dense_module(torch, layer, tensor, dtype):
+    linear = torch.nn.Linear(layer.in_features, layer.out_features, dtype=dtype)
+    linear.weight, linear.bias = tensor(layer.W), tensor(layer.b)
+    return torch.nn.Sequential(linear, _classes(torch)["act"](layer.activation))
 
 
 def _native(layer):
@@ -129,7 +136,7 @@ def _classes(torch):
 
     class GRUStep(nn.Module):
         """A GRU layer in the canonical layout (z, r, n), any activations, clip and
-        linear_before_reset: the equations of streamgru.model, written with torch operations."""
+        linear_before_reset: the equations of streamgru.layers.gru, written with torch operations."""
 
         def __init__(self, layer, tensor):
             super().__init__()
@@ -161,14 +168,14 @@ def _classes(torch):
         def __init__(self, layers, state_widths):
             super().__init__()
             self.layers = nn.ModuleList(layers)
-            self.state_widths = list(state_widths)
+            self.state_widths = list(state_widths)  # per layer, 0 for a stateless one
 
         def forward(self, x, state):
-            hs = torch.split(state, self.state_widths, dim=1)
+            hs = iter(torch.split(state, [w for w in self.state_widths if w], dim=1))
             new, v = [], x
-            for layer in self.layers:
-                if isinstance(layer, (nn.GRUCell, GRUStep)):
-                    v = layer(v, hs[len(new)])
+            for layer, width in zip(self.layers, self.state_widths):
+                if width:  # a GRU layer: its state is its output
+                    v = layer(v, next(hs))
                     new.append(v)
                 else:
                     v = layer(v)
@@ -176,3 +183,7 @@ def _classes(torch):
 
     _CLASSES.update(act=Activation, gru=GRUStep, step=StreamgruStep)
     return _CLASSES
+
+
+#: layer kind -> f(torch, layer, tensor, dtype) -> the layer's module.
+_LAYER_MODULES = {"gru": _gru_module, "dense": _dense_module}

@@ -8,6 +8,9 @@ source                                     reference
 ``.onnx`` file or ``onnx.ModelProto``      onnxruntime runs the graph over the whole sequence
                                            (float32: onnxruntime has no float64 GRU kernel)
 ``nn.GRU`` / ``nn.GRUCell``                the module itself, in torch
+``nn.Module`` with ``forward(x, state)     the module itself, one call per step from the
+-> (y, state_out)`` (what                  random states (``x`` (batch, input_size), ``state``
+``converters.to_torch`` exports)           (batch, state_size) in the engine's layout)
 other ``nn.Module``                        torch ``nn.GRU``/``nn.GRUCell``/``nn.Linear`` (+ the
                                            Sequential's activation modules) rebuilt from its
                                            state_dict in the converter's layer order, and the
@@ -605,6 +608,9 @@ def _torch_module(run, module, options):
             ref = np.stack(outs, axis=1)
         res.compare(run.engine(run.states), run.pick(ref))
         return res
+    res = _step_module(run, module, torch, tdt)
+    if res is not None:
+        return res
     from .from_torch import ordered_units
 
     units = ordered_units(module, options.get("layers"))
@@ -614,6 +620,47 @@ def _torch_module(run, module, options):
                        f"modules ({run.dtype})")
     if res.shapes_ok:
         _module_forward(run, module, res, torch, tdt)
+    return res
+
+
+def _step_module(run, module, torch, tdt):
+    """The reference of a module stepping a batch of streams, ``forward(x, state) -> (y,
+    state_out)`` with ``state`` in the engine's layout (``converters.to_torch``'s export): run
+    one call per step. None when ``module`` is not one: its forward does not take exactly two
+    required arguments, or a first call on (batch, input_size) and (batch, state_size) does not
+    return a (batch, output) and a (batch, state_size) tensor."""
+    try:
+        params = [p for p in inspect.signature(module.forward).parameters.values()
+                  if p.default is inspect.Parameter.empty
+                  and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return None
+    if len(params) != 2:
+        return None
+    m = copy.deepcopy(module).to(tdt).eval()
+    B, S = run.B, run.model.state_size
+
+    def step(x, state):
+        with torch.no_grad():
+            return m(torch.tensor(x, dtype=tdt), state)
+
+    state = torch.tensor(run.states, dtype=tdt)
+    try:
+        first = step(run.xs[:, 0], state)
+    except Exception:  # noqa: BLE001 - not a step module (a sequence model's forward(x, h0))
+        return None
+    if not (isinstance(first, (tuple, list)) and len(first) == 2
+            and all(isinstance(t, torch.Tensor) for t in first)
+            and first[0].ndim == 2 and first[0].shape[0] == B and tuple(first[1].shape) == (B, S)):
+        return None
+    res = _Result(f"torch {torch.__version__} {type(module).__name__}: the module's own "
+                  f"forward(x, state) -> (y, state_out), one call per step ({run.dtype})", True,
+                  run.dtype, "random nonzero, as the module's state input")
+    outs = []
+    for t in range(run.T):
+        y, state = first if t == 0 else step(run.xs[:, t], state)
+        outs.append(y.numpy().astype(np.float64))
+    res.compare(run.engine(run.states), run.pick(np.stack(outs, axis=1)))
     return res
 
 

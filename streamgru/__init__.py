@@ -4,14 +4,15 @@ One call advances many independent streams by one time step; the engine keeps ev
 hidden state between calls.
 
 >>> import numpy as np, streamgru
->>> model = streamgru.GRUModel.random(4, 16)
+>>> model = streamgru.Model.random(4, 16)
 >>> engine = streamgru.Engine(model)
 >>> engine.step(["sensor-1", "sensor-2"], np.zeros((2, 4), np.float32)).shape
 (2, 16)
 """
 
 from .errors import FormatError, NonFiniteError, UnsupportedModelError
-from .model import DenseLayer, GRULayer, GRUModel
+from .layers import LAYER_KINDS, Layer
+from .model import DenseLayer, GRULayer, GRUModel, Model
 
 __version__ = "0.1.0"
 
@@ -29,5 +30,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'streamgru' has no attribute {name!r}")
 
 
-__all__ = ["GRUModel", "GRULayer", "DenseLayer", "Engine", "load", "UnsupportedModelError",
-           "FormatError", "NonFiniteError", "__version__"]
+__all__ = ["Model", "GRUModel", "Layer", "LAYER_KINDS", "GRULayer", "DenseLayer", "Engine", "load",
+           "UnsupportedModelError", "FormatError", "NonFiniteError", "__version__"]

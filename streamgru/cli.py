@@ -57,22 +57,12 @@ def _info(args):
     print(f"file: {args.file} ({kind}); model source: {model.source or 'unknown'}")
     print(model.summary())
     for i, layer in enumerate(model.layers):
-        if layer.kind == "gru":
-            clip = "off" if layer.clip is None else layer.clip
-            print(f"  layer {i}: gru  linear_before_reset={layer.linear_before_reset} "
-                  f"f={_act(layer.f)} g={_act(layer.g)} clip={clip}")
-        else:
-            print(f"  layer {i}: dense activation={_act(layer.activation)}")
+        print(f"  layer {i}: {layer.describe()}")
     for note in model.notes:
         print(f"  note: {note}")
     print(f"fingerprint: {model.fingerprint}")
     print(f"kernels: {TILE.describe()}")
     return 0
-
-
-def _act(a):
-    name, alpha, beta = a
-    return name if (alpha, beta) == (0.0, 0.0) else f"{name}(alpha={alpha:g}, beta={beta:g})"
 
 
 def _convert(args):

@@ -297,9 +297,8 @@ class Engine:
         self._flip = 0  # the one-event path's weight direction, alternated per call
         self._run1, self._wide1 = K.step_one, K.step_wide  # the one-event path's kernels
         numba.get_num_threads()  # launches Numba's thread pool, which _get_num_threads assumes
-        self._macs_per_row = sum(layer.W.size + getattr(layer, "R", layer.W[:0]).size
-                                 for layer in model.layers)
-        self._recurrent_macs = max(layer.R.size for layer in model.gru_layers)
+        self._macs_per_row = sum(layer.macs for layer in model.layers)
+        self._recurrent_macs = max(layer.recurrent_macs for layer in model.recurrent_layers)
         self._store = StateStore(model.state_size, self.dtype, int(capacity), track=self._track,
                                  limit=max_streams, missing=missing,
                                  memory=model.input_size if missing == "last" else 0)

@@ -8,7 +8,7 @@ header's ``__metadata__`` says what the file is:
 * ``checksum``: SHA-256 over the rest of the header (canonical JSON) and the data section, so a
   truncated or bit-flipped file is refused rather than loaded as garbage;
 * model files: ``config`` (layer configuration JSON), ``fingerprint`` (see
-  ``GRUModel.fingerprint``), ``source``;
+  ``Model.fingerprint``), ``source``;
 * state files: ``model_fingerprint``, ``key_kind`` (``int``/``str``), ``count``, ``state_size``,
   ``dtype``, and optionally ``metadata`` (a JSON object chosen by the caller, e.g. how much input a
   checkpoint covers: it is written by the same atomic write as the states, so the two cannot
@@ -46,7 +46,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FormatError, NonFiniteError, UnsupportedModelError
-from .model import DenseLayer, GRULayer, GRUModel
+from .layers import layer_class
+from .model import Model
 
 __all__ = ["save_model", "load_model", "model_to_bytes", "model_from_bytes", "save_state", "load_state",
            "load", "write_atomic", "read_file", "read_json", "check_size", "content_errors",
@@ -358,23 +359,23 @@ def content_errors(path):
 # model files
 
 
-def save_model(model: GRUModel, path):
+def save_model(model: Model, path):
     """Write ``model`` to ``path`` (atomically). See the module docstring for the layout."""
     write_atomic(path, model_to_bytes(model))
 
 
-def model_to_bytes(model: GRUModel) -> bytes:
+def model_to_bytes(model: Model) -> bytes:
     """The native model file's bytes, in memory (what :func:`save_model` writes).
 
     Examples
     --------
-    >>> from streamgru import GRUModel
+    >>> from streamgru import Model
     >>> from streamgru.formats import model_from_bytes, model_to_bytes
-    >>> m = GRUModel.random(2, 4)
+    >>> m = Model.random(2, 4)
     >>> model_from_bytes(model_to_bytes(m)).fingerprint == m.fingerprint
     True
     """
-    if not isinstance(model, GRUModel):
+    if not isinstance(model, Model):
         raise TypeError(f"model: expected a GRUModel, got {type(model).__name__}")
     meta = {
         "format": MODEL_FORMAT,
@@ -386,19 +387,19 @@ def model_to_bytes(model: GRUModel) -> bytes:
     return _encode(model.named_tensors(), meta)
 
 
-def model_from_bytes(buf) -> GRUModel:
+def model_from_bytes(buf) -> Model:
     """Read a model from the bytes of a native model file (see :func:`model_to_bytes`), bit-exact."""
     if not isinstance(buf, (bytes, bytearray, memoryview)):
         raise TypeError(f"buf: expected bytes, got {type(buf).__name__}")
     return _model_from_bytes(bytes(buf), "buf")
 
 
-def load_model(path) -> GRUModel:
+def load_model(path) -> Model:
     """Read a native model file written by :func:`save_model`, bit-exact."""
     return _model_from_bytes(read_file(path, "path"), path)
 
 
-def _model_from_bytes(buf: bytes, path) -> GRUModel:
+def _model_from_bytes(buf: bytes, path) -> Model:
     meta, tensors = _decode(buf, path, MODEL_FORMAT)
     try:
         config = json.loads(meta["config"])
@@ -409,21 +410,15 @@ def _model_from_bytes(buf: bytes, path) -> GRUModel:
         for i, cfg in enumerate(config["layers"]):
             t = {name[len(f"layers.{i}."):]: arr for name, arr in tensors.items()
                  if name.startswith(f"layers.{i}.")}
+            try:
+                cls = layer_class(cfg["kind"] if isinstance(cfg, dict) else None)
+            except ValueError as exc:  # the registry lists the kinds this streamgru runs
+                raise FormatError(f"{path}: layers[{i}]: {exc}") from None
             try:  # the layer names its bad argument ("R: expected finite values ..."): say whose
-                if cfg["kind"] == "gru":
-                    layers.append(GRULayer(cfg["input_size"], cfg["hidden_size"], t["W"], t["R"],
-                                           t["Wb"], t["Rb"],
-                                           linear_before_reset=cfg["linear_before_reset"],
-                                           f=tuple(cfg["f"]), g=tuple(cfg["g"]), clip=cfg["clip"]))
-                elif cfg["kind"] == "dense":
-                    layers.append(DenseLayer(cfg["in_features"], cfg["out_features"], t["W"],
-                                             t["b"], tuple(cfg["activation"])))
+                layers.append(cls.from_config(cfg, t))
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"layers.{i}.{exc}") from None
-            if cfg["kind"] not in ("gru", "dense"):
-                raise FormatError(f"{path}: layers[{i}]: expected kind 'gru' or 'dense', got "
-                                  f"{cfg['kind']!r}")
-        model = GRUModel(layers, source=meta.get("source") or None)
+        model = Model(layers, source=meta.get("source") or None)
     except FormatError:
         raise
     except (KeyError, TypeError, ValueError, json.JSONDecodeError, RecursionError) as exc:
@@ -606,7 +601,7 @@ def is_native(path):
         return False
 
 
-def load(path, **kwargs) -> GRUModel:
+def load(path, **kwargs) -> Model:
     """Load a model from any supported file, by type.
 
     ``.sgru`` (native), ``.onnx``, ``.pt``/``.pth``, ``.safetensors`` (native or a PyTorch
@@ -628,7 +623,7 @@ def load(path, **kwargs) -> GRUModel:
     Examples
     --------
     >>> import tempfile, os, streamgru
-    >>> m = streamgru.GRUModel.random(2, 4)
+    >>> m = streamgru.Model.random(2, 4)
     >>> p = os.path.join(tempfile.mkdtemp(), "m.sgru")
     >>> m.save(p)
     >>> streamgru.load(p).fingerprint == m.fingerprint

@@ -1,42 +1,13 @@
-"""The model: a frozen sequential stack of GRU and Dense layers, in streamgru's one canonical layout.
+"""The model: a frozen sequential stack of layers, in streamgru's canonical layouts.
 
-Canonical GRU layout (what every converter must produce)
---------------------------------------------------------
-Gate order is ONNX's: **z (update), r (reset), n (candidate)**, stacked along the first axis.
+Each layer kind is one class of :mod:`streamgru.layers` (:class:`GRULayer`, :class:`DenseLayer`),
+with its canonical weight layout and equations written once, at the top of its module
+(:mod:`streamgru.layers.gru`, :mod:`streamgru.layers.dense`); the protocol every kind follows is
+in :mod:`streamgru.layers.base`. :class:`Model` (``GRUModel`` is the same class, its name before
+the layer protocol) validates and chains the layers and reads them only through that protocol.
 
-======  =====================  ===========================================================
-name    shape                  meaning
-======  =====================  ===========================================================
-W       (3*H, I)               input weights, rows [W_z; W_r; W_n]    (ONNX ``W[0]``)
-R       (3*H, H)               recurrent weights, rows [R_z; R_r; R_n] (ONNX ``R[0]``)
-Wb      (3*H,)                 input bias [Wb_z; Wb_r; Wb_n]           (ONNX ``B[0][:3H]``)
-Rb      (3*H,)                 recurrent bias [Rb_z; Rb_r; Rb_n]       (ONNX ``B[0][3H:]``)
-======  =====================  ===========================================================
-
-With ``f`` the gate activation (default sigmoid), ``g`` the candidate activation (default tanh),
-``c(v) = clip(v, -clip, clip)`` when ``clip`` is set (identity otherwise), ``*`` elementwise::
-
-    z  = f(c(W_z x + Wb_z + R_z h + Rb_z))
-    r  = f(c(W_r x + Wb_r + R_r h + Rb_r))
-    n  = g(c(W_n x + Wb_n + R_n (r * h) + Rb_n))      if linear_before_reset == 0
-    n  = g(c(W_n x + Wb_n + r * (R_n h + Rb_n)))      if linear_before_reset == 1
-    h' = (1 - z) * n + z * h
-
-These are exactly the ONNX GRU equations. For converter authors:
-
-* **PyTorch** ``nn.GRU``/``nn.GRUCell`` stores gates in the order (r, z, n); swap the first two
-  blocks of ``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh``. PyTorch is
-  ``linear_before_reset=1``; its ``b_hn`` is ``Rb_n``.
-* **Keras** ``GRU`` stores ``kernel`` as (I, 3H) and ``recurrent_kernel`` as (H, 3H) in the order
-  (z, r, h): transpose, no reordering. ``reset_after=True`` is ``linear_before_reset=1`` with
-  bias shape (2, 3H) = [Wb; Rb]; ``reset_after=False`` is ``linear_before_reset=0`` with a single
-  bias (3H,) = Wb and Rb = 0.
-
-Dense layer: ``y = act(W x + b)`` with W ``(out_features, in_features)`` (PyTorch ``nn.Linear``
-layout; Keras ``Dense.kernel`` must be transposed), applied to every step independently.
-
-A stream's state is one flat vector of ``state_size`` values: the hidden vectors of the GRU layers
-in layer order (``model.state_slices`` gives each layer's slice).
+A stream's state is one flat vector of ``state_size`` values: the states of the recurrent layers
+(a GRU layer's h) concatenated in layer order (``model.state_slices`` gives each one's slice).
 """
 
 from __future__ import annotations
@@ -47,228 +18,27 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .activations import DENSE_ACTIVATIONS, GRU_ACTIVATIONS, canonical_activation
+from .layers import LAYER_KINDS, DenseLayer, GRULayer, Layer
 
-__all__ = ["GRULayer", "DenseLayer", "GRUModel"]
-
-_FLOAT_DTYPES = (np.float32, np.float64)
+__all__ = ["Model", "GRUModel", "Layer", "GRULayer", "DenseLayer"]
 
 
-def _weight(value, name, shape):
-    """Validate one weight tensor: a real float array of exactly ``shape``, all finite.
-
-    Returns a frozen C-contiguous copy in float32 or float64 (float16 is widened to float32).
-    """
-    if isinstance(value, np.ndarray):
-        arr = value
-    else:
-        try:
-            arr = np.asarray(value)
-        except Exception as exc:  # ragged nested lists and the like
-            raise TypeError(f"{name}: expected a float array of shape {shape}, got {exc}") from None
-        if arr.dtype.kind in "iu" and arr.size == 0:
-            arr = arr.astype(np.float64)
-        elif arr.dtype.kind in "iu":
-            # A nested list of Python ints is a plain literal, not a typed array: read it as float64.
-            arr = arr.astype(np.float64)
-    if arr.dtype == np.float16:
-        arr = arr.astype(np.float32)
-    if arr.dtype.type not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"{name}: expected a float32 or float64 array, got dtype {arr.dtype}"
-            f"; convert it with .astype(np.float32)"
-        )
-    if arr.shape != tuple(shape):
-        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {arr.shape}")
-    if not np.isfinite(arr).all():
-        bad = np.argwhere(~np.isfinite(arr))[0]
-        raise ValueError(
-            f"{name}: expected finite values, got {arr[tuple(bad)]} at index {tuple(int(i) for i in bad)}"
-        )
-    out = np.array(arr, dtype=arr.dtype, order="C", copy=True)
-    out.setflags(write=False)
-    return out
+def _kind_names(recurrent=None):
+    """The registered classes' names, recurrent kinds first: "GRULayer or DenseLayer"."""
+    names = [c.__name__ for c in sorted(LAYER_KINDS.values(), key=lambda c: not c.recurrent)
+             if recurrent is None or c.recurrent == recurrent]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
-def _size(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name}: expected a positive int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value}")
-    return int(value)
+class Model:
+    """A frozen sequential stack of layers (:class:`GRULayer`, :class:`DenseLayer`, any
+    registered :class:`Layer` kind), at least one of them recurrent.
 
-
-class GRULayer:
-    """One GRU layer in the canonical layout (gate order z, r, n; see the module docstring).
+    ``streamgru.GRUModel`` is this class under its earlier name.
 
     Parameters
     ----------
-    input_size, hidden_size : int
-        I and H.
-    W : array_like, (3*hidden_size, input_size)
-        Input weights, rows [W_z; W_r; W_n].
-    R : array_like, (3*hidden_size, hidden_size)
-        Recurrent weights, rows [R_z; R_r; R_n].
-    Wb, Rb : array_like, (3*hidden_size,), optional
-        Input and recurrent biases (zeros when omitted).
-    linear_before_reset : bool or {0, 1}
-        Required: 1 for PyTorch and Keras ``reset_after=True``, 0 for ONNX's default and Keras
-        ``reset_after=False``. Never guessed.
-    f, g : str or tuple, optional
-        Gate and candidate activations (default ``"sigmoid"``, ``"tanh"``), as a name or
-        ``(name, alpha, beta)`` with ONNX semantics.
-    clip : float or None
-        ONNX cell clip: activation inputs are clamped to ``[-clip, clip]``. None (default) is off.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> H, I = 4, 3
-    >>> layer = GRULayer(I, H, np.zeros((3 * H, I)), np.zeros((3 * H, H)), linear_before_reset=1)
-    >>> layer.hidden_size, layer.f, layer.g
-    (4, ('sigmoid', 0.0, 0.0), ('tanh', 0.0, 0.0))
-    """
-
-    kind = "gru"
-
-    def __init__(self, input_size, hidden_size, W, R, Wb=None, Rb=None, *, linear_before_reset,
-                 f="sigmoid", g="tanh", clip=None):
-        I = _size(input_size, "input_size")
-        H = _size(hidden_size, "hidden_size")
-        self.input_size = I
-        self.hidden_size = H
-        self.W = _weight(W, "W", (3 * H, I))
-        self.R = _weight(R, "R", (3 * H, H))
-        dt = np.result_type(self.W, self.R)
-        self.Wb = _weight(np.zeros(3 * H, dt) if Wb is None else Wb, "Wb", (3 * H,))
-        self.Rb = _weight(np.zeros(3 * H, dt) if Rb is None else Rb, "Rb", (3 * H,))
-        if isinstance(linear_before_reset, (bool, np.bool_)):
-            lbr = int(linear_before_reset)
-        elif isinstance(linear_before_reset, (int, np.integer)) and linear_before_reset in (0, 1):
-            lbr = int(linear_before_reset)
-        else:
-            raise ValueError(
-                f"linear_before_reset: expected 0 or 1 (or a bool), got {linear_before_reset!r}"
-            )
-        self.linear_before_reset = lbr
-        self.f = canonical_activation(f, allowed=GRU_ACTIVATIONS, what="f")
-        self.g = canonical_activation(g, allowed=GRU_ACTIVATIONS, what="g")
-        if clip is not None:
-            if isinstance(clip, bool):
-                raise TypeError(f"clip: expected a positive float or None, got {clip!r}")
-            try:
-                clip = float(clip)
-            except (TypeError, ValueError):
-                raise TypeError(f"clip: expected a positive float or None, got {clip!r}") from None
-            if not (clip > 0 and np.isfinite(clip)):
-                raise ValueError(f"clip: expected a positive finite float or None, got {clip!r}")
-        self.clip = clip
-
-    @property
-    def output_size(self):
-        return self.hidden_size
-
-    @property
-    def state_size(self):
-        return self.hidden_size
-
-    def tensors(self):
-        """The weight tensors by name, in the canonical layout."""
-        return {"W": self.W, "R": self.R, "Wb": self.Wb, "Rb": self.Rb}
-
-    def config(self):
-        """JSON-ready description of everything but the tensors."""
-        return {
-            "kind": "gru",
-            "input_size": self.input_size,
-            "hidden_size": self.hidden_size,
-            "linear_before_reset": self.linear_before_reset,
-            "f": list(self.f),
-            "g": list(self.g),
-            "clip": self.clip,
-        }
-
-    @property
-    def num_parameters(self):
-        return sum(int(t.size) for t in self.tensors().values())
-
-    def __repr__(self):
-        extra = f", clip={self.clip}" if self.clip is not None else ""
-        return (
-            f"GRULayer(input_size={self.input_size}, hidden_size={self.hidden_size}, "
-            f"linear_before_reset={self.linear_before_reset}, f={self.f[0]!r}, g={self.g[0]!r}{extra})"
-        )
-
-
-class DenseLayer:
-    """A per-step affine layer with an activation: ``y = act(W x + b)``.
-
-    Parameters
-    ----------
-    in_features, out_features : int
-    W : array_like, (out_features, in_features)
-        PyTorch ``nn.Linear`` layout.
-    b : array_like, (out_features,), optional
-        Zeros when omitted.
-    activation : str or tuple
-        Any name of :mod:`streamgru.activations` (``identity`` by default, ``softmax`` allowed).
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> DenseLayer(3, 2, np.ones((2, 3)), activation="relu")
-    DenseLayer(in_features=3, out_features=2, activation='relu')
-    """
-
-    kind = "dense"
-
-    def __init__(self, in_features, out_features, W, b=None, activation="identity"):
-        self.in_features = _size(in_features, "in_features")
-        self.out_features = _size(out_features, "out_features")
-        self.W = _weight(W, "W", (self.out_features, self.in_features))
-        self.b = _weight(np.zeros(self.out_features, self.W.dtype) if b is None else b, "b",
-                         (self.out_features,))
-        self.activation = canonical_activation(activation, allowed=DENSE_ACTIVATIONS,
-                                               what="activation")
-
-    @property
-    def input_size(self):
-        return self.in_features
-
-    @property
-    def output_size(self):
-        return self.out_features
-
-    state_size = 0
-
-    def tensors(self):
-        return {"W": self.W, "b": self.b}
-
-    def config(self):
-        return {
-            "kind": "dense",
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "activation": list(self.activation),
-        }
-
-    @property
-    def num_parameters(self):
-        return int(self.W.size + self.b.size)
-
-    def __repr__(self):
-        return (
-            f"DenseLayer(in_features={self.in_features}, out_features={self.out_features}, "
-            f"activation={self.activation[0]!r})"
-        )
-
-
-class GRUModel:
-    """A frozen sequential stack of :class:`GRULayer` and :class:`DenseLayer`, at least one GRU.
-
-    Parameters
-    ----------
-    layers : sequence of GRULayer or DenseLayer
+    layers : sequence of Layer
         In order from input to output; each layer's input size must equal the previous layer's
         output size.
     source : str, optional
@@ -283,9 +53,10 @@ class GRUModel:
     input_size, output_size : int
         Width of one step's input and output.
     state_size : int
-        Sum of the GRU layers' hidden sizes: the length of one stream's flat state vector.
+        Sum of the layers' ``state_size`` (a GRU layer's hidden size; 0 for Dense): the length
+        of one stream's flat state vector.
     state_slices : tuple of slice
-        The slice of the state vector held by each GRU layer, in order.
+        The slice of the state vector held by each recurrent layer, in order.
     fingerprint : str
         SHA-256 over the layer configuration and the exact bytes of every tensor.
 
@@ -295,26 +66,31 @@ class GRUModel:
     >>> rng = np.random.default_rng(0)
     >>> gru = GRULayer(3, 8, rng.normal(size=(24, 3)), rng.normal(size=(24, 8)), linear_before_reset=1)
     >>> head = DenseLayer(8, 2, rng.normal(size=(2, 8)))
-    >>> model = GRUModel([gru, head])
+    >>> model = Model([gru, head])
     >>> model.input_size, model.output_size, model.state_size
     (3, 2, 8)
+    >>> GRUModel is Model
+    True
     """
 
     def __init__(self, layers: Sequence, *, source: str | None = None, notes: Sequence = ()):
-        if isinstance(layers, (GRULayer, DenseLayer)) or not isinstance(layers, Sequence):
+        if isinstance(layers, Layer) or not isinstance(layers, Sequence):
             raise TypeError(
-                f"layers: expected a list of GRULayer/DenseLayer, got {type(layers).__name__}"
+                f"layers: expected a list of layers ({_kind_names()}), got {type(layers).__name__}"
             )
         layers = tuple(layers)
         if not layers:
-            raise ValueError("layers: expected at least one GRULayer, got an empty list")
+            raise ValueError(f"layers: expected at least one {_kind_names(True)}, got an empty "
+                             f"list")
         for i, layer in enumerate(layers):
-            if not isinstance(layer, (GRULayer, DenseLayer)):
+            if not isinstance(layer, Layer):
                 raise TypeError(
-                    f"layers[{i}]: expected a GRULayer or DenseLayer, got {type(layer).__name__}"
+                    f"layers[{i}]: expected a {_kind_names()}, got {type(layer).__name__}"
                 )
-        if not any(isinstance(layer, GRULayer) for layer in layers):
-            raise ValueError("layers: expected at least one GRULayer, got only Dense layers")
+        if not any(layer.state_size > 0 for layer in layers):
+            kinds = sorted({type(layer).__name__.removesuffix("Layer") for layer in layers})
+            raise ValueError(f"layers: expected at least one {_kind_names(True)}, got only "
+                             f"{' and '.join(kinds)} layers")
         for i in range(1, len(layers)):
             if layers[i].input_size != layers[i - 1].output_size:
                 raise ValueError(
@@ -326,9 +102,9 @@ class GRUModel:
         self.notes = tuple(str(n) for n in notes)
         slices, off = [], 0
         for layer in layers:
-            if isinstance(layer, GRULayer):
-                slices.append(slice(off, off + layer.hidden_size))
-                off += layer.hidden_size
+            if layer.state_size > 0:
+                slices.append(slice(off, off + layer.state_size))
+                off += layer.state_size
         self._state_slices = tuple(slices)
         self._state_size = off
         self._fingerprint = None
@@ -354,7 +130,13 @@ class GRUModel:
         return self._state_slices
 
     @property
+    def recurrent_layers(self):
+        """The layers that hold per-stream state, in order (one per ``state_slices`` entry)."""
+        return tuple(layer for layer in self._layers if layer.state_size > 0)
+
+    @property
     def gru_layers(self):
+        """The GRU layers, in order."""
         return tuple(layer for layer in self._layers if isinstance(layer, GRULayer))
 
     @property
@@ -365,6 +147,28 @@ class GRUModel:
     def dtype(self):
         """The widest dtype among the stored tensors (float32 or float64)."""
         return np.result_type(*[t for layer in self._layers for t in layer.tensors().values()])
+
+    def astype(self, dtype):
+        """A copy of the model with every tensor in ``dtype`` (float32 or float64).
+
+        Same layers, source and notes; a new fingerprint (the tensors' bytes differ). A weight
+        beyond float32's range is refused (ValueError naming the tensor), never made inf.
+
+        Examples
+        --------
+        >>> m = Model.random(3, 4, dtype="float64")
+        >>> m.astype("float32").dtype, m.astype("float32").config() == m.config()
+        (dtype('float32'), True)
+        """
+        layers = []
+        for i, layer in enumerate(self._layers):
+            try:
+                layers.append(layer.astype(dtype))
+            except ValueError as exc:
+                if str(exc).startswith("dtype:"):
+                    raise
+                raise ValueError(f"layers[{i}].{exc}") from None
+        return type(self)(layers, source=self.source, notes=self.notes)
 
     def config(self):
         """JSON-ready description of the layers (no tensors)."""
@@ -434,7 +238,7 @@ class GRUModel:
 
         Examples
         --------
-        >>> m = GRUModel.random(4, [16, 16], dense_after=[(3, "softmax")])
+        >>> m = Model.random(4, [16, 16], dense_after=[(3, "softmax")])
         >>> m.state_size, m.output_size
         (32, 3)
         """
@@ -458,3 +262,7 @@ class GRUModel:
             layers.append(DenseLayer(width, out, u((out, width), width), u(out, width), act))
             width = out
         return cls(layers, source="random")
+
+
+#: The model class's name before the layer protocol; public API, kept as the same class.
+GRUModel = Model

@@ -10,6 +10,8 @@ from typing import ClassVar
 import numpy as np
 import oracle
 
+from streamgru import Layer
+
 
 class OracleStreams:
     """Per-key float64 oracle states, fed row by row in call order (a repeated key in one call is
@@ -155,3 +157,35 @@ class LSTMSpec:
             proj=rng.normal(scale=1.0 / np.sqrt(H), size=(P, H)) if proj_size else None,
             **kwargs,
         )
+
+
+class Accumulator(Layer, register=False):
+    """A layer kind known only to the protocol, for tests of code that must not branch on kinds:
+    never registered, nothing can run it; recurrent, with a state (2n) wider than its output
+    (n), as an LSTM's is."""
+
+    kind = "accumulator"
+    recurrent = True
+
+    def __init__(self, n, scale):
+        self.input_size = self.output_size = n
+        self.state_size = 2 * n
+        self.scale = np.array(scale, np.float32)
+        self.scale.setflags(write=False)
+
+    def tensors(self):
+        return {"scale": self.scale}
+
+    def config(self):
+        return {"kind": self.kind, "n": self.input_size}
+
+    @classmethod
+    def from_config(cls, cfg, tensors):
+        return cls(cfg["n"], tensors["scale"])
+
+    @property
+    def macs(self):
+        return self.input_size
+
+    def describe(self):
+        return "accumulator"

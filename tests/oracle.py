@@ -1,7 +1,9 @@
-"""A slow, obviously correct float64 numpy reference for GRUModel (the ONNX GRU equations).
+"""A slow, obviously correct float64 numpy reference for a streamgru Model (the ONNX equations).
 
-It reads a model's layers and nothing else from streamgru: no kernel, no engine code. Every
-activation is written straight from the ONNX operator definitions in float64.
+It reads a model's layers (their tensors, settings and ``state_size``) and nothing else from
+streamgru: no kernel, no engine code. Every activation is written straight from the ONNX operator
+definitions in float64. Each layer kind has one step function in :data:`STEPS`; the reference
+lives here, not in streamgru, so that it stays independent of the code it checks.
 """
 
 import numpy as np
@@ -67,23 +69,35 @@ def dense(layer, x):
     return act(*layer.activation, x @ layer.W.astype(np.float64).T + layer.b.astype(np.float64))
 
 
+def gru_step(layer, x, s):
+    """STEPS entry of a GRU layer: its state is h, its output h'."""
+    h = gru_cell(layer, x, s)
+    return h, h
+
+
+def dense_step(layer, x, s):
+    """STEPS entry of a Dense layer: no state (``s`` is (n, 0))."""
+    return dense(layer, x), s
+
+
+#: layer kind -> step(layer, x (n, input_size), s (n, state_size)) -> (y, s'), all float64.
+STEPS = {"gru": gru_step, "dense": dense_step}
+
+
 def step(model, state, x):
     """Advance a batch of streams one step.
 
     state: (n, model.state_size), x: (n, input_size) -> (y (n, output_size), new state), float64.
+    Each layer reads and writes its own ``state_size`` columns of the state, in layer order.
     """
     v = np.asarray(x, dtype=np.float64)
     state = np.array(state, dtype=np.float64)
     new_state = state.copy()
-    gi = 0
+    off = 0
     for layer in model.layers:
-        if layer.kind == "gru":
-            sl = model.state_slices[gi]
-            v = gru_cell(layer, v, state[:, sl])
-            new_state[:, sl] = v
-            gi += 1
-        else:
-            v = dense(layer, v)
+        sl = slice(off, off + layer.state_size)
+        v, new_state[:, sl] = STEPS[layer.kind](layer, v, state[:, sl])
+        off = sl.stop
     return v, new_state
 
 
@@ -111,12 +125,12 @@ def max_error_vs_reference(model, ref):
 
 
 def tail(model, h):
-    """The layers after the last GRU layer applied to that layer's h (n, H), float64: the
-    model's output for a held state."""
-    last = max(i for i, layer in enumerate(model.layers) if layer.kind == "gru")
+    """The layers after the last recurrent layer applied to that layer's output h (n, H),
+    float64: the model's output for a held state."""
+    last = max(i for i, layer in enumerate(model.layers) if layer.state_size > 0)
     v = np.asarray(h, dtype=np.float64)
     for layer in model.layers[last + 1:]:
-        v = dense(layer, v)
+        v, _ = STEPS[layer.kind](layer, v, np.zeros((v.shape[0], 0)))
     return v
 
 

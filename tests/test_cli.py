@@ -10,9 +10,10 @@ import tempfile
 import warnings
 
 import background
+import numpy as np
 import pytest
 
-from streamgru import GRUModel
+from streamgru import DenseLayer, GRULayer, GRUModel
 from streamgru.cli import main
 
 
@@ -23,6 +24,23 @@ def test_info_prints_layers(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "linear_before_reset=0" in out and "activation=softmax" in out
     assert m.fingerprint in out
+
+
+def test_info_layer_lines_are_unchanged(tmp_path, capsys):
+    # The exact per-layer lines streamgru info printed before the layer protocol.
+    rng = np.random.default_rng(0)
+    g = GRULayer(2, 3, rng.normal(size=(9, 2)), rng.normal(size=(9, 3)), linear_before_reset=0,
+                 f=("hardsigmoid", 0.25, 0.4), g="tanh", clip=2.5)
+    m = GRUModel([DenseLayer(4, 2, np.ones((2, 4)), activation="relu"), g,
+                  DenseLayer(3, 2, np.ones((2, 3)), activation=("leakyrelu", 0.1))])
+    m.save(tmp_path / "m.sgru")
+    assert main(["info", str(tmp_path / "m.sgru")]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("  layer ")]
+    assert lines == [
+        "  layer 0: dense activation=relu",
+        "  layer 1: gru  linear_before_reset=0 f=hardsigmoid(alpha=0.25, beta=0.4) g=tanh clip=2.5",
+        "  layer 2: dense activation=leakyrelu(alpha=0.1, beta=0)",
+    ]
 
 
 def test_info_shows_the_product_tile(tmp_path, capsys):

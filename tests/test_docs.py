@@ -14,7 +14,7 @@ def _modules():
     names = []
     for pkg in (streamgru, converters):
         names.append(pkg.__name__)
-        # subpackages too (streamgru.cluster, streamgru.harness)
+        # subpackages too (streamgru.cluster, streamgru.harness, streamgru.layers)
         names += [m.name for m in pkgutil.walk_packages(pkg.__path__, f"{pkg.__name__}.",
                                                         onerror=lambda name: None)]
     return sorted(names)

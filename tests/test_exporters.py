@@ -7,9 +7,11 @@ alpha/beta), clip, both linear_before_reset values and Dense layers between GRU 
 import numpy as np
 import oracle
 import pytest
+from helpers import Accumulator
 
 import converters
 from streamgru import Engine
+from streamgru.errors import UnsupportedModelError
 from streamgru.model import DenseLayer, GRULayer, GRUModel
 
 STEPS, STREAMS = 4, 5
@@ -189,3 +191,54 @@ def test_exporters_refuse_bad_arguments():
     pytest.importorskip("torch")
     with pytest.raises(TypeError, match=r"^model: expected a GRUModel, got list"):
         converters.to_torch(list(model.layers))
+
+
+def test_onnx_export_is_float32_and_refuses_float64():
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    # Why dtype="float64" is refused: onnxruntime cannot run a float64 GRU node at all. If a
+    # release adds the kernel, this fails, and to_onnx can export float64 instead.
+    H, W, R = 2, np.ones((1, 6, 1)), np.ones((1, 6, 2))
+    graph = helper.make_graph(
+        [helper.make_node("GRU", ["x", "W", "R"], ["Y"], hidden_size=H)], "double_gru",
+        [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [1, 1, 1])],
+        [helper.make_tensor_value_info("Y", TensorProto.DOUBLE, [1, 1, 1, H])],
+        [numpy_helper.from_array(W, "W"), numpy_helper.from_array(R, "R")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    onnx.checker.check_model(proto)
+    with pytest.raises(Exception, match="GRU operator does not support double"):
+        ort.InferenceSession(proto.SerializeToString(),
+                             providers=["CPUExecutionProvider"]).run(None, {"x": np.ones((1, 1, 1))})
+
+    model = _model("gates", np.float64)
+    for dtype in ("float64", np.float64):
+        with pytest.raises(ValueError, match=r"^dtype: expected 'float32', got .*float64.*; "
+                                             r"onnxruntime's GRU operator has no float64 kernel"):
+            converters.to_onnx(model, dtype=dtype)
+    with pytest.raises(ValueError, match=r"^dtype: expected 'float32', got 'int8'"):
+        converters.to_onnx(model, dtype="int8")
+    # The default rounds the float64 weights to float32 (documented); the graph runs them.
+    proto = converters.to_onnx(model)
+    assert {t.data_type for t in proto.graph.initializer} == {TensorProto.FLOAT, TensorProto.INT64}
+    xs, state0 = _inputs(model)
+    _close(_run_steps(_ort_forward(proto), xs, state0), _oracle_steps(model, xs, state0), atol=1e-5)
+    # A weight float32 cannot hold is refused, naming it, rather than exported as inf.
+    big = GRUModel([*model.layers[:2], DenseLayer(5, 1, np.full((1, 5), 1e300))])
+    with pytest.raises(ValueError, match=r"^layers\[2\]\.W: expected values within float32's "
+                                         r"range"):
+        converters.to_onnx(big)
+
+
+def test_exporters_refuse_a_layer_kind_they_do_not_map():
+    pytest.importorskip("onnx")
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    model = GRUModel([GRULayer(2, 3, rng.normal(size=(9, 2)), rng.normal(size=(9, 3)),
+                               linear_before_reset=1), Accumulator(3, np.ones(3))])
+    for export in (converters.to_onnx, converters.to_torch):
+        with pytest.raises(UnsupportedModelError,
+                           match=rf"^model: layers\[1\] is a 'accumulator' layer, which "
+                                 rf"{export.__name__} does not export \(it maps 'gru', 'dense'\)"):
+            export(model)

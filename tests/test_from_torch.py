@@ -548,6 +548,29 @@ def test_unchainable_refused():
         from_torch(sd)
 
 
+def test_order_search_refuses_almost_chaining_shapes_at_once():
+    # A GRU(8, 8), fourteen Linear(8, 8) and one Linear(3, 5) that fits nowhere: the order search
+    # used to try all 15! orders of the others before refusing; it now enters only branches that
+    # can finish. Any bound far below 15! steps tells the two apart.
+    import time
+
+    z = np.zeros
+    sd = {"gru.weight_ih_l0": z((24, 8), np.float32), "gru.weight_hh_l0": z((24, 8), np.float32),
+          **{f"fc{i}.weight": z((8, 8), np.float32) for i in range(14)},
+          "odd.weight": z((5, 3), np.float32)}
+    t0 = time.perf_counter()
+    with pytest.raises(UnsupportedModelError, match=r"no such order for 'gru' \(GRU x1 8->8\), "
+                                                    r"'fc0' \(Linear 8->8\).*'odd' \(Linear "
+                                                    r"3->5\); pass layers="):
+        from_torch(sd)
+    assert time.perf_counter() - t0 < 30
+    # Without the odd one the shapes chain in 15! orders: refused as ambiguous, listing some.
+    del sd["odd.weight"]
+    with pytest.raises(UnsupportedModelError, match=r"expected one order of the layers by shape, "
+                                                    r"got \d+ \(and more\) candidates"):
+        from_torch(sd)
+
+
 @pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
 def test_full_module_pt_refused(tmp_path):
     net = Chain()

@@ -1,9 +1,15 @@
-"""GRUModel / GRULayer / DenseLayer: construction, validation messages, freezing, fingerprint."""
+"""Model / GRULayer / DenseLayer and the layer protocol: construction, validation messages,
+freezing, fingerprint, the kind registry, config round trips, casting, state layout."""
+
+import json
 
 import numpy as np
 import pytest
+from helpers import Accumulator
 
-from streamgru import DenseLayer, GRULayer, GRUModel
+import streamgru
+from streamgru import LAYER_KINDS, DenseLayer, GRULayer, GRUModel, Layer, Model
+from streamgru.errors import FormatError
 
 
 def arrays(I=16, H=128, dt=np.float32):
@@ -124,3 +130,129 @@ def test_random_model_is_seeded():
     b = GRUModel.random(3, [5, 5], dense_after=[(2, "softmax")], seed=3)
     assert a.fingerprint == b.fingerprint
     assert a.fingerprint != GRUModel.random(3, [5, 5], dense_after=[(2, "softmax")]).fingerprint
+
+
+# ----------------------------------------------------------------------------------------------
+# the layer protocol
+
+
+def example_layers():
+    """One layer of every registered kind, with every option away from its default."""
+    rng = np.random.default_rng(1)
+    return {
+        "gru": GRULayer(3, 2, rng.normal(size=(6, 3)), rng.normal(size=(6, 2)), rng.normal(size=6),
+                        rng.normal(size=6), linear_before_reset=0, f=("hardsigmoid", 0.3, 0.4),
+                        g=("leakyrelu", 0.2), clip=4.0),
+        "dense": DenseLayer(2, 5, rng.normal(size=(5, 2)), rng.normal(size=5),
+                            activation=("elu", 0.5)),
+    }
+
+
+def test_registry_holds_each_kind_once_and_model_is_the_public_name():
+    assert LAYER_KINDS == {"gru": GRULayer, "dense": DenseLayer}
+    assert all(cls.kind == kind and issubclass(cls, Layer) for kind, cls in LAYER_KINDS.items())
+    assert "accumulator" not in LAYER_KINDS  # register=False
+    assert GRUModel is Model is streamgru.Model is streamgru.model.GRUModel
+    # An example per kind below: a new kind without one fails here, not silently.
+    assert set(example_layers()) == set(LAYER_KINDS)
+
+
+def test_a_second_class_for_a_known_kind_is_refused():
+    with pytest.raises(ValueError, match="expected a new layer kind, got 'gru', already "
+                                         "registered by GRULayer"):
+        type("OtherGRU", (Layer,), {"kind": "gru"})
+    with pytest.raises(TypeError, match="expected a class attribute kind"):
+        type("NoKind", (Layer,), {})
+    assert LAYER_KINDS == {"gru": GRULayer, "dense": DenseLayer}
+
+
+@pytest.mark.parametrize("kind", sorted(LAYER_KINDS))
+def test_config_round_trip_of_every_kind(kind):
+    layer = example_layers()[kind]
+    cfg = json.loads(json.dumps(layer.config()))  # what the native file stores
+    assert cfg["kind"] == kind
+    back = LAYER_KINDS[kind].from_config(cfg, layer.tensors())
+    assert type(back) is type(layer) and back.config() == layer.config()
+    for name, t in layer.tensors().items():
+        assert back.tensors()[name].dtype == t.dtype
+        np.testing.assert_array_equal(back.tensors()[name], t)
+    assert (back.input_size, back.output_size, back.state_size) == \
+        (layer.input_size, layer.output_size, layer.state_size)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYER_KINDS))
+def test_astype_of_every_kind(kind):
+    layer = example_layers()[kind]  # float64 (numpy's default)
+    down = layer.astype("float32")
+    assert type(down) is type(layer) and down.config() == layer.config()
+    assert all(t.dtype == np.float32 for t in down.tensors().values())
+    for name, t in layer.tensors().items():
+        np.testing.assert_array_equal(down.tensors()[name], t.astype(np.float32))
+        assert not down.tensors()[name].flags.writeable
+    up = down.astype(np.float64)
+    assert all(t.dtype == np.float64 for t in up.tensors().values())
+    for name, t in down.tensors().items():
+        np.testing.assert_array_equal(up.tensors()[name], t)  # exact: float32 fits float64
+    with pytest.raises(ValueError, match="dtype: expected 'float32' or 'float64', got 'int32'"):
+        layer.astype("int32")
+    with pytest.raises(TypeError, match="dtype: expected 'float32' or 'float64'"):
+        layer.astype("no such dtype")
+
+
+def test_astype_refuses_a_weight_beyond_float32():
+    layer = DenseLayer(1, 1, np.array([[1e300]]))
+    with pytest.raises(ValueError, match=r"^W: expected values within float32's range, got max "
+                                         r"\|v\| = 1e\+300; keep this layer in float64"):
+        layer.astype(np.float32)
+    m = Model([GRULayer(1, 1, np.ones((3, 1)), np.ones((3, 1)), linear_before_reset=1), layer])
+    with pytest.raises(ValueError, match=r"^layers\[1\]\.W: expected values within float32"):
+        m.astype("float32")
+
+
+def test_model_astype_keeps_everything_but_the_dtype():
+    m = Model.random(3, [4, 2], dense_after=[(2, "softmax")], dtype=np.float64)
+    m32 = m.astype("float32")
+    assert m32.dtype == np.float32 and m32.config() == m.config() and m32.source == m.source
+    for (k, a), (k2, b) in zip(m.named_tensors().items(), m32.named_tensors().items(), strict=True):
+        assert k == k2
+        np.testing.assert_array_equal(b, a.astype(np.float32))
+    assert m32.fingerprint != m.fingerprint
+
+
+def test_state_slices_over_a_mixed_stack():
+    rng = np.random.default_rng(0)
+
+    def gru(i, h):
+        return GRULayer(i, h, rng.normal(size=(3 * h, i)), rng.normal(size=(3 * h, h)),
+                        linear_before_reset=1)
+
+    acc = Accumulator(4, np.ones(4))
+    layers = [DenseLayer(2, 3, np.ones((3, 2))), gru(3, 3), DenseLayer(3, 4, np.ones((4, 3))),
+              acc, gru(4, 5), DenseLayer(5, 1, np.ones((1, 5)))]
+    m = Model(layers)
+    # GRU h (3), the accumulator's [sum; count] (2 * 4), GRU h (5), in layer order.
+    assert m.state_slices == (slice(0, 3), slice(3, 11), slice(11, 16))
+    assert m.state_size == 16
+    assert m.recurrent_layers == (layers[1], acc, layers[4])
+    assert m.gru_layers == (layers[1], layers[4])
+    assert (m.input_size, m.output_size) == (2, 1)
+    with pytest.raises(ValueError, match="at least one GRULayer, got only Dense layers"):
+        Model([DenseLayer(3, 4, np.ones((4, 3))), DenseLayer(4, 4, np.ones((4, 4)))])
+
+
+def test_work_estimate_of_each_kind():
+    layers = example_layers()
+    # GRU, I=3, H=2: input products 3H x I = 18, recurrent 3H x H = 12 multiply-adds per row.
+    assert (layers["gru"].macs, layers["gru"].recurrent_macs) == (18 + 12, 12)
+    # Dense 2 -> 5: 10 multiply-adds, none on a state.
+    assert (layers["dense"].macs, layers["dense"].recurrent_macs) == (10, 0)
+
+
+def test_loader_refuses_an_unknown_kind_naming_it(tmp_path):
+    rng = np.random.default_rng(0)
+    m = Model([GRULayer(4, 4, rng.normal(size=(12, 4)), rng.normal(size=(12, 4)),
+                        linear_before_reset=1), Accumulator(4, np.ones(4))])
+    m.save(tmp_path / "m.sgru")  # as a newer streamgru that knows the kind would write it
+    with pytest.raises(FormatError, match=r"m\.sgru: layers\[1\]: kind: expected one of "
+                                          r"'dense', 'gru', got 'accumulator'.*upgrade"):
+        streamgru.load(tmp_path / "m.sgru")

@@ -319,3 +319,26 @@ def test_bad_missing_arguments():
     with pytest.raises(ValueError, match=r"missing_rate: expected a probability in \[0, 1\], "
                                          r"got 1.5"):
         converters.verify(m, src, missing="zero", missing_rate=1.5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_to_torch_export_is_a_source(dtype):
+    # A module with forward(x, state) -> (y, state_out) runs as the reference, one call per
+    # step: one GRU layer torch runs natively (an nn.GRUCell), one it does not (lbr=0, clip).
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    native = streamgru.Model.random(3, [4], dense_after=[(2, "softmax")], dtype=dtype, seed=1)
+    lbr0 = streamgru.GRULayer(2, 3, rng.uniform(-1, 1, (9, 2)), rng.uniform(-1, 1, (9, 3)),
+                    linear_before_reset=0, clip=0.5)
+    model = streamgru.Model(list(native.layers) + [lbr0.astype(dtype)])
+    r = converters.verify(model, converters.to_torch(model), dtype=dtype, streams=3, steps=5,
+                          missing="last")
+    assert r.ok and r.framework_check and r.dropped > 0
+    assert "forward(x, state) -> (y, state_out), one call per step" in r.reference
+    assert r.max_abs_diff < (1e-5 if dtype == "float32" else 1e-12)
+    # Another model's export, same sizes: the comparison must fail.
+    other = streamgru.Model(list(model.layers[:-1]) + [
+        streamgru.GRULayer(2, 3, rng.uniform(-1, 1, (9, 2)), rng.uniform(-1, 1, (9, 3)),
+                 linear_before_reset=0, clip=0.5).astype(dtype)])
+    bad = converters.verify(model, converters.to_torch(other), dtype=dtype, streams=3, steps=5)
+    assert not bad.ok and bad.max_abs_diff > 1e-3
