@@ -89,12 +89,17 @@ def step(model, state, x):
 
     state: (n, model.state_size), x: (n, input_size) -> (y (n, output_size), new state), float64.
     Each layer reads and writes its own ``state_size`` columns of the state, in layer order.
+    ``model`` may also be a plain list of layers.
     """
+    layers = getattr(model, "layers", model)
     v = np.asarray(x, dtype=np.float64)
     state = np.array(state, dtype=np.float64)
+    width = sum(layer.state_size for layer in layers)
+    if state.shape[1] != width:
+        raise ValueError(f"state: expected {width} values per stream, got {state.shape[1]}")
     new_state = state.copy()
     off = 0
-    for layer in model.layers:
+    for layer in layers:
         sl = slice(off, off + layer.state_size)
         v, new_state[:, sl] = STEPS[layer.kind](layer, v, state[:, sl])
         off = sl.stop
@@ -177,31 +182,21 @@ def lstm_cell(layer, x, h, c):
     return h_new, c_new
 
 
-def lstm_step(layers, state, x):
-    """Advance a batch of streams one step through a stack of LSTM and Dense layers.
+def lstm_layer_step(layer, x, s):
+    """STEPS entry of an LSTM layer: its state is h (H_out wide) then c (H wide), its output h'."""
+    hw = layer.R.shape[1]
+    h, c = lstm_cell(layer, x, s[:, :hw], s[:, hw:])
+    return h, np.concatenate([h, c], axis=1)
 
-    ``layers``: objects with ``kind`` "lstm" (see :func:`lstm_cell`) or "dense". state (n, S)
-    holds each LSTM layer's h (H_out wide) then c (H wide), layers in order; x (n, I) ->
-    (y (n, output_size), new state (n, S)), float64.
-    """
-    v = np.asarray(x, dtype=np.float64)
-    state = np.array(state, dtype=np.float64)
-    width = sum(layer.R.shape[1] + layer.W.shape[0] // 4 for layer in layers if layer.kind == "lstm")
-    if state.shape[1] != width:
-        raise ValueError(f"state: expected {width} values per stream, got {state.shape[1]}")
-    new_state = state.copy()
-    at = 0
-    for layer in layers:
-        if layer.kind != "lstm":
-            v = dense(layer, v)
-            continue
-        hw, cw = layer.R.shape[1], layer.W.shape[0] // 4
-        h, c = state[:, at:at + hw], state[:, at + hw:at + hw + cw]
-        v, c = lstm_cell(layer, v, h, c)
-        new_state[:, at:at + hw] = v
-        new_state[:, at + hw:at + hw + cw] = c
-        at += hw + cw
-    return v, new_state
+
+STEPS["lstm"] = lstm_layer_step
+
+
+def lstm_step(layers, state, x):
+    """Advance a batch of streams one step through a stack of LSTM and Dense layers (the LSTM
+    layers as tests/helpers.LSTMSpec until the model has an LSTM class): :func:`step` over a
+    list of layers, each LSTM layer's state h then c, layers in order."""
+    return step(layers, state, x)
 
 
 class MissingStreams:
