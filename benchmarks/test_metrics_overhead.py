@@ -34,10 +34,9 @@ import streamgru
 from streamgru.bench import machine_info
 
 SRC = pathlib.Path(streamgru.__file__).parent
-# A metric statement of step/run: a counter bump, the clock read for the sampled timing, the
-# "if t0:" guarding a timed record (its body is itself a counter line).
-METRIC_LINE = re.compile(r"^\s*(m = self\._m\b|c = m\.step = |t0 = |m\.\w+ \+= |self\._m[._]\w+"
-                         r"|if t0:$)")
+# A metric statement of step/run: the step countdown, a counter bump, the clock read for the
+# sampled timing, the "if t0:" guarding a timed record (its body is itself a counter line).
+METRIC_LINE = re.compile(r"^\s*(c = self\._tick = |t0 = |self\._m[._]\w+|if t0:$)")
 
 
 def strip_metrics(source):
