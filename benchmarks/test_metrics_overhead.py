@@ -4,9 +4,11 @@ Two contenders in one group, the same model, engine settings and call:
 
 * ``stats on``: ``streamgru.Engine`` as shipped (imported from a copy, ``streamgru_metrics``).
 * ``stats off``: the same engine.py with the metric statements of ``step`` and ``run`` removed
-  (the lines that bump the ``self._m`` counters or read the clock for them), imported from a copy
-  of the package named ``streamgru_nometrics``. It is built from the current source on every
-  run, so it stays "the same hot path minus the counters" as the engine changes.
+  (the step countdown, the lines that bump the ``self._m`` counters or read the clock for them),
+  imported from a copy of the package named ``streamgru_nometrics``. It is built from the current
+  source on every run, so it stays "the same hot path minus the counters" as the engine changes.
+  The one-event path takes its alternating weight direction from the countdown's parity; without
+  the countdown it alternates the engine's own ``_flip`` instead, as it would without metrics.
 Both copies live in temp directories named by a hash of the source; their kernels compile once
 per source version.
 
@@ -37,13 +39,17 @@ SRC = pathlib.Path(streamgru.__file__).parent
 # A metric statement of step/run: the step countdown, a counter bump, the clock read for the
 # sampled timing, the "if t0:" guarding a timed record (its body is itself a counter line).
 METRIC_LINE = re.compile(r"^\s*(c = self\._tick = |t0 = |self\._m[._]\w+|if t0:$)")
+# The one-event kernel's last argument, its weight direction: the countdown's parity.
+FLIP_ARG = ", c & 1)"
 
 
 def strip_metrics(source):
     """``engine.py`` source without the metric statements of ``step`` and ``run``, nor the
-    counters' attribute (``__init__``'s ``self._metrics_init()``)."""
+    counters' attributes (``__init__``'s ``self._metrics_init()``); the one-event path alternates
+    ``self._flip`` (``self._flip ^= 1`` before its kernel's arguments) instead of using the
+    countdown's parity."""
     lines = source.splitlines(keepends=True)
-    out, inside, removed = [], False, 0
+    out, inside, removed, flips = [], False, 0, 0
     for line in lines:
         if line.startswith("    def "):
             inside = line.startswith(("    def step(", "    def run("))
@@ -51,10 +57,17 @@ def strip_metrics(source):
                 inside and METRIC_LINE.match(line.rstrip("\n"))):
             removed += 1
             continue
+        if inside and FLIP_ARG in line:
+            start = max(i for i, prev in enumerate(out) if prev.lstrip().startswith("args = ("))
+            indent = out[start][:len(out[start]) - len(out[start].lstrip())]
+            out.insert(start, f"{indent}self._flip ^= 1\n")
+            line = line.replace(FLIP_ARG, ", self._flip)")
+            flips += 1
         out.append(line)
-    if removed < 8:
-        raise RuntimeError(f"expected the metric statements of step and run, removed only "
-                           f"{removed} lines: update METRIC_LINE")
+    if removed < 8 or flips != 1:
+        raise RuntimeError(f"expected the metric statements of step and run and one kernel call "
+                           f"taking the countdown's parity, removed {removed} lines and found "
+                           f"{flips} such calls: update METRIC_LINE or FLIP_ARG")
     return "".join(out)
 
 

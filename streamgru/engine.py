@@ -121,7 +121,8 @@ _DTYPES = {"float32": np.float32, "float64": np.float64}
 # completed countdowns x STEP_TIMING_EVERY + the current one's progress. Why not a counter: a
 # counter on the counters object costs one more attribute load and store, and counting up
 # allocates a new int object per call past 256, while the countdown stays among CPython's cached
-# small ints.
+# small ints. The one-event path also takes its alternating weight direction from the
+# countdown's parity (even: the parity alternates across the restart too).
 STEP_TIMING_EVERY = 32
 # Histogram upper bounds (inclusive, as Prometheus' "le"); a last, unbounded bucket follows.
 ROWS_BOUNDS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536)
@@ -300,7 +301,7 @@ class Engine:
         self._packed = pack(model, self.dtype)
         self._shape1 = (1, model.input_size)
         self._slot1 = np.zeros(1, np.int64)  # the one-event fast path's slots array
-        self._flip = 0  # the one-event path's weight direction, alternated per call
+        self._flip = 0  # run()'s weight direction, alternated per call (step's: c & 1 in step)
         self._run1, self._wide1 = K.step_one, K.step_wide  # the one-event path's kernels
         numba.get_num_threads()  # launches Numba's thread pool, which _get_num_threads assumes
         self._macs_per_row = sum(layer.W.size + getattr(layer, "R", layer.W[:0]).size
@@ -369,9 +370,11 @@ class Engine:
                         out = np.empty((1, self._n_out), self.dtype)
                         p = self._packed
                         if self._par_threads == 1 or self._macs_per_row < WIDE_MIN_MACS:
-                            self._flip ^= 1  # alternate the weights' direction (kernel doc)
+                            # The weights' direction alternates from call to call (kernel
+                            # doc): the parity of the metrics' countdown, which every step
+                            # call changes, is that alternation at no further cost.
                             args = (p.params, p.table, p.fp, store.states, slot, x, out,
-                                    self._run_scratch, self.check_finite, self._flip)
+                                    self._run_scratch, self.check_finite, c & 1)
                             bad = self._run1(*args)
                             if self._run1 is K.step_one:
                                 self._run1 = _compiled(K.step_one, args)

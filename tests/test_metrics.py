@@ -130,6 +130,24 @@ def test_step_calls_are_counted_across_timing_samples_whatever_path_they_take():
     assert made == 100 and s["rows_refused"]["step"] == 15
 
 
+def test_the_one_event_path_alternates_the_weights_direction_across_timing_samples():
+    # The one-event kernel's direction argument is the step countdown's parity: it must still
+    # alternate on every call, across the countdown's restarts too.
+    eng = Engine(model(), threads=1)
+    eng.step(["a"], ones(1))  # opens "a" (general path)
+    kernel, seen = eng._run1, []
+
+    def recording(*args):
+        seen.append(args[-1])
+        return kernel(*args)
+
+    eng._run1 = recording
+    for _ in range(2 * STEP_TIMING_EVERY + 3):
+        eng.step(["a"], ones(1))
+    assert len(seen) == 2 * STEP_TIMING_EVERY + 3 and set(seen) == {0, 1}
+    assert all(a != b for a, b in zip(seen, seen[1:]))
+
+
 def test_refused_rows_are_counted_and_not_stepped():
     eng = Engine(model())
     eng.step(["a", "b"], ones(2))
