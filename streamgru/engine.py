@@ -1071,9 +1071,9 @@ class Engine:
         (1, 3, 2)
         """
         with self._lock:
-            # One-event fast-path calls are not counted one by one (that costs ~1% of such a
-            # call): they are the step calls that took neither the general path nor the
-            # fast path's refusal. Each stepped one row.
+            # One-event fast-path calls are not counted one by one (their path's only metric
+            # statement is the countdown): they are the step calls that took neither the
+            # general path nor the fast path's refusal. Each stepped one row.
             m = self._m
             steps = m.step + STEP_TIMING_EVERY - self._tick
             fast = steps - m.general - m.fast_refused
