@@ -113,10 +113,16 @@ _DTYPES = {"float32": np.float32, "float64": np.float64}
 # Metrics (Engine.stats). Every counter is a plain int, changed under the lock the verb already
 # holds. A clock pair and a histogram update cost several percent of a one-event step, so step
 # calls are timed in a systematic sample: the calls whose number is a multiple of
-# STEP_TIMING_EVERY (a power of two: the test is one bit mask; fewer samples would cost less,
-# more would cost more: benchmarks/test_metrics_overhead.py). run() is timed on every call.
+# STEP_TIMING_EVERY (fewer samples would cost less, more would cost more:
+# benchmarks/test_metrics_overhead.py). run() is timed on every call.
+# A step call's one metric statement on the one-event path is a countdown to its next timed call,
+# an int attribute of the engine itself (Engine._tick), which also counts the calls: step calls =
+# completed countdowns x STEP_TIMING_EVERY + the current one's progress. Why not a counter: a
+# counter on the counters object costs one more attribute load and store, and counting up
+# allocates a new int object per call past 256, while the countdown stays among CPython's cached
+# small ints. The one-event path also takes its alternating weight direction from the
+# countdown's parity (even: the parity alternates across the restart too).
 STEP_TIMING_EVERY = 32
-_TIMING_MASK = STEP_TIMING_EVERY - 1
 # Histogram upper bounds (inclusive, as Prometheus' "le"); a last, unbounded bucket follows.
 ROWS_BOUNDS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536)
 SECONDS_BOUNDS = (2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 0.1, 1.0)
@@ -136,7 +142,7 @@ class _Counters:
                  "missing_values", "missing_rows")
 
     def __init__(self):
-        self.step = 0  # step calls started
+        self.step = 0  # step calls started, of completed countdowns (Engine._tick has the rest)
         self.general = 0  # step calls that took the general path
         self.fast_refused = 0  # one-event fast-path calls refused by the kernel
         self.calls = dict.fromkeys(_COUNTED_VERBS, 0)
@@ -294,7 +300,7 @@ class Engine:
         self._packed = pack(model, self.dtype)
         self._shape1 = (1, model.input_size)
         self._slot1 = np.zeros(1, np.int64)  # the one-event fast path's slots array
-        self._flip = 0  # the one-event path's weight direction, alternated per call
+        self._flip = 0  # run()'s weight direction, alternated per call (step's: c & 1 in step)
         self._run1, self._wide1 = K.step_one, K.step_wide  # the one-event path's kernels
         numba.get_num_threads()  # launches Numba's thread pool, which _get_num_threads assumes
         self._macs_per_row = sum(layer.macs for layer in model.layers)
@@ -304,7 +310,7 @@ class Engine:
                                  memory=model.input_size if missing == "last" else 0)
         self._lock = threading.RLock()
         self._n_out = model.output_size
-        self._rows = 0
+        self._scratch = np.zeros((0, self._packed.scratch_width), self.dtype)  # sized just below
         self._grow_scratch(1)
         self._run_scratch = np.zeros((2, self._packed.scratch_width), self.dtype)
         self._metrics_init()
@@ -332,9 +338,8 @@ class Engine:
             Row i is the output for keys[i] at this step.
         """
         with self._lock:
-            m = self._m  # metrics: see stats()
-            c = m.step = m.step + 1
-            t0 = 0 if c & _TIMING_MASK else _ns()
+            c = self._tick = self._tick - 1  # metrics: calls left to the next timed one
+            t0 = 0 if c else self._m_sample()
             # Fast path for the commonest real-time call, one event of an open stream with a
             # ready array: every check of the general path below, done inline, then the
             # one-stream kernel (no duplicate-key plan, one slot passed as an int). Anything
@@ -363,9 +368,11 @@ class Engine:
                         out = np.empty((1, self._n_out), self.dtype)
                         p = self._packed
                         if self._par_threads == 1 or self._macs_per_row < WIDE_MIN_MACS:
-                            self._flip ^= 1  # alternate the weights' direction (kernel doc)
+                            # The weights' direction alternates from call to call (kernel
+                            # doc): the parity of the metrics' countdown, which every step
+                            # call changes, is that alternation at no further cost.
                             args = (p.params, p.table, p.fp, store.states, slot, x, out,
-                                    self._run_scratch, self.check_finite, self._flip)
+                                    self._run_scratch, self.check_finite, c & 1)
                             bad = self._run1(*args)
                             if self._run1 is K.step_one:
                                 self._run1 = _compiled(K.step_one, args)
@@ -385,14 +392,14 @@ class Engine:
                                 rec[k] = self._now
                                 rec.move_to_end(k)
                             if t0:
-                                self._m_timed(m.step_seconds, t0)
+                                self._m_timed(self._m.step_seconds, t0)
                             return out
                         if bad < 0 or store.missing == "refuse":
-                            m.fast_refused += 1
+                            self._m.fast_refused += 1
                             self._refuse(bad, x, [k], None, "x")
                         # A NaN under a missing-value policy: the general path below handles it
                         # (the kernel changed nothing).
-            m.general += 1  # the general path: counted here, its rows at its return
+            self._m.general += 1  # the general path: counted here, its rows at its return
             store = self._store
             if tkeys is np.ndarray and keys.ndim == 1 and keys.dtype.kind in "iu" \
                     and len(keys) >= INT_TABLE_MIN_ROWS and not self._track \
@@ -415,7 +422,7 @@ class Engine:
             if n == 0:
                 self._m_stepped(0, 0, t0)
                 return out
-            if n > self._rows:
+            if n > len(self._scratch):
                 self._grow_scratch(n)
             slots, opened = store.slots_array(karr) if ks is None else store.slots(ks)
             try:
@@ -1062,15 +1069,16 @@ class Engine:
         (1, 3, 2)
         """
         with self._lock:
-            # One-event fast-path calls are not counted one by one (that costs ~1% of such a
-            # call): they are the step calls that took neither the general path nor the
-            # fast path's refusal. Each stepped one row.
+            # One-event fast-path calls are not counted one by one (their path's only metric
+            # statement is the countdown): they are the step calls that took neither the
+            # general path nor the fast path's refusal. Each stepped one row.
             m = self._m
-            fast = m.step - m.general - m.fast_refused
+            steps = m.step + STEP_TIMING_EVERY - self._tick
+            fast = steps - m.general - m.fast_refused
             rows_step = m.rows_counts[0].copy()
             rows_step[0] += fast
             st = {
-                "calls": {"step": m.step, **m.calls},
+                "calls": {"step": steps, **m.calls},
                 "rows": {"step": m.rows_sum[0] + fast, "run": m.rows_sum[1]},
                 "rows_refused": {"step": m.rows_refused[0], "run": m.rows_refused[1]},
                 "rows_per_call": {
@@ -1095,10 +1103,19 @@ class Engine:
         return st
 
     def _metrics_init(self):
-        """The counters behind :meth:`stats`, all zero, in one attribute. An instance with 30 or
-        more attributes loses CPython's (3.11) inline attribute layout and every attribute read
-        of the hot path gets slower: an Engine keeps at most 29 (tests/test_metrics.py)."""
+        """The counters behind :meth:`stats`, all zero, in two attributes: the step countdown
+        and one holder for the rest. An instance with 30 or more attributes loses CPython's
+        (3.11) inline attribute layout and every attribute read of the hot path gets slower: an
+        Engine keeps at most 29 (tests/test_metrics.py)."""
         self._m = _Counters()
+        self._tick = STEP_TIMING_EVERY  # step calls left until the next timed one
+
+    def _m_sample(self):
+        """The step countdown ran out: count its calls, restart it, and return the clock (ns)
+        this step call, the timed one, starts at."""
+        self._m.step += STEP_TIMING_EVERY
+        self._tick = STEP_TIMING_EVERY
+        return _ns()
 
     @staticmethod
     def _m_timed(hist, t0):
@@ -1290,11 +1307,11 @@ class Engine:
             f"{_key_list(bad)}; no stream was changed (drop those rows and call again)", bad)
 
     def _grow_scratch(self, n):
-        rows = max(n, 2 * self._rows, 16)
+        rows = max(n, 2 * len(self._scratch), 16)
         # Both arrays first, then assign: a MemoryError leaves the old pair in place.
         scratch = np.zeros((rows, self._packed.scratch_width), self.dtype)
         iwork = np.zeros(4 * rows + 1, np.int64)  # order, wave, wstart, bad (kernels._plan)
-        self._scratch, self._iwork, self._rows = scratch, iwork, rows
+        self._scratch, self._iwork = scratch, iwork
 
     def _parallel(self, kernel, args):
         """Call a parallel kernel with this engine's thread count. Numba's thread count is a

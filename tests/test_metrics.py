@@ -103,6 +103,51 @@ def test_step_calls_are_timed_in_a_sample_and_run_every_call():
     assert len(s["step"]["counts"]) == len(s["step"]["bounds"]) + 1
 
 
+def test_step_calls_are_counted_across_timing_samples_whatever_path_they_take():
+    # The step count lives partly in the timing countdown: check it after every call over
+    # three samples, with the one-event path, the general path and refused calls (one of them
+    # the sampled 64th call, which raised, so it is counted but not timed).
+    eng = Engine(model())
+    bad = ones(1)
+    bad[0, 0] = np.inf
+    made = rows = 0
+    for i in range(1, 3 * STEP_TIMING_EVERY + 5):
+        if i % 7 == 0 or i == 2 * STEP_TIMING_EVERY:
+            with pytest.raises(NonFiniteError):
+                eng.step(["a"], bad)
+        elif i % 5 == 0:
+            eng.step(["a", "b"], ones(2))  # general path
+            rows += 2
+        else:
+            eng.step(["a"], ones(1))  # fast path once "a" is open
+            rows += 1
+        made += 1
+        s = eng.stats()
+        assert s["calls"]["step"] == made
+        assert s["rows"]["step"] == rows == s["rows_per_call"]["step"]["sum"]
+        timed = i // STEP_TIMING_EVERY - (i >= 2 * STEP_TIMING_EVERY)
+        assert sum(s["call_seconds"]["step"]["counts"]) == timed
+    assert made == 100 and s["rows_refused"]["step"] == 15
+
+
+def test_the_one_event_path_alternates_the_weights_direction_across_timing_samples():
+    # The one-event kernel's direction argument is the step countdown's parity: it must still
+    # alternate on every call, across the countdown's restarts too.
+    eng = Engine(model(), threads=1)
+    eng.step(["a"], ones(1))  # opens "a" (general path)
+    kernel, seen = eng._run1, []
+
+    def recording(*args):
+        seen.append(args[-1])
+        return kernel(*args)
+
+    eng._run1 = recording
+    for _ in range(2 * STEP_TIMING_EVERY + 3):
+        eng.step(["a"], ones(1))
+    assert len(seen) == 2 * STEP_TIMING_EVERY + 3 and set(seen) == {0, 1}
+    assert all(a != b for a, b in zip(seen, seen[1:]))
+
+
 def test_refused_rows_are_counted_and_not_stepped():
     eng = Engine(model())
     eng.step(["a", "b"], ones(2))
