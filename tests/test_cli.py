@@ -2,14 +2,9 @@
 
 import contextlib
 import io
-import json
-import os
 import pathlib
-import sys
-import tempfile
 import warnings
 
-import background
 import numpy as np
 import pytest
 
@@ -156,86 +151,3 @@ def test_convert_without_check_and_info_on_foreign_file(tmp_path, capsys):
     info = capsys.readouterr().out
     assert "RTNeural JSON" in info and "linear_before_reset=0" in info
     assert "model source: rtneural" in info and "hidden_size=7" in info
-
-
-# ---------------------------------------------------------------------------- warmup
-
-# Routes every kernel of the engine is built with: the fast path and the batch and run kernels
-# of both thread settings (the thresholds set to 0 send small calls to the wide kernels), and
-# the int-key table. It prints {kernel: (loaded from the cache, compiled)}.
-_FIRST_CALLS = """
-import json, sys
-import numpy as np
-import streamgru
-from streamgru import engine as engine_mod, kernels
-m = streamgru.load(sys.argv[1])
-for threads in (1, 2):
-    e = streamgru.Engine(m, threads=threads)
-    x = np.ones((1, m.input_size), np.float32)
-    e.step(["a"], x)  # opens "a" (the general path)
-    e.step(["a"], x)  # the one-event path
-    e.step([f"k{i}" for i in range(100)], np.ones((100, m.input_size), np.float32))
-    e.run("a", np.ones((7, m.input_size), np.float32))
-    engine_mod.WIDE_MIN_MACS = engine_mod.RUN_WIDE_MIN_MACS = 0
-    e.step(["a", "b", "c"], np.ones((3, m.input_size), np.float32))
-    e.run("a", np.ones((7, m.input_size), np.float32))
-    engine_mod.WIDE_MIN_MACS, engine_mod.RUN_WIDE_MIN_MACS = 350_000, 150_000
-    ints = streamgru.Engine(m, threads=threads)
-    keys = np.arange(100, dtype=np.int64)
-    ints.step(keys, np.ones((100, m.input_size), np.float32))
-    ints.step(keys, np.ones((100, m.input_size), np.float32))
-    ints.close(5)
-print(json.dumps(kernels.cache_counts()))
-"""
-
-
-@background.job("warmup")
-def _warmup_then_first_calls():
-    """``streamgru warmup`` into an empty cache directory, then the first calls in a new process:
-    (warmup's CompletedProcess, the new process's), or the reason to skip."""
-    from streamgru.isa import TILE
-
-    if TILE.forced:
-        return "STREAMGRU_TILE is set: kernels are not cached"
-    with tempfile.TemporaryDirectory() as tmp:
-        path = pathlib.Path(tmp) / "m.sgru"
-        GRUModel.random(3, [5], dense_after=[(2, "softmax")], seed=1).save(path)
-        cache = pathlib.Path(tmp) / "cache"
-        env = dict(os.environ, NUMBA_CACHE_DIR=str(cache), NUMBA_NUM_THREADS="2")
-        warm = background.run([sys.executable, "-m", "streamgru.cli", "warmup", str(path)],
-                              env=env, timeout=900)
-        first = background.run([sys.executable, "-c", _FIRST_CALLS, str(path)], env=env,
-                               timeout=900)
-        return warm, first, cache
-
-
-@pytest.mark.background("warmup")
-@pytest.mark.slow
-def test_warmup_leaves_nothing_to_compile_for_a_new_process():
-    """After ``streamgru warmup`` in a process with an empty cache directory, a new process's
-    first step, batch and run, on every route and both thread settings, compile nothing: every
-    kernel is loaded from the cache. The one test that compiles every kernel from scratch (tens
-    of seconds, run beside the suite: tests/background.py): counting compilations instead of
-    timing them makes it exact."""
-    got = background.result("warmup")
-    if isinstance(got, str):
-        pytest.skip(got)
-    warm, first, cache = got
-    assert warm.returncode == 0, warm.stderr
-    assert f"cache: {cache}" in warm.stdout and "compiled: " in warm.stdout
-    assert "step_one" in warm.stdout
-    assert first.returncode == 0, first.stderr
-    counts = json.loads(first.stdout.strip().splitlines()[-1])
-    assert {k: c for k, (_, c) in counts.items() if c} == {}  # nothing compiled
-    used = ("step_one", "step_serial", "step_parallel", "step_wide", "run_sequence",
-            "run_sequence_wide", "table_lookup", "table_insert", "table_delete")
-    assert all(counts[k][0] >= 1 for k in used), counts  # each loaded from the cache
-
-
-def test_warmup_help_and_bad_model(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["warmup", "--help"])
-    assert exc.value.code == 0
-    assert "NUMBA_CACHE_DIR" in capsys.readouterr().out
-    assert main(["warmup", str(tmp_path / "missing.sgru")]) == 2
-    assert "streamgru warmup: error: model:" in capsys.readouterr().err
