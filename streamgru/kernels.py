@@ -15,12 +15,21 @@ for: 32 float32 columns with AVX-512, 16 with AVX2, 8 with 16-byte vectors). The
 (``_tile*``) keeps an (MR rows x NP panels x NR columns) block of outputs in vector registers
 while it streams the panels over k, broadcasting one input value per row: the layout of a BLAS
 micro-kernel, written in LLVM IR because Numba cannot keep a vector accumulator in registers
-otherwise. Gathering tiles (``_gtile*``) read input row r from ``A[rows[r]]``: the
-step kernels' products read the batch's inputs and the streams' states in place.
+otherwise. Given an int64 ``rows`` array, a tile reads input row r from ``A[rows[r]]`` (a
+gather, chosen at compile time by the argument's type): the step kernels' products read the
+batch's inputs and the streams' states in place.
+
+The layer loops and the cells (docs/kernels.md, "The layer loop and the cells"): per layer, a
+loop runs the layer's products from its table row (``T_W``, ``T_R``, ``T_RN``), then hands each
+row to :func:`_cell` (and :func:`_cell_pre`), the only functions that dispatch on ``T_KIND``, to
+the kind's cell helper. The loops are written once per family: :func:`_make_step_block` (a block
+of rows; serial and panel-parallel variants), :func:`_make_sequence` (one stream over T steps;
+both variants) and :func:`step_one` (one row, one-row tiles only: the cold-start path).
 
 Per-call arrays:
 
-* ``state``:  (capacity, state_size) float -- every stream's flat state, GRU layers in order;
+* ``state``:  (capacity, state_size) float -- every stream's flat state, the stateful layers'
+  states in order (``T_SOFF``, ``T_SW``);
 * ``slots``:  (n,) int64 -- the state row of each batch row;
 * ``x``:      (n, input_size) float, C-contiguous; ``out``: (n, output_size) float;
 * ``scratch``: (n_max, table[0, T_LW]) float -- per-row workspace (layout: ``T_L*`` columns);
