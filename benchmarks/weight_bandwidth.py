@@ -33,9 +33,9 @@ def _products(params, table, scratch, reps):
     """reps x (W x + Wb, R h + Rb) for the one row of scratch, as a one-stream step does."""
     for _ in range(reps):
         K._gemm(params, table[0, K.T_W], table[0, K.T_BW], table[0, K.T_IN], 0,
-                table[0, K.T_NPW], scratch, table[0, K.T_LA], scratch, table[0, K.T_LGX], 0, 1)
+                table[0, K.T_NPW], scratch, None, table[0, K.T_LA], scratch, table[0, K.T_LGX], 0, 1)
         K._gemm(params, table[0, K.T_R], table[0, K.T_BR], table[0, K.T_OUT], 0,
-                table[0, K.T_NPR], scratch, table[0, K.T_LHH], scratch, table[0, K.T_LGH], 0, 1)
+                table[0, K.T_NPR], scratch, None, table[0, K.T_LHH], scratch, table[0, K.T_LGH], 0, 1)
 
 
 def main(sizes=(32, 64, 128, 192, 256, 384, 512)):

@@ -38,22 +38,37 @@ __all__ = [
     "canonical_activation",
 ]
 
-# name -> (kernel id, default alpha, default beta). Ids are part of the kernels' contract only;
-# the native file stores names, never ids.
+# Kernel ids: the one source of truth. The kernels import these names as module globals, which
+# Numba freezes as compile-time constants; the native file stores names, never ids.
+ACT_IDENTITY = 0
+ACT_SIGMOID = 1
+ACT_TANH = 2
+ACT_RELU = 3
+ACT_HARDSIGMOID = 4
+ACT_LEAKYRELU = 5
+ACT_AFFINE = 6
+ACT_THRESHOLDEDRELU = 7
+ACT_SCALEDTANH = 8
+ACT_ELU = 9
+ACT_SOFTSIGN = 10
+ACT_SOFTPLUS = 11
+ACT_SOFTMAX = 12
+
+# name -> (kernel id, default alpha, default beta).
 ACTIVATIONS: dict[str, tuple[int, float, float]] = {
-    "identity": (0, 0.0, 0.0),
-    "sigmoid": (1, 0.0, 0.0),
-    "tanh": (2, 0.0, 0.0),
-    "relu": (3, 0.0, 0.0),
-    "hardsigmoid": (4, 0.2, 0.5),
-    "leakyrelu": (5, 0.01, 0.0),
-    "affine": (6, 1.0, 0.0),
-    "thresholdedrelu": (7, 1.0, 0.0),
-    "scaledtanh": (8, 1.0, 1.0),
-    "elu": (9, 1.0, 0.0),
-    "softsign": (10, 0.0, 0.0),
-    "softplus": (11, 0.0, 0.0),
-    "softmax": (12, 0.0, 0.0),
+    "identity": (ACT_IDENTITY, 0.0, 0.0),
+    "sigmoid": (ACT_SIGMOID, 0.0, 0.0),
+    "tanh": (ACT_TANH, 0.0, 0.0),
+    "relu": (ACT_RELU, 0.0, 0.0),
+    "hardsigmoid": (ACT_HARDSIGMOID, 0.2, 0.5),
+    "leakyrelu": (ACT_LEAKYRELU, 0.01, 0.0),
+    "affine": (ACT_AFFINE, 1.0, 0.0),
+    "thresholdedrelu": (ACT_THRESHOLDEDRELU, 1.0, 0.0),
+    "scaledtanh": (ACT_SCALEDTANH, 1.0, 1.0),
+    "elu": (ACT_ELU, 1.0, 0.0),
+    "softsign": (ACT_SOFTSIGN, 0.0, 0.0),
+    "softplus": (ACT_SOFTPLUS, 0.0, 0.0),
+    "softmax": (ACT_SOFTMAX, 0.0, 0.0),
 }
 
 # Which activations take which parameters (used to refuse a parameter that would be ignored).

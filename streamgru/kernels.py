@@ -15,12 +15,21 @@ for: 32 float32 columns with AVX-512, 16 with AVX2, 8 with 16-byte vectors). The
 (``_tile*``) keeps an (MR rows x NP panels x NR columns) block of outputs in vector registers
 while it streams the panels over k, broadcasting one input value per row: the layout of a BLAS
 micro-kernel, written in LLVM IR because Numba cannot keep a vector accumulator in registers
-otherwise. Gathering tiles (``_gtile*``) read input row r from ``A[rows[r]]``: the
-step kernels' products read the batch's inputs and the streams' states in place.
+otherwise. Given an int64 ``rows`` array, a tile reads input row r from ``A[rows[r]]`` (a
+gather, chosen at compile time by the argument's type): the step kernels' products read the
+batch's inputs and the streams' states in place.
+
+The layer loops and the cells (docs/kernels.md, "The layer loop and the cells"): per layer, a
+loop runs the layer's products from its table row (``T_W``, ``T_R``, ``T_RN``), then hands each
+row to :func:`_cell` (and :func:`_cell_pre`), the only functions that dispatch on ``T_KIND``, to
+the kind's cell helper. The loops are written once per family: :func:`_make_step_block` (a block
+of rows; serial and panel-parallel variants), :func:`_make_sequence` (one stream over T steps;
+both variants) and :func:`step_one` (one row, one-row tiles only: the cold-start path).
 
 Per-call arrays:
 
-* ``state``:  (capacity, state_size) float -- every stream's flat state, GRU layers in order;
+* ``state``:  (capacity, state_size) float -- every stream's flat state, the stateful layers'
+  states in order (``T_SOFF``, ``T_SW``);
 * ``slots``:  (n,) int64 -- the state row of each batch row;
 * ``x``:      (n, input_size) float, C-contiguous; ``out``: (n, output_size) float;
 * ``scratch``: (n_max, table[0, T_LW]) float -- per-row workspace (layout: ``T_L*`` columns);
@@ -44,8 +53,9 @@ with the backup of its first wave, its state before the call) and the kernel ret
 ``PRODUCED_NONFINITE``; the flags say which rows failed. Return codes: -1 done, ``>= 0`` the
 first input row holding NaN/inf (nothing was done), ``PRODUCED_NONFINITE`` (nothing changed).
 
-Kernels pick the float32 fast tanh from the dtype (``itemsize == 4``), so each kernel has one
-compiled signature per dtype.
+Kernels pick the float32 fast tanh from the compute dtype (``itemsize == 4`` of the scratch and
+state arrays), never from the weights' dtype, so each kernel has one compiled signature per
+dtype.
 """
 
 import math
@@ -57,18 +67,39 @@ from numba import config, njit, prange, types
 from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
-from .activations import FASTMATH
+from .activations import (
+    ACT_AFFINE,
+    ACT_ELU,
+    ACT_HARDSIGMOID,
+    ACT_IDENTITY,
+    ACT_LEAKYRELU,
+    ACT_RELU,
+    ACT_SCALEDTANH,
+    ACT_SIGMOID,
+    ACT_SOFTMAX,
+    ACT_SOFTPLUS,
+    ACT_SOFTSIGN,
+    ACT_TANH,
+    ACT_THRESHOLDEDRELU,
+    FASTMATH,
+)
 from .isa import TILE
 
-# table columns: per layer
+# table columns, per layer. Every kind: T_KIND, sizes T_IN -> T_OUT, the input product W (T_W
+# panels at offset, T_BW bias offset, T_NPW panels), the recurrent product R over the layer's
+# state (T_R, T_BR, T_NPR; 0 panels: none), a product of the cell's workspace between the two
+# halves of its cell (T_RN, T_BRN, T_NPRN; 0: none), the state's offset in a stream's state
+# row and its width (T_SOFF, T_SW; width 0: stateless). Per kind: activation ids T_F, T_G and
+# T_LBR (GRU: linear_before_reset; Dense: T_F only).
 (T_KIND, T_IN, T_OUT, T_W, T_BW, T_NPW, T_R, T_BR, T_NPR, T_RN, T_BRN, T_NPRN, T_F, T_G, T_LBR,
- T_SOFF) = range(16)
+ T_SOFF, T_SW) = range(17)
 # table columns: the scratch-row layout, repeated in every row
-T_LA, T_LB, T_LGX, T_LGH, T_LHH, T_LT, T_LBK, T_LW = range(16, 24)
-NT = 24
-# fp columns
+T_LA, T_LB, T_LGX, T_LGH, T_LHH, T_LT, T_LBK, T_LW = range(17, 25)
+NT = 25
+# fp columns: activation parameters and clip
 F_FA, F_FB, F_GA, F_GB, F_CLIP = range(5)
 NF = 5
+# Layer kinds (T_KIND): each has a cell helper (_gru_cell, _dense_cell) reached from _cell.
 KIND_GRU, KIND_DENSE = 0, 1
 # Bytes per vector of the product tiles: the target's registers (streamgru.isa picks the tile).
 VEC_BYTES = TILE.vec_bytes
@@ -138,7 +169,19 @@ def _check_array(who, name, ty, ndim, dtype=None):
             f"with shape[1] as the stride), got {ty}")
 
 
-def _make_tile(MR, KU, gather, NP=1, fused=True, resume=False):
+def _load_weights(builder, ptr, vty):
+    """Load one vector of weights (``vty``, the compute dtype's vector) from ``ptr`` into the
+    tile's registers: the one place a weight enters the arithmetic.
+
+    Weights are stored in the compute dtype today (``packing.pack`` refuses anything else), so
+    this is a plain load. A weight dtype narrower than the compute dtype (float16, int8 with a
+    scale) converts here, lane for lane, once per loaded vector (``fpext`` / ``sitofp`` and a
+    multiply), and ``_check_array``'s dtype test on ``params`` in the tiles relaxes to match.
+    """
+    return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=4)
+
+
+def _make_tile(MR, KU, NP=1, fused=True, resume=False):
     """An intrinsic computing ``C[ci+r, cj:cj+NP*NR] = A[ai+r, ak:ak+K] @ panels + bias`` for
     r < MR.
 
@@ -153,20 +196,19 @@ def _make_tile(MR, KU, gather, NP=1, fused=True, resume=False):
     that k, and ``boff`` is unused). C is stored and reloaded in its own dtype, exactly, so the
     sums are the same bits as in one pass.
 
-    With ``gather`` the intrinsic takes an int64 array ``rows`` after A and reads input row r from
-    A[rows[ai+r], ak:ak+K]: products read the batch's inputs and the streams' states where they
-    are, with no copy into a workspace first. The arithmetic is the same either way.
+    ``rows`` (the argument after A) is an int64 array or None, which decides at compile time:
+    an array gathers, reading input row r from A[rows[ai+r], ak:ak+K], so that products read
+    the batch's inputs and the streams' states where they are, with no copy into a workspace
+    first; None reads A[ai+r]. The arithmetic is the same either way.
     """
 
     def codegen(context, builder, signature, args):
-        if gather:
-            A_, R_, ai_, ak_, K_, P_, woff_, boff_, C_, ci_, cj_ = args
-            tys = signature.args[2:]
-        else:
-            A_, ai_, ak_, K_, P_, woff_, boff_, C_, ci_, cj_ = args
-            tys = signature.args[1:]
+        A_, R_, ai_, ak_, K_, P_, woff_, boff_, C_, ci_, cj_ = args
+        gather = not isinstance(signature.args[1], types.NoneType)
         # argument types after A and rows: ai, ak, K, P, woff, boff, C, ci, cj
-        dt = tys[3].dtype
+        tys = signature.args[2:]
+        # The compute dtype (A, C and the accumulators); weights go through _load_weights.
+        dt = tys[6].dtype
         lty = context.get_value_type(dt)
         VW = VEC_BYTES // (dt.bitwidth // 8)
         NR = 2 * VW
@@ -210,8 +252,8 @@ def _make_tile(MR, KU, gather, NP=1, fused=True, resume=False):
                 return builder.fadd(builder.fmul(x, y), z)
         zero = ir.Constant(vty, None)
         bias = [] if resume else [
-            [builder.load(builder.bitcast(builder.gep(bbase, [c64(j * NR + v * VW)]), vptr),
-                          align=4) for v in range(2)] for j in range(NP)]
+            [_load_weights(builder, builder.gep(bbase, [c64(j * NR + v * VW)]), vty)
+             for v in range(2)] for j in range(NP)]
         if resume:
             init = [[[builder.load(builder.bitcast(builder.gep(
                 cbase, [builder.add(builder.mul(c64(r), ldc), c64(j * NR + v * VW))]), vptr),
@@ -228,8 +270,8 @@ def _make_tile(MR, KU, gather, NP=1, fused=True, resume=False):
             wv = []
             for j in range(NP):
                 wk = builder.gep(wpan[j], [koff])
-                wv.append([builder.load(builder.bitcast(builder.gep(wk, [c64(v * VW)]), vptr),
-                                        align=4) for v in range(2)])
+                wv.append([_load_weights(builder, builder.gep(wk, [c64(v * VW)]), vty)
+                           for v in range(2)])
             for r in range(MR):
                 s = builder.load(builder.gep(arow[r], [k]))
                 bv = builder.shuffle_vector(builder.insert_element(und, s, ir.Constant(i32, 0)),
@@ -261,37 +303,25 @@ def _make_tile(MR, KU, gather, NP=1, fused=True, resume=False):
                                                        vptr), align=4)
         return context.get_dummy_value()
 
-    def check(A, R, P, C):
+    @intrinsic
+    def tile(typingctx, A, rows, ai, ak, K, P, woff, boff, C, ci, cj):
         _check_array("tile", "A", A, 2)
-        if R is not None:
-            _check_array("tile", "rows", R, 1, types.int64)
-        _check_array("tile", "params", P, 1, A.dtype)  # one vector type for A, params and C
-        _check_array("tile", "C", C, 2, A.dtype)
+        if not isinstance(rows, types.NoneType):
+            _check_array("tile", "rows", rows, 1, types.int64)
+        _check_array("tile", "C", C, 2, A.dtype)  # the compute dtype
+        # Weights in the compute dtype only, until _load_weights converts (see there).
+        _check_array("tile", "params", P, 1, A.dtype)
+        return types.void(A, rows, ai, ak, K, P, woff, boff, C, ci, cj), codegen
 
-    if gather:
-        @intrinsic
-        def tile(typingctx, A, R, ai, ak, K, P, woff, boff, C, ci, cj):
-            check(A, R, P, C)
-            return types.void(A, R, ai, ak, K, P, woff, boff, C, ci, cj), codegen
-    else:
-        @intrinsic
-        def tile(typingctx, A, ai, ak, K, P, woff, boff, C, ci, cj):
-            check(A, None, P, C)
-            return types.void(A, ai, ak, K, P, woff, boff, C, ci, cj), codegen
     return tile
 
 
-def _make_tile_python(MR, KU, gather, NP=1, fused=True, resume=False):
+def _make_tile_python(MR, KU, NP=1, fused=True, resume=False):
     """The same product in numpy, for NUMBA_DISABLE_JIT=1 runs (intrinsics need the compiler)."""
 
-    def tile(A, *rest):
-        if gather:
-            rows, ai, ak, K, P, woff, boff, C, ci, cj = rest
-            src = A[rows[ai:ai + MR], ak:ak + K]
-        else:
-            ai, ak, K, P, woff, boff, C, ci, cj = rest
-            src = A[ai:ai + MR, ak:ak + K]
-        nr = 2 * VEC_BYTES // P.itemsize
+    def tile(A, rows, ai, ak, K, P, woff, boff, C, ci, cj):
+        src = A[ai:ai + MR, ak:ak + K] if rows is None else A[rows[ai:ai + MR], ak:ak + K]
+        nr = 2 * VEC_BYTES // C.itemsize
         W = P[woff:woff + NP * K * nr].reshape(NP, K, nr).transpose(1, 0, 2).reshape(K, NP * nr)
         start = C[ci:ci + MR, cj:cj + NP * nr] if resume else P[boff:boff + NP * nr]
         C[ci:ci + MR, cj:cj + NP * nr] = src @ W + start
@@ -309,85 +339,54 @@ _KU = TILE.k_split
 # panel groups of this size so that every thread uses the widest one-row tile.
 PANEL_GROUP = TILE.panel_group
 
+# Every tile reads its input rows in place (rows=None) or gathered (rows an int64 array); the
+# argument's type picks the code at compile time, so one tile of each shape serves both.
 if _KU > 1:
     # Every tile splits k over the same two accumulator sets (KU=2), so a row's result has the
     # same rounding whichever tile computes it: a batch gives bit-identical results to separate
     # calls.
-    _tile6 = _make(6, 2, False)
-    _tile4 = _make(4, 2, False)
-    _tile2 = _make(2, 2, False)
-    _tile1 = _make(1, 2, False)
-    _gtile6 = _make(6, 2, True)
-    _gtile4 = _make(4, 2, True)
-    _gtile2 = _make(2, 2, True)
-    _gtile1 = _make(1, 2, True)
+    _tile6 = _make(6, 2)
+    _tile4 = _make(4, 2)
+    _tile2 = _make(2, 2)
+    _tile1 = _make(1, 2)
 else:
     # No tile splits k (KU=1): every output is the bias plus its products in k order whichever
     # tile computes it, so a batch gives bit-identical results to separate calls. The few-row
     # tiles take several panels instead (and one panel for a product's last panels).
-    _tile_a = _make(_MR_A, 1, False, _NP_A, TILE.fma)
-    _tile_ar = _make(_MR_A, 1, False, _NP_A, TILE.fma, True)
-    _tile_b = _make(_MR_B, 1, False, _NP_B, TILE.fma)
-    _tile_br = _make(_MR_B, 1, False, _NP_B, TILE.fma, True)
-    _tile_c = _make(_MR_C, 1, False, _NP_C, TILE.fma)
-    _tile_c1 = _make(_MR_C, 1, False, 1, TILE.fma)
-    _tile_d = _make(_MR_D, 1, False, _NP_D, TILE.fma)
-    _tile_d1 = _make(_MR_D, 1, False, 1, TILE.fma)
-    _gtile_a = _make(_MR_A, 1, True, _NP_A, TILE.fma)
-    _gtile_ar = _make(_MR_A, 1, True, _NP_A, TILE.fma, True)
-    _gtile_b = _make(_MR_B, 1, True, _NP_B, TILE.fma)
-    _gtile_br = _make(_MR_B, 1, True, _NP_B, TILE.fma, True)
-    _gtile_c = _make(_MR_C, 1, True, _NP_C, TILE.fma)
-    _gtile_c1 = _make(_MR_C, 1, True, 1, TILE.fma)
-    _gtile_d = _make(_MR_D, 1, True, _NP_D, TILE.fma)
-    _gtile_d1 = _make(_MR_D, 1, True, 1, TILE.fma)
+    _tile_a = _make(_MR_A, 1, _NP_A, TILE.fma)
+    _tile_ar = _make(_MR_A, 1, _NP_A, TILE.fma, True)
+    _tile_b = _make(_MR_B, 1, _NP_B, TILE.fma)
+    _tile_br = _make(_MR_B, 1, _NP_B, TILE.fma, True)
+    _tile_c = _make(_MR_C, 1, _NP_C, TILE.fma)
+    _tile_c1 = _make(_MR_C, 1, 1, TILE.fma)
+    _tile_d = _make(_MR_D, 1, _NP_D, TILE.fma)
+    _tile_d1 = _make(_MR_D, 1, 1, TILE.fma)
 
 
 @njit(**_JIT)
-def _gemm_ksplit(params, woff, boff, K, p0, p1, src, s0, dst, d0, r0, r1):
-    """dst[i, d0 + p*NR ...] = src[i, s0:s0+K] @ panels p0..p1-1 + bias, for rows i in [r0, r1).
+def _gemm_ksplit(params, woff, boff, K, p0, p1, src, rows, s0, dst, d0, r0, r1):
+    """dst[i, d0 + p*NR ...] = src[i, s0:s0+K] @ panels p0..p1-1 + bias, for rows i in [r0, r1)
+    (input row i is src[rows[i]] when ``rows`` is an array: a gather; None reads src[i]).
 
     Each panel (K x NR) stays in L1 while every row block of the range passes over it.
     """
-    nr = 2 * VEC_BYTES // params.itemsize
+    nr = 2 * VEC_BYTES // dst.itemsize
     for p in range(p0, p1):
         w = woff + p * K * nr
         b = boff + p * nr
         c = d0 + p * nr
         i = r0
         while i + 6 <= r1:
-            _tile6(src, i, s0, K, params, w, b, dst, i, c)
+            _tile6(src, rows, i, s0, K, params, w, b, dst, i, c)
             i += 6
         if i + 4 <= r1:
-            _tile4(src, i, s0, K, params, w, b, dst, i, c)
+            _tile4(src, rows, i, s0, K, params, w, b, dst, i, c)
             i += 4
         if i + 2 <= r1:
-            _tile2(src, i, s0, K, params, w, b, dst, i, c)
+            _tile2(src, rows, i, s0, K, params, w, b, dst, i, c)
             i += 2
         if i < r1:
-            _tile1(src, i, s0, K, params, w, b, dst, i, c)
-
-
-@njit(**_JIT)
-def _gemm_rows_ksplit(params, woff, boff, K, p0, p1, src, rows, s0, dst, d0, r0, r1):
-    """As :func:`_gemm_ksplit`, reading input row i from src[rows[i], s0:s0+K] (a gather)."""
-    nr = 2 * VEC_BYTES // params.itemsize
-    for p in range(p0, p1):
-        w = woff + p * K * nr
-        b = boff + p * nr
-        c = d0 + p * nr
-        i = r0
-        while i + 6 <= r1:
-            _gtile6(src, rows, i, s0, K, params, w, b, dst, i, c)
-            i += 6
-        if i + 4 <= r1:
-            _gtile4(src, rows, i, s0, K, params, w, b, dst, i, c)
-            i += 4
-        if i + 2 <= r1:
-            _gtile2(src, rows, i, s0, K, params, w, b, dst, i, c)
-            i += 2
-        if i < r1:
-            _gtile1(src, rows, i, s0, K, params, w, b, dst, i, c)
+            _tile1(src, rows, i, s0, K, params, w, b, dst, i, c)
 
 
 # The fitted product covers a row range with tiles of one height, the last one shifted back to
@@ -403,13 +402,14 @@ PANEL_BLOCK_BYTES = 16384
 
 
 @njit(**_JIT)
-def _gemm_fit(params, woff, boff, K, p0, p1, src, s0, dst, d0, r0, r1):
-    """dst[i, d0 + p*NR ...] = src[i, s0:s0+K] @ panels p0..p1-1 + bias, for rows i in [r0, r1).
+def _gemm_fit(params, woff, boff, K, p0, p1, src, rows, s0, dst, d0, r0, r1):
+    """dst[i, d0 + p*NR ...] = src[i, s0:s0+K] @ panels p0..p1-1 + bias, for rows i in [r0, r1)
+    (input row i is src[rows[i]] when ``rows`` is an array: a gather; None reads src[i]).
 
     From _MR_B rows on, each panel (K x NR) stays in L1 while the tiles pass over it; fewer
     rows take _NP_C or _NP_D panels at once (then one at a time for the last ones).
     """
-    nr = 2 * VEC_BYTES // params.itemsize
+    nr = 2 * VEC_BYTES // dst.itemsize
     m = r1 - r0
     if m >= _MR_B:
         kc = PANEL_BLOCK_BYTES // (nr * params.itemsize)
@@ -423,22 +423,22 @@ def _gemm_fit(params, woff, boff, K, p0, p1, src, s0, dst, d0, r0, r1):
                     kn = min(kc, K - k0)
                     for i in range(r0, e, _MR_A):
                         if k0 == 0:
-                            _tile_a(src, i, s0, kn, params, w, b, dst, i, c)
+                            _tile_a(src, rows, i, s0, kn, params, w, b, dst, i, c)
                         else:
-                            _tile_ar(src, i, s0 + k0, kn, params, w + k0 * nr, b, dst, i, c)
+                            _tile_ar(src, rows, i, s0 + k0, kn, params, w + k0 * nr, b, dst, i, c)
                 if e < r1:
-                    _tile_a(src, r1 - _MR_A, s0, K, params, w, b, dst, r1 - _MR_A, c)
+                    _tile_a(src, rows, r1 - _MR_A, s0, K, params, w, b, dst, r1 - _MR_A, c)
             else:
                 e = r1 - m % _MR_B
                 for k0 in range(0, K, kc):
                     kn = min(kc, K - k0)
                     for i in range(r0, e, _MR_B):
                         if k0 == 0:
-                            _tile_b(src, i, s0, kn, params, w, b, dst, i, c)
+                            _tile_b(src, rows, i, s0, kn, params, w, b, dst, i, c)
                         else:
-                            _tile_br(src, i, s0 + k0, kn, params, w + k0 * nr, b, dst, i, c)
+                            _tile_br(src, rows, i, s0 + k0, kn, params, w + k0 * nr, b, dst, i, c)
                 if e < r1:
-                    _tile_b(src, r1 - _MR_B, s0, K, params, w, b, dst, r1 - _MR_B, c)
+                    _tile_b(src, rows, r1 - _MR_B, s0, K, params, w, b, dst, r1 - _MR_B, c)
     elif m >= _MR_C:
         p = p0
         while p < p1:
@@ -450,9 +450,9 @@ def _gemm_fit(params, woff, boff, K, p0, p1, src, s0, dst, d0, r0, r1):
             while i < r1:
                 j = min(i, r1 - _MR_C)
                 if np_ == _NP_C:
-                    _tile_c(src, j, s0, K, params, w, b, dst, j, c)
+                    _tile_c(src, rows, j, s0, K, params, w, b, dst, j, c)
                 else:
-                    _tile_c1(src, j, s0, K, params, w, b, dst, j, c)
+                    _tile_c1(src, rows, j, s0, K, params, w, b, dst, j, c)
                 i += _MR_C
             p += np_
     elif m >= 1:
@@ -464,132 +464,60 @@ def _gemm_fit(params, woff, boff, K, p0, p1, src, s0, dst, d0, r0, r1):
             c = d0 + p * nr
             for i in range(r0, r1, _MR_D):
                 if np_ == _NP_D:
-                    _tile_d(src, i, s0, K, params, w, b, dst, i, c)
+                    _tile_d(src, rows, i, s0, K, params, w, b, dst, i, c)
                 else:
-                    _tile_d1(src, i, s0, K, params, w, b, dst, i, c)
-            p += np_
-
-
-@njit(**_JIT)
-def _gemm_rows_fit(params, woff, boff, K, p0, p1, src, rows, s0, dst, d0, r0, r1):
-    """As :func:`_gemm_fit`, reading input row i from src[rows[i], s0:s0+K] (a gather)."""
-    nr = 2 * VEC_BYTES // params.itemsize
-    m = r1 - r0
-    if m >= _MR_B:
-        kc = PANEL_BLOCK_BYTES // (nr * params.itemsize)
-        for p in range(p0, p1):
-            w = woff + p * K * nr
-            b = boff + p * nr
-            c = d0 + p * nr
-            if m >= _MR_A:
-                e = r1 - m % _MR_A
-                for k0 in range(0, K, kc):
-                    kn = min(kc, K - k0)
-                    for i in range(r0, e, _MR_A):
-                        if k0 == 0:
-                            _gtile_a(src, rows, i, s0, kn, params, w, b, dst, i, c)
-                        else:
-                            _gtile_ar(src, rows, i, s0 + k0, kn, params, w + k0 * nr, b, dst, i, c)
-                if e < r1:
-                    _gtile_a(src, rows, r1 - _MR_A, s0, K, params, w, b, dst, r1 - _MR_A, c)
-            else:
-                e = r1 - m % _MR_B
-                for k0 in range(0, K, kc):
-                    kn = min(kc, K - k0)
-                    for i in range(r0, e, _MR_B):
-                        if k0 == 0:
-                            _gtile_b(src, rows, i, s0, kn, params, w, b, dst, i, c)
-                        else:
-                            _gtile_br(src, rows, i, s0 + k0, kn, params, w + k0 * nr, b, dst, i, c)
-                if e < r1:
-                    _gtile_b(src, rows, r1 - _MR_B, s0, K, params, w, b, dst, r1 - _MR_B, c)
-    elif m >= _MR_C:
-        p = p0
-        while p < p1:
-            np_ = _NP_C if p + _NP_C <= p1 else 1
-            w = woff + p * K * nr
-            b = boff + p * nr
-            c = d0 + p * nr
-            i = r0
-            while i < r1:
-                j = min(i, r1 - _MR_C)
-                if np_ == _NP_C:
-                    _gtile_c(src, rows, j, s0, K, params, w, b, dst, j, c)
-                else:
-                    _gtile_c1(src, rows, j, s0, K, params, w, b, dst, j, c)
-                i += _MR_C
-            p += np_
-    elif m >= 1:
-        p = p0
-        while p < p1:
-            np_ = _NP_D if p + _NP_D <= p1 else 1
-            w = woff + p * K * nr
-            b = boff + p * nr
-            c = d0 + p * nr
-            for i in range(r0, r1, _MR_D):
-                if np_ == _NP_D:
-                    _gtile_d(src, rows, i, s0, K, params, w, b, dst, i, c)
-                else:
-                    _gtile_d1(src, rows, i, s0, K, params, w, b, dst, i, c)
+                    _tile_d1(src, rows, i, s0, K, params, w, b, dst, i, c)
             p += np_
 
 
 # The product every kernel calls: the tile's own (the target decides; see streamgru.isa).
 _gemm = _gemm_ksplit if _KU > 1 else _gemm_fit
-_gemm_rows = _gemm_rows_ksplit if _KU > 1 else _gemm_rows_fit
 # The one-row tiles, all that step_one compiles: _NP_D panels at once, and one panel.
 _row_tile, _row_tile1 = (_tile1, _tile1) if _KU > 1 else (_tile_d, _tile_d1)
 
 
 @njit(inline="always", **_JIT)
-def _groups(npan):
-    """Number of PANEL_GROUP-panel groups covering npan panels (the last may be short)."""
-    return (npan + PANEL_GROUP - 1) // PANEL_GROUP
+def _groups(npan, size):
+    """Number of ``size``-panel groups covering npan panels (the last may be short)."""
+    return (npan + size - 1) // size
 
 
 @njit(inline="always", **_JIT)
-def _group(g, npan):
-    """(p0, p1): the panels of group g of npan panels."""
-    return g * PANEL_GROUP, min(npan, (g + 1) * PANEL_GROUP)
+def _group(g, npan, size):
+    """(p0, p1): the panels of group g of npan panels in groups of ``size``."""
+    return g * size, min(npan, (g + 1) * size)
 
 
-@njit(**_JIT)
-def _gemm_all(params, woff, boff, K, npan, src, s0, dst, d0, r0, r1, rev):
-    """:func:`_gemm` over all ``npan`` panels, last group of PANEL_GROUP panels first when
-    ``rev``.
-
-    Every output column is computed the same way in either order (bit-identical results); only
-    the order in which the weights stream through the caches changes (see run_sequence).
-    """
-    if rev:
-        for g in range(_groups(npan) - 1, -1, -1):
-            _gemm(params, woff, boff, K, g * PANEL_GROUP, min(npan, (g + 1) * PANEL_GROUP), src,
-                  s0, dst, d0, r0, r1)
-    else:
-        _gemm(params, woff, boff, K, 0, npan, src, s0, dst, d0, r0, r1)
+@njit(inline="always", **_JIT)
+def _nth(q, ng, rev):
+    """Group q of ng, counted from the last one when ``rev``. An int64 whatever q's type: a
+    parallel loop's index may be unsigned, and unsigned minus signed is a float in Numba."""
+    g = np.int64(q)
+    return ng - 1 - g if rev else g
 
 
 @njit(**_JIT)
 def _gemv(params, woff, boff, K, npan, src, si, s0, dst, di, d0, rev):
     """dst[di, d0:d0 + npan*NR] = src[si, s0:s0+K] @ panels 0..npan-1 + bias: one row, last
-    group of PANEL_GROUP panels first when ``rev`` (see :func:`_gemm_all`).
+    group of PANEL_GROUP panels first when ``rev`` (the order changes which weights are read
+    last, never a result: see :func:`run_sequence`).
 
     The same tiles as :func:`_gemm` takes for one row, panel for panel, so the same bits; the
     one-event kernel calls this instead so that it does not compile the many-row tiles (a
     first step on an empty cache then costs a fraction of the compile time).
     """
-    nr = 2 * VEC_BYTES // params.itemsize
-    ng = _groups(npan)
+    nr = 2 * VEC_BYTES // dst.itemsize
+    ng = _groups(npan, PANEL_GROUP)
     for q in range(ng):
         g = ng - 1 - q if rev else q
-        p0, p1 = _group(g, npan)
+        p0, p1 = _group(g, npan, PANEL_GROUP)
         if p1 - p0 == _NP_D:
-            _row_tile(src, si, s0, K, params, woff + p0 * K * nr, boff + p0 * nr, dst, di,
+            _row_tile(src, None, si, s0, K, params, woff + p0 * K * nr, boff + p0 * nr, dst, di,
                       d0 + p0 * nr)
         else:
             for p in range(p0, p1):
-                _row_tile1(src, si, s0, K, params, woff + p * K * nr, boff + p * nr, dst, di,
-                           d0 + p * nr)
+                _row_tile1(src, None, si, s0, K, params, woff + p * K * nr, boff + p * nr, dst,
+                           di, d0 + p * nr)
 
 
 def _emit_prefetch(builder, ptr, rw, locality):
@@ -702,56 +630,56 @@ def _act(A, i, lo, hi, kind, alpha, beta, clip, fast):
     half = v.dtype.type(0.5)
     one = v.dtype.type(1.0)
     zero = v.dtype.type(0.0)
-    if kind == 0:  # identity
+    if kind == ACT_IDENTITY:
         return
-    elif kind == 1:  # sigmoid
+    elif kind == ACT_SIGMOID:
         if fast:
             for k in range(m):
                 v[k] = half + half * _tanh32(half * v[k])
         else:
             for k in range(m):
                 v[k] = one / (one + math.exp(-v[k]))
-    elif kind == 2:  # tanh
+    elif kind == ACT_TANH:
         if fast:
             for k in range(m):
                 v[k] = _tanh32(v[k])
         else:
             for k in range(m):
                 v[k] = math.tanh(v[k])
-    elif kind == 3:  # relu
+    elif kind == ACT_RELU:
         for k in range(m):
             v[k] = max(v[k], zero)
-    elif kind == 4:  # hardsigmoid
+    elif kind == ACT_HARDSIGMOID:
         for k in range(m):
             v[k] = min(max(alpha * v[k] + beta, zero), one)
-    elif kind == 5:  # leakyrelu
+    elif kind == ACT_LEAKYRELU:
         for k in range(m):
             v[k] = v[k] if v[k] >= zero else alpha * v[k]
-    elif kind == 6:  # affine
+    elif kind == ACT_AFFINE:
         for k in range(m):
             v[k] = alpha * v[k] + beta
-    elif kind == 7:  # thresholdedrelu
+    elif kind == ACT_THRESHOLDEDRELU:
         for k in range(m):
             v[k] = v[k] if v[k] > alpha else zero
-    elif kind == 8:  # scaledtanh
+    elif kind == ACT_SCALEDTANH:
         if fast:
             for k in range(m):
                 v[k] = alpha * _tanh32(beta * v[k])
         else:
             for k in range(m):
                 v[k] = alpha * math.tanh(beta * v[k])
-    elif kind == 9:  # elu
+    elif kind == ACT_ELU:
         for k in range(m):
             if v[k] < zero:
                 v[k] = alpha * (math.exp(v[k]) - one)
-    elif kind == 10:  # softsign
+    elif kind == ACT_SOFTSIGN:
         for k in range(m):
             v[k] = v[k] / (one + abs(v[k]))
-    elif kind == 11:  # softplus: log(1 + e^x) without overflow
+    elif kind == ACT_SOFTPLUS:  # log(1 + e^x) without overflow
         for k in range(m):
             a = v[k]
             v[k] = max(a, zero) + math.log1p(math.exp(-abs(a)))
-    elif kind == 12:  # softmax over the whole range
+    elif kind == ACT_SOFTMAX:  # over the whole range
         mx = v[0]
         for k in range(m):
             mx = max(mx, v[k])
@@ -766,7 +694,7 @@ def _act(A, i, lo, hi, kind, alpha, beta, clip, fast):
 
 
 # ----------------------------------------------------------------------------------------------
-# the step: a block of rows through every layer
+# the cells: one helper per layer kind, reading its own columns of the layer table
 
 
 # Helpers without floating-point arithmetic (copies, checks, index arithmetic) are inlined into
@@ -776,44 +704,66 @@ def _act(A, i, lo, hi, kind, alpha, beta, clip, fast):
 # rewrites (reassociation, fused multiply-add) come out the same in every caller, and the fused
 # cell and the general path, or a batch and separate calls, give the same bits (test_kernels).
 #
+# A cell helper receives the layer's record as ``table, fp, l`` and reads its own columns
+# (sizes, activations, clip) and the scratch layout (row 0 of the table): adding a column for a
+# new kind changes no signature. The float32 tanh is picked by the compute dtype (``S``'s), a
+# compile-time constant, never by the weights' dtype.
+#
 # Per-row helpers take 2-D arrays and row indices and slice them themselves: a view made in the
 # caller's row loop and passed to a call costs an atomic reference-count increment and decrement
 # (Numba's runtime), ~10% of a step at H=128 with a dozen views per row; views made and used
-# inside one function are pruned. Row ``gi`` of S holds the gate inputs (GX: W x + Wb, 3H wide)
-# row ``wi`` the recurrent products (GH) and the r*h input (T); h is st[si, so:so+H] and is
-# overwritten by the new h, which also goes to D[di, d0:d0+H] (the layer output: the next layer's
-# input in the workspace, or the caller's output row for the last layer). The block kernels pass gi = wi = the
-# scratch row and the stream's state row; the sequence kernels pass the step's row and the
-# workspace row, which also holds h.
+# inside one function are pruned. The rows and columns every cell helper sees:
+#
+# * ``S[gi, GX:]``: the input product (W x + Wb) of the row, where the gates are computed;
+# * ``S[wi, GH:]``: the recurrent products; ``S[wi, T:]`` the input of a product between the
+#   two halves of a cell (``T_NPRN`` panels: GRU with linear_before_reset=0 only);
+# * ``st[si, so:so + table[l, T_SW]]``: the layer's state, overwritten by the new state;
+# * ``D[di, d0:d0 + table[l, T_OUT]]``: the layer's output (the next layer's input in the
+#   workspace, or the caller's output row for the last layer).
+#
+# The block kernels pass gi = wi = the scratch row and the stream's state row; the sequence
+# kernels pass the step's row and the workspace row, which also holds the state; the one-event
+# kernel scratch rows 0 and 1 and the stream's state row.
 
 
 @njit(**_JIT)
-def _gates_zr(S, gi, wi, GX, GH, H, fk, fa, fb, clip, fast):
-    """z, r = f(GX + GH) into S[gi, GX:GX+2H]."""
+def _gates_zr(table, fp, l, S, gi, wi):
+    """GRU: z, r = f(GX + GH) into S[gi, GX:GX+2H]."""
+    GX = table[0, T_LGX]
+    GH = table[0, T_LGH]
+    H = table[l, T_OUT]
     a = S[gi, GX:GX + 2 * H]
     b = S[wi, GH:GH + 2 * H]
     for k in range(2 * H):
         a[k] += b[k]
-    _act(S, gi, GX, GX + 2 * H, fk, fa, fb, clip, fast)
+    _act(S, gi, GX, GX + 2 * H, table[l, T_F], fp[l, F_FA], fp[l, F_FB], fp[l, F_CLIP],
+         S.itemsize == 4)
 
 
 @njit(**_JIT)
-def _gates_n_lbr1(S, gi, wi, GX, GH, H, gk, ga, gb, clip, fast):
-    """linear_before_reset=1: n = g(W_n x + Wb_n + r * (R_n h + Rb_n)) into S[gi, GX+2H:GX+3H]."""
+def _gates_n_lbr1(table, fp, l, S, gi, wi):
+    """GRU, linear_before_reset=1: n = g(W_n x + Wb_n + r * (R_n h + Rb_n)) into
+    S[gi, GX+2H:GX+3H]."""
+    GX = table[0, T_LGX]
+    GH = table[0, T_LGH]
+    H = table[l, T_OUT]
     n = S[gi, GX + 2 * H:GX + 3 * H]
     r = S[gi, GX + H:GX + 2 * H]
     rh = S[wi, GH + 2 * H:GH + 3 * H]
     for k in range(H):
         n[k] += r[k] * rh[k]
-    _act(S, gi, GX + 2 * H, GX + 3 * H, gk, ga, gb, clip, fast)
+    _act(S, gi, GX + 2 * H, GX + 3 * H, table[l, T_G], fp[l, F_GA], fp[l, F_GB], fp[l, F_CLIP],
+         S.itemsize == 4)
 
 
 @njit(**_JIT)
-def _update(S, gi, GX, st, si, so, H, D, di, d0):
-    """h' = (1 - z) * n + z * h, written to D[di, d0:d0+H] and over h.
+def _update(table, l, S, gi, st, si, so, D, di, d0):
+    """GRU: h' = (1 - z) * n + z * h, written to D[di, d0:d0+H] and over h.
 
     The new h overwrites h in place: a separate destination that is h itself would make LLVM's
     runtime overlap check fail and run the loop unvectorised."""
+    GX = table[0, T_LGX]
+    H = table[l, T_OUT]
     one = S.dtype.type(1.0)
     z = S[gi, GX:GX + H]
     n = S[gi, GX + 2 * H:GX + 3 * H]
@@ -829,15 +779,18 @@ def _update(S, gi, GX, st, si, so, H, D, di, d0):
 def _std32(fast, fk, gk, clip):
     """Whether a linear_before_reset=1 layer is the standard float32 cell (sigmoid gates, tanh
     candidate, no clip), which :func:`_cell_std32` computes."""
-    return fast and fk == 1 and gk == 2 and clip <= 0
+    return fast and fk == ACT_SIGMOID and gk == ACT_TANH and clip <= 0
 
 
 @njit(**_JIT)
-def _cell_std32(S, gi, wi, GX, GH, st, si, so, H, D, di, d0):
-    """:func:`_cell_lbr1` for the standard float32 cell, as two fused loops: per row, a call
-    per phase costs more than its arithmetic at H ~ 128. It performs exactly the operations of
-    the general path, so both give the same bits. A function without calls, so that Numba
-    prunes the reference counts of its views."""
+def _cell_std32(table, l, S, gi, wi, st, si, so, D, di, d0):
+    """The linear_before_reset=1 GRU cell for the standard float32 cell, as two fused loops: per
+    row, a call per phase costs more than its arithmetic at H ~ 128. It performs exactly the
+    operations of the general path, so both give the same bits. A function without calls, so
+    that Numba prunes the reference counts of its views."""
+    GX = table[0, T_LGX]
+    GH = table[0, T_LGH]
+    H = table[l, T_OUT]
     half = S.dtype.type(0.5)
     one = S.dtype.type(1.0)
     zr = S[gi, GX:GX + 2 * H]
@@ -858,20 +811,13 @@ def _cell_std32(S, gi, wi, GX, GH, st, si, so, H, D, di, d0):
 
 
 @njit(**_JIT)
-def _cell_lbr1(S, gi, wi, GX, GH, st, si, so, H, fk, fa, fb, gk, ga, gb, clip, fast, D, di,
-               d0):
-    """One row of a linear_before_reset=1 layer once its products are in: z, r, n and the new h.
-    (Callers use :func:`_cell_std32` instead for the standard float32 cell.)"""
-    _gates_zr(S, gi, wi, GX, GH, H, fk, fa, fb, clip, fast)
-    _gates_n_lbr1(S, gi, wi, GX, GH, H, gk, ga, gb, clip, fast)
-    _update(S, gi, GX, st, si, so, H, D, di, d0)
-
-
-@njit(**_JIT)
-def _cell_lbr0_zr(S, gi, wi, GX, GH, T, st, si, so, H, fk, fa, fb, clip, fast):
-    """linear_before_reset=0, before the R_n product: z, r = f(GX + GH), and r * h into
+def _gru_pre(table, fp, l, S, gi, wi, st, si, so):
+    """GRU, linear_before_reset=0, before the R_n product: z, r = f(GX + GH), and r * h into
     S[wi, T:T+H], that product's input."""
-    _gates_zr(S, gi, wi, GX, GH, H, fk, fa, fb, clip, fast)
+    _gates_zr(table, fp, l, S, gi, wi)
+    GX = table[0, T_LGX]
+    T = table[0, T_LT]
+    H = table[l, T_OUT]
     r = S[gi, GX + H:GX + 2 * H]
     h = st[si, so:so + H]
     t = S[wi, T:T + H]
@@ -880,15 +826,31 @@ def _cell_lbr0_zr(S, gi, wi, GX, GH, T, st, si, so, H, fk, fa, fb, clip, fast):
 
 
 @njit(**_JIT)
-def _cell_lbr0_n(S, gi, wi, GX, GH, st, si, so, H, gk, ga, gb, clip, fast, D, di, d0):
-    """linear_before_reset=0, after the R_n product (in S[wi, GH:GH+H]): n = g(W_n x + Wb_n +
-    R_n (r * h) + Rb_n), then the new h."""
-    n = S[gi, GX + 2 * H:GX + 3 * H]
-    p = S[wi, GH:GH + H]
-    for k in range(H):
-        n[k] += p[k]
-    _act(S, gi, GX + 2 * H, GX + 3 * H, gk, ga, gb, clip, fast)
-    _update(S, gi, GX, st, si, so, H, D, di, d0)
+def _gru_cell(table, fp, l, S, gi, wi, st, si, so, D, di, d0):
+    """One row of a GRU layer once its products are in: the new h, to the state and to D.
+
+    linear_before_reset=1: z, r, n and h' (:func:`_cell_std32` for the standard float32 cell).
+    linear_before_reset=0: after :func:`_gru_pre` and the R_n product (in S[wi, GH:GH+H]),
+    n = g(W_n x + Wb_n + R_n (r * h) + Rb_n), then h'.
+    """
+    if table[l, T_LBR] == 1:
+        if _std32(S.itemsize == 4, table[l, T_F], table[l, T_G], fp[l, F_CLIP]):
+            _cell_std32(table, l, S, gi, wi, st, si, so, D, di, d0)
+        else:
+            _gates_zr(table, fp, l, S, gi, wi)
+            _gates_n_lbr1(table, fp, l, S, gi, wi)
+            _update(table, l, S, gi, st, si, so, D, di, d0)
+    else:
+        GX = table[0, T_LGX]
+        GH = table[0, T_LGH]
+        H = table[l, T_OUT]
+        n = S[gi, GX + 2 * H:GX + 3 * H]
+        p = S[wi, GH:GH + H]
+        for k in range(H):
+            n[k] += p[k]
+        _act(S, gi, GX + 2 * H, GX + 3 * H, table[l, T_G], fp[l, F_GA], fp[l, F_GB],
+             fp[l, F_CLIP], S.itemsize == 4)
+        _update(table, l, S, gi, st, si, so, D, di, d0)
 
 
 @njit(inline="always", **_JIT)
@@ -901,47 +863,36 @@ def _copy_row(src, si, s0, dst, di, d0, m):
 
 
 @njit(**_JIT)
-def _cells_lbr1(scratch, r0, r1, GX, GH, state, srows, so, H, fk, fa, fb, gk, ga, gb, clip, fast,
-                out, order, last, nxt):
-    """Rows r0..r1 of a linear_before_reset=1 layer once its products are in: the new h to the
-    state rows and to the next layer's input (``nxt``), or to ``out`` for the ``last`` layer."""
-    D = out if last else scratch
-    d0 = 0 if last else nxt
-    if _std32(fast, fk, gk, clip):
-        for i in range(r0, r1):
-            _cell_std32(scratch, i, i, GX, GH, state, srows[i], so, H, D, order[i] if last else i,
-                        d0)
-    else:
-        for i in range(r0, r1):
-            _cell_lbr1(scratch, i, i, GX, GH, state, srows[i], so, H, fk, fa, fb, gk, ga, gb, clip,
-                       fast, D, order[i] if last else i, d0)
+def _dense_cell(table, fp, l, S, gi, D, di, d0):
+    """One row of a Dense layer once its product is in: D[di, d0:d0+M] = act(S[gi, GX:GX+M])."""
+    M = table[l, T_OUT]
+    _copy_row(S, gi, table[0, T_LGX], D, di, d0, M)
+    _act(D, di, d0, d0 + M, table[l, T_F], fp[l, F_FA], fp[l, F_FB], fp[l, F_CLIP],
+         D.itemsize == 4)
+
+
+# The layer loops below know no kind: they run a layer's products from its table columns and
+# hand each row to the two functions that follow, the only place that dispatches on T_KIND.
+# A new kind adds its cell helper (and, if its cell needs a product of its own workspace
+# between two halves, a pre helper and T_NPRN panels) here, and its row in packing.pack.
 
 
 @njit(**_JIT)
-def _cells_lbr0_zr(scratch, r0, r1, GX, GH, T, state, srows, so, H, fk, fa, fb, clip, fast):
-    """Rows r0..r1 of a linear_before_reset=0 layer before its R_n product (see _cell_lbr0_zr)."""
-    for i in range(r0, r1):
-        _cell_lbr0_zr(scratch, i, i, GX, GH, T, state, srows[i], so, H, fk, fa, fb, clip, fast)
+def _cell_pre(table, fp, l, S, gi, wi, st, si, so):
+    """The part of layer ``l``'s cell before its T_NPRN product (run only when it has one)."""
+    if table[l, T_KIND] == KIND_GRU:
+        _gru_pre(table, fp, l, S, gi, wi, st, si, so)
 
 
 @njit(**_JIT)
-def _cells_lbr0_n(scratch, r0, r1, GX, GH, state, srows, so, H, gk, ga, gb, clip, fast, out, order,
-                  last, nxt):
-    """Rows r0..r1 of a linear_before_reset=0 layer after its R_n product (as _cells_lbr1)."""
-    D = out if last else scratch
-    d0 = 0 if last else nxt
-    for i in range(r0, r1):
-        _cell_lbr0_n(scratch, i, i, GX, GH, state, srows[i], so, H, gk, ga, gb, clip, fast, D,
-                     order[i] if last else i, d0)
-
-
-@njit(**_JIT)
-def _dense_out(table, scratch, r0, r1, cur, out, order):
-    """Copy rows r0..r1 of the last layer's output to ``out`` when that layer is dense (a GRU
-    layer writes ``out`` itself)."""
-    if table[table.shape[0] - 1, T_KIND] == KIND_DENSE:
-        for i in range(r0, r1):
-            _copy_row(scratch, i, cur, out, order[i], 0, out.shape[1])
+def _cell(table, fp, l, S, gi, wi, st, si, so, D, di, d0):
+    """Layer ``l``'s cell for one row once its products are in: its new state to
+    st[si, so:], its output to D[di, d0:]."""
+    kind = table[l, T_KIND]
+    if kind == KIND_GRU:
+        _gru_cell(table, fp, l, S, gi, wi, st, si, so, D, di, d0)
+    elif kind == KIND_DENSE:
+        _dense_cell(table, fp, l, S, gi, D, di, d0)
 
 
 @njit(inline="always", **_JIT)
@@ -996,64 +947,94 @@ def _restore_all(state, srows, scratch, BK, bad, n):
     return PRODUCED_NONFINITE
 
 
-@njit(**_JIT)
-def _step_block(params, table, fp, state, srows, x, out, scratch, order, bad, r0, r1):
-    """Advance the batch rows order[r0:r1] (distinct state rows srows[r0:r1]) through all layers.
+# A group size no layer reaches: one group holds every panel of a product (the serial variants).
+_ALL_PANELS = 1 << 40
 
-    Scratch row i (for i in [r0, r1)) is the workspace of batch row order[i]. The first layer's
-    products read x[order[i]] and every recurrent product reads state[srows[i]] in place
-    (gathering tiles), so neither is copied into the workspace first. Each row's state is
-    backed up first (scratch columns T_LBK) and its result checked last (``bad``, see the module
-    docstring); the caller restores the backups if any row failed.
+
+def _variant(body, name, parallel):
+    """Compile ``body`` (a closure made by a kernel factory) as kernel ``name``.
+
+    Numba keys its on-disk cache index by the function's qualified name and first line, and
+    within it by the signature and the closure's values, not by ``parallel=``: each variant
+    gets a name of its own so that its cache entries can never be taken for another's
+    (tests/test_kernels.py checks that the variants' cache files differ).
     """
-    fast = params.itemsize == 4
-    _backup_rows(state, srows, scratch, table[0, T_LBK], r0, r1)
-    GX = table[0, T_LGX]
-    GH = table[0, T_LGH]
-    T = table[0, T_LT]
-    cur = table[0, T_LA]
-    nxt = table[0, T_LB]
-    for l in range(table.shape[0]):
-        K = table[l, T_IN]
-        M = table[l, T_OUT]
-        if table[l, T_KIND] == KIND_DENSE:
-            if l == 0:
-                _gemm_rows(params, table[l, T_W], table[l, T_BW], K, 0, table[l, T_NPW], x,
-                           order, 0, scratch, nxt, r0, r1)
-            else:
-                _gemm(params, table[l, T_W], table[l, T_BW], K, 0, table[l, T_NPW], scratch,
-                      cur, scratch, nxt, r0, r1)
-            for i in range(r0, r1):
-                _act(scratch, i, nxt, nxt + M, table[l, T_F], fp[l, F_FA], fp[l, F_FB],
-                     fp[l, F_CLIP], fast)
-        else:
-            H = M
+    body.__name__ = body.__qualname__ = name
+    return njit(parallel=parallel, **_JIT)(body)
+
+
+def _make_step_block(name, parallel):
+    """The layer loop of the step kernels over a block of rows, written once.
+
+    ``parallel=False``: every product runs on the calling thread, over all its panels in one
+    call (:func:`step_serial` and :func:`step_parallel`, which spreads row blocks over threads
+    itself). ``parallel=True``: each product is spread over Numba's threads by groups of
+    PANEL_GROUP panels, the layer's input and recurrent products in one parallel loop, while
+    the cheap per-row cell arithmetic stays on the calling thread (:func:`step_wide`). The
+    loop, ``prange`` or ``range``, and the group size are the closure's two values.
+    """
+    loop = prange if parallel else range
+    group = PANEL_GROUP if parallel else _ALL_PANELS
+
+    def body(params, table, fp, state, srows, x, out, scratch, order, bad, r0, r1):
+        """Advance the batch rows order[r0:r1] (distinct state rows srows[r0:r1]) through all
+        layers.
+
+        Scratch row i (for i in [r0, r1)) is the workspace of batch row order[i]. The first
+        layer's products read x[order[i]] and every recurrent product reads state[srows[i]] in
+        place (gathering tiles), so neither is copied into the workspace first. Each row's state
+        is backed up first (scratch columns T_LBK) and its result checked last (``bad``, see the
+        module docstring); the caller restores the backups if any row failed.
+        """
+        _backup_rows(state, srows, scratch, table[0, T_LBK], r0, r1)
+        GX = table[0, T_LGX]
+        GH = table[0, T_LGH]
+        T = table[0, T_LT]
+        cur = table[0, T_LA]
+        nxt = table[0, T_LB]
+        nl = table.shape[0]
+        for l in range(nl):
+            K = table[l, T_IN]
+            H = table[l, T_OUT]
             so = table[l, T_SOFF]
-            clip = fp[l, F_CLIP]
-            fk, fa, fb = table[l, T_F], fp[l, F_FA], fp[l, F_FB]
-            gk, ga, gb = table[l, T_G], fp[l, F_GA], fp[l, F_GB]
-            if l == 0:
-                _gemm_rows(params, table[l, T_W], table[l, T_BW], K, 0, table[l, T_NPW], x,
-                           order, 0, scratch, GX, r0, r1)
-            else:
-                _gemm(params, table[l, T_W], table[l, T_BW], K, 0, table[l, T_NPW], scratch,
-                      cur, scratch, GX, r0, r1)
-            _gemm_rows(params, table[l, T_R], table[l, T_BR], H, 0, table[l, T_NPR], state,
-                       srows, so, scratch, GH, r0, r1)
-            last = l == table.shape[0] - 1  # then the cells write the caller's rows directly
-            if table[l, T_LBR] == 1:
-                _cells_lbr1(scratch, r0, r1, GX, GH, state, srows, so, H, fk, fa, fb, gk, ga, gb,
-                            clip, fast, out, order, last, nxt)
-            else:
-                _cells_lbr0_zr(scratch, r0, r1, GX, GH, T, state, srows, so, H, fk, fa, fb, clip,
-                               fast)
-                _gemm(params, table[l, T_RN], table[l, T_BRN], H, 0, table[l, T_NPRN], scratch, T,
-                      scratch, GH, r0, r1)
-                _cells_lbr0_n(scratch, r0, r1, GX, GH, state, srows, so, H, gk, ga, gb, clip, fast,
-                              out, order, last, nxt)
-        cur, nxt = nxt, cur
-    _dense_out(table, scratch, r0, r1, cur, out, order)
-    _check_rows(state, srows, out, order, bad, r0, r1)
+            npw = table[l, T_NPW]
+            npr = table[l, T_NPR]
+            gw = _groups(npw, group)
+            for q in loop(gw + _groups(npr, group)):
+                if q >= gw:
+                    p0, p1 = _group(np.int64(q) - gw, npr, group)  # int64: see _nth
+                    _gemm(params, table[l, T_R], table[l, T_BR], H, p0, p1, state, srows, so,
+                          scratch, GH, r0, r1)
+                elif l == 0:
+                    p0, p1 = _group(q, npw, group)
+                    _gemm(params, table[l, T_W], table[l, T_BW], K, p0, p1, x, order, 0,
+                          scratch, GX, r0, r1)
+                else:
+                    p0, p1 = _group(q, npw, group)
+                    _gemm(params, table[l, T_W], table[l, T_BW], K, p0, p1, scratch, None, cur,
+                          scratch, GX, r0, r1)
+            last = l == nl - 1  # then the cells write the caller's rows directly
+            D = out if last else scratch
+            d0 = 0 if last else nxt
+            nprn = table[l, T_NPRN]
+            if nprn > 0:
+                for i in range(r0, r1):
+                    _cell_pre(table, fp, l, scratch, i, i, state, srows[i], so)
+                for g in loop(_groups(nprn, group)):
+                    p0, p1 = _group(g, nprn, group)
+                    _gemm(params, table[l, T_RN], table[l, T_BRN], H, p0, p1, scratch, None, T,
+                          scratch, GH, r0, r1)
+            for i in range(r0, r1):
+                _cell(table, fp, l, scratch, i, i, state, srows[i], so, D,
+                      order[i] if last else i, d0)
+            cur, nxt = nxt, cur
+        _check_rows(state, srows, out, order, bad, r0, r1)
+
+    return _variant(body, name, parallel)
+
+
+_step_block = _make_step_block("_step_block", False)
+_step_block_wide = _make_step_block("_step_block_wide", True)
 
 
 @njit(**_JIT)
@@ -1179,11 +1160,12 @@ def step_parallel(params, table, fp, state, slots, x, out, scratch, iwork, mark,
     return _restore_all(state, srows, scratch, table[0, T_LBK], bad, slots.shape[0])
 
 
-@njit(parallel=True, **_JIT)
+@njit(**_JIT)
 def step_wide(params, table, fp, state, slots, x, out, scratch, iwork, mark, check_finite):
     """As :func:`step_serial` for few rows and large layers: each product is spread over Numba's
     threads by weight panels (every thread streams its share of the weights once for all rows),
-    the cheap per-row gate arithmetic stays on the calling thread."""
+    the cheap per-row cell arithmetic stays on the calling thread (:func:`_step_block_wide`,
+    one wave at a time)."""
     bad, nw = _plan(slots, x, check_finite, mark, iwork)
     if bad >= 0:
         return bad
@@ -1192,71 +1174,10 @@ def step_wide(params, table, fp, state, slots, x, out, scratch, iwork, mark, che
     srows = iwork[nm:2 * nm]
     wstart = iwork[2 * nm:3 * nm + 1]
     bad = iwork[3 * nm + 1:]
-    fast = params.itemsize == 4
-    GX = table[0, T_LGX]
-    GH = table[0, T_LGH]
-    T = table[0, T_LT]
-    BK = table[0, T_LBK]
     for w in range(nw):
-        r0 = wstart[w]
-        r1 = wstart[w + 1]
-        _backup_rows(state, srows, scratch, BK, r0, r1)
-        cur = table[0, T_LA]
-        nxt = table[0, T_LB]
-        for l in range(table.shape[0]):
-            K = table[l, T_IN]
-            M = table[l, T_OUT]
-            npw = table[l, T_NPW]
-            if table[l, T_KIND] == KIND_DENSE:
-                for g in prange(_groups(npw)):
-                    p0, p1 = _group(g, npw)
-                    if l == 0:
-                        _gemm_rows(params, table[l, T_W], table[l, T_BW], K, p0, p1, x, order,
-                                   0, scratch, nxt, r0, r1)
-                    else:
-                        _gemm(params, table[l, T_W], table[l, T_BW], K, p0, p1, scratch, cur,
-                              scratch, nxt, r0, r1)
-                for i in range(r0, r1):
-                    _act(scratch, i, nxt, nxt + M, table[l, T_F], fp[l, F_FA], fp[l, F_FB],
-                         fp[l, F_CLIP], fast)
-            else:
-                H = M
-                so = table[l, T_SOFF]
-                clip = fp[l, F_CLIP]
-                fk, fa, fb = table[l, T_F], fp[l, F_FA], fp[l, F_FB]
-                gk, ga, gb = table[l, T_G], fp[l, F_GA], fp[l, F_GB]
-                npr = table[l, T_NPR]
-                gw = _groups(npw)
-                for q in prange(gw + _groups(npr)):
-                    if q >= gw:
-                        p0, p1 = _group(q - gw, npr)
-                        _gemm_rows(params, table[l, T_R], table[l, T_BR], H, p0, p1, state, srows,
-                                   so, scratch, GH, r0, r1)
-                    elif l == 0:
-                        p0, p1 = _group(q, npw)
-                        _gemm_rows(params, table[l, T_W], table[l, T_BW], K, p0, p1, x, order,
-                                   0, scratch, GX, r0, r1)
-                    else:
-                        p0, p1 = _group(q, npw)
-                        _gemm(params, table[l, T_W], table[l, T_BW], K, p0, p1, scratch, cur,
-                              scratch, GX, r0, r1)
-                last = l == table.shape[0] - 1
-                if table[l, T_LBR] == 1:
-                    _cells_lbr1(scratch, r0, r1, GX, GH, state, srows, so, H, fk, fa, fb, gk, ga,
-                                gb, clip, fast, out, order, last, nxt)
-                else:
-                    _cells_lbr0_zr(scratch, r0, r1, GX, GH, T, state, srows, so, H, fk, fa, fb,
-                                   clip, fast)
-                    for g in prange(_groups(table[l, T_NPRN])):
-                        p0, p1 = _group(g, table[l, T_NPRN])
-                        _gemm(params, table[l, T_RN], table[l, T_BRN], H, p0, p1, scratch, T,
-                              scratch, GH, r0, r1)
-                    _cells_lbr0_n(scratch, r0, r1, GX, GH, state, srows, so, H, gk, ga, gb, clip,
-                                  fast, out, order, last, nxt)
-            cur, nxt = nxt, cur
-        _dense_out(table, scratch, r0, r1, cur, out, order)
-        _check_rows(state, srows, out, order, bad, r0, r1)
-    return _restore_all(state, srows, scratch, BK, bad, slots.shape[0])
+        _step_block_wide(params, table, fp, state, srows, x, out, scratch, order, bad, wstart[w],
+                         wstart[w + 1])
+    return _restore_all(state, srows, scratch, table[0, T_LBK], bad, slots.shape[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1321,7 +1242,6 @@ def step_one(params, table, fp, state, slot, x, out, scratch, check_finite, flip
     :func:`run_sequence`. Returns 0 if x holds NaN/inf (state untouched),
     PRODUCED_NONFINITE (state restored) or -1.
     """
-    fast = params.itemsize == 4
     rev = flip != 0
     if check_finite and _first_nonfinite_row(x) >= 0:
         return 0
@@ -1339,39 +1259,22 @@ def step_one(params, table, fp, state, slot, x, out, scratch, check_finite, flip
     nxt = table[0, T_LB]
     for l in range(table.shape[0]):
         K = table[l, T_IN]
-        M = table[l, T_OUT]
-        if table[l, T_KIND] == KIND_DENSE:
-            _gemv(params, table[l, T_W], table[l, T_BW], K, table[l, T_NPW], src, r0, s0,
-                  scratch, r0, nxt, rev)
-            _act(scratch, r0, nxt, nxt + M, table[l, T_F], fp[l, F_FA], fp[l, F_FB],
-                 fp[l, F_CLIP], fast)
-        else:
-            H = M
-            so = table[l, T_SOFF]
-            clip = fp[l, F_CLIP]
-            fk, fa, fb = table[l, T_F], fp[l, F_FA], fp[l, F_FB]
-            gk, ga, gb = table[l, T_G], fp[l, F_GA], fp[l, F_GB]
-            if rev:  # the recurrent product first (see run_sequence)
-                _gemv(params, table[l, T_R], table[l, T_BR], H, table[l, T_NPR], state, slot,
-                      so, scratch, w1, GH, rev)
-            _gemv(params, table[l, T_W], table[l, T_BW], K, table[l, T_NPW], src, r0, s0,
-                  scratch, r0, GX, rev)
-            if not rev:
-                _gemv(params, table[l, T_R], table[l, T_BR], H, table[l, T_NPR], state, slot,
-                      so, scratch, w1, GH, rev)
-            # the new h goes to the state row and to this layer's output
-            if table[l, T_LBR] == 1 and _std32(fast, fk, gk, clip):
-                _cell_std32(scratch, r0, w1, GX, GH, state, slot, so, H, scratch, r0, nxt)
-            elif table[l, T_LBR] == 1:
-                _cell_lbr1(scratch, r0, w1, GX, GH, state, slot, so, H, fk, fa, fb, gk, ga, gb,
-                           clip, fast, scratch, r0, nxt)
-            else:
-                _cell_lbr0_zr(scratch, r0, w1, GX, GH, T, state, slot, so, H, fk, fa, fb, clip,
-                              fast)
-                _gemv(params, table[l, T_RN], table[l, T_BRN], H, table[l, T_NPRN], scratch, w1,
-                      T, scratch, w1, GH, rev)
-                _cell_lbr0_n(scratch, r0, w1, GX, GH, state, slot, so, H, gk, ga, gb, clip,
-                             fast, scratch, r0, nxt)
+        H = table[l, T_OUT]
+        so = table[l, T_SOFF]
+        if rev:  # the recurrent product first (see run_sequence)
+            _gemv(params, table[l, T_R], table[l, T_BR], H, table[l, T_NPR], state, slot, so,
+                  scratch, w1, GH, rev)
+        _gemv(params, table[l, T_W], table[l, T_BW], K, table[l, T_NPW], src, r0, s0, scratch,
+              r0, GX, rev)
+        if not rev:
+            _gemv(params, table[l, T_R], table[l, T_BR], H, table[l, T_NPR], state, slot, so,
+                  scratch, w1, GH, rev)
+        if table[l, T_NPRN] > 0:
+            _cell_pre(table, fp, l, scratch, r0, w1, state, slot, so)
+            _gemv(params, table[l, T_RN], table[l, T_BRN], H, table[l, T_NPRN], scratch, w1, T,
+                  scratch, w1, GH, rev)
+        # the new state goes to the state row, the output to this layer's output
+        _cell(table, fp, l, scratch, r0, w1, state, slot, so, scratch, r0, nxt)
         cur, nxt = nxt, cur
         src = scratch
         s0 = cur
@@ -1379,156 +1282,103 @@ def step_one(params, table, fp, state, slot, x, out, scratch, check_finite, flip
     return _check_run(state, slot, out, scratch, w1, table[0, T_LBK])
 
 
-@njit(**_JIT)
-def run_sequence(params, table, fp, state, slot, xs, out, scratch, check_finite, flip):
-    """Advance one stream (state row ``slot``) over xs (T, input_size) -> out (T, output_size).
+def _make_sequence(name, parallel):
+    """The layer loop of the sequence kernels, written once: :func:`run_sequence`
+    (``parallel=False``) and the body of :func:`run_sequence_wide` (every product spread over
+    Numba's threads by groups of PANEL_GROUP panels; the cell arithmetic stays on the calling
+    thread). The closure's one value is the loop, ``prange`` or ``range``."""
+    loop = prange if parallel else range
 
-    Layer by layer over the whole sequence: a layer's input projection (W x + Wb) is computed for
-    all T steps in one product, then only the recurrent half runs step by step.
-    ``scratch``: (T + 1, table[0, T_LW]); rows 0..T-1 hold each step's layer input/output and
-    input projection, row T the recurrent workspace and the state's backup. Returns the first
-    non-finite row of xs (state untouched), PRODUCED_NONFINITE (state restored) or -1.
+    def body(params, table, fp, state, slot, xs, out, scratch, check_finite, flip):
+        """Advance one stream (state row ``slot``) over xs (T, input_size) -> out
+        (T, output_size).
 
-    ``flip`` (only for T = 1): read each layer's weights backwards, recurrent product first. A
-    single step reads every weight once; when a layer's weights outgrow the core's L2, a cache
-    keeps the part read last, so a caller alternating ``flip`` from call to call starts each
-    step on weights still in L2 (the engine does, here and in :func:`step_one`; at I=H=256,
-    1.5 MiB of weights, the products take ~14 us instead of ~17.5). Results are bit-identical
-    either way.
-    """
-    fast = params.itemsize == 4
-    n = xs.shape[0]
-    rev = flip != 0 and n == 1
-    if check_finite:
-        bad = _first_nonfinite_row(xs)
-        if bad >= 0:
-            return bad
-    A = table[0, T_LA]
-    GX = table[0, T_LGX]
-    GH = table[0, T_LGH]
-    HH = table[0, T_LHH]
-    T = table[0, T_LT]
-    _copy_row(state, slot, 0, scratch, n, table[0, T_LBK], state.shape[1])  # backup
-    _rows_in(xs, scratch, A)
-    cur = A
-    nxt = table[0, T_LB]
-    for l in range(table.shape[0]):
-        K = table[l, T_IN]
-        M = table[l, T_OUT]
-        if table[l, T_KIND] == KIND_DENSE:
-            _gemm_all(params, table[l, T_W], table[l, T_BW], K, table[l, T_NPW], scratch, cur,
-                      scratch, nxt, 0, n, rev)
-            for t in range(n):
-                _act(scratch, t, nxt, nxt + M, table[l, T_F], fp[l, F_FA], fp[l, F_FB],
-                     fp[l, F_CLIP], fast)
-        else:
-            H = M
-            so = table[l, T_SOFF]
-            clip = fp[l, F_CLIP]
-            fk, fa, fb = table[l, T_F], fp[l, F_FA], fp[l, F_FB]
-            gk, ga, gb = table[l, T_G], fp[l, F_GA], fp[l, F_GB]
-            lbr = table[l, T_LBR]
-            std = _std32(fast, fk, gk, clip)
-            _copy_row(state, slot, so, scratch, n, HH, H)  # h, kept in the workspace row
+        Layer by layer over the whole sequence: a layer's input projection (W x + Wb) is
+        computed for all T steps in one product, then only the recurrent half runs step by
+        step. ``scratch``: (T + 1, table[0, T_LW]); rows 0..T-1 hold each step's layer
+        input/output and input projection, row T the recurrent workspace, the layer's state
+        (columns T_LHH) and the state's backup. Returns the first non-finite row of xs (state
+        untouched), PRODUCED_NONFINITE (state restored) or -1.
+
+        ``flip`` (only for T = 1): read each layer's weights backwards, recurrent product
+        first. A single step reads every weight once; when a layer's weights outgrow the
+        core's L2, a cache keeps the part read last, so a caller alternating ``flip`` from
+        call to call starts each step on weights still in L2 (the engine does, here and in
+        :func:`step_one`). Results are bit-identical either way.
+        """
+        n = xs.shape[0]
+        rev = flip != 0 and n == 1
+        if check_finite:
+            bad = _first_nonfinite_row(xs)
+            if bad >= 0:
+                return bad
+        # Panel groups: threads take one each; a flipped step walks them backwards; otherwise
+        # a serial product takes all its panels in one call.
+        group = PANEL_GROUP if parallel or rev else _ALL_PANELS
+        GX = table[0, T_LGX]
+        GH = table[0, T_LGH]
+        HH = table[0, T_LHH]
+        T = table[0, T_LT]
+        _copy_row(state, slot, 0, scratch, n, table[0, T_LBK], state.shape[1])  # backup
+        _rows_in(xs, scratch, table[0, T_LA])
+        cur = table[0, T_LA]
+        nxt = table[0, T_LB]
+        for l in range(table.shape[0]):
+            K = table[l, T_IN]
+            H = table[l, T_OUT]
+            npw = table[l, T_NPW]
+            npr = table[l, T_NPR]
+            nprn = table[l, T_NPRN]
+            sw = table[l, T_SW]
+            # the layer's state, kept in the workspace row for the whole sequence
+            _copy_row(state, slot, table[l, T_SOFF], scratch, n, HH, sw)
+            gw = _groups(npw, group)
+            gr = _groups(npr, group)
             if rev:  # the one step's recurrent product first (see the docstring)
-                _gemm_all(params, table[l, T_R], table[l, T_BR], H, table[l, T_NPR], scratch,
-                          HH, scratch, GH, n, n + 1, rev)
-            _gemm_all(params, table[l, T_W], table[l, T_BW], K, table[l, T_NPW], scratch, cur,
-                      scratch, GX, 0, n, rev)
+                for q in loop(gr):
+                    p0, p1 = _group(_nth(q, gr, True), npr, group)
+                    _gemm(params, table[l, T_R], table[l, T_BR], H, p0, p1, scratch, None, HH,
+                          scratch, GH, n, n + 1)
+            for q in loop(gw):
+                p0, p1 = _group(_nth(q, gw, rev), npw, group)
+                _gemm(params, table[l, T_W], table[l, T_BW], K, p0, p1, scratch, None, cur,
+                      scratch, GX, 0, n)
             for t in range(n):
                 if not rev:
-                    _gemm(params, table[l, T_R], table[l, T_BR], H, 0, table[l, T_NPR], scratch,
-                          HH, scratch, GH, n, n + 1)
-                # the new h goes to this step's output and becomes the next step's h (in place)
-                if lbr == 1 and std:
-                    _cell_std32(scratch, t, n, GX, GH, scratch, n, HH, H, scratch, t, nxt)
-                elif lbr == 1:
-                    _cell_lbr1(scratch, t, n, GX, GH, scratch, n, HH, H, fk, fa, fb, gk, ga, gb,
-                               clip, fast, scratch, t, nxt)
-                else:
-                    _cell_lbr0_zr(scratch, t, n, GX, GH, T, scratch, n, HH, H, fk, fa, fb, clip,
-                                  fast)
-                    _gemm(params, table[l, T_RN], table[l, T_BRN], H, 0, table[l, T_NPRN],
-                          scratch, T, scratch, GH, n, n + 1)
-                    _cell_lbr0_n(scratch, t, n, GX, GH, scratch, n, HH, H, gk, ga, gb, clip,
-                                 fast, scratch, t, nxt)
-            _copy_row(scratch, n, HH, state, slot, so, H)
-        cur, nxt = nxt, cur
-    _rows_out(scratch, cur, out)
-    return _check_run(state, slot, out, scratch, n, table[0, T_LBK])
+                    for q in loop(gr):
+                        p0, p1 = _group(q, npr, group)
+                        _gemm(params, table[l, T_R], table[l, T_BR], H, p0, p1, scratch, None,
+                              HH, scratch, GH, n, n + 1)
+                if nprn > 0:
+                    _cell_pre(table, fp, l, scratch, t, n, scratch, n, HH)
+                    gn = _groups(nprn, group)
+                    for q in loop(gn):
+                        p0, p1 = _group(_nth(q, gn, rev), nprn, group)
+                        _gemm(params, table[l, T_RN], table[l, T_BRN], H, p0, p1, scratch, None,
+                              T, scratch, GH, n, n + 1)
+                # the new state stays in the workspace row, the output goes to step t's row
+                _cell(table, fp, l, scratch, t, n, scratch, n, HH, scratch, t, nxt)
+            _copy_row(scratch, n, HH, state, slot, table[l, T_SOFF], sw)
+            cur, nxt = nxt, cur
+        _rows_out(scratch, cur, out)
+        return _check_run(state, slot, out, scratch, n, table[0, T_LBK])
+
+    return _variant(body, name, parallel)
 
 
-@njit(parallel=True, **_JIT)
+run_sequence = _make_sequence("run_sequence", False)
+_run_sequence_wide = _make_sequence("_run_sequence_wide", True)
+
+
+@njit(**_JIT)
 def run_sequence_wide(params, table, fp, state, slot, xs, out, scratch, check_finite):
     """As :func:`run_sequence`, with every product spread over Numba's threads by weight panels:
     each layer's input projection for all T steps, and each step's recurrent product. For
     layers whose recurrent weights outgrow one core's L2 (each core then keeps its share of the
-    panels in its own L2 from step to step); the gate arithmetic stays on the calling thread."""
-    fast = params.itemsize == 4
-    n = xs.shape[0]
-    if check_finite:
-        bad = _first_nonfinite_row(xs)
-        if bad >= 0:
-            return bad
-    A = table[0, T_LA]
-    GX = table[0, T_LGX]
-    GH = table[0, T_LGH]
-    HH = table[0, T_LHH]
-    T = table[0, T_LT]
-    _copy_row(state, slot, 0, scratch, n, table[0, T_LBK], state.shape[1])  # backup
-    _rows_in(xs, scratch, A)
-    cur = A
-    nxt = table[0, T_LB]
-    for l in range(table.shape[0]):
-        K = table[l, T_IN]
-        M = table[l, T_OUT]
-        npw = table[l, T_NPW]
-        if table[l, T_KIND] == KIND_DENSE:
-            for g in prange(_groups(npw)):
-                p0, p1 = _group(g, npw)
-                _gemm(params, table[l, T_W], table[l, T_BW], K, p0, p1, scratch, cur, scratch,
-                      nxt, 0, n)
-            for t in range(n):
-                _act(scratch, t, nxt, nxt + M, table[l, T_F], fp[l, F_FA], fp[l, F_FB],
-                     fp[l, F_CLIP], fast)
-        else:
-            H = M
-            so = table[l, T_SOFF]
-            clip = fp[l, F_CLIP]
-            fk, fa, fb = table[l, T_F], fp[l, F_FA], fp[l, F_FB]
-            gk, ga, gb = table[l, T_G], fp[l, F_GA], fp[l, F_GB]
-            lbr = table[l, T_LBR]
-            std = _std32(fast, fk, gk, clip)
-            npr = table[l, T_NPR]
-            nprn = table[l, T_NPRN]
-            for g in prange(_groups(npw)):
-                p0, p1 = _group(g, npw)
-                _gemm(params, table[l, T_W], table[l, T_BW], K, p0, p1, scratch, cur, scratch,
-                      GX, 0, n)
-            _copy_row(state, slot, so, scratch, n, HH, H)  # h, kept in the workspace row
-            for t in range(n):
-                for g in prange(_groups(npr)):
-                    p0, p1 = _group(g, npr)
-                    _gemm(params, table[l, T_R], table[l, T_BR], H, p0, p1, scratch, HH,
-                          scratch, GH, n, n + 1)
-                if lbr == 1 and std:
-                    _cell_std32(scratch, t, n, GX, GH, scratch, n, HH, H, scratch, t, nxt)
-                elif lbr == 1:
-                    _cell_lbr1(scratch, t, n, GX, GH, scratch, n, HH, H, fk, fa, fb, gk, ga, gb,
-                               clip, fast, scratch, t, nxt)
-                else:
-                    _cell_lbr0_zr(scratch, t, n, GX, GH, T, scratch, n, HH, H, fk, fa, fb, clip,
-                                  fast)
-                    for g in prange(_groups(nprn)):
-                        p0, p1 = _group(g, nprn)
-                        _gemm(params, table[l, T_RN], table[l, T_BRN], H, p0, p1, scratch, T,
-                              scratch, GH, n, n + 1)
-                    _cell_lbr0_n(scratch, t, n, GX, GH, scratch, n, HH, H, gk, ga, gb, clip,
-                                 fast, scratch, t, nxt)
-            _copy_row(scratch, n, HH, state, slot, so, H)
-        cur, nxt = nxt, cur
-    _rows_out(scratch, cur, out)
-    return _check_run(state, slot, out, scratch, n, table[0, T_LBK])
+    panels in its own L2 from step to step); the cell arithmetic stays on the calling thread.
+    (The engine never flips a sequence spread over threads: each thread's share stays in its
+    core's cache anyway.)"""
+    return _run_sequence_wide(params, table, fp, state, slot, xs, out, scratch, check_finite, 0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,13 +19,19 @@ _ALIGN = 16  # elements; 64 bytes for float32, so every weight block starts on a
 
 @dataclass(frozen=True)
 class PackedModel:
-    """The model's weights cast to one dtype and laid out for the kernels.
+    """The model's weights cast and laid out for the kernels.
+
+    Two dtypes: ``weights_dtype`` is how the weights are stored (``params``), ``dtype`` the
+    compute dtype (the engine's state, inputs, outputs and scratch, the accumulators, ``fp``);
+    the compute dtype alone decides the float32 fast tanh. Only equal dtypes are supported for
+    now (:func:`pack` refuses the rest); a narrower weight dtype needs only the tiles' converting
+    load (``kernels._load_weights``).
 
     Attributes
     ----------
-    params : (P,) float32 or float64, read-only
+    params : (P,) weights_dtype, read-only
     table : (L, kernels.NT) int64, read-only
-    fp : (L, kernels.NF) float of the same dtype, read-only
+    fp : (L, kernels.NF) dtype, read-only
     scratch_width : int
         Width of one scratch row (``table[0, kernels.T_LW]``).
     tail : tuple of (int, ndarray, ndarray)
@@ -38,6 +44,8 @@ class PackedModel:
     fp: np.ndarray
     scratch_width: int
     tail: tuple = ()
+    dtype: np.dtype = np.dtype(np.float32)
+    weights_dtype: np.dtype = np.dtype(np.float32)
 
 
 def _check_range(model, dtype):
@@ -53,10 +61,19 @@ def _check_range(model, dtype):
                                  f'dtype="float64"')
 
 
-def pack(model, dtype) -> PackedModel:
+def pack(model, dtype, weights_dtype=None) -> PackedModel:
     """Cast and lay out ``model``'s weights for the kernels (see :mod:`streamgru.kernels`).
 
-    Raises ValueError, naming the layer and tensor, if a weight does not fit in ``dtype``.
+    Parameters
+    ----------
+    model : GRUModel
+    dtype : str or numpy dtype
+        The compute dtype, float32 or float64.
+    weights_dtype : str or numpy dtype, optional
+        How the weights are stored; default ``dtype``, and only that for now.
+
+    Raises ValueError, naming the layer and tensor, if a weight does not fit in ``dtype``, and
+    naming ``weights_dtype`` if it differs from ``dtype``.
 
     Examples
     --------
@@ -66,7 +83,13 @@ def pack(model, dtype) -> PackedModel:
     (dtype('float32'), 1, True)
     """
     dtype = np.dtype(dtype)
-    _check_range(model, dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"dtype: expected float32 or float64, got {dtype.name}")
+    wdtype = dtype if weights_dtype is None else np.dtype(weights_dtype)
+    if wdtype != dtype:
+        raise ValueError(f"weights_dtype: expected the compute dtype {dtype.name} (weights stored "
+                         f"in another dtype are not supported yet), got {wdtype.name}")
+    _check_range(model, wdtype)
     nr = K.panel_width(dtype)
     blocks, table, fp = [], [], []
     off = 0
@@ -76,7 +99,7 @@ def pack(model, dtype) -> PackedModel:
 
     def put(arr):
         nonlocal off
-        a = np.ascontiguousarray(arr, dtype=dtype).ravel()
+        a = np.ascontiguousarray(arr, dtype=wdtype).ravel()
         start = off
         blocks.append((start, a))
         off = start + a.size
@@ -118,6 +141,7 @@ def pack(model, dtype) -> PackedModel:
             row[K.T_G] = activation_id(layer.g[0])
             row[K.T_LBR] = layer.linear_before_reset
             row[K.T_SOFF] = model.state_slices[gi].start
+            row[K.T_SW] = H
             frow[[K.F_FA, K.F_FB, K.F_GA, K.F_GB]] = [layer.f[1], layer.f[2], layer.g[1],
                                                       layer.g[2]]
             frow[K.F_CLIP] = 0.0 if layer.clip is None else layer.clip
@@ -131,6 +155,7 @@ def pack(model, dtype) -> PackedModel:
             row[K.T_F] = activation_id(layer.activation[0])
             frow[[K.F_FA, K.F_FB]] = [layer.activation[1], layer.activation[2]]
             maxw = max(maxw, pad(layer.output_size))
+            gmax = max(gmax, pad(layer.output_size))  # the product lands in GX
         table.append(row)
         fp.append(frow)
     # Scratch row: [A: maxw | B: maxw | GX: gmax | GH: gmax | HH: hmax | T: hmax | BK: S];
@@ -138,7 +163,7 @@ def pack(model, dtype) -> PackedModel:
     # the row's stream state from before the step, restored if the step would produce NaN/inf.
     maxw = pad(maxw)
     layout = np.cumsum([0, maxw, maxw, gmax, gmax, hmax, hmax, model.state_size])
-    params = np.zeros(max(off, 1), dtype)
+    params = np.zeros(max(off, 1), wdtype)
     for start, a in blocks:
         params[start:start + a.size] = a
     table = np.array(table, np.int64)
@@ -150,4 +175,4 @@ def pack(model, dtype) -> PackedModel:
                  for i, layer in enumerate(model.layers) if i > last_gru)
     for arr in (params, table, fp) + tuple(a for _, W, b in tail for a in (W, b)):
         arr.setflags(write=False)
-    return PackedModel(params, table, fp, width, tail)
+    return PackedModel(params, table, fp, width, tail, dtype, wdtype)

@@ -266,3 +266,130 @@ def test_import_without_a_writable_cache_directory_warns_and_compiles():
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "None"
     assert "no writable cache directory" in r.stderr and "NUMBA_CACHE_DIR" in r.stderr
+
+
+@pytest.mark.nojit
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_every_kernel_on_packed_arrays_same_bits_as_the_oracle(dtype):
+    """The kernels called directly on one packed model (Dense, GRU with linear_before_reset 0
+    and 1, Dense): the same events through step_serial, step_parallel, step_wide, step_one
+    (both weight directions), run_sequence (both) and run_sequence_wide give bit-identical
+    outputs and states (one layer loop, the same tiles and cells), and match the oracle. The
+    argument types are the engine's, so nothing compiles that the other tests do not."""
+    from streamgru import kernels as K
+    from streamgru.packing import pack
+
+    rng = np.random.default_rng(50)
+    model = GRUModel([DenseLayer(4, 10, rng.normal(size=(10, 4)) * 0.4, None, "relu"),
+                      gru(rng, 10, 20, 0), gru(rng, 20, 12, 1),
+                      DenseLayer(12, 3, rng.normal(size=(3, 12)), None, "softmax")])
+    p = pack(model, dtype)
+    assert (p.dtype, p.weights_dtype) == (np.dtype(dtype),) * 2
+    n, steps, cap = 5, 4, 8
+    s0 = (rng.normal(size=(n, model.state_size)) * 0.5).astype(dtype)
+    xs = rng.normal(size=(steps, n, model.input_size)).astype(dtype)
+    ys_ref, ref = [], s0.astype(np.float64)
+    for t in range(steps):
+        y, ref = oracle.step(model, ref, xs[t].astype(np.float64))
+        ys_ref.append(y)
+    ys_ref = np.stack(ys_ref)
+
+    def fresh():
+        state = np.zeros((cap, model.state_size), dtype)
+        state[2:2 + n] = s0  # streams in rows 2..6, as an engine's slots would be
+        return state
+
+    results = {}
+    for name in ("step_serial", "step_parallel", "step_wide"):
+        state, slots = fresh(), np.arange(2, 2 + n, dtype=np.int64)
+        scratch = np.zeros((n, p.scratch_width), dtype)
+        iwork, mark = np.zeros(4 * n + 1, np.int64), np.zeros(cap, np.int64)
+        ys = np.zeros((steps, n, model.output_size), dtype)
+        for t in range(steps):
+            assert getattr(K, name)(p.params, p.table, p.fp, state, slots, xs[t], ys[t], scratch,
+                                    iwork, mark, True) == -1
+        results[name] = ys, state
+    for flip in (0, 1):
+        state = fresh()
+        scratch = np.zeros((2, p.scratch_width), dtype)
+        ys = np.zeros((steps, n, model.output_size), dtype)
+        for t in range(steps):
+            for i in range(n):
+                out = np.zeros((1, model.output_size), dtype)
+                assert K.step_one(p.params, p.table, p.fp, state, 2 + i, xs[t, i:i + 1], out,
+                                  scratch, True, flip) == -1
+                ys[t, i] = out[0]
+        results[f"step_one flip={flip}"] = ys, state
+    for name, extra in (("run_sequence", (0,)), ("run_sequence", (1,)),
+                        ("run_sequence_wide", ())):
+        state = fresh()
+        scratch = np.zeros((steps + 1, p.scratch_width), dtype)
+        ys = np.zeros((steps, n, model.output_size), dtype)
+        for i in range(n):
+            seq = np.ascontiguousarray(xs[:, i])
+            out = np.zeros((steps, model.output_size), dtype)
+            assert getattr(K, name)(p.params, p.table, p.fp, state, 2 + i, seq, out, scratch,
+                                    True, *extra) == -1
+            ys[:, i] = out
+        results[f"{name} {extra}"] = ys, state
+    ys0, state0 = results.pop("step_serial")
+    np.testing.assert_allclose(ys0, ys_ref, atol=TOL[dtype], rtol=0)
+    np.testing.assert_allclose(state0[2:2 + n], ref, atol=TOL[dtype], rtol=0)
+    assert not state0[:2].any() and not state0[2 + n:].any()
+    # Compiled, every path runs the same tiles and cells: the same bits. As Python (NUMBA_DISABLE_JIT)
+    # the products are numpy's, whose rounding depends on the row count.
+    jit = hasattr(K.step_serial, "signatures")
+    for name, (ys, state) in results.items():
+        for a, b in ((ys, ys0), (state, state0)):
+            if jit:
+                np.testing.assert_array_equal(a, b, err_msg=name)
+            else:
+                np.testing.assert_allclose(a, b, atol=TOL[dtype], rtol=0, err_msg=name)
+
+
+def test_pack_carries_both_dtypes_and_refuses_other_weight_dtypes():
+    """Weights stored in a dtype other than the compute dtype have no kernel yet: refused,
+    naming the argument, rather than silently cast."""
+    from streamgru.packing import pack
+
+    model = GRUModel.random(3, 8)
+    p = pack(model, "float64", weights_dtype="float64")
+    assert p.params.dtype == p.weights_dtype == p.fp.dtype == p.dtype == np.float64
+    for bad in ("float16", "float32", "int8"):
+        with pytest.raises(ValueError, match=rf"weights_dtype: expected the compute dtype float64"
+                                             rf".*got {bad}"):
+            pack(model, "float64", weights_dtype=bad)
+    with pytest.raises(ValueError, match="dtype: expected float32 or float64, got int32"):
+        pack(model, "int32")
+
+
+def test_activation_ids_have_one_source():
+    """Each activation's kernel id is the named constant of streamgru.activations, and the
+    kernels read those very constants (no second table of integers to keep in sync)."""
+    from streamgru import activations as A
+    from streamgru import kernels as K
+
+    ids = {name: A.ACTIVATIONS[name][0] for name in A.ACTIVATIONS}
+    assert len(set(ids.values())) == len(ids)
+    for name, i in ids.items():
+        const = "ACT_" + name.upper()
+        assert getattr(A, const) == i
+        assert getattr(K, const) is getattr(A, const)
+    assert set(getattr(K._act, "py_func", K._act).__code__.co_names) >= {"ACT_" + n.upper() for n in ids}
+
+
+@pytest.mark.skipif(__import__("os").environ.get("NUMBA_DISABLE_JIT") == "1",
+                    reason="about compiled kernels")
+def test_serial_and_parallel_variants_keep_separate_cache_entries():
+    """The layer loops are compiled twice from one body (parallel=False and True); Numba keys
+    its on-disk cache index by qualified name and line, not by the parallel flag, so each
+    variant must have its own name and index file, or one would load the other's code."""
+    from streamgru import kernels as K
+
+    if not K._JIT["cache"]:
+        pytest.skip("kernels not cached in this process")
+    pairs = [(K._step_block, K._step_block_wide), (K.run_sequence, K._run_sequence_wide)]
+    for serial, wide in pairs:
+        assert not serial.targetoptions.get("parallel") and wide.targetoptions["parallel"]
+        assert serial.__qualname__ != wide.__qualname__
+        assert serial._cache._cache_file._index_name != wide._cache._cache_file._index_name

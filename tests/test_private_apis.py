@@ -153,8 +153,8 @@ def test_prefetch_refuses_an_array_it_cannot_address(make, call, message):
 def test_tile_refuses_a_strided_matrix_and_mixed_dtypes():
     from numba.core.errors import TypingError
 
-    tile = K._make_tile(1, 1, False)
-    fn = numba.njit(lambda A, P, C: tile(A, 0, 0, 1, P, 0, 0, C, 0, 0))
+    tile = K._make_tile(1, 1)
+    fn = numba.njit(lambda A, P, C: tile(A, None, 0, 0, 1, P, 0, 0, C, 0, 0))
     A, P, C = np.ones((2, 3), np.float32), np.zeros(64, np.float32), np.zeros((2, 32), np.float32)
     with pytest.raises(TypingError, match=r"tile: A: expected a C-contiguous 2-D array"):
         fn(np.asfortranarray(A), P, C)
