@@ -58,7 +58,8 @@ def _max_err(a, b):
 
 
 def _oracle_steps(model, x, h0):
-    """Via oracle.step: x (T, n, I), h0 (n, state_size) -> ys (T, n, O), states (T, n, S)."""
+    """Via oracle.step (``model`` may be a list of layers): x (T, n, I), h0 (n, state_size) ->
+    ys (T, n, O), states (T, n, S)."""
     ys, states, s = [], [], h0
     for t in range(x.shape[0]):
         y, s = oracle.step(model, s, x[t])
@@ -598,16 +599,6 @@ def test_oracle_dense_matches_torch(case):
 LSTM_T = 20
 
 
-def _lstm_oracle_steps(layers, x, s0):
-    """x (T, n, I), s0 (n, S) -> ys (T, n, O), states (T, n, S) via oracle.lstm_step."""
-    ys, states, s = [], [], s0
-    for t in range(x.shape[0]):
-        y, s = oracle.lstm_step(layers, s, x[t])
-        ys.append(y)
-        states.append(s)
-    return np.stack(ys), np.stack(states)
-
-
 def _torch_lstm(num_layers, bias, proj_size, seed=0):
     """A float64 torch.nn.LSTM (I=4, H=5) and the same layers as LSTMSpecs."""
     torch.manual_seed(seed)
@@ -655,7 +646,7 @@ def test_lstm_oracle_matches_torch_step_by_step(num_layers, bias, proj_size):
                                        atol=TORCH_TOL, err_msg=f"state at step {t}")
         # The whole sequence in one torch call, against the oracle's steps.
         y_seq, _ = lstm(torch.from_numpy(x), (torch.from_numpy(h0), torch.from_numpy(c0)))
-    ys, _ = _lstm_oracle_steps(specs, x, _lstm_flat_state(torch.from_numpy(h0),
+    ys, _ = _oracle_steps(specs, x, _lstm_flat_state(torch.from_numpy(h0),
                                                           torch.from_numpy(c0)))
     np.testing.assert_allclose(ys, _np(y_seq), rtol=TORCH_TOL, atol=TORCH_TOL)
 
@@ -677,9 +668,9 @@ def test_lstm_torch_comparison_detects_gate_order_and_state_layout():
     np.testing.assert_array_equal(ifco_to_iofc(back(spec.W)), spec.W)
     unordered = LSTMSpec(back(spec.W), back(spec.R), back(spec.Wb), back(spec.Rb), proj=spec.proj)
     c_then_h = np.concatenate([_np(c[0]), _np(h[0])], axis=1)
-    assert _max_err(_lstm_oracle_steps([spec], x, s0)[0], want) < TORCH_TOL
-    assert _max_err(_lstm_oracle_steps([unordered], x, s0)[0], want) > 1e-3
-    assert _max_err(_lstm_oracle_steps([spec], x, c_then_h)[0], want) > 1e-3
+    assert _max_err(_oracle_steps([spec], x, s0)[0], want) < TORCH_TOL
+    assert _max_err(_oracle_steps([unordered], x, s0)[0], want) > 1e-3
+    assert _max_err(_oracle_steps([spec], x, c_then_h)[0], want) > 1e-3
 
 
 def _keras_lstm_cell(kernel, recurrent, bias, x, h, c):
@@ -703,15 +694,15 @@ def test_lstm_keras_layout_through_keras_lstm_tensors():
     assert np.all(spec.Rb == 0)
     x = rng.normal(size=(6, N, I))
     h, c = rng.normal(size=(N, H)), rng.normal(size=(N, H))
-    ys, _ = _lstm_oracle_steps([spec], x, np.concatenate([h, c], axis=1))
+    ys, _ = _oracle_steps([spec], x, np.concatenate([h, c], axis=1))
     want = []
     for t in range(6):
         h, c = _keras_lstm_cell(kernel, recurrent, bias, x[t], h, c)
         want.append(h)
     np.testing.assert_allclose(ys, want, rtol=1e-12, atol=1e-12)
     plain = LSTMSpec(kernel.T, recurrent.T, bias, np.zeros(4 * H))  # transposed, not reordered
-    assert _max_err(_lstm_oracle_steps([plain], x, np.zeros((N, 2 * H)))[0],
-                    _lstm_oracle_steps([spec], x, np.zeros((N, 2 * H)))[0]) > 1e-3
+    assert _max_err(_oracle_steps([plain], x, np.zeros((N, 2 * H)))[0],
+                    _oracle_steps([spec], x, np.zeros((N, 2 * H)))[0]) > 1e-3
 
 
 # onnxruntime's LSTM operator. Same tolerance reasoning as the GRU's (section 2): ORT 1.32 runs
@@ -785,7 +776,7 @@ def _lstm_oracle_vs_feeds(feeds, peepholes=True, **kw):
     spec = LSTMSpec(feeds["W"][0], feeds["R"][0], feeds["B"][0, :4 * H], feeds["B"][0, 4 * H:],
                     P=feeds["P"][0] if peepholes else None, **kw)
     s0 = np.concatenate([feeds["initial_h"][0], feeds["initial_c"][0]], axis=1)
-    ys, states = _lstm_oracle_steps([spec], feeds["X"], s0)
+    ys, states = _oracle_steps([spec], feeds["X"], s0)
     return ys, states[-1][:, H:]
 
 
