@@ -46,19 +46,28 @@ checked against it in ``tests/test_oracle.py``):
 A stream's state for one LSTM layer is ``H_out + H`` values: ``h`` (``H_out`` wide) **followed
 by** ``C`` (``H`` wide); its output is ``h'``. A model's state is the layers' states in layer
 order. The engine does not run LSTM layers yet (no kernel cell): ``Engine`` refuses such a
-model; the oracle, the native file and the converters take it.
+model; the oracle, the native file, ``from_torch``, ``to_torch`` and ``to_onnx`` take it.
 
 For converter authors (the reorders live in :mod:`converters._util`):
 
-* **PyTorch** ``nn.LSTM``/``nn.LSTMCell`` stores gate blocks (i, f, g, o) in ``weight_ih``
-  (4H, I), ``weight_hh`` (4H, H_out), ``bias_ih``, ``bias_hh``: reorder them to (i, o, f, g)
-  (``ifco_to_iofc``), g being our c~. ``bias_ih`` is ``Wb``, ``bias_hh`` is ``Rb``. Activations
-  are (sigmoid, tanh, tanh), no peepholes, no clip, ``input_forget=0``; ``weight_hr_l{k}``
-  (proj_size, H) is ``proj`` as is.
-* **Keras** ``LSTM``: ``kernel`` (I, 4H) and ``recurrent_kernel`` (H, 4H) with gate blocks
-  (i, f, c, o) along the columns: transpose, then the same reorder (``keras_lstm_tensors``); its
-  one bias is ``Wb``, ``Rb`` is zero.
-* **ONNX** ``LSTM``: W, R, B (split in halves), P as they stand; ``activations`` lists f, g, h.
+* **PyTorch** ``nn.LSTM``/``nn.LSTMCell`` stores gate blocks in the order (i, f, g, o) in
+  ``weight_ih`` (4H, I), ``weight_hh`` (4H, H_out), ``bias_ih``, ``bias_hh``; reorder the blocks to
+  (i, o, f, g) (``converters._util.ifco_to_iofc``), g being our c~. ``bias_ih`` is ``Wb``,
+  ``bias_hh`` is ``Rb`` (``bias=False``: both zero). Activations are always (sigmoid, tanh, tanh),
+  no peepholes, no clip, ``input_forget=0``. ``proj_size > 0`` gives ``weight_hr_l{k}``
+  (proj_size, H), which is ``proj`` as is; ``weight_hh`` is then (4H, proj_size), ``h0`` is
+  (num_layers, N, proj_size), ``c0`` (num_layers, N, H), and layer k > 0 takes ``proj_size``
+  inputs.
+* **Keras** ``LSTM`` stores ``kernel`` (I, 4H) and ``recurrent_kernel`` (H, 4H) with gate blocks
+  (i, f, c, o) along the columns: transpose, then the same reorder as PyTorch's
+  (``converters._util.keras_lstm_tensors``). Its one bias (4H,) is ``Wb`` (same reorder), ``Rb``
+  is zero. ``recurrent_activation`` is ``f``; ``activation`` is both ``g`` and ``h``.
+  ``unit_forget_bias`` only initialises the bias and changes nothing at inference.
+* **ONNX** ``LSTM``: W, R, B, P are the canonical tensors as they stand (B split in two halves);
+  ``activations`` lists f, g, h (three per direction), with ``activation_alpha`` and
+  ``activation_beta`` read as onnxruntime reads them (see ``converters._util``
+  ``ONNX_RNN_ACTIVATIONS`` and ``tests/test_oracle.py``); ``initial_h``/``initial_c`` are the
+  state's two halves.
 """
 
 from __future__ import annotations
