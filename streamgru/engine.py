@@ -182,7 +182,9 @@ class Engine:
     Parameters
     ----------
     model : GRUModel
-        Read-only; its weights are cast once to ``dtype``.
+        Read-only; its weights are cast once to ``dtype``. A model holding a layer kind the
+        kernels do not run yet (an LSTM layer) is refused: ``UnsupportedModelError`` naming the
+        layer (:func:`check_runnable`).
     dtype : {"float32", "float64"}
         Arithmetic and state precision. Inputs of other float dtypes are converted on purpose.
     capacity : int

@@ -405,6 +405,7 @@ class ShardedEngine:
     ----------
     model : GRUModel
         Shipped once to each actor as native model-file bytes (no pickled Python objects).
+        Refused before any actor starts if ``Engine`` would refuse it (an LSTM layer, for now).
     shards : int
         Number of actors, each holding an ``Engine`` for its share of the keys.
     address : str, optional
