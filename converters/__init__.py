@@ -3,7 +3,8 @@
 Only this package imports torch / onnx / h5py, and only inside the functions that need them, so
 ``import converters`` is cheap and works without any framework installed.
 
-* :func:`from_torch` -- ``nn.GRU``/``nn.GRUCell``/modules, state_dicts, ``.pt``, ``.safetensors``
+* :func:`from_torch` -- ``nn.GRU``/``nn.GRUCell``/``nn.LSTM``/``nn.LSTMCell``/modules, state_dicts,
+  ``.pt``, ``.safetensors``
 * :func:`from_onnx` -- ``GRU`` nodes from torch's exporters and tf2onnx
 * :func:`from_keras` -- ``.keras`` and legacy ``.h5`` (h5py only, no TensorFlow)
 * :func:`from_rtneural` -- RTNeural's JSON

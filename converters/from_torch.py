@@ -1,12 +1,16 @@
-"""Convert PyTorch GRU models (modules, state_dicts, ``.pt``/``.safetensors``/``.json`` files).
+"""Convert PyTorch GRU and LSTM models (modules, state_dicts, ``.pt``/``.safetensors``/``.json``).
 
 What is read
 ------------
-GRU weights are found by their standard names under any prefix: ``*weight_ih_l{k}``,
-``*weight_hh_l{k}``, ``*bias_ih_l{k}``, ``*bias_hh_l{k}`` for ``nn.GRU`` (one streamgru layer per
-``k``) and ``*weight_ih``, ``*weight_hh``, ``*bias_ih``, ``*bias_hh`` for ``nn.GRUCell``. Every
-other ``*.weight (O, I)`` (+ optional ``*.bias (O,)``) is an ``nn.Linear``. Any key that is none of
-these is refused: a converter never drops a tensor it does not run.
+Recurrent weights are found by their standard names under any prefix: ``*weight_ih_l{k}``,
+``*weight_hh_l{k}``, ``*bias_ih_l{k}``, ``*bias_hh_l{k}`` (and ``*weight_hr_l{k}``, an LSTM's
+projection) for ``nn.GRU``/``nn.LSTM`` (one streamgru layer per ``k``) and ``*weight_ih``,
+``*weight_hh``, ``*bias_ih``, ``*bias_hh`` for ``nn.GRUCell``/``nn.LSTMCell``. The names are the
+same for a GRU and an LSTM: the shapes tell them apart (``weight_hh`` is (3H, H) for a GRU, (4H, H)
+for an LSTM, (4H, proj_size) next to a ``weight_hr`` (proj_size, H) for a projected LSTM), and
+layers of one module that read as different kinds are refused. Every other ``*.weight (O, I)``
+(+ optional ``*.bias (O,)``) is an ``nn.Linear``. Any key that is none of these is refused: a
+converter never drops a tensor it does not run.
 
 PyTorch computes (gates r, z, n; ``b_hn`` inside the reset product)::
 
@@ -16,7 +20,10 @@ PyTorch computes (gates r, z, n; ``b_hn`` inside the reset product)::
     h' = (1 - z) * n + z * h
 
 which is streamgru's canonical GRU with ``linear_before_reset=1``, ``Wb = b_ih``, ``Rb = b_hh``,
-once the r and z blocks are swapped (see :mod:`streamgru.layers.gru`).
+once the r and z blocks are swapped (see :mod:`streamgru.layers.gru`). An ``nn.LSTM`` layer is
+the canonical LSTM (:mod:`streamgru.layers.lstm`) with its gate blocks (i, f, g, o) reordered to
+(i, o, f, c), ``Wb = b_ih``, ``Rb = b_hh``, ``proj = weight_hr``, (sigmoid, tanh, tanh), no
+peepholes, no clip; its stream state is h (proj_size or H) then c (H), per layer.
 
 Order of the layers
 -------------------
@@ -57,14 +64,14 @@ import numpy as np
 
 from streamgru.errors import FormatError, UnsupportedModelError
 from streamgru.formats import check_size, content_errors, read_file, read_json
-from streamgru.model import DenseLayer, GRULayer, GRUModel
+from streamgru.model import DenseLayer, GRULayer, GRUModel, LSTMLayer
 
-from ._util import require, swap_rz, target_dtype
+from ._util import ifco_to_iofc, require, swap_rz, target_dtype
 
 # ordered_units is the hook converters.verify rebuilds its torch reference from.
 __all__ = ["from_torch", "ordered_units"]
 
-# prefix (optional, dotted) + GRU tensor name + optional _l{k} + optional _reverse.
+# prefix (optional, dotted) + GRU/LSTM tensor name + optional _l{k} + optional _reverse.
 _RNN_KEY = re.compile(
     r"^(?:(?P<prefix>.*)\.)?(?P<name>weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)"
     r"(?:_l(?P<layer>\d+))?(?P<reverse>_reverse)?$"
@@ -74,16 +81,17 @@ _MAX_CANDIDATES = 6
 
 
 def from_torch(obj, *, layers=None, dtype=None) -> GRUModel:
-    """Convert a PyTorch GRU model into a :class:`streamgru.GRUModel`.
+    """Convert a PyTorch GRU/LSTM model into a :class:`streamgru.GRUModel`.
 
     Parameters
     ----------
     obj : nn.Module, mapping, str or os.PathLike
         One of
 
-        * an ``nn.GRU`` (any ``num_layers``, with or without bias, ``batch_first`` either way) or
-          an ``nn.GRUCell``;
-        * an ``nn.Module`` holding GRU/GRUCell modules and ``nn.Linear`` layers (see the module
+        * an ``nn.GRU`` or ``nn.LSTM`` (any ``num_layers``, with or without bias,
+          ``batch_first`` either way, an LSTM's ``proj_size``), an ``nn.GRUCell`` or an
+          ``nn.LSTMCell``;
+        * an ``nn.Module`` holding such modules and ``nn.Linear`` layers (see the module
           docstring for how their order is found and which activations are seen);
         * a state_dict: a mapping of names to torch tensors, numpy arrays or nested lists;
         * a path to a ``.pt``/``.pth`` state_dict (read with ``torch.load(weights_only=True)``;
@@ -92,7 +100,8 @@ def from_torch(obj, *, layers=None, dtype=None) -> GRUModel:
           ``.json`` file holding ``{name: nested list}``.
     layers : list of str, optional
         The module prefixes in execution order, e.g. ``["gru", "gru2", "dense"]``. Needed only
-        when shapes alone allow several orders; every GRU/Linear prefix must appear exactly once.
+        when shapes alone allow several orders; every GRU/LSTM/Linear prefix must appear
+        exactly once.
         A prefix of an ``nn.Sequential`` stands for its layers in their order.
     dtype : {None, "float32", "float64"}
         None keeps the source dtype (float16/bfloat16 are widened to float32); otherwise every
@@ -101,13 +110,14 @@ def from_torch(obj, *, layers=None, dtype=None) -> GRUModel:
     Returns
     -------
     GRUModel
-        GRU layers with ``linear_before_reset=1``; the stream state is the concatenation of the
-        layers' hidden vectors, i.e. PyTorch's ``h_0[:, b, :].reshape(-1)`` for one ``nn.GRU``.
+        GRU layers with ``linear_before_reset=1``, LSTM layers; the stream state is the
+        concatenation of the layers' states, i.e. PyTorch's ``h_0[:, b, :].reshape(-1)`` for one
+        ``nn.GRU``, and per layer k ``h_0[k, b]`` then ``c_0[k, b]`` for an ``nn.LSTM``.
 
     Raises
     ------
     UnsupportedModelError
-        Bidirectional GRUs (streaming cannot see the future), LSTM/RNN weights, ``proj_size``,
+        Bidirectional GRUs/LSTMs (streaming cannot see the future), vanilla RNN weights,
         modules or keys streamgru does not run, an ambiguous or impossible layer order.
     ValueError, TypeError
         Missing keys, wrong shapes, non-float or non-finite weights (the message names the torch
@@ -144,7 +154,7 @@ def _layers_arg(layers):
 
 
 def ordered_units(obj, layers):
-    """The source's GRU/GRUCell/Linear units in execution order, as :func:`from_torch` reads them.
+    """The source's GRU/LSTM/cell/Linear units in execution order, as :func:`from_torch` reads them.
 
     Public for :func:`converters.verify`, which rebuilds its torch reference from exactly the
     units (and the order) the conversion used. ``obj`` and ``layers`` are from_torch's.
@@ -178,13 +188,13 @@ def ordered_units(obj, layers):
         stray = [p for p in units if p not in placed]
         if stray:
             raise UnsupportedModelError(
-                f"obj: expected every tensor to belong to a GRU, GRUCell or Linear module, got "
+                f"obj: expected every tensor to belong to a GRU, LSTM, cell or Linear module, got "
                 f"tensors under {stray} that do not; streamgru will not drop them"
             )
 
     if not units:
         raise UnsupportedModelError(
-            "obj: expected GRU weights (*weight_ih_l0, *weight_hh_l0, ...), got none"
+            "obj: expected GRU or LSTM weights (*weight_ih_l0, *weight_hh_l0, ...), got none"
         )
     if layers is not None:
         ordered = _order_by_names(layers, blocks, units)
@@ -340,15 +350,22 @@ def _to_array(value, key):
 
 
 # --------------------------------------------------------------------------------------------
-# Grouping keys into units: one nn.GRU (1..L layers), one nn.GRUCell or one nn.Linear
+# Grouping keys into units: one nn.GRU/nn.LSTM (1..L layers), one cell or one nn.Linear
+
+
+#: unit kind -> the torch module it stands for.
+_KIND_NAMES = {"gru": "GRU", "cell": "GRUCell", "lstm": "LSTM", "lstmcell": "LSTMCell",
+               "linear": "Linear"}
 
 
 class _Unit:
-    """One torch module's tensors. ``kind`` is "gru", "cell" or "linear".
+    """One torch module's tensors. ``kind`` is a key of :data:`_KIND_NAMES`.
 
-    For "gru"/"cell": ``layers`` is a list of dicts {role: (key, array)} with roles weight_ih
-    (3H, I), weight_hh (3H, H) and optionally bias_ih, bias_hh (3H,). For "linear": ``linear``
-    is {role: (key, array)} with weight (O, I) and optionally bias (O,).
+    For the recurrent kinds: ``layers`` is a list of dicts {role: (key, array)} with roles
+    weight_ih (G*H, I), weight_hh (G*H, H_out) and optionally bias_ih, bias_hh (G*H,), G = 3 for
+    a GRU, 4 for an LSTM, whose layers may also hold weight_hr (H_out, H) (then H_out is
+    proj_size, else H). For "linear": ``linear`` is {role: (key, array)} with weight (O, I) and
+    optionally bias (O,).
     """
 
     def __init__(self, prefix, kind):
@@ -376,7 +393,9 @@ class _Unit:
         return self.layers[-1]["weight_hh"][1].shape[1]
 
     def describe(self):
-        what = {"gru": f"GRU x{len(self.layers)}", "cell": "GRUCell", "linear": "Linear"}[self.kind]
+        what = _KIND_NAMES[self.kind]
+        if self.kind in ("gru", "lstm"):
+            what += f" x{len(self.layers)}"
         return f"{self.label!r} ({what} {self.input_size}->{self.output_size})"
 
 
@@ -395,13 +414,9 @@ def _parse_state_dict(tensors, what):
             prefix = m.group("prefix") or ""
             if m.group("reverse"):
                 raise UnsupportedModelError(
-                    f"{key}: bidirectional GRU {prefix or '<root>'!r} is not supported: streaming "
-                    f"cannot see the future (the reverse direction reads later inputs first)"
-                )
-            if m.group("name") == "weight_hr":
-                raise UnsupportedModelError(
-                    f"{key}: projected recurrent weights (proj_size > 0, an LSTM feature) are not "
-                    f"supported in {prefix or '<root>'!r}"
+                    f"{key}: bidirectional GRU/LSTM {prefix or '<root>'!r} is not supported: "
+                    f"streaming cannot see the future (the reverse direction reads later inputs "
+                    f"first)"
                 )
             layer = None if m.group("layer") is None else int(m.group("layer"))
             rnn.setdefault(prefix, {}).setdefault(layer, {})[m.group("name")] = key
@@ -416,12 +431,13 @@ def _parse_state_dict(tensors, what):
     if clash:
         p = clash[0]
         raise UnsupportedModelError(
-            f"{what}: expected either GRU or Linear tensors under prefix {p or '<root>'!r}, "
+            f"{what}: expected either GRU/LSTM or Linear tensors under prefix {p or '<root>'!r}, "
             f"got both ({sorted(linear[p].values()) + sorted(_flat(rnn[p]))})"
         )
     if leftover:
         raise UnsupportedModelError(
-            f"{what}: expected only GRU, GRUCell and Linear tensors, got {leftover[:8]}"
+            f"{what}: expected only GRU, GRUCell, LSTM, LSTMCell and Linear tensors, got "
+            f"{leftover[:8]}"
             + (f" and {len(leftover) - 8} more" if len(leftover) > 8 else "")
             + "; streamgru does not run the modules they belong to and will not drop them"
         )
@@ -446,21 +462,27 @@ def _flat(by_layer):
 
 
 def _rnn_unit(prefix, by_layer, tensors, what):
+    """One nn.GRU/nn.LSTM (keys ``*_l{k}``) or GRUCell/LSTMCell (no suffix) unit.
+
+    GRU and LSTM keys have the same names; the shapes tell them apart: ``weight_hh`` is
+    (3H, H) for a GRU, (4H, H) for an LSTM, and (4H, proj_size) next to a ``weight_hr`` (proj_size,
+    H) for an LSTM with a projection. Every layer of one module must read as the same kind.
+    """
+    label = prefix or "<root>"
     cell = None in by_layer
     if cell and len(by_layer) > 1:
         raise UnsupportedModelError(
-            f"{what}: expected either GRUCell keys (weight_ih) or GRU keys (weight_ih_l0) under "
-            f"{prefix or '<root>'!r}, got both ({sorted(_flat(by_layer))})"
+            f"{what}: expected either cell keys (weight_ih) or GRU/LSTM keys (weight_ih_l0) under "
+            f"{label!r}, got both ({sorted(_flat(by_layer))})"
         )
-    unit = _Unit(prefix, "cell" if cell else "gru")
     indices = [None] if cell else sorted(by_layer)
     if not cell and indices != list(range(len(indices))):
         missing = sorted(set(range(max(indices) + 1)) - set(indices))
         raise ValueError(
-            f"{what}: expected GRU layers 0..{max(indices)} under {prefix or '<root>'!r}, got no "
+            f"{what}: expected GRU/LSTM layers 0..{max(indices)} under {label!r}, got no "
             f"keys for layer(s) {missing} (e.g. {_join(prefix, f'weight_ih_l{missing[0]}')!r})"
         )
-    in_size = None
+    unit, in_size = None, None
     for k in indices:
         roles = by_layer[k]
         sfx = "" if k is None else f"_l{k}"
@@ -471,7 +493,7 @@ def _rnn_unit(prefix, by_layer, tensors, what):
         for role in ("weight_ih", "weight_hh"):
             if role not in roles:
                 raise ValueError(
-                    f"{what}: expected key {name(role)!r} (GRU {prefix or '<root>'!r} has "
+                    f"{what}: expected key {name(role)!r} ({label!r} has "
                     f"{sorted(roles.values())}), got no such key"
                 )
         if ("bias_ih" in roles) != ("bias_hh" in roles):
@@ -481,38 +503,78 @@ def _rnn_unit(prefix, by_layer, tensors, what):
                 f"pairs), got no such key"
             )
         whh = tensors[roles["weight_hh"]]
-        if whh.ndim != 2 or whh.shape[1] == 0 or whh.shape[0] % whh.shape[1]:
+        if whh.ndim != 2 or whh.shape[1] == 0:
             raise ValueError(
-                f"{roles['weight_hh']}: expected shape (3*hidden_size, hidden_size), got "
-                f"{whh.shape}"
+                f"{roles['weight_hh']}: expected shape (3*hidden_size, hidden_size) (GRU) or "
+                f"(4*hidden_size, hidden_size or proj_size) (LSTM), got {whh.shape}"
             )
-        gates = whh.shape[0] // whh.shape[1]
-        if gates != 3:
-            kind = {4: "an LSTM", 1: "a vanilla RNN"}.get(gates)
-            if kind:
+        layer = {}
+        if "weight_hr" in roles:
+            if cell:
                 raise UnsupportedModelError(
-                    f"{roles['weight_hh']}: expected GRU weights (3 gates), got shape {whh.shape}, "
-                    f"which is {kind}; streamgru runs GRUs only"
+                    f"{roles['weight_hr']}: expected no projection in a cell (nn.LSTMCell has "
+                    f"no proj_size), got one under {label!r}"
                 )
-            raise ValueError(
-                f"{roles['weight_hh']}: expected shape (3*hidden_size, hidden_size), got "
-                f"{whh.shape}"
+            whr = tensors[roles["weight_hr"]]
+            if whr.ndim != 2 or whh.shape != (4 * whr.shape[1], whr.shape[0]):
+                raise ValueError(
+                    f"{roles['weight_hr']}: expected shape (proj_size, hidden_size) with "
+                    f"{roles['weight_hh']} (4*hidden_size, proj_size), got {whr.shape} next to "
+                    f"{whh.shape}"
+                )
+            kind, G, H = "lstm", 4, whr.shape[1]
+            layer["weight_hr"] = (roles["weight_hr"], whr)
+        elif whh.shape[0] == 3 * whh.shape[1]:
+            kind, G, H = "gru", 3, whh.shape[1]
+        elif whh.shape[0] == 4 * whh.shape[1]:
+            kind, G, H = "lstm", 4, whh.shape[1]
+        elif whh.shape[0] == whh.shape[1]:
+            raise UnsupportedModelError(
+                f"{roles['weight_hh']}: expected GRU (3 gates) or LSTM (4 gates) weights, got "
+                f"shape {whh.shape}, which is a vanilla RNN; streamgru runs GRUs and LSTMs"
             )
-        H = whh.shape[1]
+        else:
+            raise ValueError(
+                f"{roles['weight_hh']}: expected shape (3*hidden_size, hidden_size) (GRU) or "
+                f"(4*hidden_size, hidden_size or proj_size) (LSTM), got {whh.shape}"
+                + ("; an LSTM with a projection also needs its weight_hr"
+                   if whh.shape[0] % 4 == 0 else "")
+            )
+        if cell:
+            kind = {"gru": "cell", "lstm": "lstmcell"}[kind]
+        if unit is None:
+            unit = _Unit(prefix, kind)
+        elif unit.kind != kind:
+            # A GRU's (3H, H) and a projected LSTM's (4H', P) with 4H' = 3P and its weight_hr
+            # missing look alike: layers of one module that disagree are refused, not guessed.
+            raise UnsupportedModelError(
+                f"{roles['weight_hh']}: expected {_KIND_NAMES[unit.kind]} weights like those of "
+                f"layer 0 under {label!r}, got {_KIND_NAMES[kind]} weights (shape {whh.shape}"
+                f"{', with ' + roles['weight_hr'] if 'weight_hr' in roles else ', no weight_hr'}); "
+                f"one module's layers are all GRU or all LSTM"
+            )
         wih = tensors[roles["weight_ih"]]
-        if wih.ndim != 2 or wih.shape[0] != 3 * H or (in_size is not None and
+        if wih.ndim != 2 or wih.shape[0] != G * H or (in_size is not None and
                                                       wih.shape[1] != in_size):
-            want = f"({3 * H}, {'input_size' if in_size is None else in_size})"
+            want = f"({G * H}, {'input_size' if in_size is None else in_size})"
             raise ValueError(f"{roles['weight_ih']}: expected shape {want}, got {wih.shape}")
-        layer = {"weight_ih": (roles["weight_ih"], wih), "weight_hh": (roles["weight_hh"], whh)}
+        layer.update({"weight_ih": (roles["weight_ih"], wih),
+                      "weight_hh": (roles["weight_hh"], whh)})
         for role in ("bias_ih", "bias_hh"):
             if role in roles:
                 b = tensors[roles[role]]
-                if b.shape != (3 * H,):
-                    raise ValueError(f"{roles[role]}: expected shape ({3 * H},), got {b.shape}")
+                if b.shape != (G * H,):
+                    raise ValueError(f"{roles[role]}: expected shape ({G * H},), got {b.shape}")
                 layer[role] = (roles[role], b)
+        if kind == "lstm" and unit.layers and \
+                ("weight_hr" in layer) != ("weight_hr" in unit.layers[0]):
+            raise ValueError(
+                f"{what}: expected {'a' if 'weight_hr' in unit.layers[0] else 'no'} "
+                f"{name('weight_hr')!r} as layer 0 of {label!r} has (proj_size is one setting of "
+                f"the module), got {'none' if 'weight_hr' in unit.layers[0] else 'one'}"
+            )
         unit.layers.append(layer)
-        in_size = H
+        in_size = whh.shape[1]  # the width of h: hidden_size, or proj_size with a projection
     return unit
 
 
@@ -527,7 +589,7 @@ def _linear_unit(prefix, roles, tensors, what):
     if w.ndim != 2:
         raise UnsupportedModelError(
             f"{roles['weight']}: expected a 2-D nn.Linear weight (out_features, in_features), "
-            f"got shape {w.shape}; streamgru runs only GRU, GRUCell and Linear layers"
+            f"got shape {w.shape}; streamgru runs only GRU, LSTM, their cells and Linear layers"
         )
     unit.linear["weight"] = (roles["weight"], w)
     if "bias" in roles:
@@ -558,25 +620,27 @@ class _ModuleWalker:
         self.simple = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid",
                        nn.Softsign: "softsign"}
         self.skip = (nn.Identity, nn.Dropout)
-        self.refused_rnn = (nn.LSTM, nn.RNN, nn.LSTMCell, nn.RNNCell)
+        self.refused_rnn = (nn.RNN, nn.RNNCell)
+        self.rnn_kinds = {nn.GRU: "gru", nn.GRUCell: "cell", nn.LSTM: "lstm",
+                          nn.LSTMCell: "lstmcell"}
 
     def check(self, root):
-        """Refuse recurrent layers other than GRU, GRU options we do not run, and modules that
-        hold tensors of their own but are neither GRU, GRUCell nor Linear."""
+        """Refuse recurrent layers other than GRU and LSTM, options we do not run, and modules
+        that hold tensors of their own but are none of GRU, GRUCell, LSTM, LSTMCell, Linear."""
         nn = self.nn
         for name, module in root.named_modules():
             label = name or "<root>"
             if isinstance(module, self.refused_rnn):
                 raise UnsupportedModelError(
-                    f"{label} ({type(module).__name__}): expected GRU or GRUCell, got "
-                    f"{type(module).__name__}; streamgru runs GRUs only"
+                    f"{label} ({type(module).__name__}): expected GRU, GRUCell, LSTM or "
+                    f"LSTMCell, got {type(module).__name__}; streamgru does not run vanilla RNNs"
                 )
-            if isinstance(module, (nn.GRU, nn.GRUCell)):
-                self._check_gru(module, label)
+            if isinstance(module, tuple(self.rnn_kinds)):
+                self._check_rnn(module, label)
             elif not isinstance(module, nn.Linear) and (module._parameters or module._buffers):
                 raise UnsupportedModelError(
-                    f"{label} ({type(module).__name__}): expected GRU, GRUCell, Linear, an "
-                    f"activation or a container, got a module with its own tensors "
+                    f"{label} ({type(module).__name__}): expected GRU, GRUCell, LSTM, "
+                    f"LSTMCell, Linear, an activation or a container, got a module with its own tensors "
                     f"{sorted(list(module._parameters) + list(module._buffers))}; streamgru "
                     f"does not run it"
                 )
@@ -584,9 +648,9 @@ class _ModuleWalker:
     def blocks(self, module, name):
         nn = self.nn
         label = name or "<root>"
-        if isinstance(module, (nn.GRU, nn.GRUCell)):
-            return [[self._unit(name, "cell" if isinstance(module, nn.GRUCell) else "gru",
-                                module)]]
+        for cls, kind in self.rnn_kinds.items():
+            if isinstance(module, cls):
+                return [[self._unit(name, kind, module)]]
         if isinstance(module, nn.Linear):
             return [[self._unit(name, "linear", module)]]
         if isinstance(module, nn.Sequential):
@@ -629,7 +693,7 @@ class _ModuleWalker:
                 sub = [self._chain(sub, full)]
             if not sub:
                 raise UnsupportedModelError(
-                    f"{full} ({type(child).__name__}): a step of an nn.Sequential with no GRU or "
+                    f"{full} ({type(child).__name__}): a step of an nn.Sequential with no GRU, LSTM or "
                     f"Linear layer inside and a forward() streamgru cannot see; it will not be "
                     f"dropped silently"
                 )
@@ -642,7 +706,7 @@ class _ModuleWalker:
                                and follows_linear) else None
         if not block:
             raise UnsupportedModelError(
-                f"{name or '<root>'} (Sequential): expected at least one GRU or Linear layer, "
+                f"{name or '<root>'} (Sequential): expected at least one GRU, LSTM or Linear layer, "
                 f"got none"
             )
         return block
@@ -662,13 +726,13 @@ class _ModuleWalker:
             )
         return unit
 
-    def _check_gru(self, module, label):
+    def _check_rnn(self, module, label):
         if getattr(module, "bidirectional", False):
             raise UnsupportedModelError(
                 f"{label} ({type(module).__name__}): bidirectional=True is not supported: "
                 f"streaming cannot see the future"
             )
-        if getattr(module, "proj_size", 0):
+        if getattr(module, "proj_size", 0) and not isinstance(module, self.nn.LSTM):
             raise UnsupportedModelError(
                 f"{label} ({type(module).__name__}): proj_size={module.proj_size} is not supported"
             )
@@ -738,7 +802,7 @@ def _order_by_names(names, blocks, units):
     missing = [p for p in units if p not in seen]
     if missing:
         raise ValueError(
-            f"layers: expected every GRU/Linear prefix, got no place for {missing}; streamgru "
+            f"layers: expected every GRU/LSTM/Linear prefix, got no place for {missing}; streamgru "
             f"will not drop a layer"
         )
     for a, b in zip(out[:-1], out[1:], strict=True):
@@ -811,7 +875,7 @@ def _order_by_shape(blocks, what, *, keyed=True, top=True):
         shown = "; ".join(f"layers={c!r}" for c in cands[:_MAX_CANDIDATES])
         more = " (and more)" if len(found) > cap else ""
         fix = (f"e.g. from_torch(obj, layers={cands[0]!r})" if top else
-               "naming every GRU/Linear prefix of the whole model")
+               "naming every GRU/LSTM/Linear prefix of the whole model")
         raise UnsupportedModelError(
             f"{what}: expected one order of the layers by shape, got {len(cands)}{more} "
             f"candidates for {shapes}: {shown}{more}; pass the keyword layers=[...] with the "
@@ -859,7 +923,7 @@ def _chainable(edges, start):
 def _build(units, target):
     if not any(u.kind != "linear" for u in units):
         raise UnsupportedModelError(
-            f"obj: expected at least one GRU or GRUCell, got only Linear layers "
+            f"obj: expected at least one GRU, GRUCell, LSTM or LSTMCell, got only Linear layers "
             f"{[u.label for u in units]}"
         )
     out = []
@@ -878,6 +942,9 @@ def _build(units, target):
             tensors = {"W": layer["weight_ih"], "R": layer["weight_hh"]}
             if "bias_ih" in layer:
                 tensors["Wb"], tensors["Rb"] = layer["bias_ih"], layer["bias_hh"]
+            if u.kind in ("lstm", "lstmcell"):
+                out.append(_lstm_layer(u, layer, tensors, target))
+                continue
             arrs = _finite(tensors, target)
             # PyTorch stacks the gates as (r, z, n); the canonical order is (z, r, n).
             arrs = {k: swap_rz(a) for k, a in arrs.items()}
@@ -888,6 +955,22 @@ def _build(units, target):
                                                      a.get("Rb"), linear_before_reset=1),
                 tensors))
     return GRUModel(out, source="pytorch")
+
+
+def _lstm_layer(unit, layer, tensors, target):
+    """An LSTMLayer from one torch LSTM layer's tensors (``tensors``: W, R, Wb, Rb by role)."""
+    if "weight_hr" in layer:
+        tensors = {**tensors, "proj": layer["weight_hr"]}
+    arrs = _finite(tensors, target)
+    # PyTorch stacks the gates as (i, f, g, o); the canonical order is ONNX's (i, o, f, c).
+    # weight_hr is the projection as it stands.
+    arrs = {k: a if k == "proj" else ifco_to_iofc(a) for k, a in arrs.items()}
+    R = tensors["R"][1]
+    H, I = R.shape[0] // 4, tensors["W"][1].shape[1]
+    P = tensors["proj"][1].shape[0] if "proj" in tensors else 0
+    return _construct(unit, lambda: LSTMLayer(I, H, arrs["W"], arrs["R"], arrs.get("Wb"),
+                                              arrs.get("Rb"), proj=arrs.get("proj"),
+                                              proj_size=P), tensors)
 
 
 def _finite(tensors, target):

@@ -4,8 +4,12 @@ The graph is what a user of onnxruntime runs around a state store of their own: 
 rows of this call and their states, and returns the outputs and the new states. Every GRU layer
 is one ONNX ``GRU`` node run on a sequence of length 1 (the canonical layout is ONNX's, so the
 tensors are copied without reordering: ``W[None]``, ``R[None]``, ``B = [Wb; Rb][None]``), with
-its activations, their alpha/beta, ``clip`` and ``linear_before_reset``; every Dense layer is
-``MatMul`` + ``Add`` + its activation.
+its activations, their alpha/beta, ``clip`` and ``linear_before_reset``; every LSTM layer is one
+ONNX ``LSTM`` node the same way (``P[None]`` when it has peepholes, ``input_forget``, three
+activations), its state columns split into ``initial_h`` and ``initial_c``; every Dense layer is
+``MatMul`` + ``Add`` + its activation. An LSTM layer with a projection (``proj_size > 0``) is
+refused: ONNX's ``LSTM`` has no projection, and a ``MatMul`` after the node cannot add one, since
+the node's recurrence reads its own unprojected h.
 
 Graph signature (float32)::
 
@@ -39,7 +43,7 @@ import numpy as np
 
 from streamgru.model import GRUModel
 
-from ._util import ONNX_RNN_ACTIVATIONS, exported_kinds, require
+from ._util import ONNX_RNN_ACTIVATIONS, UnsupportedModelError, exported_kinds, require
 
 __all__ = ["to_onnx"]
 
@@ -116,6 +120,14 @@ def to_onnx(model, path=None, opset=17, *, sequence=False, dtype="float32"):
     if not isinstance(sequence, (bool, np.bool_)):
         raise TypeError(f"sequence: expected a bool, got {sequence!r}")
     exported_kinds(model, _LAYER_NODES, "to_onnx")
+    for i, layer in enumerate(model.layers):
+        if getattr(layer, "proj_size", 0):
+            raise UnsupportedModelError(
+                f"model: layers[{i}] is an LSTM layer with proj_size={layer.proj_size}, which "
+                f"to_onnx does not export: ONNX's LSTM operator has no projection, and its "
+                f"recurrence reads the unprojected h, so no node after it can add one; use "
+                f"converters.to_torch(model)"
+            )
     try:
         dt = None if dtype is None else np.dtype(dtype)
     except TypeError:
@@ -196,6 +208,35 @@ def _gru_nodes(g, layer, prefix, cur, h):
     return out, g.node("Squeeze", [f"{prefix}.Y_h", g.axis0], f"{prefix}.h_out")
 
 
+def _lstm_nodes(g, layer, prefix, cur, s):
+    """One ONNX ``LSTM`` node on the (time, batch, I) data ``cur`` from the layer's state columns
+    ``s`` (batch, 2H): h then C; returns (its output sequence, its new state [h; C])."""
+    H = layer.hidden_size
+    mid = g.const(f"{prefix}.mid", np.array([H], np.int64))
+    end = g.const(f"{prefix}.end", np.array([2 * H], np.int64))
+    h0 = g.node("Slice", [s, g.const(f"{prefix}.zero", np.array([0], np.int64)), mid, g.axis1],
+                f"{prefix}.h0")
+    c0 = g.node("Slice", [s, mid, end, g.axis1], f"{prefix}.c0")
+    h0 = g.node("Unsqueeze", [h0, g.axis0], f"{prefix}.initial_h")
+    c0 = g.node("Unsqueeze", [c0, g.axis0], f"{prefix}.initial_c")
+    W = g.const(f"{prefix}.W", layer.W[None])
+    R = g.const(f"{prefix}.R", layer.R[None])
+    B = g.const(f"{prefix}.B", np.concatenate([layer.Wb, layer.Rb])[None])
+    P = "" if layer.P is None else g.const(f"{prefix}.P", layer.P[None])
+    attrs = {"hidden_size": H, "input_forget": layer.input_forget,
+             **_activation_attributes((layer.f, layer.g, layer.h), ["Sigmoid", "Tanh", "Tanh"])}
+    if layer.clip is not None:
+        attrs["clip"] = float(layer.clip)
+    g.nodes.append(g.helper.make_node("LSTM", [cur, W, R, B, "", h0, c0, P],
+                                      [f"{prefix}.Y", f"{prefix}.Y_h", f"{prefix}.Y_c"],
+                                      name=f"{prefix}.lstm", **attrs))
+    # Y: (time, num_directions=1, batch, H); Y_h, Y_c: (1, batch, H).
+    out = g.node("Squeeze", [f"{prefix}.Y", g.axis1], f"{prefix}.out")
+    h1 = g.node("Squeeze", [f"{prefix}.Y_h", g.axis0], f"{prefix}.h_out")
+    c1 = g.node("Squeeze", [f"{prefix}.Y_c", g.axis0], f"{prefix}.c_out")
+    return out, g.node("Concat", [h1, c1], f"{prefix}.state_out", axis=1)
+
+
 def _dense_nodes(g, layer, prefix, cur, h):
     """``MatMul`` + ``Add`` + the activation on every step; no state (``h`` is None)."""
     Wt = g.const(f"{prefix}.W", layer.W.T)  # MatMul: data @ W.T
@@ -206,9 +247,19 @@ def _dense_nodes(g, layer, prefix, cur, h):
 
 def _gru_attributes(layer):
     """The ``GRU`` node's attributes: every activation parameter written out (see the module)."""
-    attrs = {"hidden_size": layer.hidden_size, "linear_before_reset": layer.linear_before_reset}
+    attrs = {"hidden_size": layer.hidden_size, "linear_before_reset": layer.linear_before_reset,
+             **_activation_attributes((layer.f, layer.g), ["Sigmoid", "Tanh"])}
+    if layer.clip is not None:
+        attrs["clip"] = float(layer.clip)
+    return attrs
+
+
+def _activation_attributes(specs, defaults):
+    """An RNN node's ``activations`` (left out when they are the operator's ``defaults``),
+    ``activation_alpha`` and ``activation_beta``, in the order onnxruntime reads them."""
+    attrs = {}
     names, alphas, betas = [], [], []
-    for name, alpha, beta in (layer.f, layer.g):
+    for name, alpha, beta in specs:
         onnx_name, uses_alpha, uses_beta, _, _ = ONNX_RNN_ACTIVATIONS[name]
         if name == "identity":  # not an RNN activation in ONNX: Affine(1, 0) is the same function
             alpha, beta = 1.0, 0.0
@@ -217,14 +268,12 @@ def _gru_attributes(layer):
             alphas.append(alpha)
         if uses_beta:
             betas.append(beta)
-    if names != ["Sigmoid", "Tanh"]:
+    if names != defaults:
         attrs["activations"] = names
     if alphas:
         attrs["activation_alpha"] = alphas
     if betas:
         attrs["activation_beta"] = betas
-    if layer.clip is not None:
-        attrs["clip"] = float(layer.clip)
     return attrs
 
 
@@ -250,4 +299,4 @@ def _dense_activation(spec, cur, prefix, node, const):
 
 #: layer kind -> f(graph, layer, prefix, data, state columns or None) -> (data out, new state
 #: or None): appends the nodes of one layer.
-_LAYER_NODES = {"gru": _gru_nodes, "dense": _dense_nodes}
+_LAYER_NODES = {"gru": _gru_nodes, "dense": _dense_nodes, "lstm": _lstm_nodes}

@@ -1,15 +1,20 @@
 """Export a :class:`streamgru.Model` as a PyTorch module of one time step for a batch of streams.
 
 ``to_torch(model)(x, state) -> (y, state_out)`` with ``x`` (batch, input_size), ``state`` and
-``state_out`` (batch, state_size): the GRU layers' h concatenated in layer order
-(``model.state_slices``), the engine's layout of a stream's state.
+``state_out`` (batch, state_size): the recurrent layers' states concatenated in layer order
+(``model.state_slices``: a GRU layer's h, an LSTM layer's h then C), the engine's layout of a
+stream's state.
 
 A GRU layer torch can run natively (sigmoid and tanh, ``linear_before_reset=1``, no ``clip``) is an
 ``nn.GRUCell`` holding the weights in PyTorch's gate order (r, z, n), so a user gets torch's own
 kernel. Any other GRU layer (other activations with their alpha/beta, ``clip``,
 ``linear_before_reset=0``) is a small module that computes the canonical equations of
 :mod:`streamgru.layers.gru` with torch operations, on the canonical layout. A Dense layer is an
-``nn.Linear`` followed by its activation. The module has the model's dtype (float32 or float64).
+``nn.Linear`` followed by its activation. An LSTM layer torch can run natively (sigmoid, tanh,
+tanh, no peepholes, no ``clip``, ``input_forget=0``) is an ``nn.LSTMCell``, or with a projection
+a one-layer ``nn.LSTM(proj_size=...)`` run on one step, holding the weights in PyTorch's gate
+order (i, f, g, o); any other is a module computing the equations of
+:mod:`streamgru.layers.lstm`. The module has the model's dtype (float32 or float64).
 Each layer kind has one function in :data:`_LAYER_MODULES`; a kind without one is refused.
 
 ``converters.verify(model, to_torch(model))`` runs the module as the reference, one call per step.
@@ -21,7 +26,7 @@ import numpy as np
 
 from streamgru.model import GRUModel
 
-from ._util import exported_kinds, require, swap_rz
+from ._util import exported_kinds, iofc_to_ifco, require, swap_rz
 
 __all__ = ["to_torch"]
 
@@ -80,9 +85,18 @@ def _dense_module(torch, layer, tensor, dtype):
     return torch.nn.Sequential(linear, _classes(torch)["act"](layer.activation))
 
 
+def _lstm_module(torch, layer, tensor, dtype):
+    return _classes(torch)["lstm"](layer, tensor, dtype)
+
+
 def _native(layer):
     return (layer.f[0] == "sigmoid" and layer.g[0] == "tanh" and layer.linear_before_reset == 1
             and layer.clip is None)
+
+
+def _native_lstm(layer):
+    return ((layer.f[0], layer.g[0], layer.h[0]) == ("sigmoid", "tanh", "tanh")
+            and layer.P is None and layer.clip is None and layer.input_forget == 0)
 
 
 _CLASSES = {}
@@ -162,6 +176,59 @@ def _classes(torch):
                 n = self.g(self._c(gx[:, 2 * H:] + (r * h) @ R[2 * H:].T + Rb[2 * H:]))
             return (1.0 - z) * n + z * h
 
+    class LSTMStep(nn.Module):
+        """An LSTM layer: ``forward(x, s) -> (h', [h'; C'])`` with ``s`` its state columns, h
+        (output_size) then C (hidden_size). Torch's own ``nn.LSTMCell``/``nn.LSTM`` when it runs
+        the layer, else the equations of streamgru.layers.lstm on the canonical layout."""
+
+        def __init__(self, layer, tensor, dtype):
+            super().__init__()
+            I, H, P = layer.input_size, layer.hidden_size, layer.proj_size
+            self.width = layer.output_size  # of h, the first columns of the state
+            self.cell = self.lstm = None
+            if _native_lstm(layer):
+                # Canonical (i, o, f, c) -> PyTorch's (i, f, g, o): the importer's reorder undone.
+                if P:
+                    mod = self.lstm = nn.LSTM(I, H, proj_size=P, dtype=dtype)
+                    sfx = "_l0"
+                    mod.weight_hr_l0 = tensor(layer.proj)
+                else:
+                    mod = self.cell = nn.LSTMCell(I, H, dtype=dtype)
+                    sfx = ""
+                for role, t in (("weight_ih", layer.W), ("weight_hh", layer.R),
+                                ("bias_ih", layer.Wb), ("bias_hh", layer.Rb)):
+                    setattr(mod, role + sfx, tensor(iofc_to_ifco(t)))
+                return
+            self.clip, self.input_forget = layer.clip, layer.input_forget
+            self.W, self.R = tensor(layer.W), tensor(layer.R)  # (4H, I), (4H, H_out)
+            self.Wb, self.Rb = tensor(layer.Wb), tensor(layer.Rb)  # (4H,)
+            zeros = np.zeros(3 * H, layer.W.dtype)
+            self.P = tensor(zeros if layer.P is None else layer.P)  # (3H,)
+            self.proj = None if layer.proj is None else tensor(layer.proj)  # (proj_size, H)
+            self.f, self.g, self.h = Activation(layer.f), Activation(layer.g), Activation(layer.h)
+
+        def _k(self, v):
+            return v if self.clip is None else torch.clamp(v, -self.clip, self.clip)
+
+        def forward(self, x, s):
+            h, c = s[:, :self.width], s[:, self.width:]
+            if self.cell is not None:
+                h, c = self.cell(x, (h, c))
+            elif self.lstm is not None:
+                _, (h, c) = self.lstm(x[None], (h[None], c[None]))
+                h, c = h[0], c[0]
+            else:
+                z = x @ self.W.T + self.Wb + h @ self.R.T + self.Rb  # (batch, 4H): i, o, f, c
+                zi, zo, zf, zc = torch.chunk(z, 4, dim=1)
+                pi, po, pf = torch.chunk(self.P, 3)
+                i = self.f(self._k(zi + pi * c))
+                f = 1.0 - i if self.input_forget else self.f(self._k(zf + pf * c))
+                c = f * c + i * self.g(self._k(zc))
+                h = self.f(self._k(zo + po * c)) * self.h(c)
+                if self.proj is not None:
+                    h = h @ self.proj.T
+            return h, torch.cat([h, c], dim=1)
+
     class StreamgruStep(nn.Module):
         """One step of a GRUModel: ``forward(x, state) -> (y, state_out)`` (see to_torch)."""
 
@@ -174,16 +241,17 @@ def _classes(torch):
             hs = iter(torch.split(state, [w for w in self.state_widths if w], dim=1))
             new, v = [], x
             for layer, width in zip(self.layers, self.state_widths):
-                if width:  # a GRU layer: its state is its output
-                    v = layer(v, next(hs))
-                    new.append(v)
+                if width:  # a GRU layer's state is its output; an LSTM layer returns both
+                    out = layer(v, next(hs))
+                    v, s = out if isinstance(out, tuple) else (out, out)
+                    new.append(s)
                 else:
                     v = layer(v)
             return v, torch.cat(new, dim=1)
 
-    _CLASSES.update(act=Activation, gru=GRUStep, step=StreamgruStep)
+    _CLASSES.update(act=Activation, gru=GRUStep, lstm=LSTMStep, step=StreamgruStep)
     return _CLASSES
 
 
 #: layer kind -> f(torch, layer, tensor, dtype) -> the layer's module.
-_LAYER_MODULES = {"gru": _gru_module, "dense": _dense_module}
+_LAYER_MODULES = {"gru": _gru_module, "dense": _dense_module, "lstm": _lstm_module}

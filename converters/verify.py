@@ -203,6 +203,9 @@ def verify(model, source, *, streams=4, steps=20, seed=0, dtype="float32", toler
     """
     if not isinstance(model, GRUModel):
         raise TypeError(f"model: expected a GRUModel, got {type(model).__name__}")
+    from streamgru.engine import check_runnable  # numba, as _Run's Engine: only when verifying
+
+    check_runnable(model)  # an LSTM layer, until the engine runs it: say so, not "a mismatch"
     if dtype not in ("float32", "float64"):
         raise ValueError(f"dtype: expected 'float32' or 'float64', got {dtype!r}")
     for name, v in (("streams", streams), ("steps", steps)):

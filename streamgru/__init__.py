@@ -12,7 +12,7 @@ hidden state between calls.
 
 from .errors import FormatError, NonFiniteError, UnsupportedModelError
 from .layers import LAYER_KINDS, Layer
-from .model import DenseLayer, GRULayer, GRUModel, Model
+from .model import DenseLayer, GRULayer, GRUModel, LSTMLayer, Model
 
 __version__ = "0.1.0"
 
@@ -30,5 +30,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'streamgru' has no attribute {name!r}")
 
 
-__all__ = ["Model", "GRUModel", "Layer", "LAYER_KINDS", "GRULayer", "DenseLayer", "Engine", "load",
-           "UnsupportedModelError", "FormatError", "NonFiniteError", "__version__"]
+__all__ = ["Model", "GRUModel", "Layer", "LAYER_KINDS", "GRULayer", "LSTMLayer", "DenseLayer",
+           "Engine", "load", "UnsupportedModelError", "FormatError", "NonFiniteError", "__version__"]

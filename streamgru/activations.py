@@ -32,6 +32,7 @@ import math
 __all__ = [
     "ACTIVATIONS",
     "GRU_ACTIVATIONS",
+    "LSTM_ACTIVATIONS",
     "DENSE_ACTIVATIONS",
     "FASTMATH",
     "activation_id",
@@ -76,6 +77,8 @@ USES_ALPHA = frozenset({"hardsigmoid", "leakyrelu", "affine", "thresholdedrelu",
 USES_BETA = frozenset({"hardsigmoid", "affine", "scaledtanh"})
 
 GRU_ACTIVATIONS = frozenset(ACTIVATIONS) - {"softmax"}
+# ONNX's LSTM takes the same RNN activation list as its GRU, in each of its f, g and h positions.
+LSTM_ACTIVATIONS = GRU_ACTIVATIONS
 DENSE_ACTIVATIONS = frozenset(ACTIVATIONS)
 
 # LLVM fast-math flags for every kernel. "reassoc" lets dot-product reductions vectorise (without

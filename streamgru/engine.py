@@ -58,12 +58,12 @@ import numba
 import numpy as np
 
 from . import kernels as K
-from .errors import FormatError, NonFiniteError
+from .errors import FormatError, NonFiniteError, UnsupportedModelError
 from .model import GRUModel
 from .packing import pack
 from .state import StateStore, normalize_key, normalize_keys
 
-__all__ = ["Engine", "LoadedState", "MISSING_POLICIES", "check_missing"]
+__all__ = ["Engine", "LoadedState", "MISSING_POLICIES", "check_missing", "check_runnable"]
 
 try:
     # numba.get/set_num_threads validate and re-launch the pool on every call (~0.7 and ~1 us);
@@ -182,7 +182,9 @@ class Engine:
     Parameters
     ----------
     model : GRUModel
-        Read-only; its weights are cast once to ``dtype``.
+        Read-only; its weights are cast once to ``dtype``. A model holding a layer kind the
+        kernels do not run yet (an LSTM layer) is refused: ``UnsupportedModelError`` naming the
+        layer (:func:`check_runnable`).
     dtype : {"float32", "float64"}
         Arithmetic and state precision. Inputs of other float dtypes are converted on purpose.
     capacity : int
@@ -279,6 +281,7 @@ class Engine:
             raise ValueError("on_evict: expected max_streams or idle_timeout to be set too, got "
                              "neither (nothing would ever be evicted)")
         check_missing(missing, check_finite)
+        check_runnable(model)  # before pack(), which would not know the layer
         if clock is None:
             clock = time.monotonic
         elif not callable(clock):
@@ -1352,6 +1355,32 @@ class Engine:
     def __repr__(self):
         return (f"Engine({self.model!r}, dtype={self.dtype.name!r}, streams={len(self)}, "
                 f"capacity={self.capacity}, threads={self.threads})")
+
+
+# The layer kinds the packer and the kernels run. Temporary: an LSTM layer has its class, the
+# native file, the oracle and converters, but no kernel cell yet, so a model holding one is
+# refused here rather than packed as something else. This goes when the kernel driver runs
+# every registered kind.
+ENGINE_KINDS = ("gru", "dense")
+
+
+def check_runnable(model):
+    """Refuse a model holding a layer kind the engine does not run yet, naming the layer.
+
+    Raises
+    ------
+    UnsupportedModelError
+        ``layers[i]`` is of a kind outside :data:`ENGINE_KINDS` (an LSTM layer, until its
+        kernel cell exists).
+    """
+    for i, layer in enumerate(model.layers):
+        if layer.kind not in ENGINE_KINDS:
+            raise UnsupportedModelError(
+                f"model: expected layers the engine runs ({', '.join(ENGINE_KINDS)}), got "
+                f"layers[{i}], a {layer.kind!r} layer, which the engine does not run yet (its "
+                f"kernel cell does not exist); such a model can be converted, saved, loaded and "
+                f"exported, not stepped"
+            )
 
 
 def check_missing(missing, check_finite):

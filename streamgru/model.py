@@ -1,13 +1,15 @@
 """The model: a frozen sequential stack of layers, in streamgru's canonical layouts.
 
-Each layer kind is one class of :mod:`streamgru.layers` (:class:`GRULayer`, :class:`DenseLayer`),
-with its canonical weight layout and equations written once, at the top of its module
-(:mod:`streamgru.layers.gru`, :mod:`streamgru.layers.dense`); the protocol every kind follows is
+Each layer kind is one class of :mod:`streamgru.layers` (:class:`GRULayer`, :class:`LSTMLayer`,
+:class:`DenseLayer`), with its canonical weight layout and equations written once, at the top of
+its module (:mod:`streamgru.layers.gru`, :mod:`streamgru.layers.lstm`,
+:mod:`streamgru.layers.dense`); the protocol every kind follows is
 in :mod:`streamgru.layers.base`. :class:`Model` (``GRUModel`` is the same class, its name before
 the layer protocol) validates and chains the layers and reads them only through that protocol.
 
 A stream's state is one flat vector of ``state_size`` values: the states of the recurrent layers
-(a GRU layer's h) concatenated in layer order (``model.state_slices`` gives each one's slice).
+(a GRU layer's h; an LSTM layer's h then C) concatenated in layer order (``model.state_slices``
+gives each one's slice).
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .layers import LAYER_KINDS, DenseLayer, GRULayer, Layer
+from .layers import LAYER_KINDS, DenseLayer, GRULayer, Layer, LSTMLayer
 
-__all__ = ["Model", "GRUModel", "Layer", "GRULayer", "DenseLayer"]
+__all__ = ["Model", "GRUModel", "Layer", "GRULayer", "LSTMLayer", "DenseLayer"]
 
 
 def _kind_names(recurrent=None):
@@ -53,7 +55,8 @@ class Model:
     input_size, output_size : int
         Width of one step's input and output.
     state_size : int
-        Sum of the layers' ``state_size`` (a GRU layer's hidden size; 0 for Dense): the length
+        Sum of the layers' ``state_size`` (a GRU layer's hidden size, an LSTM layer's
+        ``output_size + hidden_size``; 0 for Dense): the length
         of one stream's flat state vector.
     state_slices : tuple of slice
         The slice of the state vector held by each recurrent layer, in order.

@@ -10,7 +10,7 @@ from typing import ClassVar
 import numpy as np
 import oracle
 
-from streamgru import Layer
+from streamgru import Layer, LSTMLayer
 
 
 class OracleStreams:
@@ -75,8 +75,10 @@ def _activation_triple(spec):
 
 @dataclass(frozen=True)
 class LSTMSpec:
-    """An LSTM layer in the canonical layout of docs/lstm.md, for the float64 oracle
-    (``oracle.lstm_cell``), until the model has an LSTM layer class.
+    """An LSTM layer in the canonical layout of streamgru.layers.lstm, for the float64 oracle
+    (``oracle.lstm_cell``) without streamgru's own validation: the oracle's checks against
+    torch and onnxruntime hold independently of :class:`streamgru.LSTMLayer`, which
+    :meth:`layer` builds from the same tensors.
 
     Attributes
     ----------
@@ -158,6 +160,14 @@ class LSTMSpec:
             **kwargs,
         )
 
+    def layer(self, dtype=np.float64):
+        """The same layer as a :class:`streamgru.LSTMLayer` with tensors in ``dtype``."""
+        cast = {n: None if getattr(self, n) is None else np.asarray(getattr(self, n), dtype)
+                for n in ("W", "R", "Wb", "Rb", "P", "proj")}
+        return LSTMLayer(self.input_size, self.hidden_size, **cast, proj_size=self.proj_size,
+                         f=self.f, g=self.g, h=self.h, clip=self.clip,
+                         input_forget=self.input_forget)
+
 
 class Accumulator(Layer, register=False):
     """A layer kind known only to the protocol, for tests of code that must not branch on kinds:
@@ -189,3 +199,16 @@ class Accumulator(Layer, register=False):
 
     def describe(self):
         return "accumulator"
+
+
+def mixed_lstm_model(dtype=np.float64, seed=0):
+    """A small Dense -> LSTM (projection, peepholes, clip) -> GRU -> Dense model, for the tests of
+    what takes an LSTM layer through the protocol (native file, info, the engine's refusal)."""
+    from streamgru import DenseLayer, GRULayer, Model
+
+    rng = np.random.default_rng(seed)
+    lstm = LSTMSpec.random(3, 4, seed, proj_size=2, peepholes=True, clip=2.5,
+                           h=("scaledtanh", 1.5, 0.5)).layer(dtype)
+    gru = GRULayer(2, 3, rng.normal(size=(9, 2)), rng.normal(size=(9, 3)), linear_before_reset=1)
+    return Model([DenseLayer(2, 3, rng.normal(size=(3, 2)), activation="relu"), lstm, gru,
+                  DenseLayer(3, 2, rng.normal(size=(2, 3)))], source="test").astype(dtype)

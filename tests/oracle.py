@@ -139,9 +139,9 @@ def tail(model, h):
     return v
 
 
-# The LSTM (docs/lstm.md): the ONNX LSTM equations plus PyTorch's projection, for layers that
-# have no model class yet (tests/helpers.LSTMSpec); checked against torch and onnxruntime in
-# tests/test_oracle.py.
+# The LSTM (streamgru/layers/lstm.py, docs/lstm.md): the ONNX LSTM equations plus PyTorch's
+# projection, for a streamgru.LSTMLayer or a tests/helpers.LSTMSpec (the same attributes);
+# checked against torch and onnxruntime in tests/test_oracle.py.
 
 def lstm_cell(layer, x, h, c):
     """One LSTM step for a batch, from the ONNX LSTM equations (docs/lstm.md), all float64.
@@ -193,9 +193,9 @@ STEPS["lstm"] = lstm_layer_step
 
 
 def lstm_step(layers, state, x):
-    """Advance a batch of streams one step through a stack of LSTM and Dense layers (the LSTM
-    layers as tests/helpers.LSTMSpec until the model has an LSTM class): :func:`step` over a
-    list of layers, each LSTM layer's state h then c, layers in order."""
+    """Advance a batch of streams one step through a list of LSTM and Dense layers (LSTMLayer
+    or tests/helpers.LSTMSpec): :func:`step` over a list of layers, each LSTM layer's state h
+    then c, layers in order."""
     return step(layers, state, x)
 
 

@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
+from helpers import mixed_lstm_model
 
 from streamgru import DenseLayer, GRULayer, GRUModel
 from streamgru.cli import main
@@ -36,6 +37,16 @@ def test_info_layer_lines_are_unchanged(tmp_path, capsys):
         "  layer 1: gru  linear_before_reset=0 f=hardsigmoid(alpha=0.25, beta=0.4) g=tanh clip=2.5",
         "  layer 2: dense activation=leakyrelu(alpha=0.1, beta=0)",
     ]
+
+
+def test_info_prints_an_lstm_layer(tmp_path, capsys):
+    m = mixed_lstm_model(np.float32)
+    m.save(tmp_path / "m.sgru")
+    assert main(["info", str(tmp_path / "m.sgru")]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("  layer ")]
+    assert lines[1] == ("  layer 1: lstm proj_size=2 f=sigmoid g=tanh "
+                        "h=scaledtanh(alpha=1.5, beta=0.5) clip=2.5 peepholes=yes input_forget=0")
+    assert len(lines) == 4
 
 
 def test_info_shows_the_product_tile(tmp_path, capsys):

@@ -15,11 +15,11 @@ import threading
 import numpy as np
 import oracle
 import pytest
-from helpers import OracleStreams
+from helpers import OracleStreams, mixed_lstm_model
 
 from streamgru import Engine, GRUModel
 from streamgru.cluster import shard_of
-from streamgru.errors import FormatError
+from streamgru.errors import FormatError, UnsupportedModelError
 from streamgru.formats import model_from_bytes, model_to_bytes
 from streamgru.metrics import engine_families
 
@@ -113,6 +113,20 @@ def test_model_bytes_round_trip_is_bit_exact():
         model_from_bytes("m.sgru")
     with pytest.raises(TypeError, match="model: expected a GRUModel, got int"):
         model_to_bytes(3)
+
+
+def test_sharded_engine_refuses_an_lstm_model_before_starting_ray(monkeypatch):
+    """Refused in the driver, not inside an actor; Ray is never asked for (temporary, until the
+    engine runs LSTM layers)."""
+    from streamgru.cluster import sharded
+
+    def no_ray():
+        raise AssertionError("Ray was reached before the model was checked")
+
+    monkeypatch.setattr(sharded, "_ray", no_ray)
+    with pytest.raises(UnsupportedModelError, match=r"got layers\[1\], a 'lstm' layer, which "
+                                                    r"the engine does not run yet"):
+        sharded.ShardedEngine(mixed_lstm_model(np.float32), shards=2)
 
 
 # ----------------------------------------------------------------------------------------------

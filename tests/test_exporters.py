@@ -7,7 +7,7 @@ alpha/beta), clip, both linear_before_reset values and Dense layers between GRU 
 import numpy as np
 import oracle
 import pytest
-from helpers import Accumulator
+from helpers import Accumulator, LSTMSpec
 
 import converters
 from streamgru import Engine
@@ -240,5 +240,83 @@ def test_exporters_refuse_a_layer_kind_they_do_not_map():
     for export in (converters.to_onnx, converters.to_torch):
         with pytest.raises(UnsupportedModelError,
                            match=rf"^model: layers\[1\] is a 'accumulator' layer, which "
-                                 rf"{export.__name__} does not export \(it maps 'gru', 'dense'\)"):
+                                 rf"{export.__name__} does not export \(it maps 'gru', 'dense', "
+                                 rf"'lstm'\)"):
             export(model)
+
+
+# --------------------------------------------------------------------------------------------
+# LSTM layers (the engine does not run them yet: the float64 oracle is the reference)
+
+
+def _lstm_model(proj, dtype=np.float32):
+    """proj=False: Dense -> LSTM (peepholes, clip, input_forget, an activation away from the
+    default in each of f, g, h) -> GRU -> LSTM (torch-native) -> Dense. proj=True: an LSTM
+    with a projection (torch-native), one with a projection and clip, and a Dense head."""
+    rng = np.random.default_rng(7)
+    if proj:
+        layers = [LSTMSpec.random(3, 5, 1, proj_size=2).layer(dtype),
+                  LSTMSpec.random(2, 4, 2, proj_size=3, clip=0.8).layer(dtype),
+                  DenseLayer(3, 1, rng.uniform(-0.6, 0.6, (1, 3)).astype(dtype))]
+    else:
+        layers = [DenseLayer(3, 4, rng.uniform(-0.6, 0.6, (4, 3)).astype(dtype), activation="tanh"),
+                  LSTMSpec.random(4, 5, 3, peepholes=True, clip=2.0, input_forget=1,
+                                  f=("hardsigmoid", 0.3, 0.45), g=("leakyrelu", 0.2, 0.0),
+                                  h=("scaledtanh", 0.9, 1.1)).layer(dtype),
+                  GRULayer(5, 3, rng.uniform(-0.6, 0.6, (9, 5)).astype(dtype),
+                           rng.uniform(-0.6, 0.6, (9, 3)).astype(dtype), linear_before_reset=0),
+                  LSTMSpec.random(3, 4, 4).layer(dtype),
+                  DenseLayer(4, 2, rng.uniform(-0.6, 0.6, (2, 4)).astype(dtype))]
+    return GRUModel(layers)
+
+
+def test_onnx_export_of_lstm_layers_runs_in_onnxruntime_as_the_oracle():
+    pytest.importorskip("onnx")
+    model = _lstm_model(proj=False)
+    xs, state0 = _inputs(model)
+    proto = converters.to_onnx(model)
+    assert [n.op_type for n in proto.graph.node].count("LSTM") == 2
+    _close(_run_steps(_ort_forward(proto), xs, state0), _oracle_steps(model, xs, state0),
+           atol=1e-5)
+    ys, state = _ort_forward(converters.to_onnx(model, sequence=True))(xs, state0)
+    ref = _oracle_steps(model, xs, state0)
+    np.testing.assert_allclose(ys, np.stack([y for y, _ in ref]), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(state, ref[-1][1], atol=1e-5, rtol=0)
+
+
+def test_onnx_export_refuses_an_lstm_projection_with_the_reason():
+    pytest.importorskip("onnx")
+    with pytest.raises(UnsupportedModelError, match=r"^model: layers\[0\] is an LSTM layer with "
+                                                    r"proj_size=2, which to_onnx does not export: "
+                                                    r"ONNX's LSTM operator has no projection"):
+        converters.to_onnx(_lstm_model(proj=True))
+
+
+@pytest.mark.parametrize("proj", [False, True], ids=["lstm", "proj"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_torch_export_of_lstm_layers_runs_as_the_oracle(proj, dtype):
+    torch = pytest.importorskip("torch")
+    model = _lstm_model(proj, np.dtype(dtype))
+    net = converters.to_torch(model)
+    # Torch's own modules where torch runs the layer, the canonical equations elsewhere.
+    native = [type(m.cell or m.lstm).__name__ for m in net.layers
+              if hasattr(m, "cell") and (m.cell or m.lstm) is not None]
+    assert native == (["LSTM"] if proj else ["LSTMCell"])
+    # and torch's importer reads the native module back to the same canonical layer
+    module = next(m.cell or m.lstm for m in net.layers
+                  if hasattr(m, "cell") and (m.cell or m.lstm) is not None)
+    back = converters.from_torch(module).layers[0]
+    want = model.layers[0 if proj else 3]
+    assert back.config() == want.config()
+    for name, t in want.tensors().items():
+        np.testing.assert_array_equal(back.tensors()[name], t)
+    xs, state0 = _inputs(model)
+
+    def forward(x, s):
+        with torch.no_grad():
+            y, s2 = net(torch.from_numpy(x.astype(dtype)), torch.from_numpy(s.astype(dtype)))
+        return y.numpy(), s2.numpy()
+
+    got = _run_steps(forward, xs, state0)
+    assert got[0][0].dtype == np.dtype(dtype)
+    _close(got, _oracle_steps(model, xs, state0), atol={"float32": 1e-5, "float64": 1e-12}[dtype])

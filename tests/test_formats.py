@@ -6,6 +6,7 @@ import struct
 
 import numpy as np
 import pytest
+from helpers import mixed_lstm_model
 
 import streamgru
 from streamgru import Engine, GRUModel
@@ -25,6 +26,21 @@ def test_model_round_trip_is_bit_exact(tmp_path, dtype):
     m2 = streamgru.load(tmp_path / "m.sgru")
     assert m2.fingerprint == m.fingerprint
     assert m2.config() == m.config()
+    for (k, a), (k2, b) in zip(m.named_tensors().items(), m2.named_tensors().items()):
+        assert k == k2 and a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_model_with_an_lstm_layer_round_trips_bit_exact(tmp_path, dtype):
+    m = mixed_lstm_model(dtype)
+    m.save(tmp_path / "m.sgru")
+    m2 = streamgru.load(tmp_path / "m.sgru")
+    assert type(m2.layers[1]) is streamgru.LSTMLayer
+    assert m2.fingerprint == m.fingerprint and m2.config() == m.config()
+    assert m2.state_slices == m.state_slices == (slice(0, 6), slice(6, 9))
+    assert list(m2.named_tensors()) == list(m.named_tensors())
+    assert "layers.1.P" in m2.named_tensors() and "layers.1.proj" in m2.named_tensors()
     for (k, a), (k2, b) in zip(m.named_tensors().items(), m2.named_tensors().items()):
         assert k == k2 and a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)

@@ -315,7 +315,7 @@ def test_ambiguous_inside_sequential_refused_and_layers_fixes_it():
                  torch.float64)
     with pytest.raises(UnsupportedModelError, match=r"2: expected one order of the layers by "
                                                     r"shape, got 2 candidates.*naming every "
-                                                    r"GRU/Linear prefix of the whole model"):
+                                                    r"GRU/LSTM/Linear prefix of the whole model"):
         from_torch(net)
     inner = net[2]
 
@@ -528,7 +528,7 @@ def test_ambiguous_chain_refused_and_layers_fixes_it():
 
 def test_layers_keyword_validated():
     net = _build(Chain, torch.float32)
-    with pytest.raises(ValueError, match=r"layers: expected every GRU/Linear prefix, got no "
+    with pytest.raises(ValueError, match=r"layers: expected every GRU/LSTM/Linear prefix, got no "
                                          r"place for \['dense'\]"):
         from_torch(net, layers=["gru", "gru2"])
     with pytest.raises(ValueError, match=r"layers: expected prefixes among .*got 'nope'"):
@@ -605,7 +605,7 @@ def test_missing_keys_refused():
             from_torch(broken)
     # A gap in the layer numbering names the missing layer.
     gap = {k: v for k, v in sd.items() if "gru2" not in k or "_l1" not in k}
-    with pytest.raises(ValueError, match=r"expected GRU layers 0\.\.2 under 'gru2', got no keys "
+    with pytest.raises(ValueError, match=r"expected GRU/LSTM layers 0\.\.2 under 'gru2', got no keys "
                                          r"for layer\(s\) \[1\]"):
         from_torch(gap)
     with pytest.raises(ValueError, match=r"expected key 'dense.weight' next to 'dense.bias'"):
@@ -620,7 +620,9 @@ def test_wrong_shapes_refused():
         "gru2.weight_ih_l1": (torch.zeros(24, 3),
                               r"gru2.weight_ih_l1: expected shape \(24, 8\), got \(24, 3\)"),
         "gru.weight_hh_l0": (torch.zeros(24, 7), r"gru.weight_hh_l0: expected shape "
-                                                 r"\(3\*hidden_size, hidden_size\), got \(24, 7\)"),
+                                                 r"\(3\*hidden_size, hidden_size\) \(GRU\) or "
+                                                 r"\(4\*hidden_size, hidden_size or proj_size\) "
+                                                 r"\(LSTM\), got \(24, 7\)"),
         "dense.bias": (torch.zeros(2), r"dense.bias: expected shape \(1,\), got \(2,\)"),
     }
     for key, (value, pattern) in cases.items():
@@ -636,17 +638,14 @@ def test_proj_size_attribute_refused():
         from_torch(gru)
 
 
-def test_lstm_and_rnn_refused():
-    with pytest.raises(UnsupportedModelError, match=r"\(LSTM\): expected GRU or GRUCell"):
-        from_torch(nn.Sequential(nn.LSTM(2, 3)))
-    with pytest.raises(UnsupportedModelError, match=r"weight_hh_l0: expected GRU weights \(3 "
-                                                    r"gates\).*an LSTM"):
-        from_torch(nn.LSTM(2, 3).state_dict())
-    with pytest.raises(UnsupportedModelError, match="a vanilla RNN"):
+def test_vanilla_rnn_refused():
+    with pytest.raises(UnsupportedModelError, match=r"\(RNN\): expected GRU, GRUCell, LSTM or "
+                                                    r"LSTMCell, got RNN"):
+        from_torch(nn.Sequential(nn.RNN(2, 3)))
+    with pytest.raises(UnsupportedModelError, match=r"weight_hh_l0: expected GRU \(3 gates\) or "
+                                                    r"LSTM \(4 gates\) weights, got shape "
+                                                    r"\(3, 3\), which is a vanilla RNN"):
         from_torch(nn.RNN(2, 3).state_dict())
-    with pytest.raises(UnsupportedModelError, match=r"weight_hr_l0: projected recurrent weights "
-                                                    r"\(proj_size > 0"):
-        from_torch(nn.LSTM(2, 4, proj_size=2).state_dict())
 
 
 def test_non_float_and_non_finite_refused():
@@ -670,11 +669,11 @@ def test_unknown_tensors_and_modules_refused():
     with pytest.raises(UnsupportedModelError, match=r"norm.weight: expected a 2-D nn.Linear"):
         from_torch(sd)
     sd = {**Chain().state_dict(), "bn.running_mean": torch.zeros(8)}
-    with pytest.raises(UnsupportedModelError, match=r"expected only GRU, GRUCell and Linear "
-                                                    r"tensors, got \['bn.running_mean'\]"):
+    with pytest.raises(UnsupportedModelError, match=r"expected only GRU, GRUCell, LSTM, LSTMCell "
+                                                    r"and Linear tensors, got \['bn.running_mean'\]"):
         from_torch(sd)
     with pytest.raises(UnsupportedModelError, match=r"1 \(LayerNorm\): expected GRU, GRUCell, "
-                                                    r"Linear"):
+                                                    r"LSTM, LSTMCell, Linear"):
         from_torch(nn.Sequential(GRUOut(nn.GRU(2, 4)), nn.LayerNorm(4)))
 
 
@@ -704,9 +703,181 @@ def test_bad_inputs():
         from_torch(42)
     with pytest.raises(ValueError, match=r"path: expected a file ending in .pt, .pth"):
         from_torch("model.onnx")
-    with pytest.raises(UnsupportedModelError, match="expected GRU weights"):
+    with pytest.raises(UnsupportedModelError, match="expected GRU or LSTM weights"):
         from_torch({})
-    with pytest.raises(UnsupportedModelError, match="expected at least one GRU or GRUCell"):
+    with pytest.raises(UnsupportedModelError, match="expected at least one GRU, GRUCell, LSTM or LSTMCell"):
         from_torch(nn.Linear(3, 3).state_dict())
     with pytest.raises(TypeError, match="expected a nested list of numbers"):
         from_torch({"weight_ih_l0": [[1.0, 2.0], [3.0]]})
+
+
+# ---------------------------------------------------------------------------------------------
+# nn.LSTM / nn.LSTMCell. The engine does not run LSTM layers yet, so the converted model is
+# stepped by the float64 oracle (itself checked against torch in test_oracle.py) against the
+# torch module, over LSTM_T steps from a nonzero state.
+
+LSTM_T = 24
+
+
+def lstm_flat(h, c):
+    """torch h (L, 1, H_out), c (L, 1, H) -> the stream state: per layer h then c."""
+    return np.concatenate([np.concatenate([h[k, 0].numpy(), c[k, 0].numpy()])
+                           for k in range(h.shape[0])])
+
+
+def lstm_split(s, L, H_out, H):
+    """The inverse of :func:`lstm_flat`: float64 tensors h (L, 1, H_out), c (L, 1, H)."""
+    per = np.asarray(s, np.float64).reshape(L, 1, H_out + H)
+    return torch.from_numpy(per[..., :H_out].copy()), torch.from_numpy(per[..., H_out:].copy())
+
+
+def check_oracle_against_torch(model, torch_run, seed=3):
+    """``oracle.run(model)`` vs ``torch_run(xs (T, I) tensor, s0 (S,)) -> (ys (T, O), s_T (S,))``
+    from the same random nonzero state, outputs and final state."""
+    assert isinstance(model, GRUModel)
+    rng = np.random.default_rng(seed)
+    xs = rng.normal(size=(LSTM_T, model.input_size))
+    s0 = rng.normal(scale=0.7, size=model.state_size)
+    with torch.no_grad():
+        ys_ref, s_ref = torch_run(torch.from_numpy(xs), s0)
+    ys, s = oracle.run(model, xs, s0)
+    tol = TOL[torch.float64]
+    np.testing.assert_allclose(ys, ys_ref.numpy(), rtol=0, atol=tol)
+    np.testing.assert_allclose(s, s_ref, rtol=0, atol=tol)
+    assert np.abs(ys - ys[0]).max() > 0.05  # the outputs move: a frozen stream would fail
+
+
+def lstm_run(lstm, P):
+    """``torch_run`` of one nn.LSTM (``P``: the width of its h)."""
+    def run(x, s0):
+        h, c = lstm_split(s0, lstm.num_layers, P, lstm.hidden_size)
+        y, (h, c) = lstm(x[None] if lstm.batch_first else x[:, None], (h, c))
+        return (y[0] if lstm.batch_first else y[:, 0]), lstm_flat(h, c)
+    return run
+
+
+@pytest.mark.parametrize("num_layers, proj_size, bias, batch_first", [
+    (1, 0, True, False), (2, 3, True, True), (2, 0, False, False), (1, 2, False, True)])
+def test_lstm_layers(num_layers, proj_size, bias, batch_first):
+    lstm = _build(lambda: nn.LSTM(4, 5, num_layers=num_layers, bias=bias, proj_size=proj_size,
+                                  batch_first=batch_first), torch.float64)
+    model = from_torch(lstm)
+    P = proj_size or 5
+    assert [layer.kind for layer in model.layers] == ["lstm"] * num_layers
+    assert all(layer.proj_size == proj_size and layer.hidden_size == 5 and layer.P is None
+               and layer.clip is None and layer.input_forget == 0 for layer in model.layers)
+    assert model.state_size == num_layers * (P + 5) and model.output_size == P
+    assert model.dtype == np.float64 and model.source == "pytorch"
+    check_oracle_against_torch(model, lstm_run(lstm, P))
+    # The state_dict alone converts to the same model.
+    assert from_torch(lstm.state_dict()).fingerprint == model.fingerprint
+
+
+def test_lstm_gate_reorder_is_ifgo_to_iofg():
+    lstm = _build(lambda: nn.LSTM(2, 3), torch.float64)
+    layer = from_torch(lstm).layers[0]
+    for ours, theirs in [(layer.W, lstm.weight_ih_l0), (layer.R, lstm.weight_hh_l0),
+                         (layer.Wb, lstm.bias_ih_l0), (layer.Rb, lstm.bias_hh_l0)]:
+        i, f, g, o = np.split(theirs.detach().numpy(), 4)
+        np.testing.assert_array_equal(ours, np.concatenate([i, o, f, g]))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_lstmcell(bias):
+    cell = _build(lambda: nn.LSTMCell(3, 4, bias=bias), torch.float64)
+
+    def run(x, s0):
+        h, c = (t[0] for t in lstm_split(s0, 1, 4, 4))
+        ys = []
+        for t in range(x.shape[0]):
+            h, c = cell(x[t:t + 1], (h, c))
+            ys.append(h[0])
+        return torch.stack(ys), np.concatenate([h[0].numpy(), c[0].numpy()])
+
+    model = from_torch(cell)
+    assert [layer.kind for layer in model.layers] == ["lstm"] and model.state_size == 8
+    check_oracle_against_torch(model, run)
+
+
+class Mixed(nn.Module):
+    """Linear -> GRU -> 2-layer LSTM with a projection -> LSTMCell -> Linear, with a forward
+    that steps a flat stream state in streamgru's layout (GRU h; per LSTM layer h, c; cell h, c)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(3, 4)
+        self.gru = nn.GRU(4, 5)
+        self.lstm = nn.LSTM(5, 6, num_layers=2, proj_size=2)
+        self.cell = nn.LSTMCell(2, 3)
+        self.head = nn.Linear(3, 1)
+
+    def forward(self, x, s0):
+        """x (T, 3), s0 (27,) -> (ys (T, 1), s_T (27,))."""
+        h_g = torch.from_numpy(s0[None, None, :5].copy())
+        h_l, c_l = lstm_split(s0[5:21], 2, 2, 6)
+        h_c, c_c = (torch.from_numpy(s0[None, a:b].copy()) for a, b in [(21, 24), (24, 27)])
+        y, h_g = self.gru(self.inp(x)[:, None], h_g)
+        y, (h_l, c_l) = self.lstm(y, (h_l, c_l))
+        ys = []
+        for t in range(x.shape[0]):
+            h_c, c_c = self.cell(y[t], (h_c, c_c))
+            ys.append(self.head(h_c)[0])
+        return torch.stack(ys), np.concatenate([h_g[0, 0].numpy(), lstm_flat(h_l, c_l),
+                                                h_c[0].numpy(), c_c[0].numpy()])
+
+
+@pytest.mark.parametrize("source", ["module", "state_dict", "pt", "safetensors"])
+def test_module_mixing_gru_lstm_and_linear(source, tmp_path):
+    net = _build(Mixed, torch.float64)
+    if source == "module":
+        obj = net
+    elif source == "state_dict":
+        obj = net.state_dict()
+    elif source == "pt":
+        obj = tmp_path / "mixed.pt"
+        torch.save(net.state_dict(), obj)
+    else:  # keys sorted in the file: the order comes from the shapes alone
+        obj = tmp_path / "mixed.safetensors"
+        _save_safetensors(net.state_dict(), obj, "torch")
+    model = from_torch(obj)
+    assert [layer.kind for layer in model.layers] == ["dense", "gru", "lstm", "lstm", "lstm",
+                                                      "dense"]
+    assert model.state_slices == (slice(0, 5), slice(5, 13), slice(13, 21), slice(21, 27))
+    check_oracle_against_torch(model, net.forward)
+
+
+def test_lstm_refusals():
+    with pytest.raises(UnsupportedModelError, match=r"<root> \(LSTM\): bidirectional=True is not "
+                                                    r"supported"):
+        from_torch(nn.LSTM(2, 3, bidirectional=True))
+    with pytest.raises(UnsupportedModelError, match=r"weight_ih_l0_reverse: bidirectional "
+                                                    r"GRU/LSTM 'rnn' is not supported"):
+        from_torch({f"rnn.{k}": v for k, v in nn.LSTM(2, 3, bidirectional=True)
+                    .state_dict().items()})
+    sd = nn.LSTM(2, 4, num_layers=2, proj_size=3).state_dict()
+    # Without its weight_hr, layer 1's weight_hh (16, 3) is neither a GRU's nor an LSTM's.
+    with pytest.raises(ValueError, match=r"weight_hh_l1: expected shape \(3\*hidden_size, "
+                                         r"hidden_size\) \(GRU\) or .* got \(16, 3\); an LSTM "
+                                         r"with a projection also needs its weight_hr"):
+        from_torch({k: v for k, v in sd.items() if k != "weight_hr_l1"})
+    with pytest.raises(ValueError, match=r"weight_hr_l0: expected shape \(proj_size, hidden_size\) "
+                                         r"with weight_hh_l0 \(4\*hidden_size, proj_size\), got "
+                                         r"\(3, 5\) next to \(16, 3\)"):
+        from_torch({**sd, "weight_hr_l0": torch.zeros(3, 5)})
+    # Layer 0 a GRU (12, 4) with no weight_hr, layer 1 an LSTM: one module is one kind.
+    mixed = {**nn.GRU(2, 4).state_dict(),
+             **{k.replace("_l0", "_l1"): v for k, v in nn.LSTM(4, 4).state_dict().items()}}
+    with pytest.raises(UnsupportedModelError, match=r"weight_hh_l1: expected GRU weights like "
+                                                    r"those of layer 0 under '<root>', got LSTM "
+                                                    r"weights \(shape \(16, 4\), no weight_hr\)"):
+        from_torch(mixed)
+    cell = {f"c.{k}": v for k, v in nn.LSTMCell(2, 4).state_dict().items()}
+    with pytest.raises(UnsupportedModelError, match=r"c.weight_hr: expected no projection in a "
+                                                    r"cell"):
+        from_torch({**cell, "c.weight_hr": torch.zeros(3, 4)})
+    bad = sd["bias_hh_l1"].clone()
+    bad[1] = float("nan")
+    with pytest.raises(ValueError, match=r"bias_hh_l1: expected finite values, got nan"):
+        from_torch({**sd, "bias_hh_l1": bad})
+    with pytest.raises(ValueError, match=r"bias_ih_l0: expected shape \(16,\), got \(12,\)"):
+        from_torch({**sd, "bias_ih_l0": torch.zeros(12)})

@@ -1,14 +1,15 @@
-"""Model / GRULayer / DenseLayer and the layer protocol: construction, validation messages,
+"""Model / GRULayer / LSTMLayer / DenseLayer and the layer protocol: construction, validation messages,
 freezing, fingerprint, the kind registry, config round trips, casting, state layout."""
 
 import json
 
 import numpy as np
+import oracle
 import pytest
-from helpers import Accumulator
+from helpers import Accumulator, LSTMSpec
 
 import streamgru
-from streamgru import LAYER_KINDS, DenseLayer, GRULayer, GRUModel, Layer, Model
+from streamgru import LAYER_KINDS, DenseLayer, GRULayer, GRUModel, Layer, LSTMLayer, Model
 from streamgru.errors import FormatError
 
 
@@ -88,11 +89,12 @@ def test_model_chaining_errors():
     with pytest.raises(ValueError, match=r"layers\[1\]: expected input size 2 \(the output of "
                                          r"layers\[0\]\), got 3"):
         GRUModel([g, DenseLayer(3, 1, np.ones((1, 3)))])
-    with pytest.raises(ValueError, match="at least one GRULayer, got only Dense"):
+    with pytest.raises(ValueError, match="at least one GRULayer or LSTMLayer, got only Dense"):
         GRUModel([DenseLayer(3, 1, np.ones((1, 3)))])
-    with pytest.raises(ValueError, match="at least one GRULayer, got an empty list"):
+    with pytest.raises(ValueError, match="at least one GRULayer or LSTMLayer, got an empty list"):
         GRUModel([])
-    with pytest.raises(TypeError, match=r"layers\[0\]: expected a GRULayer or DenseLayer, got str"):
+    with pytest.raises(TypeError, match=r"layers\[0\]: expected a GRULayer, LSTMLayer or "
+                                        r"DenseLayer, got str"):
         GRUModel(["gru"])
     with pytest.raises(TypeError, match="layers: expected a list"):
         GRUModel(g)
@@ -145,11 +147,15 @@ def example_layers():
                         g=("leakyrelu", 0.2), clip=4.0),
         "dense": DenseLayer(2, 5, rng.normal(size=(5, 2)), rng.normal(size=5),
                             activation=("elu", 0.5)),
+        "lstm": LSTMSpec.random(3, 4, 1, proj_size=2, peepholes=True, clip=3.0, input_forget=1,
+                                f=("hardsigmoid", 0.3, 0.4), g=("leakyrelu", 0.2, 0.0),
+                                h=("scaledtanh", 1.5, 0.5)).layer(),
     }
 
 
 def test_registry_holds_each_kind_once_and_model_is_the_public_name():
-    assert LAYER_KINDS == {"gru": GRULayer, "dense": DenseLayer}
+    assert LAYER_KINDS == {"gru": GRULayer, "dense": DenseLayer, "lstm": LSTMLayer}
+    assert streamgru.LSTMLayer is LSTMLayer
     assert all(cls.kind == kind and issubclass(cls, Layer) for kind, cls in LAYER_KINDS.items())
     assert "accumulator" not in LAYER_KINDS  # register=False
     assert GRUModel is Model is streamgru.Model is streamgru.model.GRUModel
@@ -163,7 +169,7 @@ def test_a_second_class_for_a_known_kind_is_refused():
         type("OtherGRU", (Layer,), {"kind": "gru"})
     with pytest.raises(TypeError, match="expected a class attribute kind"):
         type("NoKind", (Layer,), {})
-    assert LAYER_KINDS == {"gru": GRULayer, "dense": DenseLayer}
+    assert LAYER_KINDS == {"gru": GRULayer, "dense": DenseLayer, "lstm": LSTMLayer}
 
 
 @pytest.mark.parametrize("kind", sorted(LAYER_KINDS))
@@ -236,7 +242,8 @@ def test_state_slices_over_a_mixed_stack():
     assert m.recurrent_layers == (layers[1], acc, layers[4])
     assert m.gru_layers == (layers[1], layers[4])
     assert (m.input_size, m.output_size) == (2, 1)
-    with pytest.raises(ValueError, match="at least one GRULayer, got only Dense layers"):
+    with pytest.raises(ValueError, match="at least one GRULayer or LSTMLayer, got only Dense "
+                                         "layers"):
         Model([DenseLayer(3, 4, np.ones((4, 3))), DenseLayer(4, 4, np.ones((4, 4)))])
 
 
@@ -246,6 +253,9 @@ def test_work_estimate_of_each_kind():
     assert (layers["gru"].macs, layers["gru"].recurrent_macs) == (18 + 12, 12)
     # Dense 2 -> 5: 10 multiply-adds, none on a state.
     assert (layers["dense"].macs, layers["dense"].recurrent_macs) == (10, 0)
+    # LSTM, I=3, H=4, proj_size=2, peepholes: input 4H x I = 48; on the state R 4H x 2 = 32,
+    # peepholes 3H = 12, projection 2 x H = 8.
+    assert (layers["lstm"].macs, layers["lstm"].recurrent_macs) == (48 + 52, 32 + 12 + 8)
 
 
 def test_loader_refuses_an_unknown_kind_naming_it(tmp_path):
@@ -254,5 +264,122 @@ def test_loader_refuses_an_unknown_kind_naming_it(tmp_path):
                         linear_before_reset=1), Accumulator(4, np.ones(4))])
     m.save(tmp_path / "m.sgru")  # as a newer streamgru that knows the kind would write it
     with pytest.raises(FormatError, match=r"m\.sgru: layers\[1\]: kind: expected one of "
-                                          r"'dense', 'gru', got 'accumulator'.*upgrade"):
+                                          r"'dense', 'gru', 'lstm', got 'accumulator'.*upgrade"):
         streamgru.load(tmp_path / "m.sgru")
+
+
+# --------------------------------------------------------------------------------------------
+# LSTMLayer (streamgru.layers.lstm)
+
+def lstm_arrays(I=3, H=4, H_out=4):
+    rng = np.random.default_rng(2)
+    return rng.normal(size=(4 * H, I)), rng.normal(size=(4 * H, H_out))
+
+
+def test_lstm_layer_sizes_tensors_and_description():
+    W, R = lstm_arrays()
+    plain = LSTMLayer(3, 4, W, R)
+    assert (plain.input_size, plain.hidden_size, plain.proj_size) == (3, 4, 0)
+    assert (plain.output_size, plain.state_size) == (4, 8)  # h (4) then C (4)
+    assert list(plain.tensors()) == ["W", "R", "Wb", "Rb"]
+    assert not plain.Wb.any() and not plain.Rb.any() and plain.P is None and plain.proj is None
+    assert (plain.f, plain.g, plain.h) == (("sigmoid", 0.0, 0.0), ("tanh", 0.0, 0.0),
+                                           ("tanh", 0.0, 0.0))
+    assert (plain.clip, plain.input_forget) == (None, 0)
+    assert plain.describe() == ("lstm proj_size=0 f=sigmoid g=tanh h=tanh clip=off "
+                                "peepholes=no input_forget=0")
+    full = example_layers()["lstm"]
+    assert (full.output_size, full.state_size) == (2, 2 + 4)
+    assert list(full.tensors()) == ["W", "R", "Wb", "Rb", "P", "proj"]
+    assert full.describe() == ("lstm proj_size=2 f=hardsigmoid(alpha=0.3, beta=0.4) "
+                               "g=leakyrelu(alpha=0.2, beta=0) h=scaledtanh(alpha=1.5, beta=0.5) "
+                               "clip=3.0 peepholes=yes input_forget=1")
+    assert all(not t.flags.writeable for t in full.tensors().values())
+    assert "LSTMLayer(input_size=3, hidden_size=4, proj_size=2, peepholes=True" in repr(full)
+
+
+_W, _R = lstm_arrays()
+
+
+@pytest.mark.parametrize("args, kw, exc, msg", [
+    ((_W.T, _R), {}, ValueError, r"^W: expected shape \(16, 3\), got \(3, 16\)"),
+    ((_W, _R[:, :2]), {}, ValueError, r"^R: expected shape \(16, 4\), got \(16, 2\)"),
+    ((_W, _R, np.zeros(12)), {}, ValueError, r"^Wb: expected shape \(16,\), got \(12,\)"),
+    ((_W, _R, None, np.zeros(3)), {}, ValueError, r"^Rb: expected shape \(16,\)"),
+    ((_W, _R, None, None, np.zeros(16)), {}, ValueError, r"^P: expected shape \(12,\)"),
+    ((_W, _R), {"proj_size": 2}, ValueError,
+     r"^proj: expected an array of shape \(2, 4\) when proj_size > 0 and None when proj_size "
+     r"== 0, got None with proj_size=2"),
+    ((_W, _R, None, None, None, np.zeros((2, 4))), {}, ValueError,
+     r"^proj: expected .* got an array with proj_size=0"),
+    ((_W, _R, None, None, None, np.zeros((2, 4))), {"proj_size": 2}, ValueError,
+     r"^R: expected shape \(16, 2\), got \(16, 4\)"),
+    ((_W, _R[:, :2], None, None, None, np.zeros((4, 2))), {"proj_size": 2}, ValueError,
+     r"^proj: expected shape \(2, 4\), got \(4, 2\)"),
+    ((_W, _R), {"proj_size": -1}, ValueError, r"^proj_size: expected an int >= 0"),
+    ((_W, _R), {"proj_size": True}, TypeError, r"^proj_size: expected an int >= 0"),
+    ((_W, _R), {"proj_size": 2.0}, TypeError, r"^proj_size: expected an int >= 0"),
+    ((_W, _R), {"input_forget": 2}, ValueError, r"^input_forget: expected 0 or 1"),
+    ((_W, _R), {"clip": 0.0}, ValueError, r"^clip: expected a positive finite float"),
+    ((_W, _R), {"h": "softmax"}, ValueError, r"^h: expected one of .*got 'softmax'"),
+    ((_W, _R), {"g": ("relu", 0.5)}, ValueError, r"^g: expected no alpha for relu"),
+    ((_W, _R), {"f": 3}, TypeError, r"^f: expected an activation name"),
+    ((_W.astype(np.int64), _R), {}, TypeError, r"^W: expected a float32 or float64 array"),
+    ((_W, np.where(np.eye(16, 4) > 0, np.nan, _R)), {}, ValueError,
+     r"^R: expected finite values, got nan at index \(0, 0\)"),
+])
+def test_lstm_layer_refuses_bad_arguments_naming_them(args, kw, exc, msg):
+    with pytest.raises(exc, match=msg):
+        LSTMLayer(3, 4, *args, **kw)
+
+
+def test_lstm_from_config_refuses_tensors_its_config_does_not_announce():
+    layer = example_layers()["lstm"]
+    cfg, t = layer.config(), dict(layer.tensors())
+    del t["P"]
+    with pytest.raises(ValueError, match=r"^tensors: expected \['P', 'R', 'Rb', 'W', 'Wb', "
+                                         r"'proj'\] for this configuration, got \['R', 'Rb', "
+                                         r"'W', 'Wb', 'proj'\]"):
+        LSTMLayer.from_config(cfg, t)
+    plain = LSTMLayer(3, 4, *lstm_arrays())
+    with pytest.raises(ValueError, match=r"^tensors: expected \['R', 'Rb', 'W', 'Wb'\]"):
+        LSTMLayer.from_config(plain.config(), {**plain.tensors(), "P": np.zeros(12)})
+
+
+def test_oracle_steps_an_lstm_layer_as_the_spec_of_its_tensors():
+    """The class exposes what oracle.lstm_cell reads (W, R, Wb, Rb, P, proj, clip, input_forget,
+    f, g, h) with the spec's meaning: same oracle step, bit for bit, in a mixed stack."""
+    spec = LSTMSpec.random(3, 4, 7, proj_size=2, peepholes=True, clip=1.5,
+                           g=("leakyrelu", 0.2, 0.0))
+    layer = spec.layer()
+    rng = np.random.default_rng(3)
+    head = DenseLayer(2, 3, rng.normal(size=(3, 2)))
+    s, x = rng.normal(size=(5, 6)), rng.normal(size=(5, 3))
+    want = oracle.step([spec, head], s, x)
+    got = oracle.step(Model([layer, head]), s, x)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+    assert np.abs(got[1] - s).max() > 0.1  # the state moved: a step that did nothing fails
+
+
+def test_state_layout_of_a_mixed_gru_lstm_dense_stack():
+    """Each LSTM layer's slice is its h (output_size) then its C (hidden_size), in layer order
+    with the GRU layers': the oracle, stepping the whole model, reads and writes them there."""
+    rng = np.random.default_rng(4)
+    lstm_a = LSTMSpec.random(2, 4, 1, proj_size=3).layer()  # state 3 + 4
+    gru = GRULayer(3, 5, rng.normal(size=(15, 3)), rng.normal(size=(15, 5)), linear_before_reset=1)
+    lstm_b = LSTMSpec.random(5, 2, 2).layer()  # state 2 + 2
+    layers = [DenseLayer(4, 2, rng.normal(size=(2, 4))), lstm_a, gru, lstm_b,
+              DenseLayer(2, 1, rng.normal(size=(1, 2)))]
+    m = Model(layers)
+    assert m.state_slices == (slice(0, 7), slice(7, 12), slice(12, 16)) and m.state_size == 16
+    assert m.recurrent_layers == (lstm_a, gru, lstm_b) and m.gru_layers == (gru,)
+    s, x = rng.normal(size=(3, 16)), rng.normal(size=(3, 4))
+    y, s2 = oracle.step(m, s, x)
+    # The same step written out layer by layer, with the slices spelled out.
+    v = oracle.dense(layers[0], x)
+    h_a, c_a = oracle.lstm_cell(lstm_a, v, s[:, 0:3], s[:, 3:7])
+    h_g = oracle.gru_cell(gru, h_a, s[:, 7:12])
+    h_b, c_b = oracle.lstm_cell(lstm_b, h_g, s[:, 12:14], s[:, 14:16])
+    np.testing.assert_array_equal(s2, np.concatenate([h_a, c_a, h_g, h_b, c_b], axis=1))
+    np.testing.assert_array_equal(y, oracle.dense(layers[4], h_b))

@@ -593,8 +593,9 @@ def test_oracle_dense_matches_torch(case):
 # 4. The LSTM oracle (oracle.lstm_cell / lstm_step, docs/lstm.md)
 # --------------------------------------------------------------------------------------------
 #
-# Layers are helpers.LSTMSpec objects (no model class yet). The torch checks go through
-# converters._util.ifco_to_iofc, so they test that reorder too.
+# Layers are helpers.LSTMSpec objects, so these checks hold independently of
+# streamgru.LSTMLayer (tests/test_model.py checks the oracle steps both alike). The torch checks
+# go through converters._util.ifco_to_iofc, so they test that reorder too.
 
 LSTM_T = 20
 

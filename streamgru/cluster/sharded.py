@@ -69,7 +69,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine import check_missing, float_matrix
+from ..engine import check_missing, check_runnable, float_matrix
 from ..errors import FormatError, NonFiniteError
 from ..model import GRUModel
 from ..state import check_kind, normalize_key, normalize_keys
@@ -405,6 +405,7 @@ class ShardedEngine:
     ----------
     model : GRUModel
         Shipped once to each actor as native model-file bytes (no pickled Python objects).
+        Refused before any actor starts if ``Engine`` would refuse it (an LSTM layer, for now).
     shards : int
         Number of actors, each holding an ``Engine`` for its share of the keys.
     address : str, optional
@@ -463,6 +464,7 @@ class ShardedEngine:
                  max_restarts=3, actor_options=None, start_timeout=120.0, missing="refuse"):
         if not isinstance(model, GRUModel):
             raise TypeError(f"model: expected a streamgru.GRUModel, got {type(model).__name__}")
+        check_runnable(model)  # here, not inside an actor, where it would surface as a lost shard
         check_missing(missing, check_finite)
         shards = positive_int(shards, "shards")
         if dtype not in _DTYPES:

@@ -8,5 +8,7 @@ below so that it registers. See docs/architecture.md for the rest (kernels, orac
 from .base import LAYER_KINDS, Layer, format_activation, layer_class
 from .dense import DenseLayer
 from .gru import GRULayer
+from .lstm import LSTMLayer
 
-__all__ = ["Layer", "LAYER_KINDS", "layer_class", "format_activation", "GRULayer", "DenseLayer"]
+__all__ = ["Layer", "LAYER_KINDS", "layer_class", "format_activation", "GRULayer", "LSTMLayer",
+           "DenseLayer"]

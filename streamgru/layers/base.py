@@ -12,7 +12,7 @@ member                 meaning
 ``recurrent``          class attribute: True when the layer holds per-stream state
 ``input_size``         width of one step's input
 ``output_size``        width of one step's output
-``state_size``         values of per-stream state it holds (0: stateless; GRU: H; LSTM: 2H)
+``state_size``         values of per-stream state it holds (0: stateless; GRU: H; LSTM: H_out + H)
 ``tensors()``          ``{name: frozen array}`` in the kind's canonical layout
 ``config()``           JSON-ready description of everything else, ``"kind"`` included
 ``from_config(c, t)``  classmethod: the layer back from ``config()`` and ``tensors()``
@@ -52,7 +52,7 @@ class Layer:
     --------
     >>> from streamgru.layers import LAYER_KINDS
     >>> sorted(LAYER_KINDS)
-    ['dense', 'gru']
+    ['dense', 'gru', 'lstm']
     >>> LAYER_KINDS["gru"].recurrent, LAYER_KINDS["dense"].recurrent
     (True, False)
     """
@@ -205,3 +205,26 @@ def size(value, name):
     if value < 1:
         raise ValueError(f"{name}: expected a positive int, got {value}")
     return int(value)
+
+
+def flag(value, name):
+    """A 0/1 switch (a bool or the int 0 or 1), as a Python int."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer))
+                                               and value in (0, 1)):
+        return int(value)
+    raise ValueError(f"{name}: expected 0 or 1 (or a bool), got {value!r}")
+
+
+def clip_value(clip):
+    """ONNX's cell ``clip``: None (off) or a positive finite float."""
+    if clip is None:
+        return None
+    if isinstance(clip, bool):
+        raise TypeError(f"clip: expected a positive float or None, got {clip!r}")
+    try:
+        clip = float(clip)
+    except (TypeError, ValueError):
+        raise TypeError(f"clip: expected a positive float or None, got {clip!r}") from None
+    if not (clip > 0 and np.isfinite(clip)):
+        raise ValueError(f"clip: expected a positive finite float or None, got {clip!r}")
+    return clip

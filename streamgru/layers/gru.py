@@ -37,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..activations import GRU_ACTIVATIONS, canonical_activation
-from .base import Layer, format_activation, size, weight
+from .base import Layer, clip_value, flag, format_activation, size, weight
 
 __all__ = ["GRULayer"]
 
@@ -89,27 +89,10 @@ class GRULayer(Layer):
         dt = np.result_type(self.W, self.R)
         self.Wb = weight(np.zeros(3 * H, dt) if Wb is None else Wb, "Wb", (3 * H,))
         self.Rb = weight(np.zeros(3 * H, dt) if Rb is None else Rb, "Rb", (3 * H,))
-        if isinstance(linear_before_reset, (bool, np.bool_)):
-            lbr = int(linear_before_reset)
-        elif isinstance(linear_before_reset, (int, np.integer)) and linear_before_reset in (0, 1):
-            lbr = int(linear_before_reset)
-        else:
-            raise ValueError(
-                f"linear_before_reset: expected 0 or 1 (or a bool), got {linear_before_reset!r}"
-            )
-        self.linear_before_reset = lbr
+        self.linear_before_reset = flag(linear_before_reset, "linear_before_reset")
         self.f = canonical_activation(f, allowed=GRU_ACTIVATIONS, what="f")
         self.g = canonical_activation(g, allowed=GRU_ACTIVATIONS, what="g")
-        if clip is not None:
-            if isinstance(clip, bool):
-                raise TypeError(f"clip: expected a positive float or None, got {clip!r}")
-            try:
-                clip = float(clip)
-            except (TypeError, ValueError):
-                raise TypeError(f"clip: expected a positive float or None, got {clip!r}") from None
-            if not (clip > 0 and np.isfinite(clip)):
-                raise ValueError(f"clip: expected a positive finite float or None, got {clip!r}")
-        self.clip = clip
+        self.clip = clip_value(clip)
 
     @property
     def output_size(self):
