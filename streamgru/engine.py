@@ -59,6 +59,7 @@ import numpy as np
 
 from . import kernels as K
 from .errors import FormatError, NonFiniteError, UnsupportedModelError
+from .layers import LAYER_KINDS
 from .model import GRUModel
 from .packing import pack
 from .state import StateStore, normalize_key, normalize_keys
@@ -1361,7 +1362,6 @@ class Engine:
 # native file, the oracle and converters, but no kernel cell yet, so a model holding one is
 # refused here rather than packed as something else. This goes when the kernel driver runs
 # every registered kind.
-ENGINE_KINDS = ("gru", "dense")
 
 
 def check_runnable(model):
@@ -1370,13 +1370,14 @@ def check_runnable(model):
     Raises
     ------
     UnsupportedModelError
-        ``layers[i]`` is of a kind outside :data:`ENGINE_KINDS` (an LSTM layer, until its
-        kernel cell exists).
+        ``layers[i]`` is of a kind the kernels do not run (``Layer.runnable`` False: an LSTM
+        layer, until its kernel cell exists).
     """
     for i, layer in enumerate(model.layers):
-        if layer.kind not in ENGINE_KINDS:
+        if not layer.runnable:
+            kinds = ", ".join(k for k, cls in LAYER_KINDS.items() if cls.runnable)
             raise UnsupportedModelError(
-                f"model: expected layers the engine runs ({', '.join(ENGINE_KINDS)}), got "
+                f"model: expected layers the engine runs ({kinds}), got "
                 f"layers[{i}], a {layer.kind!r} layer, which the engine does not run yet (its "
                 f"kernel cell does not exist); such a model can be converted, saved, loaded and "
                 f"exported, not stepped"

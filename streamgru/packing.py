@@ -11,8 +11,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import kernels as K
-from .activations import activation_id
-from .model import GRULayer
 
 _ALIGN = 16  # elements; 64 bytes for float32, so every weight block starts on a cache line
 
@@ -46,6 +44,40 @@ class PackedModel:
     tail: tuple = ()
     dtype: np.dtype = np.dtype(np.float32)
     weights_dtype: np.dtype = np.dtype(np.float32)
+
+
+class LayerRow:
+    """One layer's row of the kernels' table, as its kind's ``pack`` method fills it.
+
+    Attributes
+    ----------
+    layer : Layer
+    row : (kernels.NT,) int64
+        The table row; ``T_IN``, ``T_OUT`` and ``T_SOFF`` (the layer's first state column) are
+        set, the kind sets the rest (``T_KIND`` first).
+    fp : (kernels.NF,) float64
+        Activation parameters and clip.
+    """
+
+    def __init__(self, layer, state_offset, put_product, pad, need):
+        self.layer = layer
+        self.row = np.zeros(K.NT, np.int64)
+        self.fp = np.zeros(K.NF, np.float64)
+        self.row[K.T_IN] = layer.input_size
+        self.row[K.T_OUT] = layer.output_size
+        self.row[K.T_SOFF] = state_offset
+        self._put_product, self._pad, self._need = put_product, pad, need
+
+    def product(self, column, W, b):
+        """Store the product ``W (M, K) v + b`` as weight panels; ``column`` is its first table
+        column (``T_W``, ``T_R`` or ``T_RN``), followed by its bias and panel-count columns."""
+        self.row[column:column + 3] = self._put_product(W, b)
+
+    def need(self, *, width=0, gates=0, hidden=0):
+        """Scratch room the cell needs per row: ``width`` for the layer's output (regions A/B),
+        ``gates`` for its input products (GX, GH), ``hidden`` for its own workspace (HH, T)."""
+        for name, m in (("width", width), ("gates", gates), ("hidden", hidden)):
+            self._need[name] = max(self._need[name], self._pad(m))
 
 
 def _check_range(model, dtype):
@@ -118,50 +150,17 @@ def pack(model, dtype, weights_dtype=None) -> PackedModel:
             bp[:M] = b
         return put(panels), put(bp), pad(M) // nr
 
-    gi = 0
-    maxw, gmax, hmax = model.input_size, 1, 1
+    need = {"width": model.input_size, "gates": 1, "hidden": 1}
+    slices = iter(model.state_slices)
     for layer in model.layers:
-        row = np.zeros(K.NT, np.int64)
-        frow = np.zeros(K.NF, np.float64)
-        row[K.T_IN] = layer.input_size
-        row[K.T_OUT] = layer.output_size
-        if isinstance(layer, GRULayer):
-            H = layer.hidden_size
-            row[K.T_KIND] = K.KIND_GRU
-            row[K.T_W], row[K.T_BW], row[K.T_NPW] = put_product(layer.W, layer.Wb)
-            if layer.linear_before_reset == 1:
-                row[K.T_R], row[K.T_BR], row[K.T_NPR] = put_product(layer.R, layer.Rb)
-            else:
-                # z and r take R h; n takes R_n (r * h): two products.
-                row[K.T_R], row[K.T_BR], row[K.T_NPR] = put_product(layer.R[:2 * H],
-                                                                    layer.Rb[:2 * H])
-                row[K.T_RN], row[K.T_BRN], row[K.T_NPRN] = put_product(layer.R[2 * H:],
-                                                                       layer.Rb[2 * H:])
-            row[K.T_F] = activation_id(layer.f[0])
-            row[K.T_G] = activation_id(layer.g[0])
-            row[K.T_LBR] = layer.linear_before_reset
-            row[K.T_SOFF] = model.state_slices[gi].start
-            row[K.T_SW] = H
-            frow[[K.F_FA, K.F_FB, K.F_GA, K.F_GB]] = [layer.f[1], layer.f[2], layer.g[1],
-                                                      layer.g[2]]
-            frow[K.F_CLIP] = 0.0 if layer.clip is None else layer.clip
-            maxw = max(maxw, H)
-            gmax = max(gmax, pad(3 * H))
-            hmax = max(hmax, pad(H))
-            gi += 1
-        else:
-            row[K.T_KIND] = K.KIND_DENSE
-            row[K.T_W], row[K.T_BW], row[K.T_NPW] = put_product(layer.W, layer.b)
-            row[K.T_F] = activation_id(layer.activation[0])
-            frow[[K.F_FA, K.F_FB]] = [layer.activation[1], layer.activation[2]]
-            maxw = max(maxw, pad(layer.output_size))
-            gmax = max(gmax, pad(layer.output_size))  # the product lands in GX
-        table.append(row)
-        fp.append(frow)
+        t = LayerRow(layer, next(slices).start if layer.state_size else 0, put_product, pad, need)
+        layer.pack(t)
+        table.append(t.row)
+        fp.append(t.fp)
+    maxw, gmax, hmax = pad(need["width"]), need["gates"], need["hidden"]
     # Scratch row: [A: maxw | B: maxw | GX: gmax | GH: gmax | HH: hmax | T: hmax | BK: S];
     # products write whole panels, so every region a product writes is padded to NR. BK holds
     # the row's stream state from before the step, restored if the step would produce NaN/inf.
-    maxw = pad(maxw)
     layout = np.cumsum([0, maxw, maxw, gmax, gmax, hmax, hmax, model.state_size])
     params = np.zeros(max(off, 1), wdtype)
     for start, a in blocks:
@@ -170,9 +169,9 @@ def pack(model, dtype, weights_dtype=None) -> PackedModel:
     table[:, K.T_LA:K.T_LW + 1] = layout
     fp = np.array(fp, dtype)
     width = int(layout[-1])
-    last_gru = max(i for i, layer in enumerate(model.layers) if isinstance(layer, GRULayer))
+    last = max(i for i, layer in enumerate(model.layers) if layer.recurrent)
     tail = tuple((i, np.array(layer.W, dtype), np.array(layer.b, dtype))
-                 for i, layer in enumerate(model.layers) if i > last_gru)
+                 for i, layer in enumerate(model.layers) if i > last)
     for arr in (params, table, fp) + tuple(a for _, W, b in tail for a in (W, b)):
         arr.setflags(write=False)
     return PackedModel(params, table, fp, width, tail, dtype, wdtype)

@@ -117,7 +117,7 @@ def test_model_must_be_a_grumodel():
 def test_a_model_with_an_lstm_layer_is_refused_until_the_engine_runs_it(dtype):
     # Temporary (no LSTM kernel cell yet): refused by name, never packed as another kind.
     with pytest.raises(UnsupportedModelError, match=r"^model: expected layers the engine runs "
-                                                    r"\(gru, dense\), got layers\[1\], a 'lstm' "
+                                                    r"\(dense, gru\), got layers\[1\], a 'lstm' "
                                                     r"layer, which the engine does not run yet"):
         Engine(mixed_lstm_model(np.dtype(dtype)), dtype=dtype)
 

@@ -22,11 +22,14 @@ member                 meaning
 ``recurrent_macs``     the part of ``macs`` on the layer's own state, which a sequence cannot
                        batch over time steps (0 for a stateless layer)
 ``describe()``         one line for ``streamgru info``
+``pack(row)``          fill its row of the kernels' table (a ``packing.LayerRow``): kernel kind,
+                       products as weight panels, activations, scratch needs
+``runnable``           class attribute: True when the kind has ``pack`` and a kernel cell (the
+                       engine refuses a model holding any other kind)
 =====================  ==========================================================================
 
-How a kind is packed for the kernels and how the float64 oracle steps it live with the packer
-(:mod:`streamgru.packing`) and the tests (``tests/oracle.py``): the oracle must stay independent
-of the code it checks.
+How the float64 oracle steps a kind lives with the tests (``tests/oracle.py``): the oracle must
+stay independent of the code it checks.
 """
 
 from __future__ import annotations
@@ -102,6 +105,16 @@ class Layer:
     @property
     def num_parameters(self):
         return sum(int(t.size) for t in self.tensors().values())
+
+    #: False for a kind the kernels cannot run yet (it does not override :meth:`pack`).
+    runnable = False
+
+    def pack(self, row):
+        """Fill ``row`` (a :class:`streamgru.packing.LayerRow`) for the kernels. A kind the engine
+        runs overrides this and sets ``runnable = True``; the engine refuses the others before
+        packing."""
+        raise NotImplementedError(f"{type(self).__name__}: the kernels do not run {self.kind!r} "
+                                  f"layers yet")
 
     def astype(self, dtype):
         """A copy of the layer with every tensor in ``dtype`` (float32 or float64).

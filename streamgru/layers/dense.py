@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..activations import DENSE_ACTIVATIONS, canonical_activation
+from .. import kernels as K
+from ..activations import DENSE_ACTIVATIONS, activation_id, canonical_activation
 from .base import Layer, format_activation, size, weight
 
 __all__ = ["DenseLayer"]
@@ -77,6 +78,16 @@ class DenseLayer(Layer):
     @property
     def macs(self):
         return int(self.W.size)
+
+    runnable = True
+
+    def pack(self, row):
+        """The Dense table row: its product (which lands in the GX region) and activation."""
+        row.row[K.T_KIND] = K.KIND_DENSE
+        row.product(K.T_W, self.W, self.b)
+        row.row[K.T_F] = activation_id(self.activation[0])
+        row.fp[[K.F_FA, K.F_FB]] = [self.activation[1], self.activation[2]]
+        row.need(width=self.output_size, gates=self.output_size)
 
     def describe(self):
         return f"dense activation={format_activation(self.activation)}"

@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..activations import GRU_ACTIVATIONS, canonical_activation
+from .. import kernels as K
+from ..activations import GRU_ACTIVATIONS, activation_id, canonical_activation
 from .base import Layer, clip_value, flag, format_activation, size, weight
 
 __all__ = ["GRULayer"]
@@ -132,6 +133,27 @@ class GRULayer(Layer):
     @property
     def recurrent_macs(self):
         return int(self.R.size)
+
+    runnable = True
+
+    def pack(self, row):
+        """The GRU's table row: input product W, recurrent product R (linear_before_reset=0:
+        R_z|R_r, then R_n over r * h as the T_RN product), activations f, g and clip."""
+        H = self.hidden_size
+        row.row[K.T_KIND] = K.KIND_GRU
+        row.product(K.T_W, self.W, self.Wb)
+        if self.linear_before_reset == 1:
+            row.product(K.T_R, self.R, self.Rb)
+        else:
+            row.product(K.T_R, self.R[:2 * H], self.Rb[:2 * H])
+            row.product(K.T_RN, self.R[2 * H:], self.Rb[2 * H:])
+        row.row[K.T_F] = activation_id(self.f[0])
+        row.row[K.T_G] = activation_id(self.g[0])
+        row.row[K.T_LBR] = self.linear_before_reset
+        row.row[K.T_SW] = H
+        row.fp[[K.F_FA, K.F_FB, K.F_GA, K.F_GB]] = [self.f[1], self.f[2], self.g[1], self.g[2]]
+        row.fp[K.F_CLIP] = 0.0 if self.clip is None else self.clip
+        row.need(width=H, gates=3 * H, hidden=H)
 
     def describe(self):
         clip = "off" if self.clip is None else self.clip
