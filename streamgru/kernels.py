@@ -757,6 +757,21 @@ def _gates_n_lbr1(table, fp, l, S, gi, wi):
 
 
 @njit(**_JIT)
+def _gates_n_lbr0(table, fp, l, S, gi, wi):
+    """GRU, linear_before_reset=0, after the R_n product (in S[wi, GH:GH+H]):
+    n = g(W_n x + Wb_n + R_n (r * h) + Rb_n) into S[gi, GX+2H:GX+3H]."""
+    GX = table[0, T_LGX]
+    GH = table[0, T_LGH]
+    H = table[l, T_OUT]
+    n = S[gi, GX + 2 * H:GX + 3 * H]
+    p = S[wi, GH:GH + H]
+    for k in range(H):
+        n[k] += p[k]
+    _act(S, gi, GX + 2 * H, GX + 3 * H, table[l, T_G], fp[l, F_GA], fp[l, F_GB], fp[l, F_CLIP],
+         S.itemsize == 4)
+
+
+@njit(**_JIT)
 def _update(table, l, S, gi, st, si, so, D, di, d0):
     """GRU: h' = (1 - z) * n + z * h, written to D[di, d0:d0+H] and over h.
 
@@ -825,7 +840,7 @@ def _gru_pre(table, fp, l, S, gi, wi, st, si, so):
         t[k] = r[k] * h[k]
 
 
-@njit(**_JIT)
+@njit(inline="always", **_JIT)
 def _gru_cell(table, fp, l, S, gi, wi, st, si, so, D, di, d0):
     """One row of a GRU layer once its products are in: the new h, to the state and to D.
 
@@ -841,15 +856,7 @@ def _gru_cell(table, fp, l, S, gi, wi, st, si, so, D, di, d0):
             _gates_n_lbr1(table, fp, l, S, gi, wi)
             _update(table, l, S, gi, st, si, so, D, di, d0)
     else:
-        GX = table[0, T_LGX]
-        GH = table[0, T_LGH]
-        H = table[l, T_OUT]
-        n = S[gi, GX + 2 * H:GX + 3 * H]
-        p = S[wi, GH:GH + H]
-        for k in range(H):
-            n[k] += p[k]
-        _act(S, gi, GX + 2 * H, GX + 3 * H, table[l, T_G], fp[l, F_GA], fp[l, F_GB],
-             fp[l, F_CLIP], S.itemsize == 4)
+        _gates_n_lbr0(table, fp, l, S, gi, wi)
         _update(table, l, S, gi, st, si, so, D, di, d0)
 
 
@@ -862,7 +869,7 @@ def _copy_row(src, si, s0, dst, di, d0, m):
         b[k] = a[k]
 
 
-@njit(**_JIT)
+@njit(inline="always", **_JIT)
 def _dense_cell(table, fp, l, S, gi, D, di, d0):
     """One row of a Dense layer once its product is in: D[di, d0:d0+M] = act(S[gi, GX:GX+M])."""
     M = table[l, T_OUT]
@@ -877,14 +884,14 @@ def _dense_cell(table, fp, l, S, gi, D, di, d0):
 # between two halves, a pre helper and T_NPRN panels) here, and its row in packing.pack.
 
 
-@njit(**_JIT)
+@njit(inline="always", **_JIT)
 def _cell_pre(table, fp, l, S, gi, wi, st, si, so):
     """The part of layer ``l``'s cell before its T_NPRN product (run only when it has one)."""
     if table[l, T_KIND] == KIND_GRU:
         _gru_pre(table, fp, l, S, gi, wi, st, si, so)
 
 
-@njit(**_JIT)
+@njit(inline="always", **_JIT)
 def _cell(table, fp, l, S, gi, wi, st, si, so, D, di, d0):
     """Layer ``l``'s cell for one row once its products are in: its new state to
     st[si, so:], its output to D[di, d0:]."""
