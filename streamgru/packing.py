@@ -152,10 +152,10 @@ def pack(model, dtype, weights_dtype=None) -> PackedModel:
         else:
             row[K.T_KIND] = K.KIND_DENSE
             row[K.T_W], row[K.T_BW], row[K.T_NPW] = put_product(layer.W, layer.b)
+            row[K.T_XOUT] = 1
             row[K.T_F] = activation_id(layer.activation[0])
             frow[[K.F_FA, K.F_FB]] = [layer.activation[1], layer.activation[2]]
-            maxw = max(maxw, pad(layer.output_size))
-            gmax = max(gmax, pad(layer.output_size))  # the product lands in GX
+            maxw = max(maxw, pad(layer.output_size))  # the product lands in A or B (T_XOUT)
         table.append(row)
         fp.append(frow)
     # Scratch row: [A: maxw | B: maxw | GX: gmax | GH: gmax | HH: hmax | T: hmax | BK: S];
