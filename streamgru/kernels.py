@@ -90,12 +90,15 @@ from .isa import TILE
 # state (T_R, T_BR, T_NPR; 0 panels: none), a product of the cell's workspace between the two
 # halves of its cell (T_RN, T_BRN, T_NPRN; 0: none), the state's offset in a stream's state
 # row and its width (T_SOFF, T_SW; width 0: stateless). Per kind: activation ids T_F, T_G and
-# T_LBR (GRU: linear_before_reset; Dense: T_F only).
+# T_LBR (GRU: linear_before_reset; Dense: T_F only). T_XOUT: 1 when the input product is the
+# layer's output before its cell (Dense): it lands in the layer's output region, where the cell
+# finishes it in place, rather than in GX and then copied row by row (that copy cost ~6% of
+# a 100-step sequence at I=16, H=64 with a Dense(4) head).
 (T_KIND, T_IN, T_OUT, T_W, T_BW, T_NPW, T_R, T_BR, T_NPR, T_RN, T_BRN, T_NPRN, T_F, T_G, T_LBR,
- T_SOFF, T_SW) = range(17)
+ T_SOFF, T_SW, T_XOUT) = range(18)
 # table columns: the scratch-row layout, repeated in every row
-T_LA, T_LB, T_LGX, T_LGH, T_LHH, T_LT, T_LBK, T_LW = range(17, 25)
-NT = 25
+T_LA, T_LB, T_LGX, T_LGH, T_LHH, T_LT, T_LBK, T_LW = range(18, 26)
+NT = 26
 # fp columns: activation parameters and clip
 F_FA, F_FB, F_GA, F_GB, F_CLIP = range(5)
 NF = 5
@@ -714,7 +717,8 @@ def _act(A, i, lo, hi, kind, alpha, beta, clip, fast):
 # (Numba's runtime), ~10% of a step at H=128 with a dozen views per row; views made and used
 # inside one function are pruned. The rows and columns every cell helper sees:
 #
-# * ``S[gi, GX:]``: the input product (W x + Wb) of the row, where the gates are computed;
+# * ``S[gi, GX:]``: the input product (W x + Wb) of the row, where the gates are computed (a
+#   T_XOUT layer's product is in ``D[di, d0:]`` instead);
 # * ``S[wi, GH:]``: the recurrent products; ``S[wi, T:]`` the input of a product between the
 #   two halves of a cell (``T_NPRN`` panels: GRU with linear_before_reset=0 only);
 # * ``st[si, so:so + table[l, T_SW]]``: the layer's state, overwritten by the new state;
@@ -752,6 +756,21 @@ def _gates_n_lbr1(table, fp, l, S, gi, wi):
     rh = S[wi, GH + 2 * H:GH + 3 * H]
     for k in range(H):
         n[k] += r[k] * rh[k]
+    _act(S, gi, GX + 2 * H, GX + 3 * H, table[l, T_G], fp[l, F_GA], fp[l, F_GB], fp[l, F_CLIP],
+         S.itemsize == 4)
+
+
+@njit(**_JIT)
+def _gates_n_lbr0(table, fp, l, S, gi, wi):
+    """GRU, linear_before_reset=0, after the R_n product (in S[wi, GH:GH+H]):
+    n = g(W_n x + Wb_n + R_n (r * h) + Rb_n) into S[gi, GX+2H:GX+3H]."""
+    GX = table[0, T_LGX]
+    GH = table[0, T_LGH]
+    H = table[l, T_OUT]
+    n = S[gi, GX + 2 * H:GX + 3 * H]
+    p = S[wi, GH:GH + H]
+    for k in range(H):
+        n[k] += p[k]
     _act(S, gi, GX + 2 * H, GX + 3 * H, table[l, T_G], fp[l, F_GA], fp[l, F_GB], fp[l, F_CLIP],
          S.itemsize == 4)
 
@@ -825,7 +844,7 @@ def _gru_pre(table, fp, l, S, gi, wi, st, si, so):
         t[k] = r[k] * h[k]
 
 
-@njit(**_JIT)
+@njit(inline="always", **_JIT)
 def _gru_cell(table, fp, l, S, gi, wi, st, si, so, D, di, d0):
     """One row of a GRU layer once its products are in: the new h, to the state and to D.
 
@@ -841,15 +860,7 @@ def _gru_cell(table, fp, l, S, gi, wi, st, si, so, D, di, d0):
             _gates_n_lbr1(table, fp, l, S, gi, wi)
             _update(table, l, S, gi, st, si, so, D, di, d0)
     else:
-        GX = table[0, T_LGX]
-        GH = table[0, T_LGH]
-        H = table[l, T_OUT]
-        n = S[gi, GX + 2 * H:GX + 3 * H]
-        p = S[wi, GH:GH + H]
-        for k in range(H):
-            n[k] += p[k]
-        _act(S, gi, GX + 2 * H, GX + 3 * H, table[l, T_G], fp[l, F_GA], fp[l, F_GB],
-             fp[l, F_CLIP], S.itemsize == 4)
+        _gates_n_lbr0(table, fp, l, S, gi, wi)
         _update(table, l, S, gi, st, si, so, D, di, d0)
 
 
@@ -862,11 +873,11 @@ def _copy_row(src, si, s0, dst, di, d0, m):
         b[k] = a[k]
 
 
-@njit(**_JIT)
-def _dense_cell(table, fp, l, S, gi, D, di, d0):
-    """One row of a Dense layer once its product is in: D[di, d0:d0+M] = act(S[gi, GX:GX+M])."""
+@njit(inline="always", **_JIT)
+def _dense_cell(table, fp, l, D, di, d0):
+    """One row of a Dense layer once its product is in D[di, d0:d0+M] (T_XOUT): its
+    activation, in place."""
     M = table[l, T_OUT]
-    _copy_row(S, gi, table[0, T_LGX], D, di, d0, M)
     _act(D, di, d0, d0 + M, table[l, T_F], fp[l, F_FA], fp[l, F_FB], fp[l, F_CLIP],
          D.itemsize == 4)
 
@@ -877,22 +888,22 @@ def _dense_cell(table, fp, l, S, gi, D, di, d0):
 # between two halves, a pre helper and T_NPRN panels) here, and its row in packing.pack.
 
 
-@njit(**_JIT)
+@njit(inline="always", **_JIT)
 def _cell_pre(table, fp, l, S, gi, wi, st, si, so):
     """The part of layer ``l``'s cell before its T_NPRN product (run only when it has one)."""
     if table[l, T_KIND] == KIND_GRU:
         _gru_pre(table, fp, l, S, gi, wi, st, si, so)
 
 
-@njit(**_JIT)
+@njit(inline="always", **_JIT)
 def _cell(table, fp, l, S, gi, wi, st, si, so, D, di, d0):
     """Layer ``l``'s cell for one row once its products are in: its new state to
-    st[si, so:], its output to D[di, d0:]."""
+    st[si, so:], its output to D[di, d0:] (where a T_XOUT layer's input product already is)."""
     kind = table[l, T_KIND]
     if kind == KIND_GRU:
         _gru_cell(table, fp, l, S, gi, wi, st, si, so, D, di, d0)
     elif kind == KIND_DENSE:
-        _dense_cell(table, fp, l, S, gi, D, di, d0)
+        _dense_cell(table, fp, l, D, di, d0)
 
 
 @njit(inline="always", **_JIT)
@@ -999,6 +1010,7 @@ def _make_step_block(name, parallel):
             so = table[l, T_SOFF]
             npw = table[l, T_NPW]
             npr = table[l, T_NPR]
+            px = nxt if table[l, T_XOUT] else GX  # where the input product lands
             gw = _groups(npw, group)
             for q in loop(gw + _groups(npr, group)):
                 if q >= gw:
@@ -1008,14 +1020,17 @@ def _make_step_block(name, parallel):
                 elif l == 0:
                     p0, p1 = _group(q, npw, group)
                     _gemm(params, table[l, T_W], table[l, T_BW], K, p0, p1, x, order, 0,
-                          scratch, GX, r0, r1)
+                          scratch, px, r0, r1)
                 else:
                     p0, p1 = _group(q, npw, group)
                     _gemm(params, table[l, T_W], table[l, T_BW], K, p0, p1, scratch, None, cur,
-                          scratch, GX, r0, r1)
+                          scratch, px, r0, r1)
             last = l == nl - 1  # then the cells write the caller's rows directly
             D = out if last else scratch
             d0 = 0 if last else nxt
+            if last and table[l, T_XOUT]:  # the product goes to the caller's rows first
+                for i in range(r0, r1):
+                    _copy_row(scratch, i, nxt, out, order[i], 0, out.shape[1])
             nprn = table[l, T_NPRN]
             if nprn > 0:
                 for i in range(r0, r1):
@@ -1265,7 +1280,7 @@ def step_one(params, table, fp, state, slot, x, out, scratch, check_finite, flip
             _gemv(params, table[l, T_R], table[l, T_BR], H, table[l, T_NPR], state, slot, so,
                   scratch, w1, GH, rev)
         _gemv(params, table[l, T_W], table[l, T_BW], K, table[l, T_NPW], src, r0, s0, scratch,
-              r0, GX, rev)
+              r0, nxt if table[l, T_XOUT] else GX, rev)
         if not rev:
             _gemv(params, table[l, T_R], table[l, T_BR], H, table[l, T_NPR], state, slot, so,
                   scratch, w1, GH, rev)
@@ -1339,10 +1354,11 @@ def _make_sequence(name, parallel):
                     p0, p1 = _group(_nth(q, gr, True), npr, group)
                     _gemm(params, table[l, T_R], table[l, T_BR], H, p0, p1, scratch, None, HH,
                           scratch, GH, n, n + 1)
+            px = nxt if table[l, T_XOUT] else GX  # where the input product lands
             for q in loop(gw):
                 p0, p1 = _group(_nth(q, gw, rev), npw, group)
                 _gemm(params, table[l, T_W], table[l, T_BW], K, p0, p1, scratch, None, cur,
-                      scratch, GX, 0, n)
+                      scratch, px, 0, n)
             for t in range(n):
                 if not rev:
                     for q in loop(gr):

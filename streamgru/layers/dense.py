@@ -82,12 +82,14 @@ class DenseLayer(Layer):
     runnable = True
 
     def pack(self, row):
-        """The Dense table row: its product (which lands in the GX region) and activation."""
+        """The Dense table row: its product, which lands in its output region (T_XOUT: the cell
+        only activates it in place), and its activation."""
         row.row[K.T_KIND] = K.KIND_DENSE
         row.product(K.T_W, self.W, self.b)
+        row.row[K.T_XOUT] = 1
         row.row[K.T_F] = activation_id(self.activation[0])
         row.fp[[K.F_FA, K.F_FB]] = [self.activation[1], self.activation[2]]
-        row.need(width=self.output_size, gates=self.output_size)
+        row.need(width=self.output_size)
 
     def describe(self):
         return f"dense activation={format_activation(self.activation)}"
