@@ -99,6 +99,17 @@ def _run_steps(forward, xs, state0):
     return out
 
 
+def _torch_step(net, dtype):
+    """``forward(x, s) -> (y, s')`` in numpy through the exported module ``net``."""
+    import torch
+
+    def forward(x, s):
+        with torch.no_grad():
+            y, s2 = net(torch.from_numpy(x.astype(dtype)), torch.from_numpy(s.astype(dtype)))
+        return y.numpy(), s2.numpy()
+    return forward
+
+
 def _close(got, want, atol):
     for t, ((y, s), (y_ref, s_ref)) in enumerate(zip(got, want, strict=True)):
         np.testing.assert_allclose(y, y_ref, atol=atol, rtol=0, err_msg=f"y at step {t}")
@@ -124,15 +135,11 @@ def test_onnx_export_runs_in_onnxruntime_as_the_oracle_and_the_engine(name):
 @pytest.mark.parametrize("name", sorted(SPECS))
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_torch_export_runs_as_the_oracle_and_the_engine(name, dtype):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     model = _model(name, np.dtype(dtype))
     net = converters.to_torch(model)
     xs, state0 = _inputs(model)
-
-    def forward(x, s):
-        with torch.no_grad():
-            y, s2 = net(torch.from_numpy(x.astype(dtype)), torch.from_numpy(s.astype(dtype)))
-        return y.numpy(), s2.numpy()
+    forward = _torch_step(net, dtype)
 
     got = _run_steps(forward, xs, state0)
     assert got[0][0].dtype == np.dtype(dtype)
@@ -295,7 +302,7 @@ def test_onnx_export_refuses_an_lstm_projection_with_the_reason():
 @pytest.mark.parametrize("proj", [False, True], ids=["lstm", "proj"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_torch_export_of_lstm_layers_runs_as_the_oracle(proj, dtype):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     model = _lstm_model(proj, np.dtype(dtype))
     net = converters.to_torch(model)
     # Torch's own modules where torch runs the layer, the canonical equations elsewhere.
@@ -311,11 +318,7 @@ def test_torch_export_of_lstm_layers_runs_as_the_oracle(proj, dtype):
     for name, t in want.tensors().items():
         np.testing.assert_array_equal(back.tensors()[name], t)
     xs, state0 = _inputs(model)
-
-    def forward(x, s):
-        with torch.no_grad():
-            y, s2 = net(torch.from_numpy(x.astype(dtype)), torch.from_numpy(s.astype(dtype)))
-        return y.numpy(), s2.numpy()
+    forward = _torch_step(net, dtype)
 
     got = _run_steps(forward, xs, state0)
     assert got[0][0].dtype == np.dtype(dtype)
