@@ -93,17 +93,21 @@ from .isa import TILE
 # T_LBR (GRU: linear_before_reset; Dense: T_F only). T_XOUT: 1 when the input product is the
 # layer's output before its cell (Dense): it lands in the layer's output region, where the cell
 # finishes it in place, rather than in GX and then copied row by row (that copy cost ~6% of
-# a 100-step sequence at I=16, H=64 with a Dense(4) head).
+# a 100-step sequence at I=16, H=64 with a Dense(4) head). T_HID: the width of the cell's own
+# workspace, which is the T_RN product's input (GRU: H, r * h; LSTM: hidden_size, o * h(C')
+# ahead of the projection). LSTM: T_H the cell-output activation id, T_PEEP the offset of the
+# peepholes [P_i; P_o; P_f] in params (-1: none), T_IFG input_forget.
 (T_KIND, T_IN, T_OUT, T_W, T_BW, T_NPW, T_R, T_BR, T_NPR, T_RN, T_BRN, T_NPRN, T_F, T_G, T_LBR,
- T_SOFF, T_SW, T_XOUT) = range(18)
+ T_SOFF, T_SW, T_XOUT, T_HID, T_H, T_PEEP, T_IFG) = range(22)
 # table columns: the scratch-row layout, repeated in every row
-T_LA, T_LB, T_LGX, T_LGH, T_LHH, T_LT, T_LBK, T_LW = range(18, 26)
-NT = 26
-# fp columns: activation parameters and clip
-F_FA, F_FB, F_GA, F_GB, F_CLIP = range(5)
-NF = 5
-# Layer kinds (T_KIND): each has a cell helper (_gru_cell, _dense_cell) reached from _cell.
-KIND_GRU, KIND_DENSE = 0, 1
+T_LA, T_LB, T_LGX, T_LGH, T_LHH, T_LT, T_LBK, T_LW = range(22, 30)
+NT = 30
+# fp columns: activation parameters (f, g, and the LSTM's h) and clip
+F_FA, F_FB, F_GA, F_GB, F_CLIP, F_HA, F_HB = range(7)
+NF = 7
+# Layer kinds (T_KIND): each has a cell helper (_gru_cell, _dense_cell, _lstm_cell) reached
+# from _cell.
+KIND_GRU, KIND_DENSE, KIND_LSTM = 0, 1, 2
 # Bytes per vector of the product tiles: the target's registers (streamgru.isa picks the tile).
 VEC_BYTES = TILE.vec_bytes
 # Rows per block of the row-parallel kernel, and the most rows one block may hold.
@@ -882,6 +886,148 @@ def _dense_cell(table, fp, l, D, di, d0):
          D.itemsize == 4)
 
 
+@njit(**_JIT)
+def _lstm_gates(params, table, fp, l, S, gi, wi, st, si, so, U, ui, u0):
+    """LSTM, one row once its products are in (S[gi, GX:GX+4H] = W x + Wb, S[wi, GH:GH+4H] =
+    R h + Rb, gate blocks i, o, f, c): the gates, the new cell state C' over C in the state
+    (st[si, so+H_out:so+H_out+H]) and u = o * h(C') into U[ui, u0:u0+H].
+
+    The equations of streamgru/layers/lstm.py, in their order: the peepholes of i and f read
+    C, the output gate's reads C'; clip applies to the gate and candidate pre-activations,
+    never to C' under h. h(C') is computed in the candidate's block, free once C' is in.
+    """
+    GX = table[0, T_LGX]
+    GH = table[0, T_LGH]
+    H = table[l, T_HID]
+    ho = table[l, T_OUT]
+    fast = S.itemsize == 4
+    a = S[gi, GX:GX + 4 * H]
+    b = S[wi, GH:GH + 4 * H]
+    for k in range(4 * H):
+        a[k] += b[k]
+    c = st[si, so + ho:so + ho + H]
+    pp = table[l, T_PEEP]
+    if pp >= 0:  # i and f read the previous cell state
+        pi = params[pp:pp + H]
+        pf = params[pp + 2 * H:pp + 3 * H]
+        ai = S[gi, GX:GX + H]
+        af = S[gi, GX + 2 * H:GX + 3 * H]
+        for k in range(H):
+            ai[k] += pi[k] * c[k]
+            af[k] += pf[k] * c[k]
+    fk, fa, fb, clip = table[l, T_F], fp[l, F_FA], fp[l, F_FB], fp[l, F_CLIP]
+    _act(S, gi, GX, GX + H, fk, fa, fb, clip, fast)  # i
+    _act(S, gi, GX + 3 * H, GX + 4 * H, table[l, T_G], fp[l, F_GA], fp[l, F_GB], clip, fast)
+    i = S[gi, GX:GX + H]
+    cc = S[gi, GX + 3 * H:GX + 4 * H]
+    one = S.dtype.type(1.0)
+    if table[l, T_IFG] == 1:  # f_ = 1 - i
+        for k in range(H):
+            c[k] = (one - i[k]) * c[k] + i[k] * cc[k]
+    else:
+        _act(S, gi, GX + 2 * H, GX + 3 * H, fk, fa, fb, clip, fast)
+        f = S[gi, GX + 2 * H:GX + 3 * H]
+        for k in range(H):
+            c[k] = f[k] * c[k] + i[k] * cc[k]
+    if pp >= 0:  # the output gate reads the new cell state
+        po = params[pp + H:pp + 2 * H]
+        ao = S[gi, GX + H:GX + 2 * H]
+        for k in range(H):
+            ao[k] += po[k] * c[k]
+    _act(S, gi, GX + H, GX + 2 * H, fk, fa, fb, clip, fast)  # o
+    for k in range(H):
+        cc[k] = c[k]
+    _act(S, gi, GX + 3 * H, GX + 4 * H, table[l, T_H], fp[l, F_HA], fp[l, F_HB], 0.0, fast)
+    o = S[gi, GX + H:GX + 2 * H]
+    u = U[ui, u0:u0 + H]
+    for k in range(H):
+        u[k] = o[k] * cc[k]
+
+
+@njit(inline="always", **_JIT)
+def _lstm_std(fast, table, fp, l):
+    """Whether LSTM layer ``l`` is the standard float32 cell (sigmoid gates, tanh candidate and
+    output, no clip, no peepholes, input_forget 0), which :func:`_lstm_std32` computes."""
+    return (fast and table[l, T_F] == ACT_SIGMOID and table[l, T_G] == ACT_TANH
+            and table[l, T_H] == ACT_TANH and fp[l, F_CLIP] <= 0 and table[l, T_PEEP] < 0
+            and table[l, T_IFG] == 0)
+
+
+@njit(**_JIT)
+def _lstm_std32(table, l, S, gi, wi, st, si, so, U, ui, u0, D, di, d0):
+    """The standard float32 LSTM cell in one loop (the general path's operations, fused as
+    :func:`_cell_std32` fuses the GRU's): C' over C in the state and h' = o * tanh(C') into
+    U[ui, u0:u0+H], and into the state's h and D[di, d0:] too when ``D``'s row is given
+    (di >= 0: no projection follows). A function without calls, so that Numba prunes the
+    reference counts of its views.
+
+    Unlike the GRU's, this fused cell is not bit-identical to the general path: with the
+    kernels' reassociation and contraction LLVM fuses the operations of one loop differently
+    from those of several (they agree within float32 rounding; tests/test_lstm_engine.py).
+    A layer takes the same path in every kernel, so a batch still gives the same bits as
+    separate calls."""
+    GX = table[0, T_LGX]
+    GH = table[0, T_LGH]
+    H = table[l, T_HID]
+    ho = table[l, T_OUT]
+    half = S.dtype.type(0.5)
+    a = S[gi, GX:GX + 4 * H]
+    b = S[wi, GH:GH + 4 * H]
+    c = st[si, so + ho:so + ho + H]
+    if di >= 0:
+        h = st[si, so:so + H]
+        o = D[di, d0:d0 + H]
+        for k in range(H):
+            ig = half + half * _tanh32(half * (a[k] + b[k]))
+            og = half + half * _tanh32(half * (a[H + k] + b[H + k]))
+            fg = half + half * _tanh32(half * (a[2 * H + k] + b[2 * H + k]))
+            cn = fg * c[k] + ig * _tanh32(a[3 * H + k] + b[3 * H + k])
+            c[k] = cn
+            hn = og * _tanh32(cn)
+            h[k] = hn
+            o[k] = hn
+    else:
+        u = U[ui, u0:u0 + H]
+        for k in range(H):
+            ig = half + half * _tanh32(half * (a[k] + b[k]))
+            og = half + half * _tanh32(half * (a[H + k] + b[H + k]))
+            fg = half + half * _tanh32(half * (a[2 * H + k] + b[2 * H + k]))
+            cn = fg * c[k] + ig * _tanh32(a[3 * H + k] + b[3 * H + k])
+            c[k] = cn
+            u[k] = og * _tanh32(cn)
+
+
+@njit(inline="always", **_JIT)
+def _lstm_pre(params, table, fp, l, S, gi, wi, st, si, so):
+    """LSTM with a projection, before the projection product (T_RN): C' into the state and
+    u = o * h(C') into S[wi, T:T+H], that product's input."""
+    T = table[0, T_LT]
+    if _lstm_std(S.itemsize == 4, table, fp, l):
+        _lstm_std32(table, l, S, gi, wi, st, si, so, S, wi, T, S, -1, 0)
+    else:
+        _lstm_gates(params, table, fp, l, S, gi, wi, st, si, so, S, wi, T)
+
+
+@njit(inline="always", **_JIT)
+def _lstm_cell(params, table, fp, l, S, gi, wi, st, si, so, D, di, d0):
+    """One row of an LSTM layer once its products are in: the new h (and C) to the state, h to
+    D[di, d0:d0+H_out].
+
+    Without a projection the whole cell runs here (u = o * h(C') is h'); with one,
+    :func:`_lstm_pre` ran the cell and the projection product put h' = proj u in
+    S[wi, GH:GH+H_out]."""
+    ho = table[l, T_OUT]
+    if table[l, T_NPRN] > 0:
+        GH = table[0, T_LGH]
+        _copy_row(S, wi, GH, st, si, so, ho)
+        _copy_row(S, wi, GH, D, di, d0, ho)
+    elif _lstm_std(S.itemsize == 4, table, fp, l):
+        _lstm_std32(table, l, S, gi, wi, st, si, so, S, wi, 0, D, di, d0)
+    else:
+        _lstm_gates(params, table, fp, l, S, gi, wi, st, si, so, st, si, so)
+        _copy_row(st, si, so, D, di, d0, ho)
+
+
 # The layer loops below know no kind: they run a layer's products from its table columns and
 # hand each row to the two functions that follow, the only place that dispatches on T_KIND.
 # A new kind adds its cell helper (and, if its cell needs a product of its own workspace
@@ -889,21 +1035,27 @@ def _dense_cell(table, fp, l, D, di, d0):
 
 
 @njit(inline="always", **_JIT)
-def _cell_pre(table, fp, l, S, gi, wi, st, si, so):
+def _cell_pre(params, table, fp, l, S, gi, wi, st, si, so):
     """The part of layer ``l``'s cell before its T_NPRN product (run only when it has one)."""
-    if table[l, T_KIND] == KIND_GRU:
+    kind = table[l, T_KIND]
+    if kind == KIND_GRU:
         _gru_pre(table, fp, l, S, gi, wi, st, si, so)
+    elif kind == KIND_LSTM:
+        _lstm_pre(params, table, fp, l, S, gi, wi, st, si, so)
 
 
 @njit(inline="always", **_JIT)
-def _cell(table, fp, l, S, gi, wi, st, si, so, D, di, d0):
+def _cell(params, table, fp, l, S, gi, wi, st, si, so, D, di, d0):
     """Layer ``l``'s cell for one row once its products are in: its new state to
-    st[si, so:], its output to D[di, d0:] (where a T_XOUT layer's input product already is)."""
+    st[si, so:], its output to D[di, d0:] (where a T_XOUT layer's input product already is).
+    ``params`` is there for a cell's own per-layer vectors (the LSTM's peepholes)."""
     kind = table[l, T_KIND]
     if kind == KIND_GRU:
         _gru_cell(table, fp, l, S, gi, wi, st, si, so, D, di, d0)
     elif kind == KIND_DENSE:
         _dense_cell(table, fp, l, D, di, d0)
+    elif kind == KIND_LSTM:
+        _lstm_cell(params, table, fp, l, S, gi, wi, st, si, so, D, di, d0)
 
 
 @njit(inline="always", **_JIT)
@@ -1034,13 +1186,13 @@ def _make_step_block(name, parallel):
             nprn = table[l, T_NPRN]
             if nprn > 0:
                 for i in range(r0, r1):
-                    _cell_pre(table, fp, l, scratch, i, i, state, srows[i], so)
+                    _cell_pre(params, table, fp, l, scratch, i, i, state, srows[i], so)
                 for g in loop(_groups(nprn, group)):
                     p0, p1 = _group(g, nprn, group)
-                    _gemm(params, table[l, T_RN], table[l, T_BRN], H, p0, p1, scratch, None, T,
-                          scratch, GH, r0, r1)
+                    _gemm(params, table[l, T_RN], table[l, T_BRN], table[l, T_HID], p0, p1,
+                          scratch, None, T, scratch, GH, r0, r1)
             for i in range(r0, r1):
-                _cell(table, fp, l, scratch, i, i, state, srows[i], so, D,
+                _cell(params, table, fp, l, scratch, i, i, state, srows[i], so, D,
                       order[i] if last else i, d0)
             cur, nxt = nxt, cur
         _check_rows(state, srows, out, order, bad, r0, r1)
@@ -1285,11 +1437,11 @@ def step_one(params, table, fp, state, slot, x, out, scratch, check_finite, flip
             _gemv(params, table[l, T_R], table[l, T_BR], H, table[l, T_NPR], state, slot, so,
                   scratch, w1, GH, rev)
         if table[l, T_NPRN] > 0:
-            _cell_pre(table, fp, l, scratch, r0, w1, state, slot, so)
-            _gemv(params, table[l, T_RN], table[l, T_BRN], H, table[l, T_NPRN], scratch, w1, T,
-                  scratch, w1, GH, rev)
+            _cell_pre(params, table, fp, l, scratch, r0, w1, state, slot, so)
+            _gemv(params, table[l, T_RN], table[l, T_BRN], table[l, T_HID], table[l, T_NPRN],
+                  scratch, w1, T, scratch, w1, GH, rev)
         # the new state goes to the state row, the output to this layer's output
-        _cell(table, fp, l, scratch, r0, w1, state, slot, so, scratch, r0, nxt)
+        _cell(params, table, fp, l, scratch, r0, w1, state, slot, so, scratch, r0, nxt)
         cur, nxt = nxt, cur
         src = scratch
         s0 = cur
@@ -1366,14 +1518,14 @@ def _make_sequence(name, parallel):
                         _gemm(params, table[l, T_R], table[l, T_BR], H, p0, p1, scratch, None,
                               HH, scratch, GH, n, n + 1)
                 if nprn > 0:
-                    _cell_pre(table, fp, l, scratch, t, n, scratch, n, HH)
+                    _cell_pre(params, table, fp, l, scratch, t, n, scratch, n, HH)
                     gn = _groups(nprn, group)
                     for q in loop(gn):
                         p0, p1 = _group(_nth(q, gn, rev), nprn, group)
-                        _gemm(params, table[l, T_RN], table[l, T_BRN], H, p0, p1, scratch, None,
-                              T, scratch, GH, n, n + 1)
+                        _gemm(params, table[l, T_RN], table[l, T_BRN], table[l, T_HID], p0,
+                              p1, scratch, None, T, scratch, GH, n, n + 1)
                 # the new state stays in the workspace row, the output goes to step t's row
-                _cell(table, fp, l, scratch, t, n, scratch, n, HH, scratch, t, nxt)
+                _cell(params, table, fp, l, scratch, t, n, scratch, n, HH, scratch, t, nxt)
             _copy_row(scratch, n, HH, state, slot, table[l, T_SOFF], sw)
             cur, nxt = nxt, cur
         _rows_out(scratch, cur, out)

@@ -59,19 +59,26 @@ class LayerRow:
         Activation parameters and clip.
     """
 
-    def __init__(self, layer, state_offset, put_product, pad, need):
+    def __init__(self, layer, state_offset, put_product, put_vector, pad, need):
         self.layer = layer
         self.row = np.zeros(K.NT, np.int64)
         self.fp = np.zeros(K.NF, np.float64)
         self.row[K.T_IN] = layer.input_size
         self.row[K.T_OUT] = layer.output_size
         self.row[K.T_SOFF] = state_offset
-        self._put_product, self._pad, self._need = put_product, pad, need
+        self._put_product, self._put_vector = put_product, put_vector
+        self._pad, self._need = pad, need
 
     def product(self, column, W, b):
-        """Store the product ``W (M, K) v + b`` as weight panels; ``column`` is its first table
-        column (``T_W``, ``T_R`` or ``T_RN``), followed by its bias and panel-count columns."""
+        """Store the product ``W (M, K) v + b`` as weight panels (``b`` None: no bias);
+        ``column`` is its first table column (``T_W``, ``T_R`` or ``T_RN``), followed by its
+        bias and panel-count columns."""
         self.row[column:column + 3] = self._put_product(W, b)
+
+    def vector(self, column, v):
+        """Store the 1-D ``v`` in ``params`` as it is (a cell's own per-layer values, such as
+        the LSTM's peepholes) and its offset in ``column``."""
+        self.row[column] = self._put_vector(v)
 
     def need(self, *, width=0, gates=0, hidden=0):
         """Scratch room the cell needs per row: ``width`` for the layer's output (regions A/B),
@@ -153,7 +160,8 @@ def pack(model, dtype, weights_dtype=None) -> PackedModel:
     need = {"width": model.input_size, "gates": 1, "hidden": 1}
     slices = iter(model.state_slices)
     for layer in model.layers:
-        t = LayerRow(layer, next(slices).start if layer.state_size else 0, put_product, pad, need)
+        t = LayerRow(layer, next(slices).start if layer.state_size else 0, put_product, put,
+                     pad, need)
         layer.pack(t)
         table.append(t.row)
         fp.append(t.fp)

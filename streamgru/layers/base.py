@@ -13,6 +13,8 @@ member                 meaning
 ``input_size``         width of one step's input
 ``output_size``        width of one step's output
 ``state_size``         values of per-stream state it holds (0: stateless; GRU: H; LSTM: H_out + H)
+``state_parts``        ``((name, width), ...)`` of that state in order (GRU: h; LSTM: h, then C);
+                       the output is always the first ``output_size`` values
 ``tensors()``          ``{name: frozen array}`` in the kind's canonical layout
 ``config()``           JSON-ready description of everything else, ``"kind"`` included
 ``from_config(c, t)``  classmethod: the layer back from ``config()`` and ``tensors()``
@@ -98,6 +100,12 @@ class Layer:
     @property
     def recurrent_macs(self) -> int:
         return 0
+
+    @property
+    def state_parts(self):
+        """``((name, width), ...)``: the parts of the layer's per-stream state, in order (empty
+        for a stateless layer; one ``h`` part by default)."""
+        return (("h", self.state_size),) if self.state_size else ()
 
     def describe(self) -> str:
         raise NotImplementedError

@@ -151,6 +151,7 @@ class GRULayer(Layer):
         row.row[K.T_G] = activation_id(self.g[0])
         row.row[K.T_LBR] = self.linear_before_reset
         row.row[K.T_SW] = H
+        row.row[K.T_HID] = H  # the R_n product's input, r * h
         row.fp[[K.F_FA, K.F_FB, K.F_GA, K.F_GB]] = [self.f[1], self.f[2], self.g[1], self.g[2]]
         row.fp[K.F_CLIP] = 0.0 if self.clip is None else self.clip
         row.need(width=H, gates=3 * H, hidden=H)

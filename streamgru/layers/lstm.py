@@ -45,8 +45,8 @@ checked against it in ``tests/test_oracle.py``):
 
 A stream's state for one LSTM layer is ``H_out + H`` values: ``h`` (``H_out`` wide) **followed
 by** ``C`` (``H`` wide); its output is ``h'``. A model's state is the layers' states in layer
-order. The engine does not run LSTM layers yet (no kernel cell): ``Engine`` refuses such a
-model; the oracle, the native file, ``from_torch``, ``to_torch`` and ``to_onnx`` take it.
+order. The engine runs it on every path (``kernels._lstm_cell``; :meth:`LSTMLayer.pack` says
+how the products are laid out); the oracle, the native file and the converters take it.
 
 For converter authors (the reorders live in :mod:`converters._util`):
 
@@ -74,7 +74,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..activations import LSTM_ACTIVATIONS, canonical_activation
+from .. import kernels as K
+from ..activations import LSTM_ACTIVATIONS, activation_id, canonical_activation
 from .base import Layer, clip_value, flag, format_activation, size, weight
 
 __all__ = ["LSTMLayer"]
@@ -169,6 +170,11 @@ class LSTMLayer(Layer):
         """h then C: ``output_size + hidden_size`` values per stream."""
         return self.output_size + self.hidden_size
 
+    @property
+    def state_parts(self):
+        """h (``output_size``) then C (``hidden_size``)."""
+        return (("h", self.output_size), ("C", self.hidden_size))
+
     def tensors(self):
         """The weight tensors by name, in the canonical layout (``P``, ``proj`` only when set)."""
         out = {"W": self.W, "R": self.R, "Wb": self.Wb, "Rb": self.Rb}
@@ -221,6 +227,35 @@ class LSTMLayer(Layer):
         # and the projection (whose output is the next step's h).
         extra = sum(int(t.size) for t in (self.P, self.proj) if t is not None)
         return int(self.R.size) + extra
+
+    runnable = True
+
+    def pack(self, row):
+        """The LSTM's table row: input product W, recurrent product R (over h), the projection
+        as the T_RN product (over u = o * h(C'), between the two halves of the cell), the
+        peepholes as a vector in params, activations f, g, h, clip and input_forget."""
+        H, ho = self.hidden_size, self.output_size
+        row.row[K.T_KIND] = K.KIND_LSTM
+        row.product(K.T_W, self.W, self.Wb)
+        row.product(K.T_R, self.R, self.Rb)
+        if self.proj is not None:
+            row.product(K.T_RN, self.proj, None)
+        if self.P is not None:
+            row.vector(K.T_PEEP, self.P)
+        else:
+            row.row[K.T_PEEP] = -1
+        row.row[K.T_HID] = H
+        row.row[K.T_SW] = ho + H
+        row.row[K.T_IFG] = self.input_forget
+        row.row[K.T_F] = activation_id(self.f[0])
+        row.row[K.T_G] = activation_id(self.g[0])
+        row.row[K.T_H] = activation_id(self.h[0])
+        row.fp[[K.F_FA, K.F_FB, K.F_GA, K.F_GB, K.F_HA, K.F_HB]] = [
+            self.f[1], self.f[2], self.g[1], self.g[2], self.h[1], self.h[2]]
+        row.fp[K.F_CLIP] = 0.0 if self.clip is None else self.clip
+        # gates: W x and R h (4H each; the projection's output, H_out, lands in GH too);
+        # hidden: the state (h then C) in the sequence kernels' workspace, and u (H wide).
+        row.need(width=ho, gates=max(4 * H, ho), hidden=ho + H)
 
     def describe(self):
         clip = "off" if self.clip is None else self.clip
