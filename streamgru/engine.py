@@ -21,7 +21,8 @@ State policy (what each verb does to a stream's state)
 * Missing values (``Engine(missing=...)``): a NaN in ``step``/``run`` input marks a missing value
   (+-inf never does: it is refused as above, naming the keys). ``"refuse"`` (default): refused as
   above. ``"skip"``: a row with any NaN leaves its stream's state unchanged and outputs the model's
-  output for the held state (the layers after the last GRU layer applied to that layer's held h).
+  output for the held state (the layers after the last recurrent layer applied to that layer's
+  held h).
   ``"zero"``: each NaN is read as 0. ``"last"``: each NaN is read as the stream's last observed
   value of that feature (0 if never observed); every observed value updates that memory, which
   belongs to the stream: ``reset``/``close`` clear it, eviction drops it, ``open``/a new key
@@ -178,14 +179,15 @@ class LoadedState:
 
 
 class Engine:
-    """Stateful multi-stream GRU inference.
+    """Stateful multi-stream inference of a recurrent model (GRU, LSTM and Dense layers).
 
     Parameters
     ----------
-    model : GRUModel
-        Read-only; its weights are cast once to ``dtype``. A model holding a layer kind the
-        kernels do not run yet (an LSTM layer) is refused: ``UnsupportedModelError`` naming the
-        layer (:func:`check_runnable`).
+    model : Model
+        Read-only; its weights are cast once to ``dtype``. A stream's state is the recurrent
+        layers' states in layer order (``model.state_slices``; an LSTM layer's h then its C).
+        A model holding a layer kind the kernels do not run is refused:
+        ``UnsupportedModelError`` naming the layer (:func:`check_runnable`).
     dtype : {"float32", "float64"}
         Arithmetic and state precision. Inputs of other float dtypes are converted on purpose.
     capacity : int
@@ -563,10 +565,11 @@ class Engine:
 
     def _held_output(self, slots, keys):
         """The model's output for the held states of ``slots``: the Dense layers after the last
-        GRU layer (packing's ``tail``) applied to that layer's h, in the engine's dtype, with the
-        kernels' activations. Refuses (NonFiniteError naming ``keys``) an output that overflows."""
+        recurrent layer (packing's ``tail``) applied to that layer's h (``held_output_slice``),
+        in the engine's dtype, with the kernels' activations. Refuses (NonFiniteError naming
+        ``keys``) an output that overflows."""
         p = self._packed
-        v = self._store.states[slots, self.model.state_slices[-1]]
+        v = self._store.states[slots, self.model.held_output_slice]
         for layer, W, b in p.tail:
             with np.errstate(over="ignore", invalid="ignore"):  # checked below
                 v = np.ascontiguousarray(v @ W.T + b)
@@ -1358,10 +1361,9 @@ class Engine:
                 f"capacity={self.capacity}, threads={self.threads})")
 
 
-# The layer kinds the packer and the kernels run. Temporary: an LSTM layer has its class, the
-# native file, the oracle and converters, but no kernel cell yet, so a model holding one is
-# refused here rather than packed as something else. This goes when the kernel driver runs
-# every registered kind.
+# A layer kind of the protocol without a kernel cell (``Layer.runnable`` False: a kind being
+# added, which has its class, the native file and the oracle before its cell) is refused here,
+# by name, rather than packed as something else.
 
 
 def check_runnable(model):
@@ -1370,8 +1372,8 @@ def check_runnable(model):
     Raises
     ------
     UnsupportedModelError
-        ``layers[i]`` is of a kind the kernels do not run (``Layer.runnable`` False: an LSTM
-        layer, until its kernel cell exists).
+        ``layers[i]`` is of a kind the kernels do not run (``Layer.runnable`` False: a kind
+        whose kernel cell does not exist yet).
     """
     for i, layer in enumerate(model.layers):
         if not layer.runnable:

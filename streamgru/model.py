@@ -138,6 +138,21 @@ class Model:
         return tuple(layer for layer in self._layers if layer.state_size > 0)
 
     @property
+    def held_output_slice(self):
+        """The columns of a stream's state holding the last recurrent layer's latest output
+        (its h: every recurrent kind keeps its output as the first ``output_size`` values of
+        its state); the layers after it map that to the model's output for a held state
+        (``Engine(missing="skip")``).
+
+        Examples
+        --------
+        >>> Model.random(3, [4, 5], cell=["gru", "lstm"]).held_output_slice
+        slice(4, 9, None)
+        """
+        start = self._state_slices[-1].start
+        return slice(start, start + self.recurrent_layers[-1].output_size)
+
+    @property
     def gru_layers(self):
         """The GRU layers, in order."""
         return tuple(layer for layer in self._layers if isinstance(layer, GRULayer))
@@ -209,31 +224,55 @@ class Model:
 
     def summary(self):
         """A short human-readable description, one line per layer."""
-        lines = [f"GRUModel: input_size={self.input_size}, output_size={self.output_size}, "
+        lines = [f"Model: input_size={self.input_size}, output_size={self.output_size}, "
                  f"state_size={self.state_size}, parameters={self.num_parameters}, "
                  f"dtype={self.dtype}" + (f", source={self.source}" if self.source else "")]
         lines += [f"  [{i}] {layer!r}" for i, layer in enumerate(self._layers)]
-        return "\n".join(lines)
+        return "\n".join(lines + [self.state_layout()])
+
+    def state_layout(self):
+        """One line: which columns of a stream's state (``engine.state(key)``) belong to which
+        layer and part.
+
+        Examples
+        --------
+        >>> Model.random(3, [4, 5], cell=["gru", "lstm"]).state_layout()
+        'state per stream (14 values): [0] gru h 0:4; [1] lstm h 4:9, C 9:14'
+        """
+        parts, off = [], 0
+        for i, layer in enumerate(self._layers):
+            if not layer.state_size:
+                continue
+            spans = []
+            for name, width in layer.state_parts:
+                spans.append(f"{name} {off}:{off + width}")
+                off += width
+            parts.append(f"[{i}] {layer.kind} " + ", ".join(spans))
+        return f"state per stream ({self.state_size} values): " + "; ".join(parts)
 
     def __repr__(self):
         return (
-            f"GRUModel(layers={len(self._layers)}, input_size={self.input_size}, "
+            f"Model(layers={len(self._layers)}, input_size={self.input_size}, "
             f"output_size={self.output_size}, state_size={self.state_size})"
         )
 
     @classmethod
     def random(cls, input_size, hidden_sizes, *, dense_before=(), dense_after=(),
-               linear_before_reset=1, seed=0, scale=None, dtype=np.float32):
+               linear_before_reset=1, cell="gru", seed=0, scale=None, dtype=np.float32):
         """A seeded random model, for tests, benchmarks and demos.
 
         Parameters
         ----------
         input_size : int
         hidden_sizes : int or sequence of int
-            One GRU layer per entry.
+            One recurrent layer per entry.
         dense_before, dense_after : sequence of (width, activation)
-            Dense layers before the first and after the last GRU layer.
+            Dense layers before the first and after the last recurrent layer.
         linear_before_reset : {0, 1}
+            Of the GRU layers.
+        cell : {"gru", "lstm"} or sequence of them
+            The kind of every recurrent layer, or of each (one entry per hidden size); LSTM
+            layers are PyTorch's (sigmoid, tanh, tanh; no peepholes, no projection).
         seed : int
         scale : float, optional
             Weight scale; defaults to PyTorch's ``1/sqrt(fan)`` initialisation.
@@ -257,9 +296,18 @@ class Model:
         for out, act in dense_before:
             layers.append(DenseLayer(width, out, u((out, width), width), u(out, width), act))
             width = out
-        for H in hidden_sizes:
-            layers.append(GRULayer(width, H, u((3 * H, width), H), u((3 * H, H), H), u(3 * H, H),
-                                   u(3 * H, H), linear_before_reset=linear_before_reset))
+        cells = [cell] * len(hidden_sizes) if isinstance(cell, str) else list(cell)
+        if len(cells) != len(hidden_sizes) or not set(cells) <= {"gru", "lstm"}:
+            raise ValueError(f"cell: expected 'gru', 'lstm' or one of them per hidden size "
+                             f"({len(hidden_sizes)}), got {cell!r}")
+        for H, kind in zip(hidden_sizes, cells):
+            if kind == "gru":
+                layers.append(GRULayer(width, H, u((3 * H, width), H), u((3 * H, H), H),
+                                       u(3 * H, H), u(3 * H, H),
+                                       linear_before_reset=linear_before_reset))
+            else:
+                layers.append(LSTMLayer(width, H, u((4 * H, width), H), u((4 * H, H), H),
+                                        u(4 * H, H), u(4 * H, H)))
             width = H
         for out, act in dense_after:
             layers.append(DenseLayer(width, out, u((out, width), width), u(out, width), act))

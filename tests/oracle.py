@@ -203,7 +203,8 @@ class MissingStreams:
     """Streams under a missing-value policy ("skip", "zero", "last"), fed one row at a time:
     per-key float64 states and last observed values, written from the policy's definition.
 
-    skip: a row with any NaN keeps the state and outputs tail(held h of the last GRU layer);
+    skip: a row with any NaN keeps the state and outputs tail(held h of the last recurrent
+    layer);
     zero: NaN -> 0; last: NaN -> the key's last observed value of that feature (0 if never),
     and every observed value becomes the new last observed one.
     """
@@ -224,7 +225,12 @@ class MissingStreams:
         s = self.state(key)
         nan = np.isnan(row)
         if self.policy == "skip" and nan.any():
-            h = s[self.model.state_slices[-1]]
+            # the last recurrent layer's h: its state's first output_size values (GRU: all
+            # of it; LSTM: h, then C)
+            last = [layer for layer in self.model.layers if layer.state_size > 0][-1]
+            start = sum(layer.state_size for layer in self.model.layers[
+                :self.model.layers.index(last)])
+            h = s[start:start + last.output_size]
             self.states[key] = s
             return tail(self.model, h[None, :])[0]
         if self.policy == "zero":
