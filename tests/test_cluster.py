@@ -19,7 +19,7 @@ from helpers import OracleStreams, mixed_lstm_model
 
 from streamgru import Engine, GRUModel
 from streamgru.cluster import shard_of
-from streamgru.errors import FormatError, UnsupportedModelError
+from streamgru.errors import FormatError
 from streamgru.formats import model_from_bytes, model_to_bytes
 from streamgru.metrics import engine_families
 
@@ -113,20 +113,6 @@ def test_model_bytes_round_trip_is_bit_exact():
         model_from_bytes("m.sgru")
     with pytest.raises(TypeError, match="model: expected a GRUModel, got int"):
         model_to_bytes(3)
-
-
-def test_sharded_engine_refuses_an_lstm_model_before_starting_ray(monkeypatch):
-    """Refused in the driver, not inside an actor; Ray is never asked for (temporary, until the
-    engine runs LSTM layers)."""
-    from streamgru.cluster import sharded
-
-    def no_ray():
-        raise AssertionError("Ray was reached before the model was checked")
-
-    monkeypatch.setattr(sharded, "_ray", no_ray)
-    with pytest.raises(UnsupportedModelError, match=r"got layers\[1\], a 'lstm' layer, which "
-                                                    r"the engine does not run yet"):
-        sharded.ShardedEngine(mixed_lstm_model(np.float32), shards=2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,6 +233,30 @@ def test_sharded_engine_matches_one_engine_and_the_oracle(ray_local):
             np.testing.assert_array_equal(eng.state(k), v)
     with pytest.raises(RuntimeError, match="shut down"):
         eng.step([1], np.ones((1, 3)))
+
+
+@pytest.mark.slow  # starts Ray actors
+def test_sharded_engine_runs_lstm_layers_through_resize_and_snapshots(ray_local, tmp_path):
+    """A model with an LSTM layer (projection, peepholes, clip) and a GRU: the shards step it as
+    one Engine and the oracle do, resize moves whole states (h and C), and a snapshot restores
+    with another shard count."""
+    model = mixed_lstm_model(np.float32)
+    local = Engine(model, threads=1)
+    ref = OracleStreams(model)
+    with _sharded(model, 2) as eng:
+        for i, (keys, x) in enumerate(_events(3, 8, 20, 12, model.input_size)):
+            y = eng.step(keys, x)
+            np.testing.assert_allclose(y, local.step(keys, x), rtol=0, atol=ATOL)
+            np.testing.assert_allclose(y, ref.step(keys.tolist(), x), atol=1e-5)
+            if i == 3:
+                eng.resize(3)
+        _assert_same_streams(eng, local)
+        xs = np.random.default_rng(4).normal(size=(5, model.input_size)).astype(np.float32)
+        np.testing.assert_allclose(eng.run(7, xs), local.run(7, xs), rtol=0, atol=ATOL)
+        eng.save_state(tmp_path / "snap")
+    with _sharded(model, 2) as other:
+        other.load_state(tmp_path / "snap")
+        _assert_same_streams(other, local)
 
 
 @pytest.mark.slow  # starts Ray actors

@@ -17,13 +17,22 @@ from streamgru import engine as engine_mod
 TOL = {"float32": 1e-5, "float64": 1e-9}
 
 
-def small_model(seed=0, lbr=1):
+def small_model(seed=0, lbr=1, kind="gru"):
+    """Dense -> two recurrent layers -> Dense; ``kind`` "gru" (both GRU) or "lstm" (an LSTM,
+    then a GRU: a state of h, C, h)."""
+    cell = ["lstm", "gru"] if kind == "lstm" else "gru"
     return GRUModel.random(5, [8, 6], dense_before=[(7, "tanh")], dense_after=[(3, "softmax")],
-                           linear_before_reset=lbr, seed=seed)
+                           linear_before_reset=lbr, cell=cell, seed=seed)
 
 
 @pytest.fixture(params=["float32", "float64"])
 def dtype(request):
+    return request.param
+
+
+@pytest.fixture(params=["gru", "lstm"])
+def kind(request):
+    """The contract holds for every recurrent layer kind."""
     return request.param
 
 
@@ -37,8 +46,8 @@ def regime(request, monkeypatch):
 
 
 @pytest.mark.nojit
-def test_interleaved_streams_match_oracle(dtype, regime):
-    model = small_model()
+def test_interleaved_streams_match_oracle(dtype, regime, kind):
+    model = small_model(kind=kind)
     eng = Engine(model, dtype=dtype, capacity=2)
     rng = np.random.default_rng(1)
     keys_pool = [f"s{i}" for i in range(7)]
@@ -54,8 +63,8 @@ def test_interleaved_streams_match_oracle(dtype, regime):
         np.testing.assert_allclose(eng.state(k), s, atol=TOL[dtype], rtol=0)
 
 
-def test_duplicate_keys_equal_separate_calls(dtype, regime):
-    model = small_model(seed=3)
+def test_duplicate_keys_equal_separate_calls(dtype, regime, kind):
+    model = small_model(seed=3, kind=kind)
     a = Engine(model, dtype=dtype)
     b = Engine(model, dtype=dtype)
     rng = np.random.default_rng(2)
@@ -69,8 +78,8 @@ def test_duplicate_keys_equal_separate_calls(dtype, regime):
         np.testing.assert_array_equal(a.state(k), b.state(k))
 
 
-def test_stream_isolation(dtype, regime):
-    eng = Engine(small_model(), dtype=dtype)
+def test_stream_isolation(dtype, regime, kind):
+    eng = Engine(small_model(kind=kind), dtype=dtype)
     rng = np.random.default_rng(3)
     eng.step(["a", "b"], rng.normal(size=(2, 5)))
     before = eng.state("b")
@@ -80,8 +89,8 @@ def test_stream_isolation(dtype, regime):
     assert not np.array_equal(eng.state("a"), before)
 
 
-def test_run_equals_repeated_step(dtype):
-    model = small_model(seed=5, lbr=0)
+def test_run_equals_repeated_step(dtype, kind):
+    model = small_model(seed=5, lbr=0, kind=kind)
     a = Engine(model, dtype=dtype)
     b = Engine(model, dtype=dtype)
     rng = np.random.default_rng(4)
@@ -98,8 +107,8 @@ def test_run_equals_repeated_step(dtype):
     np.testing.assert_allclose(a.state("k"), s_ref, atol=TOL[dtype], rtol=0)
 
 
-def test_reset_close_reopen(dtype):
-    eng = Engine(small_model(), dtype=dtype)
+def test_reset_close_reopen(dtype, kind):
+    eng = Engine(small_model(kind=kind), dtype=dtype)
     x = np.ones((1, 5), dtype)
     y0 = eng.step(["k"], x)
     eng.step(["k"], x)
@@ -113,8 +122,8 @@ def test_reset_close_reopen(dtype):
     np.testing.assert_array_equal(eng.step(["k"], x), y0)  # reopened with zeros
 
 
-def test_capacity_growth_mid_stream(dtype, regime):
-    model = small_model(seed=7)
+def test_capacity_growth_mid_stream(dtype, regime, kind):
+    model = small_model(seed=7, kind=kind)
     eng = Engine(model, dtype=dtype, capacity=1)
     rng = np.random.default_rng(5)
     ref = OracleStreams(model)
@@ -142,8 +151,8 @@ def test_set_state_and_open_with_state(dtype):
         eng.open("b")
 
 
-def test_save_load_state_round_trip(tmp_path, dtype):
-    model = small_model()
+def test_save_load_state_round_trip(tmp_path, dtype, kind):
+    model = small_model(kind=kind)
     eng = Engine(model, dtype=dtype)
     rng = np.random.default_rng(6)
     keys = [f"dev-{i}" for i in range(50)] + ["ünï", ""]
@@ -289,10 +298,10 @@ def test_version_and_exports():
         assert hasattr(streamgru, name)
 
 
-def test_int_array_batches_through_the_slot_table_match_list_batches(regime):
+def test_int_array_batches_through_the_slot_table_match_list_batches(regime, kind):
     """Large int-array batches map keys through a compiled table; lists use the dict. Both must
     agree bit for bit through opens, closes, a refused (NaN) call and reopening."""
-    model = small_model(seed=12)
+    model = small_model(seed=12, kind=kind)
     a, b = Engine(model, capacity=8), Engine(model, capacity=8)
     rng = np.random.default_rng(10)
     for step_ in range(12):
@@ -316,14 +325,14 @@ def test_int_array_batches_through_the_slot_table_match_list_batches(regime):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_one_event_path_equals_batch_path_for_every_input_form(dtype, threads, monkeypatch):
+def test_one_event_path_equals_batch_path_for_every_input_form(dtype, threads, kind, monkeypatch):
     """One event of an open stream takes a fast path that calls the compiled kernel directly
     (threads=2 with a large-enough layer: the panel-parallel kernel). Every form of input must
     give exactly what the batch kernel gives for the same row, across state-array growth."""
     from streamgru import kernels
 
     monkeypatch.setattr(engine_mod, "WIDE_MIN_MACS", 0)  # the panel-parallel kernel at threads=2
-    model = small_model(seed=5)
+    model = small_model(seed=5, kind=kind)
     fast = Engine(model, dtype=dtype, capacity=2, threads=threads)
     ref = Engine(model, dtype=dtype, capacity=2, threads=threads)
     rng = np.random.default_rng(9)

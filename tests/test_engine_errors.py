@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from helpers import assert_unchanged, mixed_lstm_model, snapshot
+from helpers import Accumulator, assert_unchanged, snapshot
 
-from streamgru import Engine, GRUModel, UnsupportedModelError
+from streamgru import Engine, GRULayer, GRUModel, UnsupportedModelError
 
 
 @pytest.fixture
@@ -114,12 +114,16 @@ def test_model_must_be_a_grumodel():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_a_model_with_an_lstm_layer_is_refused_until_the_engine_runs_it(dtype):
-    # Temporary (no LSTM kernel cell yet): refused by name, never packed as another kind.
+def test_a_model_with_a_kind_the_kernels_do_not_run_is_refused_by_name(dtype):
+    # A layer kind of the protocol without a kernel cell (runnable False) is refused by name,
+    # never packed as another kind.
+    model = GRUModel([GRULayer(2, 4, np.zeros((12, 2)), np.zeros((12, 4)), linear_before_reset=1),
+                      Accumulator(4, np.ones(4))]).astype(dtype)
     with pytest.raises(UnsupportedModelError, match=r"^model: expected layers the engine runs "
-                                                    r"\(dense, gru\), got layers\[1\], a 'lstm' "
-                                                    r"layer, which the engine does not run yet"):
-        Engine(mixed_lstm_model(np.dtype(dtype)), dtype=dtype)
+                                                    r"\(dense, gru, lstm\), got layers\[1\], a "
+                                                    r"'accumulator' layer, which the engine does "
+                                                    r"not run"):
+        Engine(model, dtype=dtype)
 
 
 def test_float64_input_is_converted_for_float32_engine(eng):

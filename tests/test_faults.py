@@ -16,7 +16,7 @@ from streamgru import engine as engine_mod
 from streamgru import formats as F
 from streamgru import kernels as K
 from streamgru.errors import NonFiniteError
-from streamgru.model import DenseLayer, GRULayer
+from streamgru.model import DenseLayer, GRULayer, LSTMLayer
 from streamgru.state import IntSlotTable, StateStore
 
 I, H = 3, 8
@@ -39,7 +39,20 @@ def overflow_model():
                      DenseLayer(H, 2, dense.W, dense.b)])
 
 
+def lstm_overflow_model():
+    """The same for an LSTM layer (identity candidate and cell output: C and h grow without
+    saturating) between a Dense layer and the head, so the state is h, then C."""
+    rng = np.random.default_rng(4)
+    H4 = 4 * H
+    W = rng.uniform(-0.3, 0.3, (H4, I))
+    W[3 * H:, 0] = OVERFLOW_W  # the candidate block (gate order i, o, f, c)
+    return GRUModel([LSTMLayer(I, H, W, rng.uniform(-0.3, 0.3, (H4, H)), rng.uniform(-0.3, 0.3, H4),
+                               None, g="identity", h="identity"),
+                     DenseLayer(H, 2, rng.normal(size=(2, H)), rng.normal(size=2))])
+
+
 MODEL = overflow_model()
+MODELS = {"gru": MODEL, "lstm": lstm_overflow_model()}
 
 
 def rows(n, seed):
@@ -56,24 +69,26 @@ PATHS = [pytest.param(p, marks=pytest.mark.nojit)
          for p in ("serial", "parallel", "wide", "one", "one_wide", "run", "run_wide")]
 
 
-def make_engine(path, dtype, check_finite, monkeypatch):
+def make_engine(path, dtype, check_finite, monkeypatch, model=MODEL):
     threads = 1 if path in ("serial", "one", "run") else 2
     if path in ("wide", "one_wide"):  # few rows, "large" layer: split the weights over threads
         monkeypatch.setattr(engine_mod, "WIDE_MIN_MACS", 0)
     if path == "run_wide":
         monkeypatch.setattr(engine_mod, "RUN_WIDE_MIN_MACS", 0)
-    return Engine(MODEL, dtype=dtype, threads=threads, check_finite=check_finite)
+    return Engine(model, dtype=dtype, threads=threads, check_finite=check_finite)
 
 
+@pytest.mark.parametrize("kind", sorted(MODELS))
 @pytest.mark.parametrize("bad_value", ["overflow", "nan_unchecked"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("path", PATHS)
 def test_a_step_that_would_write_nan_or_inf_is_refused_and_changes_nothing(path, dtype, bad_value,
-                                                                           monkeypatch):
+                                                                           kind, monkeypatch):
     if config.DISABLE_JIT and dtype == "float64" and bad_value == "overflow":
         pytest.skip("as Python, the float64 sigmoid's math.exp raises OverflowError where the "
                     "compiled kernel gives inf")
-    eng = make_engine(path, dtype, bad_value == "overflow", monkeypatch)
+    MODEL = MODELS[kind]  # noqa: N806 (the module's model, or the LSTM one)
+    eng = make_engine(path, dtype, bad_value == "overflow", monkeypatch, MODEL)
     n = 70 if path == "parallel" else 5
     keys = [f"k{i}" for i in range(n - 1)] + ["k1"]  # k1 twice: stepped in two waves
     h0 = np.random.default_rng(1).normal(size=(n - 1, MODEL.state_size)) * 0.5

@@ -4,13 +4,12 @@ clip, both linear_before_reset variants, multi-layer stacks with dense layers, 2
 import numpy as np
 import oracle
 import pytest
-from helpers import torch_to_canonical
+from helpers import TOL, LSTMSpec, check_against_oracle, torch_to_canonical
 
 from streamgru import DenseLayer, Engine, GRULayer, GRUModel
 from streamgru import engine as engine_mod
 from streamgru.activations import GRU_ACTIVATIONS
 
-TOL = {"float32": 1e-5, "float64": 1e-9}
 PARAMS = {"hardsigmoid": (0.3, 0.45), "leakyrelu": (0.05, None), "affine": (0.7, 0.1),
           "thresholdedrelu": (0.2, None), "scaledtanh": (0.9, 1.3), "elu": (0.8, None)}
 
@@ -25,32 +24,6 @@ def gru(rng, I, H, lbr, f="sigmoid", g="tanh", clip=None, scale=None):
     return GRULayer(I, H, rng.uniform(-s, s, (3 * H, I)), rng.uniform(-s, s, (3 * H, H)),
                     rng.uniform(-s, s, 3 * H), rng.uniform(-s, s, 3 * H),
                     linear_before_reset=lbr, f=spec(f), g=spec(g), clip=clip)
-
-
-def check_against_oracle(model, dtype, steps=200, n=3, seed=0, regime="serial", monkeypatch=None):
-    if regime == "parallel":
-        monkeypatch.setattr(engine_mod, "PARALLEL_MIN_ROWS", 1)
-    elif regime == "wide":  # few rows, products spread over threads by weight panels
-        monkeypatch.setattr(engine_mod, "WIDE_MIN_MACS", 0)
-    rng = np.random.default_rng(seed)
-    eng = Engine(model, dtype=dtype)
-    s0 = rng.normal(size=(n, model.state_size)) * 0.5
-    for i in range(n):
-        eng.set_state(i, s0[i])
-    ref = s0.astype(dtype).astype(np.float64)
-    worst = 0.0
-    for _ in range(steps):
-        x = rng.normal(size=(n, model.input_size)).astype(dtype)
-        if regime == "one":  # one event per call: the one-event kernel
-            y = np.concatenate([eng.step([i], x[i:i + 1]) for i in range(n)])
-        else:
-            y = eng.step(list(range(n)), x)
-        y_ref, ref = oracle.step(model, ref, x)
-        worst = max(worst, np.abs(y - y_ref).max())
-        np.testing.assert_allclose(y, y_ref, atol=TOL[dtype], rtol=0)
-    for i in range(n):
-        np.testing.assert_allclose(eng.state(i), ref[i], atol=TOL[dtype], rtol=0)
-    return worst
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -272,16 +245,19 @@ def test_import_without_a_writable_cache_directory_warns_and_compiles():
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_every_kernel_on_packed_arrays_same_bits_as_the_oracle(dtype):
     """The kernels called directly on one packed model (Dense, GRU with linear_before_reset 0
-    and 1, Dense): the same events through step_serial, step_parallel, step_wide, step_one
-    (both weight directions), run_sequence (both) and run_sequence_wide give bit-identical
-    outputs and states (one layer loop, the same tiles and cells), and match the oracle. The
-    argument types are the engine's, so nothing compiles that the other tests do not."""
+    and 1, an LSTM with peepholes and a projection, a standard LSTM, Dense): the same events
+    through step_serial, step_parallel, step_wide, step_one (both weight directions),
+    run_sequence (both) and run_sequence_wide give bit-identical outputs and states (one layer
+    loop, the same tiles and cells), and match the oracle. The argument types are the
+    engine's, so nothing compiles that the other tests do not."""
     from streamgru import kernels as K
     from streamgru.packing import pack
 
     rng = np.random.default_rng(50)
     model = GRUModel([DenseLayer(4, 10, rng.normal(size=(10, 4)) * 0.4, None, "relu"),
                       gru(rng, 10, 20, 0), gru(rng, 20, 12, 1),
+                      LSTMSpec.random(12, 10, 51, proj_size=6, peepholes=True).layer(),
+                      LSTMSpec.random(6, 12, 52).layer(),
                       DenseLayer(12, 3, rng.normal(size=(3, 12)), None, "softmax")])
     p = pack(model, dtype)
     assert (p.dtype, p.weights_dtype) == (np.dtype(dtype),) * 2
