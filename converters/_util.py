@@ -8,6 +8,9 @@ exporters, which map the other way) calls it:
 * Keras (and RTNeural, which writes Keras's layout) stores ``kernel`` (I, 3H) and
   ``recurrent_kernel`` (H, 3H) with gate blocks (z, r, h) along the columns, and Dense kernels
   as (in, out): a transpose and no reordering (:func:`keras_gru_layer`, :func:`keras_dense_layer`).
+* LSTM gate blocks: PyTorch's (i, f, g, o) and Keras's (i, f, c, o) -> the canonical (i, o, f, c)
+  (:func:`ifco_to_iofc`; Keras's transposes and single bias: :func:`keras_lstm_tensors`,
+  :func:`keras_lstm_layer`).
 * ONNX's RNN activation names and onnxruntime's reading of ``activation_alpha``/``_beta``
   (:data:`ONNX_RNN_ACTIVATIONS`).
 """
@@ -18,7 +21,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from streamgru.errors import UnsupportedModelError
-from streamgru.model import DenseLayer, GRULayer
+from streamgru.model import DenseLayer, GRULayer, LSTMLayer
 
 __all__ = ["require", "target_dtype", "cast", "cast_layer", "check_keys", "exported_kinds", "swap_rz",
            "keras_gru_layer", "keras_dense_layer", "ONNX_RNN_ACTIVATIONS", "UnsupportedModelError"]
@@ -132,7 +135,7 @@ def keras_dense_layer(kernel, b, activation, out_dtype):
 
 # LSTM layouts (docs/lstm.md). Both reorders are pure numpy and build no layer, so the oracle
 # tests check them against torch before any converter uses them.
-__all__ += ["ifco_to_iofc", "iofc_to_ifco", "keras_lstm_tensors"]
+__all__ += ["ifco_to_iofc", "iofc_to_ifco", "keras_lstm_tensors", "keras_lstm_layer"]
 
 
 def ifco_to_iofc(a):
@@ -168,3 +171,17 @@ def keras_lstm_tensors(kernel, recurrent, bias):
     dt = np.result_type(kernel, recurrent)
     Wb = np.zeros(W.shape[0], dt) if bias is None else ifco_to_iofc(bias)
     return W, R, Wb, np.zeros(W.shape[0], dt)
+
+
+def keras_lstm_layer(kernel, recurrent, bias, *, f, g, out_dtype):
+    """An LSTMLayer from Keras-layout tensors (Keras's ``LSTM`` and RTNeural's ``lstm``).
+
+    ``kernel`` (I, 4H), ``recurrent`` (H, 4H), ``bias`` (4H,) or None, reordered by
+    :func:`keras_lstm_tensors`. Keras applies ``activation`` both to the cell candidate and to
+    the cell output, so ``g`` is the layer's ``g`` and ``h``; ``f`` is its
+    ``recurrent_activation``. No peepholes, no clip, no projection, ``input_forget=0``.
+    """
+    I, H = kernel.shape[0], recurrent.shape[0]
+    W, R, Wb, Rb = keras_lstm_tensors(kernel, recurrent, bias)
+    return LSTMLayer(I, H, cast(W, out_dtype), cast(R, out_dtype), cast(Wb, out_dtype),
+                     cast(Rb, out_dtype), f=f, g=g, h=g)

@@ -1,4 +1,5 @@
-"""Keras model files (``.keras`` and legacy full-model ``.h5``) -> :class:`streamgru.GRUModel`.
+"""Keras model files (``.keras`` and legacy full-model ``.h5``) -> :class:`streamgru.GRUModel`
+(the :class:`~streamgru.model.Model` of GRU, LSTM and Dense layers).
 
 Read with h5py and json only: no TensorFlow or Keras is imported, and nothing in the file is ever
 executed (a ``Lambda`` layer's byte code or a custom object's module is refused, never loaded).
@@ -14,6 +15,13 @@ output, every layer called once on the previous layer's output), made of:
   [input bias; recurrent bias]; ``reset_after=False`` is ``linear_before_reset=0`` with ``bias``
   (3H,) as ``Wb`` and ``Rb = 0``. ``activation`` and ``recurrent_activation`` become ``g`` and
   ``f``; ``use_bias=False`` gives zero biases.
+* ``LSTM`` -> :class:`~streamgru.model.LSTMLayer`. Keras stores ``kernel`` (I, 4H) and
+  ``recurrent_kernel`` (H, 4H) with gate blocks (i, f, c, o) along the columns and one ``bias``
+  (4H,): transposed and reordered to our (i, o, f, c) rows, the bias as ``Wb`` and ``Rb = 0``
+  (``converters._util.keras_lstm_tensors``). ``recurrent_activation`` is ``f``, ``activation``
+  both ``g`` (cell candidate) and ``h`` (cell output); no peepholes, clip or projection.
+  ``use_bias=False`` gives zero biases; ``unit_forget_bias`` only initialises the bias (the file's
+  bias is read as it is). A stream's state for the layer is h then C (``2 * units`` values).
 * ``Dense`` and ``TimeDistributed(Dense)`` -> :class:`~streamgru.model.DenseLayer` (``kernel``
   (in, out) is transposed to our (out, in)).
 * ``Activation`` -> folded into the preceding Dense when that one is linear, otherwise an identity
@@ -30,32 +38,39 @@ Keras 2 and tf.keras up to 2.15 used ``clip(0.2 x + 0.5, 0, 1)`` (alpha = 0.2). 
 version is read from ``metadata.json`` (``.keras``) or the ``keras_version`` attribute (``.h5``);
 a file whose version cannot be read is refused only if it uses hard_sigmoid.
 
-GRU attributes
---------------
+GRU and LSTM attributes
+-----------------------
 * ``go_backwards=True``: refused (a stream is read forwards).
 * ``stateful=True`` (a fixed batch in ``batch_input_shape``/``batch_shape``, states held in the
   layer): accepted; the engine is always stateful, every stream keeps its state between calls
   until it is reset, for any number of streams. No state is read from the file.
 * The streaming export ``y, h = GRU(H, return_sequences=True, return_state=True)(x,
-  initial_state=h0)`` with inputs ``[x, h0]`` and outputs ``[y, h]`` (maybe a Dense on ``y``):
-  a model input that only feeds a GRU's ``initial_state`` is that layer's per-stream state, kept
-  by the engine (``engine.open(key, state=...)``, the GRU layers' states concatenated in layer
-  order); outputs that only return a GRU's state (``return_state=True``) are ignored, the engine
-  keeps the state. Both are listed in ``GRUModel.notes`` (shown by ``streamgru info``).
+  initial_state=h0)`` with inputs ``[x, h0]`` and outputs ``[y, h]`` (maybe a Dense on ``y``),
+  or ``y, h, c = LSTM(...)(x, initial_state=[h0, c0])`` with inputs ``[x, h0, c0]`` (in any
+  order) and outputs ``[y, h, c]``: a model input that only feeds a recurrent layer's
+  ``initial_state`` is (part of) that layer's per-stream state, kept by the engine
+  (``engine.open(key, state=...)``: the recurrent layers' states concatenated in layer order, an
+  LSTM's as its ``initial_state[0]`` (h) then ``initial_state[1]`` (C), whatever the order of
+  the model's inputs); outputs that only return a layer's state (``return_state=True``) are
+  ignored, the engine keeps the state. Both are listed in ``GRUModel.notes`` (shown by
+  ``streamgru info``), with where each layer's state sits in a stream's state.
 * ``return_sequences=False``: accepted. Keras then returns one output per sequence, computed from
   the last step; the engine's output at step t is exactly what Keras returns for the sequence
   ``x[0..t]``, so a per-sequence model streams as the same model evaluated on every prefix.
 * ``dropout``, ``recurrent_dropout``: accepted (inference ignores them). ``unroll``,
   ``implementation``, ``use_cudnn``, ``time_major``, ``zero_output_for_mask`` do not change the
-  arithmetic of a step: accepted. Initializers, regularizers and constraints: training only.
+  arithmetic of a step: accepted. Initializers, regularizers and constraints (and an LSTM's
+  ``unit_forget_bias``): training only.
 * Any configuration key not listed here is refused, so a future Keras option is never silently
   dropped.
 
-Refused with :class:`~streamgru.errors.UnsupportedModelError` naming the layer: ``Bidirectional``,
-``Masking`` (masked steps would have to skip the state update), ``Lambda`` and every custom or
-unknown layer, nested models, branching graphs, layers called with extra arguments, an
-``initial_state`` that is not a model input of its own, a layer consuming a returned state,
-quantized or LoRA Dense layers, unmappable activations.
+Refused with :class:`~streamgru.errors.UnsupportedModelError` naming the layer: ``Bidirectional``
+(of a GRU or an LSTM), ``Masking`` (masked steps would have to skip the state update), ``Lambda``
+and every custom or unknown layer (other recurrent classes: ``SimpleRNN``, ``ConvLSTM1D``, ``RNN``
+of a cell...), nested models, branching graphs, layers called with extra arguments, an
+``initial_state`` that is not a model input of its own or does not hold one tensor per state (one
+for a GRU, h and C for an LSTM), a layer consuming a returned state, quantized or LoRA Dense
+layers, unmappable activations.
 """
 
 from __future__ import annotations
@@ -73,9 +88,9 @@ import numpy as np
 
 from streamgru.errors import FormatError, UnsupportedModelError
 from streamgru.formats import check_size, content_errors, read_file
-from streamgru.model import DenseLayer, GRULayer, GRUModel
+from streamgru.model import DenseLayer, GRUModel
 
-from ._util import check_keys, keras_dense_layer, keras_gru_layer, require, target_dtype
+from ._util import check_keys, keras_dense_layer, keras_gru_layer, keras_lstm_layer, require, target_dtype
 
 __all__ = ["from_keras"]
 
@@ -91,6 +106,12 @@ _GRU_KEYS = _COMMON_KEYS | _TRAINING_KEYS | {
     "return_state", "go_backwards", "stateful", "unroll", "zero_output_for_mask", "time_major",
     "implementation", "dropout", "recurrent_dropout", "seed", "use_cudnn",
 }
+# The LSTM's keys are the GRU's without reset_after, with unit_forget_bias (which only sets the
+# forget gate's initial bias to 1: the trained bias is in the file).
+_LSTM_KEYS = (_GRU_KEYS - {"reset_after"}) | {"unit_forget_bias"}
+# The recurrent classes -> what each of their state tensors is: initial_state[k] and the
+# return_state output k + 1 (a stream's state holds them in this order).
+_STATE_PARTS = {"GRU": ("state",), "LSTM": ("state h", "state C")}
 _DENSE_KEYS = _COMMON_KEYS | _TRAINING_KEYS | {
     "units", "activation", "use_bias", "quantization_config", "lora_rank", "lora_alpha",
 }
@@ -111,7 +132,7 @@ _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 def from_keras(path, *, dtype=None) -> GRUModel:
-    """Read a Keras GRU model file into a :class:`~streamgru.GRUModel`.
+    """Read a Keras GRU/LSTM model file into a :class:`~streamgru.GRUModel`.
 
     Parameters
     ----------
@@ -266,7 +287,8 @@ class _ZipWeights:
     in snake case, suffixed ``_1``, ``_2``... for repeats, in the order of ``model.layers`` (which
     includes InputLayer for a functional model but not for a Sequential one); a GRU's variables
     are under ``cell/vars``, a TimeDistributed's under ``layer/vars``, a Dense's under ``vars``,
-    numbered in creation order (kernel, recurrent_kernel, bias). Recent versions also write the
+    numbered in creation order (kernel, recurrent_kernel, bias; an LSTM's alike). Recent
+    versions also write the
     layer's own name as the ``name`` attribute of ``<key>/vars``: when present it is used, and
     checked.
     """
@@ -297,7 +319,8 @@ class _ZipWeights:
     def get(self, entry, names):
         where = _where(entry)
         key = self.by_name.get(entry["name"], self.keys.get(id(entry)))
-        sub = {"GRU": "cell/vars", "TimeDistributed": "layer/vars"}.get(entry["class_name"], "vars")
+        sub = {"GRU": "cell/vars", "LSTM": "cell/vars",
+               "TimeDistributed": "layer/vars"}.get(entry["class_name"], "vars")
         path = f"layers/{key}/{sub}"
         if key is None or path not in self.f:
             raise ValueError(
@@ -323,8 +346,8 @@ def _convert(config, store, version, out_dtype):
     layers = []
     for entry in entries:
         _convert_layer(entry, store, major, version, layers, out_dtype)
-    if not any(isinstance(layer, GRULayer) for layer in layers):
-        raise UnsupportedModelError("model: expected at least one GRU layer, got none")
+    if not any(layer.recurrent for layer in layers):
+        raise UnsupportedModelError("model: expected at least one GRU or LSTM layer, got none")
     return GRUModel(layers, source=f"keras {version}" if version else "keras",
                     notes=notes + _state_notes(entries, layers))
 
@@ -335,9 +358,10 @@ def _chain(config):
     Returns (chain, storage_order, notes): storage_order is ``model.layers`` as Keras saves
     them; notes say which model inputs were taken as per-stream states and which outputs were
     left to the engine. A streaming export (``y, h = GRU(..., return_state=True)(x,
-    initial_state=h0)`` with inputs ``[x, h0]`` and outputs ``[y, h]``) is a chain: an input
-    that only feeds a GRU's ``initial_state`` is that layer's per-stream state, which the engine
-    keeps, and outputs that only return a GRU's state are the engine's business.
+    initial_state=h0)`` with inputs ``[x, h0]`` and outputs ``[y, h]``, or an LSTM's with
+    ``initial_state=[h0, c0]`` and outputs ``[y, h, c]``) is a chain: an input that only feeds a
+    recurrent layer's ``initial_state`` is (part of) that layer's per-stream state, which the
+    engine keeps, and outputs that only return a layer's state are the engine's business.
     """
     if not isinstance(config, dict) or "class_name" not in config:
         raise ValueError(f"model_config: expected a Keras model config, got {str(config)[:80]!r}")
@@ -350,7 +374,7 @@ def _chain(config):
         storage = [e for e in entries if e["class_name"] != "InputLayer"]
         notes = []
         for k, e in enumerate(entries):
-            if e["class_name"] != "GRU" or not (e["config"] or {}).get("return_state"):
+            if e["class_name"] not in _STATE_PARTS or not (e["config"] or {}).get("return_state"):
                 continue
             if k != len(entries) - 1:
                 raise UnsupportedModelError(
@@ -368,7 +392,8 @@ def _chain(config):
     by_name = {e["name"]: e for e in entries}
     ins = _refs(cfg.get("input_layers"), "input_layers")
     outs = _refs(cfg.get("output_layers"), "output_layers")
-    consumers, state_of = {}, {}  # source layer -> calls; state input -> the GRU it starts
+    # source layer -> calls; state input -> (the layer it starts, its index in initial_state)
+    consumers, state_of = {}, {}
     for e in entries:
         nodes = e["raw"].get("inbound_nodes") or []
         if e["class_name"] == "InputLayer":
@@ -380,31 +405,32 @@ def _chain(config):
             )
         src, states = _node_source(nodes[0], e)
         consumers.setdefault(src[0], []).append((e, src[1]))
-        for st in states:
+        for k, st in enumerate(states):
             if st in state_of or st not in [i[0] for i in ins] or by_name.get(st, {}).get(
                     "class_name") != "InputLayer":
                 raise UnsupportedModelError(
                     f"{_where(e)}: expected initial_state to be a model input of its own (the "
                     f"per-stream state), got {st!r}"
-                    + (f", which also starts layer {state_of[st]['name']!r}"
+                    + (f", which also starts layer {state_of[st][0]['name']!r}"
                        if st in state_of else "")
                 )
-            state_of[st] = e
-    # Outputs that only return a GRU's state (return_state=True: tensors 1.. of its call).
+            state_of[st] = (e, k)
+    # Outputs that only return a layer's state (return_state=True: tensors 1.. of its call).
     main = [o for o in outs if not _is_state_output(o, by_name)]
     data_ins = [i for i in ins if i[0] not in state_of]
     if len(data_ins) != 1 or len(main) != 1 or main[0][1] != 0:
         raise UnsupportedModelError(
             f"model: expected one data input and one output (plus state inputs feeding a GRU's "
-            f"initial_state and state outputs of return_state=True), got inputs "
+            f"or LSTM's initial_state and state outputs of return_state=True), got inputs "
             f"{[i[0] for i in ins]} and outputs {[o[0] for o in outs]}; state inputs "
             f"{sorted(state_of)}"
         )
-    for st, gru in state_of.items():
+    for st, (layer, _) in state_of.items():
         if st in consumers:
             raise UnsupportedModelError(
                 f"model input {st!r}: expected it to feed only the initial_state of layer "
-                f"{gru['name']!r}, got it also consumed by {[c[0]['name'] for c in consumers[st]]}"
+                f"{layer['name']!r}, got it also consumed by "
+                f"{[c[0]['name'] for c in consumers[st]]}"
             )
     start, end = data_ins[0][0], main[0][0]
     chain = [by_name[start]] if start in by_name else []
@@ -430,28 +456,32 @@ def _chain(config):
             f"model: expected a plain chain from {start!r} to {end!r}, got a graph ending "
             f"at {cur!r} with layers off the chain: {missing}"
         )
-    notes = [f"model input {st!r} is the initial state of {_where(gru)}: taken as the "
-             f"per-stream state, which the engine keeps (give it with engine.open(key, "
-             f"state=...))" for st, gru in state_of.items()]
-    notes += [f"model output {o[0]!r} (output {o[1]}) returns the state of "
-              f"{_where(by_name[o[0]])}: ignored, the engine keeps each stream's state"
+    notes = [f"model input {st!r} is the initial {_STATE_PARTS[layer['class_name']][k]} of "
+             f"{_where(layer)}: taken as the per-stream state, which the engine keeps (give it "
+             f"with engine.open(key, state=...))" for st, (layer, k) in state_of.items()]
+    notes += [f"model output {o[0]!r} (output {o[1]}) returns the "
+              f"{_STATE_PARTS[by_name[o[0]]['class_name']][o[1] - 1]} of {_where(by_name[o[0]])}: "
+              f"ignored, the engine keeps each stream's state"
               for o in outs if o not in main]
     return chain, entries, notes
 
 
 def _is_state_output(ref, by_name):
     e = by_name.get(ref[0])
-    return (e is not None and e["class_name"] == "GRU" and ref[1] >= 1
+    return (e is not None and e["class_name"] in _STATE_PARTS
+            and 1 <= ref[1] <= len(_STATE_PARTS[e["class_name"]])
             and bool((e["config"] or {}).get("return_state")))
 
 
 def _state_notes(entries, layers):
-    """Notes on stateful layers and on where each GRU's state sits in a stream's state."""
+    """Notes on stateful layers and on where each recurrent layer's state sits in a stream's
+    state (an LSTM's always, since it holds two parts)."""
     notes = []
-    grus = [e for e in entries if e["class_name"] == "GRU"]
-    sizes = [layer.hidden_size for layer in layers if isinstance(layer, GRULayer)]
+    recurrent = [e for e in entries if e["class_name"] in _STATE_PARTS]
+    recurrent_layers = [layer for layer in layers if layer.recurrent]
+    sizes = [layer.state_size for layer in recurrent_layers]
     ends = np.cumsum(sizes)
-    for e, start, stop in zip(grus, ends - sizes, ends, strict=True):
+    for e, layer, start, stop in zip(recurrent, recurrent_layers, ends - sizes, ends, strict=True):
         cfg = e["config"] or {}
         if cfg.get("stateful"):
             shape = cfg.get("batch_input_shape") or cfg.get("batch_shape") or next(
@@ -462,7 +492,11 @@ def _state_notes(entries, layers):
                 f"{_where(e)} is stateful=True (batch {batch} in the file): the engine keeps its "
                 f"state per stream, for any number of streams; the batch size is not a limit and "
                 f"no stored state is read")
-        if len(grus) > 1:
+        if e["class_name"] == "LSTM":
+            mid = start + layer.output_size
+            notes.append(f"{_where(e)}: its state is elements {start}:{stop} of a stream's "
+                         f"state: h {start}:{mid}, then C {mid}:{stop}")
+        elif len(recurrent) > 1:
             notes.append(f"{_where(e)}: its state is elements {start}:{stop} of a stream's "
                          f"state")
     return notes
@@ -490,13 +524,14 @@ def _refs(value, what):
 
 
 def _node_source(node, entry):
-    """What feeds this call, refusing anything but ``layer(x)`` and ``gru(x, initial_state=h)``.
+    """What feeds this call, refusing anything but ``layer(x)``, ``gru(x, initial_state=h)`` and
+    ``lstm(x, initial_state=[h, c])``.
 
     Returns ((layer name, tensor index) of the data input, [names of the layers giving the
-    initial states]).
+    initial states, in initial_state order]).
     """
     where = _where(entry)
-    is_gru = entry["class_name"] == "GRU"
+    n_states = len(_STATE_PARTS.get(entry["class_name"], ()))
     states = []
     if isinstance(node, dict):  # Keras 3: {"args": [...], "kwargs": {...}}
         args, kwargs = node.get("args", []), dict(node.get("kwargs", {}) or {})
@@ -508,7 +543,7 @@ def _node_source(node, entry):
         history = tensors[0].get("config", {}).get("keras_history")
         src = (history[0] if history else None,
                history[2] if history and len(history) > 2 else 0)
-        init = kwargs.pop("initial_state", None) if is_gru else None
+        init = kwargs.pop("initial_state", None) if n_states else None
         for t in init if isinstance(init, list) else ([init] if init is not None else []):
             h = t.get("config", {}).get("keras_history") if _is_keras_tensor(t) else None
             if not h:
@@ -517,9 +552,11 @@ def _node_source(node, entry):
                     f"{str(t)[:120]}")
             states.append(h[0])
     elif isinstance(node, list):  # Keras 2: [[name, node_index, tensor_index, kwargs], ...]
-        # tf.keras 2 records gru(x, initial_state=h) as a call on [x, h].
+        # tf.keras 2 records gru(x, initial_state=h) as a call on [x, h], and lstm(x,
+        # initial_state=[h, c]) on [x, h, c].
+        # A wrong number of states is refused below, as for Keras 3.
         n_in = len(node)
-        if not (n_in == 1 or (is_gru and n_in == 2)) or not all(
+        if not (n_in == 1 or (n_states and n_in > 1)) or not all(
                 isinstance(x, list) and len(x) >= 3 for x in node):
             raise UnsupportedModelError(
                 f"{where}: expected to be called on one tensor, got {str(node)[:120]}"
@@ -529,6 +566,11 @@ def _node_source(node, entry):
         states = [x[0] for x in node[1:]]
     else:
         raise UnsupportedModelError(f"{where}: expected an inbound node, got {str(node)[:120]}")
+    if states and len(states) != n_states:
+        raise UnsupportedModelError(
+            f"{where}: expected initial_state to hold {n_states} tensor(s) "
+            f"({', '.join(_STATE_PARTS[entry['class_name']])}), got {len(states)}: {states}"
+        )
     extra = {k: v for k, v in kwargs.items() if k not in _CALL_KWARGS or (k == "mask" and v)}
     if extra:
         raise UnsupportedModelError(
@@ -554,6 +596,8 @@ def _convert_layer(entry, store, major, version, layers, out_dtype):
         return
     if cls == "GRU":
         layers.append(_gru(entry, store, major, version, out_dtype))
+    elif cls == "LSTM":
+        layers.append(_lstm(entry, store, major, version, out_dtype))
     elif cls == "Dense":
         layers.append(_dense(entry, cfg, store, major, version, out_dtype))
     elif cls == "TimeDistributed":
@@ -570,7 +614,7 @@ def _convert_layer(entry, store, major, version, layers, out_dtype):
         check_keys(cfg, _ACTIVATION_KEYS, where)
         if not layers:
             raise UnsupportedModelError(
-                f"{where}: expected an Activation after a GRU or Dense layer, got it first"
+                f"{where}: expected an Activation after a GRU, LSTM or Dense layer, got it first"
             )
         act = _activation(cfg.get("activation"), major, version, where, "activation", dense=True)
         append_activation(layers, act, out_dtype)
@@ -583,7 +627,7 @@ def _convert_layer(entry, store, major, version, layers, out_dtype):
         )
     elif cls == "Masking":
         raise UnsupportedModelError(
-            f"{where}: Masking makes the GRU skip masked steps (state carried unchanged); "
+            f"{where}: Masking makes a GRU or LSTM skip masked steps (state carried unchanged); "
             f"streamgru updates the state on every step"
         )
     elif cls == "Lambda":
@@ -593,24 +637,35 @@ def _convert_layer(entry, store, major, version, layers, out_dtype):
         )
     elif cls in _MODEL_CLASSES:
         raise UnsupportedModelError(
-            f"{where}: a nested model; expected a flat stack of GRU/Dense layers (rebuild the "
+            f"{where}: a nested model; expected a flat stack of GRU/LSTM/Dense layers (rebuild the "
             f"model without nesting)"
         )
     else:
         raise UnsupportedModelError(
-            f"{where}: unsupported layer class {cls!r}; expected GRU, Dense, "
+            f"{where}: unsupported layer class {cls!r}; expected GRU, LSTM, Dense, "
             f"TimeDistributed(Dense), Activation, Dropout or InputLayer"
         )
 
 
-def _gru(entry, store, major, version, out_dtype):
-    cfg, where = entry["config"], _where(entry)
-    check_keys(cfg, _GRU_KEYS, where)
+def _refuse_backwards(cfg, where):
     if cfg.get("go_backwards", False):
         raise UnsupportedModelError(
             f"{where}: go_backwards=True reads the sequence from its end; a stream is stepped "
             f"forwards only"
         )
+
+
+def _units(cfg, where):
+    H = cfg.get("units")
+    if isinstance(H, bool) or not isinstance(H, int) or H < 1:
+        raise ValueError(f"{where}: expected units to be a positive int, got {H!r}")
+    return H
+
+
+def _gru(entry, store, major, version, out_dtype):
+    cfg, where = entry["config"], _where(entry)
+    check_keys(cfg, _GRU_KEYS, where)
+    _refuse_backwards(cfg, where)
     if "reset_after" not in cfg:
         raise UnsupportedModelError(
             f"{where}: reset_after is not stated in the config (its default changed between "
@@ -618,9 +673,7 @@ def _gru(entry, store, major, version, out_dtype):
         )
     reset_after = bool(cfg["reset_after"])
     use_bias = bool(cfg.get("use_bias", True))
-    H = cfg.get("units")
-    if isinstance(H, bool) or not isinstance(H, int) or H < 1:
-        raise ValueError(f"{where}: expected units to be a positive int, got {H!r}")
+    H = _units(cfg, where)
     g = _activation(cfg.get("activation", "tanh"), major, version, where, "activation")
     f = _activation(cfg.get("recurrent_activation", "sigmoid"), major, version, where,
                     "recurrent_activation")
@@ -658,6 +711,31 @@ def _gru(entry, store, major, version, out_dtype):
             Rb = np.zeros_like(bias)
     return keras_gru_layer(kernel, recurrent, Wb, Rb, linear_before_reset=1 if reset_after else 0,
                            f=f, g=g, out_dtype=out_dtype)
+
+
+def _lstm(entry, store, major, version, out_dtype):
+    cfg, where = entry["config"], _where(entry)
+    check_keys(cfg, _LSTM_KEYS, where)
+    _refuse_backwards(cfg, where)
+    use_bias = bool(cfg.get("use_bias", True))
+    H = _units(cfg, where)
+    g = _activation(cfg.get("activation", "tanh"), major, version, where, "activation")
+    f = _activation(cfg.get("recurrent_activation", "sigmoid"), major, version, where,
+                    "recurrent_activation")
+    w = store.get(entry, ["kernel", "recurrent_kernel"] + (["bias"] if use_bias else []))
+    kernel, recurrent, bias = w["kernel"], w["recurrent_kernel"], w.get("bias")
+    if kernel.ndim != 2 or kernel.shape[1] != 4 * H:
+        raise ValueError(
+            f"{where}: expected kernel of shape (input_size, {4 * H}), got {kernel.shape}"
+        )
+    if recurrent.shape != (H, 4 * H):
+        raise ValueError(
+            f"{where}: expected recurrent_kernel of shape {(H, 4 * H)}, got {recurrent.shape}"
+        )
+    if bias is not None and bias.shape != (4 * H,):
+        raise ValueError(f"{where}: expected bias of shape {(4 * H,)}, got {bias.shape}")
+    # Keras's gate blocks (i, f, c, o) -> ours (i, o, f, c); activation is both g and h.
+    return keras_lstm_layer(kernel, recurrent, bias, f=f, g=g, out_dtype=out_dtype)
 
 
 def _dense(entry, cfg, store, major, version, out_dtype):

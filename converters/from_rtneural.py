@@ -6,7 +6,7 @@ The format is the one RTNeural's Python exporters write and its C++ loader
 ``python/model_utils_torch.py`` for PyTorch)::
 
     {"in_shape": [null, null, I],
-     "layers": [{"type": "gru" | "dense" | "time-distributed-dense" | "activation" | ...,
+     "layers": [{"type": "gru" | "lstm" | "dense" | "time-distributed-dense" | "activation" | ...,
                  "activation": "" | "tanh" | "relu" | "sigmoid" | "softmax" | "elu",
                  "shape": [null, null, out_size],
                  "weights": [...]}, ...]}
@@ -30,6 +30,16 @@ Weight layouts (Keras layout, as ``layer.get_weights()`` returns it):
   ``""`` for linear and every other unlisted activation). The recurrent activation is not in the
   format: a Keras GRU trained with hard_sigmoid gates exported this way runs with sigmoid gates in
   RTNeural and here alike.
+* ``lstm``: ``[kernel (I, 4H), recurrent_kernel (H, 4H), bias (4H,)]``, Keras's layout, with
+  gate blocks (i, f, c, o) along the columns (``LSTMLayer::setWVals``/``setUVals``/``setBVals``
+  read column ``k`` as i, ``k + H`` as f, ``k + 2H`` as the candidate, ``k + 3H`` as o):
+  transposed and reordered to our (i, o, f, c) rows (``converters._util.keras_lstm_tensors``),
+  the one bias as ``Wb``, ``Rb = 0``. RTNeural's LSTM always runs sigmoid gates and tanh for
+  both the candidate and the cell output (``f``, ``g``, ``h`` = sigmoid, tanh, tanh); as for the
+  GRU, an ``"activation"`` other than ``"tanh"`` (or absent) is refused, and the recurrent
+  activation is not in the format. A missing bias (Keras ``use_bias=False`` exported: two
+  arrays) is zeros; RTNeural's own loader would reject such a file. A stream's state for the
+  layer is h then C (``2H`` values).
 * ``dense`` / ``time-distributed-dense``: ``[kernel (in, out), bias (out,)]``, transposed to our
   (out, in). A missing bias (Keras ``use_bias=False`` exported) is zeros; RTNeural's own loader
   would reject such a file. ``"activation"``: ``""`` is linear; tanh, relu, sigmoid, softmax,
@@ -37,7 +47,7 @@ Weight layouts (Keras layout, as ``layer.get_weights()`` returns it):
 * ``activation``: a standalone activation, folded into the preceding linear Dense or carried by
   an identity Dense layer.
 
-Refused by layer index and type: ``lstm``, ``conv1d``, ``conv2d``, ``prelu``, ``batchnorm``,
+Refused by layer index and type: ``conv1d``, ``conv2d``, ``prelu``, ``batchnorm``,
 ``batchnorm2d`` and any other type (RTNeural silently skips unknown types; we do not).
 """
 
@@ -50,9 +60,9 @@ import numpy as np
 
 from streamgru.errors import UnsupportedModelError
 from streamgru.formats import content_errors, read_json
-from streamgru.model import GRULayer, GRUModel
+from streamgru.model import GRUModel
 
-from ._util import check_keys, keras_dense_layer, keras_gru_layer, target_dtype
+from ._util import check_keys, keras_dense_layer, keras_gru_layer, keras_lstm_layer, target_dtype
 from .from_keras import append_activation
 
 __all__ = ["from_rtneural", "is_rtneural_json"]
@@ -67,9 +77,8 @@ _ACTIVATIONS = {
 }
 _LAYER_KEYS = frozenset({"type", "activation", "shape", "weights", "name"})
 _REFUSED = {
-    "lstm": "LSTM layers are not GRUs",
-    "conv1d": "convolutions need a window of past inputs, not a GRU state",
-    "conv2d": "convolutions need a window of past inputs, not a GRU state",
+    "conv1d": "convolutions need a window of past inputs, not a recurrent state",
+    "conv2d": "convolutions need a window of past inputs, not a recurrent state",
     "prelu": "PReLU has a learned per-channel slope streamgru has no layer for",
     "batchnorm": "batch normalisation has no streamgru layer (fold it into the next Dense first)",
     "batchnorm2d": "batch normalisation has no streamgru layer",
@@ -117,8 +126,8 @@ def from_rtneural(path_or_dict, *, dtype=None) -> GRUModel:
     Returns
     -------
     GRUModel
-        ``source`` is ``"rtneural"``. Like RTNeural's GRU, the engine is stateful: each stream's
-        state persists across steps until it is reset.
+        ``source`` is ``"rtneural"``. Like RTNeural's GRU and LSTM, the engine is stateful: each
+        stream's state persists across steps until it is reset.
 
     Raises
     ------
@@ -171,10 +180,10 @@ def _convert(doc, out_dtype):
         where = f"layers[{i}] ({kind!r})"
         if kind in _REFUSED:
             raise UnsupportedModelError(f"{where}: unsupported layer type: {_REFUSED[kind]}")
-        if kind not in ("gru", "dense", "time-distributed-dense", "activation"):
+        if kind not in ("gru", "lstm", "dense", "time-distributed-dense", "activation"):
             raise UnsupportedModelError(
-                f"{where}: unknown layer type; expected gru, dense, time-distributed-dense or "
-                f"activation"
+                f"{where}: unknown layer type; expected gru, lstm, dense, time-distributed-dense "
+                f"or activation"
             )
         check_keys(spec, _LAYER_KEYS, where, what="keys")
         out = _size(spec.get("shape"), f"{where} shape")
@@ -188,6 +197,8 @@ def _convert(doc, out_dtype):
             )
         if kind == "gru":
             layers.append(_gru(weights, act_name, width, out, where, out_dtype))
+        elif kind == "lstm":
+            layers.append(_lstm(weights, act_name, width, out, where, out_dtype))
         elif kind == "activation":
             if not layers:
                 raise UnsupportedModelError(f"{where}: expected an activation after a layer, got "
@@ -200,8 +211,8 @@ def _convert(doc, out_dtype):
         else:
             layers.append(_dense(weights, act_name, width, out, where, out_dtype))
         width = out
-    if not any(isinstance(layer, GRULayer) for layer in layers):
-        raise UnsupportedModelError("layers: expected at least one gru layer, got none")
+    if not any(layer.recurrent for layer in layers):
+        raise UnsupportedModelError("layers: expected at least one gru or lstm layer, got none")
     return GRUModel(layers, source="rtneural")
 
 
@@ -238,6 +249,26 @@ def _gru(weights, act_name, I, H, where, out_dtype):
         )
     return keras_gru_layer(kernel, recurrent, Wb, Rb, linear_before_reset=lbr, f="sigmoid",
                            g="tanh", out_dtype=out_dtype)
+
+
+def _lstm(weights, act_name, I, H, where, out_dtype):
+    if act_name not in (None, "tanh"):
+        raise UnsupportedModelError(
+            f"{where}: activation {act_name!r}: RTNeural's LSTM always uses tanh for the candidate "
+            f"and the cell output and ignores this field, while the model it was exported from "
+            f"did not use tanh (the Keras exporter writes \"\" for linear and other unlisted "
+            f"activations); set it to \"tanh\" if the original model used tanh"
+        )
+    if len(weights) not in (2, 3):
+        raise ValueError(
+            f"{where}: expected weights [kernel, recurrent_kernel, bias], got {len(weights)} arrays"
+        )
+    kernel = _array(weights[0], (I, 4 * H), f"{where} kernel (weights[0])")
+    recurrent = _array(weights[1], (H, 4 * H), f"{where} recurrent kernel (weights[1])")
+    # No bias array: a Keras use_bias=False LSTM exported as is (zero bias).
+    bias = _array(weights[2], (4 * H,), f"{where} bias (weights[2])") if len(weights) == 3 else None
+    # Keras's gate blocks (i, f, c, o), which RTNeural reads, -> ours (i, o, f, c).
+    return keras_lstm_layer(kernel, recurrent, bias, f="sigmoid", g="tanh", out_dtype=out_dtype)
 
 
 def _dense(weights, act_name, n_in, n_out, where, out_dtype):

@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import numpy as np
 import oracle
+import pytest
 
 from streamgru import Layer, LSTMLayer
 
@@ -43,6 +44,58 @@ class OracleStreams:
             self.states[k] = s2[0]
             ys.append(y[0])
         return np.array(ys).reshape(len(ys), self.model.output_size)
+
+
+def oracle_streams(model, x, s0):
+    """B streams stepped together by the float64 oracle: ``x`` (B, T, input_size), ``s0``
+    (B, state_size) their start states -> outputs (B, T, output_size). A ``run`` of
+    :func:`assert_matches_reference`."""
+    s = np.asarray(s0, np.float64)
+    ys = []
+    for t in range(x.shape[1]):
+        y, s = oracle.step(model, s, x[:, t])
+        ys.append(y)
+    return np.stack(ys, axis=1)
+
+
+def engine_streams(dtype):
+    """A ``run`` like :func:`oracle_streams` by an ``Engine(model, dtype=dtype)``: one stream
+    per row of ``x``, opened from its row of ``s0`` and stepped with the others in one call."""
+    def run(model, x, s0):
+        from streamgru import Engine
+
+        engine = Engine(model, dtype=dtype)
+        keys = [f"s{b}" for b in range(x.shape[0])]
+        for key, s in zip(keys, s0):
+            engine.open(key, state=s)
+        return np.stack([np.asarray(engine.step(keys, x[:, t])) for t in range(x.shape[1])],
+                        axis=1)
+    return run
+
+
+def assert_matches_reference(model, ref, run=oracle_streams, atol=1e-5):
+    """``run(model, x, s0)`` (:func:`oracle_streams`, :func:`engine_streams`) against a
+    framework's own outputs stored in ``ref`` (a fixture ``.npz``: ``x``; ``y`` from zero states;
+    ``h0`` start states in streamgru's layout and ``y_h0`` from them), every step.
+
+    The frameworks ran in float32, so every ``run`` is held to a float32 tolerance.
+    """
+    x = ref["x"]
+    zeros = np.zeros((x.shape[0], model.state_size))
+    for start, s0, want in (("zero", zeros, ref["y"]), ("h0", ref["h0"], ref["y_h0"])):
+        np.testing.assert_allclose(run(model, x, s0), want, rtol=0, atol=atol,
+                                   err_msg=f"from the {start} state")
+
+
+#: The ``run`` parameters of a test of converted LSTM models against a framework's outputs: the
+#: oracle, and the engine in both dtypes, skipped until the engine runs LSTM layers
+#: (``LSTMLayer.runnable``; docs/lstm.md).
+LSTM_RUNS = [pytest.param(oracle_streams, id="oracle")] + [
+    pytest.param(engine_streams(dtype), id=f"engine-{dtype}",
+                 marks=pytest.mark.skipif(not LSTMLayer.runnable,
+                                          reason="the engine has no LSTM kernel cell yet "
+                                                 "(docs/lstm.md)"))
+    for dtype in ("float32", "float64")]
 
 
 def snapshot(engine):

@@ -3,15 +3,16 @@ tests/fixtures/make_fixtures.py with Keras 3.15.1); no Keras or TensorFlow neede
 
 import json
 import pathlib
+import re
 import shutil
 import zipfile
 
+import helpers
 import numpy as np
 import oracle
 import pytest
 
 from converters.from_keras import from_keras
-from streamgru import Engine
 from streamgru.errors import UnsupportedModelError
 from streamgru.model import DenseLayer, GRULayer
 
@@ -46,17 +47,9 @@ def test_oracle_matches_keras_every_step(name):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("name", MODELS)
 def test_engine_matches_keras_every_step(name, dtype):
-    model = from_keras(FIX / name)
-    ref = _ref(name)
-    x, B, T = ref["x"], ref["x"].shape[0], ref["x"].shape[1]
-    for start, want in (("zero", ref["y"]), ("h0", ref["y_h0"])):
-        eng = Engine(model, dtype=dtype)
-        keys = [f"s{b}" for b in range(B)]
-        for b, key in enumerate(keys):
-            eng.open(key, state=ref["h0"][b] if start == "h0" else None)
-        ys = np.stack([np.asarray(eng.step(keys, x[:, t])) for t in range(T)], axis=1)
-        # Keras ran in float32: both engine dtypes are held to float32 tolerance.
-        np.testing.assert_allclose(ys, want, rtol=0, atol=1e-5, err_msg=f"{start} {dtype}")
+    # Keras ran in float32: both engine dtypes are held to float32 tolerance.
+    helpers.assert_matches_reference(from_keras(FIX / name), _ref(name),
+                                     helpers.engine_streams(dtype))
 
 
 def test_layer_mapping_reset_after_true():
@@ -159,7 +152,8 @@ def test_bad_arguments(tmp_path):
                                   r"the whole sequence"),
     ("keras_lambda.keras", r"layer 'lambda' \(Lambda\): a Lambda layer is Python code.*never "
                            r"executes"),
-    ("keras_masking.keras", r"layer 'masking' \(Masking\): Masking makes the GRU skip masked"),
+    ("keras_masking.keras", r"layer 'masking' \(Masking\): Masking makes a GRU or LSTM skip "
+                            r"masked"),
 ])
 def test_refused_layers(name, pattern):
     with pytest.raises(UnsupportedModelError, match=pattern):
@@ -244,8 +238,9 @@ def test_reset_after_missing_is_refused(tmp_path):
     (lambda c: _seq_layer(c, "Dense").update(module="my_pkg.layers",
                                              registered_name="my_pkg>Dense"),
      r"layer 'dense' \(Dense\): a custom class \(module 'my_pkg.layers'"),
-    (lambda c: _seq_layer(c, "Dense").update(class_name="LSTM"),
-     r"layer 'dense' \(LSTM\): unsupported layer class 'LSTM'"),
+    (lambda c: _seq_layer(c, "Dense").update(class_name="SimpleRNN"),
+     r"layer 'dense' \(SimpleRNN\): unsupported layer class 'SimpleRNN'; expected GRU, LSTM, "
+     r"Dense"),
     (lambda c: c["config"]["layers"].insert(1, {"module": "keras", "class_name": "Sequential",
                                                 "config": {"name": "inner", "layers": []}}),
      r"layer 'inner' \(Sequential\): a nested model"),
@@ -372,4 +367,201 @@ def test_legacy_weight_shape_mismatch(tmp_path):
         g.create_dataset("gru/gru_cell/bias:0", data=np.zeros(15, np.float32))
     with pytest.raises(ValueError, match=r"layer 'gru' \(GRU\): expected bias of shape \(2, 15\) "
                                          r"\(reset_after=True\), got \(15,\)"):
+        from_keras(dst)
+
+
+# --- LSTM ----------------------------------------------------------------------------------------
+# The engine has no LSTM kernel cell yet: the float64 oracle (checked against torch and
+# onnxruntime in test_oracle.py) steps the converted models as its stand-in; the engine's runs
+# join by themselves once LSTMLayer.runnable is True (helpers.LSTM_RUNS).
+
+LSTM_MODELS = [
+    "keras_lstm_seq.keras",
+    "keras_lstm_state.keras",
+    "keras_lstm_mixed.keras",
+    "keras_lstm_legacy_hard_sigmoid.h5",
+    "keras2_lstm_state.h5",
+]
+
+
+@pytest.mark.parametrize("run", helpers.LSTM_RUNS)
+@pytest.mark.parametrize("name", LSTM_MODELS)
+def test_lstm_models_match_keras_every_step(name, run):
+    model = from_keras(FIX / name)
+    ref = _ref(name)
+    assert any(layer.kind == "lstm" for layer in model.layers)
+    assert (model.input_size, model.output_size, model.state_size) == (
+        ref["x"].shape[2], ref["y"].shape[2], ref["h0"].shape[1])
+    helpers.assert_matches_reference(model, ref, run)
+
+
+def test_lstm_float64_weights():
+    model = from_keras(FIX / "keras_lstm_mixed.keras", dtype="float64")
+    assert model.dtype == np.float64
+    helpers.assert_matches_reference(model, _ref("keras_lstm_mixed.keras"))
+
+
+def test_lstm_layer_mapping():
+    seq = from_keras(FIX / "keras_lstm_seq.keras")
+    assert [layer.kind for layer in seq.layers] == ["lstm", "lstm", "dense"]
+    for lstm in seq.layers[:2]:
+        assert (lstm.f[0], lstm.g[0], lstm.h[0]) == ("sigmoid", "tanh", "tanh")
+        assert lstm.P is None and lstm.proj is None and lstm.clip is None
+        assert not lstm.input_forget
+        assert lstm.Wb.any() and not lstm.Rb.any()  # Keras's one bias is Wb
+    assert [lstm.state_size for lstm in seq.layers[:2]] == [10, 8]
+    assert seq.source == "keras 3.15.1"
+
+    mixed = from_keras(FIX / "keras_lstm_mixed.keras")
+    assert [layer.kind for layer in mixed.layers] == ["dense", "gru", "lstm", "dense", "lstm",
+                                                      "dense"]
+    assert not mixed.layers[4].Wb.any()  # use_bias=False
+
+    legacy = from_keras(FIX / "keras_lstm_legacy_hard_sigmoid.h5")
+    for lstm in legacy.layers[:2]:
+        assert lstm.f == ("hardsigmoid", pytest.approx(1 / 6), 0.5)
+    assert legacy.layers[0].g[0] == legacy.layers[0].h[0] == "softsign"
+
+    keras2 = from_keras(FIX / "keras2_lstm_state.h5")
+    assert keras2.layers[0].f == ("hardsigmoid", 0.2, 0.5)
+    assert keras2.source == "keras 2.15.0"
+
+
+def test_lstm_hard_sigmoid_follows_the_writer_version(tmp_path):
+    dst = tmp_path / "as_keras2.h5"
+    shutil.copy(FIX / "keras_lstm_legacy_hard_sigmoid.h5", dst)
+    with h5py.File(dst, "r+") as f:
+        f.attrs["keras_version"] = "2.15.0"
+    model = from_keras(dst)
+    assert model.layers[0].f[1] == 0.2
+    assert oracle.max_error_vs_reference(model, _ref("keras_lstm_legacy_hard_sigmoid.h5")) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["keras_lstm_state.keras", "keras2_lstm_state.h5"])
+def test_lstm_state_inputs_and_outputs_are_reported(name):
+    notes = from_keras(FIX / name).notes
+    for pattern in (r"model input 'h0' is the initial state h of layer 'lstm' \(LSTM\): taken as "
+                    r"the per-stream state",
+                    r"model input 'c0' is the initial state C of layer 'lstm' \(LSTM\)",
+                    r"model output 'lstm' \(output 1\) returns the state h of layer 'lstm'.*"
+                    r"ignored",
+                    r"model output 'lstm' \(output 2\) returns the state C of layer 'lstm'",
+                    r"layer 'lstm' \(LSTM\): its state is elements 0:(10|8) of a stream's state: "
+                    r"h 0:(5|4), then C (5|4):(10|8)"):
+        assert any(re.search(pattern, n) for n in notes), (pattern, notes)
+
+
+def test_lstm_state_position_notes_in_a_mixed_stack():
+    notes = from_keras(FIX / "keras_lstm_mixed.keras").notes
+    assert "layer 'gru' (GRU): its state is elements 0:5 of a stream's state" in notes
+    assert any(re.search(r"\(LSTM\): its state is elements 5:17 of a stream's state: h 5:11, "
+                         r"then C 11:17", n) for n in notes)
+    assert any(re.search(r"\(LSTM\): its state is elements 17:23 .*h 17:20, then C 20:23", n)
+               for n in notes)
+
+
+# Refusals of LSTM models: real Keras files, then edits of a real config.
+
+@pytest.mark.parametrize("name, pattern", [
+    ("keras_lstm_go_backwards.keras", r"layer 'lstm(_\d+)?' \(LSTM\): go_backwards=True reads the "
+                                      r"sequence from its end"),
+    ("keras_bidirectional_lstm.keras", r"layer 'bidirectional(_\d+)?' \(Bidirectional\): "
+                                       r"Bidirectional needs the whole sequence"),
+])
+def test_refused_lstm_files(name, pattern):
+    with pytest.raises(UnsupportedModelError, match=pattern):
+        from_keras(FIX / name)
+
+
+def _set_lstm(key, value, k=0):
+    def edit(cfg):
+        _seq_layer(cfg, "LSTM", k)["config"][key] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (_set_lstm("go_backwards", True), r"layer 'lstm' \(LSTM\): go_backwards=True"),
+    (_set_lstm("return_state", True), r"layer 'lstm' \(LSTM\): return_state=True passes "
+                                      r"\[output, state\] to the next layer"),
+    (_set_lstm("reset_after", True), r"layer 'lstm' \(LSTM\): configuration keys "
+                                     r"\['reset_after'\] are not implemented"),
+    (_set_lstm("some_future_option", 1, 1), r"layer 'lstm_1' \(LSTM\): configuration keys "
+                                            r"\['some_future_option'\] are not implemented"),
+    (_set_lstm("activation", "gelu"), r"layer 'lstm' \(LSTM\): activation='gelu' has no "
+                                      r"streamgru equivalent"),
+    (_set_lstm("activation", "softmax", 1), r"layer 'lstm_1' \(LSTM\): activation='softmax' has "
+                                            r"no"),
+    (_set_lstm("recurrent_activation", "selu"), r"layer 'lstm' \(LSTM\): "
+                                                r"recurrent_activation='selu' has no"),
+    (_set_lstm("recurrent_activation", {"module": "my_pkg", "class_name": "function",
+                                        "config": "gate", "registered_name": "gate"}),
+     r"layer 'lstm' \(LSTM\): recurrent_activation is a custom object"),
+])
+def test_refused_lstm_attributes(tmp_path, edit, pattern):
+    path = _edit_keras("keras_lstm_seq.keras", tmp_path / "m.keras", edit)
+    with pytest.raises(UnsupportedModelError, match=pattern):
+        from_keras(path)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("stateful", True), ("dropout", 0.5), ("recurrent_dropout", 0.3), ("unroll", True),
+    ("unit_forget_bias", False), ("return_sequences", False),
+])
+def test_accepted_lstm_attributes_change_nothing(tmp_path, key, value):
+    base = from_keras(FIX / "keras_lstm_seq.keras")
+    path = _edit_keras("keras_lstm_seq.keras", tmp_path / "m.keras", _set_lstm(key, value, 1))
+    model = from_keras(path)
+    assert model.fingerprint == base.fingerprint
+    if key == "stateful":
+        assert any("layer 'lstm_1' (LSTM) is stateful=True" in n for n in model.notes)
+
+
+def test_lstm_use_bias_false_reads_no_bias(tmp_path):
+    # The same weights without use_bias: the file's third array is then one too many.
+    path = _edit_keras("keras_lstm_seq.keras", tmp_path / "m.keras", _set_lstm("use_bias", False))
+    with pytest.raises(ValueError, match=r"layer 'lstm' \(LSTM\): expected 2 weight arrays "
+                                         r"\(kernel, recurrent_kernel\), got 3"):
+        from_keras(path)
+
+
+def _lstm_call(cfg):
+    return _func_layer(cfg, "lstm")["inbound_nodes"][0]
+
+
+def test_lstm_initial_state_needs_h_and_c(tmp_path):
+    def edit(cfg):
+        _lstm_call(cfg)["kwargs"]["initial_state"] = _lstm_call(cfg)["kwargs"]["initial_state"][:1]
+    path = _edit_keras("keras_lstm_state.keras", tmp_path / "m.keras", edit)
+    with pytest.raises(UnsupportedModelError,
+                       match=r"layer 'lstm' \(LSTM\): expected initial_state to hold 2 tensor\(s\) "
+                             r"\(state h, state C\), got 1: \['h0'\]"):
+        from_keras(path)
+
+    def edit2(cfg):  # tf.keras 2 records the call on [x, h0]: the same refusal
+        del _lstm_call(cfg)[2]
+    path = _edit_h5("keras2_lstm_state.h5", tmp_path / "m.h5", edit2)
+    with pytest.raises(UnsupportedModelError, match=r"expected initial_state to hold 2 tensor"):
+        from_keras(path)
+
+
+def test_lstm_state_input_used_twice_is_refused(tmp_path):
+    def edit(cfg):
+        init = _lstm_call(cfg)["kwargs"]["initial_state"]
+        init[1] = init[0]
+    path = _edit_keras("keras_lstm_state.keras", tmp_path / "m.keras", edit)
+    with pytest.raises(UnsupportedModelError,
+                       match=r"layer 'lstm' \(LSTM\): expected initial_state to be a model input "
+                             r"of its own .*got 'h0', which also starts layer 'lstm'"):
+        from_keras(path)
+
+
+def test_lstm_legacy_weight_shape_mismatch(tmp_path):
+    dst = tmp_path / "bad.h5"
+    shutil.copy(FIX / "keras2_lstm_state.h5", dst)
+    with h5py.File(dst, "r+") as f:
+        g = f["model_weights/lstm"]
+        del g["lstm/lstm_cell/bias:0"]
+        g.create_dataset("lstm/lstm_cell/bias:0", data=np.zeros((2, 16), np.float32))
+    with pytest.raises(ValueError, match=r"layer 'lstm' \(LSTM\): expected bias of shape \(16,\), "
+                                         r"got \(2, 16\)"):
         from_keras(dst)

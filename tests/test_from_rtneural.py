@@ -6,13 +6,13 @@ import copy
 import json
 import pathlib
 
+import helpers
 import numpy as np
 import oracle
 import pytest
 
 from converters.from_keras import from_keras
 from converters.from_rtneural import from_rtneural, is_rtneural_json
-from streamgru import Engine
 from streamgru.errors import FormatError, UnsupportedModelError
 from streamgru.model import DenseLayer
 
@@ -38,16 +38,8 @@ def test_oracle_matches_keras_every_step(name, ref):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("name, ref", PAIRS)
 def test_engine_matches_keras_every_step(name, ref, dtype):
-    model = from_rtneural(FIX / name)
-    ref = np.load(FIX / f"{ref}.npz")
-    x, B, T = ref["x"], ref["x"].shape[0], ref["x"].shape[1]
-    for start, want in (("zero", ref["y"]), ("h0", ref["y_h0"])):
-        eng = Engine(model, dtype=dtype)
-        keys = list(range(B))
-        for b in keys:
-            eng.open(b, state=ref["h0"][b] if start == "h0" else None)
-        ys = np.stack([np.asarray(eng.step(keys, x[:, t])) for t in range(T)], axis=1)
-        np.testing.assert_allclose(ys, want, rtol=0, atol=1e-5, err_msg=f"{start} {dtype}")
+    helpers.assert_matches_reference(from_rtneural(FIX / name), np.load(FIX / f"{ref}.npz"),
+                                     helpers.engine_streams(dtype))
 
 
 @pytest.mark.parametrize("name, ref", PAIRS)
@@ -122,13 +114,12 @@ def _with(edit, name="rtneural_seq_reset_after.json"):
 
 
 @pytest.mark.parametrize("kind, why", [
-    ("lstm", "LSTM layers are not GRUs"),
     ("conv1d", "convolutions need a window"),
     ("conv2d", "convolutions need a window"),
     ("prelu", "PReLU has a learned per-channel slope"),
     ("batchnorm", "batch normalisation"),
     ("batchnorm2d", "batch normalisation"),
-    ("attention", "unknown layer type; expected gru, dense"),
+    ("attention", "unknown layer type; expected gru, lstm, dense"),
 ])
 def test_refused_layer_types(kind, why):
     doc = _with(lambda d: d["layers"][2].update(type=kind))
@@ -205,5 +196,78 @@ def test_bad_inputs(tmp_path):
     only_dense = {"in_shape": [None, 2], "layers": [
         {"type": "dense", "activation": "", "shape": [None, 1], "weights": [[[1.0], [2.0]], [0.0]]}
     ]}
-    with pytest.raises(UnsupportedModelError, match="layers: expected at least one gru layer"):
+    with pytest.raises(UnsupportedModelError, match="layers: expected at least one gru or lstm "
+                                                    "layer, got none"):
         from_rtneural(only_dense)
+
+
+# --- LSTM ----------------------------------------------------------------------------------------
+# The engine has no LSTM kernel cell yet: the float64 oracle steps the converted models as its
+# stand-in; the engine's runs join by themselves once LSTMLayer.runnable is True
+# (helpers.LSTM_RUNS).
+
+LSTM_PAIRS = [
+    ("rtneural_lstm_seq.json", "keras_lstm_seq"),
+    ("rtneural_lstm_mixed.json", "keras_lstm_mixed"),
+]
+
+
+@pytest.mark.parametrize("run", helpers.LSTM_RUNS)
+@pytest.mark.parametrize("name, ref", LSTM_PAIRS)
+def test_lstm_matches_keras_every_step(name, ref, run):
+    model = from_rtneural(FIX / name)
+    assert model.source == "rtneural" and model.dtype == np.float32
+    helpers.assert_matches_reference(model, np.load(FIX / f"{ref}.npz"), run)
+
+
+@pytest.mark.parametrize("name, ref", LSTM_PAIRS)
+def test_lstm_same_weights_as_the_keras_file(name, ref):
+    assert from_rtneural(FIX / name).fingerprint == from_keras(FIX / f"{ref}.keras").fingerprint
+
+
+def test_lstm_layers():
+    model = from_rtneural(FIX / "rtneural_lstm_mixed.json")
+    assert [layer.kind for layer in model.layers] == ["dense", "gru", "lstm", "dense", "lstm",
+                                                      "dense"]
+    for lstm in (model.layers[2], model.layers[4]):
+        assert (lstm.f[0], lstm.g[0], lstm.h[0]) == ("sigmoid", "tanh", "tanh")
+        assert lstm.P is None and lstm.proj is None and lstm.clip is None
+        assert not lstm.Rb.any()
+    assert model.layers[2].Wb.any()
+    assert not model.layers[4].Wb.any()  # exported without a bias array (use_bias=False)
+    assert model.state_size == 5 + 2 * 6 + 2 * 3
+    m64 = from_rtneural(FIX / "rtneural_lstm_mixed.json", dtype="float64")
+    assert m64.dtype == np.float64
+    helpers.assert_matches_reference(m64, np.load(FIX / "keras_lstm_mixed.npz"))
+
+
+@pytest.mark.parametrize("act", ["", "relu", "sigmoid"])
+def test_refused_lstm_activation(act):
+    doc = _with(lambda d: d["layers"][0].update(activation=act), "rtneural_lstm_seq.json")
+    with pytest.raises(UnsupportedModelError,
+                       match=rf"layers\[0\] \('lstm'\): activation '{act}': RTNeural's LSTM always "
+                             rf"uses tanh"):
+        from_rtneural(doc)
+
+
+def test_lstm_absent_activation_is_tanh():
+    doc = _with(lambda d: d["layers"][0].pop("activation"), "rtneural_lstm_seq.json")
+    assert from_rtneural(doc).fingerprint == from_rtneural(_doc("rtneural_lstm_seq.json")).fingerprint
+
+
+def test_lstm_shape_errors():
+    doc = _with(lambda d: d["layers"][1]["shape"].__setitem__(-1, 5), "rtneural_lstm_seq.json")
+    with pytest.raises(ValueError, match=r"layers\[1\] \('lstm'\) kernel \(weights\[0\]\): "
+                                         r"expected shape \(5, 20\), got \(5, 16\)"):
+        from_rtneural(doc)
+    doc = _with(lambda d: d["layers"][0]["weights"].__setitem__(2, [[0.0] * 20] * 2),
+                "rtneural_lstm_seq.json")
+    with pytest.raises(ValueError, match=r"layers\[0\] \('lstm'\) bias \(weights\[2\]\): "
+                                         r"expected shape \(20,\), got \(2, 20\)"):
+        from_rtneural(doc)
+    for n in (1, 4):
+        doc = _with(lambda d, n=n: d["layers"][0].update(weights=(d["layers"][0]["weights"] * 2)[:n]),
+                    "rtneural_lstm_seq.json")
+        with pytest.raises(ValueError, match=rf"layers\[0\] \('lstm'\): expected weights \[kernel, "
+                                             rf"recurrent_kernel, bias\], got {n} arrays"):
+            from_rtneural(doc)
