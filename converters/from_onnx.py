@@ -177,6 +177,26 @@ def from_onnx(path_or_model, node=None, *, dtype=None) -> GRUModel:
     >>> model = from_onnx(helper.make_model(graph))
     >>> model.layers
     (GRULayer(input_size=3, hidden_size=2, linear_before_reset=0, f='sigmoid', g='tanh'),)
+
+    An LSTM node with peepholes; its ``initial_h`` and ``initial_c`` graph inputs are the
+    stream's state (h then C):
+
+    >>> W = numpy_helper.from_array(np.zeros((1, 4 * H, I), np.float32), "W")
+    >>> R = numpy_helper.from_array(np.zeros((1, 4 * H, H), np.float32), "R")
+    >>> P = numpy_helper.from_array(np.zeros((1, 3 * H), np.float32), "P")
+    >>> lstm = helper.make_node("LSTM", ["X", "W", "R", "", "", "h0", "c0", "P"],
+    ...                         ["Y", "Y_h", "Y_c"], hidden_size=H, name="lstm")
+    >>> graph = helper.make_graph(
+    ...     [lstm], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in
+    ...                   (("X", ["T", "N", I]), ("h0", [1, "N", H]), ("c0", [1, "N", H]))],
+    ...     [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], [W, R, P])
+    >>> model = from_onnx(helper.make_model(graph))
+    >>> model.layers, model.state_size
+    ((LSTMLayer(input_size=3, hidden_size=2, peepholes=True, f='sigmoid', g='tanh', h='tanh'),), 4)
+    >>> print(model.notes[0])
+    node 'lstm': its initial_h and initial_c come from graph input(s) ['c0', 'h0']: taken as the
+    per-stream state (initial_h = elements 0:2, initial_c = elements 2:4 of a stream's state),
+    kept in the engine (give it with engine.open(key, state=...))
     """
     onnx = require("onnx", "onnx")
     if dtype is not None:
