@@ -5,7 +5,7 @@ Only this package imports torch / onnx / h5py, and only inside the functions tha
 
 * :func:`from_torch` -- ``nn.GRU``/``nn.GRUCell``/``nn.LSTM``/``nn.LSTMCell``/modules, state_dicts,
   ``.pt``, ``.safetensors``
-* :func:`from_onnx` -- ``GRU`` nodes from torch's exporters and tf2onnx
+* :func:`from_onnx` -- ``GRU`` and ``LSTM`` nodes from torch's exporters, ``GRU`` nodes from tf2onnx
 * :func:`from_keras` -- ``.keras`` and legacy ``.h5`` (h5py only, no TensorFlow)
 * :func:`from_rtneural` -- RTNeural's JSON
 * :func:`verify` -- run the source framework and the engine side by side, compare step by step

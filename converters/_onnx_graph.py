@@ -1,6 +1,6 @@
 """The generic half of the ONNX importer: reading a graph and tracking shapes along its data path.
 
-:mod:`converters.from_onnx` maps layers (``GRU`` nodes, Dense-like ops) onto a
+:mod:`converters.from_onnx` maps layers (``GRU`` and ``LSTM`` nodes, Dense-like ops) onto a
 :class:`GraphWalker`, which knows nothing of layers. It reads the file (bounded, external data
 only from inside the model's directory), evaluates constant subgraphs, reads attributes
 (refusing any it is not told to accept), and follows the data path from the graph input to an
@@ -186,7 +186,7 @@ class GraphWalker:
         self.used = set()  # ids of nodes accounted for
         self.labels_size = {}
         self.value_desc = {}
-        self.notes = []  # what was taken as state or left to the engine, for GRUModel.notes
+        self.notes = []  # what was taken as state or left to the engine, for Model.notes
 
     # ---------------------------------------------------------------- constants
     def is_const(self, name):
@@ -568,7 +568,7 @@ class GraphWalker:
             else:
                 raise UnsupportedModelError(
                     f"{where}: Gather index {k} on axis {axis}; only the last time step after the "
-                    f"GRU chain (index -1) or a unit axis can be selected")
+                    f"recurrent chain (index -1) or a unit axis can be selected")
             axes = list(desc.axes)
             if idx.ndim == 0:
                 del axes[axis]
@@ -614,7 +614,7 @@ class GraphWalker:
                 continue
             raise UnsupportedModelError(
                 f"{where}: slices axis {ax} [{s}:{e}:{st}]; only no-op slices and the last time "
-                f"step after the GRU chain are mappable")
+                f"step after the recurrent chain are mappable")
         return desc.replace(axes=tuple(axes_l), last_only=last_only)
 
     def _reshape(self, n, desc):
@@ -653,9 +653,9 @@ class GraphWalker:
                 out.append(lab)
             elif isinstance(it, int) and it > 1 and isinstance(lab, str) and \
                     self.labels_size.get(lab) is None:
-                # The dynamo exporter specialises a dimension declared dynamic (the GRU's time
-                # axis) and writes its length as a constant: the axis is kept, and the graph runs
-                # at that length only.
+                # The dynamo exporter specialises a dimension declared dynamic (the recurrent
+                # node's time axis) and writes its length as a constant: the axis is kept, and the
+                # graph runs at that length only.
                 self.labels_size[lab] = it
                 self.note(f"{where}: fixes axis {lab[1:]} of graph input {self.start!r}, declared "
                           f"dynamic, to {it}; the graph runs at that length only (the engine "

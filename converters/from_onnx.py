@@ -1,4 +1,5 @@
-"""Import an ONNX graph whose computation is a chain of ``GRU`` nodes, with Dense layers around it.
+"""Import an ONNX graph whose computation is a chain of ``GRU`` and ``LSTM`` nodes, with Dense
+layers around them.
 
 What is mapped
 --------------
@@ -7,22 +8,28 @@ evaluating constants and tracking shapes through value-preserving plumbing is th
 :class:`converters._onnx_graph.GraphWalker`; this module is the layer mapper on top of it. On
 that path:
 
-* ``GRU`` (forward, ``layout`` 0 or 1, any ``linear_before_reset``, ``activations`` with
-  ``activation_alpha``/``activation_beta``, ``clip``) becomes a :class:`streamgru.model.GRULayer`.
+* ``GRU`` (forward, ``layout`` 0 or 1, any ``linear_before_reset``, ``activations`` f, g with
+  ``activation_alpha``/``activation_beta``, ``clip``) becomes a :class:`streamgru.GRULayer`.
   ONNX and streamgru share one layout (gates z, r, h; ``B = [Wb; Rb]``), so tensors are copied
   without reordering: ``W[0]``, ``R[0]``, ``B[0][:3H]``, ``B[0][3H:]``.
+* ``LSTM`` (forward, ``layout`` 0 or 1, ``activations`` f, g, h with their alpha/beta, ``clip``,
+  ``input_forget``, peepholes ``P``) becomes a :class:`streamgru.LSTMLayer`. Its canonical
+  layout is ONNX's too (gates i, o, f, c; ``P`` = [P_i; P_o; P_f]; see
+  :mod:`streamgru.layers.lstm`): ``W[0]``, ``R[0]``, ``B[0][:4H]``, ``B[0][4H:]``, ``P[0]``
+  are copied as they stand. A stream's state for the layer is h then C: ``initial_h`` then
+  ``initial_c``.
 * ``MatMul`` with a constant right operand, ``Gemm`` (``transA=0``, any ``transB``/``alpha``/
   ``beta``), ``Add``/``Sub``/``Mul``/``Div`` by a constant that broadcasts along the features, and
   the activations ``Relu Tanh Sigmoid LeakyRelu Elu HardSigmoid Softsign Softplus ThresholdedRelu
-  Softmax(last axis)`` become :class:`streamgru.model.DenseLayer` (an activation or bias with no
+  Softmax(last axis)`` become :class:`streamgru.DenseLayer` (an activation or bias with no
   matrix before it becomes a Dense layer with an identity matrix).
 * Value-preserving plumbing is passed over after checking that it keeps the feature axis last and
   intact and never mixes time with batch: ``Identity``, ``Dropout`` (inference), ``Cast`` to a
   float type, ``Transpose``, ``Squeeze``, ``Unsqueeze``, ``Reshape`` (constant target or one
   computed from ``Shape`` chains), ``Flatten`` of the last axis, no-op ``Slice``.
-* Selecting the last time step after the GRU chain (``y[:, -1]`` as ``Gather``/``Slice``, or using
-  ``Y_h``) is accepted: streamgru emits the output of every step, and the graph's output is the one
-  at the final step.
+* Selecting the last time step after the recurrent chain (``y[:, -1]`` as ``Gather``/``Slice``, or
+  using ``Y_h``) is accepted: streamgru emits the output of every step, and the graph's output is
+  the one at the final step.
 
 Weights may be initializers, ``Constant`` nodes, or any constant subgraph (the dynamo exporter can
 rebuild ``W``/``R`` from PyTorch-order tensors with Slice/Concat/Unsqueeze): such subgraphs are
@@ -31,15 +38,20 @@ evaluated with ``onnx.reference.ReferenceEvaluator``.
 What is refused (:class:`streamgru.UnsupportedModelError`, naming the node and the reason)
 -----------------------------------------------------------------------------------------
 * ``direction`` reverse or bidirectional (a stream cannot see its future), ``sequence_lens``,
-  a non-zero constant ``initial_h`` (every stream starts from zeros, or from the state given to
-  ``engine.open``), any attribute this module does not implement.
+  a non-zero constant ``initial_h`` or ``initial_c`` (every stream starts from zeros, or from the
+  state given to ``engine.open``), any attribute this module does not implement.
+* An LSTM's ``Y_c`` (its cell state) on the data path: the layer's output is h.
 * Any op on the data path that changes values and is not listed above; extra graph outputs that
-  are not hidden states; several GRU nodes that do not form one chain (pass ``node=``).
+  are not recurrent states (``Y_h``, ``Y_c``); several recurrent nodes that do not form one chain
+  (pass ``node=``).
 
-``initial_h`` policy: absent or all zeros is accepted. An ``initial_h`` that comes from a graph
-input (``torch.onnx.export(gru, (x, h0))``) is the per-stream state: streamgru keeps it in the
-engine, so streams start from zeros unless given a state (``engine.open(key, state=...)``), with
-the layers' hidden vectors concatenated in layer order.
+Initial state policy: an ``initial_h`` (``initial_c``) absent or all zeros is accepted. One that
+comes from a graph input (``torch.onnx.export(gru, (x, h0))``, ``(x, (h0, c0))`` for an LSTM) is
+the per-stream state: streamgru keeps it in the engine, so streams start from zeros unless given a
+state (``engine.open(key, state=...)``), the recurrent layers' states concatenated in layer order
+(a GRU's h; an LSTM's h then C). What the graph does with its state outputs (``Y_h``, ``Y_c``
+returned as graph outputs) is left to the engine, which keeps each stream's state; the model's
+``notes`` say which inputs and outputs were taken that way.
 
 Activation parameters follow onnxruntime (checked against it in the tests): the
 ``activation_alpha`` list is consumed in order by the activations that take an alpha, likewise
@@ -51,12 +63,13 @@ ScaledTanh and ThresholdedRelu. Values no activation consumes are refused.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import numpy as np
 
 from streamgru.errors import UnsupportedModelError
 from streamgru.formats import content_errors
-from streamgru.model import DenseLayer, GRULayer, GRUModel
+from streamgru.model import DenseLayer, GRULayer, GRUModel, LSTMLayer
 
 from ._onnx_graph import PLUMBING as _PLUMBING
 from ._onnx_graph import Desc as _Desc
@@ -67,8 +80,35 @@ from ._util import ONNX_RNN_ACTIVATIONS, cast_layer, require
 
 # read_onnx, load_external and io_signature are the hooks converters.verify runs a graph with.
 __all__ = ["from_onnx", "read_onnx", "load_external", "io_signature"]
-_GRU_ATTRS = {"activation_alpha", "activation_beta", "activations", "clip", "direction",
-              "hidden_size", "layout", "linear_before_reset"}
+
+
+class _RecurrentOp(NamedTuple):
+    """What differs between the ONNX recurrent ops this module maps. Both number their inputs
+    X, W, R, B, sequence_lens, initial_h (5), and the LSTM adds initial_c (6) and P (7)."""
+
+    gates: int            # gate blocks stacked in W and R (B holds 2 * gates of them)
+    attrs: frozenset      # the attributes this module implements; any other is refused
+    activations: tuple    # the activation positions, in the order of ``activations``
+    defaults: tuple       # the ONNX defaults of those positions
+    states: tuple         # (input index, input name) of the layer's state parts, in state order
+    state_outputs: tuple  # output indices that re-expose the state (Y_h, and Y_c)
+    switch: str           # its 0/1 attribute: GRU linear_before_reset, LSTM input_forget
+    peepholes: bool       # takes P (input 7)
+    layer: type           # the streamgru layer class it becomes
+    inputs: int           # how many inputs the op defines
+
+
+_RNN_ATTRS = frozenset({"activation_alpha", "activation_beta", "activations", "clip",
+                        "direction", "hidden_size", "layout"})
+_RECURRENT = {
+    "GRU": _RecurrentOp(3, _RNN_ATTRS | {"linear_before_reset"}, ("f", "g"),
+                        ("sigmoid", "tanh"), ((5, "initial_h"),), (1,), "linear_before_reset",
+                        False, GRULayer, 6),
+    "LSTM": _RecurrentOp(4, _RNN_ATTRS | {"input_forget"}, ("f", "g", "h"),
+                         ("sigmoid", "tanh", "tanh"), ((5, "initial_h"), (6, "initial_c")),
+                         (1, 2), "input_forget", True, LSTMLayer, 8),
+}
+_RECURRENT_NAMES = " or ".join(_RECURRENT)  # "GRU or LSTM", for messages
 
 # ONNX RNN activation (lower-case) -> (uses alpha, uses beta, onnxruntime's defaults).
 _ORT_ACT = {k: v[1:] for k, v in ONNX_RNN_ACTIVATIONS.items() if k != "identity"}
@@ -86,13 +126,13 @@ _DENSE_ACTS = {
     "HardSigmoid": ("hardsigmoid", {"alpha": 0.2, "beta": 0.5}),
 }
 _AFFINE = {"MatMul", "Gemm", "Add", "Sub", "Mul", "Div"}
-# Ops allowed in a chain that only re-exposes hidden states as an extra graph output.
+# Ops allowed in a chain that only re-exposes recurrent states as an extra graph output.
 _STATE_OPS = {"Identity", "Concat", "Squeeze", "Unsqueeze", "Reshape", "Transpose", "Slice",
               "Gather", "Cast"}
 
 
 def from_onnx(path_or_model, node=None, *, dtype=None) -> GRUModel:
-    """Convert an ONNX model with a forward GRU chain into a :class:`streamgru.GRUModel`.
+    """Convert an ONNX model with a forward GRU/LSTM chain into a :class:`streamgru.Model`.
 
     Parameters
     ----------
@@ -100,16 +140,19 @@ def from_onnx(path_or_model, node=None, *, dtype=None) -> GRUModel:
         A ``.onnx`` file (external data is read only from files inside the model's directory)
         or a loaded model.
     node : str, optional
-        Name of one ``GRU`` node to import alone as a one-layer model. Needed when the graph
-        holds several GRU nodes that do not form one chain; the surrounding graph is not mapped.
+        Name of one ``GRU`` or ``LSTM`` node to import alone as a one-layer model. Needed when
+        the graph holds several recurrent nodes that do not form one chain; the surrounding
+        graph is not mapped: the node's ``X`` is the engine's input and its ``initial_h`` (and
+        ``initial_c``), however the graph computes them, are the stream's state.
     dtype : {None, "float32", "float64"}, optional
         Cast every tensor to this dtype. None keeps the model's dtype (float16 becomes float32).
 
     Returns
     -------
-    GRUModel
-        GRU layers in chain order with Dense layers before, between and after them;
-        ``source="onnx"``.
+    Model
+        GRU and LSTM layers in chain order with Dense layers before, between and after them;
+        ``source="onnx"``; ``notes`` say which graph inputs were taken as the per-stream state
+        and which outputs were left to the engine.
 
     Raises
     ------
@@ -134,6 +177,26 @@ def from_onnx(path_or_model, node=None, *, dtype=None) -> GRUModel:
     >>> model = from_onnx(helper.make_model(graph))
     >>> model.layers
     (GRULayer(input_size=3, hidden_size=2, linear_before_reset=0, f='sigmoid', g='tanh'),)
+
+    An LSTM node with peepholes; its ``initial_h`` and ``initial_c`` graph inputs are the
+    stream's state (h then C):
+
+    >>> W = numpy_helper.from_array(np.zeros((1, 4 * H, I), np.float32), "W")
+    >>> R = numpy_helper.from_array(np.zeros((1, 4 * H, H), np.float32), "R")
+    >>> P = numpy_helper.from_array(np.zeros((1, 3 * H), np.float32), "P")
+    >>> lstm = helper.make_node("LSTM", ["X", "W", "R", "", "", "h0", "c0", "P"],
+    ...                         ["Y", "Y_h", "Y_c"], hidden_size=H, name="lstm")
+    >>> graph = helper.make_graph(
+    ...     [lstm], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in
+    ...                   (("X", ["T", "N", I]), ("h0", [1, "N", H]), ("c0", [1, "N", H]))],
+    ...     [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], [W, R, P])
+    >>> model = from_onnx(helper.make_model(graph))
+    >>> model.layers, model.state_size
+    ((LSTMLayer(input_size=3, hidden_size=2, peepholes=True, f='sigmoid', g='tanh', h='tanh'),), 4)
+    >>> print(model.notes[0])
+    node 'lstm': its initial_h and initial_c come from graph input(s) ['c0', 'h0']: taken as the
+    per-stream state (initial_h = elements 0:2, initial_c = elements 2:4 of a stream's state),
+    kept in the engine (give it with engine.open(key, state=...))
     """
     onnx = require("onnx", "onnx")
     if dtype is not None:
@@ -157,7 +220,8 @@ def from_onnx(path_or_model, node=None, *, dtype=None) -> GRUModel:
             f"got {type(path_or_model).__name__}"
         )
     if node is not None and not isinstance(node, str):
-        raise TypeError(f"node: expected a GRU node name (str) or None, got {node!r}")
+        raise TypeError(f"node: expected the name (str) of a {_RECURRENT_NAMES} node, or None, "
+                        f"got {node!r}")
     if isinstance(path_or_model, onnx.ModelProto):
         g = _Graph(model, "path_or_model")
         layers = g.convert(node)
@@ -182,19 +246,23 @@ class _Dense:
         return DenseLayer(inp, out, self.W, self.b, self.act or "identity")
 
 class _Graph(GraphWalker):
-    """The layer mapper: GRU nodes and Dense-like ops on the walker's data path, as layers."""
+    """The layer mapper: recurrent nodes (:data:`_RECURRENT`) and Dense-like ops on the walker's
+    data path, as layers."""
 
     # ---------------------------------------------------------------- zeros / state analysis
-    def initial_state_kind(self, name, gru):
-        """'zero', 'input' (comes from a graph input: the per-stream state) or raise."""
-        what = f"node {_name(gru)!r} (GRU) input initial_h"
+    def initial_state_kind(self, name, rnn, which):
+        """'zero', 'input' (comes from a graph input: the per-stream state) or raise.
+
+        ``name``: the tensor feeding input ``which`` (``initial_h``, ``initial_c``) of the
+        recurrent node ``rnn``."""
+        what = f"node {_name(rnn)!r} ({rnn.op_type}) input {which}"
         if self.is_const(name):
             v = self.const(name, what)
             if np.any(v != 0):
                 raise UnsupportedModelError(
-                    f"{what}: expected no initial_h or all zeros, got a non-zero constant "
-                    f"(max |h0| = {float(np.max(np.abs(v))):g}); streamgru keeps one state per "
-                    f"stream and starts it from zeros: drop the constant from the export and "
+                    f"{what}: expected no {which} or all zeros, got a non-zero constant "
+                    f"(max |{which}| = {float(np.max(np.abs(v))):g}); streamgru keeps one state "
+                    f"per stream and starts it from zeros: drop the constant from the export and "
                     f"give each stream its start state with engine.open(key, state=...)"
                 )
             return "zero"
@@ -212,12 +280,12 @@ class _Graph(GraphWalker):
             kinds = {"zero"}
             self._mark_ancestors(n.input[0])
         elif op == "Expand":
-            kinds = {self.initial_state_kind(n.input[0], gru)}
+            kinds = {self.initial_state_kind(n.input[0], rnn, which)}
             self._mark_ancestors(n.input[1])
         elif op in ("Identity", "Cast", "Slice", "Squeeze", "Unsqueeze", "Reshape", "Transpose",
                     "Gather", "Concat"):
             first = n.input[:1] if op != "Concat" else n.input
-            kinds = {self.initial_state_kind(i, gru) for i in first if i}
+            kinds = {self.initial_state_kind(i, rnn, which) for i in first if i}
             for i in n.input[len(first):]:
                 if i:
                     self._mark_ancestors(i)
@@ -229,50 +297,60 @@ class _Graph(GraphWalker):
         self.used.add(id(n))
         return "input" if "input" in kinds else "zero"
 
-    # ---------------------------------------------------------------- GRU node
-    def gru_layer(self, n, initial_h="chain"):
-        """The node as a GRULayer, and its layout.
+    # ---------------------------------------------------------------- recurrent nodes
+    def rnn_layer(self, n, initial_state="chain", offset=0):
+        """The node (``GRU`` or ``LSTM``) as a GRULayer or LSTMLayer, and its layout.
 
-        ``initial_h``: "chain" checks it is zeros or comes from a graph input; "alone": the node
-        was named by the user (``node=``), so a computed ``initial_h`` is the stream's state
-        whatever computes it; "skip": not looked at (attribute checks only).
+        ``initial_state``: "chain" checks that each initial state input is zeros or comes from
+        a graph input; "alone": the node was named by the user (``node=``), so a computed
+        initial state is the stream's state whatever computes it; "skip": not looked at
+        (attribute checks only). ``offset``: where the layer's state starts in a stream's state
+        (for the notes).
         """
-        a = self.attrs(n, _GRU_ATTRS)
-        where = f"node {_name(n)!r} (GRU)"
+        op = _RECURRENT[n.op_type]
+        a = self.attrs(n, op.attrs)
+        where = f"node {_name(n)!r} ({n.op_type})"
         direction = a.get("direction", "forward")
         if direction != "forward":
             raise UnsupportedModelError(
                 f"{where}: direction={direction!r} is not supported: a stream is advanced one "
-                f"step at a time and cannot see its future; export a forward (unidirectional) GRU"
+                f"step at a time and cannot see its future; export a forward (unidirectional) "
+                f"{n.op_type}"
             )
         layout = a.get("layout", 0)
         if layout not in (0, 1):
             raise UnsupportedModelError(f"{where}: layout: expected 0 or 1, got {layout}")
-        lbr = a.get("linear_before_reset", 0)
-        if lbr not in (0, 1):
-            raise UnsupportedModelError(f"{where}: linear_before_reset: expected 0 or 1, got {lbr}")
-        ins = list(n.input) + [""] * (6 - len(n.input))
+        if len(n.input) > op.inputs:
+            raise UnsupportedModelError(f"{where}: expected at most {op.inputs} inputs, got "
+                                        f"{len(n.input)}: {list(n.input)}")
+        ins = list(n.input) + [""] * (op.inputs - len(n.input))
+        G = op.gates
         W = self.const(ins[1], f"{where} input W")
         R = self.const(ins[2], f"{where} input R")
-        if W.ndim != 3 or W.shape[0] != 1 or W.shape[1] % 3:
-            raise UnsupportedModelError(f"{where}: W: expected shape (1, 3*hidden_size, "
+        if W.ndim != 3 or W.shape[0] != 1 or W.shape[1] % G:
+            raise UnsupportedModelError(f"{where}: W: expected shape (1, {G}*hidden_size, "
                                         f"input_size), got {W.shape}")
-        H = W.shape[1] // 3
+        H = W.shape[1] // G
         I = W.shape[2]
         if "hidden_size" in a and a["hidden_size"] != H:
             raise UnsupportedModelError(f"{where}: hidden_size: expected {H} (from W), "
                                         f"got {a['hidden_size']}")
-        if R.shape != (1, 3 * H, H):
-            raise UnsupportedModelError(f"{where}: R: expected shape {(1, 3 * H, H)}, "
+        if R.shape != (1, G * H, H):
+            raise UnsupportedModelError(f"{where}: R: expected shape {(1, G * H, H)}, "
                                         f"got {R.shape}")
+        tensors = {"W": W[0], "R": R[0]}
         if ins[3]:
             B = self.const(ins[3], f"{where} input B")
-            if B.shape != (1, 6 * H):
-                raise UnsupportedModelError(f"{where}: B: expected shape {(1, 6 * H)}, "
+            if B.shape != (1, 2 * G * H):
+                raise UnsupportedModelError(f"{where}: B: expected shape {(1, 2 * G * H)}, "
                                             f"got {B.shape}")
-            Wb, Rb = B[0, :3 * H], B[0, 3 * H:]
-        else:
-            Wb = Rb = None
+            tensors["Wb"], tensors["Rb"] = B[0, :G * H], B[0, G * H:]
+        if op.peepholes and ins[7]:
+            P = self.const(ins[7], f"{where} input P")
+            if P.shape != (1, 3 * H):
+                raise UnsupportedModelError(f"{where}: P: expected shape {(1, 3 * H)} "
+                                            f"(peepholes i, o, f), got {P.shape}")
+            tensors["P"] = P[0]
         if ins[4]:
             seq = self.const(ins[4], f"{where} input sequence_lens") \
                 if self.is_const(ins[4]) else None
@@ -282,33 +360,59 @@ class _Graph(GraphWalker):
                     f"one step per call, so a stream's length is the number of steps you feed "
                     f"it; export without sequence_lens"
                 )
-        if not ins[5] or initial_h == "skip":
-            pass
-        elif initial_h == "alone" and not self.is_const(ins[5]):
-            # A streaming export computes each GRU's initial_h from its caches (Slice, Gather,
-            # ScatterND on one cache tensor): the named node's initial_h is the stream's state.
-            src = self.producer.get(ins[5])
-            how = f"computed by {src.op_type} node {_name(src)!r}" if src is not None else \
-                "a graph input"
-            self.note(f"node {_name(n)!r}: its initial_h {ins[5]!r} ({how}) is taken as the "
-                      f"per-stream state, kept in the engine")
-        elif self.initial_state_kind(ins[5], n) == "input":
-            self.note(f"node {_name(n)!r}: its initial_h comes from graph input(s) "
-                      f"{self.source_inputs(ins[5])}: taken as the per-stream state, kept in the "
-                      f"engine (give it with engine.open(key, state=...))")
-        for t in (W, R) + ((Wb,) if Wb is not None else ()):
+        if initial_state != "skip":
+            self._initial_states(n, [(which, ins[i], f"{offset + k * H}:{offset + (k + 1) * H}")
+                                     for k, (i, which) in enumerate(op.states) if ins[i]],
+                                 initial_state)
+        for name, t in tensors.items():
             if t.dtype.kind != "f":
-                raise UnsupportedModelError(f"{where}: expected float weights, got {t.dtype}")
-        f, g = self._gru_activations(a, where)
-        clip = a.get("clip")
+                raise UnsupportedModelError(f"{where}: {name}: expected float weights, got "
+                                            f"{t.dtype}")
+        settings = dict(zip(op.activations, self._activations(a, where, n.op_type),
+                            strict=True))
+        settings[op.switch] = a.get(op.switch, 0)
+        if settings[op.switch] not in (0, 1):
+            raise UnsupportedModelError(f"{where}: {op.switch}: expected 0 or 1, got "
+                                        f"{settings[op.switch]}")
+        # ONNX's tensors are the canonical layouts of both kinds (gates z, r, h; i, o, f, c;
+        # peepholes i, o, f): nothing is reordered.
         try:
-            layer = GRULayer(I, H, W[0], R[0], Wb, Rb, linear_before_reset=lbr, f=f, g=g,
-                             clip=clip)
+            layer = op.layer(I, H, **tensors, clip=a.get("clip"), **settings)
         except (TypeError, ValueError) as exc:
             raise UnsupportedModelError(f"{where}: {exc}") from None
         return layer, layout
 
-    def _gru_activations(self, a, where):
+    def _initial_states(self, n, parts, mode):
+        """Check (mode "chain") and note what feeds the initial state inputs of node ``n``:
+        ``parts`` [(input name: initial_h or initial_c, tensor, elements of a stream's state)]."""
+        taken, sources = [], set()
+        for which, name, cols in parts:
+            if mode == "alone" and not self.is_const(name):
+                # A streaming export computes each node's initial state from its caches (Slice,
+                # Gather, ScatterND on one cache tensor): the named node's is the stream's state.
+                src = self.producer.get(name)
+                how = f"computed by {src.op_type} node {_name(src)!r}" if src is not None else \
+                    "a graph input"
+                taken.append((f"{which} {name!r} ({how})", which, cols))
+            elif self.initial_state_kind(name, n, which) == "input":
+                taken.append((which, which, cols))
+                sources.update(self.source_inputs(name))
+        if not taken:
+            return
+        what = " and ".join(t[0] for t in taken)
+        where = ", ".join(f"{which} = elements {cols}" for _, which, cols in taken)
+        if mode == "alone":
+            self.note(f"node {_name(n)!r}: its {what} {'is' if len(taken) == 1 else 'are'} taken "
+                      f"as the per-stream state ({where} of a stream's state), kept in the engine")
+        else:
+            self.note(f"node {_name(n)!r}: its {what} {'comes' if len(taken) == 1 else 'come'} "
+                      f"from graph input(s) {sorted(sources)}: taken as the per-stream state "
+                      f"({where} of a stream's state), kept in the engine (give it with "
+                      f"engine.open(key, state=...))")
+
+    def _activations(self, a, where, op_type):
+        """The node's activations, one ``(name, alpha, beta)`` per position of its op."""
+        op = _RECURRENT[op_type]
         acts = a.get("activations")
         alphas = list(a.get("activation_alpha", []))
         betas = list(a.get("activation_beta", []))
@@ -316,12 +420,13 @@ class _Graph(GraphWalker):
             if alphas or betas:
                 raise UnsupportedModelError(
                     f"{where}: activation_alpha/activation_beta given without activations; "
-                    f"sigmoid and tanh take no parameters")
-            return "sigmoid", "tanh"
+                    f"the defaults ({', '.join(op.defaults)}) take no parameters")
+            return op.defaults
         acts = [x.decode() if isinstance(x, bytes) else x for x in acts]
-        if len(acts) != 2:
+        if len(acts) != len(op.activations):
             raise UnsupportedModelError(
-                f"{where}: activations: expected 2 names (f, g) for a forward GRU, got {acts}")
+                f"{where}: activations: expected {len(op.activations)} names "
+                f"({', '.join(op.activations)}) for a forward {op_type}, got {acts}")
         out, ia, ib = [], 0, 0
         for name in acts:
             key = name.lower()
@@ -343,13 +448,13 @@ class _Graph(GraphWalker):
                 f"{where}: activation_alpha={alphas} / activation_beta={betas} have values that "
                 f"no activation in {acts} consumes (onnxruntime reads them in order, one per "
                 f"activation that takes that parameter); refusing rather than ignoring them")
-        return out[0], out[1]
+        return tuple(out)
 
     # ---------------------------------------------------------------- data path
     def data_input(self, n):
         """The one non-constant input of a node on the data path."""
         op = n.op_type
-        if op in _PLUMBING or op in _DENSE_ACTS or op in ("Softmax", "Gemm", "GRU"):
+        if op in _PLUMBING or op in _DENSE_ACTS or op in _RECURRENT or op in ("Softmax", "Gemm"):
             return n.input[0]
         if op in ("MatMul", "Add", "Sub", "Mul", "Div"):
             non = [i for i in n.input if not self.is_const(i)]
@@ -360,12 +465,12 @@ class _Graph(GraphWalker):
             return non[0]
         raise UnsupportedModelError(
             f"node {_name(n)!r} ({op}): this op changes values and has no streamgru equivalent; "
-            f"only GRU, MatMul/Gemm/Add/Sub/Mul/Div by constants, activations and "
+            f"only GRU, LSTM, MatMul/Gemm/Add/Sub/Mul/Div by constants, activations and "
             f"value-preserving plumbing can be mapped")
 
     def state_output(self, out):
-        """The nodes computing a graph output that only re-exposes GRU hidden states (Y_h) or
-        state inputs, else None."""
+        """The nodes computing a graph output that only re-exposes recurrent states (a GRU's or
+        LSTM's Y_h, an LSTM's Y_c) or state inputs, else None."""
         names = []
         stack = [out]
         while stack:
@@ -375,8 +480,9 @@ class _Graph(GraphWalker):
             n = self.producer.get(v)
             if n is None:
                 return None
-            if n.op_type == "GRU":
-                if v != (list(n.output) + ["", ""])[1]:
+            if n.op_type in _RECURRENT:
+                outs = list(n.output) + ["", ""]
+                if v not in [outs[i] for i in _RECURRENT[n.op_type].state_outputs]:
                     return None
                 continue
             if n.op_type not in _STATE_OPS:
@@ -388,15 +494,15 @@ class _Graph(GraphWalker):
         return names
 
     def convert(self, node_name):
-        grus = [n for n in self.nodes if n.op_type == "GRU"]
+        rnns = [n for n in self.nodes if n.op_type in _RECURRENT]
         if node_name is not None:
-            pick = [n for n in grus if n.name == node_name]
+            pick = [n for n in rnns if n.name == node_name]
             if not pick:
                 raise UnsupportedModelError(
-                    f"node: expected the name of a GRU node, got {node_name!r}; GRU nodes: "
-                    f"{self.describe(grus) or 'none'}")
+                    f"node: expected the name of a {_RECURRENT_NAMES} node, got {node_name!r}; "
+                    f"recurrent nodes: {self.describe(rnns) or 'none'}")
             n = pick[0]
-            layer, _ = self.gru_layer(n, initial_h="alone")
+            layer, _ = self.rnn_layer(n, initial_state="alone")
             x = n.input[0]
             src = self.producer.get(x)
             how = f"computed by {src.op_type} node {_name(src)!r}" if src is not None else \
@@ -404,58 +510,59 @@ class _Graph(GraphWalker):
             self.note(f"node {_name(n)!r}: its input X {x!r} ({how}) is the engine's input; the "
                       f"rest of the graph is not mapped")
             return [layer]
-        if not grus:
-            raise UnsupportedModelError(self.no_gru_message())
-        for n in grus:
-            self.gru_layer(n, initial_h="skip")  # attribute refusals (direction, ...) come first
+        if not rnns:
+            raise UnsupportedModelError(self.no_recurrent_message())
+        for n in rnns:
+            self.rnn_layer(n, initial_state="skip")  # attribute refusals (direction, ...) first
         try:
             layers, on_path = self.chain()
         except UnsupportedModelError as exc:
-            if len(grus) > 1:
+            if len(rnns) > 1:
                 raise UnsupportedModelError(
-                    f"graph has {len(grus)} GRU nodes that streamgru could not map as one chain "
-                    f"({exc}); GRU nodes: {self.describe(grus)}; pass node='<name>' to import "
-                    f"one of them as a one-layer model") from None
+                    f"graph has {len(rnns)} recurrent nodes that streamgru could not map as one "
+                    f"chain ({exc}); recurrent nodes: {self.describe(rnns)}; pass "
+                    f"node='<name>' to import one of them as a one-layer model") from None
             raise
-        missing = [n for n in grus if id(n) not in on_path]
+        missing = [n for n in rnns if id(n) not in on_path]
         if missing:
             raise UnsupportedModelError(
-                f"graph has {len(grus)} GRU nodes that do not form one chain from the input to "
-                f"the output ({self.describe(missing)} off the chain); GRU nodes: "
-                f"{self.describe(grus)}; pass node='<name>' to import one of them as a one-layer "
-                f"model")
+                f"graph has {len(rnns)} recurrent nodes that do not form one chain from the "
+                f"input to the output ({self.describe(missing)} off the chain); recurrent "
+                f"nodes: {self.describe(rnns)}; pass node='<name>' to import one of them as a "
+                f"one-layer model")
         return layers
 
-    def describe(self, grus):
+    def describe(self, rnns):
         parts = []
-        for n in grus:
+        for n in rnns:
             try:
                 W = self.const(n.input[1], "W")
-                shape = f"input_size={W.shape[-1]}, hidden_size={W.shape[-2] // 3}"
+                shape = (f"input_size={W.shape[-1]}, "
+                         f"hidden_size={W.shape[-2] // _RECURRENT[n.op_type].gates}")
             except UnsupportedModelError:
                 shape = "W not constant"
-            parts.append(f"{n.name or '<unnamed>'!r} ({shape})")
+            parts.append(f"{n.name or '<unnamed>'!r} ({n.op_type}, {shape})")
         return ", ".join(parts)
 
-    def no_gru_message(self):
+    def no_recurrent_message(self):
         ops = {}
         for n in self.nodes:
             ops[n.op_type] = ops.get(n.op_type, 0) + 1
         found = ", ".join(f"{k} x{v}" for k, v in sorted(ops.items())) or "no nodes"
-        msg = f"graph has no GRU node (found: {found})"
-        if "LSTM" in ops or "RNN" in ops:
-            msg += "; streamgru runs GRU layers only, not LSTM or simple RNN"
+        msg = f"graph has no {_RECURRENT_NAMES} node (found: {found})"
+        if "RNN" in ops:
+            msg += "; streamgru runs GRU and LSTM layers, not the simple RNN"
         elif "Loop" in ops or "Scan" in ops:
             msg += ("; the recurrence is a Loop/Scan, as tf2onnx emits for Keras 3 recurrent "
                     "layers: convert the Keras model file with converters.from_keras instead, or "
-                    "export with a converter that emits the ONNX GRU op")
+                    "export with a converter that emits the ONNX GRU or LSTM op")
         elif "Sigmoid" in ops and "Tanh" in ops and ("Gemm" in ops or "MatMul" in ops):
-            msg += ("; this looks like an unrolled GRU cell (torch nn.GRUCell exports as "
-                    "Gemm/Sigmoid/Tanh): use nn.GRU (copy the cell's weight_ih/weight_hh/bias_* "
-                    "into a 1-layer nn.GRU) before exporting, or convert the torch module with "
-                    "converters.from_torch")
+            msg += ("; this looks like an unrolled recurrent cell (torch nn.GRUCell and "
+                    "nn.LSTMCell export as Gemm/Sigmoid/Tanh): use nn.GRU or nn.LSTM (copy the "
+                    "cell's weight_ih/weight_hh/bias_* into a 1-layer module) before exporting, "
+                    "or convert the torch module with converters.from_torch")
         else:
-            msg += "; export a model that uses the ONNX GRU op"
+            msg += "; export a model that uses the ONNX GRU or LSTM op"
         return msg
 
     def chain(self):
@@ -465,11 +572,11 @@ class _Graph(GraphWalker):
             main = list(self.outputs)  # the graph returns only Y_h: the last step's output
         if len(main) != 1:
             raise UnsupportedModelError(
-                f"graph outputs: expected exactly one output computed through the GRU chain "
-                f"(other outputs may only re-expose hidden states), got {main or 'none'} "
-                f"among {self.outputs}")
+                f"graph outputs: expected exactly one output computed through the recurrent "
+                f"chain (other outputs may only re-expose recurrent states: Y_h, Y_c), got "
+                f"{main or 'none'} among {self.outputs}")
         start, path = self.path_to(main[0])
-        self.main, self.start, self.chain_grus = main[0], start, []
+        self.main, self.start, self.chain_rnns = main[0], start, []
         shape = self.static_shape(start)
         if shape is None or len(shape) < 1:
             raise UnsupportedModelError(f"graph input {start!r}: expected a known rank")
@@ -484,11 +591,11 @@ class _Graph(GraphWalker):
             self.used.add(id(n))
             on_path.add(id(n))
             op = n.op_type
-            if op == "GRU":
+            if op in _RECURRENT:
                 if dense is not None:
                     layers.append(dense.layer())
                     dense = None
-                desc = self.apply_gru(n, out, desc, layers)
+                desc = self.apply_rnn(n, out, desc, layers)
             elif op in _AFFINE or op in _DENSE_ACTS or op == "Softmax":
                 desc, dense, closed = self.apply_dense(n, desc, dense)
                 layers.extend(closed)
@@ -499,8 +606,8 @@ class _Graph(GraphWalker):
             layers.append(dense.layer())
         for o in self.outputs:
             if o != main[0]:
-                self.note(f"graph output {o!r} only re-exposes hidden states: ignored, the "
-                          f"engine keeps each stream's state")
+                self.note(f"graph output {o!r} only re-exposes recurrent states (Y_h, Y_c): "
+                          f"ignored, the engine keeps each stream's state")
                 for n in self.state_output(o):
                     self.used.add(id(n))
                     for i in n.input[1:] if n.op_type != "Concat" else ():
@@ -517,9 +624,16 @@ class _Graph(GraphWalker):
         return layers, on_path
 
     # ---------------------------------------------------------------- per-op mapping
-    def apply_gru(self, n, out, desc, layers):
-        layer, layout = self.gru_layer(n)
-        where = f"node {_name(n)!r} (GRU)"
+    def apply_rnn(self, n, out, desc, layers):
+        offset = sum(layer.state_size for layer in layers)
+        layer, layout = self.rnn_layer(n, offset=offset)
+        where = f"node {_name(n)!r} ({n.op_type})"
+        outs = list(n.output) + ["", ""]
+        if n.op_type == "LSTM" and out == outs[2]:
+            raise UnsupportedModelError(
+                f"{where}: expected Y or Y_h on the data path to the graph output, got its "
+                f"output Y_c {out!r} (the cell state); streamgru's LSTM layer outputs h and keeps "
+                f"C in the stream's state")
         if desc.last_only:
             raise UnsupportedModelError(f"{where}: its input keeps only the last time step of "
                                         f"the previous layer")
@@ -539,9 +653,8 @@ class _Graph(GraphWalker):
             raise UnsupportedModelError(f"{where}: X: expected {layer.input_size} features, "
                                         f"got {desc.width}")
         layers.append(layer)
-        self.chain_grus.append((n, layout, layer.hidden_size))
-        outs = list(n.output) + ["", ""]
-        H = layer.hidden_size
+        self.chain_rnns.append((n, layout, layer))
+        H = layer.output_size
         if out == outs[0]:
             return _Desc((t, 1, b) if layout == 0 else (b, t, 1), H)
         return _Desc((1, b) if layout == 0 else (b, 1), H, last_only=True)
@@ -653,12 +766,24 @@ def io_signature(model):
     Returns a dict: ``input`` (the data input's name), ``sizes`` (the sizes of its leading axes,
     None where the graph runs at any size), ``time_axis`` and ``batch_axis`` of that input,
     ``output`` (the main output's name), ``out_time_axis`` (None when the graph returns only the
-    last step), ``out_batch_axis``, ``grus`` [(node, layout, hidden_size)] in chain order,
+    last step), ``out_batch_axis``, ``recurrent`` [(node, layout, layer)] in chain order,
+    ``states`` [(tensor, layout, start, width)]: each initial state input of those nodes in
+    state order (a GRU's ``initial_h``; an LSTM's ``initial_h`` then ``initial_c``; tensor ""
+    when the node has none), shaped (1, batch, width) for layout 0 and (batch, 1, width) for 1,
+    which is elements ``start:start + width`` of a stream's state; ``state_size``;
     ``other_inputs`` (names of the remaining graph inputs: per-stream states) and ``notes``
     (what the converter took as state or ignored).
     """
     g = _Graph(model, "source")
     g.convert(None)
+    states, offset = [], 0
+    for n, layout, layer in g.chain_rnns:
+        ins = list(n.input) + [""] * 8
+        parts = _RECURRENT[n.op_type].states
+        width = layer.state_size // len(parts)  # h and C are equally wide: ONNX has no projection
+        for k, (i, _) in enumerate(parts):
+            states.append((ins[i], layout, offset + k * width, width))
+        offset += layer.state_size
     in_axes = g.value_desc[g.start].axes
     if len(in_axes) != 2 or not isinstance(g.time, str):
         raise UnsupportedModelError(
@@ -685,7 +810,9 @@ def io_signature(model):
         "output": g.main,
         "out_time_axis": None if out.last_only else pos[g.time],
         "out_batch_axis": pos[batch],
-        "grus": list(g.chain_grus),
+        "recurrent": list(g.chain_rnns),
+        "states": states,
+        "state_size": offset,
         "other_inputs": [i.name for i in g.inputs if i.name != g.start],
         "notes": list(g.notes),
     }

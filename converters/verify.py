@@ -476,8 +476,7 @@ def _onnx(run, source):
         res.notes.append(f"the graph has a fixed batch and/or sequence length: ran {B} streams x "
                          f"{T} steps")
         run.resize(B, T)
-    sizes = [H for _, _, H in sig["grus"]]
-    if _sizes_mismatch(res, run.model, static(dims[-1]), None, sum(sizes), "graph"):
+    if _sizes_mismatch(res, run.model, static(dims[-1]), None, sig["state_size"], "graph"):
         return res
 
     def np_type(name):
@@ -496,9 +495,10 @@ def _onnx(run, source):
     def session(p):
         return ort.InferenceSession(p.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
-    # Which element of which state input becomes which GRU's initial_h[b, j]: feed the state
-    # inputs their element numbers (+1) and read initial_h back. Exact: the converter accepts
-    # only value-preserving plumbing between a graph input and initial_h.
+    # Which element of which state input becomes which recurrent node's initial_h[b, j] (or
+    # initial_c[b, j]): feed the state inputs their element numbers (+1) and read the initial
+    # states back. Exact: the converter accepts only value-preserving plumbing between a graph
+    # input and an initial state.
     others = sig["other_inputs"]
     shapes = {k: [static(d) or B for d in inputs[k].type.tensor_type.shape.dim] for k in others}
     probe, owner, start = {}, {}, 1
@@ -507,8 +507,7 @@ def _onnx(run, source):
         probe[k] = np.arange(start, start + size, dtype=np.float64).reshape(shapes[k])
         owner[k] = start
         start += size
-    h0 = [(list(n.input) + [""] * 6)[5] for n, _, _ in sig["grus"]]
-    inner = list(dict.fromkeys(h for h in h0 if h and h not in inputs))
+    inner = list(dict.fromkeys(h for h, _, _, _ in sig["states"] if h and h not in inputs))
     got = {}
     if others and inner:
         p = copy.deepcopy(proto)
@@ -517,17 +516,16 @@ def _onnx(run, source):
         got = dict(zip(inner, session(p).run(None, feed(run.xs, probe)), strict=True))
     targets = {}  # probe id -> (stream, state column)
     one_to_one = True
-    offs = np.cumsum([0] + sizes)
-    for k, ((_, layout, H), h) in enumerate(zip(sig["grus"], h0, strict=True)):
+    for h, layout, first, width in sig["states"]:
         if not h or not others:
             continue
         v = np.asarray(probe[h] if h in inputs else got[h], np.float64)
-        ids = np.rint(v[0] if layout == 0 else v[:, 0]).astype(np.int64)  # (B, H)
+        ids = np.rint(v[0] if layout == 0 else v[:, 0]).astype(np.int64)  # (B, width)
         for b in range(B):
-            for j in range(H):
+            for j in range(width):
                 if ids[b, j]:
                     one_to_one &= int(ids[b, j]) not in targets
-                    targets[int(ids[b, j])] = (b, offs[k] + j)
+                    targets[int(ids[b, j])] = (b, first + j)
     states = np.zeros_like(run.states)
     feeds = {k: np.zeros(shapes[k]) for k in others}
     if targets and one_to_one:
@@ -539,7 +537,7 @@ def _onnx(run, source):
             res.initial_state += " (the layers the graph gives no state input start at zero)"
     elif others:
         res.initial_state = (f"zeros: the graph's inputs {others} could not be mapped one-to-one "
-                             f"onto the GRUs' initial_h")
+                             f"onto the recurrent nodes' initial states")
     else:
         res.initial_state = "zeros (the graph takes no initial state)"
     sess = session(proto)

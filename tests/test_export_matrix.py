@@ -86,29 +86,36 @@ def _build(kind):
     return KINDS[kind]().eval()
 
 
-def _gru(module):
-    return module if isinstance(module, nn.GRU) else module.gru
+def _rnn(module):
+    """The module's nn.GRU or nn.LSTM (the module itself, or the first one it holds)."""
+    return next(m for m in module.modules() if isinstance(m, (nn.GRU, nn.LSTM)))
 
 
 def _export(module, exporter, dynamic, with_h0, T, path):
-    gru = _gru(module)
-    bf = gru.batch_first
+    """Export ``module`` (an nn.GRU or nn.LSTM, or a module holding one, called as
+    ``module(x, state)``) with a (T, B) input; ``with_h0``: with the state input, named "h"
+    (an LSTM's (h0, c0): "h" and "c")."""
+    rnn = _rnn(module)
+    bf = rnn.batch_first
+    lstm = isinstance(rnn, nn.LSTM)
     x = torch.randn(B, T, I) if bf else torch.randn(T, B, I)
-    args = (x, torch.zeros(gru.num_layers, B, H)) if with_h0 else (x,)
-    names = ["x", "h"][:len(args)]
+    h0 = torch.zeros(rnn.num_layers, B, rnn.hidden_size)
+    state = (h0, torch.zeros_like(h0)) if lstm else h0
+    args = (x, state) if with_h0 else (x,)
+    names = ["x", "h", "c"][:1 + (1 + lstm) * with_h0]
     kw = {}
     if dynamic:
         t_ax, b_ax = (1, 0) if bf else (0, 1)
         if exporter == "legacy":
             axes = {"x": {t_ax: "t", b_ax: "b"}}
-            if with_h0:
-                axes["h"] = {1: "b"}
+            axes.update({name: {1: "b"} for name in names[1:]})
             kw["dynamic_axes"] = axes
         else:
             # torch.export specialises a dimension of size 1: time is dynamic only when T > 1.
             b = torch.export.Dim("b")
             xs = {b_ax: b, **({t_ax: torch.export.Dim("t")} if T > 1 else {})}
-            kw["dynamic_shapes"] = (xs, {1: b}) if with_h0 else (xs,)
+            states = ({1: b}, {1: b}) if lstm else {1: b}
+            kw["dynamic_shapes"] = (xs, states) if with_h0 else (xs,)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
             contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
@@ -118,7 +125,7 @@ def _export(module, exporter, dynamic, with_h0, T, path):
 
 def _torch_reference(module, xs, h0):
     """The module's own run: xs (B, T, I), h0 (B, L*H) -> outputs (B, T, O) float64."""
-    gru = _gru(module)
+    gru = _rnn(module)
     L = gru.num_layers
     x = torch.tensor(xs, dtype=torch.float32)
     if not gru.batch_first:
@@ -304,8 +311,8 @@ def test_one_node_of_a_streaming_graph(tmp_path, capsys):
     second = grus[1]
     h_src = {n.output[0]: n for n in proto.graph.node}
     assert second.input[5] not in {i.name for i in proto.graph.input}  # computed from the cache
-    # Without node=: refused, with the GRU nodes to pick from.
-    with pytest.raises(UnsupportedModelError, match=r"GRU nodes: .*pass node="):
+    # Without node=: refused, with the recurrent nodes to pick from.
+    with pytest.raises(UnsupportedModelError, match=r"recurrent nodes: .*pass node="):
         from_onnx(proto)
     model = from_onnx(path, node=second.name)
     assert [layer.hidden_size for layer in model.layers] == [6]

@@ -32,10 +32,12 @@ def ort_run(proto, feeds):
     return sess.run(None, feeds)
 
 
-def stream_outputs(model, xs, states):
-    """Step streams one at a time in a shuffled, interleaved order through the oracle.
+def stream_outputs(model, xs, states, *, engine=True, final=False):
+    """Step streams one at a time in a shuffled, interleaved order through the oracle, and (with
+    ``engine``) check the Engine in both dtypes against it, two groups of streams per step.
 
-    xs: (n_streams, T, I), states: (n_streams, state_size) -> ys (n_streams, T, O)."""
+    xs: (n_streams, T, I), states: (n_streams, state_size) -> ys (n_streams, T, O), and the
+    oracle's final states (n_streams, state_size) with ``final``."""
     n, T = xs.shape[:2]
     st = np.array(states, np.float64)
     ys = np.zeros((n, T, model.output_size))
@@ -46,7 +48,7 @@ def stream_outputs(model, xs, states):
             ys[s, t], st[s] = y[0], new[0]
     import streamgru
 
-    for dt, tol in (("float32", 1e-5), ("float64", 1e-9)):
+    for dt, tol in (("float32", 1e-5), ("float64", 1e-9)) if engine else ():
         eng = streamgru.Engine(model, dtype=dt)
         for s in range(n):
             eng.open(f"s{s}", state=states[s].astype(dt))
@@ -55,7 +57,7 @@ def stream_outputs(model, xs, states):
                 if len(group):
                     out = eng.step([f"s{s}" for s in group], xs[group, t].astype(dt))
                     np.testing.assert_allclose(out, ys[group, t], rtol=tol, atol=tol)
-    return ys
+    return (ys, st) if final else ys
 
 
 def tensor(name, a):
@@ -93,15 +95,16 @@ def _torch_model(num_layers, batch_first, last_only=False):
     return torch, Net().eval()
 
 
-def _export(torch, net, args, path, dynamo, **kw):
+def _export(torch, net, args, path, dynamo, input_names=("x", "h"), output_names=("y", "hn"),
+            **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import contextlib
         import io
 
         with contextlib.redirect_stdout(io.StringIO()):
-            torch.onnx.export(net, args, str(path), dynamo=dynamo, input_names=["x", "h"],
-                              output_names=["y", "hn"], **kw)
+            torch.onnx.export(net, args, str(path), dynamo=dynamo, input_names=list(input_names),
+                              output_names=list(output_names), **kw)
 
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
@@ -182,7 +185,7 @@ def test_grucell_export_is_refused_with_advice(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(cell, (torch.randn(1, 3), torch.randn(1, 4)), str(path), dynamo=False)
-    with pytest.raises(UnsupportedModelError, match=r"no GRU node.*nn\.GRU"):
+    with pytest.raises(UnsupportedModelError, match=r"no GRU or LSTM node.*nn\.GRU"):
         from_onnx(path)
 
 
@@ -467,8 +470,8 @@ def _two_parallel_grus():
 def test_several_grus_not_a_chain():
     proto = _two_parallel_grus()
     with pytest.raises(UnsupportedModelError,
-                       match=r"'left' \(input_size=3, hidden_size=4\).*'right' \(input_size=3, "
-                             r"hidden_size=6\).*node="):
+                       match=r"recurrent nodes: 'left' \(GRU, input_size=3, hidden_size=4\), "
+                             r"'right' \(GRU, input_size=3, hidden_size=6\).*node="):
         from_onnx(proto)
     right = from_onnx(proto, node="right")
     assert len(right.layers) == 1 and right.layers[0].hidden_size == 6
@@ -476,7 +479,8 @@ def test_several_grus_not_a_chain():
     _, h2 = ort_run(proto, {"X": x})
     ys = stream_outputs(right, x.transpose(1, 0, 2).astype(np.float64), np.zeros((2, 6)))
     np.testing.assert_allclose(ys[:, -1], h2[0], rtol=1e-5, atol=1e-5)
-    with pytest.raises(UnsupportedModelError, match="node: expected the name of a GRU node"):
+    with pytest.raises(UnsupportedModelError,
+                       match="node: expected the name of a GRU or LSTM node"):
         from_onnx(proto, node="middle")
 
 
@@ -531,7 +535,7 @@ def test_loop_graph_refused_with_advice():
     proto = make([loop], [vi("X", [1])], [vi("X", None)],
                  [helper.make_tensor("M", TensorProto.INT64, [], [1]),
                   helper.make_tensor("cond", TensorProto.BOOL, [], [True])])
-    with pytest.raises(UnsupportedModelError, match="no GRU node.*Loop x1.*from_keras"):
+    with pytest.raises(UnsupportedModelError, match="no GRU or LSTM node.*Loop x1.*from_keras"):
         from_onnx(proto)
 
 
