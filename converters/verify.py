@@ -6,16 +6,19 @@ What is run as the reference depends on the source:
 source                                     reference
 =========================================  ===================================================
 ``.onnx`` file or ``onnx.ModelProto``      onnxruntime runs the graph over the whole sequence
-                                           (float32: onnxruntime has no float64 GRU kernel)
-``nn.GRU`` / ``nn.GRUCell``                the module itself, in torch
+                                           (float32: onnxruntime has no float64 GRU or LSTM
+                                           kernel)
+``nn.GRU``, ``nn.GRUCell``, ``nn.LSTM``,   the module itself, in torch
+``nn.LSTMCell``
 ``nn.Module`` with ``forward(x, state)     the module itself, one call per step from the
 -> (y, state_out)`` (what                  random states (``x`` (batch, input_size), ``state``
 ``converters.to_torch`` exports)           (batch, state_size) in the engine's layout)
-other ``nn.Module``                        torch ``nn.GRU``/``nn.GRUCell``/``nn.Linear`` (+ the
-                                           Sequential's activation modules) rebuilt from its
-                                           state_dict in the converter's layer order, and the
-                                           module's own ``forward(x)`` from a zero state when it
-                                           takes one argument
+other ``nn.Module``                        torch ``nn.GRU``/``nn.GRUCell``/``nn.LSTM``/
+                                           ``nn.LSTMCell``/``nn.Linear`` (+ the Sequential's
+                                           activation modules) rebuilt from its state_dict in
+                                           the converter's layer order, and the module's own
+                                           ``forward(x)`` from a zero state when it takes one
+                                           argument
 state_dict, ``.pt``/``.pth``,              the rebuilt torch stack (a state_dict records no
 ``.safetensors`` state_dict, ``.json``     activations: its Linear layers run without one)
 state_dict
@@ -27,9 +30,13 @@ native ``.sgru``                           the engine on ``model`` against the e
 =========================================  ===================================================
 
 Inputs are seeded random normals for ``streams`` streams over ``steps`` steps; every stream starts
-from a random nonzero state, fed to the reference as its initial hidden state (a torch ``h_0``,
-an ONNX graph's state input) wherever the source takes one. The engine steps the streams in a
-shuffled, interleaved order, one step per call, and every step's output is compared.
+from a random nonzero state, fed to the reference as its initial state wherever the source takes
+one (a torch ``h_0``, an LSTM's ``h_0`` and ``c_0``, an ONNX graph's state inputs): the engine's
+flat state of a stream is its recurrent layers' states in layer order, a GRU layer's h, an LSTM
+layer's h (``output_size``) then C (``hidden_size``), and torch wants each module's layers
+stacked, ``h_0`` (num_layers, batch, h width) and ``c_0`` (num_layers, batch, hidden_size). The
+engine steps the streams in a shuffled, interleaved order, one step per call, and every step's
+output is compared.
 
 Missing values (``missing="skip"|"zero"|"last"``)
 -------------------------------------------------
@@ -43,14 +50,15 @@ stands for, in float64 wherever the source runs float64:
              observed value of that feature (0 if none yet).
 ``"skip"``   the source on each stream's complete steps only (a step with any dropped value is
              left out and the later steps close up). A skipped step's expected output is the
-             source's output at the stream's last complete step: the layers after the last GRU
-             applied to that GRU's held state, which is what that step output.
+             source's output at the stream's last complete step: the layers after the last
+             recurrent layer applied to that layer's held output (its h), which is what that step
+             output.
 
 The first step of every stream is kept whole, so that every expected output is one the source
 computed (with ``"skip"``, a stream with no complete step yet would need the layers after the
-last GRU alone, which an ONNX graph or a torch module cannot run). A graph that returns only the
-last step of a fixed-length sequence cannot be compared under ``"skip"`` (its sequence cannot
-close up); the report says so and is not ok.
+last recurrent layer alone, which an ONNX graph or a torch module cannot run). A graph that
+returns only the last step of a fixed-length sequence cannot be compared under ``"skip"`` (its
+sequence cannot close up); the report says so and is not ok.
 """
 
 from __future__ import annotations
@@ -65,13 +73,14 @@ import numpy as np
 
 from streamgru.model import GRUModel
 
-from ._util import UnsupportedModelError, require
+from ._util import require
 
 __all__ = ["verify", "VerifyReport", "reference_inputs"]
 
 # Default tolerances on max |engine - reference|. A float32 reference (onnxruntime, torch float32)
 # sums in another order than the engine: ~1e-6 per step for unit-scale models, grown over the
-# steps and layers; any mapping error (gate order, bias, linear_before_reset) is ~1e-2 or more.
+# steps and layers; any mapping error (gate order, bias, linear_before_reset, h and C swapped) is
+# ~1e-2 or more.
 _TOL = {"float32": 1e-4, "float64": 1e-9}
 MISSING_POLICIES = ("refuse", "skip", "zero", "last")
 
@@ -176,8 +185,8 @@ def verify(model, source, *, streams=4, steps=20, seed=0, dtype="float32", toler
         after a stream's first step is dropped.
     **options
         Passed to the converter that reads the source's structure, e.g. ``layers=[...]`` for a
-        torch source whose layer order needs it. ``node=`` is refused: one GRU node taken out of
-        a larger ONNX graph has no runnable reference.
+        torch source whose layer order needs it. ``node=`` is refused: one recurrent node taken
+        out of a larger ONNX graph has no runnable reference.
 
     Returns
     -------
@@ -200,6 +209,9 @@ def verify(model, source, *, streams=4, steps=20, seed=0, dtype="float32", toler
     >>> report = converters.verify(converters.from_torch(gru), gru, steps=5, missing="last")
     >>> report.ok, report.dropped > 0
     (True, True)
+    >>> lstm = torch.nn.LSTM(3, 8, num_layers=2)
+    >>> converters.verify(converters.from_torch(lstm), lstm, steps=5).ok
+    True
     """
     if not isinstance(model, GRUModel):
         raise TypeError(f"model: expected a GRUModel, got {type(model).__name__}")
@@ -575,50 +587,23 @@ def _onnx(run, source):
 # torch
 
 
-def _no_torch_lstm_yet(what):
-    """Temporary: the torch reference is not rebuilt for LSTM units yet; refuse rather than
-    compare the engine with a wrong reference."""
-    raise UnsupportedModelError(
-        f"source: expected GRU/Linear modules for the torch reference, got {what}; verify does "
-        f"not rebuild LSTM layers as a torch reference yet (verify the model against "
-        f"converters.to_torch(model), or its ONNX export, meanwhile)")
-
-
 def _torch_module(run, module, options):
     torch = require("torch", "torch")
     nn = torch.nn
-    if isinstance(module, (nn.LSTM, nn.LSTMCell)):
-        _no_torch_lstm_yet(f"a {type(module).__name__}")
     tdt = torch.float64 if run.dtype == "float64" else torch.float32
-    if isinstance(module, (nn.GRU, nn.GRUCell)):
-        m = copy.deepcopy(module).to(tdt).eval()
+    if isinstance(module, (nn.GRU, nn.GRUCell, nn.LSTM, nn.LSTMCell)):
+        init = "random nonzero, as h_0 and c_0" if isinstance(module, (nn.LSTM, nn.LSTMCell)) \
+            else "random nonzero, as h_0"
         res = _Result(f"torch {torch.__version__} {type(module).__name__} (the module itself, "
-                      f"{run.dtype})", True, run.dtype, "random nonzero, as h_0")
-        if isinstance(module, nn.GRU):
-            L, H = module.num_layers, module.hidden_size
-            if _sizes_mismatch(res, run.model, module.input_size, H, L * H, "module"):
-                return res
-            x = torch.tensor(run.xs, dtype=tdt)  # (B, T, I)
-            if not module.batch_first:
-                x = x.transpose(0, 1)
-            h0 = torch.tensor(run.states.reshape(run.B, L, H).transpose(1, 0, 2), dtype=tdt)
-            with torch.no_grad():
-                y, _ = m(x, h0)
-            if not module.batch_first:
-                y = y.transpose(0, 1)
-            ref = y.numpy().astype(np.float64)
-        else:
-            if _sizes_mismatch(res, run.model, module.input_size, module.hidden_size,
-                               module.hidden_size, "module"):
-                return res
-            h = torch.tensor(run.states, dtype=tdt)
-            outs = []
-            with torch.no_grad():
-                for t in range(run.T):
-                    h = m(torch.tensor(run.xs[:, t], dtype=tdt), h)
-                    outs.append(h.numpy().astype(np.float64))
-            ref = np.stack(outs, axis=1)
-        res.compare(run.engine(run.states), run.pick(ref))
+                      f"{run.dtype})", True, run.dtype, init)
+        if _sizes_mismatch(res, run.model, module.input_size, _output_width(module),
+                           _state_width(module, nn), "module"):
+            return res
+        m = copy.deepcopy(module).to(tdt).eval()
+        x = torch.tensor(run.xs, dtype=tdt).transpose(0, 1)  # (T, B, I)
+        with torch.no_grad():
+            y = _run_recurrent(m, x, run.states, torch)
+        res.compare(run.engine(run.states), run.pick(y.transpose(0, 1).numpy().astype(np.float64)))
         return res
     res = _step_module(run, module, torch, tdt)
     if res is not None:
@@ -627,12 +612,48 @@ def _torch_module(run, module, options):
 
     units = ordered_units(module, options.get("layers"))
     res = _stack(run, units, torch, module=module,
-                 label=f"torch {torch.__version__} GRU/Linear stack rebuilt from the module's "
-                       f"state_dict in the converter's order, with the Sequential's activation "
-                       f"modules ({run.dtype})")
+                 label=f"torch {torch.__version__} recurrent/Linear stack rebuilt from the "
+                       f"module's state_dict in the converter's order, with the Sequential's "
+                       f"activation modules ({run.dtype})")
     if res.shapes_ok:
         _module_forward(run, module, res, torch, tdt)
     return res
+
+
+def _output_width(m):
+    """The width of a torch recurrent module's output h: ``proj_size`` or ``hidden_size``."""
+    return getattr(m, "proj_size", 0) or m.hidden_size
+
+
+def _state_width(m, nn):
+    """Values of a stream's engine state that a torch recurrent module holds: per layer h, and
+    an LSTM's C after it."""
+    lstm = isinstance(m, (nn.LSTM, nn.LSTMCell))
+    per_layer = _output_width(m) + (m.hidden_size if lstm else 0)
+    return getattr(m, "num_layers", 1) * per_layer
+
+
+def _run_recurrent(m, x, states, torch):
+    """Run the torch GRU/GRUCell/LSTM/LSTMCell ``m`` over ``x`` (T, B, I), time-major whatever
+    its ``batch_first``, from ``states`` (B, _state_width(m)) float64, the engine's layout: its
+    layers in order, each a GRU's h or an LSTM's h then C. Returns the outputs (T, B, O)."""
+    nn = torch.nn
+    B = states.shape[0]
+    H_out = _output_width(m)
+    lstm = isinstance(m, (nn.LSTM, nn.LSTMCell))
+    # The engine's (B, layers, h [+ C]) becomes torch's layers-first h_0 (L, B, H_out) and, for
+    # an LSTM, c_0 (L, B, H): each layer's first H_out values are its h, the next H its C.
+    per_layer = states.reshape(B, getattr(m, "num_layers", 1), -1).transpose(1, 0, 2)
+    h0 = torch.tensor(np.ascontiguousarray(per_layer[:, :, :H_out]), dtype=x.dtype)
+    c0 = torch.tensor(np.ascontiguousarray(per_layer[:, :, H_out:]), dtype=x.dtype)
+    if isinstance(m, (nn.GRUCell, nn.LSTMCell)):
+        hx, outs = ((h0[0], c0[0]) if lstm else h0[0]), []
+        for step in range(x.shape[0]):
+            hx = m(x[step], hx)
+            outs.append(hx[0] if lstm else hx)
+        return torch.stack(outs)
+    y, _ = m(x.transpose(0, 1) if m.batch_first else x, (h0, c0) if lstm else h0)
+    return y.transpose(0, 1) if m.batch_first else y
 
 
 def _step_module(run, module, torch, tdt):
@@ -682,85 +703,92 @@ def _torch_state(run, source, options):
 
     units = ordered_units(source, options.get("layers"))
     return _stack(run, units, torch, module=None,
-                  label=f"torch {torch.__version__} GRU/Linear stack rebuilt from the state_dict "
-                        f"in the converter's order ({run.dtype}); a state_dict records no "
-                        f"activations, so its Linear layers run without one")
+                  label=f"torch {torch.__version__} recurrent/Linear stack rebuilt from the "
+                        f"state_dict in the converter's order ({run.dtype}); a state_dict records "
+                        f"no activations, so its Linear layers run without one")
+
+
+def _rebuild(u, torch, tdt):
+    """The torch module (in ``tdt``) of one unit of ``ordered_units``, holding its tensors."""
+    nn = torch.nn
+    if u.kind == "linear":
+        w = u.linear["weight"][1]
+        m = nn.Linear(w.shape[1], w.shape[0], bias="bias" in u.linear)
+        tensors = [u.linear]
+    else:
+        whh = u.layers[0]["weight_hh"][1]  # (G*H, H_out), G = 4 for an LSTM, 3 for a GRU
+        G = 4 if u.kind in ("lstm", "lstmcell") else 3
+        I, H, L = u.input_size, whh.shape[0] // G, len(u.layers)
+        bias = "bias_ih" in u.layers[0]
+        if u.kind == "cell":
+            m = nn.GRUCell(I, H, bias=bias)
+        elif u.kind == "lstmcell":
+            m = nn.LSTMCell(I, H, bias=bias)
+        elif u.kind == "gru":
+            m = nn.GRU(I, H, num_layers=L, bias=bias)
+        else:
+            proj = whh.shape[1] if "weight_hr" in u.layers[0] else 0
+            m = nn.LSTM(I, H, num_layers=L, bias=bias, proj_size=proj)
+        tensors = u.layers
+    m = m.to(tdt).eval()
+    per_layer = u.kind in ("gru", "lstm")  # weight_ih_l0, ...; a cell's and a Linear's: weight_ih
+    with torch.no_grad():
+        for k, roles in enumerate(tensors):
+            for role, (_, arr) in roles.items():
+                getattr(m, f"{role}_l{k}" if per_layer else role).copy_(
+                    torch.tensor(np.asarray(arr), dtype=tdt))
+    return m
 
 
 def _stack(run, units, torch, *, module, label):
     """Run the units as torch modules, time-major, from the states; compare with the engine."""
-    nn = torch.nn
-    for u in units:
-        if u.kind in ("lstm", "lstmcell"):
-            _no_torch_lstm_yet(f"LSTM weights under {u.prefix!r}")
     tdt = torch.float64 if run.dtype == "float64" else torch.float32
-    res = _Result(label, True, run.dtype, "random nonzero, as each GRU's h_0")
-    sizes = []
-    for u in units:
-        if u.kind != "linear":
-            sizes += [layer["weight_hh"][1].shape[1] for layer in u.layers]
-    if _sizes_mismatch(res, run.model, units[0].input_size, units[-1].output_size, sum(sizes),
+    res = _Result(label, True, run.dtype, "random nonzero, as each recurrent module's h_0 (and "
+                                          "an LSTM's c_0)")
+    mods = [_rebuild(u, torch, tdt) for u in units]
+    widths = [0 if u.kind == "linear" else _state_width(m, torch.nn)
+              for u, m in zip(units, mods, strict=True)]
+    if _sizes_mismatch(res, run.model, units[0].input_size, units[-1].output_size, sum(widths),
                        "source"):
         return res
-
-    def t(a):
-        return torch.tensor(np.asarray(a), dtype=tdt)
-
-    x = t(run.xs).transpose(0, 1)  # (T, B, I)
+    x = torch.tensor(run.xs, dtype=tdt).transpose(0, 1)  # (T, B, I)
     off = 0
     with torch.no_grad():
-        for u in units:
-            if u.kind == "linear":
-                w = u.linear["weight"][1]
-                lin = nn.Linear(w.shape[1], w.shape[0], bias="bias" in u.linear).to(tdt)
-                lin.weight.copy_(t(w))
-                if "bias" in u.linear:
-                    lin.bias.copy_(t(u.linear["bias"][1]))
-                x = lin(x)
-                if u.activation_from is not None and module is not None:
-                    x = module.get_submodule(u.activation_from)(x)
+        for u, m, width in zip(units, mods, widths, strict=True):
+            if u.kind != "linear":
+                x = _run_recurrent(m, x, run.states[:, off:off + width], torch)
+                off += width
                 continue
-            I, L = u.input_size, len(u.layers)
-            H = u.layers[0]["weight_hh"][1].shape[1]
-            bias = "bias_ih" in u.layers[0]
-            h0 = run.states[:, off:off + L * H].reshape(run.B, L, H).transpose(1, 0, 2)
-            off += L * H
-            if u.kind == "cell":
-                cell = nn.GRUCell(I, H, bias=bias).to(tdt)
-                roles = u.layers[0]
-                for role, (_, arr) in roles.items():
-                    getattr(cell, role).copy_(t(arr))
-                h, outs = t(h0[0]), []
-                for step in range(x.shape[0]):
-                    h = cell(x[step], h)
-                    outs.append(h)
-                x = torch.stack(outs)
-                continue
-            gru = nn.GRU(I, H, num_layers=L, bias=bias).to(tdt)
-            for k, roles in enumerate(u.layers):
-                for role, (_, arr) in roles.items():
-                    getattr(gru, f"{role}_l{k}").copy_(t(arr))
-            x, _ = gru(x, t(h0))
+            x = m(x)
+            if u.activation_from is not None and module is not None:
+                x = module.get_submodule(u.activation_from)(x)
     res.compare(run.engine(run.states), run.pick(x.transpose(0, 1).numpy().astype(np.float64)),
                 "rebuilt torch stack: ")
     return res
 
 
 def _module_forward(run, module, res, torch, tdt):
-    """Also run the module's own forward(x), from zeros, when that is possible."""
+    """Also run the module's own forward(x), from zeros, when that is possible: it takes one
+    argument, and its first nn.GRU or nn.LSTM says whether x is batch first. Its output is
+    ``y`` or a tuple whose first item is ``y`` (an LSTM's ``(y, (h, c))``, a GRU's ``(y, h)``)."""
     nn = torch.nn
-    grus = [m for m in module.modules() if isinstance(m, nn.GRU)]
+    seqs = [m for m in module.modules() if isinstance(m, (nn.GRU, nn.LSTM))]
     try:
         params = [p for p in inspect.signature(module.forward).parameters.values()
                   if p.default is inspect.Parameter.empty
                   and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     except (TypeError, ValueError):
         params = None
-    if not grus or params is None or len(params) != 1:
+    if params is None or len(params) != 1:
         res.notes.append("the module's own forward() was not run (it does not take a single "
                          "(batch, time, features) tensor); the rebuilt stack is the reference")
         return
-    batch_first = grus[0].batch_first
+    if not seqs:
+        res.notes.append("the module's own forward() was not run (it holds no nn.GRU or nn.LSTM "
+                         "to say whether its input is batch first); the rebuilt stack is the "
+                         "reference")
+        return
+    batch_first = seqs[0].batch_first
     m = copy.deepcopy(module).to(tdt).eval()
     x = torch.tensor(run.xs, dtype=tdt)
     if not batch_first:

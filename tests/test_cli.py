@@ -162,3 +162,66 @@ def test_convert_without_check_and_info_on_foreign_file(tmp_path, capsys):
     info = capsys.readouterr().out
     assert "RTNeural JSON" in info and "linear_before_reset=0" in info
     assert "model source: rtneural" in info and "hidden_size=7" in info
+
+
+def _lstm_source(tmp_path, kind):
+    """A small torch LSTM model: a .pt state_dict (Linear -> 2-layer LSTM with a projection ->
+    Linear) or a legacy .onnx export (2-layer LSTM -> Linear, initial states as inputs h, c)."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(8)
+    nn = torch.nn
+    if kind == "pt":
+        parts = {"inp": nn.Linear(3, 4), "lstm": nn.LSTM(4, 6, num_layers=2, proj_size=3),
+                 "out": nn.Linear(3, 2)}
+        torch.save({f"{p}.{k}": v for p, m in parts.items() for k, v in m.state_dict().items()},
+                   tmp_path / "m.pt")
+        return tmp_path / "m.pt"
+    pytest.importorskip("onnxruntime")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.out = nn.LSTM(4, 6, num_layers=2), nn.Linear(6, 2)
+
+        def forward(self, x, h, c):
+            y, (h, c) = self.lstm(x, (h, c))
+            return self.out(y), h, c
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Net().eval(), (torch.randn(3, 2, 4), torch.randn(2, 2, 6),
+                                         torch.randn(2, 2, 6)),
+                          str(tmp_path / "m.onnx"), dynamo=False, input_names=["x", "h", "c"],
+                          output_names=["y", "hn", "cn"],
+                          dynamic_axes={"x": {0: "time", 1: "batch"}, "h": {1: "batch"},
+                                        "c": {1: "batch"}, "y": {0: "time", 1: "batch"}})
+    return tmp_path / "m.onnx"
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+@pytest.mark.parametrize("kind", ["pt", "onnx"])
+def test_convert_check_on_an_lstm_source(tmp_path, capsys, monkeypatch, kind):
+    src = _lstm_source(tmp_path, kind)
+    out = tmp_path / "out.sgru"
+    assert main(["convert", str(src), "-o", str(out), "--check"]) == 0, capsys.readouterr()
+    text = capsys.readouterr().out
+    assert text.startswith("verify OK: max |engine - reference| = ") and "wrote" in text
+    assert "[framework check]" in text
+    assert ("an LSTM's c_0" if kind == "pt" else "graph input(s) ['h', 'c']") in text
+    assert main(["info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert "lstm proj_size=" + ("3" if kind == "pt" else "0") in info
+    # The same layers with other weights (what a gate or h/C mix-up looks like): refused.
+    import streamgru.formats
+
+    real = streamgru.formats.load(src)
+    rng = np.random.default_rng(1)
+    wrong = GRUModel([type(la).from_config(la.config(), {
+        k: v + rng.normal(0, 0.5, v.shape).astype(v.dtype) for k, v in la.tensors().items()})
+        for la in real.layers])
+    monkeypatch.setattr(streamgru.formats, "load", lambda path: wrong)
+    out.unlink()
+    assert main(["convert", str(src), "-o", str(out), "--check"]) == 1
+    cap = capsys.readouterr()
+    assert cap.out.startswith("verify FAILED") and "check failed: max difference" in cap.err
+    assert not out.exists()

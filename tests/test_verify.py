@@ -344,24 +344,259 @@ def test_a_to_torch_export_is_a_source(dtype):
     assert not bad.ok and bad.max_abs_diff > 1e-3
 
 
-def test_lstm_models_verify_against_an_export_and_refuse_a_torch_rebuild_for_now():
-    """The engine runs LSTM layers: verify checks one against its own to_torch export (and the
-    check fails for another model's export). Rebuilding torch's LSTM from a module or
-    state_dict as the reference is not implemented yet: refused by name, never a wrong
-    comparison (temporary)."""
+# ----------------------------------------------------------------------------- LSTM layers
+# Every source form checks twice: against the model's own source (ok, a small difference) and
+# against another model's source of the same shapes (not ok, a large one), so a reference that
+# ignored its weights or its initial state could not pass.
+
+_LSTMS = {
+    "lstm": lambda torch: torch.nn.LSTM(3, 5),
+    "lstm2_proj_batch_first": lambda torch: torch.nn.LSTM(3, 5, num_layers=2, proj_size=2,
+                                                         batch_first=True),
+    "lstm2_no_bias": lambda torch: torch.nn.LSTM(3, 4, num_layers=2, bias=False),
+    "lstmcell": lambda torch: torch.nn.LSTMCell(3, 4),
+    "lstmcell_no_bias": lambda torch: torch.nn.LSTMCell(3, 4, bias=False),
+}
+
+
+def _seeded(torch, make, seed):
+    torch.manual_seed(seed)
+    return make(torch).eval()
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", sorted(_LSTMS))
+def test_torch_lstm_module(case, dtype):
     torch = pytest.importorskip("torch")
-    torch.manual_seed(0)
-    lstm = torch.nn.LSTM(2, 3, num_layers=2, proj_size=2)
+    lstm = _seeded(torch, _LSTMS[case], 10)
     model = converters.from_torch(lstm)
+    r = converters.verify(model, lstm, dtype=dtype, streams=3, steps=8)
+    assert r.ok and r.framework_check, str(r)
+    assert r.max_abs_diff < (1e-5 if dtype == "float32" else 1e-12)
+    assert type(lstm).__name__ in r.reference and "the module itself" in r.reference
+    assert r.initial_state == "random nonzero, as h_0 and c_0"
+    other = _seeded(torch, _LSTMS[case], 11)
+    bad = converters.verify(model, other, dtype=dtype, streams=3, steps=8)
+    assert not bad.ok and bad.max_abs_diff > 1e-3, str(bad)
+
+
+def test_torch_lstm_sizes_that_differ_are_reported():
+    torch = pytest.importorskip("torch")
+    model = converters.from_torch(torch.nn.LSTM(3, 5, proj_size=2))
+    r = converters.verify(model, torch.nn.LSTM(3, 5), steps=4)
+    assert not r.ok and r.max_abs_diff == float("inf")
+    assert "output_size 2 vs 5" in str(r) and "state_size 7 vs 10" in str(r)
+
+
+def _mixed(torch, seed):
+    """Linear -> GRU -> 2-layer LSTM with a projection -> LSTMCell -> Linear, ReLU, Linear: the
+    shapes chain one way only (3 -> 4 -> 5 -> 3 -> 7 -> 6 -> 2), so that a state_dict, whose
+    .safetensors file loses the registration order, converts without layers=."""
+    torch.manual_seed(seed)
+    nn = torch.nn
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(3, 4)
+            self.gru = nn.GRU(4, 5, batch_first=True)
+            self.lstm = nn.LSTM(5, 6, num_layers=2, proj_size=3, batch_first=True)
+            self.cell = nn.LSTMCell(3, 7)
+            self.head = nn.Sequential(nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 2))
+
+        def forward(self, x):
+            y, _ = self.gru(self.inp(x))
+            y, (_, _) = self.lstm(y)
+            hc, outs = None, []
+            for t in range(y.shape[1]):
+                hc = self.cell(y[:, t], hc)
+                outs.append(hc[0])
+            return self.head(torch.stack(outs, dim=1))
+
+    return Mixed().eval()
+
+
+def _as_source(torch, net, form, path):
+    """``net`` as the source ``form``: the module itself, its state_dict, a .pt or a
+    .safetensors file of it."""
+    if form == "module":
+        return net
+    sd = net.state_dict()
+    if form == "state_dict":
+        return dict(sd)
+    if form == ".pt":
+        torch.save(sd, path.with_suffix(".pt"))
+        return path.with_suffix(".pt")
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path.with_suffix(".safetensors")))
+    return path.with_suffix(".safetensors")
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+@pytest.mark.parametrize("form", ["module", "state_dict", ".pt", ".safetensors"])
+def test_torch_module_mixing_gru_lstm_and_linear(tmp_path, form):
+    torch = pytest.importorskip("torch")
+    src = _as_source(torch, _mixed(torch, 20), form, tmp_path / "mine")
+    model = converters.from_torch(src)
+    assert [la.kind for la in model.layers] == ["dense", "gru", "lstm", "lstm", "lstm", "dense",
+                                                "dense"]
     for dtype in ("float32", "float64"):
-        r = converters.verify(model, converters.to_torch(model), dtype=dtype, streams=3, steps=8)
-        assert r.ok and r.framework_check
+        r = converters.verify(model, src, dtype=dtype, streams=3, steps=8)
+        assert r.ok and r.framework_check, str(r)
         assert r.max_abs_diff < (1e-5 if dtype == "float32" else 1e-12)
-    other = converters.from_torch(torch.nn.LSTM(2, 3, num_layers=2, proj_size=2))
-    bad = converters.verify(model, converters.to_torch(other), streams=3, steps=8)
+        assert "recurrent/Linear stack rebuilt" in r.reference
+        assert "c_0" in r.initial_state
+        if form == "module":  # its own forward(x) too, from zeros: a second comparison
+            assert "forward(x)" in r.reference and "per comparison" in str(r)
+        else:
+            assert "records no activations" in r.reference
+    other = _as_source(torch, _mixed(torch, 21), form, tmp_path / "other")
+    bad = converters.verify(model, other, streams=3, steps=8)
+    assert not bad.ok and bad.max_abs_diff > 1e-3, str(bad)
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+@pytest.mark.parametrize("policy", ["skip", "zero", "last"])
+def test_lstm_missing_values_against_torch_applying_the_same_rule(policy):
+    torch = pytest.importorskip("torch")
+    lstm = _seeded(torch, _LSTMS["lstm2_proj_batch_first"], 12)
+    model = converters.from_torch(lstm)
+    r = converters.verify(model, lstm, dtype="float64", streams=3, steps=12, missing=policy,
+                          missing_rate=0.2)
+    assert r.ok and r.max_abs_diff < 1e-12 and r.dropped > 3, str(r)
+    # skip: a skipped step outputs what the head makes of the last LSTM's held h.
+    net = _mixed(torch, 22)
+    r = converters.verify(converters.from_torch(net), net, steps=10, missing=policy,
+                          missing_rate=0.15)
+    assert r.ok and r.dropped > 0 and "per comparison" in str(r), str(r)
+    bad = converters.verify(model, _seeded(torch, _LSTMS["lstm2_proj_batch_first"], 13),
+                            dtype="float64", streams=3, steps=12, missing=policy,
+                            missing_rate=0.2)
     assert not bad.ok and bad.max_abs_diff > 1e-3
-    for source in (lstm, lstm.state_dict()):
-        with pytest.raises(streamgru.UnsupportedModelError, match=r"verify does not rebuild "
-                                                                  r"LSTM layers as a torch "
-                                                                  r"reference yet"):
-            converters.verify(model, source)
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_lstm_model_against_its_to_torch_export(dtype):
+    torch = pytest.importorskip("torch")
+    lstm = _seeded(torch, _LSTMS["lstm2_proj_batch_first"], 14)
+    model = converters.from_torch(lstm).astype(dtype)
+    r = converters.verify(model, converters.to_torch(model), dtype=dtype, streams=3, steps=8)
+    assert r.ok and r.framework_check and "one call per step" in r.reference
+    assert r.max_abs_diff < (1e-5 if dtype == "float32" else 1e-12)
+    other = converters.from_torch(_seeded(torch, _LSTMS["lstm2_proj_batch_first"], 15))
+    bad = converters.verify(model, converters.to_torch(other.astype(dtype)), dtype=dtype,
+                            streams=3, steps=8)
+    assert not bad.ok and bad.max_abs_diff > 1e-3
+
+
+def _export_lstm(torch, tmp_path, seed, mixed=False):
+    """A legacy ONNX export taking each recurrent module's initial states as graph inputs:
+    Linear -> 2-layer LSTM -> Linear + sigmoid (inputs h, c), or with ``mixed`` Linear, ReLU ->
+    LSTM -> GRU -> 2-layer LSTM without bias -> Linear (inputs ha, ca, hg, hb, cb)."""
+    torch.manual_seed(seed)
+    nn = torch.nn
+
+    class One(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.lstm, self.out = nn.Linear(3, 4), nn.LSTM(4, 5, 2), nn.Linear(5, 2)
+
+        def forward(self, x, h, c):
+            y, (h, c) = self.lstm(self.inp(x), (h, c))
+            return torch.sigmoid(self.out(y)), h, c
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.a, self.g = nn.Linear(3, 4), nn.LSTM(4, 5), nn.GRU(5, 6)
+            self.b, self.out = nn.LSTM(6, 4, num_layers=2, bias=False), nn.Linear(4, 2)
+
+        def forward(self, x, ha, ca, hg, hb, cb):
+            y, (ha, ca) = self.a(torch.relu(self.inp(x)), (ha, ca))
+            y, hg = self.g(y, hg)
+            y, (hb, cb) = self.b(y, (hb, cb))
+            return self.out(y), ha, ca, hg, hb, cb
+
+    states = {"ha": (1, 5), "ca": (1, 5), "hg": (1, 6), "hb": (2, 4), "cb": (2, 4)} if mixed \
+        else {"h": (2, 5), "c": (2, 5)}
+    net = (Mixed if mixed else One)().eval()
+    path = tmp_path / f"lstm{seed}{'_mixed' if mixed else ''}.onnx"
+    args = (torch.randn(4, 2, 3), *(torch.randn(L, 2, w) for L, w in states.values()))
+    axes = {"x": {0: "time", 1: "batch"}, "y": {0: "time", 1: "batch"},
+            **{k: {1: "batch"} for k in states}}
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, args, str(path), dynamo=False, input_names=["x", *states],
+                          output_names=["y", *(f"{k}_n" for k in states)], dynamic_axes=axes)
+    return path
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["lstm", "gru_and_lstm"])
+def test_onnx_lstm_export(tmp_path, mixed):
+    torch = pytest.importorskip("torch")
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    path = _export_lstm(torch, tmp_path, 30, mixed)
+    model = streamgru.load(path)
+    assert "lstm" in [la.kind for la in model.layers]
+    inputs = ["'ha', 'ca', 'hg', 'hb', 'cb'"] if mixed else ["'h', 'c'"]
+    for dtype in ("float32", "float64"):
+        for src in (path, onnx.load(str(path))):
+            r = converters.verify(model, src, dtype=dtype, streams=4, steps=9)
+            assert r.ok and r.framework_check and r.max_abs_diff < 1e-5, str(r)
+            assert r.tolerance == 1e-4  # onnxruntime runs float32 only
+            assert r.initial_state == f"random nonzero, fed through graph input(s) [{inputs[0]}]"
+    bad = converters.verify(model, _export_lstm(torch, tmp_path, 31, mixed), streams=4, steps=9)
+    assert not bad.ok and bad.max_abs_diff > 1e-3, str(bad)
+
+
+@pytest.mark.parametrize("policy", ["skip", "zero", "last"])
+def test_onnx_lstm_missing_values(tmp_path, policy):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    path = _export_lstm(torch, tmp_path, 32)
+    model = streamgru.load(path)
+    r = converters.verify(model, path, streams=4, steps=10, missing=policy, missing_rate=0.2)
+    assert r.ok and r.dropped > 0 and r.max_abs_diff < 1e-5, str(r)
+    bad = converters.verify(model, _export_lstm(torch, tmp_path, 33), streams=4, steps=10,
+                            missing=policy, missing_rate=0.2)
+    assert not bad.ok and bad.max_abs_diff > 1e-3
+
+
+_LSTM_FILES = [
+    ("keras_lstm_seq.keras", "skip"), ("keras_lstm_state.keras", "zero"),
+    ("keras_lstm_mixed.keras", "last"), ("keras_lstm_legacy_hard_sigmoid.h5", "refuse"),
+    ("keras2_lstm_state.h5", "skip"), ("rtneural_lstm_seq.json", "refuse"),
+    ("rtneural_lstm_mixed.json", "last"),
+]
+
+
+@pytest.mark.parametrize("name, policy", _LSTM_FILES, ids=[n for n, _ in _LSTM_FILES])
+def test_keras_and_rtneural_lstm_files_are_a_consistency_check(name, policy):
+    if name.endswith((".keras", ".h5")):
+        pytest.importorskip("h5py")
+    model = streamgru.load(FIX / name)
+    assert "lstm" in [la.kind for la in model.layers]
+    r = converters.verify(model, FIX / name, steps=8, missing=policy, missing_rate=0.2)
+    assert r.ok and not r.framework_check and r.max_abs_diff < 1e-5, str(r)
+    assert "CONSISTENCY CHECK" in str(r) and (r.dropped > 0) == (policy != "refuse")
+    # Another model of the same sizes (the file's layers, their weights moved) is caught.
+    rng = np.random.default_rng(1)
+    other = streamgru.Model([
+        type(la).from_config(la.config(), {k: v + rng.normal(0, 0.5, v.shape).astype(v.dtype)
+                                           for k, v in la.tensors().items()})
+        for la in model.layers])
+    bad = converters.verify(other, FIX / name, steps=8, missing=policy, missing_rate=0.2)
+    assert not bad.ok and bad.max_abs_diff > 1e-3, str(bad)
+
+
+def test_rtneural_lstm_export_is_the_keras_models():
+    """The RTNeural JSON written from a Keras model checks out against the Keras file."""
+    pytest.importorskip("h5py")
+    for keras_name, rt_name in (("keras_lstm_seq.keras", "rtneural_lstm_seq.json"),
+                                ("keras_lstm_mixed.keras", "rtneural_lstm_mixed.json")):
+        r = converters.verify(streamgru.load(FIX / keras_name), FIX / rt_name, steps=8)
+        assert r.ok, str(r)
