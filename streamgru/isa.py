@@ -76,6 +76,10 @@ class TileConfig:
         Output panels each of those tiles computes at once (same order as ``rows``).
     forced : bool
         Chosen by ``STREAMGRU_TILE`` rather than from the target (kernels are then not cached).
+    half : bool
+        Whether the target converts float16 to float32 in hardware (F16C on x86, every aarch64);
+        without it the kernels widen float16 weights with integer operations instead of a
+        library call (``kernels._load_weights``).
     """
 
     name: str
@@ -87,6 +91,7 @@ class TileConfig:
     rows: tuple
     panels: tuple
     forced: bool = False
+    half: bool = True
 
     def panel_width(self, dtype) -> int:
         """NR: output columns per weight panel for ``dtype`` (the packed layout)."""
@@ -116,12 +121,13 @@ class TileConfig:
         return d
 
 
-def make_config(name, cpu, registers, fma, forced=False) -> TileConfig:
+def make_config(name, cpu, registers, fma, forced=False, half=True) -> TileConfig:
     """The tile of configuration ``name`` (one of :data:`NAMES`) for a target."""
     if name == "avx512":
-        return TileConfig(name, cpu, 64, registers, fma, 2, (6, 4, 2, 1), (1, 1, 1, 1), forced)
+        return TileConfig(name, cpu, 64, registers, fma, 2, (6, 4, 2, 1), (1, 1, 1, 1), forced,
+                          half)
     return TileConfig(name, cpu, _VEC_BYTES[name], registers, fma, 1, (6, 4, 2, 1),
-                      (1, 1, 2, 4), forced)
+                      (1, 1, 2, 4), forced, half)
 
 
 _PROBE = """
@@ -139,6 +145,16 @@ define void @probe_fma({ptr} %p) #0 {{
   store <16 x float> %b, {ptr} %p
   ret void
 }}
+define void @probe_half({ptr} %p, {hptr} %q) #0 {{
+  %a = load <8 x half>, {hptr} %q
+  %b = fpext <8 x half> %a to <8 x float>
+  %c = fadd <8 x float> %b, %b
+  %d = shufflevector <8 x float> %c, <8 x float> %c, <16 x i32>
+       <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7,
+        i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  store <16 x float> %d, {ptr} %p
+  ret void
+}}
 attributes #0 = {{ "min-legal-vector-width"="512" }}
 """
 
@@ -151,11 +167,14 @@ def numba_target():
 
 
 def probe(triple, cpu, features):
-    """(vector bytes, has FMA) of an LLVM target, from the assembly LLVM emits for a 64-byte
-    add (the widest registers it uses) and a 64-byte fused multiply-add (whether it calls libm's
-    ``fmaf`` instead). This reads the CPU name's defaults as LLVM does when ``features`` is
-    empty, and lets explicit features override them. A target LLVM cannot compile for here
-    gives (16, False): the vec16 tile with separate multiply and add is correct everywhere."""
+    """(vector bytes, has FMA, converts float16 in hardware) of an LLVM target, from the
+    assembly LLVM emits for a 64-byte add (the widest registers it uses), a 64-byte fused
+    multiply-add (whether it calls libm's ``fmaf`` instead) and a float16 to float32 widening
+    (whether it calls a runtime helper, which Numba's JIT cannot resolve). This reads the CPU
+    name's defaults as LLVM does when ``features`` is empty, and lets explicit features
+    override them. A target LLVM cannot compile for here gives (16, False, False): the vec16
+    tile with separate multiply and add, and integer float16 widening, are correct
+    everywhere."""
     import llvmlite.binding as ll
 
     try:
@@ -163,20 +182,22 @@ def probe(triple, cpu, features):
             ll.initialize_all_targets()
             ll.initialize_all_asmprinters()
         try:
-            module = ll.parse_assembly(_PROBE.format(triple=triple, ptr="ptr"))
+            module = ll.parse_assembly(_PROBE.format(triple=triple, ptr="ptr", hptr="ptr"))
         except RuntimeError:  # LLVM before opaque pointers (llvmlite < 0.44)
-            module = ll.parse_assembly(_PROBE.format(triple=triple, ptr="<16 x float>*"))
+            module = ll.parse_assembly(_PROBE.format(triple=triple, ptr="<16 x float>*",
+                                                     hptr="<8 x half>*"))
         tm = ll.Target.from_triple(triple).create_target_machine(cpu=cpu, features=features,
                                                                  opt=2)
         asm = tm.emit_assembly(module)
     except RuntimeError:
-        return 16, False
-    add, _, fma = asm.partition("probe_fma:")
+        return 16, False, False
+    add, _, rest = asm.partition("probe_fma:")
+    fma, _, half = rest.partition("probe_half:")
     if triple.startswith(("x86_64", "i386", "i686")):
         vec = 64 if "zmm" in add else 32 if "ymm" in add else 16
     else:
         vec = 16
-    return vec, "fmaf" not in fma
+    return vec, "fmaf" not in fma, not any(c in half for c in ("extendhf", "h2f", "call", "jmp\t_"))
 
 
 def select(target=None, forced=None) -> TileConfig:
@@ -193,16 +214,16 @@ def select(target=None, forced=None) -> TileConfig:
     triple, cpu, features = target if target is not None else numba_target()
     if forced is None:
         forced = os.environ.get("STREAMGRU_TILE", "")
-    vec, fma = probe(triple, cpu, features)
+    vec, fma, half = probe(triple, cpu, features)
     x86 = triple.startswith(("x86_64", "i386", "i686"))
     registers = 32 if (vec == 64 or not x86) else 16
     if forced:
         if forced not in NAMES:
             raise ValueError(f"STREAMGRU_TILE: expected one of {', '.join(NAMES)}, got "
                              f"{forced!r}; unset it to follow the target")
-        return make_config(forced, cpu, registers, fma, forced=True)
+        return make_config(forced, cpu, registers, fma, forced=True, half=half)
     name = "avx512" if vec == 64 else "avx2" if vec == 32 else "vec16"
-    return make_config(name, cpu, registers, fma)
+    return make_config(name, cpu, registers, fma, half=half)
 
 
 TILE = select()

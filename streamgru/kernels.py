@@ -2,14 +2,19 @@
 
 The packed model (see :mod:`streamgru.packing`) reaches a kernel as three arrays:
 
-* ``params``: (P,) float -- every weight matrix as column panels (below) and every bias, padded;
+* ``params``: (P,) weights dtype -- every weight matrix as column panels (below): the compute
+  dtype, or float16 (as its bits, uint16) / int8 under float32 arithmetic (``Engine(weights=)``);
 * ``table``:  (L, NT) int64 -- one row per layer, columns ``T_*`` below; columns ``T_L*`` hold the
   scratch-row layout (the same in every row);
-* ``fp``:     (L, NF) float -- activation alpha/beta and clip per layer, columns ``F_*`` below.
+* ``fp``:     (L + E, NF) float, the compute dtype -- rows 0..L-1: activation alpha/beta and
+  clip per layer, columns ``F_*`` below; the rest, addressed flat: every bias (padded to NR),
+  the int8 weights' scales and the LSTM's peepholes.
 
 Weight panels. A product ``y = W v + b`` with W (M, K) is stored as ``ceil(M / NR)`` panels; panel p
-is ``W[p*NR:(p+1)*NR, :].T`` laid out (K, NR) row-major (rows past M are zero), followed elsewhere
-by the bias padded to a multiple of NR. ``NR = 2 * VEC_BYTES / itemsize``: two vectors of the
+is ``W[p*NR:(p+1)*NR, :].T`` laid out (K, NR) row-major (rows past M are zero); its bias, padded
+to a multiple of NR, is in ``fp``. int8 weights hold ``q`` with W ~ q * s, one scale s per row
+of W (per column of a panel), padded like the bias, in ``fp`` too (:mod:`streamgru.compact`).
+``NR = 2 * VEC_BYTES / itemsize`` (the compute dtype's): two vectors of the
 target (:mod:`streamgru.isa` picks ``VEC_BYTES`` and the tile shapes from the CPU Numba compiles
 for: 32 float32 columns with AVX-512, 16 with AVX2, 8 with 16-byte vectors). The product kernel
 (``_tile*``) keeps an (MR rows x NP panels x NR columns) block of outputs in vector registers
@@ -85,24 +90,28 @@ from .activations import (
 )
 from .isa import TILE
 
-# table columns, per layer. Every kind: T_KIND, sizes T_IN -> T_OUT, the input product W (T_W
-# panels at offset, T_BW bias offset, T_NPW panels), the recurrent product R over the layer's
-# state (T_R, T_BR, T_NPR; 0 panels: none), a product of the cell's workspace between the two
-# halves of its cell (T_RN, T_BRN, T_NPRN; 0: none), the state's offset in a stream's state
-# row and its width (T_SOFF, T_SW; width 0: stateless). Per kind: activation ids T_F, T_G and
-# T_LBR (GRU: linear_before_reset; Dense: T_F only). T_XOUT: 1 when the input product is the
-# layer's output before its cell (Dense): it lands in the layer's output region, where the cell
-# finishes it in place, rather than in GX and then copied row by row (that copy cost ~6% of
-# a 100-step sequence at I=16, H=64 with a Dense(4) head). T_HID: the width of the cell's own
-# workspace, which is the T_RN product's input (GRU: H, r * h; LSTM: hidden_size, o * h(C')
-# ahead of the projection). LSTM: T_H the cell-output activation id, T_PEEP the offset of the
-# peepholes [P_i; P_o; P_f] in params (-1: none), T_IFG input_forget.
-(T_KIND, T_IN, T_OUT, T_W, T_BW, T_NPW, T_R, T_BR, T_NPR, T_RN, T_BRN, T_NPRN, T_F, T_G, T_LBR,
- T_SOFF, T_SW, T_XOUT, T_HID, T_H, T_PEEP, T_IFG) = range(22)
+# table columns, per layer. Every kind: T_KIND, sizes T_IN -> T_OUT, and up to three products,
+# each a group of four columns: the input product W (T_W: offset of its panels in params, T_BW:
+# of its bias in fp (flat), T_NPW: panel count, T_QW: of its int8 scales in fp), the recurrent
+# product R over the layer's state (T_R, T_BR, T_NPR, T_QR; 0 panels: none), a product of the
+# cell's workspace between the two halves of its cell (T_RN, T_BRN, T_NPRN, T_QRN; 0: none);
+# the state's offset in a stream's state row and its width (T_SOFF, T_SW; width 0: stateless).
+# Per kind: activation ids T_F, T_G and T_LBR (GRU: linear_before_reset; Dense: T_F only).
+# T_XOUT: 1 when the input product is the layer's output before its cell (Dense): it lands in
+# the layer's output region, where the cell finishes it in place, rather than in GX and then
+# copied row by row (that copy cost ~6% of a 100-step sequence at I=16, H=64 with a Dense(4)
+# head). T_HID: the width of the cell's own workspace, which is the T_RN product's input (GRU:
+# H, r * h; LSTM: hidden_size, o * h(C') ahead of the projection). LSTM: T_H the cell-output
+# activation id, T_PEEP the flat offset of the peepholes [P_i; P_o; P_f] in fp (-1: none),
+# T_IFG input_forget.
+(T_KIND, T_IN, T_OUT, T_W, T_BW, T_NPW, T_QW, T_R, T_BR, T_NPR, T_QR, T_RN, T_BRN, T_NPRN, T_QRN,
+ T_F, T_G, T_LBR, T_SOFF, T_SW, T_XOUT, T_HID, T_H, T_PEEP, T_IFG) = range(25)
 # table columns: the scratch-row layout, repeated in every row
-T_LA, T_LB, T_LGX, T_LGH, T_LHH, T_LT, T_LBK, T_LW = range(22, 30)
-NT = 30
-# fp columns: activation parameters (f, g, and the LSTM's h) and clip
+T_LA, T_LB, T_LGX, T_LGH, T_LHH, T_LT, T_LBK, T_LW = range(25, 33)
+NT = 33
+# fp columns: activation parameters (f, g, and the LSTM's h) and clip, one row per layer; the
+# rows after the layers' hold every other float the kernels read (biases, int8 scales,
+# peepholes), addressed flat (fp.reshape(fp.size)[offset]).
 F_FA, F_FB, F_GA, F_GB, F_CLIP, F_HA, F_HB = range(7)
 NF = 7
 # Layer kinds (T_KIND): each has a cell helper (_gru_cell, _dense_cell, _lstm_cell) reached
@@ -176,15 +185,39 @@ def _check_array(who, name, ty, ndim, dtype=None):
             f"with shape[1] as the stride), got {ty}")
 
 
-def _load_weights(builder, ptr, vty):
-    """Load one vector of weights (``vty``, the compute dtype's vector) from ``ptr`` into the
-    tile's registers: the one place a weight enters the arithmetic.
+def _load_weights(builder, ptr, vty, wdt):
+    """Load one vector of weights from ``ptr`` (elements of Numba type ``wdt``, how ``params``
+    stores them) as ``vty`` (the compute dtype's vector): the one place a weight enters the
+    arithmetic.
 
-    Weights are stored in the compute dtype today (``packing.pack`` refuses anything else), so
-    this is a plain load. A weight dtype narrower than the compute dtype (float16, int8 with a
-    scale) converts here, lane for lane, once per loaded vector (``fpext`` / ``sitofp`` and a
-    multiply), and ``_check_array``'s dtype test on ``params`` in the tiles relaxes to match.
+    Weights stored in the compute dtype are a plain load. float16 weights reach the kernels as
+    their bits in a uint16 array (Numba's CPU target has no float16 arrays): loaded as halves
+    and widened (``fpext``: F16C's vcvtph2ps on x86). int8 weights are loaded as bytes and
+    converted (``sitofp``; the tile applies the row's scale to the finished sum, see
+    :func:`_make_tile`).
     """
+    if wdt == types.uint16 and TILE.half:
+        half = ir.VectorType(ir.HalfType(), vty.count)
+        return builder.fpext(builder.load(builder.bitcast(ptr, half.as_pointer()), align=2), vty)
+    if wdt == types.uint16:
+        # No hardware conversion (x86 before F16C): LLVM would call a runtime helper that
+        # Numba's JIT cannot resolve. Widen the bits instead: exponent and mantissa shifted
+        # into place and rescaled by 2**112 (the exponent biases' difference; exact for normal
+        # and subnormal halves alike), then the sign. Weights are finite (compact.to_float16).
+        i32 = ir.VectorType(ir.IntType(32), vty.count)
+
+        def splat(v):
+            return ir.Constant(i32, [v] * vty.count)
+
+        h = builder.zext(builder.load(builder.bitcast(
+            ptr, ir.VectorType(ir.IntType(16), vty.count).as_pointer()), align=2), i32)
+        mag = builder.bitcast(builder.shl(builder.and_(h, splat(0x7FFF)), splat(13)), vty)
+        mag = builder.fmul(mag, ir.Constant(vty, [2.0 ** 112] * vty.count))
+        sign = builder.shl(builder.and_(h, splat(0x8000)), splat(16))
+        return builder.bitcast(builder.or_(builder.bitcast(mag, i32), sign), vty)
+    if wdt == types.int8:
+        i8 = ir.VectorType(ir.IntType(8), vty.count)
+        return builder.sitofp(builder.load(builder.bitcast(ptr, i8.as_pointer()), align=1), vty)
     return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=4)
 
 
@@ -192,16 +225,22 @@ def _make_tile(MR, KU, NP=1, fused=True, resume=False):
     """An intrinsic computing ``C[ci+r, cj:cj+NP*NR] = A[ai+r, ak:ak+K] @ panels + bias`` for
     r < MR.
 
-    Panel j (j < NP) is params[woff+j*K*NR : woff+(j+1)*K*NR] as (K, NR), its bias
-    params[boff+j*NR : boff+(j+1)*NR] (consecutive panels of one product). Accumulators live in
-    MR*KU*NP*2 vector registers; KU > 1 splits k over independent accumulators, NP > 1 takes
-    several panels at once: either hides the FMA latency when few rows share each weight load.
-    ``fused`` uses LLVM's fma (one rounding); without it a multiply then an add (targets that
-    have no fused multiply-add would otherwise call libm's fmaf for every lane). With
-    ``resume`` the accumulators start from C's block instead of the bias: the product over k
-    continues where a tile over the previous k range stopped (``woff`` and ``ak`` then point at
-    that k, and ``boff`` is unused). C is stored and reloaded in its own dtype, exactly, so the
-    sums are the same bits as in one pass.
+    Panel j (j < NP) is P[woff+j*K*NR : woff+(j+1)*K*NR] as (K, NR), its bias
+    F[boff+j*NR : boff+(j+1)*NR] (consecutive panels of one product; ``F`` is the float side
+    table ``fp``, addressed flat). Accumulators live in MR*KU*NP*2 vector registers; KU > 1
+    splits k over independent accumulators, NP > 1 takes several panels at once: either hides
+    the FMA latency when few rows share each weight load. ``fused`` uses LLVM's fma (one
+    rounding); without it a multiply then an add (targets that have no fused multiply-add would
+    otherwise call libm's fmaf for every lane). With ``resume`` the accumulators start from C's
+    block instead of the bias: the product over k continues where a tile over the previous k
+    range stopped (``woff`` and ``ak`` then point at that k). C is stored and reloaded in its
+    own dtype, exactly, so the sums are the same bits as in one pass.
+
+    The weights' dtype (``P``'s) picks the load (:func:`_load_weights`). int8 weights: the
+    accumulators start from zero (or C's block, resuming) and sum ``A * q``; when ``fin`` is
+    nonzero (the block that ends the product over k) the tile stores ``sum * scale + bias``
+    with the panel's per-column scales F[soff+j*NR ...], otherwise the raw sum for the next
+    block to resume. Other weights ignore ``soff`` and ``fin``.
 
     ``rows`` (the argument after A) is an int64 array or None, which decides at compile time:
     an array gathers, reading input row r from A[rows[ai+r], ak:ak+K], so that products read
@@ -210,13 +249,13 @@ def _make_tile(MR, KU, NP=1, fused=True, resume=False):
     """
 
     def codegen(context, builder, signature, args):
-        A_, R_, ai_, ak_, K_, P_, woff_, boff_, C_, ci_, cj_ = args
+        A_, R_, ai_, ak_, K_, P_, woff_, F_, boff_, soff_, fin_, C_, ci_, cj_ = args
         gather = not isinstance(signature.args[1], types.NoneType)
-        # argument types after A and rows: ai, ak, K, P, woff, boff, C, ci, cj
-        tys = signature.args[2:]
-        # The compute dtype (A, C and the accumulators); weights go through _load_weights.
-        dt = tys[6].dtype
+        pty, fty, cty = signature.args[5], signature.args[7], signature.args[11]
+        # The compute dtype (A, C, F and the accumulators); weights go through _load_weights.
+        dt = cty.dtype
         lty = context.get_value_type(dt)
+        quant = pty.dtype == types.int8
         VW = VEC_BYTES // (dt.bitwidth // 8)
         NR = 2 * VW
         vty = ir.VectorType(lty, VW)
@@ -228,8 +267,9 @@ def _make_tile(MR, KU, NP=1, fused=True, resume=False):
             return ir.Constant(i64, v)
 
         a = cgutils.create_struct_proxy(signature.args[0])(context, builder, value=A_)
-        p = cgutils.create_struct_proxy(tys[3])(context, builder, value=P_)
-        c = cgutils.create_struct_proxy(tys[6])(context, builder, value=C_)
+        p = cgutils.create_struct_proxy(pty)(context, builder, value=P_)
+        f = cgutils.create_struct_proxy(fty)(context, builder, value=F_)
+        c = cgutils.create_struct_proxy(cty)(context, builder, value=C_)
         lda = cgutils.unpack_tuple(builder, a.shape, 2)[1]
         ldc = cgutils.unpack_tuple(builder, c.shape, 2)[1]
         if gather:
@@ -242,7 +282,8 @@ def _make_tile(MR, KU, NP=1, fused=True, resume=False):
             arow = [builder.gep(abase, [builder.mul(c64(r), lda)]) for r in range(MR)]
         cbase = builder.gep(c.data, [builder.add(builder.mul(ci_, ldc), cj_)])
         wbase = builder.gep(p.data, [woff_])
-        bbase = builder.gep(p.data, [boff_])
+        bbase = builder.gep(f.data, [boff_])
+        sbase = builder.gep(f.data, [soff_])
         wpan = [wbase]
         if NP > 1:
             kstride = builder.mul(K_, c64(NR))
@@ -257,16 +298,20 @@ def _make_tile(MR, KU, NP=1, fused=True, resume=False):
         else:
             def madd(x, y, z):
                 return builder.fadd(builder.fmul(x, y), z)
+
+        def fvec(base, j, v):  # one vector of the float side table (bias or scale)
+            return builder.load(builder.bitcast(builder.gep(base, [c64(j * NR + v * VW)]), vptr),
+                                align=4)
+
         zero = ir.Constant(vty, None)
-        bias = [] if resume else [
-            [_load_weights(builder, builder.gep(bbase, [c64(j * NR + v * VW)]), vty)
-             for v in range(2)] for j in range(NP)]
         if resume:
             init = [[[builder.load(builder.bitcast(builder.gep(
                 cbase, [builder.add(builder.mul(c64(r), ldc), c64(j * NR + v * VW))]), vptr),
                 align=4) for v in range(2)] for j in range(NP)] for r in range(MR)]
+        elif quant:
+            init = [[[zero] * 2] * NP] * MR
         else:
-            init = [bias] * MR
+            init = [[[fvec(bbase, j, v) for v in range(2)] for j in range(NP)]] * MR
         acc = [[[[cgutils.alloca_once_value(builder, init[r][j][v] if u == 0 else zero)
                   for v in range(2)] for j in range(NP)] for u in range(KU)] for r in range(MR)]
         und = ir.Constant(vty, ir.Undefined)
@@ -277,7 +322,7 @@ def _make_tile(MR, KU, NP=1, fused=True, resume=False):
             wv = []
             for j in range(NP):
                 wk = builder.gep(wpan[j], [koff])
-                wv.append([_load_weights(builder, builder.gep(wk, [c64(v * VW)]), vty)
+                wv.append([_load_weights(builder, builder.gep(wk, [c64(v * VW)]), vty, pty.dtype)
                            for v in range(2)])
             for r in range(MR):
                 s = builder.load(builder.gep(arow[r], [k]))
@@ -299,6 +344,10 @@ def _make_tile(MR, KU, NP=1, fused=True, resume=False):
                     body(builder.add(k0, c64(u)), u)
             with cgutils.for_range(builder, builder.sub(K_, builder.mul(kq, c64(KU)))) as loop:
                 body(builder.add(builder.mul(kq, c64(KU)), loop.index), 0)
+        if quant:  # the end of the product: scale and bias, else the raw sum for the next block
+            fin = builder.icmp_signed("!=", fin_, c64(0))
+            scale = [[fvec(sbase, j, v) for v in range(2)] for j in range(NP)]
+            bias = [[fvec(bbase, j, v) for v in range(2)] for j in range(NP)]
         for r in range(MR):
             crow = builder.gep(cbase, [builder.mul(c64(r), ldc)])
             for j in range(NP):
@@ -306,19 +355,25 @@ def _make_tile(MR, KU, NP=1, fused=True, resume=False):
                     tot = builder.load(acc[r][0][j][v])
                     for u in range(1, KU):
                         tot = builder.fadd(tot, builder.load(acc[r][u][j][v]))
+                    if quant:
+                        tot = builder.select(fin, madd(tot, scale[j][v], bias[j][v]), tot)
                     builder.store(tot, builder.bitcast(builder.gep(crow, [c64(j * NR + v * VW)]),
                                                        vptr), align=4)
         return context.get_dummy_value()
 
     @intrinsic
-    def tile(typingctx, A, rows, ai, ak, K, P, woff, boff, C, ci, cj):
+    def tile(typingctx, A, rows, ai, ak, K, P, woff, F, boff, soff, fin, C, ci, cj):
         _check_array("tile", "A", A, 2)
         if not isinstance(rows, types.NoneType):
             _check_array("tile", "rows", rows, 1, types.int64)
         _check_array("tile", "C", C, 2, A.dtype)  # the compute dtype
-        # Weights in the compute dtype only, until _load_weights converts (see there).
-        _check_array("tile", "params", P, 1, A.dtype)
-        return types.void(A, rows, ai, ak, K, P, woff, boff, C, ci, cj), codegen
+        _check_array("tile", "F", F, 2, A.dtype)  # biases and scales, in the compute dtype
+        # Weights in the compute dtype, or compact (float16 as uint16 bits, int8) under float32
+        # arithmetic.
+        compact = A.dtype == types.float32 and isinstance(P, types.Array) \
+            and P.dtype in (types.uint16, types.int8)
+        _check_array("tile", "params", P, 1, P.dtype if compact else A.dtype)
+        return types.void(A, rows, ai, ak, K, P, woff, F, boff, soff, fin, C, ci, cj), codegen
 
     return tile
 
@@ -326,12 +381,22 @@ def _make_tile(MR, KU, NP=1, fused=True, resume=False):
 def _make_tile_python(MR, KU, NP=1, fused=True, resume=False):
     """The same product in numpy, for NUMBA_DISABLE_JIT=1 runs (intrinsics need the compiler)."""
 
-    def tile(A, rows, ai, ak, K, P, woff, boff, C, ci, cj):
+    def tile(A, rows, ai, ak, K, P, woff, F, boff, soff, fin, C, ci, cj):
         src = A[ai:ai + MR, ak:ak + K] if rows is None else A[rows[ai:ai + MR], ak:ak + K]
         nr = 2 * VEC_BYTES // C.itemsize
         W = P[woff:woff + NP * K * nr].reshape(NP, K, nr).transpose(1, 0, 2).reshape(K, NP * nr)
-        start = C[ci:ci + MR, cj:cj + NP * nr] if resume else P[boff:boff + NP * nr]
-        C[ci:ci + MR, cj:cj + NP * nr] = src @ W + start
+        if W.dtype == np.uint16:  # float16 weights travel as their bits (see _load_weights)
+            W = W.view(np.float16)
+        flat = F.reshape(F.size)
+        quant = P.dtype == np.int8
+        if resume:
+            start = C[ci:ci + MR, cj:cj + NP * nr]
+        else:
+            start = 0 if quant else flat[boff:boff + NP * nr]
+        out = src @ W.astype(C.dtype) + start
+        if quant and fin:
+            out = out * flat[soff:soff + NP * nr] + flat[boff:boff + NP * nr]
+        C[ci:ci + MR, cj:cj + NP * nr] = out
 
     return tile
 
@@ -371,29 +436,34 @@ else:
 
 
 @njit(**_JIT)
-def _gemm_ksplit(params, woff, boff, K, p0, p1, src, rows, s0, dst, d0, r0, r1):
+def _gemm_ksplit(params, fp, table, l, col, K, p0, p1, src, rows, s0, dst, d0, r0, r1):
     """dst[i, d0 + p*NR ...] = src[i, s0:s0+K] @ panels p0..p1-1 + bias, for rows i in [r0, r1)
-    (input row i is src[rows[i]] when ``rows`` is an array: a gather; None reads src[i]).
+    (input row i is src[rows[i]] when ``rows`` is an array: a gather; None reads src[i]). The
+    product is layer ``l``'s at table column ``col`` (``T_W``, ``T_R`` or ``T_RN``): its panels'
+    offset in params, its bias's and scales' in ``fp`` (flat), read from that column group.
 
     Each panel (K x NR) stays in L1 while every row block of the range passes over it.
     """
     nr = 2 * VEC_BYTES // dst.itemsize
+    woff, boff, soff = table[l, col], table[l, col + 1], table[l, col + 3]
+    one = np.int64(1)
     for p in range(p0, p1):
         w = woff + p * K * nr
         b = boff + p * nr
+        q = soff + p * nr
         c = d0 + p * nr
         i = r0
         while i + 6 <= r1:
-            _tile6(src, rows, i, s0, K, params, w, b, dst, i, c)
+            _tile6(src, rows, i, s0, K, params, w, fp, b, q, one, dst, i, c)
             i += 6
         if i + 4 <= r1:
-            _tile4(src, rows, i, s0, K, params, w, b, dst, i, c)
+            _tile4(src, rows, i, s0, K, params, w, fp, b, q, one, dst, i, c)
             i += 4
         if i + 2 <= r1:
-            _tile2(src, rows, i, s0, K, params, w, b, dst, i, c)
+            _tile2(src, rows, i, s0, K, params, w, fp, b, q, one, dst, i, c)
             i += 2
         if i < r1:
-            _tile1(src, rows, i, s0, K, params, w, b, dst, i, c)
+            _tile1(src, rows, i, s0, K, params, w, fp, b, q, one, dst, i, c)
 
 
 # The fitted product covers a row range with tiles of one height, the last one shifted back to
@@ -401,7 +471,8 @@ def _gemm_ksplit(params, woff, boff, K, p0, p1, src, rows, s0, dst, d0, r0, r1):
 # values (every tile sums in the same order; no product writes columns it reads), rather than
 # finishing with short tiles whose few accumulators wait on the FMA latency. The full tiles
 # take the panel in blocks of PANEL_BLOCK_BYTES of k (resuming from the outputs stored after
-# the previous block, which is exact), so that the block stays in L1 while every tile of the
+# the previous block, which is exact; int8 weights store raw sums until the block that ends k,
+# which applies the scales and bias), so that the block stays in L1 while every tile of the
 # range passes over it; the shifted last tile runs over all of k in one go (from the bias, so
 # that rows it shares with the tile before it get the same values again, not twice the sum).
 # Half of a 32 KiB L1d, the other half for the rows' inputs.
@@ -409,57 +480,68 @@ PANEL_BLOCK_BYTES = 16384
 
 
 @njit(**_JIT)
-def _gemm_fit(params, woff, boff, K, p0, p1, src, rows, s0, dst, d0, r0, r1):
+def _gemm_fit(params, fp, table, l, col, K, p0, p1, src, rows, s0, dst, d0, r0, r1):
     """dst[i, d0 + p*NR ...] = src[i, s0:s0+K] @ panels p0..p1-1 + bias, for rows i in [r0, r1)
-    (input row i is src[rows[i]] when ``rows`` is an array: a gather; None reads src[i]).
+    (input row i is src[rows[i]] when ``rows`` is an array: a gather; None reads src[i]); the
+    product of layer ``l`` at table column ``col``, as in :func:`_gemm_ksplit`.
 
     From _MR_B rows on, each panel (K x NR) stays in L1 while the tiles pass over it; fewer
     rows take _NP_C or _NP_D panels at once (then one at a time for the last ones).
     """
     nr = 2 * VEC_BYTES // dst.itemsize
+    woff, boff, soff = table[l, col], table[l, col + 1], table[l, col + 3]
+    one = np.int64(1)
     m = r1 - r0
     if m >= _MR_B:
         kc = PANEL_BLOCK_BYTES // (nr * params.itemsize)
         for p in range(p0, p1):
             w = woff + p * K * nr
             b = boff + p * nr
+            q = soff + p * nr
             c = d0 + p * nr
             if m >= _MR_A:
                 e = r1 - m % _MR_A
                 for k0 in range(0, K, kc):
                     kn = min(kc, K - k0)
+                    fin = np.int64(k0 + kn == K)
                     for i in range(r0, e, _MR_A):
                         if k0 == 0:
-                            _tile_a(src, rows, i, s0, kn, params, w, b, dst, i, c)
+                            _tile_a(src, rows, i, s0, kn, params, w, fp, b, q, fin, dst, i, c)
                         else:
-                            _tile_ar(src, rows, i, s0 + k0, kn, params, w + k0 * nr, b, dst, i, c)
+                            _tile_ar(src, rows, i, s0 + k0, kn, params, w + k0 * nr, fp, b, q,
+                                     fin, dst, i, c)
                 if e < r1:
-                    _tile_a(src, rows, r1 - _MR_A, s0, K, params, w, b, dst, r1 - _MR_A, c)
+                    _tile_a(src, rows, r1 - _MR_A, s0, K, params, w, fp, b, q, one, dst,
+                            r1 - _MR_A, c)
             else:
                 e = r1 - m % _MR_B
                 for k0 in range(0, K, kc):
                     kn = min(kc, K - k0)
+                    fin = np.int64(k0 + kn == K)
                     for i in range(r0, e, _MR_B):
                         if k0 == 0:
-                            _tile_b(src, rows, i, s0, kn, params, w, b, dst, i, c)
+                            _tile_b(src, rows, i, s0, kn, params, w, fp, b, q, fin, dst, i, c)
                         else:
-                            _tile_br(src, rows, i, s0 + k0, kn, params, w + k0 * nr, b, dst, i, c)
+                            _tile_br(src, rows, i, s0 + k0, kn, params, w + k0 * nr, fp, b, q,
+                                     fin, dst, i, c)
                 if e < r1:
-                    _tile_b(src, rows, r1 - _MR_B, s0, K, params, w, b, dst, r1 - _MR_B, c)
+                    _tile_b(src, rows, r1 - _MR_B, s0, K, params, w, fp, b, q, one, dst,
+                            r1 - _MR_B, c)
     elif m >= _MR_C:
         p = p0
         while p < p1:
             np_ = _NP_C if p + _NP_C <= p1 else 1
             w = woff + p * K * nr
             b = boff + p * nr
+            q = soff + p * nr
             c = d0 + p * nr
             i = r0
             while i < r1:
                 j = min(i, r1 - _MR_C)
                 if np_ == _NP_C:
-                    _tile_c(src, rows, j, s0, K, params, w, b, dst, j, c)
+                    _tile_c(src, rows, j, s0, K, params, w, fp, b, q, one, dst, j, c)
                 else:
-                    _tile_c1(src, rows, j, s0, K, params, w, b, dst, j, c)
+                    _tile_c1(src, rows, j, s0, K, params, w, fp, b, q, one, dst, j, c)
                 i += _MR_C
             p += np_
     elif m >= 1:
@@ -468,12 +550,13 @@ def _gemm_fit(params, woff, boff, K, p0, p1, src, rows, s0, dst, d0, r0, r1):
             np_ = _NP_D if p + _NP_D <= p1 else 1
             w = woff + p * K * nr
             b = boff + p * nr
+            q = soff + p * nr
             c = d0 + p * nr
             for i in range(r0, r1, _MR_D):
                 if np_ == _NP_D:
-                    _tile_d(src, rows, i, s0, K, params, w, b, dst, i, c)
+                    _tile_d(src, rows, i, s0, K, params, w, fp, b, q, one, dst, i, c)
                 else:
-                    _tile_d1(src, rows, i, s0, K, params, w, b, dst, i, c)
+                    _tile_d1(src, rows, i, s0, K, params, w, fp, b, q, one, dst, i, c)
             p += np_
 
 
@@ -504,27 +587,30 @@ def _nth(q, ng, rev):
 
 
 @njit(**_JIT)
-def _gemv(params, woff, boff, K, npan, src, si, s0, dst, di, d0, rev):
-    """dst[di, d0:d0 + npan*NR] = src[si, s0:s0+K] @ panels 0..npan-1 + bias: one row, last
-    group of PANEL_GROUP panels first when ``rev`` (the order changes which weights are read
-    last, never a result: see :func:`run_sequence`).
+def _gemv(params, fp, table, l, col, K, src, si, s0, dst, di, d0, rev):
+    """dst[di, d0:d0 + npan*NR] = src[si, s0:s0+K] @ panels 0..npan-1 + bias: one row of layer
+    ``l``'s product at table column ``col`` (as :func:`_gemm`), last group of PANEL_GROUP
+    panels first when ``rev`` (the order changes which weights are read last, never a result:
+    see :func:`run_sequence`).
 
     The same tiles as :func:`_gemm` takes for one row, panel for panel, so the same bits; the
     one-event kernel calls this instead so that it does not compile the many-row tiles (a
     first step on an empty cache then costs a fraction of the compile time).
     """
     nr = 2 * VEC_BYTES // dst.itemsize
+    woff, boff, npan, soff = table[l, col], table[l, col + 1], table[l, col + 2], table[l, col + 3]
+    one = np.int64(1)
     ng = _groups(npan, PANEL_GROUP)
     for q in range(ng):
         g = ng - 1 - q if rev else q
         p0, p1 = _group(g, npan, PANEL_GROUP)
         if p1 - p0 == _NP_D:
-            _row_tile(src, None, si, s0, K, params, woff + p0 * K * nr, boff + p0 * nr, dst, di,
-                      d0 + p0 * nr)
+            _row_tile(src, None, si, s0, K, params, woff + p0 * K * nr, fp, boff + p0 * nr,
+                      soff + p0 * nr, one, dst, di, d0 + p0 * nr)
         else:
             for p in range(p0, p1):
-                _row_tile1(src, None, si, s0, K, params, woff + p * K * nr, boff + p * nr, dst,
-                           di, d0 + p * nr)
+                _row_tile1(src, None, si, s0, K, params, woff + p * K * nr, fp, boff + p * nr,
+                           soff + p * nr, one, dst, di, d0 + p * nr)
 
 
 def _emit_prefetch(builder, ptr, rw, locality):
@@ -887,7 +973,7 @@ def _dense_cell(table, fp, l, D, di, d0):
 
 
 @njit(**_JIT)
-def _lstm_gates(params, table, fp, l, S, gi, wi, st, si, so, U, ui, u0):
+def _lstm_gates(table, fp, l, S, gi, wi, st, si, so, U, ui, u0):
     """LSTM, one row once its products are in (S[gi, GX:GX+4H] = W x + Wb, S[wi, GH:GH+4H] =
     R h + Rb, gate blocks i, o, f, c): the gates, the new cell state C' over C in the state
     (st[si, so+H_out:so+H_out+H]) and u = o * h(C') into U[ui, u0:u0+H].
@@ -907,9 +993,10 @@ def _lstm_gates(params, table, fp, l, S, gi, wi, st, si, so, U, ui, u0):
         a[k] += b[k]
     c = st[si, so + ho:so + ho + H]
     pp = table[l, T_PEEP]
+    flat = fp.reshape(fp.size)
     if pp >= 0:  # i and f read the previous cell state
-        pi = params[pp:pp + H]
-        pf = params[pp + 2 * H:pp + 3 * H]
+        pi = flat[pp:pp + H]
+        pf = flat[pp + 2 * H:pp + 3 * H]
         ai = S[gi, GX:GX + H]
         af = S[gi, GX + 2 * H:GX + 3 * H]
         for k in range(H):
@@ -930,7 +1017,7 @@ def _lstm_gates(params, table, fp, l, S, gi, wi, st, si, so, U, ui, u0):
         for k in range(H):
             c[k] = f[k] * c[k] + i[k] * cc[k]
     if pp >= 0:  # the output gate reads the new cell state
-        po = params[pp + H:pp + 2 * H]
+        po = flat[pp + H:pp + 2 * H]
         ao = S[gi, GX + H:GX + 2 * H]
         for k in range(H):
             ao[k] += po[k] * c[k]
@@ -998,18 +1085,18 @@ def _lstm_std32(table, l, S, gi, wi, st, si, so, U, ui, u0, D, di, d0):
 
 
 @njit(inline="always", **_JIT)
-def _lstm_pre(params, table, fp, l, S, gi, wi, st, si, so):
+def _lstm_pre(table, fp, l, S, gi, wi, st, si, so):
     """LSTM with a projection, before the projection product (T_RN): C' into the state and
     u = o * h(C') into S[wi, T:T+H], that product's input."""
     T = table[0, T_LT]
     if _lstm_std(S.itemsize == 4, table, fp, l):
         _lstm_std32(table, l, S, gi, wi, st, si, so, S, wi, T, S, -1, 0)
     else:
-        _lstm_gates(params, table, fp, l, S, gi, wi, st, si, so, S, wi, T)
+        _lstm_gates(table, fp, l, S, gi, wi, st, si, so, S, wi, T)
 
 
 @njit(inline="always", **_JIT)
-def _lstm_cell(params, table, fp, l, S, gi, wi, st, si, so, D, di, d0):
+def _lstm_cell(table, fp, l, S, gi, wi, st, si, so, D, di, d0):
     """One row of an LSTM layer once its products are in: the new h (and C) to the state, h to
     D[di, d0:d0+H_out].
 
@@ -1024,7 +1111,7 @@ def _lstm_cell(params, table, fp, l, S, gi, wi, st, si, so, D, di, d0):
     elif _lstm_std(S.itemsize == 4, table, fp, l):
         _lstm_std32(table, l, S, gi, wi, st, si, so, S, wi, 0, D, di, d0)
     else:
-        _lstm_gates(params, table, fp, l, S, gi, wi, st, si, so, st, si, so)
+        _lstm_gates(table, fp, l, S, gi, wi, st, si, so, st, si, so)
         _copy_row(st, si, so, D, di, d0, ho)
 
 
@@ -1035,27 +1122,26 @@ def _lstm_cell(params, table, fp, l, S, gi, wi, st, si, so, D, di, d0):
 
 
 @njit(inline="always", **_JIT)
-def _cell_pre(params, table, fp, l, S, gi, wi, st, si, so):
+def _cell_pre(table, fp, l, S, gi, wi, st, si, so):
     """The part of layer ``l``'s cell before its T_NPRN product (run only when it has one)."""
     kind = table[l, T_KIND]
     if kind == KIND_GRU:
         _gru_pre(table, fp, l, S, gi, wi, st, si, so)
     elif kind == KIND_LSTM:
-        _lstm_pre(params, table, fp, l, S, gi, wi, st, si, so)
+        _lstm_pre(table, fp, l, S, gi, wi, st, si, so)
 
 
 @njit(inline="always", **_JIT)
-def _cell(params, table, fp, l, S, gi, wi, st, si, so, D, di, d0):
+def _cell(table, fp, l, S, gi, wi, st, si, so, D, di, d0):
     """Layer ``l``'s cell for one row once its products are in: its new state to
-    st[si, so:], its output to D[di, d0:] (where a T_XOUT layer's input product already is).
-    ``params`` is there for a cell's own per-layer vectors (the LSTM's peepholes)."""
+    st[si, so:], its output to D[di, d0:] (where a T_XOUT layer's input product already is)."""
     kind = table[l, T_KIND]
     if kind == KIND_GRU:
         _gru_cell(table, fp, l, S, gi, wi, st, si, so, D, di, d0)
     elif kind == KIND_DENSE:
         _dense_cell(table, fp, l, D, di, d0)
     elif kind == KIND_LSTM:
-        _lstm_cell(params, table, fp, l, S, gi, wi, st, si, so, D, di, d0)
+        _lstm_cell(table, fp, l, S, gi, wi, st, si, so, D, di, d0)
 
 
 @njit(inline="always", **_JIT)
@@ -1167,15 +1253,15 @@ def _make_step_block(name, parallel):
             for q in loop(gw + _groups(npr, group)):
                 if q >= gw:
                     p0, p1 = _group(np.int64(q) - gw, npr, group)  # int64: see _nth
-                    _gemm(params, table[l, T_R], table[l, T_BR], H, p0, p1, state, srows, so,
+                    _gemm(params, fp, table, l, T_R, H, p0, p1, state, srows, so,
                           scratch, GH, r0, r1)
                 elif l == 0:
                     p0, p1 = _group(q, npw, group)
-                    _gemm(params, table[l, T_W], table[l, T_BW], K, p0, p1, x, order, 0,
+                    _gemm(params, fp, table, l, T_W, K, p0, p1, x, order, 0,
                           scratch, px, r0, r1)
                 else:
                     p0, p1 = _group(q, npw, group)
-                    _gemm(params, table[l, T_W], table[l, T_BW], K, p0, p1, scratch, None, cur,
+                    _gemm(params, fp, table, l, T_W, K, p0, p1, scratch, None, cur,
                           scratch, px, r0, r1)
             last = l == nl - 1  # then the cells write the caller's rows directly
             D = out if last else scratch
@@ -1186,13 +1272,13 @@ def _make_step_block(name, parallel):
             nprn = table[l, T_NPRN]
             if nprn > 0:
                 for i in range(r0, r1):
-                    _cell_pre(params, table, fp, l, scratch, i, i, state, srows[i], so)
+                    _cell_pre(table, fp, l, scratch, i, i, state, srows[i], so)
                 for g in loop(_groups(nprn, group)):
                     p0, p1 = _group(g, nprn, group)
-                    _gemm(params, table[l, T_RN], table[l, T_BRN], table[l, T_HID], p0, p1,
+                    _gemm(params, fp, table, l, T_RN, table[l, T_HID], p0, p1,
                           scratch, None, T, scratch, GH, r0, r1)
             for i in range(r0, r1):
-                _cell(params, table, fp, l, scratch, i, i, state, srows[i], so, D,
+                _cell(table, fp, l, scratch, i, i, state, srows[i], so, D,
                       order[i] if last else i, d0)
             cur, nxt = nxt, cur
         _check_rows(state, srows, out, order, bad, r0, r1)
@@ -1429,19 +1515,19 @@ def step_one(params, table, fp, state, slot, x, out, scratch, check_finite, flip
         H = table[l, T_OUT]
         so = table[l, T_SOFF]
         if rev:  # the recurrent product first (see run_sequence)
-            _gemv(params, table[l, T_R], table[l, T_BR], H, table[l, T_NPR], state, slot, so,
+            _gemv(params, fp, table, l, T_R, H, state, slot, so,
                   scratch, w1, GH, rev)
-        _gemv(params, table[l, T_W], table[l, T_BW], K, table[l, T_NPW], src, r0, s0, scratch,
+        _gemv(params, fp, table, l, T_W, K, src, r0, s0, scratch,
               r0, nxt if table[l, T_XOUT] else GX, rev)
         if not rev:
-            _gemv(params, table[l, T_R], table[l, T_BR], H, table[l, T_NPR], state, slot, so,
+            _gemv(params, fp, table, l, T_R, H, state, slot, so,
                   scratch, w1, GH, rev)
         if table[l, T_NPRN] > 0:
-            _cell_pre(params, table, fp, l, scratch, r0, w1, state, slot, so)
-            _gemv(params, table[l, T_RN], table[l, T_BRN], table[l, T_HID], table[l, T_NPRN],
+            _cell_pre(table, fp, l, scratch, r0, w1, state, slot, so)
+            _gemv(params, fp, table, l, T_RN, table[l, T_HID],
                   scratch, w1, T, scratch, w1, GH, rev)
         # the new state goes to the state row, the output to this layer's output
-        _cell(params, table, fp, l, scratch, r0, w1, state, slot, so, scratch, r0, nxt)
+        _cell(table, fp, l, scratch, r0, w1, state, slot, so, scratch, r0, nxt)
         cur, nxt = nxt, cur
         src = scratch
         s0 = cur
@@ -1504,28 +1590,28 @@ def _make_sequence(name, parallel):
             if rev:  # the one step's recurrent product first (see the docstring)
                 for q in loop(gr):
                     p0, p1 = _group(_nth(q, gr, True), npr, group)
-                    _gemm(params, table[l, T_R], table[l, T_BR], H, p0, p1, scratch, None, HH,
+                    _gemm(params, fp, table, l, T_R, H, p0, p1, scratch, None, HH,
                           scratch, GH, n, n + 1)
             px = nxt if table[l, T_XOUT] else GX  # where the input product lands
             for q in loop(gw):
                 p0, p1 = _group(_nth(q, gw, rev), npw, group)
-                _gemm(params, table[l, T_W], table[l, T_BW], K, p0, p1, scratch, None, cur,
+                _gemm(params, fp, table, l, T_W, K, p0, p1, scratch, None, cur,
                       scratch, px, 0, n)
             for t in range(n):
                 if not rev:
                     for q in loop(gr):
                         p0, p1 = _group(q, npr, group)
-                        _gemm(params, table[l, T_R], table[l, T_BR], H, p0, p1, scratch, None,
+                        _gemm(params, fp, table, l, T_R, H, p0, p1, scratch, None,
                               HH, scratch, GH, n, n + 1)
                 if nprn > 0:
-                    _cell_pre(params, table, fp, l, scratch, t, n, scratch, n, HH)
+                    _cell_pre(table, fp, l, scratch, t, n, scratch, n, HH)
                     gn = _groups(nprn, group)
                     for q in loop(gn):
                         p0, p1 = _group(_nth(q, gn, rev), nprn, group)
-                        _gemm(params, table[l, T_RN], table[l, T_BRN], table[l, T_HID], p0,
+                        _gemm(params, fp, table, l, T_RN, table[l, T_HID], p0,
                               p1, scratch, None, T, scratch, GH, n, n + 1)
                 # the new state stays in the workspace row, the output goes to step t's row
-                _cell(params, table, fp, l, scratch, t, n, scratch, n, HH, scratch, t, nxt)
+                _cell(table, fp, l, scratch, t, n, scratch, n, HH, scratch, t, nxt)
             _copy_row(scratch, n, HH, state, slot, table[l, T_SOFF], sw)
             cur, nxt = nxt, cur
         _rows_out(scratch, cur, out)

@@ -1,4 +1,5 @@
-"""Fixed weights in the form the kernels read: one flat parameter buffer plus a layer table.
+"""Fixed weights in the form the kernels read: a weight-panel buffer, a float side table and a
+layer table.
 
 Packing happens once per engine. The buffers are read-only afterwards; see the module docstring
 of :mod:`streamgru.kernels` for the meaning of every column.
@@ -10,31 +11,39 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import compact
 from . import kernels as K
 
-_ALIGN = 16  # elements; 64 bytes for float32, so every weight block starts on a cache line
+_ALIGN_BYTES = 64  # every weight block starts on a cache line
 
 
 @dataclass(frozen=True)
 class PackedModel:
     """The model's weights cast and laid out for the kernels.
 
-    Two dtypes: ``weights_dtype`` is how the weights are stored (``params``), ``dtype`` the
-    compute dtype (the engine's state, inputs, outputs and scratch, the accumulators, ``fp``);
-    the compute dtype alone decides the float32 fast tanh. Only equal dtypes are supported for
-    now (:func:`pack` refuses the rest); a narrower weight dtype needs only the tiles' converting
-    load (``kernels._load_weights``).
+    Two dtypes: ``weights_dtype`` is how the weight matrices are stored (``params``), ``dtype``
+    the compute dtype (the engine's state, inputs, outputs and scratch, the accumulators, and
+    ``fp``: activation parameters, biases, int8 scales, peepholes); the compute dtype alone
+    decides the float32 fast tanh. ``weights_dtype`` is the compute dtype, or float16 / int8
+    with float32 arithmetic (:mod:`streamgru.compact`): the tiles convert each loaded vector
+    (``kernels._load_weights``).
 
     Attributes
     ----------
     params : (P,) weights_dtype, read-only
+        The weight panels (float16 weights as their bits: a uint16 array).
     table : (L, kernels.NT) int64, read-only
-    fp : (L, kernels.NF) dtype, read-only
+    fp : (L + E, kernels.NF) dtype, read-only
+        Rows 0..L-1: each layer's activation parameters; then, addressed flat, the biases,
+        int8 scales and peepholes.
     scratch_width : int
         Width of one scratch row (``table[0, kernels.T_LW]``).
     tail : tuple of (int, ndarray, ndarray)
         ``(layer index, W (out, in), b (out,))`` in ``dtype``, read-only, for each Dense layer
-        after the last GRU layer: the output of a held state (``Engine(missing="skip")``).
+        after the last recurrent layer: the output of a held state (``Engine(missing="skip")``);
+        W as the kernels use it (dequantized for compact weights).
+    weights : str
+        The weights' form: ``"float32"``, ``"float64"``, ``"float16"`` or ``"int8"``.
     """
 
     params: np.ndarray
@@ -44,6 +53,12 @@ class PackedModel:
     tail: tuple = ()
     dtype: np.dtype = np.dtype(np.float32)
     weights_dtype: np.dtype = np.dtype(np.float32)
+    weights: str = "float32"
+
+    @property
+    def weight_bytes(self):
+        """Bytes of weight panels plus their biases and scales (what a step streams)."""
+        return int(self.params.nbytes + self.fp.nbytes)
 
 
 class LayerRow:
@@ -70,14 +85,14 @@ class LayerRow:
         self._pad, self._need = pad, need
 
     def product(self, column, W, b):
-        """Store the product ``W (M, K) v + b`` as weight panels (``b`` None: no bias);
-        ``column`` is its first table column (``T_W``, ``T_R`` or ``T_RN``), followed by its
-        bias and panel-count columns."""
-        self.row[column:column + 3] = self._put_product(W, b)
+        """Store the product ``W (M, K) v + b`` (``b`` None: no bias) as weight panels in the
+        engine's weights form; ``column`` is the first of its group of four table columns
+        (``T_W``, ``T_R`` or ``T_RN``: panels, bias, panel count, int8 scales)."""
+        self.row[column:column + 4] = self._put_product(W, b)
 
     def vector(self, column, v):
-        """Store the 1-D ``v`` in ``params`` as it is (a cell's own per-layer values, such as
-        the LSTM's peepholes) and its offset in ``column``."""
+        """Store the 1-D ``v`` in the float side table as it is (a cell's own per-layer values,
+        such as the LSTM's peepholes) and its flat offset in ``column``."""
         self.row[column] = self._put_vector(v)
 
     def need(self, *, width=0, gates=0, hidden=0):
@@ -100,86 +115,137 @@ def _check_range(model, dtype):
                                  f'dtype="float64"')
 
 
-def pack(model, dtype, weights_dtype=None) -> PackedModel:
+def weights_form(dtype, weights):
+    """The weights form of an engine of compute ``dtype``: ``weights`` None is the compute
+    dtype's own; ``"float16"``/``"int8"`` need float32 arithmetic; ``"float32"``/``"float64"``
+    must be the compute dtype."""
+    dtype = np.dtype(dtype)
+    if weights is None:
+        return dtype.name
+    if weights == "float64" and dtype == np.float64:
+        return weights
+    compact.weights_format(weights)
+    if weights != "float32" and dtype != np.float32:
+        raise ValueError(f'weights: expected "float64" (or None) for a float64 engine, got '
+                         f'{weights!r}; compact weights run float32 arithmetic: use '
+                         f'dtype="float32"')
+    if weights == "float32" and dtype != np.float32:
+        raise ValueError(f'weights: expected "float64" (or None) for a float64 engine, got '
+                         f'{weights!r}')
+    return weights
+
+
+def pack(model, dtype, weights=None) -> PackedModel:
     """Cast and lay out ``model``'s weights for the kernels (see :mod:`streamgru.kernels`).
 
     Parameters
     ----------
-    model : GRUModel
+    model : Model
     dtype : str or numpy dtype
         The compute dtype, float32 or float64.
-    weights_dtype : str or numpy dtype, optional
-        How the weights are stored; default ``dtype``, and only that for now.
+    weights : {None, "float32", "float64", "float16", "int8"}
+        How the weight matrices are stored: None (default) in the compute dtype; ``"float16"``
+        or ``"int8"`` (float32 arithmetic only) as :mod:`streamgru.compact` defines them.
+        Biases, peepholes and activation parameters stay in the compute dtype.
 
-    Raises ValueError, naming the layer and tensor, if a weight does not fit in ``dtype``, and
-    naming ``weights_dtype`` if it differs from ``dtype``.
+    Raises ValueError, naming the layer and tensor, if a weight does not fit in ``dtype`` (or
+    float16), and naming ``weights`` for a form the compute dtype cannot take.
 
     Examples
     --------
-    >>> from streamgru import GRUModel
-    >>> p = pack(GRUModel.random(3, 8), "float32")
+    >>> from streamgru import Model
+    >>> p = pack(Model.random(3, 8), "float32")
     >>> p.params.dtype, p.table.shape[0], p.scratch_width > 0
     (dtype('float32'), 1, True)
+    >>> pack(Model.random(3, 8), "float32", weights="int8").params.dtype
+    dtype('int8')
     """
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"dtype: expected float32 or float64, got {dtype.name}")
-    wdtype = dtype if weights_dtype is None else np.dtype(weights_dtype)
-    if wdtype != dtype:
-        raise ValueError(f"weights_dtype: expected the compute dtype {dtype.name} (weights stored "
-                         f"in another dtype are not supported yet), got {wdtype.name}")
-    _check_range(model, wdtype)
+    form = weights_form(dtype, weights)
+    wdtype = compact.WEIGHT_FORMATS.get(form, dtype)
+    _check_range(model, dtype)
     nr = K.panel_width(dtype)
-    blocks, table, fp = [], [], []
-    off = 0
+    L = len(model.layers)
+    walign = _ALIGN_BYTES // wdtype.itemsize
+    wblocks, fblocks = [], []
+    woff = 0
+    foff = L * K.NF  # the flat float area starts after the layers' rows
 
     def pad(m):
         return -(-m // nr) * nr
 
-    def put(arr):
-        nonlocal off
-        a = np.ascontiguousarray(arr, dtype=wdtype).ravel()
-        start = off
-        blocks.append((start, a))
-        off = start + a.size
-        off = -(-off // _ALIGN) * _ALIGN
+    def put_weights(a):
+        nonlocal woff
+        start = woff
+        wblocks.append((start, a.ravel()))
+        woff = -(-(start + a.size) // walign) * walign
+        return start
+
+    def put_vector(v):
+        nonlocal foff
+        v = np.asarray(v, np.float64).ravel()
+        start = foff
+        fblocks.append((start, v))
+        foff = start + v.size
         return start
 
     def put_product(W, b):
-        """W (M, K) as ceil(M/NR) panels of W[p*NR:(p+1)*NR].T (K, NR), zero-padded; b padded."""
-        W = np.asarray(W, np.float64)
+        """W (M, K) as ceil(M/NR) panels of W[p*NR:(p+1)*NR].T (K, NR), zero-padded, in the
+        weights form; its bias and (int8) scales padded to NR in the float area."""
         M, Kd = W.shape
-        Wp = np.zeros((pad(M), Kd))
-        Wp[:M] = W
+        stored, scales = compact.quantize(W, form) if form in ("float16", "int8") \
+            else (np.asarray(W, np.float64), None)
+        Wp = np.zeros((pad(M), Kd), wdtype)
+        Wp[:M] = stored
         panels = Wp.reshape(-1, nr, Kd).transpose(0, 2, 1)  # (P, K, NR)
         bp = np.zeros(pad(M))
         if b is not None:
             bp[:M] = b
-        return put(panels), put(bp), pad(M) // nr
+        soff = -1
+        if scales is not None:
+            sp = np.zeros(pad(M))
+            sp[:M] = scales
+            soff = put_vector(sp)
+        return put_weights(np.ascontiguousarray(panels)), put_vector(bp), pad(M) // nr, soff
 
     need = {"width": model.input_size, "gates": 1, "hidden": 1}
+    table, fp_rows = [], []
     slices = iter(model.state_slices)
     for layer in model.layers:
-        t = LayerRow(layer, next(slices).start if layer.state_size else 0, put_product, put,
-                     pad, need)
+        t = LayerRow(layer, next(slices).start if layer.state_size else 0, put_product,
+                     put_vector, pad, need)
         layer.pack(t)
         table.append(t.row)
-        fp.append(t.fp)
+        fp_rows.append(t.fp)
     maxw, gmax, hmax = pad(need["width"]), need["gates"], need["hidden"]
     # Scratch row: [A: maxw | B: maxw | GX: gmax | GH: gmax | HH: hmax | T: hmax | BK: S];
     # products write whole panels, so every region a product writes is padded to NR. BK holds
     # the row's stream state from before the step, restored if the step would produce NaN/inf.
     layout = np.cumsum([0, maxw, maxw, gmax, gmax, hmax, hmax, model.state_size])
-    params = np.zeros(max(off, 1), wdtype)
-    for start, a in blocks:
+    params = np.zeros(max(woff, 1), wdtype)
+    for start, a in wblocks:
         params[start:start + a.size] = a
+    if wdtype == np.float16:  # Numba's CPU target has no float16 arrays: the kernels get the bits
+        params = params.view(np.uint16)
+    flat = np.zeros(-(-foff // K.NF) * K.NF)
+    flat[:L * K.NF] = np.ravel(fp_rows)
+    for start, v in fblocks:
+        flat[start:start + v.size] = v
+    fp = flat.astype(dtype).reshape(-1, K.NF)
     table = np.array(table, np.int64)
     table[:, K.T_LA:K.T_LW + 1] = layout
-    fp = np.array(fp, dtype)
     width = int(layout[-1])
     last = max(i for i, layer in enumerate(model.layers) if layer.recurrent)
-    tail = tuple((i, np.array(layer.W, dtype), np.array(layer.b, dtype))
+
+    def as_used(W):  # the tail's W as the kernels use it
+        stored, scales = compact.quantize(W, form) if form in ("float16", "int8") else (W, None)
+        return np.array(compact.dequantize(stored, scales) if form in ("float16", "int8")
+                        else W, dtype)
+
+    tail = tuple((i, as_used(layer.W), np.array(layer.b, dtype))
                  for i, layer in enumerate(model.layers) if i > last)
     for arr in (params, table, fp) + tuple(a for _, W, b in tail for a in (W, b)):
         arr.setflags(write=False)
-    return PackedModel(params, table, fp, width, tail, dtype, wdtype)
+    return PackedModel(params, table, fp, width, tail, dtype, wdtype, form)
