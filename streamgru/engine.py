@@ -216,6 +216,14 @@ class Engine:
         stream's last observed value of that feature. Anything but "refuse" needs
         ``check_finite=True``: the finite scan is what finds a NaN, so calls without NaN cost
         what they cost under "refuse" ("last" adds one row copy per row, its memory update).
+    weights : {None, "float32", "float16", "int8", "float64"}
+        How the weight matrices are stored (:mod:`streamgru.compact`): ``"float16"`` or
+        ``"int8"`` (symmetric, one scale per output row) keep them compactly for a float32
+        engine, whose arithmetic, state and activations stay float32; biases and peepholes stay
+        float32. Compact weights are an approximation of the model: measure it with
+        ``converters.verify(model, source, weights=...)``. None (default): the model's own
+        form (``model.stored_as`` for a model loaded from a compact file, else the compute
+        dtype). :attr:`weights` says which is in use. Snapshots do not depend on it.
 
     Examples
     --------
@@ -245,7 +253,8 @@ class Engine:
     """
 
     def __init__(self, model, dtype="float32", capacity=1024, threads=None, check_finite=True,
-                 max_streams=None, idle_timeout=None, on_evict=None, clock=None, missing="refuse"):
+                 max_streams=None, idle_timeout=None, on_evict=None, clock=None, missing="refuse",
+                 weights=None):
         if not isinstance(model, GRUModel):
             raise TypeError(f"model: expected a streamgru.GRUModel, got {type(model).__name__}")
         key = dtype if isinstance(dtype, str) else getattr(np.dtype(dtype) if _is_dtype(dtype)
@@ -303,7 +312,9 @@ class Engine:
         self.threads = threads
         self._par_threads = threads if threads is not None else numba.config.NUMBA_NUM_THREADS
         self.check_finite = bool(check_finite)
-        self._packed = pack(model, self.dtype)
+        if weights is None and self.dtype == np.float32:
+            weights = getattr(model, "stored_as", None)  # a model loaded from a compact file
+        self._packed = pack(model, self.dtype, weights)
         self._shape1 = (1, model.input_size)
         self._slot1 = np.zeros(1, np.int64)  # the one-event fast path's slots array
         self._flip = 0  # run()'s weight direction, alternated per call (step's: c & 1 in step)
@@ -674,9 +685,10 @@ class Engine:
         Loads each kernel from Numba's on-disk cache or compiles it there: the one-event path,
         the batch kernels (serial, parallel over rows, parallel over weight panels), both
         ``run`` kernels and the int-key table's kernels, whatever the thread count. The kernels
-        depend on the dtype and the CPU, not on the model's sizes: after this, a new process
-        on a CPU of the same kind (and with the same cache directory) loads them instead of
-        compiling them. Stream states are untouched; no kernel runs on them.
+        depend on the dtype, the weights form (``weights``) and the CPU, not on the model's
+        sizes: after this, a new process on a CPU of the same kind (and with the same cache
+        directory) loads them instead of compiling them. Stream states are untouched; no
+        kernel runs on them.
 
         Returns
         -------
@@ -1356,9 +1368,22 @@ class Engine:
         iwork[3 * nm + 1] = bad == K.PRODUCED_NONFINITE
         return bad
 
+    @property
+    def weights(self):
+        """How the engine stores the weight matrices: ``"float32"``, ``"float64"``,
+        ``"float16"`` or ``"int8"`` (the ``weights`` argument, resolved).
+
+        Examples
+        --------
+        >>> from streamgru import Engine, Model
+        >>> Engine(Model.random(3, 8), weights="int8").weights
+        'int8'
+        """
+        return self._packed.weights
+
     def __repr__(self):
-        return (f"Engine({self.model!r}, dtype={self.dtype.name!r}, streams={len(self)}, "
-                f"capacity={self.capacity}, threads={self.threads})")
+        return (f"Engine({self.model!r}, dtype={self.dtype.name!r}, weights={self.weights!r}, "
+                f"streams={len(self)}, capacity={self.capacity}, threads={self.threads})")
 
 
 # A layer kind of the protocol without a kernel cell (``Layer.runnable`` False: a kind being

@@ -271,11 +271,12 @@ def mixed_lstm_model(dtype=np.float64, seed=0):
 
 
 def check_against_oracle(model, dtype, steps=200, n=3, seed=0, regime="serial", monkeypatch=None,
-                         rtol=0.0):
+                         rtol=0.0, weights=None):
     """Step ``n`` streams of ``model`` from a random nonzero state ``steps`` times through the
     engine's ``regime`` ("serial", "parallel", "wide" or "one": one event per call) and compare
     every output and the final states with the float64 oracle at :data:`TOL` (plus ``rtol``,
-    for states that grow large). Returns the largest absolute error seen."""
+    for states that grow large). With compact ``weights`` the engine stores them so and the
+    oracle steps :func:`dequantized` ``model``. Returns the largest absolute error seen."""
     from streamgru import Engine
     from streamgru import engine as engine_mod
 
@@ -284,7 +285,9 @@ def check_against_oracle(model, dtype, steps=200, n=3, seed=0, regime="serial", 
     elif regime == "wide":  # few rows, products spread over threads by weight panels
         monkeypatch.setattr(engine_mod, "WIDE_MIN_MACS", 0)
     rng = np.random.default_rng(seed)
-    eng = Engine(model, dtype=dtype)
+    eng = Engine(model, dtype=dtype, weights=weights)
+    if weights is not None:
+        model = dequantized(model, weights)
     s0 = rng.normal(size=(n, model.state_size)) * 0.5
     for i in range(n):
         eng.set_state(i, s0[i])
@@ -302,3 +305,19 @@ def check_against_oracle(model, dtype, steps=200, n=3, seed=0, regime="serial", 
     for i in range(n):
         np.testing.assert_allclose(eng.state(i), ref[i], atol=TOL[dtype], rtol=rtol)
     return worst
+
+
+def dequantized(model, weights):
+    """``model`` with every weight matrix (2-D tensor) replaced by what an engine with compact
+    ``weights`` ("float16", "int8") computes with, its dequantization by
+    :mod:`streamgru.compact` (whose definitions tests/test_compact.py checks): the reference
+    model for the oracle. Vectors (biases, peepholes) are kept; float64 tensors."""
+    from streamgru import Model, compact
+
+    layers = []
+    for layer in model.layers:
+        t = {name: (compact.dequantize(*compact.quantize(v, weights)) if v.ndim == 2 else v)
+             for name, v in layer.tensors().items()}
+        layers.append(type(layer).from_config(layer.config(),
+                                              {k: np.asarray(v, np.float64) for k, v in t.items()}))
+    return Model(layers)

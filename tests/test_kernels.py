@@ -323,18 +323,25 @@ def test_every_kernel_on_packed_arrays_same_bits_as_the_oracle(dtype):
                 np.testing.assert_allclose(a, b, atol=TOL[dtype], rtol=0, err_msg=name)
 
 
-def test_pack_carries_both_dtypes_and_refuses_other_weight_dtypes():
-    """Weights stored in a dtype other than the compute dtype have no kernel yet: refused,
-    naming the argument, rather than silently cast."""
+def test_pack_carries_both_dtypes_and_refuses_what_the_kernels_cannot_run():
+    """Compact weights (float16 as its bits, int8) pack only for float32 arithmetic; a float64
+    engine keeps float64 weights. Anything else is refused naming the argument, never cast."""
     from streamgru.packing import pack
 
     model = GRUModel.random(3, 8)
-    p = pack(model, "float64", weights_dtype="float64")
+    p = pack(model, "float64", weights="float64")
     assert p.params.dtype == p.weights_dtype == p.fp.dtype == p.dtype == np.float64
+    assert p.weights == "float64"
+    for form, stored in (("float32", np.float32), ("float16", np.uint16), ("int8", np.int8)):
+        p = pack(model, "float32", weights=form)
+        assert (p.weights, p.params.dtype, p.fp.dtype) == (form, stored, np.float32)
     for bad in ("float16", "float32", "int8"):
-        with pytest.raises(ValueError, match=rf"weights_dtype: expected the compute dtype float64"
-                                             rf".*got {bad}"):
-            pack(model, "float64", weights_dtype=bad)
+        with pytest.raises(ValueError, match=rf'weights: expected "float64" \(or None\) for a '
+                                             rf"float64 engine, got '{bad}'"):
+            pack(model, "float64", weights=bad)
+    with pytest.raises(ValueError, match=r"weights: expected one of 'float32', 'float16', 'int8', "
+                                         r"got 'int4'"):
+        pack(model, "float32", weights="int4")
     with pytest.raises(ValueError, match="dtype: expected float32 or float64, got int32"):
         pack(model, "int32")
 

@@ -154,10 +154,20 @@ def test_tile_refuses_a_strided_matrix_and_mixed_dtypes():
     from numba.core.errors import TypingError
 
     tile = K._make_tile(1, 1)
-    fn = numba.njit(lambda A, P, C: tile(A, None, 0, 0, 1, P, 0, 0, C, 0, 0))
+    fn = numba.njit(lambda A, P, F, C: tile(A, None, 0, 0, 1, P, 0, F, 0, 0, 1, C, 0, 0))
     A, P, C = np.ones((2, 3), np.float32), np.zeros(64, np.float32), np.zeros((2, 32), np.float32)
+    F = np.zeros((10, 7), np.float32)
     with pytest.raises(TypingError, match=r"tile: A: expected a C-contiguous 2-D array"):
-        fn(np.asfortranarray(A), P, C)
+        fn(np.asfortranarray(A), P, F, C)
     with pytest.raises(TypingError, match=r"tile: C: expected a C-contiguous 2-D float32 array"):
-        fn(A, P, C.astype(np.float64))
-    fn(A, P, C)  # the layout the kernels pass compiles and runs
+        fn(A, P, F, C.astype(np.float64))
+    with pytest.raises(TypingError, match=r"tile: F: expected a C-contiguous 2-D float32 array"):
+        fn(A, P, F.astype(np.float64), C)
+    # compact weights (float16 bits, int8) only under float32 arithmetic; nothing else
+    with pytest.raises(TypingError, match=r"tile: params: expected a C-contiguous 1-D float64 "):
+        fn(A.astype(np.float64), P.view(np.uint16), F.astype(np.float64), C.astype(np.float64))
+    with pytest.raises(TypingError, match=r"tile: params: expected a C-contiguous 1-D float32 "):
+        fn(A, P.view(np.int32), F, C)
+    fn(A, P, F, C)  # the layouts the kernels pass compile and run
+    fn(A, np.zeros(64, np.int8), F, C)
+    fn(A, np.zeros(64, np.uint16), F, C)

@@ -12,7 +12,7 @@ import llvmlite.binding as ll
 import numpy as np
 import oracle
 import pytest
-from helpers import OracleStreams
+from helpers import OracleStreams, dequantized
 
 from streamgru import Engine, GRUModel, isa
 from streamgru import engine as engine_mod
@@ -135,6 +135,34 @@ def test_products_longer_than_a_panel_block(dtype):
         np.testing.assert_allclose(y, y_ref, atol=TOL[dtype], rtol=0)
 
 
+@pytest.mark.parametrize("weights", ["float16", "int8"])
+@pytest.mark.parametrize("lbr", [0, 1])
+@pytest.mark.parametrize("regime", ["serial", "wide"])
+def test_compact_weights_every_row_count_and_long_products(weights, lbr, regime, monkeypatch):
+    """Compact weights (float16 bits, int8 with per-row scales) through every tile height and,
+    with an input of 1100 values, the many-row tiles' k blocks (int8 blocks store raw sums and
+    scale at the last one): against the oracle on the dequantized model and, bit for bit,
+    separate calls."""
+    if regime == "wide":
+        monkeypatch.setattr(engine_mod, "WIDE_MIN_MACS", 0)
+    rng = np.random.default_rng(17)
+    # The third model's weights are tiny (float16 subnormals below 6.1e-5) and its inputs
+    # large, so the products still matter: the widening of subnormal halves is checked too.
+    for model, x_scale in ((model_with_uneven_panels(lbr), 1.0),
+                           (GRUModel.random(1100, [20], linear_before_reset=lbr, seed=5), 1.0),
+                           (GRUModel.random(6, [8], linear_before_reset=lbr, seed=6, scale=3e-5),
+                            3e4)):
+        ref = OracleStreams(dequantized(model, weights))
+        batch, single = Engine(model, weights=weights), Engine(model, weights=weights)
+        for n in list(range(1, 15)) + [23]:
+            keys = list(range(n))
+            x = (rng.normal(size=(n, model.input_size)) * x_scale).astype(np.float32)
+            y = batch.step(keys, x)
+            y_sep = np.concatenate([single.step([k], x[i:i + 1]) for i, k in enumerate(keys)])
+            np.testing.assert_array_equal(y, y_sep)
+            np.testing.assert_allclose(y, ref.step(keys, x), atol=TOL["float32"], rtol=0)
+
+
 def test_serial_blocks_when_the_weights_outgrow_l2():
     """1.5 MB of weights (H=256) and 300 rows: the serial kernel's taller blocks (if this build
     uses them) against the oracle and, bit for bit, separate calls."""
@@ -199,9 +227,10 @@ def _other_build(build):
     assert res.returncode == 0, res.stderr
     # The forced build is compiled afresh every run: there only the serial kernels (the
     # panel-parallel one runs the same products, tested in the cached builds).
-    select = "(every_row_count or longer_than) and float32 or kernels_and_packing"
+    select = "(every_row_count or longer_than) and float32 or compact_weights or kernels_and_packing"
     if build == "forced":
-        select = "(every_row_count and serial or longer_than) and float32 or kernels_and_packing"
+        select = ("(every_row_count and serial or longer_than) and float32 or compact_weights and "
+                  "serial or kernels_and_packing")
     tests = background.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
          str(ROOT / "tests" / "test_tiles.py"), "-k", select],
@@ -230,5 +259,5 @@ def test_other_builds_against_oracle(build):
     name, res = got
     assert name == (BUILDS[build][0] or BUILDS[build][1]["STREAMGRU_TILE"])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    passed = 4 if build == "forced" else 6
+    passed = 8 if build == "forced" else 14
     assert re.search(rf"\b{passed} passed", res.stdout), res.stdout[-1000:]
