@@ -6,7 +6,7 @@
 import json
 import sys
 
-HEAD = ("| workload | thr | streamgru median (p99) us | ORT run | ORT iobinding | ORT one call "
+HEAD = ("| workload | cell | thr | streamgru median (p99) us | ORT run | ORT iobinding | ORT one call "
         "(T steps) | torch | vs ORT run | vs best ORT | vs torch | streamgru GFLOP/s |")
 
 
@@ -28,7 +28,7 @@ def table(path):
                 f"vectors, {tile['registers']} registers, tiles {shapes} rows x panels, k split "
                 f"{tile['k_split']}, NR {tile['panel_width_float32']} float32)"
                 f"{' FORCED' if tile.get('forced') else ''}.", ""]
-    out += [HEAD, "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out += [HEAD, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (wl, t), rs in rows.items():
         sgr = rs["streamgru"]
         sg = sgr["median_us"]
@@ -38,7 +38,8 @@ def table(path):
         ratios = [_ratio(rs.get("ort_run", {}).get("median_us"), sg),
                   _ratio(min(ort) if ort else None, sg),
                   _ratio(rs.get("torch", {}).get("median_us"), sg)]
-        out.append(f"| {wl} | {t} | {sg:.1f} ({sgr['p99_us']:.1f}) | " + " | ".join(cells + ratios)
+        cell = sgr.get("cell", "gru")  # results from before the LSTM rows are all GRU
+        out.append(f"| {wl} | {cell} | {t} | {sg:.1f} ({sgr['p99_us']:.1f}) | " + " | ".join(cells + ratios)
                    + f" | {sgr['gflops']:.0f} |")
     return "\n".join(out)
 

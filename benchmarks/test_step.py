@@ -1,9 +1,11 @@
 """streamgru vs onnxruntime (run, run_with_iobinding) vs PyTorch vs the numpy oracle.
 
-One pytest-benchmark group per workload; inside it one benchmark per contender and thread count,
-so the table compares like with like. Run the full grid with ``make bench`` (or
-``pytest benchmarks --benchmark-only``); ``make test`` runs a reduced grid once with
-``--benchmark-disable`` so the suite cannot rot. Timings are never asserted.
+One pytest-benchmark group per workload (every workload once with GRU layers and once with LSTM
+layers: ``step I=16 H=64 n=1``, ``step lstm I=16 H=64 n=1``); inside it one benchmark per
+contender and thread count, so the table compares like with like. Each benchmark's
+``extra_info`` says its ``cell`` and every contender's thread settings. Run the full grid with
+``make bench`` (or ``pytest benchmarks --benchmark-only``); ``make test`` runs a reduced grid
+once with ``--benchmark-disable`` so the suite cannot rot. Timings are never asserted.
 
 The baselines do what a user must do around onnxruntime/torch: look the keys up in a store,
 gather the batch's states, run, scatter the new states back (``streamgru.harness.bench.UserStore``).
@@ -14,7 +16,7 @@ import pytest
 import workloads as W
 from conftest import REMOVED_ENV
 
-from streamgru.harness.bench import batches, machine_info, make_model
+from streamgru.harness.bench import batches, cell_of, machine_info, make_model
 
 INFO = machine_info()
 CASES = [(wl, c, t) for wl in W.workloads() for t in W.thread_counts() for c in W.CONTENDERS
@@ -39,7 +41,7 @@ def test_workload(benchmark, case):
     benchmark.extra_info.update({k: INFO[k] for k in ("cpu", "cores", "numba", "numpy", "tile")})
     benchmark.extra_info.update(c.info())
     benchmark.extra_info.update(contender=name, threads=threads, removed_env=REMOVED_ENV,
-                                events=wl.seq or wl.n)
+                                events=wl.seq or wl.n, cell=cell_of(model))
     if wl.seq:
         xs = np.random.default_rng(1).normal(size=(wl.seq, wl.input_size)).astype(np.float32)
         c.open(np.array([0]))

@@ -3,6 +3,7 @@
 The workloads, the fair user-side state store and the onnxruntime / PyTorch contenders live in
 :mod:`streamgru.harness.bench`; this module adds the float64 numpy oracle (tests/oracle.py) as a contender
 and picks the grid: the full one, or a reduced one for the smoke run (``--benchmark-disable``).
+Both hold every workload once per recurrent cell (``CELLS``: GRU, LSTM).
 """
 
 import os
@@ -11,11 +12,12 @@ import numpy as np
 import oracle
 
 from streamgru.harness.bench import (
+    CELLS,
     UserStore,
     UserStoreContender,
-    Workload,
     make_contender,
     standard_workloads,
+    workload,
 )
 
 CONTENDERS = ("streamgru", "ort_run", "ort_iobinding", "torch", "numpy_oracle")
@@ -28,17 +30,12 @@ def full():
 def workloads():
     if full():
         return standard_workloads(quick=False)
-    # Smoke: every kind of workload once, small enough that building every contender and running
-    # each body once takes seconds.
-    return [
-        Workload("step I=16 H=64 n=1", 16, 64, 1),
-        Workload("step I=32 H=64 n=16", 32, 64, 16),
-        Workload("many I=32 H=64 n=256/5000", 32, 64, 256, streams=5000),
-        Workload("stack I=16 H=32 n=8", 16, 32, 8, layers="stack"),
-        Workload("duplicates I=16 H=32 n=16", 16, 32, 16, keys="duplicates"),
-        Workload("zipf I=16 H=32 n<=64/5000", 16, 32, 64, streams=5000, keys="zipf"),
-        Workload("run I=16 H=64 T=100", 16, 64, 1, seq=100),
-    ]
+    # Smoke: every kind of workload once per cell, small enough that building every contender
+    # and running each body once takes seconds.
+    specs = [(16, 64, 1, {}), (32, 64, 16, {}), (32, 64, 256, {"streams": 5000}),
+             (16, 32, 8, {"layers": "stack"}), (16, 32, 16, {"keys": "duplicates"}),
+             (16, 32, 64, {"streams": 5000, "keys": "zipf"}), (16, 64, 1, {"seq": 100})]
+    return [workload(I, H, n, cell=cell, **fields) for cell in CELLS for I, H, n, fields in specs]
 
 
 def thread_counts():

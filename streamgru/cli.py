@@ -83,9 +83,12 @@ def _convert(args):
 
 
 def _demo(args):
+    from .harness.demo import SHIPPED
     from .harness.demo import main as demo_main
 
-    if args.model is not None:  # a bad model file is a usage error (exit 2), like in every verb
+    # A bad model file is a usage error (exit 2), like in every verb; a shipped model's name is
+    # not a file.
+    if args.model is not None and args.model not in SHIPPED:
         load_model_arg(args.model, "--model")
     return demo_main(args)
 
@@ -158,7 +161,9 @@ def main(argv=None):
                    help="wall-clock cap per contender (default 20)")
     p.add_argument("--threads", type=int, default=None,
                    help="engine (Numba) and onnxruntime intra-op threads (default: one per core)")
-    p.add_argument("--model", default=None, help="model file (default: the shipped classifier)")
+    p.add_argument("--model", default=None,
+                   help="'gru' (default) or 'lstm': the shipped BasicMotions classifier with that "
+                        "cell; or a model file")
     p.add_argument("--plot", default="default",
                    help="PNG path for the latency plot, or 'none' (default: "
                         "streamgru-demo.png in the temp directory)")

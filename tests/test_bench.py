@@ -27,9 +27,15 @@ def test_bench_quick_writes_table_json_and_plot(tmp_path):
     assert "median us" in res.stdout and "streamgru" in res.stdout
     data = json.loads(out_json.read_text())
     got = {(r["workload"], r["contender"]) for r in data["results"]}
-    assert ("step I=16 H=64 n=1", "streamgru") in got
-    assert ("step I=16 H=64 n=1", "ort_run") in got
-    assert ("run I=16 H=64 T=100", "ort_sequence") in got
+    for cell, tag in (("gru", ""), ("lstm", " lstm")):  # every workload once per cell
+        for wl, contender in ((f"step{tag} I=16 H=64 n=1", "streamgru"),
+                              (f"step{tag} I=16 H=64 n=1", "ort_run"),
+                              (f"step{tag} I=16 H=64 n=1", "ort_iobinding"),
+                              (f"step{tag} I=16 H=64 n=1", "torch"),
+                              (f"run{tag} I=16 H=64 T=100", "ort_sequence")):
+            assert (wl, contender) in got
+            assert {r["cell"] for r in data["results"] if r["workload"] == wl} == {cell}
+    assert "step lstm I=16 H=64 n=1              lstm" in res.stdout  # the table's cell column
     assert all(r["median_us"] > 0 and r["threads"] == 1 for r in data["results"])
     assert data["machine"]["cores"] >= 1
     from streamgru.isa import TILE
@@ -39,14 +45,16 @@ def test_bench_quick_writes_table_json_and_plot(tmp_path):
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_baselines_agree_with_oracle_including_duplicate_keys():
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_baselines_agree_with_oracle_including_duplicate_keys(cell):
     """The fair baselines (user-side store, waves for repeated keys) compute the same steps."""
     import oracle
 
-    from streamgru.harness.bench import CONTENDERS, UserStore, Workload, batches, make_contender, make_model
+    from streamgru.harness.bench import CONTENDERS, UserStore, batches, make_contender, make_model, workload
 
-    wl = Workload("t", 8, 16, 12, streams=10, keys="duplicates", layers="stack")
+    wl = workload(8, 16, 12, streams=10, keys="duplicates", layers="stack", cell=cell)
     model = make_model(wl)
+    assert [ly.kind for ly in model.recurrent_layers] == [cell, cell]
     contenders = {}
     for name in CONTENDERS:
         try:
@@ -76,15 +84,17 @@ def test_bench_rejects_a_bad_only_pattern(capsys):
     assert "--only: expected a regular expression, got 'n=(1'" in capsys.readouterr().err
 
 
-def test_sequence_baseline_agrees_with_oracle_and_keeps_the_state():
-    """ort_sequence runs a whole sequence per call and carries the stream's state to the next."""
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_sequence_baseline_agrees_with_oracle_and_keeps_the_state(cell):
+    """ort_sequence runs a whole sequence per call and carries the stream's state to the next
+    (to_onnx(sequence=True) with LSTM nodes too)."""
     pytest.importorskip("onnxruntime")
     import oracle
 
     from streamgru.harness.bench import make_contender
     from streamgru.model import GRUModel
 
-    model = GRUModel.random(3, [5, 4], dense_after=[(2, "tanh")], seed=1)
+    model = GRUModel.random(3, [5, 4], dense_after=[(2, "tanh")], cell=cell, seed=1)
     c = make_contender("ort_sequence", model, 1)
     xs = np.random.default_rng(0).normal(size=(2, 6, 3)).astype(np.float32)
     y1, y2 = c.run(0, xs[0]), c.run(0, xs[1])
@@ -116,3 +126,50 @@ def test_onnx_baseline_runs_every_gru_attribute():
             x = rng.normal(size=(3, I)).astype(np.float32)
             np.testing.assert_allclose(c.step(keys, x), ref.step(keys.tolist(), x), atol=1e-5,
                                        rtol=0, err_msg=name)
+
+
+def test_standard_workloads_run_once_per_cell_under_names_that_say_the_cell():
+    """The LSTM list is the GRU list with the cell changed; the GRU names are the ones of the
+    results recorded before LSTM rows existed."""
+    from dataclasses import replace
+
+    from streamgru.harness.bench import CELLS, cell_of, make_model, standard_workloads
+
+    assert CELLS == ("gru", "lstm")
+    for quick in (True, False):
+        gru, lstm = (standard_workloads(quick, cells=[c]) for c in CELLS)
+        assert standard_workloads(quick) == gru + lstm
+        assert len({w.name for w in gru + lstm}) == 2 * len(gru)
+        assert [replace(w, name="", cell="gru") for w in lstm] == [replace(w, name="") for w in gru]
+        assert all("lstm" not in w.name for w in gru)
+        assert [w.name for w in lstm] == [w.name.replace(" ", " lstm ", 1) for w in gru]
+    names = {w.name for w in standard_workloads(quick=False, cells=["gru"])}
+    assert {"step I=16 H=64 n=1", "many I=128 H=128 n=4096/100000", "stack I=32 H=128 n=64",
+            "duplicates I=64 H=128 n=256", "zipf I=64 H=128 n<=512/100000",
+            "run I=256 H=256 T=100"} <= names
+    stack = [w for w in standard_workloads(True, cells=["lstm"]) if w.layers == "stack"]
+    assert cell_of(make_model(stack[0])) == "lstm"
+
+
+def test_torch_baseline_refuses_a_layer_torch_does_not_run_natively():
+    """to_torch writes such a layer as our own torch operations: that is not torch's kernel, so
+    the torch contender is refused (and `run_workload` reports it as skipped)."""
+    pytest.importorskip("torch")
+    from streamgru.harness.bench import make_contender
+    from streamgru.model import GRUModel, LSTMLayer
+
+    rng = np.random.default_rng(0)
+    H, I = 4, 3
+    peep = LSTMLayer(I, H, rng.uniform(-1, 1, (4 * H, I)), rng.uniform(-1, 1, (4 * H, H)),
+                     np.zeros(4 * H), np.zeros(4 * H), P=rng.uniform(-1, 1, 3 * H))
+    with pytest.raises(ValueError, match=r"^torch: expected recurrent layers torch runs natively .*"
+                                         r"got 1 recurrent layers of which torch runs 0 \(none\)"):
+        make_contender("torch", GRUModel([peep]), 1)
+    make_contender("torch", GRUModel.random(I, [H], cell="lstm"), 1)
+
+
+def test_bench_rejects_an_unknown_cell(capsys):
+    from streamgru.cli import main
+
+    assert main(["bench", "--cell", "gru,rnn", "--no-sgemm", "--json", "", "--plot", ""]) == 2
+    assert "--cell: expected names from gru,lstm, got 'gru,rnn'" in capsys.readouterr().err

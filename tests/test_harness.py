@@ -147,6 +147,8 @@ def test_the_wheel_ships_the_harness_and_the_default_model(tmp_path):
         assert streamgru.__file__.startswith({str(site)!r}), streamgru.__file__
         d = demo.load_default()
         assert demo.DEFAULT_MODEL.is_file() and d.model.input_size == 6, d.model
+        for name in demo.SHIPPED:  # every shipped model loads from the installed copy
+            assert demo.load_default(name).path.is_file(), name
         from streamgru.cli import main
         for verb in ("bench", "demo"):
             try:

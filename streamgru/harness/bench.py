@@ -6,15 +6,24 @@ the engine; for onnxruntime and PyTorch the caller keeps a state store (a key ->
 the new states back. All contenders run the same weights: the torch module and the ONNX graph are
 the public exports of one :class:`~streamgru.GRUModel` (``converters.to_torch``,
 ``converters.to_onnx``: one step for a batch, ``(x, state) -> (y, state_out)``, each GRU layer an
-``nn.GRUCell`` or a sequence-length-1 ONNX ``GRU`` node, as a user would run them), read back
-through :mod:`converters` (which must return the very same weights) before anything is timed.
+``nn.GRUCell`` or a sequence-length-1 ONNX ``GRU`` node, each LSTM layer an ``nn.LSTMCell`` or an
+ONNX ``LSTM`` node, as a user would run them), read back through :mod:`converters` (which must
+return the very same weights) before anything is timed.
+
+Every standard workload runs once per recurrent cell of :data:`CELLS` (GRU, LSTM): the same
+sizes, batches and contenders, the LSTM's names saying ``lstm`` (``step lstm I=16 H=64 n=1``)
+and every result its ``cell``.
 
 The contenders (``name``: what one timed call does):
 
 * ``streamgru``: ``engine.step(keys, x)``;
 * ``ort_run``: gather, ``InferenceSession.run``, scatter;
 * ``ort_iobinding``: gather into pre-bound buffers, ``run_with_iobinding``, scatter;
-* ``torch``: gather, ``nn.GRUCell``/``nn.Linear`` stack under ``torch.inference_mode``, scatter.
+* ``torch``: gather, ``nn.GRUCell``/``nn.LSTMCell``/``nn.Linear`` stack under
+  ``torch.inference_mode``, scatter;
+* on the ``run`` workloads (one stream, T steps in one call), ``ort_sequence``: the whole
+  sequence in one ``InferenceSession.run`` of ``to_onnx(model, sequence=True)``, in place of
+  ``ort_iobinding``.
 
 Thread counts are set explicitly for every contender (onnxruntime ``intra_op_num_threads``,
 ``torch.set_num_threads``, ``Engine(threads=...)``) and recorded with each result.
@@ -34,7 +43,7 @@ import platform
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -44,6 +53,9 @@ from ..model import GRUModel
 
 __all__ = [
     "Workload",
+    "CELLS",
+    "workload",
+    "cell_of",
     "UserStore",
     "StreamgruContender",
     "UserStoreContender",
@@ -76,9 +88,9 @@ class Workload:
     Attributes
     ----------
     name : str
-        Also the pytest-benchmark group.
+        Also the pytest-benchmark group (:func:`workload` derives it from the other fields).
     input_size, hidden_size : int
-        Of the one-layer model (ignored when ``model`` is given to :func:`make_model`).
+        Of the model (ignored when ``model`` is given to :func:`run_workload`).
     n : int
         Events per call (rows of ``x``).
     streams : int
@@ -86,10 +98,13 @@ class Workload:
     keys : {"distinct", "duplicates", "zipf"}
         ``distinct``: n different keys per call; ``duplicates``: n//4 keys each 4 times;
         ``zipf``: ragged batches (size uniform in [1, n]) of Zipf-distributed keys (a=1.2).
-    layers : {"gru", "stack"}
-        ``gru``: one GRU layer; ``stack``: Dense(relu) -> GRU -> GRU -> Dense(softmax).
+    layers : {"one", "stack"}
+        ``one``: one recurrent layer; ``stack``: Dense(relu) -> 2 recurrent -> Dense(softmax).
     seq : int
         0 for ``step``; T > 0 times ``run(key, xs)`` over T steps of one stream.
+    cell : {"gru", "lstm"}
+        The kind of every recurrent layer (a model file's own kinds, joined by "+", for
+        ``streamgru bench --model``).
     """
 
     name: str
@@ -98,12 +113,46 @@ class Workload:
     n: int
     streams: int = 0
     keys: str = "distinct"
-    layers: str = "gru"
+    layers: str = "one"
     seq: int = 0
+    cell: str = "gru"
 
     @property
     def n_streams(self):
         return self.streams or self.n
+
+
+#: The recurrent cells of the standard workloads, each a full copy of the list.
+CELLS = ("gru", "lstm")
+
+
+def workload(input_size, hidden_size, n, **fields):
+    """A :class:`Workload` named from its fields: ``<what>[ <cell>] I= H= n=``, where ``what`` is
+    ``run``, ``stack``, ``duplicates``, ``zipf``, ``many`` (more streams than rows) or ``step``,
+    and a GRU workload's name leaves the cell out (the names of the results before LSTM rows).
+
+    Examples
+    --------
+    >>> workload(128, 128, 1024, streams=10_000, cell="lstm").name
+    'many lstm I=128 H=128 n=1024/10000'
+    >>> workload(16, 64, 1, seq=100).name
+    'run I=16 H=64 T=100'
+    """
+    wl = Workload("", input_size, hidden_size, n, **fields)
+    if wl.seq:
+        what, count = "run", f"T={wl.seq}"
+    else:
+        what = ("stack" if wl.layers == "stack" else wl.keys if wl.keys != "distinct"
+                else "many" if wl.streams else "step")
+        count = f"n{'<=' if wl.keys == 'zipf' else '='}{wl.n}" + (f"/{wl.streams}" if wl.streams
+                                                                 else "")
+    cell = "" if wl.cell == "gru" else f" {wl.cell}"
+    return replace(wl, name=f"{what}{cell} I={input_size} H={hidden_size} {count}")
+
+
+def cell_of(model):
+    """The kinds of a model's recurrent layers, in order of first use, joined by "+"."""
+    return "+".join(dict.fromkeys(layer.kind for layer in model.recurrent_layers)) or "none"
 
 
 def make_model(wl: Workload, seed=0) -> GRUModel:
@@ -111,37 +160,35 @@ def make_model(wl: Workload, seed=0) -> GRUModel:
     I, H = wl.input_size, wl.hidden_size
     if wl.layers == "stack":
         return GRUModel.random(I, [H, H], dense_before=[(H, "relu")], dense_after=[(16, "softmax")],
-                               seed=seed)
-    return GRUModel.random(I, [H], seed=seed)
+                               cell=wl.cell, seed=seed)
+    return GRUModel.random(I, [H], cell=wl.cell, seed=seed)
 
 
 GRID_N = (1, 4, 16, 64, 256, 1024, 4096)
 GRID_H = (64, 128, 256, 512)
 
 
-def standard_workloads(quick=False):
-    """The standard list: the (n, H) grid (I = H, except I=16 at H=64), many streams, a stack,
-    duplicate keys, Zipf batches and sequences. ``quick`` keeps a representative few."""
-    wls = []
+def standard_workloads(quick=False, cells=CELLS):
+    """The standard list, once per cell of ``cells``: the (n, H) grid (I = H, except I=16 at
+    H=64), many streams, a stack, duplicate keys, Zipf batches and sequences. ``quick`` keeps a
+    representative few."""
+    specs = []  # (I, H, n, fields)
     if quick:
         grid = [(16, 64, 1), (128, 128, 1), (128, 128, 16), (128, 128, 256), (256, 256, 16)]
     else:
         grid = [(16 if H == 64 else H, H, n) for H in GRID_H for n in GRID_N]
-    for I, H, n in grid:
-        wls.append(Workload(f"step I={I} H={H} n={n}", I, H, n))
+    specs += [(I, H, n, {}) for I, H, n in grid]
     if quick:
-        wls.append(Workload("many I=128 H=128 n=1024/10000", 128, 128, 1024, streams=10_000))
+        specs.append((128, 128, 1024, {"streams": 10_000}))
     else:
-        for H in (128, 256):
-            wls.append(Workload(f"many I={H} H={H} n=4096/100000", H, H, 4096, streams=100_000))
-    wls.append(Workload("stack I=32 H=128 n=64", 32, 128, 64, layers="stack"))
-    wls.append(Workload("duplicates I=64 H=128 n=256", 64, 128, 256, keys="duplicates"))
+        specs += [(H, H, 4096, {"streams": 100_000}) for H in (128, 256)]
+    specs.append((32, 128, 64, {"layers": "stack"}))
+    specs.append((64, 128, 256, {"keys": "duplicates"}))
     if not quick:
-        wls.append(Workload("zipf I=64 H=128 n<=512/100000", 64, 128, 512, streams=100_000,
-                            keys="zipf"))
+        specs.append((64, 128, 512, {"streams": 100_000, "keys": "zipf"}))
     for I, H in ((16, 64), (128, 128)) if quick else ((16, 64), (128, 128), (256, 256)):
-        wls.append(Workload(f"run I={I} H={H} T=100", I, H, 1, seq=100))
-    return wls
+        specs.append((I, H, 1, {"seq": 100}))
+    return [workload(I, H, n, cell=cell, **fields) for cell in cells for I, H, n, fields in specs]
 
 
 def batches(wl: Workload, count, seed=0):
@@ -271,15 +318,19 @@ class UserStoreContender:
 
 
 def _check_same_weights(model, other, who):
-    """Refuse to benchmark a contender whose weights (read back by our converter) differ."""
-    if len(model.layers) != len(other.layers):
-        raise RuntimeError(f"{who}: converter read {len(other.layers)} layers, expected "
-                           f"{len(model.layers)}")
+    """Refuse to benchmark a contender whose weights (read back by our converter) differ: the
+    same kinds of layer in the same order, each with the same tensors (``Layer.tensors()``)."""
+    kinds = [layer.kind for layer in model.layers]
+    if [layer.kind for layer in other.layers] != kinds:
+        raise RuntimeError(f"{who}: converter read layers {[ly.kind for ly in other.layers]}, "
+                           f"expected {kinds}")
     for a, b in zip(model.layers, other.layers):
-        names = ("W", "R", "Wb", "Rb") if a.kind == "gru" else ("W", "b")
-        for nm in names:
-            if not np.array_equal(np.asarray(getattr(a, nm), np.float32),
-                                  np.asarray(getattr(b, nm), np.float32)):
+        mine, theirs = a.tensors(), b.tensors()
+        if mine.keys() != theirs.keys():
+            raise RuntimeError(f"{who}: converter read tensors {sorted(theirs)} for a {a.kind} "
+                               f"layer, expected {sorted(mine)}")
+        for nm, t in mine.items():
+            if not np.array_equal(np.asarray(t, np.float32), np.asarray(theirs[nm], np.float32)):
                 raise RuntimeError(f"{who}: converter read different {nm} for a {a.kind} layer")
 
 
@@ -374,8 +425,13 @@ class OrtSequence:
 
 
 class TorchContender(UserStoreContender):
-    """PyTorch: ``converters.to_torch`` (``nn.GRUCell`` per GRU layer, ``nn.Linear`` + activation
-    per Dense layer) under ``torch.inference_mode``."""
+    """PyTorch: ``converters.to_torch`` (``nn.GRUCell`` per GRU layer, ``nn.LSTMCell`` per LSTM
+    layer, ``nn.Linear`` + activation per Dense layer) under ``torch.inference_mode``.
+
+    A model with a recurrent layer torch has no module for (a GRU with other activations,
+    ``clip`` or ``linear_before_reset=0``; an LSTM with peepholes, ``clip``, ``input_forget`` or
+    other activations) is refused with ``ValueError``: ``to_torch`` would run it as torch
+    operations written by us, which is not torch's kernel."""
 
     name = "torch"
 
@@ -385,17 +441,21 @@ class TorchContender(UserStoreContender):
         from converters import from_torch, to_torch
 
         super().__init__(model, threads)
-        for layer in model.gru_layers:
-            if layer.linear_before_reset != 1 or layer.f[0] != "sigmoid" or layer.g[0] != "tanh" \
-                    or layer.clip is not None:
-                raise ValueError("torch: expected a GRU layer torch can run (sigmoid/tanh, "
-                                 "linear_before_reset=1, no clip)")
+        nn = torch.nn
         torch.set_num_threads(threads)
         self.torch = torch
         self.net = to_torch(model)
-        # Read the cells and linears back with the importer: the same weights as the engine's.
-        native = [m for m in self.net.modules() if isinstance(m, (torch.nn.GRUCell, torch.nn.Linear))]
-        _check_same_weights(model, from_torch(torch.nn.Sequential(*native)), "torch")
+        # Read torch's own modules back with the importer: the same weights as the engine's.
+        native = [m for m in self.net.modules()
+                  if isinstance(m, (nn.GRUCell, nn.LSTMCell, nn.LSTM, nn.Linear))]
+        cells = [type(m).__name__ for m in native if not isinstance(m, nn.Linear)]
+        if len(cells) != len(model.recurrent_layers):
+            raise ValueError(f"torch: expected recurrent layers torch runs natively (nn.GRUCell: "
+                             f"sigmoid/tanh, linear_before_reset=1, no clip; nn.LSTMCell: "
+                             f"sigmoid/tanh/tanh, no peepholes, clip or input_forget), got "
+                             f"{len(model.recurrent_layers)} recurrent layers of which torch "
+                             f"runs {len(cells)} ({', '.join(cells) or 'none'})")
+        _check_same_weights(model, from_torch(nn.Sequential(*native)), "torch")
         self.torch_version = torch.__version__
 
     def _forward(self, x, state):
@@ -596,6 +656,10 @@ def machine_info():
 
 @dataclass
 class Result:
+    """One contender on one workload at one thread count. ``cell``: the kinds of the model's
+    recurrent layers (:func:`cell_of`), ``threads``: every contender's thread setting (the
+    framework's own names for it are in ``extra``)."""
+
     workload: str
     contender: str
     threads: int
@@ -606,6 +670,7 @@ class Result:
     hidden_size: int
     calls: int
     gflops: float
+    cell: str = "gru"
     extra: dict = field(default_factory=dict)
 
 
@@ -656,7 +721,7 @@ def run_workload(wl, contenders, threads, seconds, rounds=3, model=None, progres
         mean = float(ts.mean())
         res = Result(wl.name, name, threads, med, float(np.percentile(ts, 99)),
                      events / mean * 1e6, wl.n if not wl.seq else wl.seq, wl.hidden_size, len(ts),
-                     flops * events / med / 1e3, built[name].info())
+                     flops * events / med / 1e3, cell=cell_of(model), extra=built[name].info())
         if wl.seq:
             res.extra["us_per_step"] = med / wl.seq
         results.append(res)
@@ -679,18 +744,19 @@ def speedups(results):
 
 def format_table(results):
     sp = speedups(results)
-    lines = [f"{'workload':34s} {'thr':>3s} {'contender':14s} {'median us':>11s} {'p99 us':>11s} "
-             f"{'events/s':>12s} {'GFLOP/s':>8s} {'sg speed-up':>11s}"]
+    lines = [f"{'workload':36s} {'cell':5s} {'thr':>3s} {'contender':14s} {'median us':>11s} "
+             f"{'p99 us':>11s} {'events/s':>12s} {'GFLOP/s':>8s} {'sg speed-up':>11s}"]
     for r in results:
         ratio = sp.get((r.workload, r.threads), {}).get(r.contender)
-        lines.append(f"{r.workload:34s} {r.threads:3d} {r.contender:14s} {r.median_us:11.1f} "
+        lines.append(f"{r.workload:36s} {r.cell:5s} {r.threads:3d} {r.contender:14s} {r.median_us:11.1f} "
                      f"{r.p99_us:11.1f} {r.events_per_s:12.0f} {r.gflops:8.1f} "
                      f"{'' if ratio is None else f'{ratio:10.2f}x':>11s}")
     return "\n".join(lines)
 
 
 def plot(results, path):
-    """Latency vs number of streams, one line per contender and thread count, one panel per H."""
+    """Latency vs number of streams, one line per contender and thread count, one panel per H
+    and one row of panels per cell."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -698,11 +764,13 @@ def plot(results, path):
 
     step = [r for r in results if r.workload.startswith("step ")]
     hs = sorted({r.hidden_size for r in step}) or [0]
-    fig, axes = plt.subplots(1, len(hs), figsize=(4.5 * len(hs), 4), squeeze=False)
-    for ax, H in zip(axes[0], hs):
+    cells = list(dict.fromkeys(r.cell for r in step)) or ["gru"]
+    fig, axes = plt.subplots(len(cells), len(hs), figsize=(4.5 * len(hs), 4 * len(cells)),
+                             squeeze=False)
+    for (cell, H), ax in zip([(c, H) for c in cells for H in hs], axes.flat):
         lines = {}
         for r in step:
-            if r.hidden_size == H:
+            if r.hidden_size == H and r.cell == cell:
                 lines.setdefault((r.contender, r.threads), []).append((r.n, r.median_us))
         for (name, t), pts in sorted(lines.items()):
             pts.sort()
@@ -712,7 +780,7 @@ def plot(results, path):
         ax.set_yscale("log")
         ax.set_xlabel("streams per call (n)")
         ax.set_ylabel("median us per step call")
-        ax.set_title(f"H={H}")
+        ax.set_title(f"{cell.upper()} H={H}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -726,7 +794,11 @@ def add_arguments(p):
                    "the seeded one-layer models of the standard workloads")
     p.add_argument("--threads", type=int, action="append",
                    help="thread count for every contender (repeatable; default: 1 and all cores)")
-    p.add_argument("--quick", action="store_true", help="a representative few workloads, <1 min")
+    p.add_argument("--quick", action="store_true",
+                   help="a representative few workloads per cell (about a minute per cell on 2 cores)")
+    p.add_argument("--cell", default=",".join(CELLS),
+                   help=f"recurrent cells of the standard workloads, comma-separated (default "
+                        f"{','.join(CELLS)}; ignored with --model, whose own layers run)")
     p.add_argument("--seconds", type=float, default=None, help="timing per contender/workload")
     p.add_argument("--only", default=None,
                    help="run workloads whose name matches this regular expression (re.search), "
@@ -770,6 +842,9 @@ def run_bench(args):
     for c in contenders:
         if c not in CONTENDERS:
             raise ValueError(f"--contenders: expected names from {','.join(CONTENDERS)}, got {c!r}")
+    cells = [c.strip() for c in getattr(args, "cell", ",".join(CELLS)).split(",") if c.strip()]
+    if not cells or not set(cells) <= set(CELLS):
+        raise ValueError(f"--cell: expected names from {','.join(CELLS)}, got {args.cell!r}")
     model = None
     if args.model:
         from ..formats import load
@@ -777,9 +852,10 @@ def run_bench(args):
         model = load(args.model)
         wls = [Workload(f"step n={n} ({os.path.basename(args.model)})", model.input_size,
                         getattr(model.layers[-1], "hidden_size", model.output_size), n,
-                        layers="file") for n in ((1, 16, 256) if args.quick else GRID_N)]
+                        layers="file", cell=cell_of(model))
+               for n in ((1, 16, 256) if args.quick else GRID_N)]
     else:
-        wls = standard_workloads(quick=args.quick)
+        wls = standard_workloads(quick=args.quick, cells=list(dict.fromkeys(cells)))
     if args.only:
         wls = [w for w in wls if only.search(w.name)]
     info = machine_info()

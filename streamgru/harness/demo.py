@@ -4,7 +4,10 @@ The workload
 ------------
 The default model (``streamgru/data/basic_motions_gru.sgru``, made by
 ``examples/train_default_model.py``) classifies a smart watch's activity (Standing, Running,
-Walking, Badminton) at every 10 Hz sample of its 3-D accelerometer and gyroscope. The demo
+Walking, Badminton) at every 10 Hz sample of its 3-D accelerometer and gyroscope;
+``streamgru demo --model lstm`` runs the LSTM classifier trained the same way
+(``basic_motions_lstm.sgru``, converted from ``basic_motions_lstm.safetensors``: see
+docs/default-model.md) through the same replay, the same checks and the same policies. The demo
 simulates ``streams`` devices; device ``d`` replays held-out recording ``d % 40`` (100 steps)
 from its first sample, starting at a random tick in ``[0, 100)``, so at any moment the devices
 are at different points of their recordings. Events are ordered by tick, devices shuffled
@@ -12,8 +15,8 @@ within a tick, and cut into micro-batches of ``batch`` events, as a broker would
 a device may appear twice in one micro-batch when the batch spans two ticks.
 
 Each micro-batch is one call of ``Engine.step(keys, x)``, timed alone. When onnxruntime is
-installed the same events go through an ONNX model made from the same weights (ONNX ``GRU``,
-``MatMul``, ``Add``, ``Softmax``) with the states kept where a user would keep them: a
+installed the same events go through an ONNX model made from the same weights (ONNX ``GRU`` or
+``LSTM``, ``MatMul``, ``Add``, ``Softmax``) with the states kept where a user would keep them: a
 key -> slot dict and one ``(streams, state_size)`` array (``streamgru bench``'s
 :class:`~streamgru.harness.bench.OrtContender`); every micro-batch gathers its streams' states,
 runs, and scatters the new states back (a device listed twice in a batch is run in two waves, since
@@ -21,7 +24,8 @@ one ORT call steps every row from the same old state). That user-side work is in
 
 The accuracy is read at each device's last step; every device replaying the same recording
 must agree, and the accuracy over the 40 recordings must equal the PyTorch model's, recorded at
-training time in ``basic_motions_gru.json`` (tests/test_demo.py checks it against torch itself).
+training time in ``basic_motions_gru.json`` (``basic_motions_lstm.json``); tests/test_demo.py
+checks it against torch itself.
 
 Missing values: the demo then drops ``missing_rate`` (10%) of the held-out sensor values at
 random (each channel at each tick independently, seeded: :func:`drop_readings`) and replays the
@@ -46,30 +50,36 @@ from ..formats import load
 from ..isa import TILE
 from ..model import GRUModel
 
-__all__ = ["DATA_DIR", "DEFAULT_MODEL", "DefaultData", "DemoResult", "drop_readings",
+__all__ = ["DATA_DIR", "DEFAULT_MODEL", "SHIPPED", "DefaultData", "DemoResult", "drop_readings",
            "load_default", "make_workload", "missing_accuracy", "replay_with_missing", "run_demo"]
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"  # streamgru/data: package data
-DEFAULT_MODEL = DATA_DIR / "basic_motions_gru.sgru"
+#: The shipped BasicMotions classifiers by name (``streamgru demo --model NAME``): the model file
+#: and its training record in DATA_DIR. The first is the default.
+SHIPPED = {"gru": ("basic_motions_gru.sgru", "basic_motions_gru.json"),
+           "lstm": ("basic_motions_lstm.sgru", "basic_motions_lstm.json")}
+DEFAULT_MODEL = DATA_DIR / SHIPPED["gru"][0]
 HELDOUT = DATA_DIR / "basic_motions_heldout.npz"
-RECORD = DATA_DIR / "basic_motions_gru.json"
 
 
 @dataclass(frozen=True)
 class DefaultData:
-    """The shipped default model, its held-out data and its training record.
+    """A shipped model, the held-out data and the model's training record.
 
     Attributes
     ----------
     model : GRUModel
-        GRU(6->64) x2 -> Dense(64->4, softmax).
+        ``"gru"``: GRU(6->64) x2 -> Dense(64->4, softmax); ``"lstm"``: LSTM(6->32) x2 ->
+        Dense(32->4, softmax).
     x : numpy.ndarray, (40, 100, 6) float32
         The held-out recordings, raw sensor values (accelerometer xyz, gyroscope xyz).
     y : numpy.ndarray, (40,) int64
         Their class indices into ``classes``.
     classes : tuple of str
     record : dict
-        The training record (``basic_motions_gru.json``): accuracy, seed, versions, hashes.
+        The training record (``basic_motions_<name>.json``): accuracy, seed, versions, hashes.
+    name : str
+        The key of :data:`SHIPPED`.
     """
 
     model: GRUModel
@@ -77,6 +87,12 @@ class DefaultData:
     y: np.ndarray
     classes: tuple
     record: dict
+    name: str = "gru"
+
+    @property
+    def path(self):
+        """The model file."""
+        return DATA_DIR / SHIPPED[self.name][0]
 
     @property
     def reference_accuracy(self):
@@ -84,8 +100,9 @@ class DefaultData:
         return float(self.record["heldout_accuracy_at_sequence_end"]["torch"])
 
 
-def load_default():
-    """Load the default model, the held-out slice and the training record (no download).
+def load_default(name="gru"):
+    """Load a shipped model (:data:`SHIPPED`; the GRU by default), the held-out slice and the
+    model's training record (no download).
 
     Examples
     --------
@@ -93,11 +110,16 @@ def load_default():
     >>> d = load_default()
     >>> d.model.input_size, d.model.output_size, d.x.shape, d.classes[:2]
     (6, 4, (40, 100, 6), ('Standing', 'Running'))
+    >>> [layer.kind for layer in load_default("lstm").model.layers]
+    ['lstm', 'lstm', 'dense']
     """
+    if not isinstance(name, str) or name not in SHIPPED:
+        raise ValueError(f"name: expected one of {', '.join(map(repr, SHIPPED))}, got {name!r}")
+    model_file, record_file = SHIPPED[name]
     with np.load(HELDOUT) as f:
         x, y, classes = f["x"], f["y"], tuple(str(c) for c in f["classes"])
-    record = json.loads(RECORD.read_text())
-    return DefaultData(load(DEFAULT_MODEL), x, y, classes, record)
+    record = json.loads((DATA_DIR / record_file).read_text())
+    return DefaultData(load(DATA_DIR / model_file), x, y, classes, record, name)
 
 
 @dataclass
@@ -349,9 +371,10 @@ def run_demo(streams=4096, batch=256, events=None, seconds=20.0, threads=None, m
         Numba threads for the engine and ``intra_op_num_threads`` for onnxruntime (default:
         each library's own default, one per core).
     model : str, path or GRUModel, optional
-        Default: the shipped BasicMotions classifier. Another model with input_size 6 replays
-        the same recordings (accuracy is reported when it has 4 outputs); any other input size
-        replays seeded random inputs.
+        A name of :data:`SHIPPED` (``"gru"``, the default, or ``"lstm"``): that shipped
+        BasicMotions classifier. Another model with input_size 6 replays the same recordings
+        (accuracy is reported when it has 4 outputs, and checked against PyTorch's when it is
+        one of the shipped models); any other input size replays seeded random inputs.
     plot : str, path or None
         PNG file for the latency plot ("default": ``streamgru-demo.png`` in the temp directory;
         None: no plot). Needs matplotlib.
@@ -390,16 +413,19 @@ def run_demo(streams=4096, batch=256, events=None, seconds=20.0, threads=None, m
     if isinstance(missing_rate, bool) or not isinstance(missing_rate, (int, float)) \
             or not 0 <= missing_rate <= 1:
         raise ValueError(f"missing_rate: expected a fraction in [0, 1], got {missing_rate!r}")
-    default = load_default()
-    labels, reference, label = default.y, default.reference_accuracy, "BasicMotions"
-    if model is None:
-        model, path = default.model, DEFAULT_MODEL
+    shipped = [load_default(name) for name in SHIPPED]
+    default = shipped[0]
+    labels, label = default.y, "BasicMotions"
+    if model is None or (isinstance(model, str) and model in SHIPPED):
+        d = shipped[list(SHIPPED).index(model or default.name)]
+        model, path = d.model, d.path
     elif isinstance(model, GRUModel):
         path = "(in memory)"
     else:
         path, model = model, load(model)
-    if model.fingerprint != default.model.fingerprint:
-        reference = None
+    # PyTorch's accuracy applies to the very weights it was measured on: a shipped model's.
+    reference = next((d.reference_accuracy for d in shipped
+                      if d.model.fingerprint == model.fingerprint), None)
     if model.input_size == default.x.shape[2]:
         recordings = default.x
         if model.output_size != len(default.classes):
@@ -454,7 +480,7 @@ def _sequence_accuracy(c, seq, labels):
 
 
 def _table(r, model, path, label, w, threads, ort_note, out):
-    layers = ", ".join(f"GRU({ly.input_size}->{ly.hidden_size})" if ly.kind == "gru"
+    layers = ", ".join(f"{ly.kind.upper()}({ly.input_size}->{ly.hidden_size})" if ly.recurrent
                        else f"Dense({ly.output_size}, {ly.activation[0]})" for ly in model.layers)
     n_rec, T = int(w.seq.max()) + 1, w.steps
     p = lambda *a: print(*a, file=out)  # noqa: E731
