@@ -314,14 +314,25 @@ class Model:
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
-    def save(self, path):
+    def save(self, path, weights=None):
         """Write the versioned native file (``.sgru``: safetensors + JSON metadata).
 
-        ``streamgru.load(path)`` reads it back bit-exact.
+        Parameters
+        ----------
+        path : str or os.PathLike
+        weights : {None, "float32", "float16", "int8"}
+            How the weight matrices are stored. None (default): as :attr:`stored_as` says, full
+            precision for a model that has none. ``"float32"``: full precision (the model's
+            float32 or float64 tensors, the file format of every streamgru release).
+            ``"float16"``/``"int8"``: compactly (:mod:`streamgru.formats` gives the layout); the
+            model must be float32.
+
+        ``streamgru.load(path)`` reads it back bit-exact: with full precision this model, with
+        a compact form ``self.compacted(weights)`` (``stored_as`` set).
         """
         from .formats import save_model
 
-        save_model(self, path)
+        save_model(self, path, weights=weights)
 
     def summary(self):
         """A short human-readable description, one line per layer."""
