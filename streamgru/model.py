@@ -225,10 +225,11 @@ class Model:
         ``compact.dequantize(*compact.quantize(W, weights))`` (float32 values; in a float64 model
         held as float64, exactly), every vector (bias, peephole) is unchanged. The result has
         ``stored_as == weights``, the same source, and the notes plus one saying so. It is what
-        ``model.save(path, weights=weights)`` writes and ``load`` gives back, bit for bit, and
-        what an ``Engine(model, weights=weights)`` computes with. Its weights approximate this
-        model's (int8: within half a step, ``max|W[row]| / 254``, of each weight; float16: to
-        11 significant bits).
+        ``model.save(path, weights=weights)`` writes and ``load`` gives back, bit for bit; its
+        matrices quantize back to exactly the compact form that ``Engine(model,
+        weights=weights)`` stores for this model. Its weights approximate this model's (int8:
+        each within half a step, ``max|W[row]| / 254``; float16: to 11 significant bits, for
+        values in float16's normal range).
 
         Parameters
         ----------
