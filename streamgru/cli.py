@@ -2,7 +2,8 @@
 
 ``streamgru info [FILE]``     describe a model file of any supported type, and the compiled
                              product tile (vector width, tile shape) of this machine
-``streamgru convert SRC -o OUT.sgru [--check]``  import a foreign model into the native format
+``streamgru convert SRC -o OUT.sgru [--check] [--weights int8|float16]``  import a foreign model
+                             into the native format, optionally with compact weight matrices
 ``streamgru demo``            many simulated streams through one engine, with latency figures
 ``streamgru run MODEL``       the engine in a shell pipeline: events in, one output line per event
 ``streamgru bench [--quick]`` streamgru against onnxruntime and PyTorch: table, JSON, plot
@@ -15,7 +16,7 @@ import argparse
 import os
 import sys
 
-__all__ = ["main", "load_model_arg"]
+__all__ = ["main", "load_model_arg", "weight_table"]
 
 
 def load_model_arg(path, what="model"):
@@ -60,9 +61,38 @@ def _info(args):
         print(f"  layer {i}: {layer.describe()}")
     for note in model.notes:
         print(f"  note: {note}")
+    print(weight_table(model))
+    if model.stored_as:
+        print(f"weights: stored as {model.stored_as}: quantized, so they approximate the original "
+              f"model's weights; Engine(model) stores them as {model.stored_as} by default (its "
+              f"weights= defaults to model.stored_as, which this file sets)")
     print(f"fingerprint: {model.fingerprint}")
     print(f"kernels: {TILE.describe()}")
     return 0
+
+
+def weight_table(model):
+    """The bytes of each layer's weights and the model's total, with the matrices in each storage
+    form (``Model.weight_bytes``): what ``streamgru info`` prints.
+
+    Examples
+    --------
+    >>> from streamgru import Model
+    >>> print(weight_table(Model.random(3, 4, dense_after=[(2, "identity")])))
+    weight bytes by storage form (vectors always float32; int8 includes its row scales):
+                        float32    float16       int8
+      [0] gru               432        264        276
+      [1] dense              40         24         24
+      total                 472        288        300
+    """
+    forms = ("float32", "float16", "int8")
+    sizes = [model.weight_bytes(form) for form in forms]
+    lines = ["weight bytes by storage form (vectors always float32; int8 includes its row scales):",
+             f"{'':16}" + "".join(f"{form:>11}" for form in forms)]
+    for i, layer in enumerate(model.layers):
+        lines.append(f"  {f'[{i}] {layer.kind}':14}" + "".join(f"{s[i]:>11}" for s in sizes))
+    lines.append(f"  {'total':14}" + "".join(f"{sum(s):>11}" for s in sizes))
+    return "\n".join(lines)
 
 
 def _convert(args):
@@ -70,6 +100,8 @@ def _convert(args):
     if args.check:
         import converters
 
+        # Always the full-precision conversion against the source, with --weights too: a
+        # failure here is the converter's, never the rounding's.
         report = converters.verify(model, args.src, tolerance=args.tolerance)
         print(report)
         if not report.ok:
@@ -77,8 +109,16 @@ def _convert(args):
                   f"> tolerance {report.tolerance:.3g}; {args.output} not written",
                   file=sys.stderr)
             return 1
+    if args.weights is not None:
+        model = model.compacted(args.weights)
+        # Hook: how far the compact model is from the source is a separate report (verify's
+        # weights= argument, with its own tolerance); with --check it belongs here, after the
+        # full-precision check passed and before anything is written.
     model.save(args.output)
     print(f"wrote {args.output}: {model!r}")
+    if model.stored_as:
+        print(f"weights stored as {model.stored_as}: quantized, an approximation of {args.src}'s "
+              f"(Engine(model) uses weights={model.stored_as!r} by default)")
     return 0
 
 
@@ -149,6 +189,14 @@ def main(argv=None):
                         "if the max difference is within --tolerance")
     p.add_argument("--tolerance", type=float, default=None,
                    help="largest accepted max |engine - reference| (default 1e-4, float32)")
+    p.add_argument("--weights", choices=("int8", "float16"), default=None,
+                   help="write the weight matrices compactly: int8 (one float32 scale per "
+                        "output row; about 4x smaller) or float16 (about 2x smaller); vectors "
+                        "stay float32. The file is then an approximation of SRC (its weights "
+                        "are quantized), and an Engine of it stores its weights in this form "
+                        "by default. --check still compares the conversion in full precision "
+                        "with SRC, before quantizing (default: full precision, or the form of "
+                        "a compact .sgru SRC)")
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("demo", help="replay the held-out BasicMotions recordings as thousands of "

@@ -4,7 +4,8 @@ Both native files are valid safetensors files (8-byte little-endian header lengt
 header, then raw little-endian tensor data), so any safetensors reader can inspect them. The
 header's ``__metadata__`` says what the file is:
 
-* ``format``: ``"streamgru-model"`` or ``"streamgru-state"``; ``format_version``: ``"1"``;
+* ``format``: ``"streamgru-model"`` or ``"streamgru-state"``; ``format_version``: ``"1"``, or
+  ``"2"`` for a model file with compact weights (below);
 * ``checksum``: SHA-256 over the rest of the header (canonical JSON) and the data section, so a
   truncated or bit-flipped file is refused rather than loaded as garbage;
 * model files: ``config`` (layer configuration JSON), ``fingerprint`` (see
@@ -16,6 +17,40 @@ header's ``__metadata__`` says what the file is:
   (uint8, UTF-8) + ``key_offsets`` (int64, count + 1); optionally ``last_observed`` (count,
   input_size), each stream's last observed input values (``Engine(missing="last")``). A reader
   that does not know it ignores it, so snapshots with it keep format version 1.
+
+Model files
+-----------
+Every tensor of layer ``i`` is stored as ``layers.{i}.{name}`` (``name`` as the layer's
+``tensors()`` gives it: ``W``, ``R``, ``Wb``, ...). A layer's **weight matrices** are its 2-D
+tensors (rows are outputs), its **vectors** its 1-D tensors (biases, peepholes).
+
+``format_version "1"``, full precision
+    Every tensor as the model holds it, float32 (``F32``) or float64 (``F64``), and no
+    ``weights`` entry. What every streamgru release writes, and what ``save`` still writes
+    when the weights are not compact (byte for byte as before).
+
+``format_version "2"``, compact weights (``model.save(path, weights="int8" | "float16")``)
+    ``__metadata__`` adds ``weights``: ``"int8"`` or ``"float16"``. Vectors are float32
+    (``F32``); each weight matrix ``layers.{i}.{name}`` (M, K) is stored in that form, as
+    :mod:`streamgru.compact` defines it:
+
+    * ``"float16"``: ``F16`` (M, K), the matrix rounded to half precision;
+    * ``"int8"``: ``I8`` (M, K) ``q`` in [-127, 127], plus ``layers.{i}.{name}.scale``, ``F32``
+      (M,), one positive scale per row; the matrix is ``q * scale[:, None]``.
+
+    The stored form is exactly ``compact.quantize`` of the matrix it stands for (``q``, scale
+    and halves map back to themselves), so a loaded model holds the float32 dequantized
+    matrices, has ``stored_as`` set to the form, and an engine storing its weights in that
+    form packs exactly the file's values. ``fingerprint`` is the loaded (dequantized) model's.
+    Anything else is refused with a ``FormatError`` naming the file and the tensor: a matrix
+    in another dtype, a missing or extra ``.scale``, a scale of the wrong shape or dtype, not
+    finite or not positive, ``q = -128``, a form ``compact.quantize`` would not write, a
+    ``weights`` value other than these two, or a tensor the model does not hold.
+
+    The version is 2 because a version-1 reader would refuse an ``I8``/``F16`` tensor with a
+    message about its dtype (it knows only F32, F64, I64, U8); at version 2 it says that the
+    file needs a newer streamgru instead. Full-precision files stay at version 1 so that
+    every release reads them.
 
 Files are parsed with explicit limits (header size, tensor extents within the file) before
 anything is allocated, and nothing in them is ever executed: no pickle anywhere.
@@ -45,6 +80,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import compact
 from .errors import FormatError, NonFiniteError, UnsupportedModelError
 from .layers import layer_class
 from .model import Model
@@ -54,6 +90,8 @@ __all__ = ["save_model", "load_model", "model_to_bytes", "model_from_bytes", "sa
            "is_native", "MAX_READ_BYTES", "MAX_STATE_BYTES"]
 
 FORMAT_VERSION = "1"
+#: The model file's version when its weight matrices are compact (float16, int8).
+COMPACT_FORMAT_VERSION = "2"
 MODEL_FORMAT = "streamgru-model"
 STATE_FORMAT = "streamgru-state"
 MAX_HEADER_BYTES = 64 * 1024 * 1024
@@ -73,8 +111,16 @@ MAX_STATE_BYTES = 8 * 1024 * 1024 * 1024
 _READ_CHUNK = 1024 * 1024
 
 _DT_TO_ST = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64",
-             np.dtype(np.int64): "I64", np.dtype(np.uint8): "U8"}
-_ST_TO_DT = {v: k for k, v in _DT_TO_ST.items()}
+             np.dtype(np.int64): "I64", np.dtype(np.uint8): "U8",
+             np.dtype(np.float16): "F16", np.dtype(np.int8): "I8"}
+# The tensor dtypes each format version may hold: version 1 (state snapshots and full-precision
+# models) those of every release, version 2 (compact models) float32 vectors and compact matrices.
+_VERSION_DTYPES = {FORMAT_VERSION: {"F32": np.dtype(np.float32), "F64": np.dtype(np.float64),
+                                    "I64": np.dtype(np.int64), "U8": np.dtype(np.uint8)},
+                   COMPACT_FORMAT_VERSION: {"F32": np.dtype(np.float32),
+                                            "F16": np.dtype(np.float16),
+                                            "I8": np.dtype(np.int8)}}
+_SCALE = ".scale"  # suffix of an int8 matrix's row scales in a compact model file
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,8 +153,8 @@ def _encode(tensors: dict, metadata: dict) -> bytes:
     return struct.pack("<Q", len(hbytes)) + hbytes + data
 
 
-def _decode(buf: bytes, path, expected_format: str):
-    """Parse and verify a native file. Returns (metadata, {name: array})."""
+def _decode(buf: bytes, path, expected_format: str, versions=(FORMAT_VERSION,)):
+    """Parse and verify a native file of one of ``versions``. Returns (metadata, {name: array})."""
     where = f"{path}"
     if len(buf) < 8:
         raise FormatError(f"{where}: expected a streamgru file, got {len(buf)} bytes (truncated?)")
@@ -129,10 +175,11 @@ def _decode(buf: bytes, path, expected_format: str):
     if fmt != expected_format:
         raise FormatError(f"{where}: expected a {expected_format} file, got format {fmt!r}")
     ver = meta.get("format_version")
-    if ver != FORMAT_VERSION:
+    if ver not in versions:
         raise FormatError(f"{where}: expected {expected_format} format_version "
-                          f"{FORMAT_VERSION!r}, got {ver!r}; this streamgru cannot read it "
-                          f"(upgrade streamgru, or re-save the file)")
+                          f"{' or '.join(map(repr, versions))}, got {ver!r}; this streamgru "
+                          f"cannot read it (upgrade streamgru, or re-save the file)")
+    dtypes = _VERSION_DTYPES[ver]
     data = memoryview(buf)[8 + hlen:]
     claimed = meta.get("checksum")
     actual = _checksum({**header, "__metadata__": {k: v for k, v in meta.items()
@@ -144,8 +191,13 @@ def _decode(buf: bytes, path, expected_format: str):
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        if isinstance(info, dict) and isinstance(info.get("dtype"), str) \
+                and info["dtype"] not in dtypes:
+            raise FormatError(f"{where}: tensor {name!r}: expected dtype "
+                              f"{', '.join(dtypes)} (format_version {ver}), got "
+                              f"{info['dtype'][:20]!r}")
         try:
-            dt = _ST_TO_DT[info["dtype"]]
+            dt = dtypes[info["dtype"]]
             if not all(type(v) is int for v in (*info["shape"], *info["data_offsets"])):
                 raise TypeError
             shape = tuple(info["shape"])
@@ -359,13 +411,20 @@ def content_errors(path):
 # model files
 
 
-def save_model(model: Model, path):
-    """Write ``model`` to ``path`` (atomically). See the module docstring for the layout."""
-    write_atomic(path, model_to_bytes(model))
+def save_model(model: Model, path, weights=None):
+    """Write ``model`` to ``path`` (atomically), its weight matrices in form ``weights`` (see
+    :func:`model_to_bytes`). See the module docstring for the layout."""
+    write_atomic(path, model_to_bytes(model, weights))
 
 
-def model_to_bytes(model: Model) -> bytes:
+def model_to_bytes(model: Model, weights=None) -> bytes:
     """The native model file's bytes, in memory (what :func:`save_model` writes).
+
+    ``weights``: ``None`` (default: ``model.stored_as``, full precision when it is None),
+    ``"float32"`` (full precision: a format version 1 file, every tensor as the model holds it),
+    ``"float16"`` or ``"int8"`` (a compact, version 2 file of ``model.compacted(weights)``: the
+    weight matrices in that form, the vectors in float32; the model must be float32, so that no
+    vector is rounded without being asked).
 
     Examples
     --------
@@ -374,17 +433,46 @@ def model_to_bytes(model: Model) -> bytes:
     >>> m = Model.random(2, 4)
     >>> model_from_bytes(model_to_bytes(m)).fingerprint == m.fingerprint
     True
+    >>> m8 = model_from_bytes(model_to_bytes(m, "int8"))
+    >>> m8.stored_as, m8.fingerprint == m.compacted("int8").fingerprint
+    ('int8', True)
     """
     if not isinstance(model, Model):
         raise TypeError(f"model: expected a GRUModel, got {type(model).__name__}")
+    weights = compact.weights_format(model.stored_as or "float32" if weights is None else weights)
+    if weights == "float32":
+        meta = {
+            "format": MODEL_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "config": json.dumps(model.config(), sort_keys=True),
+            "fingerprint": model.fingerprint,
+            "source": model.source or "",
+        }
+        return _encode(model.named_tensors(), meta)
+    if model.dtype != np.float32:
+        raise ValueError(f"weights: expected a float32 model for weights={weights!r} (a compact "
+                         f"file keeps the vectors in float32), got a {model.dtype} model; save "
+                         f"model.astype('float32'), which rounds the vectors, or pass "
+                         f"weights='float32'")
+    small = model.compacted(weights)
+    tensors = {}
+    for name, t in small.named_tensors().items():
+        if t.ndim != 2:
+            tensors[name] = t
+            continue
+        stored, scales = compact.quantize(t, weights, name)
+        tensors[name] = stored
+        if scales is not None:
+            tensors[name + _SCALE] = scales
     meta = {
         "format": MODEL_FORMAT,
-        "format_version": FORMAT_VERSION,
-        "config": json.dumps(model.config(), sort_keys=True),
-        "fingerprint": model.fingerprint,
-        "source": model.source or "",
+        "format_version": COMPACT_FORMAT_VERSION,
+        "weights": weights,
+        "config": json.dumps(small.config(), sort_keys=True),
+        "fingerprint": small.fingerprint,
+        "source": small.source or "",
     }
-    return _encode(model.named_tensors(), meta)
+    return _encode(tensors, meta)
 
 
 def model_from_bytes(buf) -> Model:
@@ -399,8 +487,77 @@ def load_model(path) -> Model:
     return _model_from_bytes(read_file(path, "path"), path)
 
 
+def _expand_compact(tensors, weights, path):
+    """The float32 tensors a compact file's stored ``tensors`` stand for (module docstring):
+    vectors as they are, matrices dequantized, each checked to be the form ``compact.quantize``
+    writes, so that the loaded model can claim ``stored_as``."""
+    scales = {name[:-len(_SCALE)]: t for name, t in tensors.items() if name.endswith(_SCALE)}
+    if scales and weights != "int8":
+        name = next(iter(scales))
+        raise FormatError(f"{path}: tensor {name + _SCALE!r}: expected no row scales in a "
+                          f"weights={weights!r} file (only int8 matrices have them), got one")
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith(_SCALE):
+            continue
+        where = f"{path}: tensor {name!r}"
+        if t.ndim == 1:
+            if t.dtype != np.float32:
+                raise FormatError(f"{where}: expected a float32 vector in a compact file, got "
+                                  f"{t.dtype}")
+            out[name] = t
+            continue
+        if t.ndim != 2:
+            raise FormatError(f"{where}: expected a vector or a weight matrix, got shape "
+                              f"{t.shape}")
+        if t.dtype != compact.WEIGHT_FORMATS[weights]:
+            raise FormatError(f"{where}: expected the weight matrix in {weights} in a "
+                              f"weights={weights!r} file, got {t.dtype}")
+        if weights == "float16":
+            out[name] = t.astype(np.float32)  # exact; a non-finite half is refused by its layer
+            continue
+        s = scales.pop(name, None)
+        if s is None:
+            raise FormatError(f"{where}: expected its row scales {name + _SCALE!r} in an int8 "
+                              f"file, got none")
+        if s.dtype != np.float32 or s.shape != (t.shape[0],):
+            raise FormatError(f"{path}: tensor {name + _SCALE!r}: expected ({t.shape[0]},) "
+                              f"float32, one scale per row of {name!r}, got {s.shape} {s.dtype}")
+        bad = np.flatnonzero(~(np.isfinite(s) & (s > 0)))
+        if bad.size:
+            raise FormatError(f"{path}: tensor {name + _SCALE!r}: expected finite positive "
+                              f"scales, got {str(s[bad[0]])} at row {bad[0]}")
+        if (t == -128).any():
+            at = tuple(int(i) for i in np.argwhere(t == -128)[0])
+            raise FormatError(f"{where}: expected int8 values in [-127, 127] (symmetric), got "
+                              f"-128 at index {at}")
+        W = compact.dequantize_int8(t, s)
+        q, s2 = compact.quantize_int8(W)
+        differ = np.flatnonzero((q != t).any(axis=1) | (s2 != s))
+        if differ.size:
+            raise FormatError(f"{where}: expected the int8 form streamgru.compact.quantize_int8 "
+                              f"writes (a nonzero row reaches +-127, an all-zero row has scale "
+                              f"1, and the scale maps back to itself), got row {differ[0]} in "
+                              f"another form; re-save the model with streamgru")
+        out[name] = W
+    if scales:
+        name = next(iter(scales))
+        raise FormatError(f"{path}: tensor {name + _SCALE!r}: expected the row scales of an int8 "
+                          f"weight matrix {name!r}, got no such matrix")
+    return out
+
+
 def _model_from_bytes(buf: bytes, path) -> Model:
-    meta, tensors = _decode(buf, path, MODEL_FORMAT)
+    meta, tensors = _decode(buf, path, MODEL_FORMAT, (FORMAT_VERSION, COMPACT_FORMAT_VERSION))
+    weights = meta.get("weights")
+    if meta["format_version"] == COMPACT_FORMAT_VERSION:
+        if weights not in ("float16", "int8"):
+            raise FormatError(f"{path}: weights: expected 'float16' or 'int8' in a "
+                              f"format_version {COMPACT_FORMAT_VERSION!r} file, got {weights!r}")
+        tensors = _expand_compact(tensors, weights, path)
+    elif weights is not None:
+        raise FormatError(f"{path}: weights: expected none in a format_version "
+                          f"{FORMAT_VERSION!r} file (full precision), got {weights!r}")
     try:
         config = json.loads(meta["config"])
         if not isinstance(config, dict) or not isinstance(config.get("layers"), list):
@@ -418,12 +575,19 @@ def _model_from_bytes(buf: bytes, path) -> Model:
                 layers.append(cls.from_config(cfg, t))
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"layers.{i}.{exc}") from None
-        model = Model(layers, source=meta.get("source") or None)
+        model = Model(layers, source=meta.get("source") or None, stored_as=weights)
     except FormatError:
         raise
     except (KeyError, TypeError, ValueError, json.JSONDecodeError, RecursionError) as exc:
         raise FormatError(f"{path}: expected a valid streamgru model description, got an "
                           f"inconsistent file ({type(exc).__name__}: {exc})") from None
+    if weights is not None:
+        # A version-1 file's extra tensors were always ignored; a compact file is new, so it
+        # holds exactly the model's tensors and their scales.
+        extra = sorted(set(tensors) - set(model.named_tensors()))
+        if extra:
+            raise FormatError(f"{path}: tensor {extra[0]!r}: expected only the tensors of the "
+                              f"model's layers (and int8 row scales), got this one too")
     if model.fingerprint != meta.get("fingerprint"):
         raise FormatError(f"{path}: expected fingerprint {meta.get('fingerprint')}, got "
                           f"{model.fingerprint} from the file's contents")

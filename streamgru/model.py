@@ -10,6 +10,12 @@ the layer protocol) validates and chains the layers and reads them only through 
 A stream's state is one flat vector of ``state_size`` values: the states of the recurrent layers
 (a GRU layer's h; an LSTM layer's h then C) concatenated in layer order (``model.state_slices``
 gives each one's slice).
+
+A layer's **weight matrices** are its 2-D tensors (GRU W, R; LSTM W, R, proj; Dense W; rows are
+outputs); its 1-D tensors (biases, peepholes) are vectors. A model whose every weight matrix is
+exactly the dequantization of a compact form (:mod:`streamgru.compact`: ``"float16"`` or
+``"int8"``) says so in :attr:`Model.stored_as`; :meth:`Model.compacted` makes one, and a compact
+native file (``model.save(path, weights="int8")``) loads as one.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from . import compact
 from .layers import LAYER_KINDS, DenseLayer, GRULayer, Layer, LSTMLayer
 
 __all__ = ["Model", "GRUModel", "Layer", "GRULayer", "LSTMLayer", "DenseLayer"]
@@ -62,6 +69,8 @@ class Model:
         The slice of the state vector held by each recurrent layer, in order.
     fingerprint : str
         SHA-256 over the layer configuration and the exact bytes of every tensor.
+    stored_as : None, "float16" or "int8"
+        The compact form whose dequantization every weight matrix is (see the parameter).
 
     Examples
     --------
@@ -76,7 +85,8 @@ class Model:
     True
     """
 
-    def __init__(self, layers: Sequence, *, source: str | None = None, notes: Sequence = ()):
+    def __init__(self, layers: Sequence, *, source: str | None = None, notes: Sequence = (),
+                 stored_as: str | None = None):
         if isinstance(layers, Layer) or not isinstance(layers, Sequence):
             raise TypeError(
                 f"layers: expected a list of layers ({_kind_names()}), got {type(layers).__name__}"
@@ -100,6 +110,7 @@ class Model:
                     f"layers[{i}]: expected input size {layers[i - 1].output_size} (the output of "
                     f"layers[{i - 1}]), got {layers[i].input_size}"
                 )
+        self._stored_as = _check_stored_as(layers, stored_as)
         self._layers = layers
         self.source = source
         self.notes = tuple(str(n) for n in notes)
@@ -119,6 +130,25 @@ class Model:
     @property
     def input_size(self):
         return self._layers[0].input_size
+
+    @property
+    def stored_as(self):
+        """None for full-precision weights; ``"float16"`` or ``"int8"`` when every weight matrix
+        is exactly the dequantization of that compact form (checked when the model was built).
+
+        Kept by what keeps the matrices' values: :meth:`astype` (float32 values are exact in
+        float64, and cast back unchanged), the native file (``save`` writes this form by
+        default, ``load`` sets it again) and pickling. Anything that builds a new model from
+        layers (``Model(model.layers)``, a converter) starts from None unless it passes
+        ``stored_as=``, which is checked again.
+
+        Examples
+        --------
+        >>> m = Model.random(3, 4)
+        >>> m.stored_as, m.compacted("int8").stored_as, m.compacted("int8").astype("float64").stored_as
+        (None, 'int8', 'int8')
+        """
+        return self._stored_as
 
     @property
     def output_size(self):
@@ -186,7 +216,79 @@ class Model:
                 if str(exc).startswith("dtype:"):
                     raise
                 raise ValueError(f"layers[{i}].{exc}") from None
-        return type(self)(layers, source=self.source, notes=self.notes)
+        return type(self)(layers, source=self.source, notes=self.notes, stored_as=self._stored_as)
+
+    def compacted(self, weights):
+        """The model whose weight matrices are their compact form ``weights``, dequantized.
+
+        Every weight matrix ``W`` (a layer's 2-D tensor) becomes
+        ``compact.dequantize(*compact.quantize(W, weights))`` (float32 values; in a float64 model
+        held as float64, exactly), every vector (bias, peephole) is unchanged. The result has
+        ``stored_as == weights``, the same source, and the notes plus one saying so. It is what
+        ``model.save(path, weights=weights)`` writes and ``load`` gives back, bit for bit; its
+        matrices quantize back to exactly the compact form that ``Engine(model,
+        weights=weights)`` stores for this model. Its weights approximate this model's (int8:
+        each within half a step, ``max|W[row]| / 254``; float16: to 11 significant bits, for
+        values in float16's normal range).
+
+        Parameters
+        ----------
+        weights : {"float16", "int8"}
+            The compact form (:mod:`streamgru.compact`). Compacting a model already stored as
+            ``weights`` returns it unchanged; one stored in the other form is quantized again
+            from its current values.
+
+        Raises
+        ------
+        ValueError
+            ``weights`` is not a compact form, or (float16) a weight is beyond float16's range
+            (the message names the layer and tensor).
+
+        Examples
+        --------
+        >>> m = Model.random(3, 4)
+        >>> m8 = m.compacted("int8")
+        >>> m8.stored_as, m8.config() == m.config(), m8.fingerprint == m.fingerprint
+        ('int8', True, False)
+        >>> bool(abs(m8.layers[0].W - m.layers[0].W).max() <= abs(m.layers[0].W).max() / 254)
+        True
+        """
+        weights = _compact_form(weights, "weights")
+        if weights == self._stored_as:
+            return self
+        layers = []
+        for i, layer in enumerate(self._layers):
+            tensors = {}
+            for name, t in layer.tensors().items():
+                if t.ndim == 2:
+                    try:
+                        stored, scales = compact.quantize(t, weights, name)
+                    except ValueError as exc:
+                        raise ValueError(f"layers[{i}].{exc}") from None
+                    t = compact.dequantize(stored, scales).astype(t.dtype)
+                tensors[name] = t
+            layers.append(type(layer).from_config(layer.config(), tensors))
+        how = ("int8, symmetric, one float32 scale per output row" if weights == "int8"
+               else "float16, rounded to nearest")
+        note = (f"weights stored as {weights}: every weight matrix was quantized ({how}), so "
+                f"the weights approximate the original model's")
+        return type(self)(layers, source=self.source, notes=(*self.notes, note),
+                          stored_as=weights)
+
+    def weight_bytes(self, weights="float32"):
+        """Bytes of each layer's weights with the matrices stored as ``weights`` (int8: with
+        their float32 row scales) and the vectors as float32, as the Engine and a compact
+        native file keep them.
+
+        Examples
+        --------
+        >>> m = Model.random(3, 4)  # one GRU layer: W (12, 3), R (12, 4), Wb, Rb (12,)
+        >>> m.weight_bytes("float32"), m.weight_bytes("float16"), m.weight_bytes("int8")
+        ((432,), (264,), (276,))
+        """
+        weights = compact.weights_format(weights)
+        return tuple(sum(compact.stored_bytes(t.shape, weights) if t.ndim == 2 else 4 * t.size
+                         for t in layer.tensors().values()) for layer in self._layers)
 
     def config(self):
         """JSON-ready description of the layers (no tensors)."""
@@ -213,14 +315,25 @@ class Model:
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
-    def save(self, path):
+    def save(self, path, weights=None):
         """Write the versioned native file (``.sgru``: safetensors + JSON metadata).
 
-        ``streamgru.load(path)`` reads it back bit-exact.
+        Parameters
+        ----------
+        path : str or os.PathLike
+        weights : {None, "float32", "float16", "int8"}
+            How the weight matrices are stored. None (default): as :attr:`stored_as` says, full
+            precision for a model that has none. ``"float32"``: full precision (the model's
+            float32 or float64 tensors, the file format of every streamgru release).
+            ``"float16"``/``"int8"``: compactly (:mod:`streamgru.formats` gives the layout); the
+            model must be float32.
+
+        ``streamgru.load(path)`` reads it back bit-exact: with full precision this model, with
+        a compact form ``self.compacted(weights)`` (``stored_as`` set).
         """
         from .formats import save_model
 
-        save_model(self, path)
+        save_model(self, path, weights=weights)
 
     def summary(self):
         """A short human-readable description, one line per layer."""
@@ -251,9 +364,10 @@ class Model:
         return f"state per stream ({self.state_size} values): " + "; ".join(parts)
 
     def __repr__(self):
+        stored = f", stored_as={self._stored_as!r}" if self._stored_as else ""
         return (
             f"Model(layers={len(self._layers)}, input_size={self.input_size}, "
-            f"output_size={self.output_size}, state_size={self.state_size})"
+            f"output_size={self.output_size}, state_size={self.state_size}{stored})"
         )
 
     @classmethod
@@ -317,3 +431,37 @@ class Model:
 
 #: The model class's name before the layer protocol; public API, kept as the same class.
 GRUModel = Model
+
+
+def _compact_form(weights, name):
+    """A compact form's name, ``"float16"`` or ``"int8"`` (``"float32"`` is full precision)."""
+    weights = compact.weights_format(weights, name)
+    if weights == "float32":
+        raise ValueError(f"{name}: expected 'float16' or 'int8' (a compact form), got "
+                         f"'float32'; full precision is the model itself")
+    return weights
+
+
+def _check_stored_as(layers, stored_as):
+    """``stored_as`` once every weight matrix of ``layers`` is checked to be exactly its
+    dequantization in that form: the Engine stores a model's weights in this form by default,
+    so a wrong claim would change what it computes."""
+    if stored_as is None:
+        return None
+    stored_as = _compact_form(stored_as, "stored_as")
+    for i, layer in enumerate(layers):
+        for name, t in layer.tensors().items():
+            if t.ndim != 2:
+                continue
+            try:
+                again = compact.dequantize(*compact.quantize(t, stored_as, name))
+            except ValueError as exc:
+                raise ValueError(f"stored_as: expected every weight matrix exactly in "
+                                 f"{stored_as} form, got layers[{i}].{exc}") from None
+            if not np.array_equal(again, t):
+                diff = float(np.abs(again.astype(np.float64) - t).max())
+                raise ValueError(f"stored_as: expected every weight matrix exactly in "
+                                 f"{stored_as} form, got layers[{i}].{name} that is not (max "
+                                 f"|W - dequantize(quantize(W))| = {diff:.3g}); build the model "
+                                 f"with model.compacted({stored_as!r})")
+    return stored_as

@@ -225,3 +225,130 @@ def test_convert_check_on_an_lstm_source(tmp_path, capsys, monkeypatch, kind):
     cap = capsys.readouterr()
     assert cap.out.startswith("verify FAILED") and "check failed: max difference" in cap.err
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------- compact weights
+
+
+def _stored_bytes(layer, weights):
+    """A layer's weight bytes from streamgru.compact's definition: its matrices (2-D tensors) in
+    ``weights``, its vectors in float32."""
+    from streamgru import compact
+
+    return sum(compact.stored_bytes(t.shape, weights) if t.ndim == 2 else 4 * t.size
+               for t in layer.tensors().values())
+
+
+def test_info_prints_weight_bytes_in_each_form(tmp_path, capsys):
+    m = mixed_lstm_model(np.float32)
+    m.save(tmp_path / "m.sgru")
+    assert main(["info", str(tmp_path / "m.sgru")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    top = lines.index("weight bytes by storage form (vectors always float32; int8 includes its "
+                      "row scales):")
+    assert lines[top + 1].split() == ["float32", "float16", "int8"]
+    forms = ("float32", "float16", "int8")
+    for i, layer in enumerate(m.layers):
+        assert lines[top + 2 + i].split() == [f"[{i}]", layer.kind] + [
+            str(_stored_bytes(layer, f)) for f in forms]
+    assert lines[top + 2 + len(m.layers)].split() == ["total"] + [
+        str(sum(_stored_bytes(layer, f) for layer in m.layers)) for f in forms]
+    assert not any("stored as" in ln for ln in lines)  # full precision: no such line
+
+
+@pytest.mark.parametrize("weights", ["int8", "float16"])
+def test_info_says_a_compact_file_holds_approximations(tmp_path, capsys, weights):
+    m = mixed_lstm_model(np.float32)
+    m.save(tmp_path / "m.sgru", weights=weights)
+    assert main(["info", str(tmp_path / "m.sgru")]) == 0
+    out = capsys.readouterr().out
+    assert (f"weights: stored as {weights}: quantized, so they approximate the original model's "
+            f"weights; Engine(model) stores them as {weights} by default (its weights= defaults "
+            f"to model.stored_as, which this file sets)") in out
+    assert m.compacted(weights).fingerprint in out
+    total = [ln for ln in out.splitlines() if ln.startswith("  total")]
+    assert len(total) == 1  # the table is the same for every file of this model
+
+
+def test_convert_with_weights_writes_the_compact_model(tmp_path, capsys):
+    from streamgru import compact, load
+
+    src = FIX / "rtneural_func_reset_before.json"
+    out = tmp_path / "out.sgru"
+    assert main(["convert", str(src), "-o", str(out), "--weights", "int8"]) == 0
+    text = capsys.readouterr().out
+    assert "stored_as='int8'" in text
+    assert f"weights stored as int8: quantized, an approximation of {src}'s" in text
+    full, small = load(src), load(out)
+    assert small.stored_as == "int8" and small.config() == full.config()
+    for name, t in full.named_tensors().items():
+        want = compact.dequantize(*compact.quantize(t, "int8")) if t.ndim == 2 else t
+        np.testing.assert_array_equal(small.named_tensors()[name], want)
+    # A compact .sgru converted again keeps its form unless told otherwise.
+    again = tmp_path / "again.sgru"
+    assert main(["convert", str(out), "-o", str(again)]) == 0
+    assert again.read_bytes() == out.read_bytes()
+    assert main(["convert", str(out), "-o", str(again), "--weights", "float16"]) == 0
+    assert load(again).stored_as == "float16"
+
+
+def test_convert_check_with_weights_checks_the_full_precision_conversion(tmp_path, capsys,
+                                                                         monkeypatch):
+    import converters
+    from streamgru import load
+
+    src = FIX / "rtneural_seq_reset_after.json"
+    checked, real = [], converters.verify
+
+    def spy(model, source, **kw):
+        checked.append(model)
+        return real(model, source, **kw)
+
+    monkeypatch.setattr(converters, "verify", spy)
+    out = tmp_path / "out.sgru"
+    assert main(["convert", str(src), "-o", str(out), "--check", "--weights", "float16"]) == 0
+    assert capsys.readouterr().out.startswith("verify OK")
+    (model,) = checked
+    assert model.stored_as is None and model.fingerprint == load(src).fingerprint
+    assert load(out).fingerprint == load(src).compacted("float16").fingerprint
+
+
+def test_convert_check_failure_writes_nothing_with_weights(tmp_path, capsys, monkeypatch):
+    import converters
+
+    src = FIX / "rtneural_seq_reset_after.json"
+
+    class Failed:
+        ok, max_abs_diff, tolerance = False, 1.0, 1e-4
+
+        def __str__(self):
+            return "verify FAILED"
+
+    monkeypatch.setattr(converters, "verify", lambda *a, **kw: Failed())
+    out = tmp_path / "out.sgru"
+    assert main(["convert", str(src), "-o", str(out), "--check", "--weights", "int8"]) == 1
+    assert "not written" in capsys.readouterr().err and not out.exists()
+
+
+def test_convert_weights_refusals(tmp_path, capsys):
+    src = tmp_path / "big.sgru"
+    GRUModel([GRULayer(1, 2, np.full((6, 1), 7e4, np.float32), np.ones((6, 2), np.float32),
+                       linear_before_reset=1)]).save(src)
+    out = tmp_path / "out.sgru"
+    assert main(["convert", str(src), "-o", str(out), "--weights", "float16"]) == 2
+    assert ("streamgru convert: error: layers[0].W: expected values within float16's range"
+            in capsys.readouterr().err)
+    assert not out.exists()
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", str(src), "-o", str(out), "--weights", "int4"])
+    assert exc.value.code == 2
+    assert "argument --weights: invalid choice: 'int4'" in capsys.readouterr().err
+
+
+def test_convert_help_says_a_compact_file_is_an_approximation(capsys):
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--weights {int8,float16}" in text
+    assert "The file is then an approximation of SRC (its weights are quantized)" in text
+    assert "--check still compares the conversion in full precision with SRC" in text

@@ -1,6 +1,7 @@
 """Fuzzing every loader with damaged files: truncations, bit flips and inflated size fields of
-small valid files of each format streamgru reads (``.sgru``, ``.sgst``, ``.onnx``, ``.pt``,
-``.safetensors``, ``.keras``, ``.h5``, RTNeural and state-dict ``.json``).
+small valid files of each format streamgru reads (``.sgru`` in full precision and with int8 and
+float16 weights, ``.sgst``, ``.onnx``, ``.pt``, ``.safetensors``, ``.keras``, ``.h5``, RTNeural
+and state-dict ``.json``).
 
 Every case must end, within a bounded time and memory, in a model (a flip in a weight makes a
 valid other model), ``FormatError``, ``OSError`` or ``UnsupportedModelError``: never a foreign
@@ -59,6 +60,8 @@ def make_files(d):
     d = pathlib.Path(d)
     model = GRUModel.random(3, [4, 3], dense_after=[(2, "softmax")], seed=5)
     model.save(d / "m.sgru")
+    model.save(d / "m8.sgru", weights="int8")
+    model.save(d / "m16.sgru", weights="float16")
     F.save_state(d / "s.sgst", ["a", "bb", "c"],
                  np.random.default_rng(0).normal(size=(3, model.state_size)).astype(np.float32),
                  model.fingerprint)
@@ -79,8 +82,9 @@ def make_files(d):
     torch.save(sd, d / "m.pt")
     save_file({k: v.numpy() for k, v in sd.items()}, str(d / "m.safetensors"))
     (d / "sd.json").write_text(json.dumps({k: v.tolist() for k, v in sd.items()}))
-    files = {"sgru": "m.sgru", "sgst": "s.sgst", "onnx": "m.onnx", "pt": "m.pt",
-             "safetensors": "m.safetensors", "torch-json": "sd.json"}
+    files = {"sgru": "m.sgru", "sgru-int8": "m8.sgru", "sgru-float16": "m16.sgru", "sgst": "s.sgst",
+             "onnx": "m.onnx", "pt": "m.pt", "safetensors": "m.safetensors",
+             "torch-json": "sd.json"}
     for name, fixture in (("keras", "keras_seq_reset_after.keras"),
                           ("h5", "keras_legacy_hard_sigmoid.h5"),
                           ("rtneural-json", "rtneural_seq_reset_after.json")):
@@ -122,7 +126,27 @@ def inflate(data, rng):
     return data[:i] + struct.pack(fmt, value) + data[i + width:]
 
 
-MUTATIONS = (truncate, flip_bits, inflate)
+def flip_and_reseal(data, rng):
+    """For a native file (``.sgru``, ``.sgst``): flip bits in its tensor data and write the
+    checksum the changed data gives, so that the damage gets past the checksum to the checks of
+    the contents (an int8 weight of -128, a scale turned negative or inf, a float16 inf, then
+    the fingerprint). Any other file: :func:`flip_bits`."""
+    from streamgru.formats import _checksum
+
+    (n,) = struct.unpack_from("<Q", data)
+    try:
+        header = json.loads(data[8:8 + n])
+        meta = header["__metadata__"]
+        old = meta["checksum"].encode()
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return flip_bits(data, rng)
+    body = flip_bits(data[8 + n:], rng) if len(data) > 8 + n else b""
+    new = _checksum({**header, "__metadata__": {k: v for k, v in meta.items()
+                                                if k != "checksum"}}, body).encode()
+    return data[:8] + data[8:8 + n].replace(old, new) + body
+
+
+MUTATIONS = (truncate, flip_bits, inflate, flip_and_reseal)
 
 
 # --------------------------------------------------------------------------- the child
@@ -193,10 +217,10 @@ def test_every_loader_survives_damaged_files(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["failures"] == [], "\n".join(report["failures"])
-    assert sum(report["counts"].values()) == 9 * CASES_PER_FORMAT
+    assert sum(report["counts"].values()) == 11 * CASES_PER_FORMAT
     # Each format's damaged files were mostly refused: the loop did exercise the refusals.
-    for kind in ("sgru", "sgst", "onnx", "pt", "safetensors", "keras", "h5", "torch-json",
-                 "rtneural-json"):
+    for kind in ("sgru", "sgru-int8", "sgru-float16", "sgst", "onnx", "pt", "safetensors", "keras",
+                 "h5", "torch-json", "rtneural-json"):
         loaded = report["counts"].get(f"{kind} loaded", 0)
         assert loaded < CASES_PER_FORMAT, (kind, report["counts"])
     assert report["growth"]["other"] < RSS_BOUND, report

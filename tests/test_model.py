@@ -383,3 +383,144 @@ def test_state_layout_of_a_mixed_gru_lstm_dense_stack():
     h_b, c_b = oracle.lstm_cell(lstm_b, h_g, s[:, 12:14], s[:, 14:16])
     np.testing.assert_array_equal(s2, np.concatenate([h_a, c_a, h_g, h_b, c_b], axis=1))
     np.testing.assert_array_equal(y, oracle.dense(layers[4], h_b))
+
+
+# ----------------------------------------------------------------------------------------------
+# compact weights: Model.compacted and Model.stored_as (forms from streamgru.compact, checked in
+# tests/test_compact.py)
+
+MATRICES = {"layers.0.W", "layers.1.W", "layers.1.R", "layers.1.proj", "layers.2.W", "layers.2.R",
+            "layers.3.W"}
+
+
+def compact_model(dtype=np.float32):
+    """Dense -> LSTM (projection, peepholes) -> GRU -> Dense: every kind, every matrix name."""
+    from helpers import mixed_lstm_model
+
+    m = mixed_lstm_model(dtype)
+    assert {k for k, t in m.named_tensors().items() if t.ndim == 2} == MATRICES
+    return m
+
+
+@pytest.mark.parametrize("weights", ["int8", "float16"])
+def test_compacted_replaces_each_matrix_by_its_dequantized_form(weights):
+    from streamgru import compact
+
+    m = compact_model()
+    c = m.compacted(weights)
+    assert c.stored_as == weights and m.stored_as is None
+    assert c.config() == m.config() and c.source == m.source
+    assert c.notes[:-1] == m.notes and weights in c.notes[-1] and "approximate" in c.notes[-1]
+    for (name, t), (name2, u) in zip(m.named_tensors().items(), c.named_tensors().items(),
+                                     strict=True):
+        assert name == name2 and u.dtype == np.float32 and not u.flags.writeable
+        want = compact.dequantize(*compact.quantize(t, weights)) if name in MATRICES else t
+        np.testing.assert_array_equal(u, want)  # bit for bit: the values are exact
+        if name in MATRICES:
+            assert not np.array_equal(u, t)  # these random weights do change
+    assert c.fingerprint != m.fingerprint
+
+
+def test_compacted_of_its_own_form_is_the_model_and_of_the_other_form_quantizes_again():
+    from streamgru import compact
+
+    m8 = compact_model().compacted("int8")
+    assert m8.compacted("int8") is m8
+    m16 = m8.compacted("float16")
+    assert m16.stored_as == "float16" and len(m16.notes) == len(m8.notes) + 1
+    for name in MATRICES:
+        t = m8.named_tensors()[name]
+        np.testing.assert_array_equal(m16.named_tensors()[name],
+                                      compact.dequantize(*compact.quantize(t, "float16")))
+
+
+@pytest.mark.parametrize("weights, exc, msg", [
+    ("float32", ValueError, r"^weights: expected 'float16' or 'int8' \(a compact form\), got "
+                            r"'float32'; full precision is the model itself$"),
+    ("int4", ValueError, r"^weights: expected one of 'float32', 'float16', 'int8', got 'int4'$"),
+    (np.int8, TypeError, r"^weights: expected one of 'float32', 'float16', 'int8', got type"),
+])
+def test_compacted_refuses_what_is_not_a_compact_form(weights, exc, msg):
+    with pytest.raises(exc, match=msg):
+        compact_model().compacted(weights)
+
+
+def test_compacted_to_float16_refuses_a_weight_beyond_its_range_naming_it():
+    m = Model([GRULayer(1, 1, np.ones((3, 1)), np.ones((3, 1)), linear_before_reset=1),
+               DenseLayer(1, 1, np.array([[7e4]]))])
+    with pytest.raises(ValueError, match=r"^layers\[1\]\.W: expected values within float16's "
+                                         r"range \(\|v\| <= 65504\) for weights=\"float16\", got "
+                                         r"max \|v\| = 7e\+04; use weights=\"int8\""):
+        m.compacted("float16")
+    assert m.compacted("int8").stored_as == "int8"
+
+
+def test_stored_as_is_checked_when_a_model_is_built():
+    m = compact_model()
+    c = m.compacted("int8")
+    assert Model(c.layers, stored_as="int8").stored_as == "int8"
+    assert Model(c.layers).stored_as is None  # a new model from layers claims nothing
+    with pytest.raises(ValueError, match=r"^stored_as: expected every weight matrix exactly in "
+                                         r"int8 form, got layers\[0\]\.W that is not \(max "
+                                         r"\|W - dequantize\(quantize\(W\)\)\| = .*\); build the "
+                                         r"model with model\.compacted\('int8'\)$"):
+        Model(m.layers, stored_as="int8")
+    # int8's dequantized weights are not all float16 values: the claim is per form
+    with pytest.raises(ValueError, match=r"^stored_as: expected every weight matrix exactly in "
+                                         r"float16 form, got layers\[0\]\.W that is not"):
+        Model(c.layers, stored_as="float16")
+    with pytest.raises(ValueError, match=r"^stored_as: expected 'float16' or 'int8' \(a compact "
+                                         r"form\), got 'float32'"):
+        Model(c.layers, stored_as="float32")
+    with pytest.raises(TypeError, match=r"^stored_as: expected one of"):
+        Model(c.layers, stored_as=True)
+    big = Model([GRULayer(1, 1, np.full((3, 1), 1e5), np.ones((3, 1)), linear_before_reset=1)])
+    with pytest.raises(ValueError, match=r"^stored_as: expected every weight matrix exactly in "
+                                         r"float16 form, got layers\[0\]\.W: expected values "
+                                         r"within float16's range"):
+        Model(big.layers, stored_as="float16")
+
+
+@pytest.mark.parametrize("weights", ["int8", "float16"])
+def test_astype_keeps_stored_as_since_the_values_are_unchanged(weights):
+    c = compact_model().compacted(weights)
+    c64 = c.astype("float64")
+    assert c64.stored_as == weights and c64.dtype == np.float64
+    back = c64.astype("float32")
+    assert back.stored_as == weights and back.fingerprint == c.fingerprint
+
+
+def test_compacted_float64_model_keeps_its_dtype_with_the_same_values():
+    m64 = compact_model(np.float64)
+    c64 = m64.compacted("int8")
+    assert c64.dtype == np.float64 and c64.stored_as == "int8"
+    # int8 quantizes in float32: the same matrices as compacting the float32 model
+    c32 = m64.astype("float32").compacted("int8")
+    for name in MATRICES:
+        np.testing.assert_array_equal(c64.named_tensors()[name], c32.named_tensors()[name])
+    for name in set(m64.named_tensors()) - MATRICES:
+        np.testing.assert_array_equal(c64.named_tensors()[name], m64.named_tensors()[name])
+
+
+def test_stored_as_survives_pickling_and_shows_in_repr():
+    import pickle
+
+    c = compact_model().compacted("int8")
+    back = pickle.loads(pickle.dumps(c))
+    assert back.stored_as == "int8" and back.fingerprint == c.fingerprint
+    assert repr(c).endswith(", stored_as='int8')") and "stored_as" not in repr(compact_model())
+
+
+def test_weight_bytes_counts_matrices_in_each_form_and_vectors_in_float32():
+    from streamgru import compact
+
+    m = compact_model(np.float64)
+    for weights in ("float32", "float16", "int8"):
+        want = []
+        for layer in m.layers:
+            want.append(sum(compact.stored_bytes(t.shape, weights) if t.ndim == 2 else 4 * t.size
+                            for t in layer.tensors().values()))
+        assert m.weight_bytes(weights) == tuple(want)
+    W = m.layers[3].W  # Dense (2, 3) and a bias of 2
+    assert m.weight_bytes("int8")[3] == W.size + 4 * 2 + 4 * 2
+    assert m.weight_bytes("float16")[3] == 2 * W.size + 4 * 2
