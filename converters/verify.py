@@ -82,6 +82,10 @@ __all__ = ["verify", "VerifyReport", "reference_inputs"]
 # steps and layers; any mapping error (gate order, bias, linear_before_reset, h and C swapped) is
 # ~1e-2 or more.
 _TOL = {"float32": 1e-4, "float64": 1e-9}
+# Default tolerance of an engine with compact weights against a full-precision reference: the
+# weights' rounding, not the arithmetic, decides the difference (measured in README, "Compact
+# weights"); pass tolerance= for your model's budget.
+_COMPACT_TOL = {"float16": 1e-3, "int8": 1e-2}
 MISSING_POLICIES = ("refuse", "skip", "zero", "last")
 
 
@@ -109,6 +113,9 @@ class VerifyReport:
         NaN and the reference applied the same rule (see the module docstring).
     dropped : int
         How many input values were dropped.
+    weights : str
+        How the engine stored the weights (``Engine.weights``): with ``"float16"`` or
+        ``"int8"``, ``max_abs_diff`` is the compact weights' error against the source.
     """
 
     ok: bool
@@ -125,6 +132,7 @@ class VerifyReport:
     notes: list = field(default_factory=list)
     missing: str = "refuse"
     dropped: int = 0
+    weights: str = "float32"
 
     def __str__(self):
         verdict = "OK" if self.ok else "FAILED"
@@ -136,8 +144,8 @@ class VerifyReport:
             f"tolerance {self.tolerance:.3g}  [{kind}]",
             f"  source:        {self.source}",
             f"  reference:     {self.reference}",
-            f"  engine:        streamgru.Engine(dtype={self.dtype!r}), {self.streams} interleaved "
-            f"streams x {self.steps} steps, seed {self.seed}",
+            f"  engine:        streamgru.Engine(dtype={self.dtype!r}, weights={self.weights!r}), "
+            f"{self.streams} interleaved streams x {self.steps} steps, seed {self.seed}",
             f"  initial state: {self.initial_state}",
         ]
         if self.missing != "refuse":
@@ -157,7 +165,7 @@ _REFERENCE_RULE = {
 
 
 def verify(model, source, *, streams=4, steps=20, seed=0, dtype="float32", tolerance=None,
-           missing="refuse", missing_rate=0.1, **options) -> VerifyReport:
+           missing="refuse", missing_rate=0.1, weights=None, **options) -> VerifyReport:
     """Run ``model`` in the engine and ``source`` in its framework on the same input; compare.
 
     Parameters
@@ -175,7 +183,8 @@ def verify(model, source, *, streams=4, steps=20, seed=0, dtype="float32", toler
         The engine's dtype; torch references run in it too.
     tolerance : float, optional
         Largest accepted ``max_abs_diff``; default 1e-4 against a float32 reference, 1e-9 when
-        engine and reference both run in float64.
+        engine and reference both run in float64, and with compact weights 1e-3 (float16) or
+        1e-2 (int8): there the weights' rounding decides, so set your own budget.
     missing : {"refuse", "skip", "zero", "last"}
         The engine's missing-value policy to check. "refuse" (default) drops nothing; any other
         drops values at random and compares against the source under the same rule (module
@@ -183,6 +192,10 @@ def verify(model, source, *, streams=4, steps=20, seed=0, dtype="float32", toler
     missing_rate : float
         With a policy other than "refuse": the probability, in [0, 1], that each input value
         after a stream's first step is dropped.
+    weights : {None, "float32", "float16", "int8"}
+        How the engine stores the weights (``Engine(weights=)``); None: the engine's default
+        (``model.stored_as`` for a compact model). With a compact form the report measures
+        the compact weights' error against the source, over every stream and step.
     **options
         Passed to the converter that reads the source's structure, e.g. ``layers=[...]`` for a
         torch source whose layer order needs it. ``node=`` is refused: one recurrent node taken
@@ -236,7 +249,13 @@ def verify(model, source, *, streams=4, steps=20, seed=0, dtype="float32", toler
     if "node" in options:
         raise TypeError("node: verify runs the whole ONNX graph; a single node taken out of a "
                         "larger graph has no reference to compare with")
-    run = _Run(model, int(streams), int(steps), int(seed), dtype, missing, float(missing_rate))
+    from streamgru.packing import weights_form
+
+    if weights is None and dtype == "float32":
+        weights = model.stored_as
+    form = weights_form(dtype, weights)  # refuses what the engine would refuse, by name
+    run = _Run(model, int(streams), int(steps), int(seed), dtype, missing, float(missing_rate),
+               None if form == dtype else form)
     kind = _kind(source)
     if kind == "onnx":
         res = _onnx(run, source)
@@ -247,7 +266,7 @@ def verify(model, source, *, streams=4, steps=20, seed=0, dtype="float32", toler
     else:
         res = _consistency(run, source, kind, options)
     default = _TOL["float64"] if (dtype == "float64" and res.ref_dtype == "float64") \
-        else _TOL["float32"]
+        else _COMPACT_TOL.get(form, _TOL["float32"])
     tol = default if tolerance is None else tolerance
     diff = max(res.diffs) if res.diffs else float("inf")
     notes = list(res.notes)
@@ -261,7 +280,7 @@ def verify(model, source, *, streams=4, steps=20, seed=0, dtype="float32", toler
         tolerance=tol, reference=res.reference, framework_check=res.framework,
         source=_describe(source, kind), dtype=dtype, streams=run.B, steps=run.T, seed=run.seed,
         initial_state=res.initial_state, notes=notes, missing=missing,
-        dropped=int(run.dropped.sum()),
+        dropped=int(run.dropped.sum()), weights=form,
     )
 
 
@@ -323,9 +342,9 @@ class _Run:
     """Seeded inputs and states, the engine's outputs for them, and with a missing-value policy
     the inputs the reference runs on (``xs``) and which of its steps each engine step matches."""
 
-    def __init__(self, model, B, T, seed, dtype, missing="refuse", rate=0.0):
+    def __init__(self, model, B, T, seed, dtype, missing="refuse", rate=0.0, weights=None):
         self.model, self.B, self.T, self.seed, self.dtype = model, B, T, seed, dtype
-        self.missing, self.rate = missing, rate
+        self.missing, self.rate, self.weights = missing, rate, weights
         self.resize(B, T)
 
     def resize(self, B, T):
@@ -353,7 +372,10 @@ class _Run:
 
         model = self.model if model is None else model
         dt = dtype or self.dtype
-        eng = Engine(model, dtype=dt, missing="refuse" if reference else self.missing)
+        # the engine under test stores the weights as asked; a consistency reference, never
+        # (full precision; a float64 engine whatever the model says)
+        eng = Engine(model, dtype=dt, missing="refuse" if reference else self.missing,
+                     weights=dt if reference else self.weights or dt)
         keys = [f"stream-{b}" for b in range(self.B)]
         for b, k in enumerate(keys):
             eng.open(k, state=np.asarray(states[b], dt))

@@ -111,9 +111,19 @@ def _convert(args):
             return 1
     if args.weights is not None:
         model = model.compacted(args.weights)
-        # Hook: how far the compact model is from the source is a separate report (verify's
-        # weights= argument, with its own tolerance); with --check it belongs here, after the
-        # full-precision check passed and before anything is written.
+        if args.check:
+            import converters
+
+            # Then how far the compact weights take the engine from the source: the weights'
+            # rounding, judged against the compact default (or --weights-tolerance).
+            report = converters.verify(model, args.src, weights=args.weights,
+                                       tolerance=args.weights_tolerance)
+            print(report)
+            if not report.ok:
+                print(f"streamgru convert: check of the {args.weights} weights failed: max "
+                      f"difference {report.max_abs_diff:.3g} > tolerance "
+                      f"{report.tolerance:.3g}; {args.output} not written", file=sys.stderr)
+                return 1
     model.save(args.output)
     print(f"wrote {args.output}: {model!r}")
     if model.stored_as:
@@ -157,13 +167,17 @@ def _warmup(args):
     print(f"kernels: {TILE.describe()}")
     print(f"cache: {where}" if where else
           "cache: none (NUMBA_DISABLE_JIT or STREAMGRU_TILE is set: every process compiles)")
-    for dtype in dict.fromkeys(args.dtype):
+    configs = [(dtype, None) for dtype in dict.fromkeys(args.dtype)]
+    configs += [("float32", w) for w in dict.fromkeys(args.weights or ()) if w != "float32"]
+    for dtype, weights in configs:
         t0 = time.perf_counter()
-        done = Engine(model, dtype=dtype, threads=args.threads).warmup()
+        eng = Engine(model, dtype=dtype, threads=args.threads, weights=weights)
+        done = eng.warmup()
         seconds = time.perf_counter() - t0
         compiled = sorted(k for k, (_, c) in done.items() if c)
         loaded = sorted(k for k, (h, c) in done.items() if h and not c)
-        print(f"{dtype}: {seconds:.1f} s; compiled: {', '.join(compiled) or 'nothing'}; "
+        label = dtype if eng.weights == dtype else f"{dtype} ({eng.weights} weights)"
+        print(f"{label}: {seconds:.1f} s; compiled: {', '.join(compiled) or 'nothing'}; "
               f"loaded from the cache: {', '.join(loaded) or 'nothing'}")
     return 0
 
@@ -189,6 +203,9 @@ def main(argv=None):
                         "if the max difference is within --tolerance")
     p.add_argument("--tolerance", type=float, default=None,
                    help="largest accepted max |engine - reference| (default 1e-4, float32)")
+    p.add_argument("--weights-tolerance", type=float, default=None,
+                   help="with --weights and --check: largest accepted max |engine - reference| "
+                        "of the compact weights (default 1e-3 float16, 1e-2 int8)")
     p.add_argument("--weights", choices=("int8", "float16"), default=None,
                    help="write the weight matrices compactly: int8 (one float32 scale per "
                         "output row; about 4x smaller) or float16 (about 2x smaller); vectors "
@@ -241,12 +258,17 @@ def main(argv=None):
              "streamgru/kernels.py if writable, else the user's cache directory: see "
              "docs/operations.md, Cold start)")
     p = sub.add_parser("warmup", help=help_, description=help_)
-    p.add_argument("model", help="model file (the kernels depend on its dtype, not its sizes)")
+    p.add_argument("model", help="model file (the kernels depend on the dtype and the weights "
+                                 "form, not on the model's sizes)")
     p.add_argument("--dtype", nargs="+", choices=("float32", "float64"), default=["float32"],
                    help="engine dtype(s) to prepare (default float32)")
     p.add_argument("--threads", type=int, default=None,
                    help="Numba threads of the engine (default: Numba's own setting); the "
                         "kernels of every thread count are prepared either way")
+    p.add_argument("--weights", nargs="+", choices=("float32", "float16", "int8"), default=None,
+                   help="also prepare float32 engines storing their weights in these forms "
+                        "(each form has kernels of its own; a compact model file's form is "
+                        "prepared by --dtype float32 already)")
     p.set_defaults(func=_warmup)
 
     args = parser.parse_args(argv)

@@ -301,16 +301,26 @@ def test_convert_check_with_weights_checks_the_full_precision_conversion(tmp_pat
     checked, real = [], converters.verify
 
     def spy(model, source, **kw):
-        checked.append(model)
+        checked.append((model, kw.get("weights")))
         return real(model, source, **kw)
 
     monkeypatch.setattr(converters, "verify", spy)
     out = tmp_path / "out.sgru"
     assert main(["convert", str(src), "-o", str(out), "--check", "--weights", "float16"]) == 0
-    assert capsys.readouterr().out.startswith("verify OK")
-    (model,) = checked
-    assert model.stored_as is None and model.fingerprint == load(src).fingerprint
+    text = capsys.readouterr().out
+    assert text.startswith("verify OK") and "weights='float32'" in text
+    assert "weights='float16'" in text  # then the compact weights' own report
+    (full, none), (small, form) = checked
+    assert full.stored_as is None and full.fingerprint == load(src).fingerprint and none is None
+    assert (small.stored_as, form) == ("float16", "float16")
     assert load(out).fingerprint == load(src).compacted("float16").fingerprint
+    # A budget the int8 weights cannot meet: the full-precision check passes, theirs fails.
+    out.unlink()
+    assert main(["convert", str(src), "-o", str(out), "--check", "--weights", "int8",
+                 "--weights-tolerance", "1e-9"]) == 1
+    cap = capsys.readouterr()
+    assert cap.out.startswith("verify OK") and "verify FAILED" in cap.out
+    assert "check of the int8 weights failed" in cap.err and not out.exists()
 
 
 def test_convert_check_failure_writes_nothing_with_weights(tmp_path, capsys, monkeypatch):

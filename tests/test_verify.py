@@ -600,3 +600,33 @@ def test_rtneural_lstm_export_is_the_keras_models():
                                 ("keras_lstm_mixed.keras", "rtneural_lstm_mixed.json")):
         r = converters.verify(streamgru.load(FIX / keras_name), FIX / rt_name, steps=8)
         assert r.ok, str(r)
+
+
+# ---------------------------------------------------------------------------- compact weights
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_verify_reports_the_compact_weights_error_against_the_source(cell):
+    """weights= measures the compact engine against the framework: a small error that grows
+    from float32 to float16 to int8, within the compact defaults; a compact model verifies in
+    its own form by default; float64 and an unknown form are refused by name."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(3)
+    net = (torch.nn.GRU if cell == "gru" else torch.nn.LSTM)(4, 24, num_layers=2)
+    model = converters.from_torch(net)
+    reports = {w: converters.verify(model, net, weights=w, steps=30) for w in
+               ("float32", "float16", "int8")}
+    assert all(r.ok for r in reports.values())
+    d = {w: r.max_abs_diff for w, r in reports.items()}
+    assert d["float32"] < 1e-5 < d["float16"] < d["int8"] < 1e-2
+    assert reports["int8"].tolerance == 1e-2 and reports["float16"].tolerance == 1e-3
+    assert "weights='int8'" in str(reports["int8"])
+    compact = model.compacted("int8")
+    again = converters.verify(compact, net, steps=30)
+    assert again.weights == "int8" and again.max_abs_diff == d["int8"]
+    assert converters.verify(model, net, weights="int8", steps=30, tolerance=1e-6).ok is False
+    with pytest.raises(ValueError, match=r'weights: expected "float64" \(or None\) for a float64 '
+                                         r"engine, got 'int8'"):
+        converters.verify(model, net, weights="int8", dtype="float64")
+    with pytest.raises(ValueError, match="weights: expected one of"):
+        converters.verify(model, net, weights="bf16")
