@@ -239,7 +239,7 @@ def test_sharded_engine_matches_one_engine_and_the_oracle(ray_local):
 def test_sharded_engine_runs_lstm_layers_through_resize_and_snapshots(ray_local, tmp_path):
     """A model with an LSTM layer (projection, peepholes, clip) and a GRU: the shards step it as
     one Engine and the oracle do, resize moves whole states (h and C), and a snapshot restores
-    with another shard count."""
+    with another shard count; with int8 weights, as one int8 Engine does."""
     model = mixed_lstm_model(np.float32)
     local = Engine(model, threads=1)
     ref = OracleStreams(model)
@@ -257,6 +257,12 @@ def test_sharded_engine_runs_lstm_layers_through_resize_and_snapshots(ray_local,
     with _sharded(model, 2) as other:
         other.load_state(tmp_path / "snap")
         _assert_same_streams(other, local)
+    # Compact weights in every shard: the shards step as one int8 Engine does.
+    small = Engine(model, threads=1, weights="int8")
+    with _sharded(model, 2, weights="int8") as eng:
+        assert eng.weights == "int8" and "weights='int8'" in repr(eng)
+        for keys, x in _events(5, 4, 20, 12, model.input_size):
+            np.testing.assert_allclose(eng.step(keys, x), small.step(keys, x), rtol=0, atol=ATOL)
 
 
 @pytest.mark.slow  # starts Ray actors

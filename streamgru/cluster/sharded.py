@@ -72,6 +72,7 @@ import numpy as np
 from ..engine import check_missing, check_runnable, float_matrix
 from ..errors import FormatError, NonFiniteError
 from ..model import GRUModel
+from ..packing import weights_form
 from ..state import check_kind, normalize_key, normalize_keys
 from .placement import PLACEMENT, owners, positive_int
 
@@ -196,7 +197,8 @@ class _Shard:
     """One shard: an ``Engine`` inside a Ray actor. Every public method refuses work (returns
     ``_Recovered``) while the actor is a restarted one that the driver has not restored yet."""
 
-    def __init__(self, model_bytes, dtype, capacity, threads, shard, missing="refuse"):
+    def __init__(self, model_bytes, dtype, capacity, threads, shard, missing="refuse",
+                 weights=None):
         import ray
 
         from ..engine import Engine
@@ -205,7 +207,7 @@ class _Shard:
         self._Engine = Engine
         self.model = model_from_bytes(model_bytes)
         self.dtype, self.capacity, self.threads, self.shard = dtype, capacity, threads, shard
-        self.missing = missing
+        self.missing, self.weights = missing, weights
         self.engine = self._new_engine()
         self.instance = uuid.uuid4().hex
         with warnings.catch_warnings():  # Ray 2.60 warns from inside this property
@@ -223,7 +225,7 @@ class _Shard:
         # policy, which the shard's own scan finds.
         return self._Engine(self.model, dtype=self.dtype, capacity=capacity or self.capacity,
                             threads=self.threads, check_finite=self.missing != "refuse",
-                            missing=self.missing)
+                            missing=self.missing, weights=self.weights)
 
     def hello(self):
         return (self.instance, os.getpid(), self.recovered)
@@ -424,6 +426,9 @@ class ShardedEngine:
         What a NaN in the input does, as ``Engine(missing=...)``: the driver refuses inf (and,
         under "refuse", NaN); each shard applies the policy to its rows. ``last_observed(key)``
         reads a stream's memory; ``resize`` moves it with the stream; snapshots carry it.
+    weights : {None, "float32", "float16", "int8", "float64"}
+        How every shard's engine stores the weight matrices, as ``Engine(weights=...)``;
+        ``self.weights`` is the form in use. Snapshots do not depend on it.
     checkpoint_dir : str or path, optional
         Where ``checkpoint()`` writes snapshots (see ``save_state``). On a cluster, a directory
         every node sees at the same path.
@@ -461,7 +466,8 @@ class ShardedEngine:
 
     def __init__(self, model, shards=2, address=None, dtype="float32", threads_per_shard=1,
                  capacity=1024, check_finite=True, checkpoint_dir=None, checkpoint_every=None,
-                 max_restarts=3, actor_options=None, start_timeout=120.0, missing="refuse"):
+                 max_restarts=3, actor_options=None, start_timeout=120.0, missing="refuse",
+                 weights=None):
         if not isinstance(model, GRUModel):
             raise TypeError(f"model: expected a streamgru.GRUModel, got {type(model).__name__}")
         check_runnable(model)  # here, not inside an actor, where it would surface as a lost shard
@@ -469,6 +475,9 @@ class ShardedEngine:
         shards = positive_int(shards, "shards")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype: expected 'float32' or 'float64', got {dtype!r}")
+        if weights is None and dtype == "float32":
+            weights = model.stored_as  # as Engine: a compact model's own form
+        weights = weights_form(dtype, weights)  # refused here, not inside an actor
         threads_per_shard = positive_int(threads_per_shard, "threads_per_shard")
         capacity = positive_int(capacity, "capacity")
         if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < -1:
@@ -494,6 +503,7 @@ class ShardedEngine:
         self.threads_per_shard = threads_per_shard
         self.check_finite = bool(check_finite)
         self.missing = missing
+        self.weights = weights
         self.checkpoint_dir = None if checkpoint_dir is None else os.path.abspath(checkpoint_dir)
         self.checkpoint_every = checkpoint_every
         self.max_restarts = max_restarts
@@ -527,7 +537,7 @@ class ShardedEngine:
         ray = _ray()
         cls = _remote_shard().options(**self._opts)
         new = [cls.remote(self._model_bytes, self.dtype.name, self._capacity, self.threads_per_shard, i,
-                          self.missing) for i in ids]
+                          self.missing, self.weights) for i in ids]
         try:
             hello = ray.get([a.hello.remote() for a in new], timeout=self._start_timeout)
         except Exception as exc:
@@ -1139,7 +1149,7 @@ class ShardedEngine:
     def __repr__(self):
         state = "shut down" if self._closed else f"shards={len(self._actors)}"
         return (f"ShardedEngine({self.model!r}, {state}, dtype={self.dtype.name!r}, "
-                f"threads_per_shard={self.threads_per_shard})")
+                f"weights={self.weights!r}, threads_per_shard={self.threads_per_shard})")
 
     # ------------------------------------------------------------------------------------------
 
