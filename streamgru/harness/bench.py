@@ -54,6 +54,7 @@ from ..model import GRUModel
 __all__ = [
     "Workload",
     "CELLS",
+    "COMPACT_CONTENDERS",
     "workload",
     "cell_of",
     "UserStore",
@@ -75,6 +76,8 @@ __all__ = [
 ]
 
 CONTENDERS = ("streamgru", "ort_run", "ort_iobinding", "torch")
+# The engine with compact weights (Engine(weights=...)): asked for by name with --contenders.
+COMPACT_CONTENDERS = ("streamgru_float16", "streamgru_int8")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,9 +263,11 @@ class UserStore:
 class StreamgruContender:
     name = "streamgru"
 
-    def __init__(self, model, threads):
-        self.engine = Engine(model, threads=threads)
+    def __init__(self, model, threads, weights=None):
+        self.engine = Engine(model, threads=threads, weights=weights)
         self.threads = threads
+        if weights is not None:
+            self.name = f"streamgru_{weights}"
 
     def open(self, keys):
         state = np.zeros(self.engine.model.state_size, np.float32)
@@ -277,7 +282,7 @@ class StreamgruContender:
         return self.engine.run(key, xs)
 
     def info(self):
-        return {"threads": self.threads}
+        return {"threads": self.threads, "weights": self.engine.weights}
 
 
 class UserStoreContender:
@@ -473,6 +478,8 @@ def make_contender(name, model, threads):
     """A contender by name (see :data:`CONTENDERS`), weights checked, ready to time."""
     if name == "streamgru":
         return StreamgruContender(model, threads)
+    if name in COMPACT_CONTENDERS:
+        return StreamgruContender(model, threads, weights=name.split("_", 1)[1])
     if name == "ort_run":
         return OrtContender(model, threads)
     if name == "ort_iobinding":
@@ -481,7 +488,8 @@ def make_contender(name, model, threads):
         return OrtSequence(model, threads)
     if name == "torch":
         return TorchContender(model, threads)
-    raise ValueError(f"contender: expected one of {CONTENDERS + ('ort_sequence',)}, got {name!r}")
+    raise ValueError(f"contender: expected one of "
+                     f"{CONTENDERS + COMPACT_CONTENDERS + ('ort_sequence',)}, got {name!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -803,7 +811,9 @@ def add_arguments(p):
     p.add_argument("--only", default=None,
                    help="run workloads whose name matches this regular expression (re.search), "
                         "e.g. 'many' or 'n=1$'")
-    p.add_argument("--contenders", default=",".join(CONTENDERS))
+    p.add_argument("--contenders", default=",".join(CONTENDERS),
+                   help="comma-separated: " + ", ".join(CONTENDERS) + " (default), and the engine "
+                        "with compact weights: " + ", ".join(COMPACT_CONTENDERS))
     p.add_argument("--json", default="bench.json", help="write results here (default bench.json)")
     p.add_argument("--plot", default="bench.png",
                    help="write the latency plot here ('none': no plot)")
@@ -840,8 +850,9 @@ def run_bench(args):
             raise ValueError(f"--only: expected a regular expression, got {args.only!r} ({exc})") from None
     contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
     for c in contenders:
-        if c not in CONTENDERS:
-            raise ValueError(f"--contenders: expected names from {','.join(CONTENDERS)}, got {c!r}")
+        if c not in CONTENDERS + COMPACT_CONTENDERS:
+            raise ValueError(f"--contenders: expected names from "
+                             f"{','.join(CONTENDERS + COMPACT_CONTENDERS)}, got {c!r}")
     cells = [c.strip() for c in getattr(args, "cell", ",".join(CELLS)).split(",") if c.strip()]
     if not cells or not set(cells) <= set(CELLS):
         raise ValueError(f"--cell: expected names from {','.join(CELLS)}, got {args.cell!r}")
