@@ -9,12 +9,11 @@ converted once per row block. GRU and LSTM, 1 thread. ``make test`` runs a reduc
 with ``--benchmark-disable``; timings are never asserted (benchmarks/RESULTS.md quotes them).
 """
 
-import numpy as np
 import pytest
 import workloads as W
 from conftest import REMOVED_ENV
 
-from streamgru.harness.bench import CELLS, batches, cell_of, machine_info, make_model, workload
+from streamgru.harness.bench import CELLS, cell_of, machine_info, make_model, workload
 
 INFO = machine_info()
 CONTENDERS = ("streamgru", "streamgru_float16", "streamgru_int8", "ort_run")
@@ -45,14 +44,4 @@ def test_compact_weights(benchmark, case):
     benchmark.extra_info.update(c.info())
     benchmark.extra_info.update(contender=name, threads=1, removed_env=REMOVED_ENV, events=wl.n,
                                 cell=cell_of(model))
-    bs = batches(wl, 8)
-    c.open(np.arange(wl.n_streams))
-    c.step(*bs[0])
-    it = iter(range(1 << 62))
-
-    def one_call():
-        keys, x = bs[next(it) % len(bs)]
-        return c.step(keys, x)
-
-    y = benchmark(one_call)
-    assert y.shape[1] == model.output_size and np.isfinite(y).all()
+    W.time_steps(benchmark, c, wl, model.output_size)

@@ -16,7 +16,7 @@ import pytest
 import workloads as W
 from conftest import REMOVED_ENV
 
-from streamgru.harness.bench import batches, cell_of, machine_info, make_model
+from streamgru.harness.bench import cell_of, machine_info, make_model
 
 INFO = machine_info()
 CASES = [(wl, c, t) for wl in W.workloads() for t in W.thread_counts() for c in W.CONTENDERS
@@ -49,14 +49,4 @@ def test_workload(benchmark, case):
         ys = benchmark(c.run, 0, xs)
         assert ys.shape == (wl.seq, model.output_size)
         return
-    bs = batches(wl, 8)
-    c.open(np.arange(wl.n_streams))
-    c.step(*bs[0])
-    it = iter(range(1 << 62))
-
-    def one_call():
-        keys, x = bs[next(it) % len(bs)]
-        return c.step(keys, x)
-
-    y = benchmark(one_call)
-    assert y.shape[1] == model.output_size and np.isfinite(y).all()
+    W.time_steps(benchmark, c, wl, model.output_size)

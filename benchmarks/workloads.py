@@ -66,3 +66,21 @@ def contender(name, model, threads):
     if name == "numpy_oracle":
         return OracleContender(model, threads)
     return make_contender(name, model, threads)
+
+
+def time_steps(benchmark, c, wl, output_size):
+    """Time contender ``c``'s ``step`` over the workload's seeded batches (opened and warmed up
+    outside the timing), one batch per call; check the last output's shape and finiteness."""
+    from streamgru.harness.bench import batches
+
+    bs = batches(wl, 8)
+    c.open(np.arange(wl.n_streams))
+    c.step(*bs[0])
+    it = iter(range(1 << 62))
+
+    def one_call():
+        keys, x = bs[next(it) % len(bs)]
+        return c.step(keys, x)
+
+    y = benchmark(one_call)
+    assert y.shape[1] == output_size and np.isfinite(y).all()

@@ -662,6 +662,28 @@ def _units(cfg, where):
     return H
 
 
+def _recurrent(entry, store, major, version, gates):
+    """What GRU and LSTM layers share: ``(H, f, g, kernel, recurrent, bias)`` with
+    ``recurrent_activation`` as f, ``activation`` as g, the kernels' shapes checked for
+    ``gates`` gate blocks (GRU 3, LSTM 4) and ``bias`` None without ``use_bias``."""
+    cfg, where = entry["config"], _where(entry)
+    H = _units(cfg, where)
+    g = _activation(cfg.get("activation", "tanh"), major, version, where, "activation")
+    f = _activation(cfg.get("recurrent_activation", "sigmoid"), major, version, where,
+                    "recurrent_activation")
+    use_bias = bool(cfg.get("use_bias", True))
+    w = store.get(entry, ["kernel", "recurrent_kernel"] + (["bias"] if use_bias else []))
+    kernel, recurrent = w["kernel"], w["recurrent_kernel"]
+    if kernel.ndim != 2 or kernel.shape[1] != gates * H:
+        raise ValueError(
+            f"{where}: expected kernel of shape (input_size, {gates * H}), got {kernel.shape}"
+        )
+    if recurrent.shape != (H, gates * H):
+        raise ValueError(f"{where}: expected recurrent_kernel of shape {(H, gates * H)}, got "
+                         f"{recurrent.shape}")
+    return H, f, g, kernel, recurrent, w.get("bias")
+
+
 def _gru(entry, store, major, version, out_dtype):
     cfg, where = entry["config"], _where(entry)
     check_keys(cfg, _GRU_KEYS, where)
@@ -672,25 +694,9 @@ def _gru(entry, store, major, version, out_dtype):
             f"Keras versions); streamgru never guesses linear_before_reset"
         )
     reset_after = bool(cfg["reset_after"])
-    use_bias = bool(cfg.get("use_bias", True))
-    H = _units(cfg, where)
-    g = _activation(cfg.get("activation", "tanh"), major, version, where, "activation")
-    f = _activation(cfg.get("recurrent_activation", "sigmoid"), major, version, where,
-                    "recurrent_activation")
-    names = ["kernel", "recurrent_kernel"] + (["bias"] if use_bias else [])
-    w = store.get(entry, names)
-    kernel, recurrent = w["kernel"], w["recurrent_kernel"]
-    if kernel.ndim != 2 or kernel.shape[1] != 3 * H:
-        raise ValueError(
-            f"{where}: expected kernel of shape (input_size, {3 * H}), got {kernel.shape}"
-        )
-    if recurrent.shape != (H, 3 * H):
-        raise ValueError(
-            f"{where}: expected recurrent_kernel of shape {(H, 3 * H)}, got {recurrent.shape}"
-        )
+    H, f, g, kernel, recurrent, bias = _recurrent(entry, store, major, version, 3)
     Wb = Rb = None
-    if use_bias:
-        bias = w["bias"]
+    if bias is not None:
         if reset_after:
             # reset_after=True: bias (2, 3H) = [input bias; recurrent bias], the recurrent one
             # inside r * (R h + Rb): ONNX linear_before_reset=1.
@@ -717,21 +723,7 @@ def _lstm(entry, store, major, version, out_dtype):
     cfg, where = entry["config"], _where(entry)
     check_keys(cfg, _LSTM_KEYS, where)
     _refuse_backwards(cfg, where)
-    use_bias = bool(cfg.get("use_bias", True))
-    H = _units(cfg, where)
-    g = _activation(cfg.get("activation", "tanh"), major, version, where, "activation")
-    f = _activation(cfg.get("recurrent_activation", "sigmoid"), major, version, where,
-                    "recurrent_activation")
-    w = store.get(entry, ["kernel", "recurrent_kernel"] + (["bias"] if use_bias else []))
-    kernel, recurrent, bias = w["kernel"], w["recurrent_kernel"], w.get("bias")
-    if kernel.ndim != 2 or kernel.shape[1] != 4 * H:
-        raise ValueError(
-            f"{where}: expected kernel of shape (input_size, {4 * H}), got {kernel.shape}"
-        )
-    if recurrent.shape != (H, 4 * H):
-        raise ValueError(
-            f"{where}: expected recurrent_kernel of shape {(H, 4 * H)}, got {recurrent.shape}"
-        )
+    H, f, g, kernel, recurrent, bias = _recurrent(entry, store, major, version, 4)
     if bias is not None and bias.shape != (4 * H,):
         raise ValueError(f"{where}: expected bias of shape {(4 * H,)}, got {bias.shape}")
     # Keras's gate blocks (i, f, c, o) -> ours (i, o, f, c); activation is both g and h.

@@ -216,14 +216,20 @@ def _convert(doc, out_dtype):
     return GRUModel(layers, source="rtneural")
 
 
-def _gru(weights, act_name, I, H, where, out_dtype):
+def _tanh_only(act_name, where, what):
+    """RTNeural's recurrent layers always run tanh where ``what`` says, whatever the field says:
+    refuse a file whose exporter saw another activation there."""
     if act_name not in (None, "tanh"):
         raise UnsupportedModelError(
-            f"{where}: activation {act_name!r}: RTNeural's GRU always uses tanh for the candidate "
-            f"and ignores this field, while the model it was exported from did not use tanh "
-            f"(the Keras exporter writes \"\" for linear and other unlisted activations); set it "
-            f"to \"tanh\" if the original model used tanh"
+            f"{where}: activation {act_name!r}: RTNeural's {what} and ignores this field, while "
+            f"the model it was exported from did not use tanh (the Keras exporter writes \"\" "
+            f"for linear and other unlisted activations); set it to \"tanh\" if the original "
+            f"model used tanh"
         )
+
+
+def _gru(weights, act_name, I, H, where, out_dtype):
+    _tanh_only(act_name, where, "GRU always uses tanh for the candidate")
     if len(weights) == 2:
         raise UnsupportedModelError(
             f"{where}: no bias array, so reset_after (linear_before_reset) cannot be told; "
@@ -252,13 +258,7 @@ def _gru(weights, act_name, I, H, where, out_dtype):
 
 
 def _lstm(weights, act_name, I, H, where, out_dtype):
-    if act_name not in (None, "tanh"):
-        raise UnsupportedModelError(
-            f"{where}: activation {act_name!r}: RTNeural's LSTM always uses tanh for the candidate "
-            f"and the cell output and ignores this field, while the model it was exported from "
-            f"did not use tanh (the Keras exporter writes \"\" for linear and other unlisted "
-            f"activations); set it to \"tanh\" if the original model used tanh"
-        )
+    _tanh_only(act_name, where, "LSTM always uses tanh for the candidate and the cell output")
     if len(weights) not in (2, 3):
         raise ValueError(
             f"{where}: expected weights [kernel, recurrent_kernel, bias], got {len(weights)} arrays"

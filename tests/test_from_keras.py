@@ -88,16 +88,19 @@ def test_hard_sigmoid_keras2_is_0_2():
     assert model.source == "keras 2.15.0"
 
 
-def test_hard_sigmoid_follows_the_writer_version(tmp_path):
-    # The same Keras 3 file claiming to come from Keras 2 maps hard_sigmoid to 0.2x+0.5, which
-    # no longer reproduces Keras 3's outputs: the version is really what decides the mapping.
+@pytest.mark.parametrize("name", ["keras_legacy_hard_sigmoid.h5",
+                                  "keras_lstm_legacy_hard_sigmoid.h5"])
+def test_hard_sigmoid_follows_the_writer_version(tmp_path, name):
+    # The same Keras 3 file (GRU, LSTM) claiming to come from Keras 2 maps hard_sigmoid to
+    # 0.2x+0.5, which no longer reproduces Keras 3's outputs: the version is really what decides
+    # the mapping.
     dst = tmp_path / "as_keras2.h5"
-    shutil.copy(FIX / "keras_legacy_hard_sigmoid.h5", dst)
+    shutil.copy(FIX / name, dst)
     with h5py.File(dst, "r+") as f:
         f.attrs["keras_version"] = "2.15.0"
     model = from_keras(dst)
-    assert model.gru_layers[0].f[1] == 0.2
-    assert oracle.max_error_vs_reference(model, _ref("keras_legacy_hard_sigmoid.h5")) > 1e-3
+    assert model.recurrent_layers[0].f[1] == 0.2
+    assert oracle.max_error_vs_reference(model, _ref(name)) > 1e-3
 
 
 def test_hard_sigmoid_without_version_is_refused(tmp_path):
@@ -425,16 +428,6 @@ def test_lstm_layer_mapping():
     keras2 = from_keras(FIX / "keras2_lstm_state.h5")
     assert keras2.layers[0].f == ("hardsigmoid", 0.2, 0.5)
     assert keras2.source == "keras 2.15.0"
-
-
-def test_lstm_hard_sigmoid_follows_the_writer_version(tmp_path):
-    dst = tmp_path / "as_keras2.h5"
-    shutil.copy(FIX / "keras_lstm_legacy_hard_sigmoid.h5", dst)
-    with h5py.File(dst, "r+") as f:
-        f.attrs["keras_version"] = "2.15.0"
-    model = from_keras(dst)
-    assert model.layers[0].f[1] == 0.2
-    assert oracle.max_error_vs_reference(model, _ref("keras_lstm_legacy_hard_sigmoid.h5")) > 1e-3
 
 
 @pytest.mark.parametrize("name", ["keras_lstm_state.keras", "keras2_lstm_state.h5"])

@@ -56,6 +56,21 @@ def run_in_process(args, capsys):
     return status, capsys.readouterr().err
 
 
+def run_in_two_parts(path, events, cut, tmp_path, capsys, *args):
+    """``streamgru run`` over ``events[:cut]`` then, resuming from its checkpoint, over the
+    rest, both in this process with ``args``; returns (state file, output file, the second
+    run's stderr, the second part's input file)."""
+    state, out = tmp_path / "s.sgst", tmp_path / "out.jsonl"
+    first, rest = tmp_path / "first.jsonl", tmp_path / "rest.jsonl"
+    first.write_text(jsonl(events[:cut]))
+    rest.write_text(jsonl(events[cut:]))
+    for part in (first, rest):
+        status, err = run_in_process([path, "-i", part, "-o", out, "--state", state, *args],
+                                     capsys)
+        assert status == 0, err
+    return state, out, err, rest
+
+
 def read_outputs(path):
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     return [r["key"] for r in rows], np.array([r["y"] for r in rows]).reshape(len(rows), -1)
@@ -358,14 +373,8 @@ def test_the_last_memory_is_checkpointed_and_a_resume_keeps_the_policy(model_fil
                                                                         capsys):
     model, path = model_file
     events, _ = events_with_gaps(50, seed=24)
-    state, out = tmp_path / "s.sgst", tmp_path / "out.jsonl"
-    first, rest = tmp_path / "first.jsonl", tmp_path / "rest.jsonl"
-    first.write_text(jsonl(events[:25]))
-    rest.write_text(jsonl(events[25:]))
-    for part in (first, rest):
-        status, err = run_in_process([path, "-i", part, "-o", out, "--state", state,
-                                      "--missing", "last"], capsys)
-        assert status == 0, err
+    state, out, err, rest = run_in_two_parts(path, events, 25, tmp_path, capsys,
+                                             "--missing", "last")
     assert "continue the input at line 26" in err
     assert checkpoint_meta(model, state)["missing"] == "last"
     # Interrupted or not, every stream carries on from its last observed values.
@@ -387,14 +396,7 @@ def test_an_lstm_model_runs_and_resumes_from_its_checkpoint(tmp_path, capsys):
     model.save(path)
     events = make_events(60, seed=5)
     events = [(k, x[:model.input_size]) for k, x in events]
-    state, out = tmp_path / "s.sgst", tmp_path / "out.jsonl"
-    first, rest = tmp_path / "first.jsonl", tmp_path / "rest.jsonl"
-    first.write_text(jsonl(events[:30]))
-    rest.write_text(jsonl(events[30:]))
-    for part in (first, rest):
-        status, err = run_in_process([path, "-i", part, "-o", out, "--state", state,
-                                      "--max-batch", 7], capsys)
-        assert status == 0, err
+    _, out, _, _ = run_in_two_parts(path, events, 30, tmp_path, capsys, "--max-batch", 7)
     keys, ys = read_outputs(out)
     assert keys == [k for k, _ in events]
     np.testing.assert_allclose(ys, oracle_outputs(model, events), atol=1e-5, rtol=0)
