@@ -176,3 +176,24 @@ def test_the_weights_argument_is_checked():
         Engine(model, weights=8)
     assert Engine(model, dtype="float64").weights == "float64"
     assert Engine(model).weights == "float32"
+
+
+@pytest.mark.parametrize("weights", ["float16", "int8"])
+def test_a_compact_file_runs_as_the_engine_that_wrote_it(tmp_path, weights):
+    """model.save(path, weights=...) then load: an Engine of the loaded model runs the stored
+    form by default, with the same bits as Engine(model, weights=...) (quantization is
+    idempotent, streamgru.compact), and the file's matrices are smaller."""
+    from streamgru import Engine, load
+
+    model = _mixed_model().astype("float32")
+    model.save(tmp_path / "full.sgru")
+    model.save(tmp_path / "small.sgru", weights=weights)
+    small = load(tmp_path / "small.sgru")
+    assert small.stored_as == weights
+    a, b = Engine(model, weights=weights), Engine(small)
+    assert b.weights == weights
+    x = np.random.default_rng(64).normal(size=(30, 5)).astype(np.float32)
+    keys = [0, 1, 2] * 10
+    np.testing.assert_array_equal(a.step(keys, x), b.step(keys, x))
+    np.testing.assert_array_equal(a.run(7, x), b.run(7, x))
+    assert (tmp_path / "small.sgru").stat().st_size < (tmp_path / "full.sgru").stat().st_size
