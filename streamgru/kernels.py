@@ -436,16 +436,17 @@ else:
 
 
 @njit(**_JIT)
-def _gemm_ksplit(params, fp, table, l, col, K, p0, p1, src, rows, s0, dst, d0, r0, r1):
+def _gemm_ksplit(params, fp, woff, boff, soff, K, p0, p1, src, rows, s0, dst, d0, r0, r1):
     """dst[i, d0 + p*NR ...] = src[i, s0:s0+K] @ panels p0..p1-1 + bias, for rows i in [r0, r1)
     (input row i is src[rows[i]] when ``rows`` is an array: a gather; None reads src[i]). The
-    product is layer ``l``'s at table column ``col`` (``T_W``, ``T_R`` or ``T_RN``): its panels'
-    offset in params, its bias's and scales' in ``fp`` (flat), read from that column group.
+    product's panels start at params[woff], its bias at flat offset ``boff`` of ``fp`` and its
+    int8 scales at ``soff`` (a layer's table column group ``T_W``, ``T_R`` or ``T_RN``). The
+    offsets travel as ints, not as the table and a column: every array argument of a compiled
+    call is passed as its struct's fields, and the sequence kernel calls this every step.
 
     Each panel (K x NR) stays in L1 while every row block of the range passes over it.
     """
     nr = 2 * VEC_BYTES // dst.itemsize
-    woff, boff, soff = table[l, col], table[l, col + 1], table[l, col + 3]
     one = np.int64(1)
     for p in range(p0, p1):
         w = woff + p * K * nr
@@ -480,16 +481,15 @@ PANEL_BLOCK_BYTES = 16384
 
 
 @njit(**_JIT)
-def _gemm_fit(params, fp, table, l, col, K, p0, p1, src, rows, s0, dst, d0, r0, r1):
+def _gemm_fit(params, fp, woff, boff, soff, K, p0, p1, src, rows, s0, dst, d0, r0, r1):
     """dst[i, d0 + p*NR ...] = src[i, s0:s0+K] @ panels p0..p1-1 + bias, for rows i in [r0, r1)
     (input row i is src[rows[i]] when ``rows`` is an array: a gather; None reads src[i]); the
-    product of layer ``l`` at table column ``col``, as in :func:`_gemm_ksplit`.
+    offsets as in :func:`_gemm_ksplit`.
 
     From _MR_B rows on, each panel (K x NR) stays in L1 while the tiles pass over it; fewer
     rows take _NP_C or _NP_D panels at once (then one at a time for the last ones).
     """
     nr = 2 * VEC_BYTES // dst.itemsize
-    woff, boff, soff = table[l, col], table[l, col + 1], table[l, col + 3]
     one = np.int64(1)
     m = r1 - r0
     if m >= _MR_B:
@@ -567,6 +567,19 @@ _row_tile, _row_tile1 = (_tile1, _tile1) if _KU > 1 else (_tile_d, _tile_d1)
 
 
 @njit(inline="always", **_JIT)
+def _product(table, l, col):
+    """(panels' offset, bias offset, scales offset) of layer ``l``'s product at table column
+    ``col``: what :func:`_gemm` takes, as ints (see there why not the table)."""
+    return table[l, col], table[l, col + 1], table[l, col + 3]
+
+
+@njit(inline="always", **_JIT)
+def _product1(table, l, col):
+    """As :func:`_product`, with the panel count: what :func:`_gemv` takes."""
+    return table[l, col], table[l, col + 1], table[l, col + 2], table[l, col + 3]
+
+
+@njit(inline="always", **_JIT)
 def _groups(npan, size):
     """Number of ``size``-panel groups covering npan panels (the last may be short)."""
     return (npan + size - 1) // size
@@ -587,18 +600,17 @@ def _nth(q, ng, rev):
 
 
 @njit(**_JIT)
-def _gemv(params, fp, table, l, col, K, src, si, s0, dst, di, d0, rev):
-    """dst[di, d0:d0 + npan*NR] = src[si, s0:s0+K] @ panels 0..npan-1 + bias: one row of layer
-    ``l``'s product at table column ``col`` (as :func:`_gemm`), last group of PANEL_GROUP
-    panels first when ``rev`` (the order changes which weights are read last, never a result:
-    see :func:`run_sequence`).
+def _gemv(params, fp, woff, boff, npan, soff, K, src, si, s0, dst, di, d0, rev):
+    """dst[di, d0:d0 + npan*NR] = src[si, s0:s0+K] @ panels 0..npan-1 + bias: one row of a
+    product (offsets as in :func:`_gemm`), last group of PANEL_GROUP panels first when ``rev``
+    (the order changes which weights are read last, never a result: see
+    :func:`run_sequence`).
 
     The same tiles as :func:`_gemm` takes for one row, panel for panel, so the same bits; the
     one-event kernel calls this instead so that it does not compile the many-row tiles (a
     first step on an empty cache then costs a fraction of the compile time).
     """
     nr = 2 * VEC_BYTES // dst.itemsize
-    woff, boff, npan, soff = table[l, col], table[l, col + 1], table[l, col + 2], table[l, col + 3]
     one = np.int64(1)
     ng = _groups(npan, PANEL_GROUP)
     for q in range(ng):
@@ -1250,20 +1262,23 @@ def _make_step_block(name, parallel):
             so = table[l, T_SOFF]
             npw = table[l, T_NPW]
             npr = table[l, T_NPR]
+            w_w, b_w, s_w = _product(table, l, T_W)  # each product's offsets (see _gemm)
+            w_r, b_r, s_r = _product(table, l, T_R)
+            w_n, b_n, s_n = _product(table, l, T_RN)
             px = nxt if table[l, T_XOUT] else GX  # where the input product lands
             gw = _groups(npw, group)
             for q in loop(gw + _groups(npr, group)):
                 if q >= gw:
                     p0, p1 = _group(np.int64(q) - gw, npr, group)  # int64: see _nth
-                    _gemm(params, fp, table, l, T_R, H, p0, p1, state, srows, so,
+                    _gemm(params, fp, w_r, b_r, s_r, H, p0, p1, state, srows, so,
                           scratch, GH, r0, r1)
                 elif l == 0:
                     p0, p1 = _group(q, npw, group)
-                    _gemm(params, fp, table, l, T_W, K, p0, p1, x, order, 0,
+                    _gemm(params, fp, w_w, b_w, s_w, K, p0, p1, x, order, 0,
                           scratch, px, r0, r1)
                 else:
                     p0, p1 = _group(q, npw, group)
-                    _gemm(params, fp, table, l, T_W, K, p0, p1, scratch, None, cur,
+                    _gemm(params, fp, w_w, b_w, s_w, K, p0, p1, scratch, None, cur,
                           scratch, px, r0, r1)
             last = l == nl - 1  # then the cells write the caller's rows directly
             D = out if last else scratch
@@ -1277,7 +1292,7 @@ def _make_step_block(name, parallel):
                     _cell_pre(table, fp, l, scratch, i, i, state, srows[i], so)
                 for g in loop(_groups(nprn, group)):
                     p0, p1 = _group(g, nprn, group)
-                    _gemm(params, fp, table, l, T_RN, table[l, T_HID], p0, p1,
+                    _gemm(params, fp, w_n, b_n, s_n, table[l, T_HID], p0, p1,
                           scratch, None, T, scratch, GH, r0, r1)
             for i in range(r0, r1):
                 _cell(table, fp, l, scratch, i, i, state, srows[i], so, D,
@@ -1516,17 +1531,20 @@ def step_one(params, table, fp, state, slot, x, out, scratch, check_finite, flip
         K = table[l, T_IN]
         H = table[l, T_OUT]
         so = table[l, T_SOFF]
+        w_w, b_w, n_w, s_w = _product1(table, l, T_W)  # each product's offsets (see _gemv)
+        w_r, b_r, n_r, s_r = _product1(table, l, T_R)
+        w_n, b_n, n_n, s_n = _product1(table, l, T_RN)
         if rev:  # the recurrent product first (see run_sequence)
-            _gemv(params, fp, table, l, T_R, H, state, slot, so,
+            _gemv(params, fp, w_r, b_r, n_r, s_r, H, state, slot, so,
                   scratch, w1, GH, rev)
-        _gemv(params, fp, table, l, T_W, K, src, r0, s0, scratch,
+        _gemv(params, fp, w_w, b_w, n_w, s_w, K, src, r0, s0, scratch,
               r0, nxt if table[l, T_XOUT] else GX, rev)
         if not rev:
-            _gemv(params, fp, table, l, T_R, H, state, slot, so,
+            _gemv(params, fp, w_r, b_r, n_r, s_r, H, state, slot, so,
                   scratch, w1, GH, rev)
         if table[l, T_NPRN] > 0:
             _cell_pre(table, fp, l, scratch, r0, w1, state, slot, so)
-            _gemv(params, fp, table, l, T_RN, table[l, T_HID],
+            _gemv(params, fp, w_n, b_n, n_n, s_n, table[l, T_HID],
                   scratch, w1, T, scratch, w1, GH, rev)
         # the new state goes to the state row, the output to this layer's output
         _cell(table, fp, l, scratch, r0, w1, state, slot, so, scratch, r0, nxt)
@@ -1585,6 +1603,10 @@ def _make_sequence(name, parallel):
             npr = table[l, T_NPR]
             nprn = table[l, T_NPRN]
             sw = table[l, T_SW]
+            w_w, b_w, s_w = _product(table, l, T_W)  # each product's offsets (see _gemm)
+            w_r, b_r, s_r = _product(table, l, T_R)
+            w_n, b_n, s_n = _product(table, l, T_RN)
+
             # the layer's state, kept in the workspace row for the whole sequence
             _copy_row(state, slot, table[l, T_SOFF], scratch, n, HH, sw)
             gw = _groups(npw, group)
@@ -1592,25 +1614,25 @@ def _make_sequence(name, parallel):
             if rev:  # the one step's recurrent product first (see the docstring)
                 for q in loop(gr):
                     p0, p1 = _group(_nth(q, gr, True), npr, group)
-                    _gemm(params, fp, table, l, T_R, H, p0, p1, scratch, None, HH,
+                    _gemm(params, fp, w_r, b_r, s_r, H, p0, p1, scratch, None, HH,
                           scratch, GH, n, n + 1)
             px = nxt if table[l, T_XOUT] else GX  # where the input product lands
             for q in loop(gw):
                 p0, p1 = _group(_nth(q, gw, rev), npw, group)
-                _gemm(params, fp, table, l, T_W, K, p0, p1, scratch, None, cur,
+                _gemm(params, fp, w_w, b_w, s_w, K, p0, p1, scratch, None, cur,
                       scratch, px, 0, n)
             for t in range(n):
                 if not rev:
                     for q in loop(gr):
                         p0, p1 = _group(q, npr, group)
-                        _gemm(params, fp, table, l, T_R, H, p0, p1, scratch, None,
+                        _gemm(params, fp, w_r, b_r, s_r, H, p0, p1, scratch, None,
                               HH, scratch, GH, n, n + 1)
                 if nprn > 0:
                     _cell_pre(table, fp, l, scratch, t, n, scratch, n, HH)
                     gn = _groups(nprn, group)
                     for q in loop(gn):
                         p0, p1 = _group(_nth(q, gn, rev), nprn, group)
-                        _gemm(params, fp, table, l, T_RN, table[l, T_HID], p0,
+                        _gemm(params, fp, w_n, b_n, s_n, table[l, T_HID], p0,
                               p1, scratch, None, T, scratch, GH, n, n + 1)
                 # the new state stays in the workspace row, the output goes to step t's row
                 _cell(table, fp, l, scratch, t, n, scratch, n, HH, scratch, t, nxt)
