@@ -251,9 +251,7 @@ def verify(model, source, *, streams=4, steps=20, seed=0, dtype="float32", toler
                         "larger graph has no reference to compare with")
     from streamgru.packing import weights_form
 
-    if weights is None and dtype == "float32":
-        weights = model.stored_as
-    form = weights_form(dtype, weights)  # refuses what the engine would refuse, by name
+    form = weights_form(dtype, weights, model.stored_as)  # refuses what the engine would refuse
     run = _Run(model, int(streams), int(steps), int(seed), dtype, missing, float(missing_rate),
                None if form == dtype else form)
     kind = _kind(source)

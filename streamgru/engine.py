@@ -62,7 +62,7 @@ from . import kernels as K
 from .errors import FormatError, NonFiniteError, UnsupportedModelError
 from .layers import LAYER_KINDS
 from .model import GRUModel
-from .packing import pack
+from .packing import pack, weights_form
 from .state import StateStore, normalize_key, normalize_keys
 
 __all__ = ["Engine", "LoadedState", "MISSING_POLICIES", "check_missing", "check_runnable"]
@@ -312,9 +312,7 @@ class Engine:
         self.threads = threads
         self._par_threads = threads if threads is not None else numba.config.NUMBA_NUM_THREADS
         self.check_finite = bool(check_finite)
-        if weights is None and self.dtype == np.float32:
-            weights = getattr(model, "stored_as", None)  # a model loaded from a compact file
-        self._packed = pack(model, self.dtype, weights)
+        self._packed = pack(model, self.dtype, weights_form(self.dtype, weights, model.stored_as))
         self._shape1 = (1, model.input_size)
         self._slot1 = np.zeros(1, np.int64)  # the one-event fast path's slots array
         self._flip = 0  # run()'s weight direction, alternated per call (step's: c & 1 in step)

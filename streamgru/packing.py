@@ -55,11 +55,6 @@ class PackedModel:
     weights_dtype: np.dtype = np.dtype(np.float32)
     weights: str = "float32"
 
-    @property
-    def weight_bytes(self):
-        """Bytes of weight panels plus their biases and scales (what a step streams)."""
-        return int(self.params.nbytes + self.fp.nbytes)
-
 
 class LayerRow:
     """One layer's row of the kernels' table, as its kind's ``pack`` method fills it.
@@ -102,9 +97,10 @@ class LayerRow:
             self._need[name] = max(self._need[name], self._pad(m))
 
 
-def _check_range(model, dtype):
-    """Refuse a model with a weight beyond ``dtype``'s range: the cast would make it inf, and
-    every output of the engine NaN (numpy only warns)."""
+def _check_range(model, dtype, weights):
+    """Refuse a model with a weight beyond ``dtype``'s range (or, with float16 weights, a weight
+    matrix beyond float16's): the cast would make it inf, and every output of the engine NaN
+    (numpy only warns)."""
     big = float(np.finfo(dtype).max)
     for i, layer in enumerate(model.layers):
         for name, t in layer.tensors().items():
@@ -113,13 +109,22 @@ def _check_range(model, dtype):
                 raise ValueError(f"model: layer {i} ({layer.kind}) tensor {name} holds values beyond "
                                  f"{dtype.name}'s range (max |v| = {top:.3g}); use "
                                  f'dtype="float64"')
+            if weights == "float16" and t.ndim == 2 and top > float(np.finfo(np.float16).max):
+                raise ValueError(f'weights: expected weight matrices within float16\'s range '
+                                 f"(|v| <= 65504) for weights=\"float16\", got layer {i} "
+                                 f"({layer.kind}) tensor {name} with max |v| = {top:.3g}; use "
+                                 f'weights="int8" or "float32"')
 
 
-def weights_form(dtype, weights):
-    """The weights form of an engine of compute ``dtype``: ``weights`` None is the compute
-    dtype's own; ``"float16"``/``"int8"`` need float32 arithmetic; ``"float32"``/``"float64"``
-    must be the compute dtype."""
+def weights_form(dtype, weights, stored_as=None):
+    """The weights form of an engine of compute ``dtype`` (``Engine``, ``ShardedEngine`` and
+    ``converters.verify`` resolve their ``weights=`` here): ``weights`` None is the model's own
+    form, ``stored_as`` (a model loaded from a compact file) for a float32 engine, else the
+    compute dtype's; ``"float16"``/``"int8"`` need float32 arithmetic; ``"float32"``/
+    ``"float64"`` must be the compute dtype."""
     dtype = np.dtype(dtype)
+    if weights is None:
+        weights = stored_as if dtype == np.float32 else None
     if weights is None:
         return dtype.name
     if weights == "float64" and dtype == np.float64:
@@ -165,7 +170,7 @@ def pack(model, dtype, weights=None) -> PackedModel:
         raise ValueError(f"dtype: expected float32 or float64, got {dtype.name}")
     form = weights_form(dtype, weights)
     wdtype = compact.WEIGHT_FORMATS.get(form, dtype)
-    _check_range(model, dtype)
+    _check_range(model, dtype, form)
     nr = K.panel_width(dtype)
     L = len(model.layers)
     walign = _ALIGN_BYTES // wdtype.itemsize
@@ -240,9 +245,9 @@ def pack(model, dtype, weights=None) -> PackedModel:
     last = max(i for i, layer in enumerate(model.layers) if layer.recurrent)
 
     def as_used(W):  # the tail's W as the kernels use it
-        stored, scales = compact.quantize(W, form) if form in ("float16", "int8") else (W, None)
-        return np.array(compact.dequantize(stored, scales) if form in ("float16", "int8")
-                        else W, dtype)
+        if form in ("float16", "int8"):
+            W = compact.dequantize(*compact.quantize(W, form))
+        return np.array(W, dtype)
 
     tail = tuple((i, as_used(layer.W), np.array(layer.b, dtype))
                  for i, layer in enumerate(model.layers) if i > last)

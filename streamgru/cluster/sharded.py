@@ -475,9 +475,7 @@ class ShardedEngine:
         shards = positive_int(shards, "shards")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype: expected 'float32' or 'float64', got {dtype!r}")
-        if weights is None and dtype == "float32":
-            weights = model.stored_as  # as Engine: a compact model's own form
-        weights = weights_form(dtype, weights)  # refused here, not inside an actor
+        weights = weights_form(dtype, weights, model.stored_as)  # here, not inside an actor
         threads_per_shard = positive_int(threads_per_shard, "threads_per_shard")
         capacity = positive_int(capacity, "capacity")
         if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < -1:
