@@ -115,6 +115,23 @@ def test_model_bytes_round_trip_is_bit_exact():
         model_to_bytes(3)
 
 
+def test_sharded_engine_refuses_a_bad_weights_form_before_starting_ray(monkeypatch):
+    """Refused in the driver, naming the argument, not inside an actor; Ray is never asked for."""
+    from streamgru.cluster import sharded
+
+    def no_ray():
+        raise AssertionError("Ray was reached before the arguments were checked")
+
+    monkeypatch.setattr(sharded, "_ray", no_ray)
+    model = GRUModel.random(3, 4)
+    with pytest.raises(ValueError, match=r"weights: expected one of 'float32', 'float16', "
+                                         r"'int8', got 'int4'"):
+        sharded.ShardedEngine(model, shards=2, weights="int4")
+    with pytest.raises(ValueError, match=r'weights: expected "float64" \(or None\) for a '
+                                         r"float64 engine, got 'int8'"):
+        sharded.ShardedEngine(model, shards=2, dtype="float64", weights="int8")
+
+
 # ----------------------------------------------------------------------------------------------
 # ShardedEngine on a local Ray
 

@@ -176,6 +176,13 @@ def test_the_weights_argument_is_checked():
         Engine(model, weights=8)
     assert Engine(model, dtype="float64").weights == "float64"
     assert Engine(model).weights == "float32"
+    gru = model.layers[0]
+    big = Model([type(gru).from_config(gru.config(), {**gru.tensors(), "W": gru.W * 1e6})])
+    with pytest.raises(ValueError, match=r"weights: expected weight matrices within float16's "
+                                         r"range .*got layer 0 \(gru\) tensor W with max "
+                                         r"\|v\| = .*; use weights=\"int8\""):
+        Engine(big, weights="float16")
+    assert Engine(big, weights="int8").weights == "int8"  # int8 scales any range
 
 
 @pytest.mark.parametrize("weights", ["float16", "int8"])

@@ -365,15 +365,20 @@ def test_functional_renamed_layers_still_find_their_weights():
     assert model.layers[0].hidden_size == 7
 
 
-def test_legacy_weight_shape_mismatch(tmp_path):
+@pytest.mark.parametrize("name, layer, bias, expected", [
+    ("keras2_legacy_hard_sigmoid.h5", "gru", np.zeros(15, np.float32),
+     r"layer 'gru' \(GRU\): expected bias of shape \(2, 15\) \(reset_after=True\), got \(15,\)"),
+    ("keras2_lstm_state.h5", "lstm", np.zeros((2, 16), np.float32),
+     r"layer 'lstm' \(LSTM\): expected bias of shape \(16,\), got \(2, 16\)"),
+])
+def test_legacy_weight_shape_mismatch(tmp_path, name, layer, bias, expected):
     dst = tmp_path / "bad.h5"
-    shutil.copy(FIX / "keras2_legacy_hard_sigmoid.h5", dst)
+    shutil.copy(FIX / name, dst)
     with h5py.File(dst, "r+") as f:
-        g = f["model_weights/gru"]
-        del g["gru/gru_cell/bias:0"]
-        g.create_dataset("gru/gru_cell/bias:0", data=np.zeros(15, np.float32))
-    with pytest.raises(ValueError, match=r"layer 'gru' \(GRU\): expected bias of shape \(2, 15\) "
-                                         r"\(reset_after=True\), got \(15,\)"):
+        g = f[f"model_weights/{layer}"]
+        del g[f"{layer}/{layer}_cell/bias:0"]
+        g.create_dataset(f"{layer}/{layer}_cell/bias:0", data=bias)
+    with pytest.raises(ValueError, match=expected):
         from_keras(dst)
 
 
@@ -540,15 +545,3 @@ def test_lstm_state_input_used_twice_is_refused(tmp_path):
                        match=r"layer 'lstm' \(LSTM\): expected initial_state to be a model input "
                              r"of its own .*got 'h0', which also starts layer 'lstm'"):
         from_keras(path)
-
-
-def test_lstm_legacy_weight_shape_mismatch(tmp_path):
-    dst = tmp_path / "bad.h5"
-    shutil.copy(FIX / "keras2_lstm_state.h5", dst)
-    with h5py.File(dst, "r+") as f:
-        g = f["model_weights/lstm"]
-        del g["lstm/lstm_cell/bias:0"]
-        g.create_dataset("lstm/lstm_cell/bias:0", data=np.zeros((2, 16), np.float32))
-    with pytest.raises(ValueError, match=r"layer 'lstm' \(LSTM\): expected bias of shape \(16,\), "
-                                         r"got \(2, 16\)"):
-        from_keras(dst)

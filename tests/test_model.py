@@ -127,6 +127,17 @@ def test_nested_lists_and_float16_are_accepted():
     assert g.W.dtype == np.float32
 
 
+def test_random_model_cells():
+    m = Model.random(3, [5, 4], cell=["lstm", "gru"], dense_after=[(2, "softmax")], seed=1)
+    assert [layer.kind for layer in m.layers] == ["lstm", "gru", "dense"]
+    assert m.state_size == 2 * 5 + 4 and m.held_output_slice == slice(10, 14)
+    assert [layer.kind for layer in Model.random(3, [5, 4], cell="lstm").layers] == ["lstm"] * 2
+    for bad in ("rnn", ["gru"], ["gru", "lstm", "gru"]):
+        with pytest.raises(ValueError, match=r"cell: expected 'gru', 'lstm' or one of them per "
+                                             r"hidden size \(2\), got"):
+            Model.random(3, [5, 4], cell=bad)
+
+
 def test_random_model_is_seeded():
     a = GRUModel.random(3, [5, 5], dense_after=[(2, "softmax")], seed=3)
     b = GRUModel.random(3, [5, 5], dense_after=[(2, "softmax")], seed=3)
