@@ -316,7 +316,8 @@ class Engine:
         self._shape1 = (1, model.input_size)
         self._slot1 = np.zeros(1, np.int64)  # the one-event fast path's slots array
         self._flip = 0  # run()'s weight direction, alternated per call (step's: c & 1 in step)
-        self._run1, self._wide1 = K.step_one, K.step_wide  # the one-event path's kernels
+        ks = self._packed.kernels  # this model's cell set's kernels
+        self._run1, self._wide1 = ks.step_one, ks.step_wide  # the one-event path's kernels
         numba.get_num_threads()  # launches Numba's thread pool, which _get_num_threads assumes
         self._macs_per_row = sum(layer.macs for layer in model.layers)
         self._recurrent_macs = max(layer.recurrent_macs for layer in model.recurrent_layers)
@@ -389,16 +390,16 @@ class Engine:
                             args = (p.params, p.table, p.fp, store.states, slot, x, out,
                                     self._run_scratch, self.check_finite, c & 1)
                             bad = self._run1(*args)
-                            if self._run1 is K.step_one:
-                                self._run1 = _compiled(K.step_one, args)
+                            if self._run1 is p.kernels.step_one:
+                                self._run1 = _compiled(self._run1, args)
                         else:  # large layers: split the weights over threads (see _kernel)
                             slot1 = self._slot1
                             slot1[0] = slot
                             args = (p.params, p.table, p.fp, store.states, slot1, x, out,
                                     self._scratch, self._iwork, store.mark, self.check_finite)
                             bad = self._parallel(self._wide1, args)
-                            if self._wide1 is K.step_wide:
-                                self._wide1 = _compiled(K.step_wide, args)
+                            if self._wide1 is p.kernels.step_wide:
+                                self._wide1 = _compiled(self._wide1, args)
                         if bad == -1:
                             if store.last is not None:  # missing="last": remember the values
                                 store.last[slot] = x  # (1, I) into a row: no view of x[0] made
@@ -466,7 +467,7 @@ class Engine:
         args = (p.params, p.table, p.fp, self._store.states, slots, x, out, self._scratch,
                 self._iwork, self._store.mark, self.check_finite)
         kernel = self._kernel(len(slots))
-        if kernel is K.step_parallel or kernel is K.step_wide:  # Numba threads: set their count
+        if kernel is p.kernels.step_parallel or kernel is p.kernels.step_wide:  # Numba threads
             return self._parallel(kernel, args)
         return kernel(*args)  # step_serial, or the one-event kernel for one row (_single)
 
@@ -477,9 +478,9 @@ class Engine:
         args = (p.params, p.table, p.fp, self._store.states, slot, xs, out, self._run_scratch,
                 self.check_finite)
         if self._par_threads > 1 and self._recurrent_macs >= RUN_WIDE_MIN_MACS:
-            return self._parallel(K.run_sequence_wide, args)
+            return self._parallel(p.kernels.run_sequence_wide, args)
         self._flip ^= 1
-        return K.run_sequence(*args, self._flip)
+        return p.kernels.run_sequence(*args, self._flip)
 
     # ------------------------------------------------------------------------------------------
     # missing input values (Engine(missing=...)): taken only by calls whose input holds NaN (the
@@ -683,8 +684,9 @@ class Engine:
         Loads each kernel from Numba's on-disk cache or compiles it there: the one-event path,
         the batch kernels (serial, parallel over rows, parallel over weight panels), both
         ``run`` kernels and the int-key table's kernels, whatever the thread count. The kernels
-        depend on the dtype, the weights form (``weights``) and the CPU, not on the model's
-        sizes: after this, a new process on a CPU of the same kind (and with the same cache
+        depend on the dtype, the weights form (``weights``) and the CPU, and the one-event
+        kernel on the model's cell set (``kernels.kernels_for``), not on the model's sizes:
+        after this, a new process on a CPU of the same kind (and with the same cache
         directory) loads them instead of compiling them. Stream states are untouched; no
         kernel runs on them.
 
@@ -709,19 +711,20 @@ class Engine:
                    self.check_finite, 0)
             many = (p.params, p.table, p.fp, store.states, np.zeros(1, np.int64), x, out,
                     self._scratch, self._iwork, store.mark, self.check_finite)
-            for kernel, args in ((K.step_one, one), (K.run_sequence, one),
-                                 (K.run_sequence_wide, one[:-1]), (K.step_serial, many),
-                                 (K.step_parallel, many), (K.step_wide, many)):
+            ks = p.kernels
+            for kernel, args in ((ks.step_one, one), (ks.run_sequence, one),
+                                 (ks.run_sequence_wide, one[:-1]), (ks.step_serial, many),
+                                 (ks.step_parallel, many), (ks.step_wide, many)):
                 K.compile_for(kernel, args)
-        # The int-key table's kernels, through the verbs of a throwaway engine: a batch of int
-        # keys opens them (lookup), the next call inserts them, a close deletes one.
+        # The int-key table's kernels, through a throwaway engine: a batch of int keys opens
+        # them (a lookup, then an insert), the next call looks them up. (Fewer keys than
+        # state.PY_PROBE_MAX take Python probes, and a close never calls a kernel.)
         spare = Engine(self.model, dtype=self.dtype, capacity=INT_TABLE_MIN_ROWS,
                        threads=self.threads, check_finite=self.check_finite)
         keys = np.arange(INT_TABLE_MIN_ROWS, dtype=np.int64)
         xs = np.zeros((INT_TABLE_MIN_ROWS, self.model.input_size), self.dtype)
         spare.step(keys, xs)
         spare.step(keys, xs)
-        spare.close(0)
         after = K.cache_counts()
         return {name: (after[name][0] - before.get(name, (0, 0))[0],
                        after[name][1] - before.get(name, (0, 0))[1])
@@ -1348,19 +1351,21 @@ class Engine:
         where the one-event path would run the one-event kernel goes there too (:meth:`_single`)."""
         if n == 1 and (self._par_threads == 1 or self._macs_per_row < WIDE_MIN_MACS):
             return self._single
+        ks = self._packed.kernels
         if self._par_threads > 1:
             if n >= PARALLEL_MIN_ROWS:
-                return K.step_parallel
+                return ks.step_parallel
             if n * self._macs_per_row >= WIDE_MIN_MACS:
-                return K.step_wide
-        return K.step_serial
+                return ks.step_wide
+        return ks.step_serial
 
     def _single(self, params, table, fp, state, slots, x, out, scratch, iwork, mark,
                 check_finite):
         """A batch kernel's call for one row, made with the one-event kernel (the same bits as
         step_serial): the first call on a new stream then compiles no more than the one-event
         path does. Sets the plan-order flags that :meth:`_refuse` reads, as the batch kernels do."""
-        bad = K.step_one(params, table, fp, state, int(slots[0]), x, out, scratch, check_finite, 0)
+        bad = self._packed.kernels.step_one(params, table, fp, state, int(slots[0]), x, out,
+                                            scratch, check_finite, 0)
         nm = (iwork.shape[0] - 1) // 4
         iwork[0] = 0
         iwork[3 * nm + 1] = bad == K.PRODUCED_NONFINITE

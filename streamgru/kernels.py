@@ -64,6 +64,7 @@ dtype.
 """
 
 import math
+import typing
 import warnings
 
 import numpy as np
@@ -717,85 +718,154 @@ def _tanh32(x):
     return p / q
 
 
-@njit(**_JIT)
-def _act(A, i, lo, hi, kind, alpha, beta, clip, fast):
-    """Apply activation ``kind`` in place to A[i, lo:hi], after clipping to [-clip, clip] if
-    clip > 0.
+def _variant(body, name, parallel):
+    """Compile ``body`` (a closure made by a kernel factory) as kernel ``name``.
 
-    ``fast`` selects the float32 tanh approximation (float32 engines); otherwise libm is used.
-    Each branch is its own loop so that the common ones vectorise.
+    Numba keys its on-disk cache index by the function's qualified name and first line, and
+    within it by the signature and the closure's values, not by ``parallel=``: each variant
+    gets a name of its own so that its cache entries can never be taken for another's
+    (tests/test_kernels.py checks that the variants' cache files differ).
     """
-    # A view indexed from 0: with offset indices Numba cannot prove them non-negative, keeps a
-    # wraparound branch per element and the loops do not vectorise (14x slower).
-    v = A[i, lo:hi]
-    m = v.shape[0]
-    if clip > 0:
-        for k in range(m):
-            v[k] = min(max(v[k], -clip), clip)
-    half = v.dtype.type(0.5)
-    one = v.dtype.type(1.0)
-    zero = v.dtype.type(0.0)
-    if kind == ACT_IDENTITY:
-        return
-    elif kind == ACT_SIGMOID:
-        if fast:
+    body.__name__ = body.__qualname__ = name
+    return njit(parallel=parallel, **_JIT)(body)
+
+
+# Activation ids run 0..N_ACTS-1 (streamgru.activations).
+N_ACTS = ACT_SOFTMAX + 1
+# The Dense activations of the cell sets with CELL_DENSE (below): a Dense head mostly has one.
+DENSE_COMMON = (ACT_IDENTITY, ACT_SIGMOID, ACT_TANH, ACT_RELU, ACT_SOFTMAX)
+# The message of a kernel variant asked for a cell or activation it was not built with (a
+# variant is built from the packed model's table, so this means a table it was not built for).
+_NOT_BUILT = "streamgru kernel variant without this layer's cell or activation"
+
+
+def _make_act(kinds):
+    """The activation function for activation ids ``kinds`` only (see :func:`kernels_for`):
+    the branches of the others are cut before Numba types them, so it compiles only their
+    loops; an id outside ``kinds`` raises (identity is always in)."""
+    (A_SIG, A_TANH, A_RELU, A_HSIG, A_LRELU, A_AFF, A_TRELU, A_STANH, A_ELU, A_SSIGN,
+     A_SPLUS, A_SMAX) = (a in kinds for a in range(1, N_ACTS))
+
+    def act(A, i, lo, hi, kind, alpha, beta, clip, fast):
+        """Apply activation ``kind`` in place to A[i, lo:hi], after clipping to [-clip, clip]
+        if clip > 0.
+
+        ``fast`` selects the float32 tanh approximation (float32 engines); otherwise libm is
+        used. Each branch is its own loop so that the common ones vectorise.
+        """
+        # A view indexed from 0: with offset indices Numba cannot prove them non-negative,
+        # keeps a wraparound branch per element and the loops do not vectorise (14x slower).
+        v = A[i, lo:hi]
+        m = v.shape[0]
+        if clip > 0:
             for k in range(m):
-                v[k] = half + half * _tanh32(half * v[k])
-        else:
-            for k in range(m):
-                v[k] = one / (one + math.exp(-v[k]))
-    elif kind == ACT_TANH:
-        if fast:
-            for k in range(m):
-                v[k] = _tanh32(v[k])
-        else:
-            for k in range(m):
-                v[k] = math.tanh(v[k])
-    elif kind == ACT_RELU:
-        for k in range(m):
-            v[k] = max(v[k], zero)
-    elif kind == ACT_HARDSIGMOID:
-        for k in range(m):
-            v[k] = min(max(alpha * v[k] + beta, zero), one)
-    elif kind == ACT_LEAKYRELU:
-        for k in range(m):
-            v[k] = v[k] if v[k] >= zero else alpha * v[k]
-    elif kind == ACT_AFFINE:
-        for k in range(m):
-            v[k] = alpha * v[k] + beta
-    elif kind == ACT_THRESHOLDEDRELU:
-        for k in range(m):
-            v[k] = v[k] if v[k] > alpha else zero
-    elif kind == ACT_SCALEDTANH:
-        if fast:
-            for k in range(m):
-                v[k] = alpha * _tanh32(beta * v[k])
-        else:
-            for k in range(m):
-                v[k] = alpha * math.tanh(beta * v[k])
-    elif kind == ACT_ELU:
-        for k in range(m):
-            if v[k] < zero:
-                v[k] = alpha * (math.exp(v[k]) - one)
-    elif kind == ACT_SOFTSIGN:
-        for k in range(m):
-            v[k] = v[k] / (one + abs(v[k]))
-    elif kind == ACT_SOFTPLUS:  # log(1 + e^x) without overflow
-        for k in range(m):
-            a = v[k]
-            v[k] = max(a, zero) + math.log1p(math.exp(-abs(a)))
-    elif kind == ACT_SOFTMAX:  # over the whole range
-        mx = v[0]
-        for k in range(m):
-            mx = max(mx, v[k])
-        s = zero
-        for k in range(m):
-            e = math.exp(v[k] - mx)
-            v[k] = e
-            s += e
-        inv = one / s
-        for k in range(m):
-            v[k] *= inv
+                v[k] = min(max(v[k], -clip), clip)
+        half = v.dtype.type(0.5)
+        one = v.dtype.type(1.0)
+        zero = v.dtype.type(0.0)
+        if kind == ACT_IDENTITY:
+            return
+        elif kind == ACT_SIGMOID:
+            if A_SIG:
+                if fast:
+                    for k in range(m):
+                        v[k] = half + half * _tanh32(half * v[k])
+                else:
+                    for k in range(m):
+                        v[k] = one / (one + math.exp(-v[k]))
+            else:
+                raise RuntimeError(_NOT_BUILT)
+        elif kind == ACT_TANH:
+            if A_TANH:
+                if fast:
+                    for k in range(m):
+                        v[k] = _tanh32(v[k])
+                else:
+                    for k in range(m):
+                        v[k] = math.tanh(v[k])
+            else:
+                raise RuntimeError(_NOT_BUILT)
+        elif kind == ACT_RELU:
+            if A_RELU:
+                for k in range(m):
+                    v[k] = max(v[k], zero)
+            else:
+                raise RuntimeError(_NOT_BUILT)
+        elif kind == ACT_HARDSIGMOID:
+            if A_HSIG:
+                for k in range(m):
+                    v[k] = min(max(alpha * v[k] + beta, zero), one)
+            else:
+                raise RuntimeError(_NOT_BUILT)
+        elif kind == ACT_LEAKYRELU:
+            if A_LRELU:
+                for k in range(m):
+                    v[k] = v[k] if v[k] >= zero else alpha * v[k]
+            else:
+                raise RuntimeError(_NOT_BUILT)
+        elif kind == ACT_AFFINE:
+            if A_AFF:
+                for k in range(m):
+                    v[k] = alpha * v[k] + beta
+            else:
+                raise RuntimeError(_NOT_BUILT)
+        elif kind == ACT_THRESHOLDEDRELU:
+            if A_TRELU:
+                for k in range(m):
+                    v[k] = v[k] if v[k] > alpha else zero
+            else:
+                raise RuntimeError(_NOT_BUILT)
+        elif kind == ACT_SCALEDTANH:
+            if A_STANH:
+                if fast:
+                    for k in range(m):
+                        v[k] = alpha * _tanh32(beta * v[k])
+                else:
+                    for k in range(m):
+                        v[k] = alpha * math.tanh(beta * v[k])
+            else:
+                raise RuntimeError(_NOT_BUILT)
+        elif kind == ACT_ELU:
+            if A_ELU:
+                for k in range(m):
+                    if v[k] < zero:
+                        v[k] = alpha * (math.exp(v[k]) - one)
+            else:
+                raise RuntimeError(_NOT_BUILT)
+        elif kind == ACT_SOFTSIGN:
+            if A_SSIGN:
+                for k in range(m):
+                    v[k] = v[k] / (one + abs(v[k]))
+            else:
+                raise RuntimeError(_NOT_BUILT)
+        elif kind == ACT_SOFTPLUS:  # log(1 + e^x) without overflow
+            if A_SPLUS:
+                for k in range(m):
+                    a = v[k]
+                    v[k] = max(a, zero) + math.log1p(math.exp(-abs(a)))
+            else:
+                raise RuntimeError(_NOT_BUILT)
+        elif kind == ACT_SOFTMAX:  # over the whole range
+            if A_SMAX:
+                mx = v[0]
+                for k in range(m):
+                    mx = max(mx, v[k])
+                s = zero
+                for k in range(m):
+                    e = math.exp(v[k] - mx)
+                    v[k] = e
+                    s += e
+                inv = one / s
+                for k in range(m):
+                    v[k] *= inv
+            else:
+                raise RuntimeError(_NOT_BUILT)
+
+    return act
+
+
+_act = _variant(_make_act(range(N_ACTS)), "_act", False)
+_act_common = _variant(_make_act(DENSE_COMMON), "_act", False)  # CELL_DENSE's (see _cell)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -947,41 +1017,12 @@ def _gru_pre(table, fp, l, S, gi, wi, st, si, so):
 
 
 @njit(inline="always", **_JIT)
-def _gru_cell(table, fp, l, S, gi, wi, st, si, so, D, di, d0):
-    """One row of a GRU layer once its products are in: the new h, to the state and to D.
-
-    linear_before_reset=1: z, r, n and h' (:func:`_cell_std32` for the standard float32 cell).
-    linear_before_reset=0: after :func:`_gru_pre` and the R_n product (in S[wi, GH:GH+H]),
-    n = g(W_n x + Wb_n + R_n (r * h) + Rb_n), then h'.
-    """
-    if table[l, T_LBR] == 1:
-        if _std32(S.itemsize == 4, table[l, T_F], table[l, T_G], fp[l, F_CLIP]):
-            _cell_std32(table, l, S, gi, wi, st, si, so, D, di, d0)
-        else:
-            _gates_zr(table, fp, l, S, gi, wi)
-            _gates_n_lbr1(table, fp, l, S, gi, wi)
-            _update(table, l, S, gi, st, si, so, D, di, d0)
-    else:
-        _gates_n_lbr0(table, fp, l, S, gi, wi)
-        _update(table, l, S, gi, st, si, so, D, di, d0)
-
-
-@njit(inline="always", **_JIT)
 def _copy_row(src, si, s0, dst, di, d0, m):
     """dst[di, d0:d0+m] = src[si, s0:s0+m]."""
     a = src[si, s0:s0 + m]
     b = dst[di, d0:d0 + m]
     for k in range(m):
         b[k] = a[k]
-
-
-@njit(inline="always", **_JIT)
-def _dense_cell(table, fp, l, D, di, d0):
-    """One row of a Dense layer once its product is in D[di, d0:d0+M] (T_XOUT): its
-    activation, in place."""
-    M = table[l, T_OUT]
-    _act(D, di, d0, d0 + M, table[l, T_F], fp[l, F_FA], fp[l, F_FB], fp[l, F_CLIP],
-         D.itemsize == 4)
 
 
 @njit(**_JIT)
@@ -1098,64 +1139,148 @@ def _lstm_std32(table, l, S, gi, wi, st, si, so, U, ui, u0, D, di, d0):
             u[k] = og * _tanh32(cn)
 
 
-@njit(inline="always", **_JIT)
-def _lstm_pre(table, fp, l, S, gi, wi, st, si, so):
-    """LSTM with a projection, before the projection product (T_RN): C' into the state and
-    u = o * h(C') into S[wi, T:T+H], that product's input."""
-    T = table[0, T_LT]
-    if _lstm_std(S.itemsize == 4, table, fp, l):
-        _lstm_std32(table, l, S, gi, wi, st, si, so, S, wi, T, S, -1, 0)
-    else:
-        _lstm_gates(table, fp, l, S, gi, wi, st, si, so, S, wi, T)
+# Cell sets: which cell code a kernel variant holds (kernels_for). A model's set follows from
+# its packed table and compute dtype (cells_of); a variant compiles only the cells in its set,
+# so a process with an empty cache compiles a standard GRU's cell and not the LSTM's, the
+# general paths and all thirteen activations. The sets are coarse on purpose: every set a
+# process meets compiles every kernel it calls once more.
+CELL_GRU_STD32 = 1  # GRU, linear_before_reset=1, the standard float32 cell (_cell_std32)
+CELL_LSTM_STD32 = 2  # LSTM, the standard float32 cell (_lstm_std32)
+CELL_GENERAL = 4  # every other GRU and LSTM cell (any activation, clip, linear_before_reset=0,
+#                   peepholes, input_forget, float64)
+CELL_DENSE = 8  # Dense with one of DENSE_COMMON's activations
+CELL_DENSE_ALL = 16  # Dense with any activation
+CELLS_ALL = 31
+
+
+def _flags(cells):
+    """Cell set ``cells`` as the constants the kernel factories hold and pass to :func:`_cell`
+    and :func:`_cell_pre`: (G_STD, L_STD, GEN, DENSE, DENSE_ALL, PRE), PRE being whether a
+    layer of the set can have a product between its cell's two halves (T_NPRN: a GRU with
+    linear_before_reset=0, an LSTM with a projection)."""
+    g_std, l_std, gen, dense, dense_all = (
+        bool(cells & bit) for bit in (CELL_GRU_STD32, CELL_LSTM_STD32, CELL_GENERAL, CELL_DENSE,
+                                      CELL_DENSE_ALL))
+    return g_std, l_std, gen, dense, dense_all, l_std or gen
+
+
+# _cell and _cell_pre are the only code that dispatches on T_KIND: the layer loops below know
+# no kind. The kernels pass their cell set's flags as constants (their closures' values): once
+# these helpers are inlined, Numba cuts the branches of the cells outside the set before it
+# types them, so a kernel compiles only its set's cells (a row that would take another
+# raises). A new kind adds its cell helper and its branch here under a CELL_* bit of its own
+# (and, if its cell needs a product of its own workspace between two halves, its part in
+# _cell_pre and T_NPRN panels), its bit in cells_of, and its row in packing.pack.
 
 
 @njit(inline="always", **_JIT)
-def _lstm_cell(table, fp, l, S, gi, wi, st, si, so, D, di, d0):
-    """One row of an LSTM layer once its products are in: the new h (and C) to the state, h to
-    D[di, d0:d0+H_out].
-
-    Without a projection the whole cell runs here (u = o * h(C') is h'); with one,
-    :func:`_lstm_pre` ran the cell and the projection product put h' = proj u in
-    S[wi, GH:GH+H_out]."""
-    ho = table[l, T_OUT]
-    if table[l, T_NPRN] > 0:
-        GH = table[0, T_LGH]
-        _copy_row(S, wi, GH, st, si, so, ho)
-        _copy_row(S, wi, GH, D, di, d0, ho)
-    elif _lstm_std(S.itemsize == 4, table, fp, l):
-        _lstm_std32(table, l, S, gi, wi, st, si, so, S, wi, 0, D, di, d0)
-    else:
-        _lstm_gates(table, fp, l, S, gi, wi, st, si, so, st, si, so)
-        _copy_row(st, si, so, D, di, d0, ho)
-
-
-# The layer loops below know no kind: they run a layer's products from its table columns and
-# hand each row to the two functions that follow, the only place that dispatches on T_KIND.
-# A new kind adds its cell helper (and, if its cell needs a product of its own workspace
-# between two halves, a pre helper and T_NPRN panels) here, and its row in packing.pack.
-
-
-@njit(inline="always", **_JIT)
-def _cell_pre(table, fp, l, S, gi, wi, st, si, so):
-    """The part of layer ``l``'s cell before its T_NPRN product (run only when it has one)."""
-    kind = table[l, T_KIND]
-    if kind == KIND_GRU:
-        _gru_pre(table, fp, l, S, gi, wi, st, si, so)
-    elif kind == KIND_LSTM:
-        _lstm_pre(table, fp, l, S, gi, wi, st, si, so)
-
-
-@njit(inline="always", **_JIT)
-def _cell(table, fp, l, S, gi, wi, st, si, so, D, di, d0):
+def _cell(g_std, l_std, gen, dense, dense_all, table, fp, l, S, gi, wi, st, si, so, D, di, d0):
     """Layer ``l``'s cell for one row once its products are in: its new state to
-    st[si, so:], its output to D[di, d0:] (where a T_XOUT layer's input product already is)."""
+    st[si, so:], its output to D[di, d0:] (where a T_XOUT layer's input product already is).
+
+    GRU, linear_before_reset=1: z, r, n and h' (:func:`_cell_std32` for the standard float32
+    cell). linear_before_reset=0: after :func:`_gru_pre` and the R_n product (in
+    S[wi, GH:GH+H]), n = g(W_n x + Wb_n + R_n (r * h) + Rb_n), then h'.
+    LSTM: without a projection the whole cell runs here (u = o * h(C') is h'); with one,
+    :func:`_cell_pre` ran it and the projection product put h' = proj u in S[wi, GH:GH+H_out],
+    which goes to the state and the output.
+    Dense: the activation, in place.
+    """
     kind = table[l, T_KIND]
     if kind == KIND_GRU:
-        _gru_cell(table, fp, l, S, gi, wi, st, si, so, D, di, d0)
+        if table[l, T_LBR] == 1:
+            if _std32(S.itemsize == 4, table[l, T_F], table[l, T_G], fp[l, F_CLIP]):
+                if g_std:
+                    _cell_std32(table, l, S, gi, wi, st, si, so, D, di, d0)
+                else:
+                    raise RuntimeError(_NOT_BUILT)
+            elif gen:
+                _gates_zr(table, fp, l, S, gi, wi)
+                _gates_n_lbr1(table, fp, l, S, gi, wi)
+                _update(table, l, S, gi, st, si, so, D, di, d0)
+            else:
+                raise RuntimeError(_NOT_BUILT)
+        elif gen:
+            _gates_n_lbr0(table, fp, l, S, gi, wi)
+            _update(table, l, S, gi, st, si, so, D, di, d0)
+        else:
+            raise RuntimeError(_NOT_BUILT)
     elif kind == KIND_DENSE:
-        _dense_cell(table, fp, l, D, di, d0)
+        if dense_all:
+            _act(D, di, d0, d0 + table[l, T_OUT], table[l, T_F], fp[l, F_FA], fp[l, F_FB],
+                 fp[l, F_CLIP], D.itemsize == 4)
+        elif dense:
+            _act_common(D, di, d0, d0 + table[l, T_OUT], table[l, T_F], fp[l, F_FA],
+                        fp[l, F_FB], fp[l, F_CLIP], D.itemsize == 4)
+        else:
+            raise RuntimeError(_NOT_BUILT)
     elif kind == KIND_LSTM:
-        _lstm_cell(table, fp, l, S, gi, wi, st, si, so, D, di, d0)
+        ho = table[l, T_OUT]
+        if table[l, T_NPRN] > 0:
+            GH = table[0, T_LGH]
+            _copy_row(S, wi, GH, st, si, so, ho)
+            _copy_row(S, wi, GH, D, di, d0, ho)
+        elif _lstm_std(S.itemsize == 4, table, fp, l):
+            if l_std:
+                _lstm_std32(table, l, S, gi, wi, st, si, so, S, wi, 0, D, di, d0)
+            else:
+                raise RuntimeError(_NOT_BUILT)
+        elif gen:
+            _lstm_gates(table, fp, l, S, gi, wi, st, si, so, st, si, so)
+            _copy_row(st, si, so, D, di, d0, ho)
+        else:
+            raise RuntimeError(_NOT_BUILT)
+    else:
+        raise RuntimeError(_NOT_BUILT)
+
+
+@njit(inline="always", **_JIT)
+def _cell_pre(l_std, gen, table, fp, l, S, gi, wi, st, si, so):
+    """The part of layer ``l``'s cell before its T_NPRN product (run only when it has one):
+    GRU, linear_before_reset=0: z, r and r * h (:func:`_gru_pre`); LSTM with a projection:
+    C' into the state and u = o * h(C') into S[wi, T:T+H], that product's input."""
+    kind = table[l, T_KIND]
+    if kind == KIND_GRU:
+        if gen:
+            _gru_pre(table, fp, l, S, gi, wi, st, si, so)
+        else:
+            raise RuntimeError(_NOT_BUILT)
+    elif kind == KIND_LSTM:
+        T = table[0, T_LT]
+        if _lstm_std(S.itemsize == 4, table, fp, l):
+            if l_std:
+                _lstm_std32(table, l, S, gi, wi, st, si, so, S, wi, T, S, -1, 0)
+            else:
+                raise RuntimeError(_NOT_BUILT)
+        elif gen:
+            _lstm_gates(table, fp, l, S, gi, wi, st, si, so, S, wi, T)
+        else:
+            raise RuntimeError(_NOT_BUILT)
+    else:
+        raise RuntimeError(_NOT_BUILT)
+
+
+def cells_of(table, fp, dtype):
+    """The cell set (CELL_* bits) of a packed model: the cells its layers take in the kernels,
+    decided by the kernels' own predicates (``_std32``, ``_lstm_std``), so a kernel variant
+    built for it holds every path its rows take."""
+    fast = np.dtype(dtype).itemsize == 4
+    std32 = getattr(_std32, "py_func", _std32)
+    lstm_std = getattr(_lstm_std, "py_func", _lstm_std)
+    cells = 0
+    for l in range(table.shape[0]):
+        kind = table[l, T_KIND]
+        if kind == KIND_GRU:
+            std = table[l, T_LBR] == 1 and std32(fast, table[l, T_F], table[l, T_G],
+                                                  fp[l, F_CLIP])
+            cells |= CELL_GRU_STD32 if std else CELL_GENERAL
+        elif kind == KIND_LSTM:
+            cells |= CELL_LSTM_STD32 if lstm_std(fast, table, fp, l) else CELL_GENERAL
+        elif kind == KIND_DENSE:
+            cells |= CELL_DENSE if table[l, T_F] in DENSE_COMMON else CELL_DENSE_ALL
+        else:
+            raise ValueError(f"table: layer {l} has kind {kind}, which no cell handles")
+    return cells
 
 
 @njit(inline="always", **_JIT)
@@ -1214,19 +1339,7 @@ def _restore_all(state, srows, scratch, BK, bad, n):
 _ALL_PANELS = 1 << 40
 
 
-def _variant(body, name, parallel):
-    """Compile ``body`` (a closure made by a kernel factory) as kernel ``name``.
-
-    Numba keys its on-disk cache index by the function's qualified name and first line, and
-    within it by the signature and the closure's values, not by ``parallel=``: each variant
-    gets a name of its own so that its cache entries can never be taken for another's
-    (tests/test_kernels.py checks that the variants' cache files differ).
-    """
-    body.__name__ = body.__qualname__ = name
-    return njit(parallel=parallel, **_JIT)(body)
-
-
-def _make_step_block(name, parallel):
+def _make_step_block(name, parallel, cells):
     """The layer loop of the step kernels over a block of rows, written once.
 
     ``parallel=False``: every product runs on the calling thread, over all its panels in one
@@ -1238,6 +1351,7 @@ def _make_step_block(name, parallel):
     """
     loop = prange if parallel else range
     group = PANEL_GROUP if parallel else _ALL_PANELS
+    G_STD, L_STD, GEN, DENSE, DENSE_ALL, PRE = _flags(cells)
 
     def body(params, table, fp, state, srows, x, out, scratch, order, bad, r0, r1):
         """Advance the batch rows order[r0:r1] (distinct state rows srows[r0:r1]) through all
@@ -1287,24 +1401,23 @@ def _make_step_block(name, parallel):
                 for i in range(r0, r1):
                     _copy_row(scratch, i, nxt, out, order[i], 0, out.shape[1])
             nprn = table[l, T_NPRN]
-            if nprn > 0:
-                for i in range(r0, r1):
-                    _cell_pre(table, fp, l, scratch, i, i, state, srows[i], so)
-                for g in loop(_groups(nprn, group)):
-                    p0, p1 = _group(g, nprn, group)
-                    _gemm(params, fp, w_n, b_n, s_n, table[l, T_HID], p0, p1,
-                          scratch, None, T, scratch, GH, r0, r1)
+            if PRE:  # a constant: the set has a cell with a product between its halves
+                if nprn > 0:
+                    for i in range(r0, r1):
+                        _cell_pre(L_STD, GEN, table, fp, l, scratch, i, i, state,
+                                  srows[i], so)
+                    for g in loop(_groups(nprn, group)):
+                        p0, p1 = _group(g, nprn, group)
+                        _gemm(params, fp, w_n, b_n, s_n, table[l, T_HID], p0, p1,
+                              scratch, None, T, scratch, GH, r0, r1)
             for i in range(r0, r1):
-                _cell(table, fp, l, scratch, i, i, state, srows[i], so, D,
-                      order[i] if last else i, d0)
+                _cell(G_STD, L_STD, GEN, DENSE, DENSE_ALL, table, fp, l, scratch, i,
+                      i, state, srows[i], so, D, order[i] if last else i, d0)
             cur, nxt = nxt, cur
         _check_rows(state, srows, out, order, bad, r0, r1)
 
     return _variant(body, name, parallel)
 
-
-_step_block = _make_step_block("_step_block", False)
-_step_block_wide = _make_step_block("_step_block_wide", True)
 
 
 @njit(**_JIT)
@@ -1370,6 +1483,12 @@ def _plan(slots, x, check_finite, mark, iwork):
     for i in range(n):
         wave[i] = slots[order[i]]
     return -1, nw
+
+
+# The batch and sequence kernels hold every cell (CELLS_ALL): one compilation of each serves
+# every model (see kernels_for for why only the one-event kernel is made per cell set).
+_step_block = _make_step_block("_step_block", False, CELLS_ALL)
+_step_block_wide = _make_step_block("_step_block_wide", True, CELLS_ALL)
 
 
 @njit(**_JIT)
@@ -1500,67 +1619,79 @@ def _check_run(state, slot, out, scratch, n, BK):
     return PRODUCED_NONFINITE
 
 
-@njit(**_JIT)
-def step_one(params, table, fp, state, slot, x, out, scratch, check_finite, flip):
-    """One step of one stream (state row ``slot``): x (1, input_size) -> out (1, output_size).
+def _make_step_one(cells):
+    """The one-event kernel of cell set ``cells``."""
+    G_STD, L_STD, GEN, DENSE, DENSE_ALL, PRE = _flags(cells)
 
-    The one-event path: the arithmetic of :func:`run_sequence` for T = 1, bit for bit, with
-    every product over one row (:func:`_gemv`), so that a process with an empty cache compiles
-    only the one-row tiles before its first step. Products read x and the state row in place.
-    ``scratch``: (2, table[0, T_LW]) or more; row 0 holds the layer inputs/outputs and input
-    projections, row 1 the recurrent workspace and the state's backup. ``flip``: as in
-    :func:`run_sequence`. Returns 0 if x holds NaN/inf (state untouched),
-    PRODUCED_NONFINITE (state restored) or -1.
-    """
-    rev = flip != 0
-    if check_finite and _first_nonfinite_row(x) >= 0:
-        return 0
-    # Row indices as int64 variables, not literals: a literal argument compiles its own
-    # specialization of every helper it reaches.
-    r0 = np.int64(0)
-    w1 = np.int64(1)
-    GX = table[0, T_LGX]
-    GH = table[0, T_LGH]
-    T = table[0, T_LT]
-    _copy_row(state, slot, r0, scratch, w1, table[0, T_LBK], state.shape[1])  # backup
-    src = x  # the first layer reads x[0, 0:K], the others their input in scratch row 0
-    s0 = r0
-    cur = table[0, T_LA]
-    nxt = table[0, T_LB]
-    for l in range(table.shape[0]):
-        K = table[l, T_IN]
-        H = table[l, T_OUT]
-        so = table[l, T_SOFF]
-        w_w, b_w, n_w, s_w = _product1(table, l, T_W)  # each product's offsets (see _gemv)
-        w_r, b_r, n_r, s_r = _product1(table, l, T_R)
-        w_n, b_n, n_n, s_n = _product1(table, l, T_RN)
-        if rev:  # the recurrent product first (see run_sequence)
-            _gemv(params, fp, w_r, b_r, n_r, s_r, H, state, slot, so,
-                  scratch, w1, GH, rev)
-        _gemv(params, fp, w_w, b_w, n_w, s_w, K, src, r0, s0, scratch,
-              r0, nxt if table[l, T_XOUT] else GX, rev)
-        if not rev:
-            _gemv(params, fp, w_r, b_r, n_r, s_r, H, state, slot, so,
-                  scratch, w1, GH, rev)
-        if table[l, T_NPRN] > 0:
-            _cell_pre(table, fp, l, scratch, r0, w1, state, slot, so)
-            _gemv(params, fp, w_n, b_n, n_n, s_n, table[l, T_HID],
-                  scratch, w1, T, scratch, w1, GH, rev)
-        # the new state goes to the state row, the output to this layer's output
-        _cell(table, fp, l, scratch, r0, w1, state, slot, so, scratch, r0, nxt)
-        cur, nxt = nxt, cur
-        src = scratch
-        s0 = cur
-    _copy_row(scratch, r0, cur, out, r0, r0, out.shape[1])
-    return _check_run(state, slot, out, scratch, w1, table[0, T_LBK])
+    def step_one(params, table, fp, state, slot, x, out, scratch, check_finite, flip):
+        """One step of one stream (state row ``slot``): x (1, input_size) -> out (1, output_size).
+
+        The one-event path: the arithmetic of :func:`run_sequence` for T = 1, bit for bit, with
+        every product over one row (:func:`_gemv`), so that a process with an empty cache compiles
+        only the one-row tiles before its first step. Products read x and the state row in place.
+        ``scratch``: (2, table[0, T_LW]) or more; row 0 holds the layer inputs/outputs and input
+        projections, row 1 the recurrent workspace and the state's backup. ``flip``: as in
+        :func:`run_sequence`. Returns 0 if x holds NaN/inf (state untouched),
+        PRODUCED_NONFINITE (state restored) or -1.
+        """
+        rev = flip != 0
+        if check_finite and _first_nonfinite_row(x) >= 0:
+            return 0
+        # Row indices as int64 variables, not literals: a literal argument compiles its own
+        # specialization of every helper it reaches.
+        r0 = np.int64(0)
+        w1 = np.int64(1)
+        GX = table[0, T_LGX]
+        GH = table[0, T_LGH]
+        T = table[0, T_LT]
+        _copy_row(state, slot, r0, scratch, w1, table[0, T_LBK], state.shape[1])  # backup
+        src = x  # the first layer reads x[0, 0:K], the others their input in scratch row 0
+        s0 = r0
+        cur = table[0, T_LA]
+        nxt = table[0, T_LB]
+        for l in range(table.shape[0]):
+            K = table[l, T_IN]
+            H = table[l, T_OUT]
+            so = table[l, T_SOFF]
+            w_w, b_w, n_w, s_w = _product1(table, l, T_W)  # each product's offsets (see _gemv)
+            w_r, b_r, n_r, s_r = _product1(table, l, T_R)
+            w_n, b_n, n_n, s_n = _product1(table, l, T_RN)
+            if rev:  # the recurrent product first (see run_sequence)
+                _gemv(params, fp, w_r, b_r, n_r, s_r, H, state, slot, so,
+                      scratch, w1, GH, rev)
+            _gemv(params, fp, w_w, b_w, n_w, s_w, K, src, r0, s0, scratch,
+                  r0, nxt if table[l, T_XOUT] else GX, rev)
+            if not rev:
+                _gemv(params, fp, w_r, b_r, n_r, s_r, H, state, slot, so,
+                      scratch, w1, GH, rev)
+            if PRE:  # a constant (see _make_step_block)
+                if table[l, T_NPRN] > 0:
+                    _cell_pre(L_STD, GEN, table, fp, l, scratch, r0, w1, state, slot,
+                              so)
+                    _gemv(params, fp, w_n, b_n, n_n, s_n, table[l, T_HID],
+                          scratch, w1, T, scratch, w1, GH, rev)
+            # the new state goes to the state row, the output to this layer's output
+            _cell(G_STD, L_STD, GEN, DENSE, DENSE_ALL, table, fp, l, scratch, r0, w1,
+                  state, slot, so, scratch, r0, nxt)
+            cur, nxt = nxt, cur
+            src = scratch
+            s0 = cur
+        _copy_row(scratch, r0, cur, out, r0, r0, out.shape[1])
+        return _check_run(state, slot, out, scratch, w1, table[0, T_LBK])
+
+    return _variant(step_one, "step_one", False)
 
 
-def _make_sequence(name, parallel):
+step_one = _make_step_one(CELLS_ALL)
+
+
+def _make_sequence(name, parallel, cells):
     """The layer loop of the sequence kernels, written once: :func:`run_sequence`
     (``parallel=False``) and the body of :func:`run_sequence_wide` (every product spread over
     Numba's threads by groups of PANEL_GROUP panels; the cell arithmetic stays on the calling
     thread). The closure's one value is the loop, ``prange`` or ``range``."""
     loop = prange if parallel else range
+    G_STD, L_STD, GEN, DENSE, DENSE_ALL, PRE = _flags(cells)
 
     def body(params, table, fp, state, slot, xs, out, scratch, check_finite, flip):
         """Advance one stream (state row ``slot``) over xs (T, input_size) -> out
@@ -1627,15 +1758,18 @@ def _make_sequence(name, parallel):
                         p0, p1 = _group(q, npr, group)
                         _gemm(params, fp, w_r, b_r, s_r, H, p0, p1, scratch, None,
                               HH, scratch, GH, n, n + 1)
-                if nprn > 0:
-                    _cell_pre(table, fp, l, scratch, t, n, scratch, n, HH)
-                    gn = _groups(nprn, group)
-                    for q in loop(gn):
-                        p0, p1 = _group(_nth(q, gn, rev), nprn, group)
-                        _gemm(params, fp, w_n, b_n, s_n, table[l, T_HID], p0,
-                              p1, scratch, None, T, scratch, GH, n, n + 1)
+                if PRE:  # a constant (see _make_step_block)
+                    if nprn > 0:
+                        _cell_pre(L_STD, GEN, table, fp, l, scratch, t, n, scratch, n,
+                                  HH)
+                        gn = _groups(nprn, group)
+                        for q in loop(gn):
+                            p0, p1 = _group(_nth(q, gn, rev), nprn, group)
+                            _gemm(params, fp, w_n, b_n, s_n, table[l, T_HID], p0,
+                                  p1, scratch, None, T, scratch, GH, n, n + 1)
                 # the new state stays in the workspace row, the output goes to step t's row
-                _cell(table, fp, l, scratch, t, n, scratch, n, HH, scratch, t, nxt)
+                _cell(G_STD, L_STD, GEN, DENSE, DENSE_ALL, table, fp, l, scratch, t,
+                      n, scratch, n, HH, scratch, t, nxt)
             _copy_row(scratch, n, HH, state, slot, table[l, T_SOFF], sw)
             cur, nxt = nxt, cur
         _rows_out(scratch, cur, out)
@@ -1644,8 +1778,8 @@ def _make_sequence(name, parallel):
     return _variant(body, name, parallel)
 
 
-run_sequence = _make_sequence("run_sequence", False)
-_run_sequence_wide = _make_sequence("_run_sequence_wide", True)
+run_sequence = _make_sequence("run_sequence", False, CELLS_ALL)
+_run_sequence_wide = _make_sequence("_run_sequence_wide", True, CELLS_ALL)
 
 
 @njit(**_JIT)
@@ -1657,6 +1791,52 @@ def run_sequence_wide(params, table, fp, state, slot, xs, out, scratch, check_fi
     (The engine never flips a sequence spread over threads: each thread's share stays in its
     core's cache anyway.)"""
     return _run_sequence_wide(params, table, fp, state, slot, xs, out, scratch, check_finite, 0)
+
+
+class KernelSet(typing.NamedTuple):
+    """The kernels an engine of one cell set calls (:func:`kernels_for`)."""
+
+    cells: int  # the set its one-event kernel holds
+    step_one: object
+    step_serial: object
+    step_parallel: object
+    step_wide: object
+    run_sequence: object
+    run_sequence_wide: object
+
+
+# The cell sets that get a one-event kernel of their own: a model all of whose recurrent layers
+# are standard float32 GRU cells, or all standard float32 LSTM cells, with Dense layers of the
+# common activations (or none). Every other model takes the kernel of every cell. Few sets on
+# purpose: each set a process meets compiles its kernel once more (the test suite meets them
+# all), while these two cover the models people export from PyTorch and Keras.
+ONE_EVENT_SETS = (CELL_GRU_STD32 | CELL_DENSE, CELL_LSTM_STD32 | CELL_DENSE)
+_SETS = {}
+
+
+def kernels_for(cells):
+    """The kernels for a model of cell set ``cells`` (:func:`cells_of`), made once per process.
+
+    The one-event kernel is the first thing a new process compiles (its first event), so it is
+    made for the smallest of ONE_EVENT_SETS that holds ``cells``, or for every cell: a standard
+    GRU model's first event compiles neither the LSTM's cell, nor the general paths, nor the
+    rarer activations. The batch and sequence kernels hold every cell (CELLS_ALL): one
+    compilation serves every model. Each one-event variant is a Numba dispatcher of its own,
+    with its own cache entries (keyed by its set).
+    """
+    if not isinstance(cells, (int, np.integer)) or cells & ~CELLS_ALL or not cells:
+        raise ValueError(f"cells: expected a cell set of CELL_* bits, got {cells!r}")
+    chosen = next((c for c in ONE_EVENT_SETS if cells & ~c == 0), CELLS_ALL)
+    ks = _SETS.get(chosen)
+    if ks is None:
+        one = step_one if chosen == CELLS_ALL else _make_step_one(chosen)
+        ks = _SETS[chosen] = KernelSet(chosen, one, step_serial, step_parallel, step_wide,
+                                       run_sequence, run_sequence_wide)
+    return ks
+
+
+# Every cell's kernels: what tests and tools that hold no model call.
+ALL = kernels_for(CELLS_ALL)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1682,12 +1862,33 @@ def scatter_rows(state, slots, src):
             state[s, k] = src[i, k]
 
 
+_SET_KERNELS = ("step_one", "step_serial", "step_parallel", "step_wide", "run_sequence",
+                "run_sequence_wide")
+
+
+def _public_kernels():
+    """(name, dispatcher) of every public kernel made so far, once each: each cell set's (under
+    the kernel's name), then the others."""
+    seen = set()
+    for ks in list(_SETS.values()):
+        for name in _SET_KERNELS:
+            f = getattr(ks, name)
+            if id(f) not in seen:
+                seen.add(id(f))
+                yield name, f
+    for name, f in list(globals().items()):
+        if (not name.startswith("_") and name not in _SET_KERNELS and hasattr(f, "stats")
+                and hasattr(f, "py_func")):
+            yield name, f
+
+
 def compiled_signatures():
-    """{kernel name: number of compiled signatures}: lets tests prove nothing recompiles."""
-    return {f.__name__: len(f.signatures)
-            for f in (step_one, step_serial, step_parallel, step_wide, run_sequence,
-                      run_sequence_wide, table_lookup, table_insert, table_delete, gather_rows,
-                      scatter_rows)}
+    """{kernel name: number of compiled signatures, over every cell set}: lets tests prove
+    nothing recompiles."""
+    out = {}
+    for name, f in _public_kernels():
+        out[name] = out.get(name, 0) + len(getattr(f, "signatures", ()))
+    return out
 
 
 def compile_for(kernel, args):
@@ -1711,13 +1912,17 @@ def compile_for(kernel, args):
 
 def cache_counts():
     """{public kernel name: (signatures loaded from the on-disk cache, signatures compiled)} in
-    this process so far (a signature counts as compiled when the cache did not have it). Tests
-    use it to prove that a process after ``streamgru warmup`` compiles nothing."""
+    this process so far, over every cell set (a signature counts as compiled when the cache did
+    not have it). Tests use it to prove that a process after ``streamgru warmup`` compiles
+    nothing."""
     if config.DISABLE_JIT:
         return {}
-    return {name: (sum(f.stats.cache_hits.values()), sum(f.stats.cache_misses.values()))
-            for name, f in globals().items()
-            if not name.startswith("_") and hasattr(f, "stats") and hasattr(f, "py_func")}
+    out = {}
+    for name, f in _public_kernels():
+        hits, misses = out.get(name, (0, 0))
+        out[name] = (hits + sum(f.stats.cache_hits.values()),
+                     misses + sum(f.stats.cache_misses.values()))
+    return out
 
 
 def cache_dir():
@@ -1797,23 +2002,6 @@ def table_insert(tab, mult, keys, slots):
                 j = 0
         tab[j] = keys[i]
         tab[j + 1] = slots[i]
-
-
-@njit(**_JIT)
-def table_delete(tab, mult, key):
-    """Remove ``key`` (leaving a tombstone). Returns 1 if it was present, else 0."""
-    size = tab.shape[0] // 2
-    j = 2 * ((key % size) * mult % size)
-    while True:
-        v = tab[j + 1]
-        if v == TAB_EMPTY:
-            return 0
-        if v >= 0 and tab[j] == key:
-            tab[j + 1] = TAB_TOMB
-            return 1
-        j += 2
-        if j == tab.shape[0]:
-            j = 0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -44,6 +44,9 @@ class PackedModel:
         W as the kernels use it (dequantized for compact weights).
     weights : str
         The weights' form: ``"float32"``, ``"float64"``, ``"float16"`` or ``"int8"``.
+    kernels : kernels.KernelSet
+        The kernels for this model's cell set (:func:`kernels.cells_of`): they compile only
+        the cells and Dense activations its layers take.
     """
 
     params: np.ndarray
@@ -54,6 +57,7 @@ class PackedModel:
     dtype: np.dtype = np.dtype(np.float32)
     weights_dtype: np.dtype = np.dtype(np.float32)
     weights: str = "float32"
+    kernels: object = None
 
 
 class LayerRow:
@@ -253,4 +257,5 @@ def pack(model, dtype, weights=None) -> PackedModel:
                  for i, layer in enumerate(model.layers) if i > last)
     for arr in (params, table, fp) + tuple(a for _, W, b in tail for a in (W, b)):
         arr.setflags(write=False)
-    return PackedModel(params, table, fp, width, tail, dtype, wdtype, form)
+    return PackedModel(params, table, fp, width, tail, dtype, wdtype, form,
+                       K.kernels_for(K.cells_of(table, fp, dtype)))

@@ -263,6 +263,10 @@ class SlotBuffer:
 _SIZE_MAX = 2**31 - 1  # largest table (a prime below this): (size - 1)**2 fits an int64
 _PHI = 0.6180339887498949  # 1/golden ratio
 HOT_MAX = 4096  # keys in IntSlotTable.hot (~100 bytes each)
+# Fewer keys than this are looked up, inserted and deleted by Python probes of the table rather
+# than a kernel call: no slower at that size, and a process whose first calls carry a few keys
+# compiles no table kernel before its first answer (the kernels take the batches).
+PY_PROBE_MAX = 64
 
 
 def _is_prime(n):
@@ -334,24 +338,37 @@ class IntSlotTable:
         self.mult = int(size * _PHI)
         self.tab, self.size, self._cells, self._mv = tab, size, 2 * size, memoryview(tab)
 
-    def get(self, key, default=None):
-        if type(key) is not int:  # a str (or np.int64) never matches: no arithmetic on it
-            return default
+    def _index(self, key):
+        """Index in ``tab`` of int ``key``'s cell, or -1: the table kernels' probe sequence, in
+        Python."""
         t = self._mv
         j = key * self.mult % self.size * 2  # the kernels' home cell, in exact integers
         while True:
             s = t[j + 1]
             if s == K.TAB_EMPTY:
-                return default
+                return -1
             if t[j] == key and s >= 0:
-                hot = self.hot
-                if len(hot) >= HOT_MAX:
-                    hot.clear()
-                hot[key] = s
-                return s
+                return j
             j += 2
             if j == self._cells:
                 j = 0
+
+    def _find(self, key):
+        """Slot of int ``key``, or -1."""
+        j = self._index(key)
+        return -1 if j < 0 else self._mv[j + 1]
+
+    def get(self, key, default=None):
+        if type(key) is not int:  # a str (or np.int64) never matches: no arithmetic on it
+            return default
+        s = self._find(key)
+        if s < 0:
+            return default
+        hot = self.hot
+        if len(hot) >= HOT_MAX:
+            hot.clear()
+        hot[key] = s
+        return s
 
     def __contains__(self, key):
         return self.get(key) is not None
@@ -384,6 +401,9 @@ class IntSlotTable:
 
     def lookup(self, keys):
         """Slots of ``keys`` (int64 array); -1 for keys not open. Returns (slots, n_missing)."""
+        if keys.shape[0] < PY_PROBE_MAX:
+            out = np.array([self._find(k) for k in keys.tolist()], np.int64)
+            return out, int(np.count_nonzero(out < 0))
         out = np.empty(keys.shape[0], np.int64)
         return out, K.table_lookup(self.tab, self.mult, keys, out)
 
@@ -396,7 +416,7 @@ class IntSlotTable:
             old = self.tab, self.size, self._cells, self._mv, self.mult
             self._alloc(size)
             try:
-                K.table_insert(self.tab, self.mult, ks, ss)
+                self._put(ks, ss)
             except BaseException:
                 self.tab, self.size, self._cells, self._mv, self.mult = old
                 raise
@@ -405,12 +425,30 @@ class IntSlotTable:
     def insert(self, keys, slots):
         """Add ``keys`` (int64 array, none of them open, no duplicates) at ``slots``; call
         :meth:`make_room` first."""
-        K.table_insert(self.tab, self.mult, keys, slots)
+        self._put(keys, slots)
         self.live += keys.shape[0]
         self.used += keys.shape[0]
 
+    def _put(self, keys, slots):
+        """Write keys[i] -> slots[i] into free cells: the kernel for many keys, Python probes for
+        few (the same cells either way)."""
+        if keys.shape[0] >= PY_PROBE_MAX:
+            K.table_insert(self.tab, self.mult, keys, slots)
+            return
+        t, size, mult, cells = self._mv, self.size, self.mult, self._cells
+        for key, slot in zip(keys.tolist(), slots.tolist()):
+            j = key * mult % size * 2
+            while t[j + 1] >= 0:  # the first empty or deleted cell (as table_insert)
+                j += 2
+                if j == cells:
+                    j = 0
+            t[j] = key
+            t[j + 1] = slot
+
     def delete(self, key):
-        if K.table_delete(self.tab, self.mult, key):
+        j = self._index(key)
+        if j >= 0:
+            self._mv[j + 1] = K.TAB_TOMB  # a tombstone: later keys' probes pass over it
             self.live -= 1
         self.hot.pop(key, None)
 

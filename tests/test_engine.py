@@ -329,7 +329,6 @@ def test_one_event_path_equals_batch_path_for_every_input_form(dtype, threads, k
     """One event of an open stream takes a fast path that calls the compiled kernel directly
     (threads=2 with a large-enough layer: the panel-parallel kernel). Every form of input must
     give exactly what the batch kernel gives for the same row, across state-array growth."""
-    from streamgru import kernels
 
     monkeypatch.setattr(engine_mod, "WIDE_MIN_MACS", 0)  # the panel-parallel kernel at threads=2
     model = small_model(seed=5, kind=kind)
@@ -357,8 +356,9 @@ def test_one_event_path_equals_batch_path_for_every_input_form(dtype, threads, k
                 eng.step([2000 + i for i in range(40)], np.zeros((40, 5), dtype))
     for key in range(3):
         np.testing.assert_array_equal(fast.state(key), ref.state(key))
-    if hasattr(kernels.step_one, "overloads"):  # compiled: the direct entry point was used
-        assert (fast._run1 is not kernels.step_one) or (fast._wide1 is not kernels.step_wide)
+    ks = fast._packed.kernels
+    if hasattr(ks.step_one, "overloads"):  # compiled: the direct entry point was used
+        assert (fast._run1 is not ks.step_one) or (fast._wide1 is not ks.step_wide)
 
 
 def test_one_event_int_steps_match_oracle_through_close_reopen_and_growth():

@@ -5,6 +5,8 @@ Every test states a guarantee of docs/operations.md ("Faults"). References are t
 oracle, or the states read before the refused call (an untouched copy), never numbers of ours.
 """
 
+import dataclasses
+
 import numpy as np
 import oracle
 import pytest
@@ -284,7 +286,11 @@ def fail_with(monkeypatch, inject, exc, eng):
     owner, name = inject.split(".")
     target = {"Engine": Engine, "StateStore": StateStore, "kernels": K,
               "IntSlotTable": IntSlotTable}[owner]
-    monkeypatch.setattr(target, name, boom(exc("injected")))
+    if owner == "kernels" and name in K.KernelSet._fields:  # the engine's cell set's kernel
+        ks = eng._packed.kernels._replace(**{name: boom(exc("injected"))})
+        monkeypatch.setattr(eng, "_packed", dataclasses.replace(eng._packed, kernels=ks))
+    else:
+        monkeypatch.setattr(target, name, boom(exc("injected")))
     if inject == "kernels.step_one":  # the one-event path's cached entry point
         monkeypatch.setattr(eng, "_run1", boom(exc("injected")))
 

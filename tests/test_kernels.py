@@ -250,7 +250,6 @@ def test_every_kernel_on_packed_arrays_same_bits_as_the_oracle(dtype):
     run_sequence (both) and run_sequence_wide give bit-identical outputs and states (one layer
     loop, the same tiles and cells), and match the oracle. The argument types are the
     engine's, so nothing compiles that the other tests do not."""
-    from streamgru import kernels as K
     from streamgru.packing import pack
 
     rng = np.random.default_rng(50)
@@ -282,8 +281,8 @@ def test_every_kernel_on_packed_arrays_same_bits_as_the_oracle(dtype):
         iwork, mark = np.zeros(4 * n + 1, np.int64), np.zeros(cap, np.int64)
         ys = np.zeros((steps, n, model.output_size), dtype)
         for t in range(steps):
-            assert getattr(K, name)(p.params, p.table, p.fp, state, slots, xs[t], ys[t], scratch,
-                                    iwork, mark, True) == -1
+            assert getattr(p.kernels, name)(p.params, p.table, p.fp, state, slots, xs[t], ys[t],
+                                            scratch, iwork, mark, True) == -1
         results[name] = ys, state
     for flip in (0, 1):
         state = fresh()
@@ -292,8 +291,8 @@ def test_every_kernel_on_packed_arrays_same_bits_as_the_oracle(dtype):
         for t in range(steps):
             for i in range(n):
                 out = np.zeros((1, model.output_size), dtype)
-                assert K.step_one(p.params, p.table, p.fp, state, 2 + i, xs[t, i:i + 1], out,
-                                  scratch, True, flip) == -1
+                assert p.kernels.step_one(p.params, p.table, p.fp, state, 2 + i, xs[t, i:i + 1],
+                                          out, scratch, True, flip) == -1
                 ys[t, i] = out[0]
         results[f"step_one flip={flip}"] = ys, state
     for name, extra in (("run_sequence", (0,)), ("run_sequence", (1,)),
@@ -304,8 +303,8 @@ def test_every_kernel_on_packed_arrays_same_bits_as_the_oracle(dtype):
         for i in range(n):
             seq = np.ascontiguousarray(xs[:, i])
             out = np.zeros((steps, model.output_size), dtype)
-            assert getattr(K, name)(p.params, p.table, p.fp, state, 2 + i, seq, out, scratch,
-                                    True, *extra) == -1
+            assert getattr(p.kernels, name)(p.params, p.table, p.fp, state, 2 + i, seq, out,
+                                            scratch, True, *extra) == -1
             ys[:, i] = out
         results[f"{name} {extra}"] = ys, state
     ys0, state0 = results.pop("step_serial")
@@ -314,7 +313,7 @@ def test_every_kernel_on_packed_arrays_same_bits_as_the_oracle(dtype):
     assert not state0[:2].any() and not state0[2 + n:].any()
     # Compiled, every path runs the same tiles and cells: the same bits. As Python (NUMBA_DISABLE_JIT)
     # the products are numpy's, whose rounding depends on the row count.
-    jit = hasattr(K.step_serial, "signatures")
+    jit = hasattr(p.kernels.step_serial, "signatures")
     for name, (ys, state) in results.items():
         for a, b in ((ys, ys0), (state, state0)):
             if jit:
@@ -376,3 +375,81 @@ def test_serial_and_parallel_variants_keep_separate_cache_entries():
         assert not serial.targetoptions.get("parallel") and wide.targetoptions["parallel"]
         assert serial.__qualname__ != wide.__qualname__
         assert serial._cache._cache_file._index_name != wide._cache._cache_file._index_name
+
+
+def _zeros_layers():
+    from streamgru.model import DenseLayer, GRULayer, LSTMLayer
+
+    def gru(I, H, lbr=1, **kw):
+        return GRULayer(I, H, np.zeros((3 * H, I)), np.zeros((3 * H, H)),
+                        linear_before_reset=lbr, **kw)
+
+    def lstm(I, H, **kw):
+        P = np.zeros(3 * H) if kw.pop("peepholes", False) else None
+        out = kw.get("proj_size", 0) or H
+        return LSTMLayer(I, H, np.zeros((4 * H, I)), np.zeros((4 * H, out)), P=P, **kw)
+
+    def dense(I, O, act):
+        return DenseLayer(I, O, np.zeros((O, I)), np.zeros(O), act)
+
+    return gru, lstm, dense
+
+
+def test_a_models_cell_set_names_exactly_the_cells_its_layers_take():
+    """kernels.cells_of: the standard float32 cells (sigmoid gates, tanh, no clip; an LSTM
+    without peepholes or input_forget) have a bit each; any other GRU or LSTM cell and every
+    float64 model take the general paths; a Dense layer the common or the full activations.
+    The engine's one-event kernel is the standard GRU or LSTM set's when the model's set fits
+    in it, else the kernel of every cell; the batch and run kernels are always the latter."""
+    from streamgru import Model
+    from streamgru import kernels as K
+    from streamgru.packing import pack
+
+    gru, lstm, dense = _zeros_layers()
+    G, L, GEN, D, DA = (K.CELL_GRU_STD32, K.CELL_LSTM_STD32, K.CELL_GENERAL, K.CELL_DENSE,
+                        K.CELL_DENSE_ALL)
+    ALL = K.CELLS_ALL
+    cases = [  # layers, dtype, cells_of, the one-event kernel's set
+        ([gru(3, 4)], "float32", G, G | D),
+        ([gru(3, 4)], "float64", GEN, ALL),
+        ([gru(3, 4), dense(4, 2, "softmax")], "float32", G | D, G | D),
+        ([gru(3, 4), dense(4, 2, "identity"), dense(2, 2, "elu")], "float32", G | D | DA, ALL),
+        ([gru(3, 4, lbr=0)], "float32", GEN, ALL),
+        ([gru(3, 4, f="hard_sigmoid")], "float32", GEN, ALL),
+        ([gru(3, 4, clip=2.0)], "float32", GEN, ALL),
+        ([lstm(3, 4)], "float32", L, L | D),
+        ([lstm(3, 4, peepholes=True)], "float32", GEN, ALL),
+        ([lstm(3, 4, proj_size=2, proj=np.zeros((2, 4)))], "float32", L, L | D),
+        ([lstm(3, 4, h="relu")], "float32", GEN, ALL),
+        ([dense(3, 3, "relu"), lstm(3, 4), gru(4, 4)], "float32", D | L | G, ALL),
+    ]
+    for layers, dtype, cells, one_event in cases:
+        p = pack(Model(layers), np.dtype(dtype))
+        assert K.cells_of(p.table, p.fp, dtype) == cells, (layers, dtype)
+        assert p.kernels is K.kernels_for(cells)  # made once per set and process
+        assert p.kernels.cells == one_event, (layers, dtype)
+        assert (p.kernels.step_one is K.step_one) == (one_event == ALL)
+        assert p.kernels.step_serial is K.step_serial and p.kernels.run_sequence is K.run_sequence
+    for bad in (0, K.CELLS_ALL + 1, "1"):
+        with pytest.raises(ValueError, match="cells: expected a cell set"):
+            K.kernels_for(bad)
+
+
+@pytest.mark.skipif(__import__("os").environ.get("NUMBA_DISABLE_JIT") == "1",
+                    reason="about compiled kernels: as Python every kernel holds every cell")
+def test_a_kernel_refuses_a_layer_outside_its_cell_set():
+    """A kernel variant meets a layer whose cell it was not built with only if handed another
+    model's table: it raises instead of skipping the cell (a silent wrong state)."""
+    from streamgru import Model
+    from streamgru import kernels as K
+    from streamgru.packing import pack
+
+    gru, lstm, dense = _zeros_layers()
+    p = pack(Model([lstm(3, 4), dense(4, 2, "softmax")]), np.dtype(np.float32))
+    assert p.kernels.cells == K.CELL_LSTM_STD32 | K.CELL_DENSE
+    other = K.kernels_for(K.CELL_GRU_STD32 | K.CELL_DENSE)  # the GRU model's set of the suite
+    state = np.zeros((1, 8), np.float32)
+    with pytest.raises(RuntimeError, match="without this layer's cell"):
+        other.step_one(p.params, p.table, p.fp, state, 0, np.zeros((1, 3), np.float32),
+                       np.zeros((1, 2), np.float32), np.zeros((2, p.scratch_width), np.float32),
+                       True, 0)

@@ -56,7 +56,8 @@ def test_one_event_path_through_the_dispatcher_matches_the_oracle(monkeypatch, w
     eng.open("k")
     _one_event_steps(eng, OracleStreams(model), "k", 2)  # compiled: entry points in use
     if not numba.config.DISABLE_JIT:
-        assert (eng._wide1 if wide else eng._run1) not in (K.step_wide, K.step_one)
+        ks = eng._packed.kernels
+        assert (eng._wide1 if wide else eng._run1) not in (ks.step_wide, ks.step_one)
 
     def no_typeof(value):
         raise AttributeError("typeof moved")
@@ -65,7 +66,8 @@ def test_one_event_path_through_the_dispatcher_matches_the_oracle(monkeypatch, w
     eng = Engine(model, threads=2 if wide else 1)
     eng.open("k")
     _one_event_steps(eng, OracleStreams(model), "k", 5)
-    assert (eng._wide1 if wide else eng._run1) is (K.step_wide if wide else K.step_one)
+    ks = eng._packed.kernels
+    assert (eng._wide1 if wide else eng._run1) is (ks.step_wide if wide else ks.step_one)
 
 
 # ---------------------------------------------------------------------------- thread count

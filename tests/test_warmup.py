@@ -81,7 +81,7 @@ def test_warmup_leaves_nothing_to_compile_for_a_new_process():
     counts = json.loads(first.stdout.strip().splitlines()[-1])
     assert {k: c for k, (_, c) in counts.items() if c} == {}  # nothing compiled
     used = ("step_one", "step_serial", "step_parallel", "step_wide", "run_sequence",
-            "run_sequence_wide", "table_lookup", "table_insert", "table_delete")
+            "run_sequence_wide", "table_lookup", "table_insert")
     assert all(counts[k][0] >= 1 for k in used), counts  # each loaded from the cache
 
 
@@ -92,3 +92,56 @@ def test_warmup_help_and_bad_model(tmp_path, capsys):
     assert "NUMBA_CACHE_DIR" in capsys.readouterr().out
     assert main(["warmup", str(tmp_path / "missing.sgru")]) == 2
     assert "streamgru warmup: error: model:" in capsys.readouterr().err
+
+
+# A new process's first event on a standard GRU model with a softmax head, with an empty cache:
+# it prints how many signatures each cell helper compiled.
+_COLD_ONE_EVENT = """
+import json, sys
+import numpy as np
+import streamgru
+from streamgru import kernels as K
+m = streamgru.load(sys.argv[1])
+e = streamgru.Engine(m, threads=1)
+e.step([7], np.ones((1, m.input_size), np.float32))  # a new int key: opened, then stepped
+names = ("_cell_std32", "_act_common", "_act", "_lstm_std32", "_lstm_gates", "_gates_zr",
+         "_gates_n_lbr1", "_gates_n_lbr0", "_update", "_gru_pre", "table_lookup",
+         "table_insert", "step_serial", "run_sequence")
+ks = e._packed.kernels
+print(json.dumps({"set": ks.cells, "step_one": len(ks.step_one.signatures),
+                  **{n: len(getattr(K, n).signatures) for n in names}}))
+"""
+
+
+@background.job("cold_one_event")
+def _cold_one_event():
+    from streamgru.isa import TILE
+
+    if TILE.forced:
+        return "STREAMGRU_TILE is set: kernels are not cached"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / "m.sgru"
+        GRUModel.random(3, [5, 4], dense_after=[(2, "softmax")], seed=2).save(path)
+        env = dict(os.environ, NUMBA_CACHE_DIR=str(pathlib.Path(tmp) / "cache"))
+        return background.run([sys.executable, "-c", _COLD_ONE_EVENT, str(path)], env=env,
+                              timeout=900)
+
+
+@pytest.mark.background("cold_one_event")
+@pytest.mark.slow
+def test_a_first_event_compiles_only_its_models_cells():
+    """Cold start (docs/kernels.md, "Cell sets"): the first event of a standard float32 GRU
+    model with a softmax head compiles the one-event kernel of its cell set with the standard
+    GRU cell and the common activations only: no LSTM cell, no general GRU path, no
+    thirteen-activation function, no batch, run or key-table kernel."""
+    from streamgru import kernels as K
+
+    got = background.result("cold_one_event")
+    if isinstance(got, str):
+        pytest.skip(got)
+    assert got.returncode == 0, got.stderr
+    counts = json.loads(got.stdout.strip().splitlines()[-1])
+    assert counts.pop("set") == K.CELL_GRU_STD32 | K.CELL_DENSE
+    assert counts.pop("step_one") == 1
+    assert counts.pop("_cell_std32") == 1 and counts.pop("_act_common") == 1
+    assert counts == dict.fromkeys(counts, 0), counts
