@@ -277,6 +277,12 @@ def main(argv=None):
     except (ValueError, TypeError, KeyError, FileNotFoundError, ImportError) as exc:
         print(f"streamgru {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader of the output left (`streamgru info FILE | head`): stop without a
+        # traceback, as other command-line tools do. Python flushes stdout again at exit, so
+        # point it at devnull first (the Python docs' "Note on SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
 
 
 if __name__ == "__main__":

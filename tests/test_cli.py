@@ -22,6 +22,23 @@ def test_info_prints_layers(tmp_path, capsys):
     assert m.fingerprint in out
 
 
+def test_info_into_a_reader_that_leaves_early_stops_quietly(tmp_path):
+    """`streamgru info FILE | head -1`: the reader closes the pipe after one line; the verb
+    ends without a BrokenPipeError traceback (exit 141, as a tool killed by SIGPIPE)."""
+    import subprocess
+    import sys
+
+    GRUModel.random(3, [5], dense_after=[(2, "softmax")]).save(tmp_path / "m.sgru")
+    r, w = __import__("os").pipe()
+    __import__("os").close(r)  # nobody reads: the first write fails with EPIPE
+    with open(w, "wb", closefd=True) as out:
+        res = subprocess.run([sys.executable, "-m", "streamgru.cli", "info",
+                              str(tmp_path / "m.sgru")], stdout=out, stderr=subprocess.PIPE,
+                             text=True, timeout=120)
+    assert res.returncode == 141, res.stderr
+    assert "Traceback" not in res.stderr and "BrokenPipe" not in res.stderr, res.stderr
+
+
 def test_info_layer_lines_are_unchanged(tmp_path, capsys):
     # The exact per-layer lines streamgru info printed before the layer protocol.
     rng = np.random.default_rng(0)
