@@ -31,17 +31,19 @@ Run (from the repository root, torch 2.13.0 CPU)::
     pip install --no-deps aeon==1.6.0        # or put it on PYTHONPATH: pip install --target DIR
     python examples/train_default_model.py   # ~1 minute on one core of the 2-core dev machine
 
-Seeded and single-threaded: a rerun with the same versions writes the same weights.
+Seeded and single-threaded: a rerun with the same versions writes the same weights (the GRU's
+on every host tried; the LSTM's only on the same kind of CPU: docs/default-model.md).
 
 The LSTM model (``--cell lstm``)
 --------------------------------
 The same data, split, augmentation, loss, optimiser, seed and input folding train
-LSTM(6->32) -> LSTM(32->32) -> Dense(32->4, softmax) (``LSTM_HIDDEN``, ``LSTM_LAYERS``). The native
-``.sgru`` format cannot hold an LSTM yet, so it ships as
-``basic_motions_lstm.safetensors`` (the PyTorch ``state_dict``: ``lstm.weight_ih_l{k}``,
-``lstm.weight_hh_l{k}``, ``lstm.bias_ih_l{k}``, ``lstm.bias_hh_l{k}``, ``head.0.weight``,
-``head.0.bias``, float32, input scaling folded into layer 0) and ``basic_motions_lstm.json``
-(the training record, PyTorch's held-out accuracy and the weights' SHA-256). It does not rewrite
+LSTM(6->32) -> LSTM(32->32) -> Dense(32->4, softmax) (``LSTM_HIDDEN``, ``LSTM_LAYERS``). It
+writes ``basic_motions_lstm.sgru`` (the conversion by ``converters.from_torch``, checked on the
+engine as the GRU's is), ``basic_motions_lstm.safetensors`` (the PyTorch ``state_dict``:
+``lstm.weight_ih_l{k}``, ``lstm.weight_hh_l{k}``, ``lstm.bias_ih_l{k}``, ``lstm.bias_hh_l{k}``,
+``head.0.weight``, ``head.0.bias``, float32, input scaling folded into layer 0) and
+``basic_motions_lstm.json`` (the training record: PyTorch's and the engine's held-out accuracy
+and the weights' SHA-256). It does not rewrite
 the GRU's files or the held-out split. ``tests/test_oracle.py`` checks that the float64 oracle
 reproduces PyTorch's held-out accuracy from the shipped weights::
 
@@ -205,11 +207,11 @@ def fold_scaling(net, mean, std, torch):
         net.rnn.bias_ih_l0.copy_((b - (W / s) @ m).float())
 
 
-def save_lstm(net, out, *, evaluation, data, training, versions, t_start):
-    """Write the LSTM's weights (safetensors) and training record; ``evaluation``, ``data``,
-    ``training``, ``versions`` are the record's sections shared with the GRU's. The .sgru format
-    cannot hold an LSTM yet, so there is no engine check: tests/test_oracle.py checks the shipped
-    weights against the float64 oracle instead."""
+def save_lstm(net, model, out, *, evaluation, data, training, versions, t_start):
+    """Write the LSTM's weights (safetensors, the PyTorch ``state_dict``), its conversion
+    ``model`` (.sgru) and the training record; ``evaluation``, ``data``, ``training``,
+    ``versions`` are the record's sections shared with the GRU's. tests/test_oracle.py checks the
+    shipped weights against the float64 oracle, tests/test_demo.py the .sgru."""
     from safetensors.numpy import save_file
 
     tensors = {k: np.ascontiguousarray(v.detach().numpy(), dtype=np.float32)
@@ -217,12 +219,14 @@ def save_lstm(net, out, *, evaluation, data, training, versions, t_start):
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{LSTM_STEM}.safetensors"
     save_file(tensors, path, metadata={"script": "examples/train_default_model.py --cell lstm"})
+    model.save(out / f"{LSTM_STEM}.sgru")
     runtime = time.perf_counter() - t_start
     record = {
         "model_file": path.name,
         "weights_sha256": sha256(path),
         "format": "PyTorch state_dict (nn.LSTM 'lstm.*' batch_first, nn.Linear 'head.0.*'), "
-                  "float32; the .sgru format cannot hold an LSTM yet",
+                  f"float32; {LSTM_STEM}.sgru is its conversion by converters.from_torch",
+        "sgru_fingerprint": model.fingerprint,
         "task": "per-step activity classification (probabilities of the 4 classes at every step)",
         "classes": list(CLASSES),
         "architecture": f"LSTM(6->{LSTM_HIDDEN}) x{LSTM_LAYERS}, Dense({LSTM_HIDDEN}->4, softmax); "
@@ -235,11 +239,17 @@ def save_lstm(net, out, *, evaluation, data, training, versions, t_start):
         "script": "examples/train_default_model.py --cell lstm",
     }
     (out / f"{LSTM_STEM}.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"held-out accuracy at sequence end (torch): "
-          f"{evaluation['heldout_accuracy_at_sequence_end']['torch']:.4f}; after k steps: "
-          f"{evaluation['heldout_accuracy_after_k_steps_torch']}; smallest top-2 margin at the "
-          f"end: {evaluation['min_top2_margin_at_end']:.3f}")
-    print(f"wrote {path} ({path.stat().st_size} bytes), {LSTM_STEM}.json in {runtime:.0f} s")
+    acc = evaluation["heldout_accuracy_at_sequence_end"]
+    print(f"held-out accuracy at sequence end: torch {acc['torch']:.4f}, streamgru "
+          f"{acc['streamgru']:.4f}; after k steps (torch): "
+          f"{evaluation['heldout_accuracy_after_k_steps_torch']}; max |streamgru - torch|: "
+          f"{evaluation['max_abs_diff_torch_vs_streamgru_float32']:.2e}; smallest top-2 margin "
+          f"at the end: {evaluation['min_top2_margin_at_end']:.3f}")
+    print(f"wrote {path} ({path.stat().st_size} bytes), {LSTM_STEM}.sgru, {LSTM_STEM}.json in "
+          f"{runtime:.0f} s")
+    if acc["streamgru"] != acc["torch"]:
+        print("error: streamgru's accuracy differs from torch's", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -249,7 +259,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "streamgru" / "data")
     ap.add_argument("--cell", choices=("gru", "lstm"), default="gru",
-                    help="gru: the default model (.sgru); lstm: the LSTM model (safetensors)")
+                    help="gru: the default model; lstm: the LSTM model (.sgru and safetensors)")
     args = ap.parse_args(argv)
 
     import torch
@@ -300,18 +310,21 @@ def main(argv=None):
                 "threads": 1}
     versions = {"python": platform.python_version(), "torch": torch.__version__,
                 "numpy": np.__version__, "streamgru": streamgru.__version__}
-    if args.cell == "lstm":
-        evaluation = {"heldout_accuracy_at_sequence_end": {"torch": torch_acc, "n": len(y_test)},
-                      "heldout_accuracy_after_k_steps_torch": acc_after,
-                      "min_top2_margin_at_end": min_margin}
-        return save_lstm(net, args.out, evaluation=evaluation, data=data, training=training,
-                         versions=versions, t_start=t_start)
-
+    # The engine on the converted model, float32, over the same held-out sequences.
     model = converters.from_torch(net)
     engine = streamgru.Engine(model)
     out = np.stack([engine.run(i, x_test[i]) for i in range(len(x_test))])
     engine_acc = float((out[:, -1].argmax(axis=-1) == y_test).mean())
     max_diff = float(np.abs(out - prob).max())
+    if args.cell == "lstm":
+        evaluation = {"heldout_accuracy_at_sequence_end": {"torch": torch_acc,
+                                                           "streamgru": engine_acc,
+                                                           "n": len(y_test)},
+                      "heldout_accuracy_after_k_steps_torch": acc_after,
+                      "min_top2_margin_at_end": min_margin,
+                      "max_abs_diff_torch_vs_streamgru_float32": max_diff}
+        return save_lstm(net, model, args.out, evaluation=evaluation, data=data,
+                         training=training, versions=versions, t_start=t_start)
 
     args.out.mkdir(parents=True, exist_ok=True)
     model.save(args.out / f"{STEM}.sgru")
