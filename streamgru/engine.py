@@ -131,8 +131,8 @@ SECONDS_BOUNDS = (2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.
 _NS_BOUNDS = tuple(round(b * 1e9) for b in SECONDS_BOUNDS)
 _ns = time.perf_counter_ns
 MISSING_POLICIES = ("refuse", "skip", "zero", "last")
-_COUNTED_VERBS = ("run", "open", "reset", "close", "state", "set_state", "save_state", "load_state",
-                  "evict_idle")
+_COUNTED_VERBS = ("run", "open", "reset", "close", "state", "set_state", "last_observed",
+                  "set_last_observed", "save_state", "load_state", "evict_idle")
 
 
 class _Counters:
@@ -812,6 +812,7 @@ class Engine:
         [0.0, 5.0]
         """
         with self._lock:
+            self._m.calls["last_observed"] += 1
             if self._store.last is None:
                 raise ValueError(f"missing: expected an engine made with missing='last' (only it "
                                  f"keeps last observed values), got missing={self.missing!r}")
@@ -836,6 +837,7 @@ class Engine:
         [1.5, -2.0]
         """
         with self._lock:
+            self._m.calls["set_last_observed"] += 1
             if self._store.last is None:
                 raise ValueError(f"missing: expected an engine made with missing='last' (only it "
                                  f"keeps last observed values), got missing={self.missing!r}")

@@ -618,3 +618,15 @@ def test_missing_values_across_shards_resize_and_snapshots(ray_local, tmp_path):
     finally:
         a.shutdown()
         b.shutdown()
+
+
+def test_a_manifest_too_large_to_be_one_is_refused_unread(tmp_path):
+    """A snapshot directory whose manifest.json is far larger than any manifest (a corrupted or
+    foreign file) is refused naming the file and its size, before it is read into memory."""
+    from streamgru.cluster import sharded
+
+    with open(tmp_path / "manifest.json", "wb") as f:
+        f.truncate(sharded.MANIFEST_MAX_BYTES + 1)  # sparse: no disk used
+    with pytest.raises(FormatError, match=r"manifest.json: expected a manifest of at most \d+ "
+                                          r"bytes, got \d+"):
+        sharded._read_manifest(tmp_path)

@@ -45,7 +45,7 @@ def test_the_engine_keeps_the_fast_attribute_layout():
 
 
 def test_every_verb_is_counted_once_per_call(tmp_path):
-    eng = Engine(model(), idle_timeout=60)
+    eng = Engine(model(), idle_timeout=60, missing="last")
     eng.step(["a"], ones(1))
     eng.step(["a"], ones(1))  # the one-event fast path (open key)
     eng.step(["a", "b"], ones(2))
@@ -55,11 +55,14 @@ def test_every_verb_is_counted_once_per_call(tmp_path):
     eng.state("d")
     eng.set_state("e", np.zeros(9))
     eng.close("e")
+    eng.set_last_observed("d", ones(1)[0])
+    eng.last_observed("d")
     eng.save_state(tmp_path / "s.sgst")
     eng.load_state(tmp_path / "s.sgst")
     eng.evict_idle()
     assert eng.stats()["calls"] == {"step": 3, "run": 1, "open": 1, "reset": 1, "close": 1,
-                                    "state": 1, "set_state": 1, "save_state": 1, "load_state": 1,
+                                    "state": 1, "set_state": 1, "last_observed": 1,
+                                    "set_last_observed": 1, "save_state": 1, "load_state": 1,
                                     "evict_idle": 1}
 
 

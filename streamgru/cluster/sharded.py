@@ -1194,9 +1194,17 @@ def _sort_key(k):
     return (isinstance(k, str), k)
 
 
+# A manifest lists ~100 bytes per shard: a larger file is not one (and is not read into memory).
+MANIFEST_MAX_BYTES = 64 << 20
+
+
 def _read_manifest(d):
     p = Path(d) / MANIFEST_NAME
     try:
+        size = p.stat().st_size
+        if size > MANIFEST_MAX_BYTES:
+            raise FormatError(f"{p}: expected a manifest of at most {MANIFEST_MAX_BYTES} bytes, "
+                              f"got {size}")
         m = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"directory: expected a snapshot with {MANIFEST_NAME}, got none in "
