@@ -62,7 +62,7 @@ from . import kernels as K
 from .errors import FormatError, NonFiniteError, UnsupportedModelError
 from .layers import LAYER_KINDS
 from .model import GRUModel
-from .packing import pack, weights_form
+from .packing import aligned_zeros, pack, weights_form
 from .state import StateStore, normalize_key, normalize_keys
 
 __all__ = ["Engine", "LoadedState", "MISSING_POLICIES", "check_missing", "check_runnable"]
@@ -326,9 +326,9 @@ class Engine:
                                  memory=model.input_size if missing == "last" else 0)
         self._lock = threading.RLock()
         self._n_out = model.output_size
-        self._scratch = np.zeros((0, self._packed.scratch_width), self.dtype)  # sized just below
+        self._scratch = aligned_zeros((0, self._packed.scratch_width), self.dtype)  # sized below
         self._grow_scratch(1)
-        self._run_scratch = np.zeros((2, self._packed.scratch_width), self.dtype)
+        self._run_scratch = aligned_zeros((2, self._packed.scratch_width), self.dtype)
         self._metrics_init()
 
     # ------------------------------------------------------------------------------------------
@@ -657,8 +657,8 @@ class Engine:
             if self._track:
                 self._admit([k], xs, "xs")
             if self._run_scratch.shape[0] < T + 1:  # allocate first, then open the key
-                self._run_scratch = np.zeros((max(T + 1, 2 * self._run_scratch.shape[0]),
-                                              self._packed.scratch_width), self.dtype)
+                self._run_scratch = aligned_zeros((max(T + 1, 2 * self._run_scratch.shape[0]),
+                                                   self._packed.scratch_width), self.dtype)
             store = self._store
             slots, opened = store.slots([k])
             try:
@@ -1331,7 +1331,7 @@ class Engine:
     def _grow_scratch(self, n):
         rows = max(n, 2 * len(self._scratch), 16)
         # Both arrays first, then assign: a MemoryError leaves the old pair in place.
-        scratch = np.zeros((rows, self._packed.scratch_width), self.dtype)
+        scratch = aligned_zeros((rows, self._packed.scratch_width), self.dtype)
         iwork = np.zeros(4 * rows + 1, np.int64)  # order, wave, wstart, bad (kernels._plan)
         self._scratch, self._iwork = scratch, iwork
 

@@ -1173,10 +1173,40 @@ def _flags(cells):
 # _cell_pre and T_NPRN panels), its bit in cells_of, and its row in packing.pack.
 
 
+# A layer's cell path: what _cell (and _cell_pre) run for its rows, decided once per layer by
+# _cell_path, not per row or time step (the sequence kernel's step loop then reads no table
+# column to dispatch).
+(PATH_GRU_STD32, PATH_GRU, PATH_GRU_LBR0, PATH_DENSE, PATH_LSTM_STD32, PATH_LSTM,
+ PATH_LSTM_PROJ_STD32, PATH_LSTM_PROJ) = range(8)
+
+
 @njit(inline="always", **_JIT)
-def _cell(g_std, l_std, gen, dense, dense_all, table, fp, l, S, gi, wi, st, si, so, D, di, d0):
-    """Layer ``l``'s cell for one row once its products are in: its new state to
-    st[si, so:], its output to D[di, d0:] (where a T_XOUT layer's input product already is).
+def _cell_path(table, fp, l, fast):
+    """Layer ``l``'s cell path (PATH_*); ``fast``: a float32 compute dtype. -1 for a kind no
+    cell handles."""
+    kind = table[l, T_KIND]
+    if kind == KIND_GRU:
+        if table[l, T_LBR] != 1:
+            return PATH_GRU_LBR0
+        if _std32(fast, table[l, T_F], table[l, T_G], fp[l, F_CLIP]):
+            return PATH_GRU_STD32
+        return PATH_GRU
+    if kind == KIND_DENSE:
+        return PATH_DENSE
+    if kind == KIND_LSTM:
+        std = _lstm_std(fast, table, fp, l)
+        if table[l, T_NPRN] > 0:
+            return PATH_LSTM_PROJ_STD32 if std else PATH_LSTM_PROJ
+        return PATH_LSTM_STD32 if std else PATH_LSTM
+    return -1
+
+
+@njit(inline="always", **_JIT)
+def _cell(g_std, l_std, gen, dense, dense_all, path, table, fp, l, S, gi, wi, st, si, so, D, di,
+          d0):
+    """Layer ``l``'s cell (``path``: its :func:`_cell_path`) for one row once its products are
+    in: its new state to st[si, so:], its output to D[di, d0:] (where a T_XOUT layer's input
+    product already is).
 
     GRU, linear_before_reset=1: z, r, n and h' (:func:`_cell_std32` for the standard float32
     cell). linear_before_reset=0: after :func:`_gru_pre` and the R_n product (in
@@ -1186,26 +1216,12 @@ def _cell(g_std, l_std, gen, dense, dense_all, table, fp, l, S, gi, wi, st, si, 
     which goes to the state and the output.
     Dense: the activation, in place.
     """
-    kind = table[l, T_KIND]
-    if kind == KIND_GRU:
-        if table[l, T_LBR] == 1:
-            if _std32(S.itemsize == 4, table[l, T_F], table[l, T_G], fp[l, F_CLIP]):
-                if g_std:
-                    _cell_std32(table, l, S, gi, wi, st, si, so, D, di, d0)
-                else:
-                    raise RuntimeError(_NOT_BUILT)
-            elif gen:
-                _gates_zr(table, fp, l, S, gi, wi)
-                _gates_n_lbr1(table, fp, l, S, gi, wi)
-                _update(table, l, S, gi, st, si, so, D, di, d0)
-            else:
-                raise RuntimeError(_NOT_BUILT)
-        elif gen:
-            _gates_n_lbr0(table, fp, l, S, gi, wi)
-            _update(table, l, S, gi, st, si, so, D, di, d0)
+    if path == PATH_GRU_STD32:
+        if g_std:
+            _cell_std32(table, l, S, gi, wi, st, si, so, D, di, d0)
         else:
             raise RuntimeError(_NOT_BUILT)
-    elif kind == KIND_DENSE:
+    elif path == PATH_DENSE:
         if dense_all:
             _act(D, di, d0, d0 + table[l, T_OUT], table[l, T_F], fp[l, F_FA], fp[l, F_FB],
                  fp[l, F_CLIP], D.itemsize == 4)
@@ -1214,46 +1230,58 @@ def _cell(g_std, l_std, gen, dense, dense_all, table, fp, l, S, gi, wi, st, si, 
                         fp[l, F_FB], fp[l, F_CLIP], D.itemsize == 4)
         else:
             raise RuntimeError(_NOT_BUILT)
-    elif kind == KIND_LSTM:
-        ho = table[l, T_OUT]
-        if table[l, T_NPRN] > 0:
-            GH = table[0, T_LGH]
-            _copy_row(S, wi, GH, st, si, so, ho)
-            _copy_row(S, wi, GH, D, di, d0, ho)
-        elif _lstm_std(S.itemsize == 4, table, fp, l):
-            if l_std:
-                _lstm_std32(table, l, S, gi, wi, st, si, so, S, wi, 0, D, di, d0)
-            else:
-                raise RuntimeError(_NOT_BUILT)
-        elif gen:
-            _lstm_gates(table, fp, l, S, gi, wi, st, si, so, st, si, so)
-            _copy_row(st, si, so, D, di, d0, ho)
+    elif path == PATH_LSTM_STD32:
+        if l_std:
+            _lstm_std32(table, l, S, gi, wi, st, si, so, S, wi, 0, D, di, d0)
         else:
             raise RuntimeError(_NOT_BUILT)
+    elif path == PATH_GRU:
+        if gen:
+            _gates_zr(table, fp, l, S, gi, wi)
+            _gates_n_lbr1(table, fp, l, S, gi, wi)
+            _update(table, l, S, gi, st, si, so, D, di, d0)
+        else:
+            raise RuntimeError(_NOT_BUILT)
+    elif path == PATH_GRU_LBR0:
+        if gen:
+            _gates_n_lbr0(table, fp, l, S, gi, wi)
+            _update(table, l, S, gi, st, si, so, D, di, d0)
+        else:
+            raise RuntimeError(_NOT_BUILT)
+    elif path == PATH_LSTM:
+        if gen:
+            _lstm_gates(table, fp, l, S, gi, wi, st, si, so, st, si, so)
+            _copy_row(st, si, so, D, di, d0, table[l, T_OUT])
+        else:
+            raise RuntimeError(_NOT_BUILT)
+    elif path == PATH_LSTM_PROJ_STD32 or path == PATH_LSTM_PROJ:
+        ho = table[l, T_OUT]
+        GH = table[0, T_LGH]
+        _copy_row(S, wi, GH, st, si, so, ho)
+        _copy_row(S, wi, GH, D, di, d0, ho)
     else:
         raise RuntimeError(_NOT_BUILT)
 
 
 @njit(inline="always", **_JIT)
-def _cell_pre(l_std, gen, table, fp, l, S, gi, wi, st, si, so):
-    """The part of layer ``l``'s cell before its T_NPRN product (run only when it has one):
-    GRU, linear_before_reset=0: z, r and r * h (:func:`_gru_pre`); LSTM with a projection:
-    C' into the state and u = o * h(C') into S[wi, T:T+H], that product's input."""
-    kind = table[l, T_KIND]
-    if kind == KIND_GRU:
+def _cell_pre(l_std, gen, path, table, fp, l, S, gi, wi, st, si, so):
+    """The part of layer ``l``'s cell (``path``: its :func:`_cell_path`) before its T_NPRN
+    product (run only when it has one): GRU, linear_before_reset=0: z, r and r * h
+    (:func:`_gru_pre`); LSTM with a projection: C' into the state and u = o * h(C') into
+    S[wi, T:T+H], that product's input."""
+    if path == PATH_GRU_LBR0:
         if gen:
             _gru_pre(table, fp, l, S, gi, wi, st, si, so)
         else:
             raise RuntimeError(_NOT_BUILT)
-    elif kind == KIND_LSTM:
-        T = table[0, T_LT]
-        if _lstm_std(S.itemsize == 4, table, fp, l):
-            if l_std:
-                _lstm_std32(table, l, S, gi, wi, st, si, so, S, wi, T, S, -1, 0)
-            else:
-                raise RuntimeError(_NOT_BUILT)
-        elif gen:
-            _lstm_gates(table, fp, l, S, gi, wi, st, si, so, S, wi, T)
+    elif path == PATH_LSTM_PROJ_STD32:
+        if l_std:
+            _lstm_std32(table, l, S, gi, wi, st, si, so, S, wi, table[0, T_LT], S, -1, 0)
+        else:
+            raise RuntimeError(_NOT_BUILT)
+    elif path == PATH_LSTM_PROJ:
+        if gen:
+            _lstm_gates(table, fp, l, S, gi, wi, st, si, so, S, wi, table[0, T_LT])
         else:
             raise RuntimeError(_NOT_BUILT)
     else:
@@ -1374,6 +1402,7 @@ def _make_step_block(name, parallel, cells):
             K = table[l, T_IN]
             H = table[l, T_OUT]
             so = table[l, T_SOFF]
+            path = _cell_path(table, fp, l, scratch.itemsize == 4)
             npw = table[l, T_NPW]
             npr = table[l, T_NPR]
             w_w, b_w, s_w = _product(table, l, T_W)  # each product's offsets (see _gemm)
@@ -1404,14 +1433,14 @@ def _make_step_block(name, parallel, cells):
             if PRE:  # a constant: the set has a cell with a product between its halves
                 if nprn > 0:
                     for i in range(r0, r1):
-                        _cell_pre(L_STD, GEN, table, fp, l, scratch, i, i, state,
+                        _cell_pre(L_STD, GEN, path, table, fp, l, scratch, i, i, state,
                                   srows[i], so)
                     for g in loop(_groups(nprn, group)):
                         p0, p1 = _group(g, nprn, group)
                         _gemm(params, fp, w_n, b_n, s_n, table[l, T_HID], p0, p1,
                               scratch, None, T, scratch, GH, r0, r1)
             for i in range(r0, r1):
-                _cell(G_STD, L_STD, GEN, DENSE, DENSE_ALL, table, fp, l, scratch, i,
+                _cell(G_STD, L_STD, GEN, DENSE, DENSE_ALL, path, table, fp, l, scratch, i,
                       i, state, srows[i], so, D, order[i] if last else i, d0)
             cur, nxt = nxt, cur
         _check_rows(state, srows, out, order, bad, r0, r1)
@@ -1651,6 +1680,7 @@ def _make_step_one(cells):
         nxt = table[0, T_LB]
         for l in range(table.shape[0]):
             K = table[l, T_IN]
+            path = _cell_path(table, fp, l, scratch.itemsize == 4)
             H = table[l, T_OUT]
             so = table[l, T_SOFF]
             w_w, b_w, n_w, s_w = _product1(table, l, T_W)  # each product's offsets (see _gemv)
@@ -1666,12 +1696,12 @@ def _make_step_one(cells):
                       scratch, w1, GH, rev)
             if PRE:  # a constant (see _make_step_block)
                 if table[l, T_NPRN] > 0:
-                    _cell_pre(L_STD, GEN, table, fp, l, scratch, r0, w1, state, slot,
+                    _cell_pre(L_STD, GEN, path, table, fp, l, scratch, r0, w1, state, slot,
                               so)
                     _gemv(params, fp, w_n, b_n, n_n, s_n, table[l, T_HID],
                           scratch, w1, T, scratch, w1, GH, rev)
             # the new state goes to the state row, the output to this layer's output
-            _cell(G_STD, L_STD, GEN, DENSE, DENSE_ALL, table, fp, l, scratch, r0, w1,
+            _cell(G_STD, L_STD, GEN, DENSE, DENSE_ALL, path, table, fp, l, scratch, r0, w1,
                   state, slot, so, scratch, r0, nxt)
             cur, nxt = nxt, cur
             src = scratch
@@ -1734,6 +1764,7 @@ def _make_sequence(name, parallel, cells):
             npr = table[l, T_NPR]
             nprn = table[l, T_NPRN]
             sw = table[l, T_SW]
+            path = _cell_path(table, fp, l, scratch.itemsize == 4)
             w_w, b_w, s_w = _product(table, l, T_W)  # each product's offsets (see _gemm)
             w_r, b_r, s_r = _product(table, l, T_R)
             w_n, b_n, s_n = _product(table, l, T_RN)
@@ -1760,7 +1791,7 @@ def _make_sequence(name, parallel, cells):
                               HH, scratch, GH, n, n + 1)
                 if PRE:  # a constant (see _make_step_block)
                     if nprn > 0:
-                        _cell_pre(L_STD, GEN, table, fp, l, scratch, t, n, scratch, n,
+                        _cell_pre(L_STD, GEN, path, table, fp, l, scratch, t, n, scratch, n,
                                   HH)
                         gn = _groups(nprn, group)
                         for q in loop(gn):
@@ -1768,7 +1799,7 @@ def _make_sequence(name, parallel, cells):
                             _gemm(params, fp, w_n, b_n, s_n, table[l, T_HID], p0,
                                   p1, scratch, None, T, scratch, GH, n, n + 1)
                 # the new state stays in the workspace row, the output goes to step t's row
-                _cell(G_STD, L_STD, GEN, DENSE, DENSE_ALL, table, fp, l, scratch, t,
+                _cell(G_STD, L_STD, GEN, DENSE, DENSE_ALL, path, table, fp, l, scratch, t,
                       n, scratch, n, HH, scratch, t, nxt)
             _copy_row(scratch, n, HH, state, slot, table[l, T_SOFF], sw)
             cur, nxt = nxt, cur

@@ -17,6 +17,22 @@ from . import kernels as K
 _ALIGN_BYTES = 64  # every weight block starts on a cache line
 
 
+# Bytes every array the kernels stream through starts on: a cache line (and an AVX-512 vector).
+# A 64-byte vector load that straddles two lines costs two; numpy's allocations start 16 or 32
+# bytes past one, which made `run` 3-9% slower (benchmarks/RESULTS.md, "Alignment").
+ALIGN = 64
+
+
+def aligned_zeros(shape, dtype):
+    """np.zeros(shape, dtype) whose data starts on an ALIGN-byte boundary (a C-contiguous view
+    of a slightly larger byte buffer)."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buf = np.zeros(n + ALIGN, np.uint8)
+    start = -buf.ctypes.data % ALIGN
+    return buf[start:start + n].view(dtype).reshape(shape)
+
+
 @dataclass(frozen=True)
 class PackedModel:
     """The model's weights cast and laid out for the kernels.
@@ -233,7 +249,8 @@ def pack(model, dtype, weights=None) -> PackedModel:
     # products write whole panels, so every region a product writes is padded to NR. BK holds
     # the row's stream state from before the step, restored if the step would produce NaN/inf.
     layout = np.cumsum([0, maxw, maxw, gmax, gmax, hmax, hmax, model.state_size])
-    params = np.zeros(max(woff, 1), wdtype)
+    layout[-1] = -(-layout[-1] * dtype.itemsize // ALIGN) * ALIGN // dtype.itemsize  # rows aligned
+    params = aligned_zeros(max(woff, 1), wdtype)
     for start, a in wblocks:
         params[start:start + a.size] = a
     if wdtype == np.float16:  # Numba's CPU target has no float16 arrays: the kernels get the bits
@@ -242,7 +259,8 @@ def pack(model, dtype, weights=None) -> PackedModel:
     flat[:L * K.NF] = np.ravel(fp_rows)
     for start, v in fblocks:
         flat[start:start + v.size] = v
-    fp = flat.astype(dtype).reshape(-1, K.NF)
+    fp = aligned_zeros((flat.size // K.NF, K.NF), dtype)
+    fp.reshape(-1)[:] = flat
     table = np.array(table, np.int64)
     table[:, K.T_LA:K.T_LW + 1] = layout
     width = int(layout[-1])
