@@ -66,6 +66,7 @@ dtype.
 import math
 import typing
 import warnings
+from types import FunctionType
 
 import numpy as np
 from llvmlite import ir
@@ -1288,26 +1289,39 @@ def _cell_pre(l_std, gen, path, table, fp, l, S, gi, wi, st, si, so):
         raise RuntimeError(_NOT_BUILT)
 
 
+def _python(f):
+    """A kernel helper's Python code (itself under NUMBA_DISABLE_JIT)."""
+    return getattr(f, "py_func", f)
+
+
+# _cell_path as plain Python for cells_of: its own code, with the predicates' Python code in
+# place of their dispatchers (called from Python, a dispatcher would compile). The kernels and
+# their cell sets then decide a layer's path with one function.
+_cell_path_python = FunctionType(_python(_cell_path).__code__,
+                                 {**globals(), "_std32": _python(_std32),
+                                  "_lstm_std": _python(_lstm_std)})
+# The cell set bit of each path but Dense's (whose bit follows its activation).
+_PATH_CELLS = {PATH_GRU_STD32: CELL_GRU_STD32, PATH_GRU: CELL_GENERAL,
+               PATH_GRU_LBR0: CELL_GENERAL, PATH_LSTM_STD32: CELL_LSTM_STD32,
+               PATH_LSTM: CELL_GENERAL, PATH_LSTM_PROJ_STD32: CELL_LSTM_STD32,
+               PATH_LSTM_PROJ: CELL_GENERAL}
+
+
 def cells_of(table, fp, dtype):
     """The cell set (CELL_* bits) of a packed model: the cells its layers take in the kernels,
-    decided by the kernels' own predicates (``_std32``, ``_lstm_std``), so a kernel variant
-    built for it holds every path its rows take."""
+    by the kernels' own :func:`_cell_path`, so a kernel variant built for it holds every path
+    its rows take."""
     fast = np.dtype(dtype).itemsize == 4
-    std32 = getattr(_std32, "py_func", _std32)
-    lstm_std = getattr(_lstm_std, "py_func", _lstm_std)
     cells = 0
     for l in range(table.shape[0]):
-        kind = table[l, T_KIND]
-        if kind == KIND_GRU:
-            std = table[l, T_LBR] == 1 and std32(fast, table[l, T_F], table[l, T_G],
-                                                  fp[l, F_CLIP])
-            cells |= CELL_GRU_STD32 if std else CELL_GENERAL
-        elif kind == KIND_LSTM:
-            cells |= CELL_LSTM_STD32 if lstm_std(fast, table, fp, l) else CELL_GENERAL
-        elif kind == KIND_DENSE:
+        path = _cell_path_python(table, fp, l, fast)
+        if path == PATH_DENSE:
             cells |= CELL_DENSE if table[l, T_F] in DENSE_COMMON else CELL_DENSE_ALL
+        elif path in _PATH_CELLS:
+            cells |= _PATH_CELLS[path]
         else:
-            raise ValueError(f"table: layer {l} has kind {kind}, which no cell handles")
+            raise ValueError(f"table: layer {l} has kind {table[l, T_KIND]}, which no cell "
+                             f"handles")
     return cells
 
 
@@ -1375,7 +1389,8 @@ def _make_step_block(name, parallel, cells):
     itself). ``parallel=True``: each product is spread over Numba's threads by groups of
     PANEL_GROUP panels, the layer's input and recurrent products in one parallel loop, while
     the cheap per-row cell arithmetic stays on the calling thread (:func:`step_wide`). The
-    loop, ``prange`` or ``range``, and the group size are the closure's two values.
+    loop, ``prange`` or ``range``, the group size and the cell set's flags (:func:`_flags`) are
+    the closure's values.
     """
     loop = prange if parallel else range
     group = PANEL_GROUP if parallel else _ALL_PANELS
@@ -1719,7 +1734,8 @@ def _make_sequence(name, parallel, cells):
     """The layer loop of the sequence kernels, written once: :func:`run_sequence`
     (``parallel=False``) and the body of :func:`run_sequence_wide` (every product spread over
     Numba's threads by groups of PANEL_GROUP panels; the cell arithmetic stays on the calling
-    thread). The closure's one value is the loop, ``prange`` or ``range``."""
+    thread). The closure's values are the loop, ``prange`` or ``range``, and the cell set's
+    flags (:func:`_flags`)."""
     loop = prange if parallel else range
     G_STD, L_STD, GEN, DENSE, DENSE_ALL, PRE = _flags(cells)
 
