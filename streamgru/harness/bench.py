@@ -686,6 +686,14 @@ def _flops_per_event(model):
     return sum(2 * (layer.W.size + getattr(layer, "R", layer.W[:0]).size) for layer in model.layers)
 
 
+# A pause before each contender's turn. The contenders share the process, and a thread pool
+# keeps its workers spinning for a while after a parallel call (onnxruntime's by default): on a
+# machine with as many cores as threads, the next contender's threads then wait for cores. Run
+# back to back after onnxruntime, a two-thread engine `run` (LSTM, H=256, T=100) measured 1.6-2.2
+# ms instead of its 1.1 ms alone; a 1 ms pause removed it. A user runs one of them, not both.
+SETTLE_SECONDS = 0.02
+
+
 def run_workload(wl, contenders, threads, seconds, rounds=3, model=None, progress=None):
     """Time every contender on one workload, interleaved in ``rounds`` so that drifting machine
     load hits all of them alike. Returns a list of :class:`Result`."""
@@ -719,6 +727,7 @@ def run_workload(wl, contenders, threads, seconds, rounds=3, model=None, progres
     for _ in range(rounds):
         for name, c in built.items():
             fn = c.run if wl.seq else c.step
+            time.sleep(SETTLE_SECONDS)  # the previous contender's threads stop spinning
             times[name] += time_calls(fn, argsets, seconds / rounds)
     results = []
     events = np.mean([wl.seq if wl.seq else len(a[0]) for a in argsets])
