@@ -102,11 +102,16 @@ _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 # over threads by weight panels: ~20 us of arithmetic on one core (weights of 1.4 MB and more, past
 # one core's 1 MiB L2: two cores hold them in their two L2s), against ~2 us per parallel region.
 WIDE_MIN_MACS = 350_000
-# run(): a model whose largest recurrent matrix has this many weights (3H x H; H >= 224) spreads
-# each step's recurrent product over threads: the matrix (>= 600 KB float32) outgrows one core's
-# L2 and each step streams it, while each core's half stays in its own L2 (~1.5 us of parallel
-# region per step against ~9 us of product at H=256).
-RUN_WIDE_MIN_MACS = 150_000
+# run() on more than one thread takes the sequence kernel spread over threads
+# (run_sequence_wide), which spreads each layer's input projection over the T steps and shares
+# each step's recurrent product as the layer's size makes worth it (a team for the whole
+# sequence, a parallel region per step, or none: kernels.RUN_TEAM_MIN_MACS, RUN_WIDE_MIN_MACS),
+# when a layer's recurrent product is large (RUN_WIDE_MIN_MACS) or the sequence holds
+# RUN_SPLIT_MIN_MACS multiply-adds (T x the model's per step): ~20 us of arithmetic on one
+# core, against a few us of parallel regions per layer. Shorter sequences of small models stay
+# on the calling thread.
+RUN_WIDE_MIN_MACS = K.RUN_WIDE_MIN_MACS
+RUN_SPLIT_MIN_MACS = 2_000_000
 # From this many rows, an int key array is mapped to slots by a compiled table (state.IntSlotTable)
 # rather than one dict lookup per key.
 INT_TABLE_MIN_ROWS = 64
@@ -477,8 +482,9 @@ class Engine:
         p = self._packed
         args = (p.params, p.table, p.fp, self._store.states, slot, xs, out, self._run_scratch,
                 self.check_finite)
-        if self._par_threads > 1 and self._recurrent_macs >= RUN_WIDE_MIN_MACS:
-            return self._parallel(p.kernels.run_sequence_wide, args)
+        if self._par_threads > 1 and (self._recurrent_macs >= RUN_WIDE_MIN_MACS
+                                      or len(xs) * self._macs_per_row >= RUN_SPLIT_MIN_MACS):
+            return self._parallel(p.kernels.run_sequence_wide, args + (self._par_threads,))
         self._flip ^= 1
         return p.kernels.run_sequence(*args, self._flip)
 
@@ -713,7 +719,7 @@ class Engine:
                     self._scratch, self._iwork, store.mark, self.check_finite)
             ks = p.kernels
             for kernel, args in ((ks.step_one, one), (ks.run_sequence, one),
-                                 (ks.run_sequence_wide, one[:-1]), (ks.step_serial, many),
+                                 (ks.run_sequence_wide, one[:-1] + (2,)), (ks.step_serial, many),
                                  (ks.step_parallel, many), (ks.step_wide, many)):
                 K.compile_for(kernel, args)
         # The int-key table's kernels, through a throwaway engine: a batch of int keys opens

@@ -131,6 +131,20 @@ SERIAL_BIG_BLOCK = 256 if TILE.k_split == 1 else ROW_BLOCK
 L2_BYTES = 1 << 20
 # A wave of fewer rows than this runs serially inside the parallel kernel.
 SERIAL_WAVE_ROWS = 32
+# How the sequence kernel spread over threads (run_sequence_wide) shares a layer's recurrent
+# product, which each step needs before its cell and the next step:
+# - a *team* (layers whose cell has no product between its halves, with at least
+#   RUN_TEAM_MIN_MACS recurrent multiply-adds, padded panels counted: GRU from H~103, LSTM
+#   from H~90): one parallel region for all T steps, in which the threads share each step's
+#   panels and hand the step over through atomic counters (a few hundred ns a step, against
+#   ~1.5 us for a parallel region). LSTM H=128, T=100 on 2 threads: 265 us against 395 us on
+#   one (znver4);
+# - a parallel region per step and product (the other layers from RUN_WIDE_MIN_MACS: 3H x H,
+#   H >= 224 for a GRU): the weights (>= 600 KB float32) outgrow one core's L2, while each
+#   core's share stays in its own (~9 us of product at H=256);
+# - else the calling thread computes it.
+RUN_WIDE_MIN_MACS = 150_000
+RUN_TEAM_MIN_MACS = 32_768
 # Return code of a step/run kernel whose result would have held NaN/inf (state restored).
 PRODUCED_NONFINITE = -2
 
@@ -677,6 +691,93 @@ def _prefetch_python(*args):
 
 if config.DISABLE_JIT:
     _prefetch_w = _prefetch_r = _prefetch_python  # noqa: F811
+
+
+# ----------------------------------------------------------------------------------------------
+# atomics: the sequence kernel's team shares each step's recurrent product (RUN_TEAM_MIN_MACS)
+
+
+def _elem_ptr(context, builder, aty, A_, i_):
+    a = cgutils.create_struct_proxy(aty)(context, builder, value=A_)
+    return builder.gep(a.data, [i_])
+
+
+@intrinsic
+def _atomic_add(typingctx, A, i, v):
+    """A[i] += v, atomically (sequentially consistent); returns the value before. A: 1-D int64."""
+    _check_array("_atomic_add", "A", A, 1, types.int64)
+    sig = types.int64(A, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        ptr = _elem_ptr(context, builder, signature.args[0], args[0], args[1])
+        return builder.atomic_rmw("add", ptr, args[2], "seq_cst")
+
+    return sig, codegen
+
+
+@intrinsic
+def _atomic_cas(typingctx, A, i, old, new):
+    """If A[i] == old, A[i] = new, atomically (sequentially consistent); returns whether it
+    did. A: 1-D int64."""
+    _check_array("_atomic_cas", "A", A, 1, types.int64)
+    sig = types.boolean(A, types.int64, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        ptr = _elem_ptr(context, builder, signature.args[0], args[0], args[1])
+        res = builder.cmpxchg(ptr, args[2], args[3], "seq_cst", "seq_cst")
+        return builder.extract_value(res, 1)
+
+    return sig, codegen
+
+
+@intrinsic
+def _atomic_load(typingctx, A, i):
+    """A[i], read atomically (sequentially consistent): every write made before another
+    thread's atomic write of it is visible after. A: 1-D int64."""
+    _check_array("_atomic_load", "A", A, 1, types.int64)
+    sig = types.int64(A, types.int64)
+
+    def codegen(context, builder, signature, args):
+        ptr = _elem_ptr(context, builder, signature.args[0], args[0], args[1])
+        return builder.load_atomic(ptr, "seq_cst", 8)
+
+    return sig, codegen
+
+
+@intrinsic
+def _spin_pause(typingctx):
+    """One turn of a spin-wait: x86's ``pause`` (it lets the core's other thread run and
+    spares the memory pipeline), nothing elsewhere."""
+    sig = types.void()
+
+    def codegen(context, builder, signature, args):
+        if context.codegen().magic_tuple()[0].startswith(("x86_64", "i386", "i686")):
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                                "llvm.x86.sse2.pause")
+            builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _atomic_add_python(A, i, v):
+    old = int(A[i])
+    A[i] = old + v
+    return old
+
+
+def _atomic_cas_python(A, i, old, new):
+    if A[i] != old:
+        return False
+    A[i] = new
+    return True
+
+
+if config.DISABLE_JIT:
+    _atomic_add = _atomic_add_python  # noqa: F811
+    _atomic_cas = _atomic_cas_python  # noqa: F811
+    _atomic_load = lambda A, i: int(A[i])  # noqa: E731, F811
+    _spin_pause = lambda: None  # noqa: E731, F811
 
 
 @njit(**_JIT)
@@ -1264,6 +1365,15 @@ def _cell(g_std, l_std, gen, dense, dense_all, path, table, fp, l, S, gi, wi, st
         raise RuntimeError(_NOT_BUILT)
 
 
+@njit(**_JIT)
+def _cell_called(g_std, l_std, gen, dense, dense_all, path, table, fp, l, S, gi, wi, st, si, so,
+                 D, di, d0):
+    """:func:`_cell` as a call rather than inlined: a parallel loop whose body raises (the
+    cell's refusals) has more than one exit, and Numba then runs it serially."""
+    _cell(g_std, l_std, gen, dense, dense_all, path, table, fp, l, S, gi, wi, st, si, so, D, di,
+          d0)
+
+
 @njit(inline="always", **_JIT)
 def _cell_pre(l_std, gen, path, table, fp, l, S, gi, wi, st, si, so):
     """The part of layer ``l``'s cell (``path``: its :func:`_cell_path`) before its T_NPRN
@@ -1754,10 +1864,13 @@ def _make_sequence(name, parallel, cells):
         first. A single step reads every weight once; when a layer's weights outgrow the
         core's L2, a cache keeps the part read last, so a caller alternating ``flip`` from
         call to call starts each step on weights still in L2 (the engine does, here and in
-        :func:`step_one`). Results are bit-identical either way.
+        :func:`step_one`). Results are bit-identical either way. The parallel variant never
+        flips: there the argument is the number of workers of its teams
+        (:func:`run_sequence_wide`).
         """
         n = xs.shape[0]
-        rev = flip != 0 and n == 1
+        rev = not parallel and flip != 0 and n == 1
+        workers = flip if parallel else 1  # the parallel variant's last argument (see there)
         if check_finite:
             bad = _first_nonfinite_row(xs)
             if bad >= 0:
@@ -1765,6 +1878,7 @@ def _make_sequence(name, parallel, cells):
         # Panel groups: threads take one each; a flipped step walks them backwards; otherwise
         # a serial product takes all its panels in one call.
         group = PANEL_GROUP if parallel or rev else _ALL_PANELS
+        nr = 2 * VEC_BYTES // scratch.itemsize
         GX = table[0, T_LGX]
         GH = table[0, T_LGH]
         HH = table[0, T_LHH]
@@ -1788,10 +1902,19 @@ def _make_sequence(name, parallel, cells):
             # the layer's state, kept in the workspace row for the whole sequence
             _copy_row(state, slot, table[l, T_SOFF], scratch, n, HH, sw)
             gw = _groups(npw, group)
-            gr = _groups(npr, group)
+            # Each step's recurrent products (parallel variant): a team, a parallel region per
+            # step, or the calling thread (see RUN_TEAM_MIN_MACS); the input projection over
+            # all T steps is spread over threads either way.
+            rgroup = group
+            rmacs = (H * npr + table[l, T_HID] * nprn) * nr
+            if parallel and rmacs < RUN_WIDE_MIN_MACS:
+                rgroup = _ALL_PANELS
+            gr = _groups(npr, rgroup)
+            team = parallel and workers > 1 and nprn == 0 and npr > 0 \
+                and rmacs >= RUN_TEAM_MIN_MACS
             if rev:  # the one step's recurrent product first (see the docstring)
                 for q in loop(gr):
-                    p0, p1 = _group(_nth(q, gr, True), npr, group)
+                    p0, p1 = _group(_nth(q, gr, True), npr, rgroup)
                     _gemm(params, fp, w_r, b_r, s_r, H, p0, p1, scratch, None, HH,
                           scratch, GH, n, n + 1)
             px = nxt if table[l, T_XOUT] else GX  # where the input product lands
@@ -1799,21 +1922,66 @@ def _make_sequence(name, parallel, cells):
                 p0, p1 = _group(_nth(q, gw, rev), npw, group)
                 _gemm(params, fp, w_w, b_w, s_w, K, p0, p1, scratch, None, cur,
                       scratch, px, 0, n)
-            for t in range(n):
+            if team:
+                # Worker w of ``workers`` (one parallel region) walks the T steps. Per step it
+                # claims its own share of the panel groups, then any share no one has claimed
+                # yet, and computes the claimed products; the worker whose groups complete the
+                # step runs its cell; every worker waits for that cell before the next step.
+                # Nothing waits on work that no running thread holds: a worker only waits for
+                # groups another has claimed (a claim is a compare-and-swap by a running
+                # worker, which then finishes it), so a worker that starts late, or never
+                # shares a core with the others, finds the steps done and leaves. The products
+                # are the serial kernel's, panel for panel: the same bits.
+                # Sync words, a cache line apart: per share v (groups v*gt/workers ..
+                # (v+1)*gt/workers), the number of steps it was claimed for; the groups done
+                # over all steps; the steps whose cell is done.
+                gt = _groups(npr, PANEL_GROUP)
+                line = 64 // 8
+                sync = np.zeros((workers + 2) * line, np.int64)
+                for w in loop(workers):
+                    for t in range(n):
+                        mine = np.int64(0)
+                        for j in range(workers):  # its own share first, then the others'
+                            v = (np.int64(w) + j) % workers
+                            if _atomic_cas(sync, v * line, t, t + 1):
+                                g0 = v * gt // workers
+                                g1 = (v + 1) * gt // workers
+                                if g1 > g0:
+                                    _gemm(params, fp, w_r, b_r, s_r, H, g0 * PANEL_GROUP,
+                                          min(npr, g1 * PANEL_GROUP), scratch, None, HH,
+                                          scratch, GH, n, n + 1)
+                                    mine += g1 - g0
+                        # The thread whose groups complete the step runs its cell.
+                        if mine > 0 and _atomic_add(sync, workers * line,
+                                                    mine) + mine == (t + 1) * gt:
+                            _cell_called(G_STD, L_STD, GEN, DENSE, DENSE_ALL, path, table, fp,
+                                         l, scratch, t, n, scratch, n, HH, scratch, t, nxt)
+                            _atomic_add(sync, (workers + 1) * line, 1)
+                        while _atomic_load(sync, (workers + 1) * line) <= t:
+                            _spin_pause()
+            for t in range(0 if team else n):
                 if not rev:
-                    for q in loop(gr):
-                        p0, p1 = _group(q, npr, group)
-                        _gemm(params, fp, w_r, b_r, s_r, H, p0, p1, scratch, None,
+                    if rgroup == _ALL_PANELS:  # one call, no parallel region
+                        _gemm(params, fp, w_r, b_r, s_r, H, 0, npr, scratch, None,
                               HH, scratch, GH, n, n + 1)
+                    else:
+                        for q in loop(gr):
+                            p0, p1 = _group(q, npr, rgroup)
+                            _gemm(params, fp, w_r, b_r, s_r, H, p0, p1, scratch, None,
+                                  HH, scratch, GH, n, n + 1)
                 if PRE:  # a constant (see _make_step_block)
                     if nprn > 0:
                         _cell_pre(L_STD, GEN, path, table, fp, l, scratch, t, n, scratch, n,
                                   HH)
-                        gn = _groups(nprn, group)
-                        for q in loop(gn):
-                            p0, p1 = _group(_nth(q, gn, rev), nprn, group)
-                            _gemm(params, fp, w_n, b_n, s_n, table[l, T_HID], p0,
-                                  p1, scratch, None, T, scratch, GH, n, n + 1)
+                        if rgroup == _ALL_PANELS and not rev:
+                            _gemm(params, fp, w_n, b_n, s_n, table[l, T_HID], 0, nprn,
+                                  scratch, None, T, scratch, GH, n, n + 1)
+                        else:
+                            gn = _groups(nprn, rgroup)
+                            for q in loop(gn):
+                                p0, p1 = _group(_nth(q, gn, rev), nprn, rgroup)
+                                _gemm(params, fp, w_n, b_n, s_n, table[l, T_HID], p0,
+                                      p1, scratch, None, T, scratch, GH, n, n + 1)
                 # the new state stays in the workspace row, the output goes to step t's row
                 _cell(G_STD, L_STD, GEN, DENSE, DENSE_ALL, path, table, fp, l, scratch, t,
                       n, scratch, n, HH, scratch, t, nxt)
@@ -1830,14 +1998,15 @@ _run_sequence_wide = _make_sequence("_run_sequence_wide", True, CELLS_ALL)
 
 
 @njit(**_JIT)
-def run_sequence_wide(params, table, fp, state, slot, xs, out, scratch, check_finite):
-    """As :func:`run_sequence`, with every product spread over Numba's threads by weight panels:
-    each layer's input projection for all T steps, and each step's recurrent product. For
-    layers whose recurrent weights outgrow one core's L2 (each core then keeps its share of the
-    panels in its own L2 from step to step); the cell arithmetic stays on the calling thread.
-    (The engine never flips a sequence spread over threads: each thread's share stays in its
-    core's cache anyway.)"""
-    return _run_sequence_wide(params, table, fp, state, slot, xs, out, scratch, check_finite, 0)
+def run_sequence_wide(params, table, fp, state, slot, xs, out, scratch, check_finite, workers):
+    """As :func:`run_sequence`, with the products spread over Numba's threads by weight panels:
+    each layer's input projection for all T steps, and each step's recurrent product as the
+    layer's size makes worth it (a team of ``workers`` threads, a parallel region per step, or
+    the calling thread: see RUN_TEAM_MIN_MACS). ``workers``: the threads the engine runs it on
+    (more is correct too, only slower). (The engine never flips a sequence spread over threads:
+    each thread's share stays in its core's cache anyway.)"""
+    return _run_sequence_wide(params, table, fp, state, slot, xs, out, scratch, check_finite,
+                              workers)
 
 
 class KernelSet(typing.NamedTuple):

@@ -8,6 +8,7 @@ from helpers import TOL, LSTMSpec, check_against_oracle, torch_to_canonical
 
 from streamgru import DenseLayer, Engine, GRULayer, GRUModel
 from streamgru import engine as engine_mod
+from streamgru import kernels as K
 from streamgru.activations import GRU_ACTIVATIONS
 
 PARAMS = {"hardsigmoid": (0.3, 0.45), "leakyrelu": (0.05, None), "affine": (0.7, 0.1),
@@ -296,7 +297,7 @@ def test_every_kernel_on_packed_arrays_same_bits_as_the_oracle(dtype):
                 ys[t, i] = out[0]
         results[f"step_one flip={flip}"] = ys, state
     for name, extra in (("run_sequence", (0,)), ("run_sequence", (1,)),
-                        ("run_sequence_wide", ())):
+                        ("run_sequence_wide", (2,))):
         state = fresh()
         scratch = np.zeros((steps + 1, p.scratch_width), dtype)
         ys = np.zeros((steps, n, model.output_size), dtype)
@@ -320,6 +321,64 @@ def test_every_kernel_on_packed_arrays_same_bits_as_the_oracle(dtype):
                 np.testing.assert_array_equal(a, b, err_msg=name)
             else:
                 np.testing.assert_allclose(a, b, atol=TOL[dtype], rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_run_sequence_wide_every_recurrence_mode_same_bits_as_serial(dtype):
+    """run_sequence_wide picks, per layer, how each step's recurrent product is shared: a team
+    of ``workers`` threads in one parallel region for the whole sequence (K.RUN_TEAM_MIN_MACS;
+    layers without a product between their cell's halves), a parallel region per step (layers
+    with one, from K.RUN_WIDE_MIN_MACS), or the calling thread. One model holds a layer of
+    each, and every worker count (1: no team; more workers than threads: a worker that starts
+    late finds the steps done by the others) gives the bits of run_sequence, and the oracle's
+    values."""
+    from streamgru.kernels import RUN_TEAM_MIN_MACS, RUN_WIDE_MIN_MACS, panel_width
+    from streamgru.packing import pack
+
+    rng = np.random.default_rng(60)
+    model = GRUModel([DenseLayer(6, 16, rng.normal(size=(16, 6)) * 0.4, None, "relu"),
+                      gru(rng, 16, 128, 1),  # a team
+                      gru(rng, 128, 224, 0),  # a region per step: R_n comes between
+                      LSTMSpec.random(224, 40, 61, proj_size=24).layer(),  # the calling thread
+                      LSTMSpec.random(24, 96, 62).layer(),  # a team
+                      DenseLayer(96, 5, rng.normal(size=(5, 96)) * 0.3, None, "softmax")])
+    p = pack(model, dtype)
+    nr = panel_width(dtype)
+    t = p.table
+    rmacs = [(t[l, K.T_OUT] * t[l, K.T_NPR] + t[l, K.T_HID] * t[l, K.T_NPRN]) * nr
+             for l in range(len(model.layers))]
+    assert rmacs[1] >= RUN_TEAM_MIN_MACS and t[1, K.T_NPRN] == 0
+    assert rmacs[2] >= RUN_WIDE_MIN_MACS and t[2, K.T_NPRN] > 0
+    assert rmacs[3] < RUN_TEAM_MIN_MACS
+    assert rmacs[4] >= RUN_TEAM_MIN_MACS and t[4, K.T_NPRN] == 0
+    steps = 12
+    s0 = (rng.normal(size=model.state_size) * 0.5).astype(dtype)
+    xs = rng.normal(size=(steps, model.input_size)).astype(dtype)
+    ys_ref, ref = [], s0[None].astype(np.float64)
+    for i in range(steps):
+        y, ref = oracle.step(model, ref, xs[i:i + 1].astype(np.float64))
+        ys_ref.append(y[0])
+
+    def run(kernel, *extra):
+        state = np.zeros((3, model.state_size), dtype)
+        state[1] = s0
+        scratch = np.zeros((steps + 1, p.scratch_width), dtype)
+        out = np.zeros((steps, model.output_size), dtype)
+        assert kernel(p.params, p.table, p.fp, state, 1, xs, out, scratch, True, *extra) == -1
+        assert not state[0].any() and not state[2].any()
+        return out, state[1]
+
+    ys0, h0 = run(p.kernels.run_sequence, 0)
+    np.testing.assert_allclose(ys0, np.stack(ys_ref), atol=TOL[dtype], rtol=0)
+    np.testing.assert_allclose(h0, ref[0], atol=TOL[dtype], rtol=0)
+    jit = hasattr(p.kernels.run_sequence, "signatures")
+    for workers in (1, 2, 3, 5):
+        ys, h = run(p.kernels.run_sequence_wide, workers)
+        for a, b in ((ys, ys0), (h, h0)):
+            if jit:
+                np.testing.assert_array_equal(a, b, err_msg=f"workers={workers}")
+            else:
+                np.testing.assert_allclose(a, b, atol=TOL[dtype], rtol=0)
 
 
 def test_pack_carries_both_dtypes_and_refuses_what_the_kernels_cannot_run():
@@ -349,7 +408,6 @@ def test_activation_ids_have_one_source():
     """Each activation's kernel id is the named constant of streamgru.activations, and the
     kernels read those very constants (no second table of integers to keep in sync)."""
     from streamgru import activations as A
-    from streamgru import kernels as K
 
     ids = {name: A.ACTIVATIONS[name][0] for name in A.ACTIVATIONS}
     assert len(set(ids.values())) == len(ids)
@@ -366,7 +424,6 @@ def test_serial_and_parallel_variants_keep_separate_cache_entries():
     """The layer loops are compiled twice from one body (parallel=False and True); Numba keys
     its on-disk cache index by qualified name and line, not by the parallel flag, so each
     variant must have its own name and index file, or one would load the other's code."""
-    from streamgru import kernels as K
 
     if not K._JIT["cache"]:
         pytest.skip("kernels not cached in this process")
@@ -402,7 +459,6 @@ def test_a_models_cell_set_names_exactly_the_cells_its_layers_take():
     The engine's one-event kernel is the standard GRU or LSTM set's when the model's set fits
     in it, else the kernel of every cell; the batch and run kernels are always the latter."""
     from streamgru import Model
-    from streamgru import kernels as K
     from streamgru.packing import pack
 
     gru, lstm, dense = _zeros_layers()
@@ -441,7 +497,6 @@ def test_a_kernel_refuses_a_layer_outside_its_cell_set():
     """A kernel variant meets a layer whose cell it was not built with only if handed another
     model's table: it raises instead of skipping the cell (a silent wrong state)."""
     from streamgru import Model
-    from streamgru import kernels as K
     from streamgru.packing import pack
 
     gru, lstm, dense = _zeros_layers()
