@@ -24,6 +24,13 @@ avx2      32-byte vectors       KU=1; 6 rows x 1 panel (12 accumulators of 16 re
 vec16     anything else         as avx2 with 16-byte vectors (SSE on x86, NEON on aarch64)
 ========  ====================  =========================================================
 
+Compact weights (float16, int8) are converted to float32 in registers, in vectors of
+``compact_vec_bytes``: the tile's own width, except on AVX-512 CPUs whose 512-bit conversions are
+no faster per value than their 256-bit ones (Zen 4, :data:`HALF_RATE_512_CONVERSIONS`). There the
+one- and two-row tiles, which convert a weight vector for every one or two multiply-adds, take
+each panel row as four 32-byte vectors (16 accumulators at most); the taller tiles, which
+convert once per 4 or 6 rows, keep 64-byte vectors.
+
 Few rows get their independent accumulators from several output panels at once, not from
 splitting k: every output is then summed in the same order (bias, then k = 0, 1, ...) whichever
 tile computes it, so a batch gives bit-identical results to separate calls. The avx512 tile
@@ -48,6 +55,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 NAMES = ("avx512", "avx2", "vec16")
+# AVX-512 CPUs (LLVM names) whose 512-bit float16 and int8 conversions (vcvtph2ps, vpmovsxbd +
+# vcvtdq2ps on zmm) convert no more values per cycle than the 256-bit ones: measured on Zen 4,
+# where a one-row product over float16 weights ran at 50 GFLOP/s with 64-byte conversions and
+# 80 with 32-byte ones (benchmarks/RESULTS.md, "Compact weights"). Other AVX-512 CPUs keep
+# 64-byte conversions until measured.
+HALF_RATE_512_CONVERSIONS = ("znver4",)
 _VEC_BYTES = {"avx512": 64, "avx2": 32, "vec16": 16}
 # Vectors per panel row, the same in every configuration.
 PANEL_VECTORS = 2
@@ -80,6 +93,13 @@ class TileConfig:
         Whether the target converts float16 to float32 in hardware (F16C on x86, every aarch64);
         without it the kernels widen float16 weights with integer operations instead of a
         library call (``kernels._load_weights``).
+    compact_vec_bytes : int
+        Bytes per vector in which the one- and two-row tiles convert compact weights (float16,
+        int8) and multiply them: ``vec_bytes``, or 32 on an AVX-512 CPU whose 512-bit
+        conversions run at half the rate of its 256-bit ones per value
+        (:data:`HALF_RATE_512_CONVERSIONS`; and in a forced avx512 tile, so that the suite
+        builds it on any host). Those tiles then hold twice as many accumulators, each output
+        lane still its own, so the sums are the same bits.
     """
 
     name: str
@@ -92,6 +112,11 @@ class TileConfig:
     panels: tuple
     forced: bool = False
     half: bool = True
+    compact_vec_bytes: int = 0
+
+    def __post_init__(self):  # compact_vec_bytes 0: the tile's own width
+        if not self.compact_vec_bytes:
+            object.__setattr__(self, "compact_vec_bytes", self.vec_bytes)
 
     def panel_width(self, dtype) -> int:
         """NR: output columns per weight panel for ``dtype`` (the packed layout)."""
@@ -108,10 +133,12 @@ class TileConfig:
         tiles 6x1 4x1 2x2 1x4 (rows x panels), NR 16 float32``."""
         tiles = " ".join(f"{r}x{p}" for r, p in zip(self.rows, self.panels))
         ksplit = f", k split in {self.k_split}" if self.k_split > 1 else ""
+        compact = (f", compact weights in {self.compact_vec_bytes}-byte vectors"
+                   if self.compact_vec_bytes != self.vec_bytes else "")
         return (f"{self.name}{' (forced)' if self.forced else ''} ({self.cpu}): "
                 f"{self.vec_bytes}-byte vectors, {self.registers} registers, "
                 f"{'FMA' if self.fma else 'no FMA'}, tiles {tiles} (rows x panels){ksplit}, "
-                f"NR {self.panel_width('float32')} float32")
+                f"NR {self.panel_width('float32')} float32{compact}")
 
     def as_dict(self) -> dict:
         """The fields as plain JSON-ready values (bench records this with every run)."""
@@ -124,8 +151,9 @@ class TileConfig:
 def make_config(name, cpu, registers, fma, forced=False, half=True) -> TileConfig:
     """The tile of configuration ``name`` (one of :data:`NAMES`) for a target."""
     if name == "avx512":
+        compact = 32 if forced or cpu in HALF_RATE_512_CONVERSIONS else 64
         return TileConfig(name, cpu, 64, registers, fma, 2, (6, 4, 2, 1), (1, 1, 1, 1), forced,
-                          half)
+                          half, compact)
     return TileConfig(name, cpu, _VEC_BYTES[name], registers, fma, 1, (6, 4, 2, 1),
                       (1, 1, 2, 4), forced, half)
 

@@ -61,6 +61,21 @@ def test_avx512_configuration_is_the_tuned_one():
     assert (t.panel_width("float32"), t.panel_width("float64"), t.panel_group) == (32, 16, 1)
 
 
+def test_compact_weights_convert_in_256_bit_vectors_where_512_bit_conversions_are_half_rate():
+    # Zen 4 converts float16 and int8 no faster per value with 512-bit instructions than with
+    # 256-bit ones: its one- and two-row tiles take compact weights in 32-byte vectors. Other
+    # AVX-512 CPUs keep 64 until measured; a forced avx512 tile splits, so any host builds it.
+    assert isa.make_config("avx512", "znver4", 32, True).compact_vec_bytes == 32
+    assert isa.make_config("avx512", "skylake-avx512", 32, True).compact_vec_bytes == 64
+    assert isa.make_config("avx512", "haswell", 16, True, forced=True).compact_vec_bytes == 32
+    for name, vec in (("avx2", 32), ("vec16", 16)):
+        assert isa.make_config(name, "znver4", 16, True).compact_vec_bytes == vec
+    assert "compact weights in 32-byte vectors" in isa.make_config("avx512", "znver4", 32,
+                                                                    True).describe()
+    assert "compact" not in isa.make_config("avx512", "skylake-avx512", 32, True).describe()
+    assert K.COMPACT_SPLIT == isa.TILE.vec_bytes // isa.TILE.compact_vec_bytes
+
+
 def test_fitted_configurations_never_split_k():
     # No k-split: each output is summed in k order in every tile (bit-identical batches), and the
     # 6-row tile holds 12 accumulators, which fit 16 registers with the weights and a broadcast.
@@ -139,13 +154,15 @@ def test_products_longer_than_a_panel_block(dtype):
 @pytest.mark.parametrize("lbr", [0, 1])
 @pytest.mark.parametrize("regime", ["serial", "wide"])
 def test_compact_weights_every_row_count_and_long_products(weights, lbr, regime, monkeypatch):
-    """Compact weights (float16 bits, int8 with per-row scales) through every tile height and,
-    with an input of 1100 values, the many-row tiles' k blocks (int8 blocks store raw sums and
-    scale at the last one): against the oracle on the dequantized model and, bit for bit,
-    separate calls."""
+    """Compact weights (float16 bits, int8 with per-row scales) through every tile height, the
+    panel buffers of 24 rows and more (kernels.BUFFER_MIN_ROWS, k-split builds) and, with an
+    input of 1100 values, the many-row tiles' k blocks (int8 blocks store raw sums and scale at
+    the last one) and panels too large to buffer: against the oracle on the dequantized model
+    and, bit for bit, separate calls."""
     if regime == "wide":
         monkeypatch.setattr(engine_mod, "WIDE_MIN_MACS", 0)
     rng = np.random.default_rng(17)
+    assert 31 >= K.BUFFER_MIN_ROWS  # the batches below reach the panel buffers
     # The third model's weights are tiny (float16 subnormals below 6.1e-5) and its inputs
     # large, so the products still matter: the widening of subnormal halves is checked too.
     for model, x_scale in ((model_with_uneven_panels(lbr), 1.0),
@@ -154,7 +171,7 @@ def test_compact_weights_every_row_count_and_long_products(weights, lbr, regime,
                             3e4)):
         ref = OracleStreams(dequantized(model, weights))
         batch, single = Engine(model, weights=weights), Engine(model, weights=weights)
-        for n in list(range(1, 15)) + [23]:
+        for n in list(range(1, 15)) + [23, 31]:
             keys = list(range(n))
             x = (rng.normal(size=(n, model.input_size)) * x_scale).astype(np.float32)
             y = batch.step(keys, x)
