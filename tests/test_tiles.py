@@ -61,7 +61,7 @@ def test_avx512_configuration_is_the_tuned_one():
     assert (t.panel_width("float32"), t.panel_width("float64"), t.panel_group) == (32, 16, 1)
 
 
-def test_compact_weights_convert_in_256_bit_vectors_where_512_bit_conversions_are_half_rate():
+def test_compact_conversions_in_256_bit_vectors_where_512_bit_ones_are_half_rate():
     # Zen 4 converts float16 and int8 no faster per value with 512-bit instructions than with
     # 256-bit ones: its one- and two-row tiles take compact weights in 32-byte vectors. Other
     # AVX-512 CPUs keep 64 until measured; a forced avx512 tile splits, so any host builds it.
