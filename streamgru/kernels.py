@@ -70,9 +70,9 @@ from types import FunctionType
 
 import numpy as np
 from llvmlite import ir
-from numba import carray, config, njit, prange, types
+from numba import config, njit, prange, types
 from numba.core import cgutils, errors
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic
 
 from .activations import (
     ACT_AFFINE,
@@ -243,7 +243,7 @@ def _load_weights(builder, ptr, vty, wdt):
     return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=4)
 
 
-def _make_tile(MR, KU, NP=1, fused=True, resume=False, scaled=False):
+def _make_tile(MR, KU, NP=1, fused=True, resume=False):
     """An intrinsic computing ``C[ci+r, cj:cj+NP*NR] = A[ai+r, ak:ak+K] @ panels + bias`` for
     r < MR.
 
@@ -251,21 +251,19 @@ def _make_tile(MR, KU, NP=1, fused=True, resume=False, scaled=False):
     F[boff+j*NR : boff+(j+1)*NR] (consecutive panels of one product; ``F`` is the float side
     table ``fp``, addressed flat). Accumulators live in MR*KU*NP*NV vector registers (NV = 2
     per panel row, or 2 * COMPACT_SPLIT narrower ones for compact weights in the few-row
-    tiles); KU > 1 splits k over independent accumulators, NP > 1 takes several panels at once: either hides
-    the FMA latency when few rows share each weight load. ``fused`` uses LLVM's fma (one
-    rounding); without it a multiply then an add (targets that have no fused multiply-add would
-    otherwise call libm's fmaf for every lane). With ``resume`` the accumulators start from C's
-    block instead of the bias: the product over k continues where a tile over the previous k
-    range stopped (``woff`` and ``ak`` then point at that k). C is stored and reloaded in its
-    own dtype, exactly, so the sums are the same bits as in one pass.
+    tiles); KU > 1 splits k over independent accumulators, NP > 1 takes several panels at
+    once: either hides the FMA latency when few rows share each weight load. ``fused`` uses
+    LLVM's fma (one rounding); without it a multiply then an add (targets that have no fused
+    multiply-add would otherwise call libm's fmaf for every lane). With ``resume`` the
+    accumulators start from C's block instead of the bias: the product over k continues where a
+    tile over the previous k range stopped (``woff`` and ``ak`` then point at that k). C is
+    stored and reloaded in its own dtype, exactly, so the sums are the same bits as in one pass.
 
     The weights' dtype (``P``'s) picks the load (:func:`_load_weights`). int8 weights: the
     accumulators start from zero (or C's block, resuming) and sum ``A * q``; when ``fin`` is
     nonzero (the block that ends the product over k) the tile stores ``sum * scale + bias``
     with the panel's per-column scales F[soff+j*NR ...], otherwise the raw sum for the next
-    block to resume. Other weights ignore ``soff`` and ``fin``. ``scaled`` gives weights in the
-    compute dtype the int8 treatment (the panel buffers of :func:`_gemm_buffered` hold int8
-    weights widened exactly, and must sum and scale them as the int8 tiles do).
+    block to resume. Other weights ignore ``soff`` and ``fin``.
 
     ``rows`` (the argument after A) is an int64 array or None, which decides at compile time:
     an array gathers, reading input row r from A[rows[ai+r], ak:ak+K], so that products read
@@ -280,10 +278,10 @@ def _make_tile(MR, KU, NP=1, fused=True, resume=False, scaled=False):
         # The compute dtype (A, C, F and the accumulators); weights go through _load_weights.
         dt = cty.dtype
         lty = context.get_value_type(dt)
-        quant = pty.dtype == types.int8 or scaled
+        quant = pty.dtype == types.int8
         NR = 2 * VEC_BYTES // (dt.bitwidth // 8)
         # Vectors per panel row: 2 of VEC_BYTES, or COMPACT_SPLIT times more of a narrower
-        # width for compact weights in the few-row tiles (see COMPACT_VEC_BYTES). Each output
+        # width for compact weights in the few-row tiles (see COMPACT_SPLIT). Each output
         # lane has its own accumulator either way, so the sums are the same bits.
         NV = 2
         if pty.dtype != dt and MR * KU * NP * 2 * COMPACT_SPLIT <= COMPACT_MAX_ACC:
@@ -409,7 +407,7 @@ def _make_tile(MR, KU, NP=1, fused=True, resume=False, scaled=False):
     return tile
 
 
-def _make_tile_python(MR, KU, NP=1, fused=True, resume=False, scaled=False):
+def _make_tile_python(MR, KU, NP=1, fused=True, resume=False):
     """The same product in numpy, for NUMBA_DISABLE_JIT=1 runs (intrinsics need the compiler)."""
 
     def tile(A, rows, ai, ak, K, P, woff, F, boff, soff, fin, C, ci, cj):
@@ -419,7 +417,7 @@ def _make_tile_python(MR, KU, NP=1, fused=True, resume=False, scaled=False):
         if W.dtype == np.uint16:  # float16 weights travel as their bits (see _load_weights)
             W = W.view(np.float16)
         flat = F.reshape(F.size)
-        quant = P.dtype == np.int8 or scaled
+        quant = P.dtype == np.int8
         if resume:
             start = C[ci:ci + MR, cj:cj + NP * nr]
         else:
@@ -452,11 +450,6 @@ if _KU > 1:
     _tile4 = _make(4, 2)
     _tile2 = _make(2, 2)
     _tile1 = _make(1, 2)
-    # Over a panel buffer of widened int8 weights (_gemm_buffered).
-    _tile6s = _make(6, 2, scaled=True)
-    _tile4s = _make(4, 2, scaled=True)
-    _tile2s = _make(2, 2, scaled=True)
-    _tile1s = _make(1, 2, scaled=True)
 else:
     # No tile splits k (KU=1): every output is the bias plus its products in k order whichever
     # tile computes it, so a batch gives bit-identical results to separate calls. The few-row
@@ -471,112 +464,6 @@ else:
     _tile_d1 = _make(_MR_D, 1, 1, TILE.fma)
 
 
-# ----------------------------------------------------------------------------------------------
-# compact weights over many rows: each panel widened once into a buffer
-
-
-# A tile over compact weights converts every weight vector it loads, once per 4 or 6 rows,
-# where the products are bound by the multiply-adds: the conversions take issue slots from
-# them (float16 and int8 ran 10-14% behind float32 from 4 rows up, Zen 4, H=256). A product
-# over at least BUFFER_MIN_ROWS rows therefore widens each panel once, exactly, into a float32
-# buffer of PANEL_BUFFER_FLOATS on the stack (64 KiB: a panel of K <= 512 at NR = 32), and
-# runs the float32 tiles over it: the same operations on the same values as the compact tiles,
-# so the same bits. Larger panels keep the converting tiles.
-PANEL_BUFFER_FLOATS = 16384
-BUFFER_MIN_ROWS = 24
-
-
-@intrinsic
-def _panel_buffer(typingctx):
-    """A pointer to PANEL_BUFFER_FLOATS float32 values on the calling function's stack (in its
-    entry block, so a loop around the call does not grow the stack), 64-byte aligned."""
-    sig = types.CPointer(types.float32)()
-
-    def codegen(context, builder, signature, args):
-        buf = cgutils.alloca_once(builder, ir.ArrayType(ir.FloatType(), PANEL_BUFFER_FLOATS))
-        buf.align = 64
-        return builder.bitcast(buf, ir.FloatType().as_pointer())
-
-    return sig, codegen
-
-
-@intrinsic
-def _widen(typingctx, P, woff, n, B):
-    """B[0:n] = P[woff:woff+n] as float32 (P: float16 bits or int8; n a multiple of the
-    vector width), converted as the tiles convert them (:func:`_load_weights`)."""
-    _check_array("_widen", "P", P, 1)
-    _check_array("_widen", "B", B, 1, types.float32)
-    sig = types.void(P, woff, n, B)
-
-    def codegen(context, builder, signature, args):
-        P_, woff_, n_, B_ = args
-        VW = TILE.compact_vec_bytes // 4
-        vty = ir.VectorType(ir.FloatType(), VW)
-        p = cgutils.create_struct_proxy(signature.args[0])(context, builder, value=P_)
-        b = cgutils.create_struct_proxy(signature.args[3])(context, builder, value=B_)
-        src = builder.gep(p.data, [woff_])
-        i64 = ir.IntType(64)
-        count = builder.sdiv(n_, ir.Constant(i64, VW))
-        with cgutils.for_range(builder, count) as loop:
-            off = builder.mul(loop.index, ir.Constant(i64, VW))
-            v = _load_weights(builder, builder.gep(src, [off]), vty, signature.args[0].dtype)
-            builder.store(v, builder.bitcast(builder.gep(b.data, [off]), vty.as_pointer()),
-                          align=4)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-def _gemm_buffered(params, fp, woff, boff, soff, K, p0, p1, src, rows, s0, dst, d0, r0, r1):
-    """The product of :func:`_gemm_ksplit` over panel buffers, for compact weights and at least
-    BUFFER_MIN_ROWS rows; returns whether it ran (False: the caller's tiles run). Compiled per
-    weights form by the overload below; this Python body is NUMBA_DISABLE_JIT's, which never
-    buffers."""
-    return False
-
-
-def _gemm_buffered_typed(params, fp, woff, boff, soff, K, p0, p1, src, rows, s0, dst, d0, r0,
-                         r1):
-    if not (isinstance(params, types.Array) and params.dtype in (types.uint16, types.int8)):
-        return _gemm_buffered
-    if params.dtype == types.int8:
-        t6, t4, t2, t1 = _tile6s, _tile4s, _tile2s, _tile1s
-    else:
-        t6, t4, t2, t1 = _tile6, _tile4, _tile2, _tile1
-
-    def impl(params, fp, woff, boff, soff, K, p0, p1, src, rows, s0, dst, d0, r0, r1):
-        nr = 2 * VEC_BYTES // dst.itemsize
-        if r1 - r0 < BUFFER_MIN_ROWS or K * nr > PANEL_BUFFER_FLOATS:
-            return False
-        buf = carray(_panel_buffer(), PANEL_BUFFER_FLOATS)
-        one = np.int64(1)
-        zero = np.int64(0)
-        for p in range(p0, p1):
-            _widen(params, woff + p * K * nr, K * nr, buf)
-            b = boff + p * nr
-            q = soff + p * nr
-            c = d0 + p * nr
-            i = r0
-            while i + 6 <= r1:
-                t6(src, rows, i, s0, K, buf, zero, fp, b, q, one, dst, i, c)
-                i += 6
-            if i + 4 <= r1:
-                t4(src, rows, i, s0, K, buf, zero, fp, b, q, one, dst, i, c)
-                i += 4
-            if i + 2 <= r1:
-                t2(src, rows, i, s0, K, buf, zero, fp, b, q, one, dst, i, c)
-                i += 2
-            if i < r1:
-                t1(src, rows, i, s0, K, buf, zero, fp, b, q, one, dst, i, c)
-        return True
-
-    return impl
-
-
-if _KU > 1 and not config.DISABLE_JIT:
-    overload(_gemm_buffered, jit_options=_JIT)(_gemm_buffered_typed)
-
-
 @njit(**_JIT)
 def _gemm_ksplit(params, fp, woff, boff, soff, K, p0, p1, src, rows, s0, dst, d0, r0, r1):
     """dst[i, d0 + p*NR ...] = src[i, s0:s0+K] @ panels p0..p1-1 + bias, for rows i in [r0, r1)
@@ -587,10 +474,7 @@ def _gemm_ksplit(params, fp, woff, boff, soff, K, p0, p1, src, rows, s0, dst, d0
     call is passed as its struct's fields, and the sequence kernel calls this every step.
 
     Each panel (K x NR) stays in L1 while every row block of the range passes over it.
-    Compact weights over many rows go through panel buffers (:func:`_gemm_buffered`).
     """
-    if _gemm_buffered(params, fp, woff, boff, soff, K, p0, p1, src, rows, s0, dst, d0, r0, r1):
-        return
     nr = 2 * VEC_BYTES // dst.itemsize
     one = np.int64(1)
     for p in range(p0, p1):

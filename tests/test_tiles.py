@@ -154,15 +154,14 @@ def test_products_longer_than_a_panel_block(dtype):
 @pytest.mark.parametrize("lbr", [0, 1])
 @pytest.mark.parametrize("regime", ["serial", "wide"])
 def test_compact_weights_every_row_count_and_long_products(weights, lbr, regime, monkeypatch):
-    """Compact weights (float16 bits, int8 with per-row scales) through every tile height, the
-    panel buffers of 24 rows and more (kernels.BUFFER_MIN_ROWS, k-split builds) and, with an
-    input of 1100 values, the many-row tiles' k blocks (int8 blocks store raw sums and scale at
-    the last one) and panels too large to buffer: against the oracle on the dequantized model
-    and, bit for bit, separate calls."""
+    """Compact weights (float16 bits, int8 with per-row scales) through every tile height (the
+    few-row ones converting in narrower vectors where isa.TileConfig.compact_vec_bytes says so)
+    and, with an input of 1100 values, the many-row tiles' k blocks (int8 blocks store raw sums
+    and scale at the last one): against the oracle on the dequantized model and, bit for bit,
+    separate calls."""
     if regime == "wide":
         monkeypatch.setattr(engine_mod, "WIDE_MIN_MACS", 0)
     rng = np.random.default_rng(17)
-    assert 31 >= K.BUFFER_MIN_ROWS  # the batches below reach the panel buffers
     # The third model's weights are tiny (float16 subnormals below 6.1e-5) and its inputs
     # large, so the products still matter: the widening of subnormal halves is checked too.
     for model, x_scale in ((model_with_uneven_panels(lbr), 1.0),
@@ -171,7 +170,7 @@ def test_compact_weights_every_row_count_and_long_products(weights, lbr, regime,
                             3e4)):
         ref = OracleStreams(dequantized(model, weights))
         batch, single = Engine(model, weights=weights), Engine(model, weights=weights)
-        for n in list(range(1, 15)) + [23, 31]:
+        for n in list(range(1, 15)) + [23]:
             keys = list(range(n))
             x = (rng.normal(size=(n, model.input_size)) * x_scale).astype(np.float32)
             y = batch.step(keys, x)
