@@ -58,7 +58,7 @@ NAMES = ("avx512", "avx2", "vec16")
 # AVX-512 CPUs (LLVM names) whose 512-bit float16 and int8 conversions (vcvtph2ps, vpmovsxbd +
 # vcvtdq2ps on zmm) convert no more values per cycle than the 256-bit ones: measured on Zen 4,
 # where a one-row product over float16 weights ran at 50 GFLOP/s with 64-byte conversions and
-# 80 with 32-byte ones (benchmarks/RESULTS.md, "Compact weights"). Other AVX-512 CPUs keep
+# 80 with 32-byte ones (docs/kernels.md, "Weights and compute dtypes"). Other AVX-512 CPUs keep
 # 64-byte conversions until measured.
 HALF_RATE_512_CONVERSIONS = ("znver4",)
 _VEC_BYTES = {"avx512": 64, "avx2": 32, "vec16": 16}
@@ -96,7 +96,7 @@ class TileConfig:
     compact_vec_bytes : int
         Bytes per vector in which the one- and two-row tiles convert compact weights (float16,
         int8) and multiply them: ``vec_bytes``, or 32 on an AVX-512 CPU whose 512-bit
-        conversions run at half the rate of its 256-bit ones per value
+        conversions convert no more values per cycle than its 256-bit ones
         (:data:`HALF_RATE_512_CONVERSIONS`; and in a forced avx512 tile, so that the suite
         builds it on any host). Those tiles then hold twice as many accumulators, each output
         lane still its own, so the sums are the same bits.
@@ -113,10 +113,6 @@ class TileConfig:
     forced: bool = False
     half: bool = True
     compact_vec_bytes: int = 0
-
-    def __post_init__(self):  # compact_vec_bytes 0: the tile's own width
-        if not self.compact_vec_bytes:
-            object.__setattr__(self, "compact_vec_bytes", self.vec_bytes)
 
     def panel_width(self, dtype) -> int:
         """NR: output columns per weight panel for ``dtype`` (the packed layout)."""
@@ -155,7 +151,7 @@ def make_config(name, cpu, registers, fma, forced=False, half=True) -> TileConfi
         return TileConfig(name, cpu, 64, registers, fma, 2, (6, 4, 2, 1), (1, 1, 1, 1), forced,
                           half, compact)
     return TileConfig(name, cpu, _VEC_BYTES[name], registers, fma, 1, (6, 4, 2, 1),
-                      (1, 1, 2, 4), forced, half)
+                      (1, 1, 2, 4), forced, half, _VEC_BYTES[name])
 
 
 _PROBE = """
