@@ -72,6 +72,7 @@ import numpy as np
 from llvmlite import ir
 from numba import config, njit, prange, types
 from numba.core import cgutils, errors
+from numba.core.registry import CPUDispatcher
 from numba.extending import intrinsic
 
 from .activations import (
@@ -184,8 +185,37 @@ def _cacheable():
 # Numba keys its on-disk cache by the target CPU, not by the tile chosen at import: the tile
 # follows from the target unless STREAMGRU_TILE forces one, and then nothing is cached (a forced
 # build must neither load another tile's kernels nor leave its own for a normal process).
+# No kernel is passed around as a first-class function, so none gets the C wrapper that needs.
 _JIT = dict(cache=not TILE.forced and not config.DISABLE_JIT and _cacheable(),
-            fastmath=FASTMATH, error_model="numpy", nogil=True)
+            fastmath=FASTMATH, error_model="numpy", nogil=True, no_cfunc_wrapper=True)
+
+
+class _KernelOnly(CPUDispatcher):
+    """The dispatcher of a helper that only compiled kernels call (:func:`_inner`)."""
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(f"streamgru.kernels.{self.py_func.__name__} is called only from compiled "
+                        f"kernels (it has no entry point from Python); call it from an njit "
+                        f"function")
+
+
+def _inner(func=None, parallel=False):
+    """``njit(**_JIT)`` for a helper that only kernels call: compiled without the CPython wrapper
+    (argument unboxing and result boxing). On an empty cache every wrapper is IR that LLVM
+    optimises and emits for nothing: without them the first step of a new process compiles
+    ~10% faster, its first batch ~5% (benchmarks/RESULTS.md, "Cold start"). Without a wrapper
+    Numba's dispatcher would jump to no code when called from Python; this one raises."""
+    if func is None:
+        return lambda f: _inner(f, parallel)
+    if config.DISABLE_JIT:
+        return func
+    opts = {k: v for k, v in _JIT.items() if k != "cache"}
+    disp = _KernelOnly(py_func=func, locals={},
+                       targetoptions=dict(opts, nopython=True, boundscheck=None,
+                                          parallel=parallel, no_cpython_wrapper=True))
+    if _JIT["cache"]:
+        disp.enable_caching()
+    return disp
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,7 +494,7 @@ else:
     _tile_d1 = _make(_MR_D, 1, 1, TILE.fma)
 
 
-@njit(**_JIT)
+@_inner
 def _gemm_ksplit(params, fp, woff, boff, soff, K, p0, p1, src, rows, s0, dst, d0, r0, r1):
     """dst[i, d0 + p*NR ...] = src[i, s0:s0+K] @ panels p0..p1-1 + bias, for rows i in [r0, r1)
     (input row i is src[rows[i]] when ``rows`` is an array: a gather; None reads src[i]). The
@@ -509,7 +539,7 @@ def _gemm_ksplit(params, fp, woff, boff, soff, K, p0, p1, src, rows, s0, dst, d0
 PANEL_BLOCK_BYTES = 16384
 
 
-@njit(**_JIT)
+@_inner
 def _gemm_fit(params, fp, woff, boff, soff, K, p0, p1, src, rows, s0, dst, d0, r0, r1):
     """dst[i, d0 + p*NR ...] = src[i, s0:s0+K] @ panels p0..p1-1 + bias, for rows i in [r0, r1)
     (input row i is src[rows[i]] when ``rows`` is an array: a gather; None reads src[i]); the
@@ -628,7 +658,7 @@ def _nth(q, ng, rev):
     return ng - 1 - g if rev else g
 
 
-@njit(**_JIT)
+@_inner
 def _gemv(params, fp, woff, boff, npan, soff, K, src, si, s0, dst, di, d0, rev):
     """dst[di, d0:d0 + npan*NR] = src[si, s0:s0+K] @ panels 0..npan-1 + bias: one row of a
     product (offsets as in :func:`_gemm`), last group of PANEL_GROUP panels first when ``rev``
@@ -793,7 +823,7 @@ if config.DISABLE_JIT:
     _spin_pause = lambda: None  # noqa: E731, F811
 
 
-@njit(**_JIT)
+@_inner
 def _prefetch_rows(A, rows, r0, r1):
     """Prefetch rows A[rows[r0:r1]] (a later block's inputs or states), one hint per line.
 
@@ -813,7 +843,7 @@ def _prefetch_rows(A, rows, r0, r1):
 # activations
 
 
-@njit(**_JIT)
+@_inner
 def _tanh32(x):
     # Rational approximation of tanh (the 13/6 minimax form used by Eigen's float path); constants
     # are float32 so the arithmetic stays in float32 and vectorises. Max abs error ~1e-7.
@@ -839,9 +869,12 @@ def _variant(body, name, parallel):
     Numba keys its on-disk cache index by the function's qualified name and first line, and
     within it by the signature and the closure's values, not by ``parallel=``: each variant
     gets a name of its own so that its cache entries can never be taken for another's
-    (tests/test_kernels.py checks that the variants' cache files differ).
+    (tests/test_kernels.py checks that the variants' cache files differ). A name with a
+    leading "_" marks a helper only kernels call (:func:`_inner`).
     """
     body.__name__ = body.__qualname__ = name
+    if name.startswith("_"):
+        return _inner(body, parallel)
     return njit(parallel=parallel, **_JIT)(body)
 
 
@@ -1017,7 +1050,7 @@ _act_common = _variant(_make_act(DENSE_COMMON), "_act", False)  # CELL_DENSE's (
 # kernel scratch rows 0 and 1 and the stream's state row.
 
 
-@njit(**_JIT)
+@_inner
 def _gates_zr(table, fp, l, S, gi, wi):
     """GRU: z, r = f(GX + GH) into S[gi, GX:GX+2H]."""
     GX = table[0, T_LGX]
@@ -1031,7 +1064,7 @@ def _gates_zr(table, fp, l, S, gi, wi):
          S.itemsize == 4)
 
 
-@njit(**_JIT)
+@_inner
 def _gates_n_lbr1(table, fp, l, S, gi, wi):
     """GRU, linear_before_reset=1: n = g(W_n x + Wb_n + r * (R_n h + Rb_n)) into
     S[gi, GX+2H:GX+3H]."""
@@ -1047,7 +1080,7 @@ def _gates_n_lbr1(table, fp, l, S, gi, wi):
          S.itemsize == 4)
 
 
-@njit(**_JIT)
+@_inner
 def _gates_n_lbr0(table, fp, l, S, gi, wi):
     """GRU, linear_before_reset=0, after the R_n product (in S[wi, GH:GH+H]):
     n = g(W_n x + Wb_n + R_n (r * h) + Rb_n) into S[gi, GX+2H:GX+3H]."""
@@ -1062,7 +1095,7 @@ def _gates_n_lbr0(table, fp, l, S, gi, wi):
          S.itemsize == 4)
 
 
-@njit(**_JIT)
+@_inner
 def _update(table, l, S, gi, st, si, so, D, di, d0):
     """GRU: h' = (1 - z) * n + z * h, written to D[di, d0:d0+H] and over h.
 
@@ -1088,7 +1121,7 @@ def _std32(fast, fk, gk, clip):
     return fast and fk == ACT_SIGMOID and gk == ACT_TANH and clip <= 0
 
 
-@njit(**_JIT)
+@_inner
 def _cell_std32(table, l, S, gi, wi, st, si, so, D, di, d0):
     """The linear_before_reset=1 GRU cell for the standard float32 cell, as two fused loops: per
     row, a call per phase costs more than its arithmetic at H ~ 128. It performs exactly the
@@ -1116,7 +1149,7 @@ def _cell_std32(table, l, S, gi, wi, st, si, so, D, di, d0):
         h[k] = hn
 
 
-@njit(**_JIT)
+@_inner
 def _gru_pre(table, fp, l, S, gi, wi, st, si, so):
     """GRU, linear_before_reset=0, before the R_n product: z, r = f(GX + GH), and r * h into
     S[wi, T:T+H], that product's input."""
@@ -1140,7 +1173,7 @@ def _copy_row(src, si, s0, dst, di, d0, m):
         b[k] = a[k]
 
 
-@njit(**_JIT)
+@_inner
 def _lstm_gates(table, fp, l, S, gi, wi, st, si, so, U, ui, u0):
     """LSTM, one row once its products are in (S[gi, GX:GX+4H] = W x + Wb, S[wi, GH:GH+4H] =
     R h + Rb, gate blocks i, o, f, c): the gates, the new cell state C' over C in the state
@@ -1208,7 +1241,7 @@ def _lstm_std(fast, table, fp, l):
             and table[l, T_IFG] == 0)
 
 
-@njit(**_JIT)
+@_inner
 def _lstm_std32(table, l, S, gi, wi, st, si, so, U, ui, u0, D, di, d0):
     """The standard float32 LSTM cell in one loop (the general path's operations, fused as
     :func:`_cell_std32` fuses the GRU's): C' over C in the state and h' = o * tanh(C') into
@@ -1378,7 +1411,7 @@ def _cell(g_std, l_std, gen, dense, dense_all, path, table, fp, l, S, gi, wi, st
         raise RuntimeError(_NOT_BUILT)
 
 
-@njit(**_JIT)
+@_inner
 def _cell_called(g_std, l_std, gen, dense, dense_all, path, table, fp, l, S, gi, wi, st, si, so,
                  D, di, d0):
     """:func:`_cell` as a call rather than inlined: a parallel loop whose body raises (the
@@ -1466,14 +1499,14 @@ def _nonfinite(A, i, lo, hi):
     return c
 
 
-@njit(**_JIT)
+@_inner
 def _backup_rows(state, srows, scratch, BK, r0, r1):
     """scratch[i, BK:BK+S] = state[srows[i]] for i in [r0, r1): each row's state before it steps."""
     for i in range(r0, r1):
         _copy_row(state, srows[i], 0, scratch, i, BK, state.shape[1])
 
 
-@njit(**_JIT)
+@_inner
 def _check_rows(state, srows, out, order, bad, r0, r1):
     """bad[i] = 1 if row i's new state or its output holds NaN/inf, else 0. Returns the count."""
     nbad = 0
@@ -1485,7 +1518,7 @@ def _check_rows(state, srows, out, order, bad, r0, r1):
     return nbad
 
 
-@njit(**_JIT)
+@_inner
 def _restore_all(state, srows, scratch, BK, bad, n):
     """If any of bad[:n] is set, put every row's backup back, in reverse plan order (a key
     stepped in several waves gets its first wave's backup last: its state before the call), and
@@ -1587,7 +1620,7 @@ def _make_step_block(name, parallel, cells):
 
 
 
-@njit(**_JIT)
+@_inner
 def _serial_block(params):
     """Rows per block of :func:`step_serial`: ROW_BLOCK, or SERIAL_BIG_BLOCK when the weights
     (the whole params buffer) outgrow L2_BYTES. Every block streams all the weights; once they

@@ -1,8 +1,10 @@
-"""The engine and kernels lean on three things Numba does not promise: the compiled entry point of
+"""The engine and kernels lean on four things Numba does not promise: the compiled entry point of
 a dispatcher (``_compiled``), the thread-local thread-count accessors (``_get_num_threads`` /
-``_set_num_threads``) and LLVM intrinsics that address rows with ``shape[1]`` as the stride.
+``_set_num_threads``), LLVM intrinsics that address rows with ``shape[1]`` as the stride, and a
+dispatcher subclass built the way ``njit`` builds its own (``kernels._inner``).
 Each has a fallback or a guard; these tests force the fallback and check the results still match
-the float64 oracle, and that an intrinsic refuses, at typing time, an array it cannot read.
+the float64 oracle, that an intrinsic refuses, at typing time, an array it cannot read, and that
+a helper without a CPython wrapper refuses a call from Python.
 """
 
 import os
@@ -32,6 +34,24 @@ def _one_event_steps(eng, ref, key, n, seed=0):
         x = rng.normal(size=(1, 4)).astype(np.float32)
         np.testing.assert_allclose(eng.step([key], x), ref.step([key], x), atol=1e-5, rtol=0)
     np.testing.assert_allclose(eng.state(key), ref.state(key), atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------- kernel-only helpers
+
+
+@needs_jit
+def test_a_kernel_only_helper_refuses_python_and_serves_compiled_code():
+    """The helpers only kernels call are compiled without a CPython wrapper (kernels._inner).
+    Called from Python, Numba's own dispatcher would then jump to no code and kill the process;
+    ours raises a TypeError naming the helper. From compiled code the helper works."""
+    for helper in (K._tanh32, K._gemv, K._act, K._act_common, K._cell_std32, K._step_block):
+        assert isinstance(helper, K._KernelOnly), helper
+    with pytest.raises(TypeError, match=r"kernels\._tanh32 is called only from compiled kernels"):
+        K._tanh32(np.float32(0.5))
+    tanh = numba.njit(cache=False)(lambda v: K._tanh32(v))
+    assert abs(tanh(np.float32(0.5)) - np.tanh(0.5)) < 1e-6
+    for kernel in (K.step_one, K.step_serial, K.run_sequence, K.gather_rows):
+        assert not isinstance(kernel, K._KernelOnly), kernel  # the engine calls these
 
 
 # ---------------------------------------------------------------------------- entry points
