@@ -33,13 +33,11 @@ from streamgru import kernels as K  # noqa: E402
 def _products(params, fp, table, scratch, reps):
     """reps x (W x + Wb, R h + Rb) for the one row of scratch, as a one-stream step does."""
     row = np.int64(0)
-    ww, bw, nw, sw = K._product1(table, row, K.T_W)
-    wr, br, nr, sr = K._product1(table, row, K.T_R)
     for _ in range(reps):
-        K._gemv(params, fp, ww, bw, nw, sw, table[0, K.T_IN], scratch, row, table[0, K.T_LA],
+        K._gemv(params, fp, table, row, K.T_W, table[0, K.T_IN], scratch, row, table[0, K.T_LA],
                 scratch, row, table[0, K.T_LGX], False)
-        K._gemv(params, fp, wr, br, nr, sr, table[0, K.T_OUT], scratch, row, table[0, K.T_LHH],
-                scratch, row, table[0, K.T_LGH], False)
+        K._gemv(params, fp, table, row, K.T_R, table[0, K.T_OUT], scratch, row,
+                table[0, K.T_LHH], scratch, row, table[0, K.T_LGH], False)
 
 
 def main(sizes=(32, 64, 128, 192, 256, 384, 512), forms=("float32", "float16", "int8")):

@@ -66,7 +66,6 @@ dtype.
 import math
 import typing
 import warnings
-from types import FunctionType
 
 import numpy as np
 from llvmlite import ir
@@ -111,7 +110,10 @@ from .isa import TILE
  T_F, T_G, T_LBR, T_SOFF, T_SW, T_XOUT, T_HID, T_H, T_PEEP, T_IFG) = range(25)
 # table columns: the scratch-row layout, repeated in every row
 T_LA, T_LB, T_LGX, T_LGH, T_LHH, T_LT, T_LBK, T_LW = range(25, 33)
-NT = 33
+# T_PATH: the layer's cell path (PATH_* below) for the table's compute dtype, set by
+# packing.pack from :func:`cell_path`
+T_PATH = 33
+NT = 34
 # fp columns: activation parameters (f, g, and the LSTM's h) and clip, one row per layer; the
 # rows after the layers' hold every other float the kernels read (biases, int8 scales,
 # peepholes), addressed flat (fp.reshape(fp.size)[offset]).
@@ -633,12 +635,6 @@ def _product(table, l, col):
 
 
 @njit(inline="always", **_JIT)
-def _product1(table, l, col):
-    """As :func:`_product`, with the panel count: what :func:`_gemv` takes."""
-    return table[l, col], table[l, col + 1], table[l, col + 2], table[l, col + 3]
-
-
-@njit(inline="always", **_JIT)
 def _groups(npan, size):
     """Number of ``size``-panel groups covering npan panels (the last may be short)."""
     return (npan + size - 1) // size
@@ -659,16 +655,20 @@ def _nth(q, ng, rev):
 
 
 @_inner
-def _gemv(params, fp, woff, boff, npan, soff, K, src, si, s0, dst, di, d0, rev):
-    """dst[di, d0:d0 + npan*NR] = src[si, s0:s0+K] @ panels 0..npan-1 + bias: one row of a
-    product (offsets as in :func:`_gemm`), last group of PANEL_GROUP panels first when ``rev``
-    (the order changes which weights are read last, never a result: see
-    :func:`run_sequence`).
+def _gemv(params, fp, table, l, col, K, src, si, s0, dst, di, d0, rev):
+    """dst[di, d0:d0 + npan*NR] = src[si, s0:s0+K] @ panels 0..npan-1 + bias: one row of
+    layer ``l``'s product at table column ``col`` (T_W, T_R or T_RN: its panels' offset, bias
+    offset, panel count npan and scales offset, as :func:`_gemm` takes them), last group of
+    PANEL_GROUP panels first when ``rev`` (the order changes which weights are read last,
+    never a result: see :func:`run_sequence`).
 
     The same tiles as :func:`_gemm` takes for one row, panel for panel, so the same bits; the
     one-event kernel calls this instead so that it does not compile the many-row tiles (a
-    first step on an empty cache then costs a fraction of the compile time).
+    first step on an empty cache then costs a fraction of the compile time). The offsets are
+    read here rather than by the caller: compiled once, not in every call site.
     """
+    woff, boff, npan, soff = table[l, col], table[l, col + 1], table[l, col + 2], \
+        table[l, col + 3]
     nr = 2 * VEC_BYTES // dst.itemsize
     one = np.int64(1)
     ng = _groups(npan, PANEL_GROUP)
@@ -1114,7 +1114,6 @@ def _update(table, l, S, gi, st, si, so, D, di, d0):
         h[k] = hn
 
 
-@njit(inline="always", **_JIT)
 def _std32(fast, fk, gk, clip):
     """Whether a linear_before_reset=1 layer is the standard float32 cell (sigmoid gates, tanh
     candidate, no clip), which :func:`_cell_std32` computes."""
@@ -1164,13 +1163,54 @@ def _gru_pre(table, fp, l, S, gi, wi, st, si, so):
         t[k] = r[k] * h[k]
 
 
-@njit(inline="always", **_JIT)
-def _copy_row(src, si, s0, dst, di, d0, m):
-    """dst[di, d0:d0+m] = src[si, s0:s0+m]."""
-    a = src[si, s0:s0 + m]
-    b = dst[di, d0:d0 + m]
-    for k in range(m):
-        b[k] = a[k]
+def _index(context, builder, ty, v):
+    """An integer argument of an intrinsic as an intp value (a literal, a signed or an unsigned
+    int alike)."""
+    return context.cast(builder, v, ty, types.intp)
+
+
+@intrinsic
+def _copy_row(typingctx, src, si, s0, dst, di, d0, m):
+    """dst[di, d0:d0+m] = src[si, s0:s0+m] (2-D C arrays of one dtype), as one ``llvm.memmove``.
+
+    The kernels copy rows in a dozen places (state backups, outputs, a layer's state in and
+    out of the sequence workspace). As a Numba loop each copy was ~60 statements of IR (two
+    views and a range loop) that every kernel compiles on an empty cache: as this intrinsic
+    the one-event kernel compiles ~20% faster. A copy, so the bits cannot change; memmove is
+    right for overlapping ranges too."""
+    for name, ty in (("src", src), ("dst", dst)):
+        _check_array("_copy_row", name, ty, 2)
+    if src.dtype != dst.dtype:
+        raise errors.TypingError(f"_copy_row: dst: expected the dtype of src ({src.dtype}), got "
+                                 f"{dst.dtype}")
+    for name, ty in (("si", si), ("s0", s0), ("di", di), ("d0", d0), ("m", m)):
+        if not isinstance(ty, types.Integer):
+            raise errors.TypingError(f"_copy_row: {name}: expected an integer, got {ty}")
+    sig = types.void(src, si, s0, dst, di, d0, m)
+
+    def codegen(context, builder, signature, args):
+        ty = signature.args
+        idx = [_index(context, builder, ty[k], args[k]) for k in (1, 2, 4, 5, 6)]
+        si_, s0_, di_, d0_, m_ = idx
+        ptrs = []
+        for k, i_, j_ in ((0, si_, s0_), (3, di_, d0_)):
+            a = cgutils.create_struct_proxy(ty[k])(context, builder, value=args[k])
+            ld = cgutils.unpack_tuple(builder, a.shape, 2)[1]
+            ptrs.append(builder.gep(a.data, [builder.add(builder.mul(i_, ld), j_)]))
+        itemsize = context.get_abi_sizeof(context.get_data_type(ty[0].dtype))
+        cgutils.raw_memmove(builder, ptrs[1], ptrs[0], m_, itemsize)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _copy_row_python(src, si, s0, dst, di, d0, m):
+    """NUMBA_DISABLE_JIT=1 stand-in of :func:`_copy_row`."""
+    dst[di, d0:d0 + m] = src[si, s0:s0 + m]
+
+
+if config.DISABLE_JIT:
+    _copy_row = _copy_row_python  # noqa: F811
 
 
 @_inner
@@ -1232,7 +1272,6 @@ def _lstm_gates(table, fp, l, S, gi, wi, st, si, so, U, ui, u0):
         u[k] = o[k] * cc[k]
 
 
-@njit(inline="always", **_JIT)
 def _lstm_std(fast, table, fp, l):
     """Whether LSTM layer ``l`` is the standard float32 cell (sigmoid gates, tanh candidate and
     output, no clip, no peepholes, input_forget 0), which :func:`_lstm_std32` computes."""
@@ -1321,17 +1360,18 @@ def _flags(cells):
 # _cell_pre and T_NPRN panels), its bit in cells_of, and its row in packing.pack.
 
 
-# A layer's cell path: what _cell (and _cell_pre) run for its rows, decided once per layer by
-# _cell_path, not per row or time step (the sequence kernel's step loop then reads no table
-# column to dispatch).
+# A layer's cell path: what _cell (and _cell_pre) run for its rows, decided once per model by
+# cell_path when packing.pack stores it in the table (T_PATH): a kernel reads it once per layer
+# and call, not per row or time step. Decided in Python rather than in each kernel, the
+# predicates cost no compile time (on an empty cache they were ~9% of the one-event kernel's
+# IR).
 (PATH_GRU_STD32, PATH_GRU, PATH_GRU_LBR0, PATH_DENSE, PATH_LSTM_STD32, PATH_LSTM,
  PATH_LSTM_PROJ_STD32, PATH_LSTM_PROJ) = range(8)
 
 
-@njit(inline="always", **_JIT)
-def _cell_path(table, fp, l, fast):
-    """Layer ``l``'s cell path (PATH_*); ``fast``: a float32 compute dtype. -1 for a kind no
-    cell handles."""
+def cell_path(table, fp, l, fast):
+    """Layer ``l``'s cell path (PATH_*) in a packed table (its columns up to T_IFG and fp's
+    rows); ``fast``: a float32 compute dtype. -1 for a kind no cell handles."""
     kind = table[l, T_KIND]
     if kind == KIND_GRU:
         if table[l, T_LBR] != 1:
@@ -1352,7 +1392,7 @@ def _cell_path(table, fp, l, fast):
 @njit(inline="always", **_JIT)
 def _cell(g_std, l_std, gen, dense, dense_all, path, table, fp, l, S, gi, wi, st, si, so, D, di,
           d0):
-    """Layer ``l``'s cell (``path``: its :func:`_cell_path`) for one row once its products are
+    """Layer ``l``'s cell (``path``: its :func:`cell_path`) for one row once its products are
     in: its new state to st[si, so:], its output to D[di, d0:] (where a T_XOUT layer's input
     product already is).
 
@@ -1422,7 +1462,7 @@ def _cell_called(g_std, l_std, gen, dense, dense_all, path, table, fp, l, S, gi,
 
 @njit(inline="always", **_JIT)
 def _cell_pre(l_std, gen, path, table, fp, l, S, gi, wi, st, si, so):
-    """The part of layer ``l``'s cell (``path``: its :func:`_cell_path`) before its T_NPRN
+    """The part of layer ``l``'s cell (``path``: its :func:`cell_path`) before its T_NPRN
     product (run only when it has one): GRU, linear_before_reset=0: z, r and r * h
     (:func:`_gru_pre`); LSTM with a projection: C' into the state and u = o * h(C') into
     S[wi, T:T+H], that product's input."""
@@ -1445,17 +1485,6 @@ def _cell_pre(l_std, gen, path, table, fp, l, S, gi, wi, st, si, so):
         raise RuntimeError(_NOT_BUILT)
 
 
-def _python(f):
-    """A kernel helper's Python code (itself under NUMBA_DISABLE_JIT)."""
-    return getattr(f, "py_func", f)
-
-
-# _cell_path as plain Python for cells_of: its own code, with the predicates' Python code in
-# place of their dispatchers (called from Python, a dispatcher would compile). The kernels and
-# their cell sets then decide a layer's path with one function.
-_cell_path_python = FunctionType(_python(_cell_path).__code__,
-                                 {**globals(), "_std32": _python(_std32),
-                                  "_lstm_std": _python(_lstm_std)})
 # The cell set bit of each path but Dense's (whose bit follows its activation).
 _PATH_CELLS = {PATH_GRU_STD32: CELL_GRU_STD32, PATH_GRU: CELL_GENERAL,
                PATH_GRU_LBR0: CELL_GENERAL, PATH_LSTM_STD32: CELL_LSTM_STD32,
@@ -1465,12 +1494,11 @@ _PATH_CELLS = {PATH_GRU_STD32: CELL_GRU_STD32, PATH_GRU: CELL_GENERAL,
 
 def cells_of(table, fp, dtype):
     """The cell set (CELL_* bits) of a packed model: the cells its layers take in the kernels,
-    by the kernels' own :func:`_cell_path`, so a kernel variant built for it holds every path
-    its rows take."""
+    by :func:`cell_path`, so a kernel variant built for it holds every path its rows take."""
     fast = np.dtype(dtype).itemsize == 4
     cells = 0
     for l in range(table.shape[0]):
-        path = _cell_path_python(table, fp, l, fast)
+        path = cell_path(table, fp, l, fast)
         if path == PATH_DENSE:
             cells |= CELL_DENSE if table[l, T_F] in DENSE_COMMON else CELL_DENSE_ALL
         elif path in _PATH_CELLS:
@@ -1481,22 +1509,53 @@ def cells_of(table, fp, dtype):
     return cells
 
 
-@njit(inline="always", **_JIT)
-def _nonfinite(A, i, lo, hi):
-    """How many of A[i, lo:hi] are NaN or +-inf.
+@intrinsic
+def _nonfinite(typingctx, A, i, lo, hi):
+    """How many of A[i, lo:hi] (a 2-D C float array) are NaN or +-inf.
 
-    A comparison per value, ``abs(v) < inf``, which is False for NaN and inf alike: a sum
-    (``v * 0`` accumulated) would be reassociated by fast-math into ``(sum v) * 0`` and
-    overflow on large finite values (1e308 + 1e308). The comparison survives our fast-math flags
-    because FASTMATH has neither ``nnan`` nor ``ninf`` (tests/test_faults.py proves that the
-    check fires in compiled code). Branch-free, so it vectorises.
+    A comparison per value, not ``|v| < inf`` (True for NaN and inf alike), counted in an
+    integer: a float sum (``v * 0`` accumulated) could be reassociated into
+    ``(sum v) * 0`` and overflow on large finite values (1e308 + 1e308). The loop is written
+    here in LLVM IR, without fast-math flags, so that no flag can assume NaN or inf away
+    (tests/test_faults.py proves that the check fires in compiled code); branch-free, so LLVM
+    vectorises it. As an intrinsic rather than a Numba loop (a view and a range loop, ~90
+    statements of IR in each of the kernels' several checks) it compiles in a fraction of
+    the time on an empty cache.
     """
-    v = A[i, lo:hi]
-    inf = v.dtype.type(np.inf)
-    c = 0
-    for k in range(v.shape[0]):
-        c += 0 if abs(v[k]) < inf else 1
-    return c
+    _check_array("_nonfinite", "A", A, 2)
+    if not isinstance(A.dtype, types.Float):
+        raise errors.TypingError(f"_nonfinite: A: expected a float array, got {A}")
+    for name, ty in (("i", i), ("lo", lo), ("hi", hi)):
+        if not isinstance(ty, types.Integer):
+            raise errors.TypingError(f"_nonfinite: {name}: expected an integer, got {ty}")
+    sig = types.intp(A, i, lo, hi)
+
+    def codegen(context, builder, signature, args):
+        ty = signature.args
+        i_, lo_, hi_ = (_index(context, builder, ty[k], args[k]) for k in (1, 2, 3))
+        a = cgutils.create_struct_proxy(ty[0])(context, builder, value=args[0])
+        row = builder.gep(a.data, [builder.mul(i_, cgutils.unpack_tuple(builder, a.shape, 2)[1])])
+        fty = context.get_value_type(ty[0].dtype)
+        fabs = builder.module.declare_intrinsic("llvm.fabs", [fty])
+        intp = context.get_value_type(types.intp)
+        count = cgutils.alloca_once_value(builder, ir.Constant(intp, 0))
+        with cgutils.for_range_slice(builder, lo_, hi_, ir.Constant(intp, 1), intp) as (k, _):
+            v = builder.call(fabs, [builder.load(builder.gep(row, [k]))])
+            # not (|v| < inf): "unordered or >=", True for NaN and inf
+            bad = builder.zext(builder.fcmp_unordered(">=", v, ir.Constant(fty, np.inf)), intp)
+            builder.store(builder.add(builder.load(count), bad), count)
+        return builder.load(count)
+
+    return sig, codegen
+
+
+def _nonfinite_python(A, i, lo, hi):
+    """NUMBA_DISABLE_JIT=1 stand-in of :func:`_nonfinite`."""
+    return int(np.count_nonzero(~np.isfinite(A[i, lo:hi])))
+
+
+if config.DISABLE_JIT:
+    _nonfinite = _nonfinite_python  # noqa: F811
 
 
 @_inner
@@ -1573,7 +1632,7 @@ def _make_step_block(name, parallel, cells):
             K = table[l, T_IN]
             H = table[l, T_OUT]
             so = table[l, T_SOFF]
-            path = _cell_path(table, fp, l, scratch.itemsize == 4)
+            path = table[l, T_PATH]
             npw = table[l, T_NPW]
             npr = table[l, T_NPR]
             w_w, b_w, s_w = _product(table, l, T_W)  # each product's offsets (see _gemm)
@@ -1841,6 +1900,7 @@ def _make_step_one(cells):
         # specialization of every helper it reaches.
         r0 = np.int64(0)
         w1 = np.int64(1)
+        cw, cr, cn = np.int64(T_W), np.int64(T_R), np.int64(T_RN)  # _gemv's table columns
         GX = table[0, T_LGX]
         GH = table[0, T_LGH]
         T = table[0, T_LT]
@@ -1851,26 +1911,21 @@ def _make_step_one(cells):
         nxt = table[0, T_LB]
         for l in range(table.shape[0]):
             K = table[l, T_IN]
-            path = _cell_path(table, fp, l, scratch.itemsize == 4)
+            path = table[l, T_PATH]
             H = table[l, T_OUT]
             so = table[l, T_SOFF]
-            w_w, b_w, n_w, s_w = _product1(table, l, T_W)  # each product's offsets (see _gemv)
-            w_r, b_r, n_r, s_r = _product1(table, l, T_R)
-            w_n, b_n, n_n, s_n = _product1(table, l, T_RN)
             if rev:  # the recurrent product first (see run_sequence)
-                _gemv(params, fp, w_r, b_r, n_r, s_r, H, state, slot, so,
-                      scratch, w1, GH, rev)
-            _gemv(params, fp, w_w, b_w, n_w, s_w, K, src, r0, s0, scratch,
-                  r0, nxt if table[l, T_XOUT] else GX, rev)
+                _gemv(params, fp, table, l, cr, H, state, slot, so, scratch, w1, GH, rev)
+            _gemv(params, fp, table, l, cw, K, src, r0, s0, scratch, r0,
+                  nxt if table[l, T_XOUT] else GX, rev)
             if not rev:
-                _gemv(params, fp, w_r, b_r, n_r, s_r, H, state, slot, so,
-                      scratch, w1, GH, rev)
+                _gemv(params, fp, table, l, cr, H, state, slot, so, scratch, w1, GH, rev)
             if PRE:  # a constant (see _make_step_block)
                 if table[l, T_NPRN] > 0:
                     _cell_pre(L_STD, GEN, path, table, fp, l, scratch, r0, w1, state, slot,
                               so)
-                    _gemv(params, fp, w_n, b_n, n_n, s_n, table[l, T_HID],
-                          scratch, w1, T, scratch, w1, GH, rev)
+                    _gemv(params, fp, table, l, cn, table[l, T_HID], scratch, w1, T, scratch,
+                          w1, GH, rev)
             # the new state goes to the state row, the output to this layer's output
             _cell(G_STD, L_STD, GEN, DENSE, DENSE_ALL, path, table, fp, l, scratch, r0, w1,
                   state, slot, so, scratch, r0, nxt)
@@ -1940,7 +1995,7 @@ def _make_sequence(name, parallel, cells):
             npr = table[l, T_NPR]
             nprn = table[l, T_NPRN]
             sw = table[l, T_SW]
-            path = _cell_path(table, fp, l, scratch.itemsize == 4)
+            path = table[l, T_PATH]
             w_w, b_w, s_w = _product(table, l, T_W)  # each product's offsets (see _gemm)
             w_r, b_r, s_r = _product(table, l, T_R)
             w_n, b_n, s_n = _product(table, l, T_RN)

@@ -263,6 +263,7 @@ def pack(model, dtype, weights=None) -> PackedModel:
     fp.reshape(-1)[:] = flat
     table = np.array(table, np.int64)
     table[:, K.T_LA:K.T_LW + 1] = layout
+    table[:, K.T_PATH] = [K.cell_path(table, fp, l, dtype == np.float32) for l in range(L)]
     width = int(layout[-1])
     last = max(i for i, layer in enumerate(model.layers) if layer.recurrent)
 

@@ -7,6 +7,7 @@ oracle, or the states read before the refused call (an untouched copy), never nu
 
 import dataclasses
 
+import numba
 import numpy as np
 import oracle
 import pytest
@@ -141,8 +142,12 @@ def test_a_step_that_would_write_nan_or_inf_is_refused_and_changes_nothing(path,
 def test_the_finite_check_fires_in_compiled_code():
     # FASTMATH has no nnan/ninf, so the comparison scan is not assumed away: prove it on the
     # compiled helper (this module runs under the JIT in the main pass).
-    a = np.array([[0.0, 1.0, 2.0], [1e308, 1e308, 0.0], [0.0, np.inf, 0.0], [np.nan, 0, 0]])
-    assert [K._nonfinite(a, i, 0, 3) for i in range(4)] == [0, 0, 1, 1]
+    a = np.array([[0.0, 1.0, 2.0], [1e308, 1e308, 0.0], [0.0, np.inf, 0.0], [np.nan, 0, -np.inf]])
+    nonfinite = numba.njit(cache=False)(lambda a, i, lo, hi: K._nonfinite(a, i, lo, hi))
+    assert [nonfinite(a, i, 0, 3) for i in range(4)] == [0, 0, 1, 2]
+    assert [nonfinite(a, 3, lo, 3) for lo in range(4)] == [2, 1, 1, 0]  # from lo, and empty
+    b = np.array([[3e38, np.inf, 1.0, -np.inf]], np.float32)  # float32 as well
+    assert nonfinite(b, 0, 0, 4) == 2 and nonfinite(b, 0, 0, 1) == 0
     assert K._first_nonfinite_row(a[:2]) == -1 and K._first_nonfinite_row(a) == 2
     assert K._first_nonfinite_row(a[[0, 3]].astype(np.float32)) == 1
 
