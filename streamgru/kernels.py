@@ -1351,13 +1351,14 @@ def _flags(cells):
     return g_std, l_std, gen, dense, dense_all, l_std or gen
 
 
-# _cell and _cell_pre are the only code that dispatches on T_KIND: the layer loops below know
-# no kind. The kernels pass their cell set's flags as constants (their closures' values): once
-# these helpers are inlined, Numba cuts the branches of the cells outside the set before it
-# types them, so a kernel compiles only its set's cells (a row that would take another
-# raises). A new kind adds its cell helper and its branch here under a CELL_* bit of its own
-# (and, if its cell needs a product of its own workspace between two halves, its part in
-# _cell_pre and T_NPRN panels), its bit in cells_of, and its row in packing.pack.
+# _cell and _cell_pre are the only kernel code that dispatches on a layer's kind (its T_PATH,
+# from cell_path): the layer loops below know no kind. The kernels pass their cell set's flags
+# as constants (their closures' values): once these helpers are inlined, Numba cuts the
+# branches of the cells outside the set before it types them, so a kernel compiles only its
+# set's cells (a row that would take another raises). A new kind adds its cell helper, its
+# path(s) in cell_path and its branch here under a CELL_* bit of its own (and, if its cell
+# needs a product of its own workspace between two halves, its part in _cell_pre and T_NPRN
+# panels), its bit in cells_of, and its row in packing.pack.
 
 
 # A layer's cell path: what _cell (and _cell_pre) run for its rows, decided once per model by
