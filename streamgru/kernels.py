@@ -887,12 +887,14 @@ DENSE_COMMON = (ACT_IDENTITY, ACT_SIGMOID, ACT_TANH, ACT_RELU, ACT_SOFTMAX)
 _NOT_BUILT = "streamgru kernel variant without this layer's cell or activation"
 
 
-def _make_act(kinds):
+def _make_act(kinds, f32=False):
     """The activation function for activation ids ``kinds`` only (see :func:`kernels_for`):
     the branches of the others are cut before Numba types them, so it compiles only their
-    loops; an id outside ``kinds`` raises (identity is always in)."""
+    loops; an id outside ``kinds`` raises (identity is always in). ``f32``: for float32 arrays
+    only (others raise), so the libm loops of the float64 path are cut too."""
     (A_SIG, A_TANH, A_RELU, A_HSIG, A_LRELU, A_AFF, A_TRELU, A_STANH, A_ELU, A_SSIGN,
      A_SPLUS, A_SMAX) = (a in kinds for a in range(1, N_ACTS))
+    F32 = f32
 
     def act(A, i, lo, hi, kind, alpha, beta, clip, fast):
         """Apply activation ``kind`` in place to A[i, lo:hi], after clipping to [-clip, clip]
@@ -901,6 +903,8 @@ def _make_act(kinds):
         ``fast`` selects the float32 tanh approximation (float32 engines); otherwise libm is
         used. Each branch is its own loop so that the common ones vectorise.
         """
+        if F32 and A.itemsize != 4:
+            raise RuntimeError(_NOT_BUILT)
         # A view indexed from 0: with offset indices Numba cannot prove them non-negative,
         # keeps a wraparound branch per element and the loops do not vectorise (14x slower).
         v = A[i, lo:hi]
@@ -915,7 +919,7 @@ def _make_act(kinds):
             return
         elif kind == ACT_SIGMOID:
             if A_SIG:
-                if fast:
+                if F32 or fast:
                     for k in range(m):
                         v[k] = half + half * _tanh32(half * v[k])
                 else:
@@ -925,7 +929,7 @@ def _make_act(kinds):
                 raise RuntimeError(_NOT_BUILT)
         elif kind == ACT_TANH:
             if A_TANH:
-                if fast:
+                if F32 or fast:
                     for k in range(m):
                         v[k] = _tanh32(v[k])
                 else:
@@ -965,7 +969,7 @@ def _make_act(kinds):
                 raise RuntimeError(_NOT_BUILT)
         elif kind == ACT_SCALEDTANH:
             if A_STANH:
-                if fast:
+                if F32 or fast:
                     for k in range(m):
                         v[k] = alpha * _tanh32(beta * v[k])
                 else:
@@ -1013,7 +1017,10 @@ def _make_act(kinds):
 
 
 _act = _variant(_make_act(range(N_ACTS)), "_act", False)
-_act_common = _variant(_make_act(DENSE_COMMON), "_act", False)  # CELL_DENSE's (see _cell)
+# CELL_DENSE's (see _cell): only the one-event kernels of ONE_EVENT_SETS call it, whose cells
+# are all float32 ones (a float64 model takes the general paths, CELL_GENERAL), so it holds the
+# float32 activations alone (on an empty cache, ~0.06 s less to a first event).
+_act_common = _variant(_make_act(DENSE_COMMON, f32=True), "_act", False)
 
 
 # ----------------------------------------------------------------------------------------------
