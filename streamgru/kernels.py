@@ -205,8 +205,9 @@ def _inner(func=None, parallel=False):
     """``njit(**_JIT)`` for a helper that only kernels call: compiled without the CPython wrapper
     (argument unboxing and result boxing). On an empty cache every wrapper is IR that LLVM
     optimises and emits for nothing: without them the first step of a new process compiles
-    ~10% faster, its first batch ~5% (benchmarks/RESULTS.md, "Cold start"). Without a wrapper
-    Numba's dispatcher would jump to no code when called from Python; this one raises."""
+    ~10% faster, its first batch ~5% (benchmarks/RESULTS.md, "Cold start: the one-event
+    kernel's IR halved"). Without a wrapper Numba's dispatcher would jump to no code when
+    called from Python; this one raises."""
     if func is None:
         return lambda f: _inner(f, parallel)
     if config.DISABLE_JIT:

@@ -499,6 +499,27 @@ def test_a_models_cell_set_names_exactly_the_cells_its_layers_take():
             K.kernels_for(bad)
 
 
+def test_the_one_event_dense_activations_are_float32_only():
+    """kernels._act_common (the Dense activations of the standard float32 cell sets' one-event
+    kernels) holds the float32 loops alone: on float32 it gives the float32 tanh and softmax,
+    a float64 array raises rather than taking the float32 approximation silently."""
+    from numba import njit
+
+    @njit(cache=False)
+    def act(out, kind):  # _act_common is called only from compiled code
+        K._act_common(out, 0, 0, out.shape[1], kind, 0.0, 0.0, 0.0, out.itemsize == 4)
+
+    v = np.linspace(-4, 4, 9)
+    out = v[None].astype(np.float32)
+    act(out, K.ACT_TANH)
+    np.testing.assert_allclose(out[0], np.tanh(v), atol=5e-7, rtol=0)
+    out = v[None].astype(np.float32)
+    act(out, K.ACT_SOFTMAX)
+    np.testing.assert_allclose(out[0], np.exp(v) / np.exp(v).sum(), atol=1e-6, rtol=0)
+    with pytest.raises(RuntimeError, match="without this layer's cell or activation"):
+        act(v[None].copy(), K.ACT_TANH)
+
+
 @pytest.mark.skipif(__import__("os").environ.get("NUMBA_DISABLE_JIT") == "1",
                     reason="about compiled kernels: as Python every kernel holds every cell")
 def test_a_kernel_refuses_a_layer_outside_its_cell_set():
