@@ -1064,7 +1064,9 @@ class Engine:
             ``calls``: ``{verb: calls}`` for ``step``, ``run``, ``open``, ``reset``, ``close``,
             ``state``, ``set_state``, ``save_state``, ``load_state``, ``evict_idle``, counted as
             they start, refused ones included.
-            ``rows``: ``{"step": rows, "run": steps}`` stepped by calls that returned.
+            ``rows``: ``{"step": rows, "run": steps}`` of calls that returned (rows held
+            rather than stepped under ``missing="skip"`` included: ``missing["rows"]`` counts
+            those).
             ``rows_refused``: ``{"step": rows, "run": steps}`` of calls refused with
             ``NonFiniteError`` (which change nothing).
             ``rows_per_call``: ``{"step": hist, "run": hist}`` over calls that returned.

@@ -97,8 +97,9 @@ def engine_families(engine, prom=None):
                     "included.", list(lnames) + ["verb"])
         for verb, n in st["calls"].items():
             calls.add_metric(list(lvals) + [verb], n)
-        rows = fam(core.CounterMetricFamily, "rows", "Rows (events) stepped by step calls, and "
-                   "steps by run calls, that returned.", list(lnames) + ["verb"])
+        rows = fam(core.CounterMetricFamily, "rows", "Rows (events) of step calls, and steps of "
+                   "run calls, that returned (rows held under missing='skip' included; "
+                   "streamgru_missing_rows_total counts those).", list(lnames) + ["verb"])
         refused = fam(core.CounterMetricFamily, "rows_refused", "Rows of calls refused because "
                       "of non-finite input or a step that would overflow (nothing changed).",
                       list(lnames) + ["verb"])
