@@ -201,15 +201,13 @@ class _KernelOnly(CPUDispatcher):
                         f"function")
 
 
-def _inner(func=None, parallel=False):
+def _inner(func, parallel=False):
     """``njit(**_JIT)`` for a helper that only kernels call: compiled without the CPython wrapper
     (argument unboxing and result boxing). On an empty cache every wrapper is IR that LLVM
     optimises and emits for nothing: without them the first step of a new process compiles
     ~10% faster, its first batch ~5% (benchmarks/RESULTS.md, "Cold start: the one-event
     kernel's IR halved"). Without a wrapper Numba's dispatcher would jump to no code when
     called from Python; this one raises."""
-    if func is None:
-        return lambda f: _inner(f, parallel)
     if config.DISABLE_JIT:
         return func
     opts = {k: v for k, v in _JIT.items() if k != "cache"}
@@ -668,8 +666,8 @@ def _gemv(params, fp, table, l, col, K, src, si, s0, dst, di, d0, rev):
     first step on an empty cache then costs a fraction of the compile time). The offsets are
     read here rather than by the caller: compiled once, not in every call site.
     """
-    woff, boff, npan, soff = table[l, col], table[l, col + 1], table[l, col + 2], \
-        table[l, col + 3]
+    woff, boff, soff = _product(table, l, col)
+    npan = table[l, col + 2]
     nr = 2 * VEC_BYTES // dst.itemsize
     one = np.int64(1)
     ng = _groups(npan, PANEL_GROUP)
@@ -683,6 +681,13 @@ def _gemv(params, fp, table, l, col, K, src, si, s0, dst, di, d0, rev):
             for p in range(p0, p1):
                 _row_tile1(src, None, si, s0, K, params, woff + p * K * nr, fp, boff + p * nr,
                            soff + p * nr, one, dst, di, d0 + p * nr)
+
+
+def _elem_ptr2(context, builder, aty, A_, i_, j_):
+    """Pointer to A[i, j] of a 2-D C array (``data + i * shape[1] + j``; see _check_array)."""
+    a = cgutils.create_struct_proxy(aty)(context, builder, value=A_)
+    ld = cgutils.unpack_tuple(builder, a.shape, 2)[1]
+    return builder.gep(a.data, [builder.add(builder.mul(i_, ld), j_)])
 
 
 def _emit_prefetch(builder, ptr, rw, locality):
@@ -706,9 +711,7 @@ def _prefetch_w(typingctx, A, i, j):
 
     def codegen(context, builder, signature, args):
         A_, i_, j_ = args
-        a = cgutils.create_struct_proxy(signature.args[0])(context, builder, value=A_)
-        ld = cgutils.unpack_tuple(builder, a.shape, 2)[1]
-        _emit_prefetch(builder, builder.gep(a.data, [builder.add(builder.mul(i_, ld), j_)]), 1, 2)
+        _emit_prefetch(builder, _elem_ptr2(context, builder, signature.args[0], A_, i_, j_), 1, 2)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -1171,6 +1174,13 @@ def _gru_pre(table, fp, l, S, gi, wi, st, si, so):
         t[k] = r[k] * h[k]
 
 
+def _check_ints(who, **args):
+    """At typing time: refuse an intrinsic's index argument that is not an integer."""
+    for name, ty in args.items():
+        if not isinstance(ty, types.Integer):
+            raise errors.TypingError(f"{who}: {name}: expected an integer, got {ty}")
+
+
 def _index(context, builder, ty, v):
     """An integer argument of an intrinsic as an intp value (a literal, a signed or an unsigned
     int alike)."""
@@ -1191,22 +1201,17 @@ def _copy_row(typingctx, src, si, s0, dst, di, d0, m):
     if src.dtype != dst.dtype:
         raise errors.TypingError(f"_copy_row: dst: expected the dtype of src ({src.dtype}), got "
                                  f"{dst.dtype}")
-    for name, ty in (("si", si), ("s0", s0), ("di", di), ("d0", d0), ("m", m)):
-        if not isinstance(ty, types.Integer):
-            raise errors.TypingError(f"_copy_row: {name}: expected an integer, got {ty}")
+    _check_ints("_copy_row", si=si, s0=s0, di=di, d0=d0, m=m)
     sig = types.void(src, si, s0, dst, di, d0, m)
 
     def codegen(context, builder, signature, args):
         ty = signature.args
         idx = [_index(context, builder, ty[k], args[k]) for k in (1, 2, 4, 5, 6)]
         si_, s0_, di_, d0_, m_ = idx
-        ptrs = []
-        for k, i_, j_ in ((0, si_, s0_), (3, di_, d0_)):
-            a = cgutils.create_struct_proxy(ty[k])(context, builder, value=args[k])
-            ld = cgutils.unpack_tuple(builder, a.shape, 2)[1]
-            ptrs.append(builder.gep(a.data, [builder.add(builder.mul(i_, ld), j_)]))
+        src_ = _elem_ptr2(context, builder, ty[0], args[0], si_, s0_)
+        dst_ = _elem_ptr2(context, builder, ty[3], args[3], di_, d0_)
         itemsize = context.get_abi_sizeof(context.get_data_type(ty[0].dtype))
-        cgutils.raw_memmove(builder, ptrs[1], ptrs[0], m_, itemsize)
+        cgutils.raw_memmove(builder, dst_, src_, m_, itemsize)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -1534,19 +1539,16 @@ def _nonfinite(typingctx, A, i, lo, hi):
     _check_array("_nonfinite", "A", A, 2)
     if not isinstance(A.dtype, types.Float):
         raise errors.TypingError(f"_nonfinite: A: expected a float array, got {A}")
-    for name, ty in (("i", i), ("lo", lo), ("hi", hi)):
-        if not isinstance(ty, types.Integer):
-            raise errors.TypingError(f"_nonfinite: {name}: expected an integer, got {ty}")
+    _check_ints("_nonfinite", i=i, lo=lo, hi=hi)
     sig = types.intp(A, i, lo, hi)
 
     def codegen(context, builder, signature, args):
         ty = signature.args
         i_, lo_, hi_ = (_index(context, builder, ty[k], args[k]) for k in (1, 2, 3))
-        a = cgutils.create_struct_proxy(ty[0])(context, builder, value=args[0])
-        row = builder.gep(a.data, [builder.mul(i_, cgutils.unpack_tuple(builder, a.shape, 2)[1])])
+        intp = context.get_value_type(types.intp)
+        row = _elem_ptr2(context, builder, ty[0], args[0], i_, ir.Constant(intp, 0))
         fty = context.get_value_type(ty[0].dtype)
         fabs = builder.module.declare_intrinsic("llvm.fabs", [fty])
-        intp = context.get_value_type(types.intp)
         count = cgutils.alloca_once_value(builder, ir.Constant(intp, 0))
         with cgutils.for_range_slice(builder, lo_, hi_, ir.Constant(intp, 1), intp) as (k, _):
             v = builder.call(fabs, [builder.load(builder.gep(row, [k]))])
