@@ -108,8 +108,11 @@ names = ("_cell_std32", "_act_common", "_act", "_lstm_std32", "_lstm_gates", "_g
          "_gates_n_lbr1", "_gates_n_lbr0", "_update", "_gru_pre", "table_lookup",
          "table_insert", "step_serial", "run_sequence")
 ks = e._packed.kernels
+import os, pathlib
+cache = pathlib.Path(os.environ["NUMBA_CACHE_DIR"])
+index = sorted(p.name.split("-")[0] for p in cache.rglob("*.nbi"))
 print(json.dumps({"set": ks.cells, "step_one": len(ks.step_one.signatures),
-                  **{n: len(getattr(K, n).signatures) for n in names}}))
+                  **{n: len(getattr(K, n).signatures) for n in names}, "index": index}))
 """
 
 
@@ -142,6 +145,10 @@ def test_a_first_event_compiles_only_its_models_cells():
     assert got.returncode == 0, got.stderr
     counts = json.loads(got.stdout.strip().splitlines()[-1])
     assert counts.pop("set") == K.CELL_GRU_STD32 | K.CELL_DENSE
+    # What the process cached: the one-event kernel alone; its entry holds its helpers' code
+    # (the helpers themselves are never cached, see kernels._HelperLibrary).
+    index = counts.pop("index")
+    assert "kernels.step_one" in index and not [n for n in index if n.startswith("kernels._")]
     assert counts.pop("step_one") == 1
     assert counts.pop("_cell_std32") == 1 and counts.pop("_act_common") == 1
     assert counts == dict.fromkeys(counts, 0), counts
