@@ -1335,7 +1335,10 @@ def _lstm_gates(table, fp, l, S, gi, wi, st, si, so, U, ui, u0):
     _act(S, gi, GX + H, GX + 2 * H, fk, fa, fb, clip, fast)  # o
     for k in range(H):
         cc[k] = c[k]
-    _act(S, gi, GX + 3 * H, GX + 4 * H, table[l, T_H], fp[l, F_HA], fp[l, F_HB], 0.0, fast)
+    # no clip under h: a zero of fp's dtype, as the other calls' clip (a float literal would
+    # compile _act a second time, for a float64 clip)
+    _act(S, gi, GX + 3 * H, GX + 4 * H, table[l, T_H], fp[l, F_HA], fp[l, F_HB],
+         fp.dtype.type(0.0), fast)
     o = S[gi, GX + H:GX + 2 * H]
     u = U[ui, u0:u0 + H]
     for k in range(H):
@@ -1491,7 +1494,9 @@ def _cell(g_std, l_std, gen, dense, dense_all, path, table, fp, l, S, gi, wi, st
             raise RuntimeError(_NOT_BUILT)
     elif path == PATH_LSTM_STD32:
         if l_std:
-            _lstm_std32(table, l, S, gi, wi, st, si, so, S, wi, 0, D, di, d0)
+            # int64 values, not literals: a literal argument compiles a specialization of its
+            # own (here and in _cell_pre, one compilation serves both)
+            _lstm_std32(table, l, S, gi, wi, st, si, so, S, wi, np.int64(0), D, di, d0)
         else:
             raise RuntimeError(_NOT_BUILT)
     elif path == PATH_GRU:
@@ -1522,13 +1527,23 @@ def _cell(g_std, l_std, gen, dense, dense_all, path, table, fp, l, S, gi, wi, st
         raise RuntimeError(_NOT_BUILT)
 
 
-@_inner
-def _cell_called(g_std, l_std, gen, dense, dense_all, path, table, fp, l, S, gi, wi, st, si, so,
-                 D, di, d0):
-    """:func:`_cell` as a call rather than inlined: a parallel loop whose body raises (the
-    cell's refusals) has more than one exit, and Numba then runs it serially."""
-    _cell(g_std, l_std, gen, dense, dense_all, path, table, fp, l, S, gi, wi, st, si, so, D, di,
-          d0)
+def _make_cell_called(cells):
+    """:func:`_cell` of cell set ``cells`` as a call rather than inlined: a parallel loop whose
+    body raises (the cell's refusals) has more than one exit, and Numba then runs it serially.
+    The set's flags are constants here, as in the kernels: passed as arguments they would be
+    values, and every branch of _cell would compile (the one-event kernels' activations and,
+    for float64, the float32 cells)."""
+    G_STD, L_STD, GEN, DENSE, DENSE_ALL, _ = _flags(cells)
+
+    def cell_called(path, table, fp, l, S, gi, wi, st, si, so, D, di, d0):
+        _cell(G_STD, L_STD, GEN, DENSE, DENSE_ALL, path, table, fp, l, S, gi, wi, st, si, so, D,
+              di, d0)
+
+    return _variant(cell_called, "_cell_called", False)
+
+
+# The sequence kernels' (run_sequence_wide's teams), which hold every cell.
+_cell_called = _make_cell_called(CELLS_ALL)
 
 
 @njit(inline="always", **_JIT)
@@ -1544,7 +1559,8 @@ def _cell_pre(l_std, gen, path, table, fp, l, S, gi, wi, st, si, so):
             raise RuntimeError(_NOT_BUILT)
     elif path == PATH_LSTM_PROJ_STD32:
         if l_std:
-            _lstm_std32(table, l, S, gi, wi, st, si, so, S, wi, table[0, T_LT], S, -1, 0)
+            _lstm_std32(table, l, S, gi, wi, st, si, so, S, wi, table[0, T_LT], S,
+                        np.int64(-1), np.int64(0))
         else:
             raise RuntimeError(_NOT_BUILT)
     elif path == PATH_LSTM_PROJ:
@@ -1690,6 +1706,9 @@ def _make_step_block(name, parallel, cells):
         module docstring); the caller restores the backups if any row failed.
         """
         _backup_rows(state, srows, scratch, table[0, T_LBK], r0, r1)
+        # 0 as an int64 value where a product starts at 0: a literal argument would compile
+        # a specialization of its own of the product (the largest function of a kernel)
+        zero = np.int64(0)
         GX = table[0, T_LGX]
         GH = table[0, T_LGH]
         T = table[0, T_LT]
@@ -1715,7 +1734,7 @@ def _make_step_block(name, parallel, cells):
                           scratch, GH, r0, r1)
                 elif l == 0:
                     p0, p1 = _group(q, npw, group)
-                    _gemm(params, fp, w_w, b_w, s_w, K, p0, p1, x, order, 0,
+                    _gemm(params, fp, w_w, b_w, s_w, K, p0, p1, x, order, zero,
                           scratch, px, r0, r1)
                 else:
                     p0, p1 = _group(q, npw, group)
@@ -2015,6 +2034,9 @@ def _make_sequence(name, parallel, cells):
     Numba's threads by groups of PANEL_GROUP panels; the cell arithmetic stays on the calling
     thread). The closure's values are the loop, ``prange`` or ``range``, and the cell set's
     flags (:func:`_flags`)."""
+    if parallel and cells != CELLS_ALL:
+        raise ValueError(f"cells: the parallel variant's teams call _cell_called, made for "
+                         f"every cell (CELLS_ALL = {CELLS_ALL}); got {cells}")
     loop = prange if parallel else range
     G_STD, L_STD, GEN, DENSE, DENSE_ALL, PRE = _flags(cells)
 
@@ -2054,6 +2076,7 @@ def _make_sequence(name, parallel, cells):
         T = table[0, T_LT]
         _copy_row(state, slot, 0, scratch, n, table[0, T_LBK], state.shape[1])  # backup
         _rows_in(xs, scratch, table[0, T_LA])
+        zero = np.int64(0)  # not a literal 0 for the products (see _make_step_block)
         cur = table[0, T_LA]
         nxt = table[0, T_LB]
         for l in range(table.shape[0]):
@@ -2090,7 +2113,7 @@ def _make_sequence(name, parallel, cells):
             for q in loop(gw):
                 p0, p1 = _group(_nth(q, gw, rev), npw, group)
                 _gemm(params, fp, w_w, b_w, s_w, K, p0, p1, scratch, None, cur,
-                      scratch, px, 0, n)
+                      scratch, px, zero, n)
             if team:
                 # Worker w of ``workers`` (one parallel region) walks the T steps. Per step it
                 # claims its own share of the panel groups, then any share no one has claimed
@@ -2123,14 +2146,16 @@ def _make_sequence(name, parallel, cells):
                         # The thread whose groups complete the step runs its cell.
                         if mine > 0 and _atomic_add(sync, workers * line,
                                                     mine) + mine == (t + 1) * gt:
-                            _cell_called(G_STD, L_STD, GEN, DENSE, DENSE_ALL, path, table, fp,
-                                         l, scratch, t, n, scratch, n, HH, scratch, t, nxt)
+                            _cell_called(path, table, fp, l, scratch, t, n, scratch, n, HH,
+                                         scratch, t, nxt)
                             _atomic_add(sync, (workers + 1) * line, 1)
                         while _atomic_load(sync, (workers + 1) * line) <= t:
                             _spin_pause()
             for t in range(0 if team else n):
                 if not rev:
                     if rgroup == _ALL_PANELS:  # one call, no parallel region
+                        # A literal 0 on purpose: the specialization it compiles runs a
+                        # 100-step sequence at H=64 3-4% faster than the int64 one.
                         _gemm(params, fp, w_r, b_r, s_r, H, 0, npr, scratch, None,
                               HH, scratch, GH, n, n + 1)
                     else:
@@ -2143,7 +2168,7 @@ def _make_sequence(name, parallel, cells):
                         _cell_pre(L_STD, GEN, path, table, fp, l, scratch, t, n, scratch, n,
                                   HH)
                         if rgroup == _ALL_PANELS and not rev:
-                            _gemm(params, fp, w_n, b_n, s_n, table[l, T_HID], 0, nprn,
+                            _gemm(params, fp, w_n, b_n, s_n, table[l, T_HID], zero, nprn,
                                   scratch, None, T, scratch, GH, n, n + 1)
                         else:
                             gn = _groups(nprn, rgroup)

@@ -42,6 +42,19 @@ print(json.dumps(kernels.cache_counts()))
 """
 
 
+# `streamgru warmup MODEL` (the CLI's entry), then the signatures each separately compiled helper
+# was compiled for, as its last line.
+_WARMUP = """
+import json, sys
+from streamgru import kernels as K
+from streamgru.cli import main
+code = main(["warmup", sys.argv[1]])
+names = ("_gemm", "_act", "_act_common", "_lstm_std32", "_cell_std32", "_tanh32", "_gemv")
+print(json.dumps({n: [str(s) for s in getattr(K, n).signatures] for n in names}))
+sys.exit(code)
+"""
+
+
 @background.job("warmup")
 def _warmup_then_first_calls():
     """``streamgru warmup`` into an empty cache directory, then the first calls in a new process:
@@ -55,8 +68,7 @@ def _warmup_then_first_calls():
         GRUModel.random(3, [5], dense_after=[(2, "softmax")], seed=1).save(path)
         cache = pathlib.Path(tmp) / "cache"
         env = dict(os.environ, NUMBA_CACHE_DIR=str(cache), NUMBA_NUM_THREADS="2")
-        warm = background.run([sys.executable, "-m", "streamgru.cli", "warmup", str(path)],
-                              env=env, timeout=900)
+        warm = background.run([sys.executable, "-c", _WARMUP, str(path)], env=env, timeout=900)
         first = background.run([sys.executable, "-c", _FIRST_CALLS, str(path)], env=env,
                                timeout=900)
         return warm, first, cache
@@ -77,6 +89,13 @@ def test_warmup_leaves_nothing_to_compile_for_a_new_process():
     assert warm.returncode == 0, warm.stderr
     assert f"cache: {cache}" in warm.stdout and "compiled: " in warm.stdout
     assert "step_one" in warm.stdout
+    # Each helper compiled once for float32 (docs/kernels.md, "One compilation per helper and
+    # dtype"): a literal argument would add a specialization. The product has three on
+    # purpose: gathered rows or not, and the serial run's literal start panel.
+    sigs = json.loads(warm.stdout.strip().splitlines()[-1])
+    gemm = sigs.pop("_gemm")
+    assert len(gemm) == 3 and sum("Literal" in s for s in gemm) == 1, gemm
+    assert all(len(v) == 1 for v in sigs.values()), sigs
     assert first.returncode == 0, first.stderr
     counts = json.loads(first.stdout.strip().splitlines()[-1])
     assert {k: c for k, (_, c) in counts.items() if c} == {}  # nothing compiled
