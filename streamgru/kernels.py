@@ -71,7 +71,7 @@ import numpy as np
 from llvmlite import ir
 from numba import config, njit, prange, types
 from numba.core import cgutils, errors
-from numba.core.codegen import JITCodeLibrary
+from numba.core.codegen import JITCodeLibrary, JITCPUCodegen
 from numba.core.compiler_lock import global_compiler_lock
 from numba.core.registry import CPUDispatcher
 from numba.extending import intrinsic
@@ -236,6 +236,20 @@ class _HelperLibrary(JITCodeLibrary):
         return 0
 
 
+def _helper_libraries_supported():
+    """Whether this Numba has the code-library internals :class:`_HelperLibrary` overrides and
+    :meth:`_KernelOnly.compile` swaps (Numba does not promise them). Without them the helpers
+    are compiled and cached as any function: a slower cold start, the same results."""
+    methods = ("_finalize_final_module", "_finalize_dynamic_globals",
+               "_verify_declare_only_symbols", "_ensure_finalized", "get_pointer_to_function")
+    return (all(callable(getattr(JITCodeLibrary, m, None)) for m in methods)
+            and isinstance(getattr(JITCodeLibrary, "codegen", None), property)
+            and getattr(JITCPUCodegen, "_library_class", None) is JITCodeLibrary)
+
+
+_HELPER_LIBRARIES = _helper_libraries_supported()
+
+
 class _KernelOnly(CPUDispatcher):
     """The dispatcher of a helper that only compiled kernels call (:func:`_inner`)."""
 
@@ -248,6 +262,8 @@ class _KernelOnly(CPUDispatcher):
         # Numba's codegen makes the libraries of every function compiled while this helper
         # is: the helper's own and those of its callees (Numba's overloads and other helpers),
         # which only it links. The global compiler lock is held throughout (Numba's).
+        if not _HELPER_LIBRARIES:
+            return super().compile(sig)
         with global_compiler_lock:
             codegen = self.targetctx.codegen()
             before = codegen.__dict__.get("_library_class")
@@ -271,9 +287,12 @@ def _inner(func, parallel=False):
     if config.DISABLE_JIT:
         return func
     opts = {k: v for k, v in _JIT.items() if k != "cache"}
-    return _KernelOnly(py_func=func, locals={},
+    disp = _KernelOnly(py_func=func, locals={},
                        targetoptions=dict(opts, nopython=True, boundscheck=None,
                                           parallel=parallel, no_cpython_wrapper=True))
+    if _JIT["cache"] and not _HELPER_LIBRARIES:  # the fallback: helpers cached as before
+        disp.enable_caching()
+    return disp
 
 
 # ----------------------------------------------------------------------------------------------

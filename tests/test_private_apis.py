@@ -1,7 +1,8 @@
-"""The engine and kernels lean on four things Numba does not promise: the compiled entry point of
+"""The engine and kernels lean on five things Numba does not promise: the compiled entry point of
 a dispatcher (``_compiled``), the thread-local thread-count accessors (``_get_num_threads`` /
-``_set_num_threads``), LLVM intrinsics that address rows with ``shape[1]`` as the stride, and a
-dispatcher subclass built the way ``njit`` builds its own (``kernels._inner``).
+``_set_num_threads``), LLVM intrinsics that address rows with ``shape[1]`` as the stride, a
+dispatcher subclass built the way ``njit`` builds its own (``kernels._inner``), and a code
+library subclass for its helpers (``kernels._HelperLibrary``).
 Each has a fallback or a guard; these tests force the fallback and check the results still match
 the float64 oracle, that an intrinsic refuses, at typing time, an array it cannot read, and that
 a helper without a CPython wrapper refuses a call from Python.
@@ -52,6 +53,44 @@ def test_a_kernel_only_helper_refuses_python_and_serves_compiled_code():
     assert abs(tanh(np.float32(0.5)) - np.tanh(0.5)) < 1e-6
     for kernel in (K.step_one, K.step_serial, K.run_sequence, K.gather_rows):
         assert not isinstance(kernel, K._KernelOnly), kernel  # the engine calls these
+
+
+@needs_jit
+def test_helpers_compile_and_cache_as_plain_functions_when_numba_lacks_the_library_internals(
+        tmp_path):
+    """kernels._HelperLibrary overrides code-library internals of the pinned Numba. In a fresh
+    interpreter whose Numba has another library class (what a Numba whose internals moved looks
+    like to the check), the helpers are compiled and cached as any function, and the engine's
+    results still match the oracle."""
+    code = textwrap.dedent("""
+        import os, pathlib
+        import numba.core.codegen as cg
+        import numpy as np
+        cg.JITCPUCodegen._library_class = type("Moved", (cg.JITCodeLibrary,), {})
+        import streamgru.kernels as K
+        assert K._HELPER_LIBRARIES is False
+        from helpers import OracleStreams
+        from streamgru import Engine, GRUModel
+        model = GRUModel.random(4, [6], dense_after=[(3, "tanh")], seed=7)
+        keys = list(range(40))
+        x = np.random.default_rng(1).normal(size=(len(keys), 4)).astype(np.float32)
+        eng, ref = Engine(model, threads=1), OracleStreams(model)
+        err = float(np.abs(eng.step(keys, x) - ref.step(keys, x)).max())
+        err = max(err, float(np.abs(eng.step([3], x[:1]) - ref.step([3], x[:1])).max()))
+        index = pathlib.Path(os.environ["NUMBA_CACHE_DIR"]).rglob("*.nbi")
+        print(sorted({p.name.split("-")[0] for p in index}))
+        print(err)
+    """)
+    here = os.path.dirname(__file__)
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), PYTHONPATH=os.pathsep.join(
+        [here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    *_, index, err = r.stdout.strip().splitlines()
+    assert float(err) < 1e-5
+    if K._JIT["cache"]:  # the helpers have cache entries of their own again
+        assert "kernels._cell_std32" in index and "kernels._gemv" in index, index
 
 
 # ---------------------------------------------------------------------------- entry points
