@@ -4,8 +4,9 @@
 run (a minute); this repeats the first step alone (a few seconds a round), the way the issue's
 aim is stated: the cold process's time to a served first step (import and load included) over
 the warm one's. Each round and tree: two fresh processes on a fresh ``NUMBA_CACHE_DIR``, the
-first compiling, the second loading, the tree put first on ``PYTHONPATH`` (the child script
-uses only the public API, so any earlier tree can be compared)::
+first compiling, the second loading, the tree put first on ``PYTHONPATH``. The child is
+``streamgru.harness.bench``'s start script of the tree this file is in (public API alone), so
+any earlier tree can be compared::
 
     cd /tmp && python <tree>/benchmarks/cold_start.py --rounds 8 <before-tree> <after-tree>
 
@@ -22,19 +23,9 @@ import subprocess
 import sys
 import tempfile
 
-# The first phases of streamgru.harness.bench's start timing: import and load, then a first step.
-_CHILD = """
-import time
-t0 = time.perf_counter()
-import json, sys
-import numpy as np
-import streamgru
-model = streamgru.load(sys.argv[1])
-engine = streamgru.Engine(model)
-t1 = time.perf_counter()
-engine.step(["first"], np.zeros((1, model.input_size), np.float32))
-print(json.dumps({"import+load": t1 - t0, "first step": time.perf_counter() - t1}))
-"""
+# The start script of the tree this file is in, whatever streamgru is installed.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from streamgru.harness.bench import _START_CHILD, _START_PHASES  # noqa: E402
 
 
 def one_round(tree, model):
@@ -46,9 +37,9 @@ def one_round(tree, model):
     with tempfile.TemporaryDirectory(prefix="streamgru-cold-") as cache:
         env["NUMBA_CACHE_DIR"] = cache
         for label in ("cold", "warm"):
-            res = subprocess.run([sys.executable, "-c", _CHILD, model], env=env,
+            res = subprocess.run([sys.executable, "-c", _START_CHILD, model, "0"], env=env,
                                  capture_output=True, text=True, timeout=900, check=True)
-            out[label] = json.loads(res.stdout.strip().splitlines()[-1])
+            out[label] = dict(zip(_START_PHASES, json.loads(res.stdout.strip().splitlines()[-1])))
     return out
 
 
