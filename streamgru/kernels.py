@@ -226,12 +226,22 @@ class _HelperLibrary(JITCodeLibrary):
     def codegen(self):
         return _NoEnv(self._codegen)
 
+    def _loaded(self):
+        # A library read back from a cache entry holds a cached function's own machine code:
+        # it goes to the JIT as usual. (Only helpers are compiled while this class is Numba's
+        # library class, and helpers are not cached; this is for safety.)
+        return getattr(self, "_compiled_object", None) is not None
+
     def _finalize_final_module(self):
+        if self._loaded():
+            return super()._finalize_final_module()
         self._finalize_dynamic_globals()
         self._verify_declare_only_symbols()
         self._finalized = True
 
     def get_pointer_to_function(self, name):
+        if self._loaded():
+            return super().get_pointer_to_function(name)
         self._ensure_finalized()
         return 0
 

@@ -93,6 +93,31 @@ def test_helpers_compile_and_cache_as_plain_functions_when_numba_lacks_the_libra
         assert "kernels._cell_std32" in index and "kernels._gemv" in index, index
 
 
+def test_helpers_call_no_kernel_with_an_entry_point():
+    """While a helper compiles, every library Numba makes is a _HelperLibrary (no machine code
+    of its own). A function with an entry point that the engine calls from Python (_plan,
+    step_serial, ...) compiled there first would have none: so no helper, and no inlined
+    function a helper pulls in, may call one."""
+    disp = {n: d for n, d in vars(K).items() if isinstance(d, numba.core.registry.CPUDispatcher)}
+    if not disp:
+        pytest.skip("NUMBA_DISABLE_JIT: no dispatchers")
+    inner = {n for n, d in disp.items()
+             if isinstance(d, K._KernelOnly) or d.targetoptions.get("inline") == "always"}
+    entry = set(disp) - inner
+    assert {"_plan", "step_serial", "run_sequence", "gather_rows"} <= entry
+    assert {"_gemv", "_cell_std32", "_step_block", "_cell"} <= inner
+
+    def names(code):
+        out = set(code.co_names)
+        for c in code.co_consts:
+            if hasattr(c, "co_names"):
+                out |= names(c)
+        return out
+
+    calls = {n: sorted(names(disp[n].py_func.__code__) & entry) for n in inner}
+    assert {n: c for n, c in calls.items() if c} == {}
+
+
 # ---------------------------------------------------------------------------- entry points
 
 
