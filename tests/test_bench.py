@@ -173,3 +173,57 @@ def test_bench_rejects_an_unknown_cell(capsys):
 
     assert main(["bench", "--cell", "gru,rnn", "--no-sgemm", "--json", "", "--plot", ""]) == 2
     assert "--cell: expected names from gru,lstm, got 'gru,rnn'" in capsys.readouterr().err
+
+
+def test_peak_report_is_the_measured_share_of_the_peak_and_the_bound_per_peer():
+    """The peak lines are arithmetic on the results: synthetic rows, hand-computed values."""
+    from streamgru.harness.bench import Result, format_peak_report, peak_report
+
+    def row(wl, contender, t, med, n, gflops):
+        return Result(wl, contender, t, med, med, 0.0, n, 128, 10, gflops)
+
+    many = "many lstm I=128 H=128 n=4096/100000"
+    results = [row(many, "streamgru", 1, 13000.0, 4096, 80.0),
+               row(many, "ort_run", 1, 19500.0, 4096, 55.0),
+               row(many, "torch", 1, 26000.0, 4096, 40.0),
+               row(many, "streamgru", 2, 6500.0, 4096, 160.0),  # no peak for 2 threads: no line
+               row("step I=128 H=128 n=16", "streamgru", 1, 30.0, 16, 20.0),  # too few rows
+               row("run I=16 H=64 T=100", "streamgru", 1, 80.0, 4096, 5.0),  # a sequence
+               row("step I=128 H=128 n=1024", "ort_run", 1, 900.0, 1024, 50.0)]  # no engine row
+    report = peak_report(results, {1: 100.0})
+    assert [(e["workload"], e["threads"]) for e in report] == [(many, 1)]
+    e = report[0]
+    assert e["fraction"] == pytest.approx(0.80) and e["peak"] == 100.0
+    assert e["peers"]["ort_run"] == {"speedup": pytest.approx(1.5),
+                                     "bound": pytest.approx(100.0 / 55.0)}
+    assert e["peers"]["torch"]["speedup"] == pytest.approx(2.0)
+    assert e["peers"]["torch"]["bound"] == pytest.approx(2.5)
+    assert format_peak_report(report) == (
+        f"{many}, 1t: 80.0 GFLOP/s, 80% of the sgemm peak (100); ort_run 1.50x (bound 1.82x), "
+        "torch 2.00x (bound 2.50x)")
+
+
+def test_same_isa_peak_follows_the_tile_not_the_host():
+    """The AVX2 build is judged against OpenBLAS's AVX2 kernel on any x86 host, SSE builds
+    against its SSE kernel; AVX-512 builds and other machines take OpenBLAS's own pick."""
+    from streamgru.harness.bench import same_isa_coretype
+    from streamgru.isa import make_config
+
+    assert same_isa_coretype(make_config("avx2", "haswell", 16, True), "x86_64") == "Haswell"
+    assert same_isa_coretype(make_config("avx2", "znver3", 16, True), "x86_64") == "Haswell"
+    assert same_isa_coretype(make_config("vec16", "x86-64", 16, False), "x86_64") == "Nehalem"
+    assert same_isa_coretype(make_config("vec16", "generic", 32, True), "aarch64") is None
+    assert same_isa_coretype(make_config("avx512", "znver4", 32, True), "x86_64") is None
+
+
+@pytest.mark.slow
+def test_same_isa_sgemm_runs_the_named_openblas_kernel():
+    """The judge of an AVX2 build is really OpenBLAS's Haswell kernel (threadpoolctl says which
+    kernel ran), whatever OPENBLAS_CORETYPE the caller's environment holds."""
+    pytest.importorskip("threadpoolctl")
+    from streamgru.harness.bench import sgemm_gflops
+
+    got = sgemm_gflops(1, size=128, coretype="Haswell")
+    if got["openblas_architecture"] is None:
+        pytest.skip("numpy is not linked to OpenBLAS")
+    assert got["openblas_architecture"] == "Haswell" and got["gflops"] > 0

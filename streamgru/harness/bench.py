@@ -66,6 +66,9 @@ __all__ = [
     "standard_workloads",
     "batches",
     "sgemm_gflops",
+    "same_isa_coretype",
+    "peak_report",
+    "format_peak_report",
     "machine_info",
     "main_bench",
     "add_arguments",
@@ -533,12 +536,14 @@ print(json.dumps(out))
 """
 
 
-def sgemm_gflops(threads, size=2048, clean_env=True):
+def sgemm_gflops(threads, size=2048, clean_env=True, coretype=None):
     """numpy float32 matmul (size^3) GFLOP/s on ``threads`` BLAS threads, in a subprocess.
 
     ``clean_env`` drops OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE there, so OpenBLAS picks its best
-    kernel for this CPU (the peak the engine is compared with). Returns a dict with ``gflops``
-    and ``openblas_architecture`` (from threadpoolctl, if installed).
+    kernel for this CPU; ``coretype`` then names the kernel instead (``OPENBLAS_CORETYPE``, e.g.
+    ``"Haswell"``: see :func:`same_isa_coretype`). Returns a dict with ``gflops`` and
+    ``openblas_architecture`` (from threadpoolctl, if installed: check it, OpenBLAS falls back
+    to its own pick for a name it does not know).
     """
     import subprocess
 
@@ -547,9 +552,85 @@ def sgemm_gflops(threads, size=2048, clean_env=True):
     if clean_env:
         env.pop("OPENBLAS_CORETYPE", None)
         env.pop("OPENBLAS_L2_SIZE", None)
+    if coretype:
+        env["OPENBLAS_CORETYPE"] = coretype
     res = subprocess.run([sys.executable, "-c", _SGEMM, str(size)], env=env, capture_output=True,
                          text=True, timeout=300, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def same_isa_coretype(tile=TILE, machine=None):
+    """The OpenBLAS kernel (``OPENBLAS_CORETYPE``) whose sgemm uses the vector registers the
+    kernels were built for, or None when OpenBLAS's own pick for the host does.
+
+    The engine's many-stream products are judged against the sgemm peak of the same ISA: an
+    AVX2 build (``NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES=""``) on an AVX-512 host against
+    OpenBLAS's Haswell kernel, not the SkylakeX kernel the host would pick. On an AVX2 host
+    Haswell is OpenBLAS's own kernel for it (its Zen kernel is the same code). A 16-byte
+    (``vec16``) build on x86 gets the SSE kernel (Nehalem); on other machines (aarch64 NEON)
+    OpenBLAS's own pick is the same-ISA one.
+
+    >>> from streamgru.isa import make_config
+    >>> same_isa_coretype(make_config("avx2", "haswell", 16, True), "x86_64")
+    'Haswell'
+    >>> same_isa_coretype(make_config("avx512", "znver4", 32, True), "x86_64") is None
+    True
+    """
+    machine = machine or platform.machine()
+    if tile.name == "avx2":
+        return "Haswell"
+    if tile.name == "vec16" and machine in ("x86_64", "AMD64"):
+        return "Nehalem"
+    return None
+
+
+#: Rows from this many events per call on get a peak line (:func:`peak_report`): their products
+#: are long enough to be bound by the multiply-adds, which the sgemm peak measures. Fewer rows are
+#: bound by reading the weights (or by call overheads), for which that peak says nothing.
+PEAK_MIN_ROWS = 1024
+
+
+def peak_report(results, peaks):
+    """The engine's share of the sgemm peak, and what the peak allows against each peer.
+
+    ``peaks``: {threads: GFLOP/s} (the same-ISA sgemm peak per thread count). For every
+    streamgru row with at least :data:`PEAK_MIN_ROWS` events per call (not ``run`` rows) and a
+    peak for its thread count: ``fraction`` = its GFLOP/s over the peak, and for each peer
+    ``speedup`` (measured, peer median over streamgru's) and ``bound``: peak over the peer's
+    GFLOP/s, the speed-up of a step that did nothing but its products, at the sgemm peak. An aim
+    above ``bound`` needs products faster than OpenBLAS's at its best size (2048^3), with the
+    cells, gathers and checks free. Counted GFLOP are the products' (every contender runs the
+    same ones), so a row can reach slightly past 1.0 when the engine's products beat that sgemm.
+
+    Returns a list of dicts: ``workload``, ``threads``, ``gflops``, ``peak``, ``fraction`` and
+    ``peers`` ({peer: {"speedup", "bound"}}).
+    """
+    by = {}
+    for r in results:
+        by.setdefault((r.workload, r.threads), {})[r.contender] = r
+    out = []
+    for (wl, t), rows in by.items():
+        me = rows.get("streamgru")
+        peak = peaks.get(t)
+        if me is None or not peak or me.n < PEAK_MIN_ROWS or wl.startswith("run"):
+            continue
+        peers = {name: {"speedup": r.median_us / me.median_us, "bound": peak / r.gflops}
+                 for name, r in rows.items() if name != "streamgru" and r.gflops > 0}
+        out.append({"workload": wl, "threads": t, "gflops": me.gflops, "peak": peak,
+                    "fraction": me.gflops / peak, "peers": peers})
+    return out
+
+
+def format_peak_report(report):
+    """:func:`peak_report` as lines for people."""
+    lines = []
+    for e in report:
+        peers = ", ".join(f"{name} {p['speedup']:.2f}x (bound {p['bound']:.2f}x)"
+                          for name, p in e["peers"].items())
+        lines.append(f"{e['workload']}, {e['threads']}t: {e['gflops']:.1f} GFLOP/s, "
+                     f"{100 * e['fraction']:.0f}% of the sgemm peak ({e['peak']:.0f})"
+                     + (f"; {peers}" if peers else ""))
+    return "\n".join(lines)
 
 
 # A new process's start, in phases (seconds of wall clock): import and load the model and build
@@ -895,13 +976,23 @@ def run_bench(args):
             print(f"[{i + 1}/{len(wls)}] {wl.name}, {t} thread(s)", flush=True)
             results += run_workload(wl, contenders, t, seconds, model=model,
                                     progress=lambda s: print(s, flush=True))
+    peaks = {}
     if not args.no_sgemm:
+        coretype = same_isa_coretype()
         info["sgemm"] = {}
+        if coretype:
+            info["sgemm_same_isa"] = {"coretype": coretype}
         for t in threads:
+            size = 1024 if args.quick else 2048
             try:
-                info["sgemm"][t] = sgemm_gflops(t, 1024 if args.quick else 2048)
+                info["sgemm"][t] = sgemm_gflops(t, size)
+                if coretype:
+                    info["sgemm_same_isa"][t] = sgemm_gflops(t, size, coretype=coretype)
             except Exception as exc:  # noqa: BLE001 - a missing peak must not lose the results
-                info["sgemm"][t] = {"error": str(exc)}
+                info["sgemm"].setdefault(t, {"error": str(exc)})
+                continue
+            judge = info["sgemm_same_isa"][t] if coretype else info["sgemm"][t]
+            peaks[t] = judge["gflops"]
     print()
     print(format_table(results))
     if "sgemm" in info:
@@ -909,6 +1000,16 @@ def run_bench(args):
             if "gflops" in s:
                 print(f"sgemm peak (numpy, {t} thread(s), OpenBLAS kernel "
                       f"{s.get('openblas_architecture')}): {s['gflops']:.0f} GFLOP/s")
+    for t, s in info.get("sgemm_same_isa", {}).items():
+        if t != "coretype":
+            print(f"same-ISA sgemm peak for the {TILE.name} build ({t} thread(s), OpenBLAS "
+                  f"kernel {s.get('openblas_architecture')}): {s['gflops']:.0f} GFLOP/s")
+    report = peak_report(results, peaks)
+    if report:
+        info["peak_report"] = report
+        print("\nrows of many events against the same-ISA sgemm peak (bound: a step of nothing "
+              "but its products at that peak, against the peer):")
+        print(format_peak_report(report))
     print(f"total {time.perf_counter() - t0:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
