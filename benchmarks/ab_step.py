@@ -3,8 +3,8 @@ several processes per tree, interleaved.
 
 On a shared 2-core host a process's own layout (where its arrays land, its huge pages) moves a
 4096-row step by 2-5%, and the host's load drifts by more between runs. One process per tree,
-or runs one after the other, then cannot tell a 2% change from noise: in the eleventh session's
-measurements the same code in two processes differed by 3%. This starts ``--procs`` worker
+or runs one after the other, then cannot tell a 2% change from noise: measured on a Zen 4 guest,
+the same code in two processes differed by 3%. This starts ``--procs`` worker
 processes per tree (each opens the streams and warms up once), then asks them in turn, in
 alternating order, for ``--reps`` timed steps each, for ``--rounds`` rounds. It prints each
 process's median over its rounds and per tree the median of those, and the ratio to the first
