@@ -227,3 +227,24 @@ def test_same_isa_sgemm_runs_the_named_openblas_kernel():
     if got["openblas_architecture"] is None:
         pytest.skip("numpy is not linked to OpenBLAS")
     assert got["openblas_architecture"] == "Haswell" and got["gflops"] > 0
+
+
+def test_measure_peaks_reports_failures_and_never_judges_by_another_kernel():
+    """A failed measurement is recorded, not raised; a same-ISA figure from a kernel other than
+    the one named (another BLAS, an OpenBLAS without it) is no judge."""
+    from streamgru.harness.bench import measure_peaks
+
+    def sgemm(t, size, coretype=None):
+        if t == 2 and coretype:
+            raise RuntimeError("boom")
+        arch = "SkylakeX" if coretype is None or t == 4 else coretype
+        return {"gflops": 100.0 * t + (5 if coretype else 0), "openblas_architecture": arch}
+
+    got = measure_peaks([1, 2, 4], 64, "Haswell", sgemm=sgemm)
+    assert got["peaks"] == {1: 105.0}
+    assert got["sgemm"][2] == {"gflops": 200.0, "openblas_architecture": "SkylakeX"}
+    assert got["sgemm_same_isa"][2] == {"error": "boom"}
+    assert "gflops" not in got["sgemm_same_isa"][4]
+    assert "'SkylakeX', not 'Haswell'" in got["sgemm_same_isa"][4]["error"]
+    plain = measure_peaks([1, 2], 64, None, sgemm=sgemm)
+    assert plain["peaks"] == {1: 100.0, 2: 200.0} and "sgemm_same_isa" not in plain

@@ -67,6 +67,7 @@ __all__ = [
     "batches",
     "sgemm_gflops",
     "same_isa_coretype",
+    "measure_peaks",
     "peak_report",
     "format_peak_report",
     "machine_info",
@@ -584,6 +585,35 @@ def same_isa_coretype(tile=TILE, machine=None):
     return None
 
 
+def measure_peaks(threads, size, coretype, sgemm=sgemm_gflops):
+    """The sgemm peaks of a bench run: ``{"sgemm": {t: ...}, "peaks": {t: GFLOP/s}}``, and
+    ``"sgemm_same_isa"`` too when ``coretype`` names the kernel of the build's ISA
+    (:func:`same_isa_coretype`). Each entry is :func:`sgemm_gflops`'s dict, or ``{"error": ...}``
+    when the measurement failed (a missing peak must not lose the run's results). ``peaks``
+    holds the judge per thread count: the same-ISA figure when there is one, and only if
+    OpenBLAS ran that kernel (threadpoolctl's name for it; another BLAS, or an OpenBLAS without
+    it, gives no same-ISA peak rather than a wrong one)."""
+    out = {"sgemm": {}, "peaks": {}}
+    if coretype:
+        out["sgemm_same_isa"] = {}
+    for t in threads:
+        for key, kw in (("sgemm", {}), ("sgemm_same_isa", {"coretype": coretype})):
+            if key not in out:
+                continue
+            try:
+                out[key][t] = sgemm(t, size, **kw)
+            except Exception as exc:  # noqa: BLE001 - reported, the run goes on
+                out[key][t] = {"error": str(exc)}
+        judge = out["sgemm_same_isa"][t] if coretype else out["sgemm"][t]
+        if coretype and "gflops" in judge and judge.get("openblas_architecture") != coretype:
+            judge["error"] = (f"OpenBLAS ran {judge.get('openblas_architecture')!r}, not "
+                              f"{coretype!r}: no same-ISA peak")
+            del judge["gflops"]
+        if "gflops" in judge:
+            out["peaks"][t] = judge["gflops"]
+    return out
+
+
 #: Rows from this many events per call on get a peak line (:func:`peak_report`): their products
 #: are long enough to be bound by the multiply-adds, which the sgemm peak measures. Fewer rows are
 #: bound by reading the weights (or by call overheads), for which that peak says nothing.
@@ -979,31 +1009,18 @@ def run_bench(args):
     peaks = {}
     if not args.no_sgemm:
         coretype = same_isa_coretype()
-        info["sgemm"] = {}
-        if coretype:
-            info["sgemm_same_isa"] = {"coretype": coretype}
-        for t in threads:
-            size = 1024 if args.quick else 2048
-            try:
-                info["sgemm"][t] = sgemm_gflops(t, size)
-                if coretype:
-                    info["sgemm_same_isa"][t] = sgemm_gflops(t, size, coretype=coretype)
-            except Exception as exc:  # noqa: BLE001 - a missing peak must not lose the results
-                info["sgemm"].setdefault(t, {"error": str(exc)})
-                continue
-            judge = info["sgemm_same_isa"][t] if coretype else info["sgemm"][t]
-            peaks[t] = judge["gflops"]
+        info.update(measure_peaks(threads, 1024 if args.quick else 2048, coretype))
+        peaks = info.pop("peaks")
     print()
     print(format_table(results))
-    if "sgemm" in info:
-        for t, s in info["sgemm"].items():
+    for key, what in (("sgemm", "sgemm peak (numpy"),
+                      ("sgemm_same_isa", f"same-ISA sgemm peak for the {TILE.name} build (")):
+        for t, s in info.get(key, {}).items():
             if "gflops" in s:
-                print(f"sgemm peak (numpy, {t} thread(s), OpenBLAS kernel "
+                print(f"{what}, {t} thread(s), OpenBLAS kernel "
                       f"{s.get('openblas_architecture')}): {s['gflops']:.0f} GFLOP/s")
-    for t, s in info.get("sgemm_same_isa", {}).items():
-        if t != "coretype":
-            print(f"same-ISA sgemm peak for the {TILE.name} build ({t} thread(s), OpenBLAS "
-                  f"kernel {s.get('openblas_architecture')}): {s['gflops']:.0f} GFLOP/s")
+            else:
+                print(f"{what}, {t} thread(s)): not measured ({s['error']})")
     report = peak_report(results, peaks)
     if report:
         info["peak_report"] = report
