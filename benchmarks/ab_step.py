@@ -73,23 +73,42 @@ def parse_tree(spec):
     return path, env
 
 
+def positive(name):
+    """An argparse type: an int >= 1, refused as ``--name: expected ..., got ...``."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < 1:
+            raise argparse.ArgumentTypeError(f"--{name}: expected a positive int, got {text!r}")
+        return value
+    return parse
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("trees", nargs="+", help="source trees, PATH[:VAR=VALUE,...]")
     p.add_argument("--cell", default="gru", choices=("gru", "lstm"))
-    p.add_argument("--input", type=int, default=0, help="input size (default: the hidden size)")
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--rows", type=int, default=4096, help="events per call")
-    p.add_argument("--streams", type=int, default=100_000, help="open streams")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--procs", type=int, default=4, help="worker processes per tree")
-    p.add_argument("--rounds", type=int, default=12)
-    p.add_argument("--reps", type=int, default=10, help="timed steps per worker and round")
+    p.add_argument("--input", type=positive("input"), default=None,
+                   help="input size (default: the hidden size)")
+    p.add_argument("--hidden", type=positive("hidden"), default=128)
+    p.add_argument("--rows", type=positive("rows"), default=4096, help="events per call")
+    p.add_argument("--streams", type=positive("streams"), default=100_000, help="open streams")
+    p.add_argument("--threads", type=positive("threads"), default=1)
+    p.add_argument("--procs", type=positive("procs"), default=4,
+                   help="worker processes per tree")
+    p.add_argument("--rounds", type=positive("rounds"), default=12)
+    p.add_argument("--reps", type=positive("reps"), default=10,
+                   help="timed steps per worker and round")
     p.add_argument("--stat", default="median", choices=("median", "min"),
                    help="of each round's steps (min: less moved by other tenants' bursts)")
     p.add_argument("--cache", default="", help="parent of the trees' Numba cache directories")
     args = p.parse_args(argv)
-    trees = [parse_tree(t) for t in args.trees]
+    try:
+        trees = [parse_tree(t) for t in args.trees]
+    except ValueError as exc:
+        p.error(str(exc))
     cache_root = args.cache or tempfile.mkdtemp(prefix="streamgru-ab-")
     wargs = [args.cell, str(args.input or args.hidden), str(args.hidden), str(args.rows),
              str(args.streams), str(args.threads)]
