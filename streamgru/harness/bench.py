@@ -1014,7 +1014,7 @@ def run_bench(args):
     print()
     print(format_table(results))
     for key, what in (("sgemm", "sgemm peak (numpy"),
-                      ("sgemm_same_isa", f"same-ISA sgemm peak for the {TILE.name} build (")):
+                      ("sgemm_same_isa", f"same-ISA sgemm peak (the {TILE.name} build")):
         for t, s in info.get(key, {}).items():
             if "gflops" in s:
                 print(f"{what}, {t} thread(s), OpenBLAS kernel "
