@@ -107,11 +107,14 @@ WIDE_MIN_MACS = 350_000
 # each step's recurrent product as the layer's size makes worth it (a team for the whole
 # sequence, a parallel region per step, or none: kernels.RUN_TEAM_MIN_MACS, RUN_WIDE_MIN_MACS),
 # when a layer's recurrent product is large (RUN_WIDE_MIN_MACS) or the sequence holds
-# RUN_SPLIT_MIN_MACS multiply-adds (T x the model's per step): ~20 us of arithmetic on one
-# core, against a few us of parallel regions per layer. Shorter sequences of small models stay
-# on the calling thread.
+# RUN_SPLIT_MIN_MACS multiply-adds that the kernel spreads (T x kernels.run_split_macs: the
+# input side, and the recurrent products it shares; not the ones the calling thread computes
+# either way). Measured with T=100 on 2 threads (znver4), the spread kernel against the serial
+# one: 0.41M spread multiply-adds (LSTM I=16 H=64) 3% slower, 0.6-1.2M even, 1.6M 3-5% faster,
+# 3.3M 8-11% faster. Below, the parallel region and the second thread's wake-up cost what the
+# split saves, and a busy second core makes it slower still.
 RUN_WIDE_MIN_MACS = K.RUN_WIDE_MIN_MACS
-RUN_SPLIT_MIN_MACS = 2_000_000
+RUN_SPLIT_MIN_MACS = 1_500_000
 # From this many rows, an int key array is mapped to slots by a compiled table (state.IntSlotTable)
 # rather than one dict lookup per key.
 INT_TABLE_MIN_ROWS = 64
@@ -326,6 +329,7 @@ class Engine:
         numba.get_num_threads()  # launches Numba's thread pool, which _get_num_threads assumes
         self._macs_per_row = sum(layer.macs for layer in model.layers)
         self._recurrent_macs = max(layer.recurrent_macs for layer in model.recurrent_layers)
+        self._split_macs = K.run_split_macs(self._packed.table, self.dtype.itemsize)
         self._store = StateStore(model.state_size, self.dtype, int(capacity), track=self._track,
                                  limit=max_streams, missing=missing,
                                  memory=model.input_size if missing == "last" else 0)
@@ -483,7 +487,7 @@ class Engine:
         args = (p.params, p.table, p.fp, self._store.states, slot, xs, out, self._run_scratch,
                 self.check_finite)
         if self._par_threads > 1 and (self._recurrent_macs >= RUN_WIDE_MIN_MACS
-                                      or len(xs) * self._macs_per_row >= RUN_SPLIT_MIN_MACS):
+                                      or len(xs) * self._split_macs >= RUN_SPLIT_MIN_MACS):
             return self._parallel(p.kernels.run_sequence_wide, args + (self._par_threads,))
         self._flip ^= 1
         return p.kernels.run_sequence(*args, self._flip)

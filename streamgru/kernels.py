@@ -156,6 +156,26 @@ SERIAL_WAVE_ROWS = 32
 # - else the calling thread computes it.
 RUN_WIDE_MIN_MACS = 150_000
 RUN_TEAM_MIN_MACS = 32_768
+
+
+def run_split_macs(table, itemsize):
+    """Multiply-adds per step, padded panels counted, that :func:`run_sequence_wide` spreads
+    over threads: every layer's input side (its input projection, or a Dense layer's product,
+    computed for all T steps in one product) and the recurrent products whose steps it shares
+    (a team or a parallel region per step, decided as the kernel decides: RUN_TEAM_MIN_MACS,
+    RUN_WIDE_MIN_MACS). The rest (recurrent products the calling thread computes, the cells)
+    runs one step after another on any number of threads. Plain Python on the packed table,
+    for the engine's choice of kernel (``engine.RUN_SPLIT_MIN_MACS``)."""
+    nr = 2 * VEC_BYTES // itemsize
+    total = 0
+    for l in range(table.shape[0]):
+        npr, nprn = int(table[l, T_NPR]), int(table[l, T_NPRN])
+        total += int(table[l, T_IN]) * int(table[l, T_NPW]) * nr
+        rmacs = (int(table[l, T_OUT]) * npr + int(table[l, T_HID]) * nprn) * nr
+        team = nprn == 0 and npr > 0 and rmacs >= RUN_TEAM_MIN_MACS
+        if team or rmacs >= RUN_WIDE_MIN_MACS:
+            total += rmacs
+    return total
 # Return code of a step/run kernel whose result would have held NaN/inf (state restored).
 PRODUCED_NONFINITE = -2
 
@@ -2160,7 +2180,7 @@ def _make_sequence(name, parallel, cells):
             gw = _groups(npw, group)
             # Each step's recurrent products (parallel variant): a team, a parallel region per
             # step, or the calling thread (see RUN_TEAM_MIN_MACS); the input projection over
-            # all T steps is spread over threads either way.
+            # all T steps is spread over threads either way. run_split_macs decides alike.
             rgroup = group
             rmacs = (H * npr + table[l, T_HID] * nprn) * nr
             if parallel and rmacs < RUN_WIDE_MIN_MACS:

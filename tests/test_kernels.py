@@ -1,6 +1,8 @@
 """Kernels through the engine against the float64 oracle and torch.nn.GRU: every activation,
 clip, both linear_before_reset variants, multi-layer stacks with dense layers, 200 steps."""
 
+import dataclasses
+
 import numpy as np
 import oracle
 import pytest
@@ -329,19 +331,13 @@ def test_every_kernel_on_packed_arrays_same_bits_as_the_oracle(dtype):
                 np.testing.assert_allclose(a, b, atol=TOL[dtype], rtol=0, err_msg=name)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_run_sequence_wide_every_recurrence_mode_same_bits_as_serial(dtype):
-    """run_sequence_wide picks, per layer, how each step's recurrent product is shared: a team
-    of ``workers`` threads in one parallel region for the whole sequence (K.RUN_TEAM_MIN_MACS;
-    layers without a product between their cell's halves), a parallel region per step (layers
-    with one, from K.RUN_WIDE_MIN_MACS), or the calling thread. One model holds a layer of
-    each, and every worker count (1: no team; more workers than threads: a worker that starts
-    late finds the steps done by the others) gives the bits of run_sequence, and the oracle's
-    values."""
+def _every_recurrence_mode(rng, dtype):
+    """A model with a layer of each way run_sequence_wide shares a step's recurrent product,
+    packed, and each layer's recurrent multiply-adds (padded panels counted, as the kernel
+    counts them)."""
     from streamgru.kernels import RUN_TEAM_MIN_MACS, RUN_WIDE_MIN_MACS, panel_width
     from streamgru.packing import pack
 
-    rng = np.random.default_rng(60)
     model = GRUModel([DenseLayer(6, 16, rng.normal(size=(16, 6)) * 0.4, None, "relu"),
                       gru(rng, 16, 128, 1),  # a team
                       gru(rng, 128, 224, 0),  # a region per step: R_n comes between
@@ -351,12 +347,81 @@ def test_run_sequence_wide_every_recurrence_mode_same_bits_as_serial(dtype):
     p = pack(model, dtype)
     nr = panel_width(dtype)
     t = p.table
-    rmacs = [(t[l, K.T_OUT] * t[l, K.T_NPR] + t[l, K.T_HID] * t[l, K.T_NPRN]) * nr
+    rmacs = [int(t[l, K.T_OUT] * t[l, K.T_NPR] + t[l, K.T_HID] * t[l, K.T_NPRN]) * nr
              for l in range(len(model.layers))]
     assert rmacs[1] >= RUN_TEAM_MIN_MACS and t[1, K.T_NPRN] == 0
     assert rmacs[2] >= RUN_WIDE_MIN_MACS and t[2, K.T_NPRN] > 0
-    assert rmacs[3] < RUN_TEAM_MIN_MACS
+    assert 0 < rmacs[3] < RUN_TEAM_MIN_MACS
     assert rmacs[4] >= RUN_TEAM_MIN_MACS and t[4, K.T_NPRN] == 0
+    return model, p, rmacs
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_run_split_macs_counts_only_what_run_sequence_wide_spreads(dtype):
+    """The engine's rule for run() on threads (engine.RUN_SPLIT_MIN_MACS) weighs the
+    multiply-adds run_sequence_wide spreads: every layer's input side (Dense products included),
+    and the recurrent products of the layers whose steps it shares (the teams, the region per
+    step), not the projected LSTM's, which the calling thread computes either way."""
+    from streamgru.kernels import panel_width, run_split_macs
+
+    model, p, rmacs = _every_recurrence_mode(np.random.default_rng(60), dtype)
+    nr = panel_width(dtype)
+    t = p.table
+    # each layer's outputs of its input side, padded to whole panels
+    outs = [16, 3 * 128, 3 * 224, 4 * 40, 4 * 96, 5]
+    assert [int(t[l, K.T_NPW]) for l in range(6)] == [-(-o // nr) for o in outs]
+    input_side = sum(layer.input_size * -(-o // nr) * nr for layer, o in zip(model.layers, outs))
+    shared = rmacs[1] + rmacs[2] + rmacs[4]
+    assert run_split_macs(t, np.dtype(dtype).itemsize) == input_side + shared
+
+
+def test_run_on_threads_spreads_a_sequence_only_when_the_split_pays(monkeypatch):
+    """run() on 2 threads: a small LSTM's 100 steps (I=16, H=64: 0.41M multiply-adds to spread,
+    its recurrent product stays on the calling thread) take the serial kernel, as on one
+    thread; the same steps at I=128, H=128 (a team) take run_sequence_wide, and so does the
+    small model's sequence once it is long enough."""
+    calls = []
+
+    def spy(eng):
+        ks = eng._packed.kernels
+
+        def wrap(name):
+            f = getattr(ks, name)
+            return lambda *a: (calls.append(name), f(*a))[1]
+
+        new = ks._replace(run_sequence=wrap("run_sequence"),
+                          run_sequence_wide=wrap("run_sequence_wide"))
+        monkeypatch.setattr(eng, "_packed", dataclasses.replace(eng._packed, kernels=new))
+
+    rng = np.random.default_rng(3)
+    for I, H, T, kernel in ((16, 64, 100, "run_sequence"), (128, 128, 100, "run_sequence_wide"),
+                            (16, 64, 400, "run_sequence_wide")):
+        model = GRUModel([LSTMSpec.random(I, H, 5).layer()])
+        eng = Engine(model, threads=2)
+        eng.open("k")
+        spy(eng)
+        calls.clear()
+        xs = rng.normal(size=(T, I)).astype(np.float32)
+        ys = eng.run("k", xs)
+        assert calls == [kernel], (I, H, T)
+        ref, state = [], np.zeros((1, model.state_size))
+        for i in range(T):
+            y, state = oracle.step(model, state, xs[i:i + 1].astype(np.float64))
+            ref.append(y[0])
+        np.testing.assert_allclose(ys, np.stack(ref), atol=TOL["float32"], rtol=0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_run_sequence_wide_every_recurrence_mode_same_bits_as_serial(dtype):
+    """run_sequence_wide picks, per layer, how each step's recurrent product is shared: a team
+    of ``workers`` threads in one parallel region for the whole sequence (K.RUN_TEAM_MIN_MACS;
+    layers without a product between their cell's halves), a parallel region per step (layers
+    with one, from K.RUN_WIDE_MIN_MACS), or the calling thread. One model holds a layer of
+    each, and every worker count (1: no team; more workers than threads: a worker that starts
+    late finds the steps done by the others) gives the bits of run_sequence, and the oracle's
+    values."""
+    rng = np.random.default_rng(60)
+    model, p, rmacs = _every_recurrence_mode(rng, dtype)
     steps = 12
     s0 = (rng.normal(size=model.state_size) * 0.5).astype(dtype)
     xs = rng.normal(size=(steps, model.input_size)).astype(dtype)
