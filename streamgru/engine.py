@@ -67,13 +67,32 @@ from .state import StateStore, normalize_key, normalize_keys
 
 __all__ = ["Engine", "LoadedState", "MISSING_POLICIES", "check_missing", "check_runnable"]
 
-try:
-    # numba.get/set_num_threads validate and re-launch the pool on every call (~0.7 and ~1 us);
-    # these are the thread-local accessors they end in (~0.2 and ~0.4 us). Both exist since
-    # numba 0.49; fall back to the public pair if a later release moves them.
-    from numba.np.ufunc.parallel import _get_num_threads, _set_num_threads
-except ImportError:  # pragma: no cover
-    _get_num_threads, _set_num_threads = numba.get_num_threads, numba.set_num_threads
+# The thread-count pair an engine's parallel calls use (Engine._parallel), set by
+# _thread_count_accessors when the first engine is made, and the names it looks for.
+_get_num_threads = _set_num_threads = None
+_ACCESSORS = ("_get_num_threads", "_set_num_threads")
+
+
+def _thread_count_accessors():
+    """Set ``_get_num_threads`` / ``_set_num_threads``, once: the thread-local accessors that
+    numba.get/set_num_threads end in, or the public pair if this Numba has none.
+
+    The public pair validates and checks the thread pool on every call (0.8 and 1.1 us on a Zen 4
+    guest); the accessors cost 0.16 and 0.37 us. They are ctypes functions that
+    ``numba.np.ufunc.parallel`` binds to module globals only when it launches the pool, so they
+    are looked up after launching it: imported with the module, before any pool, they did not
+    exist, and every engine used the public pair. The engine's thread count is validated at
+    construction (1..NUMBA_NUM_THREADS), which is all the public setter checks besides."""
+    global _get_num_threads, _set_num_threads
+    if _get_num_threads is not None:
+        return
+    numba.get_num_threads()  # launches the pool, which binds the accessors
+    from numba.np.ufunc import parallel
+
+    get, put = (getattr(parallel, name, None) for name in _ACCESSORS)
+    if not (callable(get) and callable(put)):
+        get, put = numba.get_num_threads, numba.set_num_threads
+    _get_num_threads, _set_num_threads = get, put
 
 
 
@@ -326,7 +345,7 @@ class Engine:
         self._flip = 0  # run()'s weight direction, alternated per call (step's: c & 1 in step)
         ks = self._packed.kernels  # this model's cell set's kernels
         self._run1, self._wide1 = ks.step_one, ks.step_wide  # the one-event path's kernels
-        numba.get_num_threads()  # launches Numba's thread pool, which _get_num_threads assumes
+        _thread_count_accessors()  # launches Numba's thread pool, then finds the accessors
         self._macs_per_row = sum(layer.macs for layer in model.layers)
         self._recurrent_macs = max(layer.recurrent_macs for layer in model.recurrent_layers)
         self._split_macs = K.run_split_macs(self._packed.table, self.dtype.itemsize)
