@@ -347,8 +347,10 @@ class Engine:
         self._run1, self._wide1 = ks.step_one, ks.step_wide  # the one-event path's kernels
         _thread_count_accessors()  # launches Numba's thread pool, then finds the accessors
         self._macs_per_row = sum(layer.macs for layer in model.layers)
-        self._recurrent_macs = max(layer.recurrent_macs for layer in model.recurrent_layers)
-        self._split_macs = K.run_split_macs(self._packed.table, self.dtype.itemsize)
+        # run()'s kernel choice (_run_rows): the largest recurrent product, and the multiply-adds
+        # per step the spread kernel shares out. One attribute: see test_metrics on the layout.
+        self._run_macs = (max(layer.recurrent_macs for layer in model.recurrent_layers),
+                          K.run_split_macs(self._packed.table, self.dtype.itemsize))
         self._store = StateStore(model.state_size, self.dtype, int(capacity), track=self._track,
                                  limit=max_streams, missing=missing,
                                  memory=model.input_size if missing == "last" else 0)
@@ -505,8 +507,9 @@ class Engine:
         p = self._packed
         args = (p.params, p.table, p.fp, self._store.states, slot, xs, out, self._run_scratch,
                 self.check_finite)
-        if self._par_threads > 1 and (self._recurrent_macs >= RUN_WIDE_MIN_MACS
-                                      or len(xs) * self._split_macs >= RUN_SPLIT_MIN_MACS):
+        recurrent, split = self._run_macs
+        if self._par_threads > 1 and (recurrent >= RUN_WIDE_MIN_MACS
+                                      or len(xs) * split >= RUN_SPLIT_MIN_MACS):
             return self._parallel(p.kernels.run_sequence_wide, args + (self._par_threads,))
         self._flip ^= 1
         return p.kernels.run_sequence(*args, self._flip)
