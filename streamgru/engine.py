@@ -129,9 +129,9 @@ WIDE_MIN_MACS = 350_000
 # RUN_SPLIT_MIN_MACS multiply-adds that the kernel spreads (T x kernels.run_split_macs: the
 # input side, and the recurrent products it shares; not the ones the calling thread computes
 # either way). Measured with T=100 on 2 threads (znver4), the spread kernel against the serial
-# one: 0.41M spread multiply-adds (LSTM I=16 H=64) 3% slower, 0.6-1.2M even, 1.6M 3-5% faster,
-# 3.3M 8-11% faster. Below, the parallel region and the second thread's wake-up cost what the
-# split saves, and a busy second core makes it slower still.
+# one: 0.41M spread multiply-adds (LSTM I=16 H=64) 3% slower, 0.6-1.2M within 4% either way,
+# 1.6M 3-5% faster, 3.3M 8-11% faster. Below, the parallel region and the second thread's
+# wake-up cost what the split saves, and a busy second core makes it slower still.
 RUN_WIDE_MIN_MACS = K.RUN_WIDE_MIN_MACS
 RUN_SPLIT_MIN_MACS = 1_500_000
 # From this many rows, an int key array is mapped to slots by a compiled table (state.IntSlotTable)

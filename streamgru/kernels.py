@@ -176,6 +176,8 @@ def run_split_macs(table, itemsize):
         if team or rmacs >= RUN_WIDE_MIN_MACS:
             total += rmacs
     return total
+
+
 # Return code of a step/run kernel whose result would have held NaN/inf (state restored).
 PRODUCED_NONFINITE = -2
 
